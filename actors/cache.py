@@ -1,0 +1,198 @@
+"""The user connection cache of one shard (the seed's ``UserConnectionCache``), as a plain class.
+
+Owns: user → connections, channel → users (and the connections subscribed), and per-connection
+metadata (``connected_at``, ``last_activity``, channels). Every mutation returns what changed for
+the shard as a whole (a :class:`Delta`: channels gained or lost), so that the owner can tell the
+router. Must never do I/O, read a clock or use threads: time is a parameter, and the single owner
+(``CacheActor``) serialises access.
+
+Subscriptions are per connection (a token lists channels per connection); a user is a member of a
+channel while at least one of their connections is subscribed to it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from actors.ids import ChannelId, ConnId, UserId
+
+
+@dataclass(slots=True)
+class ConnectionMeta:
+    """What the cache knows of one connection."""
+
+    user: UserId
+    connected_at: float
+    last_activity: float
+    channels: set[ChannelId] = field(default_factory=set)
+
+
+@dataclass(slots=True)
+class Delta:
+    """Channels the shard gained its first member of, and channels it lost its last member of."""
+
+    gained: list[ChannelId] = field(default_factory=list)
+    lost: list[ChannelId] = field(default_factory=list)
+
+    def merge(self, other: Delta) -> None:
+        for channel in other.gained:
+            if channel in self.lost:
+                self.lost.remove(channel)
+            else:
+                self.gained.append(channel)
+        for channel in other.lost:
+            if channel in self.gained:
+                self.gained.remove(channel)
+            else:
+                self.lost.append(channel)
+
+    def __bool__(self) -> bool:
+        return bool(self.gained or self.lost)
+
+
+class UserConnectionCache:
+    """Indexes of one shard's connections. All ids are validated by the caller."""
+
+    def __init__(self) -> None:
+        self._conns: dict[ConnId, ConnectionMeta] = {}
+        self._users: dict[UserId, set[ConnId]] = {}
+        # channel -> user -> that user's connections subscribed to the channel
+        self._channels: dict[ChannelId, dict[UserId, set[ConnId]]] = {}
+        # channel -> connection ids, rebuilt lazily after a change (the broadcast hot path)
+        self._recipients: dict[ChannelId, tuple[ConnId, ...]] = {}
+
+    # -- mutations ------------------------------------------------------------------------
+
+    def connect(
+        self, conn: ConnId, user: UserId, channels: Iterable[ChannelId], now: float
+    ) -> Delta:
+        """Register a new connection of ``user`` subscribed to ``channels``."""
+        if conn in self._conns:
+            raise ValueError(f"connection {conn} is already registered")
+        self._conns[conn] = ConnectionMeta(user, now, now)
+        self._users.setdefault(user, set()).add(conn)
+        delta = Delta()
+        for channel in channels:
+            self._join(conn, channel, delta)
+        return delta
+
+    def disconnect(self, conn: ConnId) -> Delta:
+        """Forget a connection; unknown ids are ignored (it may have been removed already)."""
+        meta = self._conns.get(conn)
+        delta = Delta()
+        if meta is None:
+            return delta
+        for channel in list(meta.channels):
+            self._leave(conn, channel, delta)
+        del self._conns[conn]
+        conns = self._users[meta.user]
+        conns.discard(conn)
+        if not conns:
+            del self._users[meta.user]
+        return delta
+
+    def subscribe(self, conn: ConnId, channel: ChannelId) -> Delta:
+        delta = Delta()
+        if conn in self._conns:
+            self._join(conn, channel, delta)
+        return delta
+
+    def unsubscribe(self, conn: ConnId, channel: ChannelId) -> Delta:
+        delta = Delta()
+        if conn in self._conns:
+            self._leave(conn, channel, delta)
+        return delta
+
+    def subscribe_user(self, user: UserId, channel: ChannelId) -> tuple[Delta, int]:
+        """Subscribe every open connection of ``user``; returns the delta and how many."""
+        delta = Delta()
+        conns = self._users.get(user, ())
+        for conn in conns:
+            self._join(conn, channel, delta)
+        return delta, len(conns)
+
+    def unsubscribe_user(self, user: UserId, channel: ChannelId) -> tuple[Delta, int]:
+        delta = Delta()
+        conns = self._users.get(user, ())
+        for conn in conns:
+            self._leave(conn, channel, delta)
+        return delta, len(conns)
+
+    def touch(self, conn: ConnId, now: float) -> None:
+        """Record inbound activity on ``conn``."""
+        meta = self._conns.get(conn)
+        if meta is not None and now > meta.last_activity:
+            meta.last_activity = now
+
+    def stale(self, now: float, timeout: float) -> list[ConnId]:
+        """Connections with no activity for more than ``timeout`` seconds (the stale sweep)."""
+        limit = now - timeout
+        return [conn for conn, meta in self._conns.items() if meta.last_activity < limit]
+
+    def _join(self, conn: ConnId, channel: ChannelId, delta: Delta) -> None:
+        meta = self._conns[conn]
+        if channel in meta.channels:
+            return
+        meta.channels.add(channel)
+        members = self._channels.get(channel)
+        if members is None:
+            members = self._channels[channel] = {}
+            delta.gained.append(channel)
+        members.setdefault(meta.user, set()).add(conn)
+        self._recipients.pop(channel, None)
+
+    def _leave(self, conn: ConnId, channel: ChannelId, delta: Delta) -> None:
+        meta = self._conns[conn]
+        if channel not in meta.channels:
+            return
+        meta.channels.discard(channel)
+        members = self._channels[channel]
+        conns = members[meta.user]
+        conns.discard(conn)
+        if not conns:
+            del members[meta.user]
+            if not members:
+                del self._channels[channel]
+                delta.lost.append(channel)
+        self._recipients.pop(channel, None)
+
+    # -- queries --------------------------------------------------------------------------
+
+    def recipients(self, channel: ChannelId) -> tuple[ConnId, ...]:
+        """The connections subscribed to ``channel`` (cached until the channel changes)."""
+        cached = self._recipients.get(channel)
+        if cached is not None:
+            return cached
+        members = self._channels.get(channel)
+        if members is None:
+            return ()
+        result = tuple(conn for conns in members.values() for conn in conns)
+        self._recipients[channel] = result
+        return result
+
+    def connections_of(self, user: UserId) -> frozenset[ConnId]:
+        return frozenset(self._users.get(user, ()))
+
+    def meta(self, conn: ConnId) -> ConnectionMeta | None:
+        return self._conns.get(conn)
+
+    def is_online(self, user: UserId) -> bool:
+        return user in self._users
+
+    def online_users(self) -> list[UserId]:
+        return sorted(self._users)
+
+    def online_users_in_channel(self, channel: ChannelId) -> list[UserId]:
+        return sorted(self._channels.get(channel, ()))
+
+    def channels(self) -> list[ChannelId]:
+        """Channels with at least one member on this shard."""
+        return sorted(self._channels)
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "connections": len(self._conns),
+            "users": len(self._users),
+            "channels": len(self._channels),
+        }

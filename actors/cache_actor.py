@@ -1,0 +1,198 @@
+"""CacheActor: the single owner of a shard's :class:`UserConnectionCache`.
+
+Owns: the cache and the shard's DEALER socket to the router. It applies connection events from
+the shard's event loop, resolves deliveries (channel or users → connection ids) and answers the
+router's queries. What the event loop must do (write a frame, send hello, close connections) goes
+back in one batch per round through ``post`` (the loop's ``call_soon_threadsafe``): hops between
+the threads are per batch, never per recipient. Must never touch a socket of the event loop, nor
+``ask`` anyone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from actors import shardwire
+from actors.cache import Delta, UserConnectionCache
+from actors.ids import ChannelId, ConnId, UserId
+from actors.inbox import SocketActor, SocketsReady, Tick
+
+log = logging.getLogger("ucc.cache")
+
+BATCH = 512
+
+# What the actor asks of the event loop (one list per round):
+#   ("deliver", frame, conn_ids)       write frame to these connections
+#   ("registered", conn_id)            the connection is in the cache: send hello
+#   ("close", conn_ids, code, reason)  close these connections
+LoopAction = tuple[Any, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Opened:
+    conn: ConnId
+    user: UserId
+    channels: tuple[ChannelId, ...]
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class Closed:
+    conn: ConnId
+
+
+@dataclass(frozen=True, slots=True)
+class Subscribe:
+    conn: ConnId
+    channel: ChannelId
+
+
+@dataclass(frozen=True, slots=True)
+class Unsubscribe:
+    conn: ConnId
+    channel: ChannelId
+
+
+@dataclass(frozen=True, slots=True)
+class Activity:
+    """Inbound activity since the last report, and a sign of life of the event loop."""
+
+    last_seen: dict[ConnId, float]
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class Inspect:
+    """Ask for the cache (tests and the bench's memory figure only)."""
+
+
+class CacheActor(SocketActor):
+    def __init__(
+        self,
+        index: int,
+        epoch: int,
+        router_endpoint: str,
+        post: Callable[[list[LoopAction]], None],
+        stale_timeout: float,
+        context: zmq.Context[Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.index, self.epoch = index, epoch
+        self.cache = UserConnectionCache()
+        self.post = post
+        self.stale_timeout = stale_timeout
+        self.context = context or zmq.Context.instance()
+        self.sock = self.context.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.IDENTITY, shardwire.identity(index, epoch))
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.SNDHWM, 100_000)
+        self.sock.setsockopt(zmq.RCVHWM, 100_000)
+        self.sock.connect(router_endpoint)
+        self._actions: list[LoopAction] = []
+        self._delta = Delta()
+
+    def on_start(self) -> None:
+        self.watch(self.sock)
+        self._send(shardwire.hello(self.index, self.epoch, os.getpid(), self.cache.channels()))
+
+    def on_stop(self) -> None:
+        super().on_stop()
+        self.sock.close()
+
+    def on_receive(self, message: Any) -> Any:
+        cache = self.cache
+        if isinstance(message, SocketsReady):
+            self._drain()
+        elif isinstance(message, Opened):
+            delta = cache.connect(message.conn, message.user, message.channels, message.now)
+            self._delta.merge(delta)
+            self._actions.append(("registered", message.conn))
+        elif isinstance(message, Closed):
+            self._delta.merge(cache.disconnect(message.conn))
+        elif isinstance(message, Subscribe):
+            self._delta.merge(cache.subscribe(message.conn, message.channel))
+        elif isinstance(message, Unsubscribe):
+            self._delta.merge(cache.unsubscribe(message.conn, message.channel))
+        elif isinstance(message, Activity):
+            for conn, seen in message.last_seen.items():
+                cache.touch(conn, seen)
+            stale = cache.stale(message.now, self.stale_timeout)
+            if stale:
+                self._actions.append(("close", stale, 4002, "heartbeat timeout"))
+            self._send([shardwire.HEARTBEAT])
+        elif isinstance(message, Inspect):
+            return cache
+        elif isinstance(message, Tick):
+            pass
+        self._flush()
+        return None
+
+    def _drain(self) -> None:
+        for _ in range(BATCH):
+            try:
+                msg = self.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            kind = msg[0]
+            if kind == shardwire.CHANNEL:
+                conns = self.cache.recipients(ChannelId(shardwire.unpack_id(msg[1])))
+                if conns:
+                    self._actions.append(("deliver", msg[2], conns))
+            elif kind == shardwire.USERS:
+                conns = [
+                    conn
+                    for user in shardwire.unpack_ids(msg[1])
+                    for conn in self.cache.connections_of(UserId(user))
+                ]
+                if conns:
+                    self._actions.append(("deliver", msg[2], conns))
+            elif kind == shardwire.QUERY:
+                answer = self._answer(json.loads(msg[2]))
+                self._send_delta()  # the router must know a membership before its answer
+                self._send([shardwire.RESULT, msg[1], json.dumps(answer).encode()])
+
+    def _answer(self, query: dict[str, Any]) -> dict[str, Any]:
+        cache, op = self.cache, query["op"]
+        if op == "online":
+            return {"users": cache.online_users()}
+        if op == "online_channel":
+            return {"users": cache.online_users_in_channel(query["channel"])}
+        if op == "are_online":
+            return {"online": [u for u in query["users"] if cache.is_online(u)]}
+        if op in ("subscribe", "unsubscribe"):
+            apply = cache.subscribe_user if op == "subscribe" else cache.unsubscribe_user
+            delta, count = apply(query["user"], query["channel"])
+            self._delta.merge(delta)
+            return {"connections": count}
+        if op == "disconnect":
+            conns = sorted(cache.connections_of(query["user"]))
+            if conns:
+                self._actions.append(("close", conns, 4001, "disconnected by the backend"))
+            return {"connections": len(conns)}
+        if op == "status":
+            return {"pid": os.getpid(), **cache.stats()}
+        raise ValueError(f"unknown query {op!r}")  # a router bug: crash, get restarted
+
+    def _send_delta(self) -> None:
+        if self._delta:
+            self._send(shardwire.delta(self._delta.gained, self._delta.lost))
+            self._delta = Delta()
+
+    def _flush(self) -> None:
+        self._send_delta()
+        if self._actions:
+            actions, self._actions = self._actions, []
+            self.post(actions)
+
+    def _send(self, msg: list[bytes]) -> None:
+        try:
+            self.sock.send_multipart(msg, zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("router not reading: dropped a %r message", msg[0])

@@ -1,0 +1,41 @@
+"""Frames a WebSocket client sends (subscribe, unsubscribe, ping), decoded by a pure function.
+
+Owns: validation of client frames and their error codes (docs/protocol.md). Must never do I/O
+or decide policy (whether the token allows a channel is the connection's business).
+"""
+
+from __future__ import annotations
+
+import json
+
+from actors.ids import ChannelId, parse_id
+
+KINDS = ("subscribe", "unsubscribe", "ping")
+
+
+class ClientFrameError(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+def parse_client_frame(payload: bytes) -> tuple[str, ChannelId | None]:
+    """The frame's type and channel (None for ping), or ClientFrameError."""
+    try:
+        body = json.loads(payload)
+    except (UnicodeDecodeError, ValueError):
+        raise ClientFrameError("bad_json", "frames must be UTF-8 JSON") from None
+    if not isinstance(body, dict):
+        raise ClientFrameError("bad_frame", "a frame must be a JSON object")
+    kind = body.get("type")
+    if not isinstance(kind, str):
+        raise ClientFrameError("bad_frame", "field 'type' must be a string")
+    if kind not in KINDS:
+        raise ClientFrameError("unknown_type", f"unknown frame type {kind[:64]!r}")
+    if kind == "ping":
+        return kind, None
+    channel = parse_id(body.get("channel"))
+    if channel is None:
+        raise ClientFrameError("bad_frame", "field 'channel' must be a positive integer")
+    return kind, ChannelId(channel)

@@ -1,0 +1,113 @@
+"""The public ZeroMQ command protocol: decoding requests and encoding replies (pure functions).
+
+Owns: the table of commands and their fields, validation, error codes. See docs/protocol.md.
+Must never do I/O or touch router state: it turns bytes into a :class:`Command` or a
+:class:`CommandError`, and results into reply bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from actors.ids import parse_id
+
+MAX_IDS_PER_COMMAND = 100_000
+
+
+class Field(Enum):
+    ID = "a positive integer"
+    IDS = "a list of positive integers"
+    DATA = "any JSON value"
+
+
+COMMANDS: dict[str, dict[str, Field]] = {
+    "broadcast_to_channel": {"channel": Field.ID, "data": Field.DATA},
+    "broadcast_to_user": {"user": Field.ID, "data": Field.DATA},
+    "broadcast_to_users": {"users": Field.IDS, "data": Field.DATA},
+    "get_online_users_in_channel": {"channel": Field.ID},
+    "get_online_users": {},
+    "is_user_online": {"user": Field.ID},
+    "are_users_online": {"users": Field.IDS},
+    "subscribe": {"user": Field.ID, "channel": Field.ID},
+    "unsubscribe": {"user": Field.ID, "channel": Field.ID},
+    "disconnect": {"user": Field.ID},
+    "status": {},
+}
+
+
+class CommandError(Exception):
+    """A request the router refuses; ``code`` is one of the documented error codes."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    name: str
+    id: Any
+    args: dict[str, Any]
+    data_json: bytes = b"null"  # the ``data`` field, re-encoded once as compact JSON
+
+
+def decode(raw: bytes, max_size: int) -> Command:
+    """Parse and validate one request. Raises CommandError with the reply's code and message."""
+    if len(raw) > max_size:
+        raise CommandError("too_large", f"command of {len(raw)} bytes exceeds {max_size}")
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CommandError("bad_json", f"not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise CommandError("bad_json", "a command must be a JSON object")
+    name = body.get("cmd")
+    if not isinstance(name, str):
+        raise CommandError("bad_request", "field 'cmd' must be a string")
+    spec = COMMANDS.get(name)
+    if spec is None:
+        raise CommandError("unknown_command", f"unknown command {name[:64]!r}")
+    args: dict[str, Any] = {}
+    data_json = b"null"
+    for key, kind in spec.items():
+        if key not in body:
+            raise CommandError("bad_request", f"missing field {key!r}")
+        value = body[key]
+        if kind is Field.ID:
+            if parse_id(value) is None:
+                raise CommandError("bad_request", f"field {key!r} must be {kind.value}")
+        elif kind is Field.IDS:
+            if not isinstance(value, list) or any(parse_id(v) is None for v in value):
+                raise CommandError("bad_request", f"field {key!r} must be {kind.value}")
+            if len(value) > MAX_IDS_PER_COMMAND:
+                raise CommandError(
+                    "bad_request", f"field {key!r} holds more than {MAX_IDS_PER_COMMAND} ids"
+                )
+            value = list(dict.fromkeys(value))
+        else:
+            data_json = json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+            continue
+        args[key] = value
+    return Command(name, body.get("id"), args, data_json)
+
+
+def request_id(raw: bytes) -> Any:
+    """Best effort: the ``id`` of a request that failed to decode, so its error can carry it."""
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return body.get("id") if isinstance(body, dict) else None
+
+
+def reply(request: Any, result: dict[str, Any]) -> bytes:
+    return json.dumps({"id": request, "ok": True, **result}, separators=(",", ":")).encode()
+
+
+def error_reply(request: Any, code: str, message: str) -> bytes:
+    body = {"id": request, "ok": False, "error": {"code": code, "message": message}}
+    return json.dumps(body, separators=(",", ":")).encode()

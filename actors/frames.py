@@ -1,0 +1,54 @@
+"""WebSocket frames the server writes, encoded once and written to many connections.
+
+Owns: the bytes of server-to-client text frames (RFC 6455 §5.2: FIN, opcode, no mask — a server
+never masks, so one encoded frame is valid for every recipient) and the JSON payloads of the
+server's frames. Must never parse client frames (the websockets Sans-I/O protocol does that).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+
+_TEXT = 0x81  # FIN + opcode 1 (text)
+PING = b"\x89\x00"  # FIN + opcode 9, empty payload
+
+
+def text_frame(payload: bytes) -> bytes:
+    """A complete unmasked text frame carrying ``payload`` (already UTF-8 JSON)."""
+    n = len(payload)
+    if n < 126:
+        header = struct.pack("!BB", _TEXT, n)
+    elif n < 1 << 16:
+        header = struct.pack("!BBH", _TEXT, 126, n)
+    else:
+        header = struct.pack("!BBQ", _TEXT, 127, n)
+    return header + payload
+
+
+def dumps(value: object) -> bytes:
+    """Compact JSON, as the server writes it everywhere."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def channel_message(channel: int, data_json: bytes) -> bytes:
+    """The frame for a broadcast to ``channel``; ``data_json`` is the data, already JSON."""
+    return text_frame(b'{"type":"message","channel":%d,"data":%b}' % (channel, data_json))
+
+
+def direct_message(data_json: bytes) -> bytes:
+    """The frame for a broadcast to a user (no ``channel`` key)."""
+    return text_frame(b'{"type":"message","data":%b}' % data_json)
+
+
+def hello(user: int, channels: list[int], heartbeat: float) -> bytes:
+    return text_frame(
+        dumps({"type": "hello", "user": user, "channels": channels, "heartbeat": heartbeat})
+    )
+
+
+def error(code: str, message: str) -> bytes:
+    return text_frame(dumps({"type": "error", "code": code, "message": message}))
+
+
+PONG = text_frame(b'{"type":"pong"}')

@@ -1,0 +1,107 @@
+"""A pykka actor that also owns ZeroMQ sockets: its inbox waits on both.
+
+Owns: :class:`PollingInbox` (pykka's inbox protocol over a deque plus a ``zmq.Poller`` that also
+watches an eventfd rung by ``put``) and :class:`SocketActor`, the base of the RouterActor and the
+CacheActor. The actor's own thread reads its sockets and its mailbox in turn, so every socket has
+exactly one owning thread and a message from a socket never takes an extra hop. Must never
+process messages itself: readiness and timers become ordinary messages to the actor.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import pykka
+import zmq
+from pykka._envelope import Envelope
+
+
+@dataclass(frozen=True, slots=True)
+class SocketsReady:
+    """Delivered to the actor when one of its sockets has something to read."""
+
+    sockets: tuple[zmq.Socket[bytes], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    """Delivered to the actor when its timer (``next_timer``) comes due."""
+
+    now: float
+
+
+class PollingInbox:
+    """pykka's ``ActorInbox`` protocol: ``put`` from any thread, ``get`` on the actor's thread."""
+
+    def __init__(self) -> None:
+        self._queue: deque[Envelope[Any]] = deque()
+        self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._poller = zmq.Poller()
+        self._poller.register(self._wake, zmq.POLLIN)
+        self._sockets: list[zmq.Socket[bytes]] = []
+        self.next_timer: float | None = None
+
+    def register(self, sock: zmq.Socket[bytes]) -> None:
+        self._sockets.append(sock)
+        self._poller.register(sock, zmq.POLLIN)
+
+    def unregister_all(self) -> None:
+        for sock in self._sockets:
+            self._poller.unregister(sock)
+        self._sockets.clear()
+
+    def put(self, envelope: Envelope[Any], /) -> None:
+        self._queue.append(envelope)
+        os.eventfd_write(self._wake, 1)
+
+    def empty(self) -> bool:
+        return not self._queue
+
+    def get(self) -> Envelope[Any]:
+        while True:
+            if self._queue:
+                return self._queue.popleft()
+            timeout_ms: int | None = None
+            if self.next_timer is not None:
+                now = time.monotonic()
+                if now >= self.next_timer:
+                    self.next_timer = None
+                    return Envelope(Tick(now))
+                timeout_ms = max(1, int((self.next_timer - now) * 1000) + 1)
+            ready = dict(self._poller.poll(timeout_ms))
+            if self._wake in ready:
+                try:
+                    os.eventfd_read(self._wake)
+                except BlockingIOError:
+                    pass
+            readable = tuple(s for s in self._sockets if s in ready)
+            if readable:
+                return Envelope(SocketsReady(readable))
+
+    def close(self) -> None:
+        os.close(self._wake)
+
+
+class SocketActor(pykka.ThreadingActor):
+    """A ThreadingActor whose inbox also polls the ZeroMQ sockets it registers."""
+
+    actor_inbox: PollingInbox  # type: ignore[assignment]
+
+    @staticmethod
+    def _create_actor_inbox() -> PollingInbox:  # type: ignore[override]
+        return PollingInbox()
+
+    def watch(self, sock: zmq.Socket[bytes]) -> None:
+        """Have readiness of ``sock`` delivered as :class:`SocketsReady` (actor thread only)."""
+        self.actor_inbox.register(sock)
+
+    def set_timer(self, when: float | None) -> None:
+        """Deliver a :class:`Tick` at monotonic time ``when`` (replaces any earlier timer)."""
+        self.actor_inbox.next_timer = when
+
+    def on_stop(self) -> None:
+        self.actor_inbox.unregister_all()

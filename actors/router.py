@@ -1,0 +1,350 @@
+"""The router's logic: the channel → shards index, shard liveness, routing and scatter/gather.
+
+Owns: which shards are up (and in which incarnation, the *epoch*), which shards hold members of
+which channel, and the queries in flight. Every method appends what must be sent to
+``self.outbox`` (to shards) and ``self.replies`` (to backends); the RouterActor moves the bytes.
+Must never do I/O, read a clock (``now`` is a parameter) or block: a shard that is down or slow
+only ever costs a missing answer in a reply, never a wait.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from actors import commands, frames, shardwire
+from actors.commands import Command, CommandError
+from actors.ids import ChannelId, ShardIndex, stable_hash
+
+
+class ShardState(Enum):
+    STARTING = "starting"
+    UP = "up"
+    DOWN = "down"
+
+
+@dataclass(slots=True)
+class ShardSlot:
+    index: ShardIndex
+    state: ShardState = ShardState.DOWN
+    epoch: int = -1
+    pid: int = 0
+    last_seen: float = 0.0
+    channels: set[ChannelId] = field(default_factory=set)
+
+    @property
+    def identity(self) -> bytes:
+        return shardwire.identity(self.index, self.epoch)
+
+
+Combiner = Callable[["Gather"], dict[str, Any]]
+
+
+@dataclass(slots=True)
+class Gather:
+    """A query sent to some shards, waiting for their answers until ``deadline``."""
+
+    envelope: list[bytes]
+    request: Any
+    combine: Combiner
+    deadline: float
+    waiting: set[ShardIndex]
+    answers: dict[ShardIndex, Any] = field(default_factory=dict)
+    missing: set[ShardIndex] = field(default_factory=set)
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ShardEvent:
+    """A change of a shard's state, for the supervisor."""
+
+    index: ShardIndex
+    state: ShardState
+    epoch: int
+    pid: int
+
+
+class RouterCore:
+    def __init__(self, shards: int, gather_timeout: float = 1.0, max_command: int = 1 << 20):
+        self.slots = [ShardSlot(ShardIndex(i)) for i in range(shards)]
+        self.index: dict[ChannelId, set[ShardIndex]] = {}
+        self.gather_timeout = gather_timeout
+        self.max_command = max_command
+        self.pending: dict[int, Gather] = {}
+        self._next_qid = 1
+        self.outbox: list[tuple[bytes, list[bytes]]] = []
+        self.replies: list[tuple[list[bytes], bytes]] = []
+        self.events: list[ShardEvent] = []
+        self.counters = {"commands": 0, "errors": 0, "stale_messages": 0}
+
+    # -- shard lifecycle -------------------------------------------------------------------
+
+    def shard_starting(self, index: int, epoch: int, pid: int) -> None:
+        """The supervisor started incarnation ``epoch`` of shard ``index``."""
+        slot = self.slots[index]
+        if epoch > slot.epoch:
+            self._drop(slot, now=None)
+            slot.epoch, slot.pid, slot.state = epoch, pid, ShardState.STARTING
+
+    def shard_down(self, index: int, epoch: int, now: float) -> None:
+        """Incarnation ``epoch`` of shard ``index`` died or was killed."""
+        slot = self.slots[index]
+        if slot.epoch == epoch and slot.state is not ShardState.DOWN:
+            self._drop(slot, now)
+            slot.state = ShardState.DOWN
+            self.events.append(ShardEvent(slot.index, ShardState.DOWN, epoch, slot.pid))
+
+    def _drop(self, slot: ShardSlot, now: float | None) -> None:
+        """Forget a shard's memberships and stop waiting for it."""
+        for channel in slot.channels:
+            shards = self.index.get(channel)
+            if shards is not None:
+                shards.discard(slot.index)
+                if not shards:
+                    del self.index[channel]
+        slot.channels = set()
+        for qid, gather in list(self.pending.items()):
+            if slot.index in gather.waiting:
+                gather.waiting.discard(slot.index)
+                gather.missing.add(slot.index)
+                if not gather.waiting:
+                    self._finish(qid)
+
+    def up_shards(self) -> list[ShardSlot]:
+        return [slot for slot in self.slots if slot.state is ShardState.UP]
+
+    def silent_shards(self, now: float, timeout: float) -> list[ShardSlot]:
+        """Up shards not heard from for ``timeout`` seconds (hung: heartbeats stopped)."""
+        return [s for s in self.up_shards() if now - s.last_seen > timeout]
+
+    # -- messages from shards --------------------------------------------------------------
+
+    def shard_message(self, sender: bytes, msg: list[bytes], now: float) -> None:
+        parsed = shardwire.parse_identity(sender)
+        if parsed is None or not 0 <= parsed[0] < len(self.slots) or not msg:
+            self.counters["stale_messages"] += 1
+            return
+        slot = self.slots[parsed[0]]
+        kind = msg[0]
+        if kind == shardwire.HELLO:
+            self._hello(slot, parsed[1], msg, now)
+            return
+        if parsed[1] != slot.epoch or slot.state is not ShardState.UP:
+            self.counters["stale_messages"] += 1  # an old incarnation's last words
+            return
+        slot.last_seen = now
+        if kind == shardwire.DELTA:
+            self._delta(slot, shardwire.unpack_ids(msg[1]), shardwire.unpack_ids(msg[2]))
+        elif kind == shardwire.RESULT:
+            self._result(slot, shardwire.unpack_id(msg[1]), json.loads(msg[2]))
+
+    def _hello(self, slot: ShardSlot, epoch: int, msg: list[bytes], now: float) -> None:
+        body = json.loads(msg[1])
+        if epoch < slot.epoch:
+            self.counters["stale_messages"] += 1
+            return
+        self._drop(slot, now)
+        slot.epoch, slot.pid, slot.state, slot.last_seen = epoch, body["pid"], ShardState.UP, now
+        self._delta(slot, body["channels"], [])
+        self.events.append(ShardEvent(slot.index, ShardState.UP, epoch, slot.pid))
+
+    def _delta(self, slot: ShardSlot, gained: list[int], lost: list[int]) -> None:
+        for raw in gained:
+            channel = ChannelId(raw)
+            slot.channels.add(channel)
+            self.index.setdefault(channel, set()).add(slot.index)
+        for raw in lost:
+            channel = ChannelId(raw)
+            slot.channels.discard(channel)
+            shards = self.index.get(channel)
+            if shards is not None:
+                shards.discard(slot.index)
+                if not shards:
+                    del self.index[channel]
+
+    def _result(self, slot: ShardSlot, qid: int, body: Any) -> None:
+        gather = self.pending.get(qid)
+        if gather is None or slot.index not in gather.waiting:
+            return  # answered after its deadline: already replied without it
+        gather.waiting.discard(slot.index)
+        gather.answers[slot.index] = body
+        if not gather.waiting:
+            self._finish(qid)
+
+    # -- commands from backends ------------------------------------------------------------
+
+    def command(self, envelope: list[bytes], raw: bytes, now: float) -> None:
+        self.counters["commands"] += 1
+        try:
+            cmd = commands.decode(raw, self.max_command)
+            self._dispatch(envelope, cmd, now)
+        except CommandError as exc:
+            self.counters["errors"] += 1
+            request = commands.request_id(raw) if exc.code != "too_large" else None
+            self.replies.append(
+                (envelope, commands.error_reply(request, exc.code, exc.message))
+            )
+
+    def _dispatch(self, envelope: list[bytes], cmd: Command, now: float) -> None:
+        name, args = cmd.name, cmd.args
+        if name == "broadcast_to_channel":
+            channel = args["channel"]
+            frame = frames.channel_message(channel, cmd.data_json)
+            self._check_frame(frame)
+            shards = self.index.get(channel, ())
+            for index in shards:
+                self._send(index, shardwire.channel_delivery(channel, frame))
+            self._reply(envelope, cmd, {"shards": len(shards)})
+        elif name in ("broadcast_to_user", "broadcast_to_users"):
+            users = [args["user"]] if name == "broadcast_to_user" else args["users"]
+            frame = frames.direct_message(cmd.data_json)
+            self._check_frame(frame)
+            sent = 0
+            for index, group in self._by_shard(users).items():
+                if self.slots[index].state is ShardState.UP:
+                    self._send(index, shardwire.users_delivery(group, frame))
+                    sent += 1
+            self._reply(envelope, cmd, {"shards": sent})
+        elif name == "get_online_users_in_channel":
+            shards = set(self.index.get(args["channel"], ()))
+            query = {"op": "online_channel", **args}
+            self._gather(envelope, cmd, shards, now, _union_users, lambda _: query)
+        elif name == "get_online_users":
+            self._gather(envelope, cmd, self._all(), now, _union_users, lambda _: {"op": "online"})
+        elif name in ("is_user_online", "are_users_online"):
+            users = [args["user"]] if name == "is_user_online" else args["users"]
+            groups = self._by_shard(users)
+            combine = _is_online if name == "is_user_online" else _are_online
+            self._gather(
+                envelope,
+                cmd,
+                set(groups),
+                now,
+                combine,
+                lambda i: {"op": "are_online", "users": groups[i]},
+                {"users": users},
+            )
+        elif name in ("subscribe", "unsubscribe", "disconnect"):
+            index = self._shard_of(args["user"])
+            query = {"op": name, **args}
+            self._gather(envelope, cmd, {index}, now, _sum_connections, lambda _: query)
+        elif name == "status":
+            self._gather(envelope, cmd, self._all(), now, self._status, lambda _: {"op": "status"})
+        else:  # pragma: no cover - COMMANDS and this table are kept in step by tests
+            raise AssertionError(name)
+
+    def _check_frame(self, frame: bytes) -> None:
+        if len(frame) > self.max_command:
+            raise CommandError("too_large", "the message exceeds the frame size limit")
+
+    def _shard_of(self, user: int) -> ShardIndex:
+        return stable_hash(user, len(self.slots))
+
+    def _by_shard(self, users: list[int]) -> dict[ShardIndex, list[int]]:
+        groups: dict[ShardIndex, list[int]] = {}
+        for user in users:
+            groups.setdefault(self._shard_of(user), []).append(user)
+        return groups
+
+    def _all(self) -> set[ShardIndex]:
+        return {slot.index for slot in self.slots}
+
+    def _send(self, index: ShardIndex, msg: list[bytes]) -> None:
+        self.outbox.append((self.slots[index].identity, msg))
+
+    def _reply(self, envelope: list[bytes], cmd: Command, result: dict[str, Any]) -> None:
+        self.replies.append((envelope, commands.reply(cmd.id, result)))
+
+    def _gather(
+        self,
+        envelope: list[bytes],
+        cmd: Command,
+        shards: set[ShardIndex],
+        now: float,
+        combine: Combiner,
+        query: Callable[[ShardIndex], dict[str, Any]],
+        args: dict[str, Any] | None = None,
+    ) -> None:
+        qid = self._next_qid
+        self._next_qid += 1
+        gather = Gather(envelope, cmd.id, combine, now + self.gather_timeout, set(), args=args or {})
+        self.pending[qid] = gather
+        for index in sorted(shards):
+            if self.slots[index].state is not ShardState.UP:
+                gather.missing.add(index)
+                continue
+            self._send(index, shardwire.query(qid, query(index)))
+            gather.waiting.add(index)
+        if not gather.waiting:
+            self._finish(qid)
+
+    def tick(self, now: float) -> None:
+        """Answer the queries whose deadline has passed with what they have."""
+        for qid, gather in list(self.pending.items()):
+            if now >= gather.deadline:
+                gather.missing |= gather.waiting
+                gather.waiting.clear()
+                self._finish(qid)
+
+    def next_deadline(self) -> float | None:
+        return min((g.deadline for g in self.pending.values()), default=None)
+
+    def _finish(self, qid: int) -> None:
+        gather = self.pending.pop(qid)
+        result = gather.combine(gather)
+        result["missing_shards"] = sorted(gather.missing)
+        self.replies.append((gather.envelope, commands.reply(gather.request, result)))
+
+    def _status(self, gather: Gather) -> dict[str, Any]:
+        rows = []
+        for slot in self.slots:
+            row: dict[str, Any] = {
+                "index": slot.index,
+                "pid": slot.pid,
+                "epoch": slot.epoch,
+                "state": slot.state.value,
+            }
+            answer = gather.answers.get(slot.index)
+            if answer is None and slot.state is ShardState.UP:
+                row["state"] = "unresponsive"
+            row.update(answer or {"connections": 0, "users": 0, "channels": 0})
+            rows.append(row)
+        return {"shards": rows, "channels_indexed": len(self.index)}
+
+    def close_all(self) -> None:
+        """Shutting down: answer every query in flight with what it has."""
+        for qid in list(self.pending):
+            gather = self.pending[qid]
+            gather.missing |= gather.waiting
+            gather.waiting.clear()
+            self._finish(qid)
+
+
+def _union_users(gather: Gather) -> dict[str, Any]:
+    users: set[int] = set()
+    for answer in gather.answers.values():
+        users.update(answer["users"])
+    return {"users": sorted(users)}
+
+
+def _online_set(gather: Gather) -> set[int]:
+    online: set[int] = set()
+    for answer in gather.answers.values():
+        online.update(answer["online"])
+    return online
+
+
+def _is_online(gather: Gather) -> dict[str, Any]:
+    return {"online": gather.args["users"][0] in _online_set(gather)}
+
+
+def _are_online(gather: Gather) -> dict[str, Any]:
+    online = _online_set(gather)
+    return {"online": {str(user): user in online for user in gather.args["users"]}}
+
+
+def _sum_connections(gather: Gather) -> dict[str, Any]:
+    return {"connections": sum(a["connections"] for a in gather.answers.values())}

@@ -1,0 +1,146 @@
+"""RouterActor: owns the command endpoint, the shard endpoint and the :class:`RouterCore`.
+
+Owns: two ZeroMQ ROUTER sockets (backends' commands on ``command``, shards on ``shards``) and the
+router's state. It reads commands and shard messages in batches, lets the core decide, and sends
+what the core queued — always with ``NOBLOCK``: a full or missing shard costs a dropped message
+(counted), never a wait. Must never block on a shard or call back into another actor with ``ask``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from actors.inbox import SocketActor, SocketsReady, Tick
+from actors.router import RouterCore, ShardEvent
+
+log = logging.getLogger("ucc.router")
+
+BATCH = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ShardStarting:
+    index: int
+    epoch: int
+    pid: int
+
+
+@dataclass(frozen=True, slots=True)
+class ShardDown:
+    index: int
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class GetStatistics:
+    pass
+
+
+class RouterActor(SocketActor):
+    """Binds its sockets in the constructor (so a busy port fails the caller at once)."""
+
+    def __init__(
+        self,
+        core: RouterCore,
+        command_endpoint: str,
+        shard_endpoint: str,
+        on_event: Callable[[ShardEvent], None],
+        hang_timeout: float,
+        context: zmq.Context[Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.core = core
+        self.on_event = on_event
+        self.hang_timeout = hang_timeout
+        self.context = context or zmq.Context.instance()
+        self.frontend = self.context.socket(zmq.ROUTER)
+        self.backend = self.context.socket(zmq.ROUTER)
+        for sock in (self.frontend, self.backend):
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SNDHWM, 100_000)
+            sock.setsockopt(zmq.RCVHWM, 100_000)
+        # a command larger than this is not even read into memory; the core's own, lower limit
+        # gives the clear "too_large" reply for everything up to it
+        self.frontend.setsockopt(zmq.MAXMSGSIZE, core.max_command * 4)
+        self.backend.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        try:
+            self.frontend.bind(command_endpoint)
+            self.backend.bind(shard_endpoint)
+        except zmq.ZMQError:
+            self.frontend.close()
+            self.backend.close()
+            raise
+        self.command_endpoint = self.frontend.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.dropped = 0
+
+    def on_start(self) -> None:
+        self.watch(self.frontend)
+        self.watch(self.backend)
+        self._arm_timer()
+
+    def on_stop(self) -> None:
+        self.core.close_all()
+        self._flush()
+        super().on_stop()
+        self.frontend.close()
+        self.backend.close()
+
+    def on_receive(self, message: Any) -> Any:
+        now = time.monotonic()
+        if isinstance(message, SocketsReady):
+            for sock in message.sockets:
+                self._drain(sock, now)
+        elif isinstance(message, Tick):
+            self.core.tick(now)
+            for slot in self.core.silent_shards(now, self.hang_timeout):
+                log.warning("shard %d (pid %d) stopped answering", slot.index, slot.pid)
+                self.core.shard_down(slot.index, slot.epoch, now)
+        elif isinstance(message, ShardStarting):
+            self.core.shard_starting(message.index, message.epoch, message.pid)
+        elif isinstance(message, ShardDown):
+            self.core.shard_down(message.index, message.epoch, now)
+        elif isinstance(message, GetStatistics):
+            return {**self.core.counters, "dropped": self.dropped, "pending": len(self.core.pending)}
+        self._flush()
+        self._arm_timer()
+        return None
+
+    def _drain(self, sock: zmq.Socket[bytes], now: float) -> None:
+        for _ in range(BATCH):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if sock is self.frontend:
+                self.core.command(frames[:-1], frames[-1], now)
+            else:
+                self.core.shard_message(frames[0], frames[1:], now)
+
+    def _flush(self) -> None:
+        core = self.core
+        for identity, msg in core.outbox:
+            try:
+                self.backend.send_multipart([identity, *msg], zmq.NOBLOCK)
+            except zmq.ZMQError:  # full (HWM) or not connected: the shard misses it
+                self.dropped += 1
+        core.outbox.clear()
+        for envelope, payload in core.replies:
+            try:
+                self.frontend.send_multipart([*envelope, payload], zmq.NOBLOCK)
+            except zmq.ZMQError:
+                self.dropped += 1
+        core.replies.clear()
+        for event in core.events:
+            self.on_event(event)
+        core.events.clear()
+
+    def _arm_timer(self) -> None:
+        deadline = self.core.next_deadline()
+        check = time.monotonic() + self.hang_timeout / 3
+        self.set_timer(check if deadline is None else min(deadline, check))

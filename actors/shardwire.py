@@ -1,0 +1,92 @@
+"""The internal router ↔ shard protocol (ZeroMQ multipart messages over ``ipc://``).
+
+Owns: encoding and decoding of every message between the RouterActor and a shard's CacheActor.
+Not a public contract. Must never do I/O. Router → shard (after the ROUTER identity frame):
+
+| frames | meaning |
+|---|---|
+| ``C``, channel (8 bytes), frame | write ``frame`` to the channel's connections |
+| ``U``, users (8 bytes each), frame | write ``frame`` to every connection of these users |
+| ``Q``, query id (8 bytes), JSON | a query; the shard answers with ``R`` |
+
+Shard → router (DEALER, identity ``shard-<index>-<epoch>``):
+
+| frames | meaning |
+|---|---|
+| ``H``, JSON ``{index, epoch, pid, channels}`` | hello: the shard is ready, with its channels |
+| ``D``, gained ids, lost ids | channels gained / lost (8 bytes per id) |
+| ``R``, query id, JSON | the answer to query ``Q`` |
+| ``P`` | heartbeat |
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from array import array
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+CHANNEL = b"C"
+USERS = b"U"
+QUERY = b"Q"
+HELLO = b"H"
+DELTA = b"D"
+RESULT = b"R"
+HEARTBEAT = b"P"
+
+_IDENTITY = re.compile(rb"shard-(\d+)-(\d+)")
+
+
+def identity(index: int, epoch: int) -> bytes:
+    return b"shard-%d-%d" % (index, epoch)
+
+
+def parse_identity(raw: bytes) -> tuple[int, int] | None:
+    match = _IDENTITY.fullmatch(raw)
+    if match is None:
+        return None
+    return int(match[1]), int(match[2])
+
+
+def pack_ids(ids: Iterable[int]) -> bytes:
+    return array("q", ids).tobytes()
+
+
+def unpack_ids(raw: bytes) -> list[int]:
+    ids = array("q")
+    ids.frombytes(raw)
+    return ids.tolist()
+
+
+def pack_id(value: int) -> bytes:
+    return value.to_bytes(8, "little", signed=True)
+
+
+def unpack_id(raw: bytes) -> int:
+    return int.from_bytes(raw, "little", signed=True)
+
+
+def channel_delivery(channel: int, frame: bytes) -> list[bytes]:
+    return [CHANNEL, pack_id(channel), frame]
+
+
+def users_delivery(users: Sequence[int], frame: bytes) -> list[bytes]:
+    return [USERS, pack_ids(users), frame]
+
+
+def query(qid: int, body: dict[str, Any]) -> list[bytes]:
+    return [QUERY, pack_id(qid), json.dumps(body).encode()]
+
+
+def result(qid: int, body: Any) -> list[bytes]:
+    return [RESULT, pack_id(qid), json.dumps(body).encode()]
+
+
+def hello(index: int, epoch: int, pid: int, channels: Sequence[int]) -> list[bytes]:
+    body = {"index": index, "epoch": epoch, "pid": pid, "channels": list(channels)}
+    return [HELLO, json.dumps(body).encode()]
+
+
+def delta(gained: Sequence[int], lost: Sequence[int]) -> list[bytes]:
+    return [DELTA, pack_ids(gained), pack_ids(lost)]

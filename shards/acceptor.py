@@ -1,0 +1,184 @@
+"""The acceptor: accept a TCP connection, peek at its upgrade request, check the token, and hand
+the socket to the user's shard.
+
+Owns: the listening socket and connections not yet handed over. It reads the request head with
+``MSG_PEEK`` (bounded: at most 8 KiB, and a deadline), so the bytes stay in the kernel for the
+shard's WebSocket handshake. Must never proxy bytes, and never let a slow or hostile client hold
+anything beyond its own small, bounded entry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from actors import httphead
+from actors.httphead import Head, HeadError
+from actors.tokens import Claims, TokenError, verify
+
+log = logging.getLogger("ucc.acceptor")
+
+MAX_PENDING = 10_000
+PEEK_RETRY = (0.002, 0.005, 0.01, 0.02, 0.05)
+
+# route(claims, socket) -> None when handed over, or (status, reason, extra headers) to refuse
+Router = Callable[[Claims, socket.socket], "tuple[int, str, dict[str, str]] | None"]
+
+
+@dataclass(slots=True)
+class _Pending:
+    sock: socket.socket
+    deadline: float
+    attempts: int = 0
+    timer: asyncio.TimerHandle | None = None
+
+
+class Acceptor:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        listener: socket.socket,
+        secret: str,
+        route: Router,
+        handshake_timeout: float,
+    ) -> None:
+        self.loop = loop
+        self.listener = listener
+        self.secret = secret
+        self.route = route
+        self.handshake_timeout = handshake_timeout
+        self.pending: dict[int, _Pending] = {}
+        self.counters = {"accepted": 0, "handed_over": 0, "refused": 0}
+        listener.setblocking(False)
+        loop.add_reader(listener.fileno(), self._accept)
+
+    def close(self) -> None:
+        """Stop accepting and drop every connection not yet handed over."""
+        with contextlib.suppress(ValueError, OSError):
+            self.loop.remove_reader(self.listener.fileno())
+        self.listener.close()
+        for fd in list(self.pending):
+            self._drop(fd)
+
+    def _accept(self) -> None:
+        for _ in range(256):
+            try:
+                sock, _addr = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE and friends: back off, do not crash
+                log.warning("accept failed: %s", exc)
+                return
+            self.counters["accepted"] += 1
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if len(self.pending) >= MAX_PENDING:
+                self._refuse(sock, 503, "Service Unavailable", "too many pending handshakes")
+                continue
+            entry = _Pending(sock, time.monotonic() + self.handshake_timeout)
+            fd = sock.fileno()
+            self.pending[fd] = entry
+            entry.timer = self.loop.call_later(self.handshake_timeout, self._expire, fd)
+            self.loop.add_reader(fd, self._readable, fd)
+
+    def _readable(self, fd: int) -> None:
+        # one readiness is enough: from now on the bytes stay unread, so the fd would stay
+        # readable; poll again with a short backoff until the head is complete
+        self.loop.remove_reader(fd)
+        self._peek(fd)
+
+    def _peek(self, fd: int) -> None:
+        entry = self.pending.get(fd)
+        if entry is None:
+            return
+        try:
+            data = entry.sock.recv(httphead.MAX_HEAD + 4, socket.MSG_PEEK)
+        except BlockingIOError:
+            data = None
+        except OSError:
+            self._drop(fd)
+            return
+        if data == b"":
+            self._drop(fd)  # the client went away
+            return
+        try:
+            head = httphead.parse_head(data) if data else None
+        except HeadError as exc:
+            self._finish(fd)
+            self._refuse(entry.sock, exc.status, _REASONS.get(exc.status, "Bad Request"), exc.reason)
+            return
+        if head is None:
+            delay = PEEK_RETRY[min(entry.attempts, len(PEEK_RETRY) - 1)]
+            entry.attempts += 1
+            self.loop.call_later(delay, self._peek, fd)
+            return
+        self._finish(fd)
+        self._serve(entry.sock, head)
+
+    def _serve(self, sock: socket.socket, head: Head) -> None:
+        if not head.is_upgrade:
+            if head.path == "/healthz":
+                self._refuse(sock, 200, "OK", "ok", head)
+            else:
+                self._refuse(sock, 426, "Upgrade Required", "this endpoint speaks WebSocket", head)
+            return
+        try:
+            claims = verify(self.secret, head.token(), now=time.time())
+        except TokenError as exc:
+            self._refuse(sock, 401, "Unauthorized", str(exc), head)
+            return
+        refusal = self.route(claims, sock)
+        if refusal is None:
+            self.counters["handed_over"] += 1
+            sock.close()  # the shard has its own descriptor now
+            return
+        status, reason, extra = refusal
+        self._refuse(sock, status, reason, reason, head, extra)
+
+    def _expire(self, fd: int) -> None:
+        entry = self.pending.get(fd)
+        if entry is not None:
+            entry.timer = None
+            self._finish(fd)
+            self._refuse(entry.sock, 408, "Request Timeout", "handshake deadline passed")
+
+    def _finish(self, fd: int) -> _Pending | None:
+        entry = self.pending.pop(fd, None)
+        if entry is not None:
+            with contextlib.suppress(ValueError, OSError):
+                self.loop.remove_reader(fd)
+            if entry.timer is not None:
+                entry.timer.cancel()
+        return entry
+
+    def _drop(self, fd: int) -> None:
+        entry = self._finish(fd)
+        if entry is not None:
+            entry.sock.close()
+
+    def _refuse(
+        self,
+        sock: socket.socket,
+        status: int,
+        reason: str,
+        body: str,
+        head: Head | None = None,
+        extra: dict[str, str] | None = None,
+    ) -> None:
+        """Answer with a plain HTTP response and close (consuming the head, so no RST)."""
+        if status != 200:
+            self.counters["refused"] += 1
+        with contextlib.suppress(OSError):
+            sock.send(httphead.response(status, reason, body, extra))
+            if head is not None:
+                sock.recv(head.size)
+            sock.shutdown(socket.SHUT_WR)
+        sock.close()
+
+
+_REASONS = {400: "Bad Request", 408: "Request Timeout", 431: "Request Header Fields Too Large"}

@@ -1,0 +1,78 @@
+"""Configuration of ``ucc serve`` and the secret that signs connection tokens.
+
+Owns: defaults, reading the environment once, and the private secret file. Must never log or
+print the secret itself.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8765
+DEFAULT_COMMAND = "tcp://127.0.0.1:5555"
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Everything ``ucc serve`` needs; built once from flags and environment."""
+
+    secret: str
+    shards: int = field(default_factory=lambda: os.cpu_count() or 1)
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    command: str = DEFAULT_COMMAND
+    redis: str | None = None
+    heartbeat: float = 25.0
+    heartbeat_timeout: float = 60.0
+    handshake_timeout: float = 5.0
+    max_frame: int = 64 * 1024
+    max_command: int = 1024 * 1024
+    write_buffer_limit: int = 4 * 1024 * 1024
+    gather_timeout: float = 1.0
+    shutdown_timeout: float = 8.0
+    log_level: str = "INFO"
+
+
+def secret_path() -> Path:
+    """Where the generated secret lives: ``$UCC_SECRET_FILE`` or the user's state directory."""
+    explicit = os.environ.get("UCC_SECRET_FILE")
+    if explicit:
+        return Path(explicit)
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "ucc" / "secret"
+
+
+def load_or_create_secret(path: Path) -> str:
+    """Read the secret at ``path``, creating it (mode 0600, random) if it does not exist."""
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    value = secrets.token_hex(32)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another process created it first: use theirs
+        return path.read_text().strip()
+    with os.fdopen(fd, "w") as handle:
+        handle.write(value + "\n")
+    return value
+
+
+def resolve_secret(flag: str | None, create: bool) -> tuple[str, Path | None]:
+    """The secret from ``--secret``, ``UCC_SECRET`` or the secret file (created if ``create``).
+
+    Returns the secret and the file it came from (None when given explicitly).
+    Raises FileNotFoundError when there is no secret anywhere and ``create`` is false.
+    """
+    value = flag or os.environ.get("UCC_SECRET")
+    if value:
+        return value, None
+    path = secret_path()
+    if create:
+        return load_or_create_secret(path), path
+    return path.read_text().strip(), path

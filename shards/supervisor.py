@@ -1,0 +1,286 @@
+"""The supervisor: ``ucc serve`` itself. Spawns the shards, runs the acceptor and the RouterActor,
+restarts shards that die, and shuts everything down on SIGTERM/SIGINT.
+
+Owns: the shard processes (their pids, pidfds, control sockets and incarnation numbers), the
+public listening socket and the RouterActor's lifetime. The decisions live in plain classes
+(:class:`RestartPolicy`, :class:`RouterCore`); this module carries them out. Must never touch a
+WebSocket's bytes nor the router's state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from actors.ids import stable_hash
+from actors.router import RouterCore, ShardEvent, ShardState
+from actors.router_actor import RouterActor, ShardDown, ShardStarting
+from actors.tokens import Claims
+from shards.acceptor import Acceptor
+from shards.config import ServeConfig
+from shards.handoff import control_pair, send_connection, send_message
+from shards.policy import RestartPolicy
+
+log = logging.getLogger("ucc.supervisor")
+
+START_TIMEOUT = 20.0  # a shard that has not said hello by then is killed
+HANG_TIMEOUT = 1.5  # a shard silent that long is considered hung (its tick is 0.25 s)
+
+
+@dataclass
+class ShardProcess:
+    index: int
+    epoch: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+    control: socket.socket | None = None
+    pidfd: int = -1
+    ready: bool = False
+    started_at: float = 0.0
+    start_timer: asyncio.TimerHandle | None = None
+    restarts: list[float] = field(default_factory=list)
+
+
+class Supervisor:
+    def __init__(self, config: ServeConfig, loop: asyncio.AbstractEventLoop) -> None:
+        self.config = config
+        self.loop = loop
+        self.policy = RestartPolicy()
+        self.shards = [ShardProcess(i) for i in range(config.shards)]
+        self.rundir = tempfile.mkdtemp(prefix="ucc-")
+        self.shard_endpoint = f"ipc://{self.rundir}/router.sock"
+        self.stopping = False
+        self.exit_code = 0
+        self.done: asyncio.Future[int] = loop.create_future()
+        self.announced = False
+        self.listener = self._listen()
+        core = RouterCore(config.shards, config.gather_timeout, config.max_command)
+        self.router = RouterActor.start(
+            core,
+            config.command,
+            self.shard_endpoint,
+            lambda event: loop.call_soon_threadsafe(self._shard_event, event),
+            HANG_TIMEOUT,
+        )
+        self.command_endpoint: str = self.router.proxy().command_endpoint.get()
+        self.acceptor: Acceptor | None = None
+        self.shard_config = json.dumps(
+            {
+                "heartbeat": config.heartbeat,
+                "heartbeat_timeout": config.heartbeat_timeout,
+                "handshake_timeout": config.handshake_timeout,
+                "max_frame": config.max_frame,
+                "write_buffer_limit": config.write_buffer_limit,
+                "log_level": config.log_level,
+                "close_grace": min(2.0, config.shutdown_timeout / 2),
+            }
+        )
+
+    def _listen(self) -> socket.socket:
+        infos = socket.getaddrinfo(
+            self.config.host, self.config.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        family, kind, proto, _name, address = infos[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(4096)
+        return sock
+
+    # -- shards ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        for shard in self.shards:
+            self._spawn(shard)
+
+    def _spawn(self, shard: ShardProcess) -> None:
+        if self.stopping:
+            return
+        shard.epoch += 1
+        ours, theirs = control_pair()
+        args = [
+            sys.executable,
+            "-m",
+            "shards.worker",
+            str(shard.index),
+            str(shard.epoch),
+            str(theirs.fileno()),
+            self.shard_endpoint,
+            self.shard_config,
+        ]
+        shard.proc = subprocess.Popen(args, pass_fds=(theirs.fileno(),))
+        theirs.close()
+        ours.setblocking(False)
+        shard.control = ours
+        shard.ready = False
+        shard.started_at = time.monotonic()
+        pid = shard.proc.pid
+        self.router.tell(ShardStarting(shard.index, shard.epoch, pid))
+        shard.pidfd = os.pidfd_open(pid)
+        self.loop.add_reader(shard.pidfd, self._exited, shard, shard.epoch)
+        shard.start_timer = self.loop.call_later(
+            START_TIMEOUT, self._start_timeout, shard, shard.epoch
+        )
+        log.debug("shard %d: started pid %d (epoch %d)", shard.index, pid, shard.epoch)
+
+    def _start_timeout(self, shard: ShardProcess, epoch: int) -> None:
+        if shard.epoch == epoch and not shard.ready:
+            log.error("shard %d: not ready after %.0f s, killing it", shard.index, START_TIMEOUT)
+            self._kill(shard)
+
+    def _kill(self, shard: ShardProcess) -> None:
+        if shard.proc is not None and shard.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                shard.proc.send_signal(signal.SIGKILL)
+
+    def _exited(self, shard: ShardProcess, epoch: int) -> None:
+        self.loop.remove_reader(shard.pidfd)
+        os.close(shard.pidfd)
+        shard.pidfd = -1
+        assert shard.proc is not None
+        code = shard.proc.wait()
+        if shard.start_timer is not None:
+            shard.start_timer.cancel()
+        if shard.control is not None:
+            shard.control.close()
+            shard.control = None
+        shard.ready = False
+        self.router.tell(ShardDown(shard.index, epoch))
+        if self.stopping:
+            self._maybe_done()
+            return
+        how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+        decision = self.policy.on_exit(shard.index, time.monotonic())
+        if not decision.restart:
+            log.error(
+                "shard %d (pid %d) died with %s: %d restarts within %.0f s, giving up",
+                shard.index,
+                shard.proc.pid,
+                how,
+                decision.restarts_in_period,
+                self.policy.period,
+            )
+            self.shutdown(exit_code=1)
+            return
+        log.warning(
+            "shard %d (pid %d) died with %s; restart %d in the last %.0f s",
+            shard.index,
+            shard.proc.pid,
+            how,
+            decision.restarts_in_period,
+            self.policy.period,
+        )
+        self.loop.call_later(decision.delay, self._spawn, shard)
+
+    def _shard_event(self, event: ShardEvent) -> None:
+        shard = self.shards[event.index]
+        if event.epoch != shard.epoch:
+            return
+        if event.state is ShardState.UP:
+            shard.ready = True
+            if shard.start_timer is not None:
+                shard.start_timer.cancel()
+                shard.start_timer = None
+            if not self.announced and all(s.ready for s in self.shards):
+                self._announce()
+        elif event.state is ShardState.DOWN and not self.stopping:
+            log.error("shard %d (pid %d): hung, killing it", shard.index, event.pid)
+            self._kill(shard)
+
+    def _announce(self) -> None:
+        self.announced = True
+        host, port = self.listener.getsockname()[:2]
+        self.acceptor = Acceptor(
+            self.loop, self.listener, self.config.secret, self._route, self.config.handshake_timeout
+        )
+        shown = f"[{host}]" if ":" in host else host
+        print(
+            f"ucc ready ws://{shown}:{port} command={self.command_endpoint} "
+            f"shards={len(self.shards)}",
+            flush=True,
+        )
+
+    def _route(self, claims: Claims, sock: socket.socket) -> tuple[int, str, dict[str, str]] | None:
+        shard = self.shards[stable_hash(claims.user, len(self.shards))]
+        if not shard.ready or shard.control is None:
+            return 503, "Service Unavailable", {"Retry-After": "1"}
+        header = {"user": claims.user, "channels": list(claims.channels)}
+        try:
+            send_connection(shard.control, header, sock)
+        except OSError:  # the shard is not keeping up (or just died)
+            return 503, "Service Unavailable", {"Retry-After": "1"}
+        return None
+
+    # -- stopping ----------------------------------------------------------------------------
+
+    def shutdown(self, exit_code: int = 0) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        self.exit_code = exit_code
+        log.info("shutting down")
+        if self.acceptor is not None:
+            self.acceptor.close()
+        else:
+            self.listener.close()
+        for shard in self.shards:
+            if shard.control is not None:
+                with contextlib.suppress(OSError):
+                    send_message(shard.control, {"op": "shutdown", "code": 1001})
+        self.loop.call_later(self.config.shutdown_timeout, self._kill_stragglers)
+        self._maybe_done()
+
+    def _kill_stragglers(self) -> None:
+        for shard in self.shards:
+            if shard.pidfd >= 0:
+                log.warning("shard %d did not stop in time, killing it", shard.index)
+                self._kill(shard)
+
+    def _maybe_done(self) -> None:
+        if all(s.pidfd < 0 for s in self.shards) and not self.done.done():
+            self.done.set_result(self.exit_code)
+
+    def close(self) -> None:
+        self.router.stop()
+        shutil.rmtree(self.rundir, ignore_errors=True)
+
+
+async def _run(config: ServeConfig) -> int:
+    loop = asyncio.get_running_loop()
+    supervisor = Supervisor(config, loop)
+    try:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, supervisor.shutdown)
+        supervisor.start()
+        return await supervisor.done
+    finally:
+        for shard in supervisor.shards:
+            supervisor._kill(shard)
+        supervisor.close()
+
+
+def run(config: ServeConfig) -> int:
+    """Serve until SIGTERM/SIGINT; the exit code (non-zero when restarts were exhausted)."""
+    logging.basicConfig(
+        level=config.log_level,
+        format="%(asctime)s supervisor %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        import uvloop  # noqa: PLC0415
+
+        return uvloop.run(_run(config))
+    except OSError as exc:
+        log.error("cannot serve: %s", exc)
+        return 2

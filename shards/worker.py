@@ -1,0 +1,234 @@
+"""A shard process: an asyncio loop holding WebSocket connections, and the shard's CacheActor.
+
+Owns: the connections handed over by the supervisor (file descriptors over a Unix socket), the
+heartbeat clock (pings to idle clients, liveness reports to the actor), and carrying out what the
+CacheActor decides (deliveries, hello, closes). Must never read or change the cache itself, and
+never block the loop: the actor's answers arrive through ``call_soon_threadsafe``.
+
+Run by the supervisor as ``python -m shards.worker INDEX EPOCH CONTROL_FD ROUTER CONFIG_JSON``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from typing import Any
+
+from actors import frames
+from actors.cache_actor import (
+    Activity,
+    CacheActor,
+    Closed,
+    LoopAction,
+    Opened,
+    Subscribe,
+    Unsubscribe,
+)
+from actors.ids import ChannelId, ConnId, UserId
+from shards.connection import Connection
+from shards.handoff import recv_connection
+
+log = logging.getLogger("ucc.shard")
+
+TICK = 0.25  # liveness report to the actor (and through it, to the router)
+
+
+class Shard:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        index: int,
+        epoch: int,
+        control: socket.socket,
+        router: str,
+        config: dict[str, Any],
+    ) -> None:
+        self.loop = loop
+        self.index, self.epoch = index, epoch
+        self.control = control
+        self.heartbeat = float(config["heartbeat"])
+        self.handshake_timeout = float(config["handshake_timeout"])
+        self.max_frame = int(config["max_frame"])
+        self.write_buffer_limit = int(config["write_buffer_limit"])
+        self.conns: dict[ConnId, Connection] = {}
+        self.now = time.monotonic()
+        self.slow_consumers = 0
+        self._next_conn = 1
+        self._active: dict[ConnId, float] = {}
+        self._last_ping = self.now
+        self.stopped = loop.create_future()
+        self.actor = CacheActor.start(
+            index,
+            epoch,
+            router,
+            lambda actions: loop.call_soon_threadsafe(self.apply, actions),
+            float(config["heartbeat_timeout"]),
+        )
+        loop.add_reader(control.fileno(), self._on_control)
+        self._tick_handle = loop.call_later(TICK, self._tick)
+
+    # -- from the supervisor -----------------------------------------------------------------
+
+    def _on_control(self) -> None:
+        try:
+            received = recv_connection(self.control)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            log.error("shard %d: control socket failed: %s", self.index, exc)
+            received = None
+        if received is None:  # the supervisor is gone: so are we
+            log.warning("shard %d: supervisor gone, exiting", self.index)
+            self.stop(1001, "server shutting down", exit_now=True)
+            return
+        header, sock = received
+        if header.get("op") == "shutdown":
+            self.stop(int(header.get("code", 1001)), str(header.get("reason", "")))
+            return
+        if sock is None:
+            return
+        conn_id = ConnId(self._next_conn)
+        self._next_conn += 1
+        user = UserId(int(header["user"]))
+        channels = tuple(ChannelId(int(c)) for c in header["channels"])
+        self.loop.create_task(self._adopt(sock, conn_id, user, channels))
+
+    async def _adopt(
+        self, sock: socket.socket, conn_id: ConnId, user: UserId, channels: tuple[ChannelId, ...]
+    ) -> None:
+        try:
+            await self.loop.connect_accepted_socket(
+                lambda: Connection(self, conn_id, user, channels), sock
+            )
+        except OSError as exc:
+            log.info("shard %d: could not adopt a connection: %s", self.index, exc)
+            sock.close()
+
+    # -- from connections --------------------------------------------------------------------
+
+    def connection_opened(self, conn: Connection) -> None:
+        self.conns[conn.conn_id] = conn
+        conn.reported = True
+        self.actor.tell(Opened(conn.conn_id, conn.user, conn.channels, time.time()))
+
+    def connection_lost(self, conn: Connection) -> None:
+        if self.conns.pop(conn.conn_id, None) is not None:
+            self._active.pop(conn.conn_id, None)
+            self.actor.tell(Closed(conn.conn_id))
+
+    def subscribe(self, conn: Connection, channel: ChannelId) -> None:
+        self.actor.tell(Subscribe(conn.conn_id, channel))
+
+    def unsubscribe(self, conn: Connection, channel: ChannelId) -> None:
+        self.actor.tell(Unsubscribe(conn.conn_id, channel))
+
+    # -- from the CacheActor -------------------------------------------------------------------
+
+    def apply(self, actions: list[LoopAction]) -> None:
+        conns = self.conns
+        for action in actions:
+            kind = action[0]
+            if kind == "deliver":
+                frame = action[1]
+                for conn_id in action[2]:
+                    conn = conns.get(conn_id)
+                    if conn is not None:
+                        conn.send(frame)
+            elif kind == "registered":
+                conn = conns.get(action[1])
+                if conn is not None:
+                    conn.is_open = True
+                    conn.send(frames.hello(conn.user, list(conn.channels), self.heartbeat))
+            elif kind == "close":
+                for conn_id in action[1]:
+                    conn = conns.get(conn_id)
+                    if conn is not None:
+                        conn.close(action[2], action[3])
+
+    # -- clock -------------------------------------------------------------------------------
+
+    def mark_active(self, conn: Connection) -> None:
+        self._active[conn.conn_id] = self.now
+
+    def _tick(self) -> None:
+        """Report activity (and that this loop is alive) to the actor; ping idle clients."""
+        self.now = now = time.monotonic()
+        wall = time.time()
+        active = {conn: wall - (now - seen) for conn, seen in self._active.items()}
+        self._active = {}
+        self.actor.tell(Activity(active, wall))
+        if now - self._last_ping >= self.heartbeat:
+            self._last_ping = now
+            for conn in self.conns.values():
+                if now - conn.last_inbound >= self.heartbeat:
+                    conn.ping()
+        self._tick_handle = self.loop.call_later(TICK, self._tick)
+
+    # -- stopping ------------------------------------------------------------------------------
+
+    def stop(self, code: int, reason: str, exit_now: bool = False) -> None:
+        if self.stopped.done():
+            return
+        self._tick_handle.cancel()
+        self.loop.remove_reader(self.control.fileno())
+        for conn in list(self.conns.values()):
+            conn.close(code, reason)
+        self.stopped.set_result(exit_now)
+
+
+def _die_with_parent() -> None:
+    """Ask the kernel to SIGKILL us when the supervisor dies (belt and braces with the EOF)."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
+async def serve(index: int, epoch: int, control_fd: int, router: str, config: dict[str, Any]) -> int:
+    loop = asyncio.get_running_loop()
+    control = socket.socket(fileno=control_fd)
+    control.setblocking(False)
+    shard = Shard(loop, index, epoch, control, router, config)
+    loop.add_signal_handler(signal.SIGTERM, shard.stop, 1001, "server shutting down")
+    if os.environ.get("UCC_TEST_CRASH_SHARD") in (str(index), "all"):
+        raise SystemExit(f"shard {index}: crashing on start (UCC_TEST_CRASH_SHARD)")
+    exit_now = await shard.stopped
+    if not exit_now:
+        deadline = loop.time() + float(config["close_grace"])
+        while shard.conns and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+    shard.actor.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    index, epoch, control_fd, router, raw_config = args
+    config = json.loads(raw_config)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we stop
+    _die_with_parent()
+    logging.basicConfig(
+        level=config.get("log_level", "INFO"),
+        format=f"%(asctime)s shard-{index} %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("websockets").setLevel(logging.WARNING)  # one line per connection is noise
+    try:
+        import uvloop  # noqa: PLC0415
+
+        runner = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        runner = asyncio.run
+    return runner(serve(int(index), int(epoch), int(control_fd), router, config))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
