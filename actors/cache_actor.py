@@ -146,13 +146,13 @@ class CacheActor(SocketActor):
                 if conns:
                     self._actions.append(("deliver", msg[2], conns))
             elif kind == shardwire.USERS:
-                conns = [
+                targets = [
                     conn
                     for user in shardwire.unpack_ids(msg[1])
                     for conn in self.cache.connections_of(UserId(user))
                 ]
-                if conns:
-                    self._actions.append(("deliver", msg[2], conns))
+                if targets:
+                    self._actions.append(("deliver", msg[2], targets))
             elif kind == shardwire.QUERY:
                 answer = self._answer(json.loads(msg[2]))
                 self._send_delta()  # the router must know a membership before its answer

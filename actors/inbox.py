@@ -9,6 +9,7 @@ process messages itself: readiness and timers become ordinary messages to the ac
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections import deque
@@ -74,10 +75,8 @@ class PollingInbox:
                 timeout_ms = max(1, int((self.next_timer - now) * 1000) + 1)
             ready = dict(self._poller.poll(timeout_ms))
             if self._wake in ready:
-                try:
+                with contextlib.suppress(BlockingIOError):
                     os.eventfd_read(self._wake)
-                except BlockingIOError:
-                    pass
             readable = tuple(s for s in self._sockets if s in ready)
             if readable:
                 return Envelope(SocketsReady(readable))
@@ -89,10 +88,10 @@ class PollingInbox:
 class SocketActor(pykka.ThreadingActor):
     """A ThreadingActor whose inbox also polls the ZeroMQ sockets it registers."""
 
-    actor_inbox: PollingInbox  # type: ignore[assignment]
+    actor_inbox: PollingInbox
 
     @staticmethod
-    def _create_actor_inbox() -> PollingInbox:  # type: ignore[override]
+    def _create_actor_inbox() -> PollingInbox:
         return PollingInbox()
 
     def watch(self, sock: zmq.Socket[bytes]) -> None:

@@ -68,7 +68,9 @@ class ShardEvent:
 
 
 class RouterCore:
-    def __init__(self, shards: int, gather_timeout: float = 1.0, max_command: int = 1 << 20):
+    def __init__(
+        self, shards: int, gather_timeout: float = 1.0, max_command: int = 1 << 20
+    ) -> None:
         self.slots = [ShardSlot(ShardIndex(i)) for i in range(shards)]
         self.index: dict[ChannelId, set[ShardIndex]] = {}
         self.gather_timeout = gather_timeout
@@ -184,9 +186,7 @@ class RouterCore:
         except CommandError as exc:
             self.counters["errors"] += 1
             request = commands.request_id(raw) if exc.code != "too_large" else None
-            self.replies.append(
-                (envelope, commands.error_reply(request, exc.code, exc.message))
-            )
+            self.replies.append((envelope, commands.error_reply(request, exc.code, exc.message)))
 
     def _dispatch(self, envelope: list[bytes], cmd: Command, now: float) -> None:
         name, args = cmd.name, cmd.args
@@ -270,7 +270,8 @@ class RouterCore:
     ) -> None:
         qid = self._next_qid
         self._next_qid += 1
-        gather = Gather(envelope, cmd.id, combine, now + self.gather_timeout, set(), args=args or {})
+        deadline = now + self.gather_timeout
+        gather = Gather(envelope, cmd.id, combine, deadline, set(), args=args or {})
         self.pending[qid] = gather
         for index in sorted(shards):
             if self.slots[index].state is not ShardState.UP:

@@ -106,7 +106,8 @@ class RouterActor(SocketActor):
         elif isinstance(message, ShardDown):
             self.core.shard_down(message.index, message.epoch, now)
         elif isinstance(message, GetStatistics):
-            return {**self.core.counters, "dropped": self.dropped, "pending": len(self.core.pending)}
+            pending = len(self.core.pending)
+            return {**self.core.counters, "dropped": self.dropped, "pending": pending}
         self._flush()
         self._arm_timer()
         return None

@@ -29,9 +29,7 @@ class Claims:
     exp: float
 
 
-def mint(
-    secret: str, user: int, channels: list[int] | None = None, ttl: float = 3600.0
-) -> str:
+def mint(secret: str, user: int, channels: list[int] | None = None, ttl: float = 3600.0) -> str:
     """A signed token for ``user`` valid for ``ttl`` seconds."""
     if parse_id(user) is None:
         raise ValueError(f"user id must be a positive integer below 2**63, not {user!r}")

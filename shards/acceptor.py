@@ -110,7 +110,8 @@ class Acceptor:
             head = httphead.parse_head(data) if data else None
         except HeadError as exc:
             self._finish(fd)
-            self._refuse(entry.sock, exc.status, _REASONS.get(exc.status, "Bad Request"), exc.reason)
+            reason = _REASONS.get(exc.status, "Bad Request")
+            self._refuse(entry.sock, exc.status, reason, exc.reason)
             return
         if head is None:
             delay = PEEK_RETRY[min(entry.attempts, len(PEEK_RETRY) - 1)]
@@ -175,8 +176,8 @@ class Acceptor:
             self.counters["refused"] += 1
         with contextlib.suppress(OSError):
             sock.send(httphead.response(status, reason, body, extra))
-            if head is not None:
-                sock.recv(head.size)
+            # read what was peeked, so that close() sends FIN rather than RST
+            sock.recv(head.size if head is not None else httphead.MAX_HEAD + 4)
             sock.shutdown(socket.SHUT_WR)
         sock.close()
 

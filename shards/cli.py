@@ -199,6 +199,18 @@ def _add_serve(subparsers: Subparsers) -> None:
         metavar="SECONDS",
         help="close a connection silent for this long (default: %(default)s)",
     )
+    tuning: list[tuple[str, Callable[[str], Any], str, str]] = [
+        ("--handshake-timeout", _seconds, "SECONDS", "deadline for a client's upgrade request"),
+        ("--max-frame", _positive_int, "BYTES", "largest client frame accepted"),
+        ("--write-buffer-limit", _positive_int, "BYTES", "per-connection buffer before 4000"),
+        ("--gather-timeout", _seconds, "SECONDS", "how long a query waits for the shards"),
+        ("--shutdown-timeout", _seconds, "SECONDS", "SIGTERM: kill shards still alive after"),
+    ]
+    for flag, kind, metavar, text in tuning:
+        default = getattr(ServeConfig, flag.removeprefix("--").replace("-", "_"))
+        parser.add_argument(
+            flag, type=kind, default=default, metavar=metavar, help=f"{text} (default: {default})"
+        )
     parser.add_argument(
         "--log-level",
         type=str.upper,
@@ -210,6 +222,9 @@ def _add_serve(subparsers: Subparsers) -> None:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
+    if args.redis:
+        _error("multi-host mode (--redis / UCC_REDIS_URL) is not implemented in this version")
+        return 2
     try:
         secret, path = resolve_secret(args.secret, create=True)
     except OSError as exc:
@@ -232,6 +247,11 @@ def _run_serve(args: argparse.Namespace) -> int:
         "redis": args.redis,
         "heartbeat": args.heartbeat,
         "heartbeat_timeout": args.heartbeat_timeout,
+        "handshake_timeout": args.handshake_timeout,
+        "max_frame": args.max_frame,
+        "write_buffer_limit": args.write_buffer_limit,
+        "gather_timeout": args.gather_timeout,
+        "shutdown_timeout": args.shutdown_timeout,
         "log_level": args.log_level,
     }
     if args.shards is not None:

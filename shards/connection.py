@@ -111,7 +111,7 @@ class Connection(asyncio.Protocol):
     def _frame(self, frame: Frame) -> None:
         opcode = frame.opcode
         if opcode is Opcode.TEXT:
-            self._command(frame.data)
+            self._command(bytes(frame.data))
         elif opcode is Opcode.BINARY:
             self.send(frames.error("binary_unsupported", "send JSON text frames"))
         elif opcode is Opcode.CLOSE:

@@ -22,7 +22,6 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 from actors.ids import stable_hash
 from actors.router import RouterCore, ShardEvent, ShardState

@@ -192,7 +192,9 @@ def _die_with_parent() -> None:
         libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
-async def serve(index: int, epoch: int, control_fd: int, router: str, config: dict[str, Any]) -> int:
+async def serve(
+    index: int, epoch: int, control_fd: int, router: str, config: dict[str, Any]
+) -> int:
     loop = asyncio.get_running_loop()
     control = socket.socket(fileno=control_fd)
     control.setblocking(False)
@@ -221,13 +223,9 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     logging.getLogger("websockets").setLevel(logging.WARNING)  # one line per connection is noise
-    try:
-        import uvloop  # noqa: PLC0415
+    import uvloop  # noqa: PLC0415 - a dependency; imported only in the shard process
 
-        runner = uvloop.run
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        runner = asyncio.run
-    return runner(serve(int(index), int(epoch), int(control_fd), router, config))
+    return uvloop.run(serve(int(index), int(epoch), int(control_fd), router, config))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,276 @@
+"""The fault-injection kit: start real ucc clusters in tests, connect clients, kill shards.
+
+Owns: a :class:`Cluster` (``ucc serve`` as a subprocess in its own process group, on free
+loopback ports, with a private secret), :class:`Peer` (a WebSocket client that records every
+frame it receives) and the pytest fixture ``ucc_cluster``. It is a public, documented API:
+applications use it to test themselves against ucc. Must never leave a process behind: every
+cluster is killed by its process group in ``finally``, even when the test fails.
+
+Example::
+
+    def test_kill_a_shard(ucc_cluster):
+        cluster = ucc_cluster(shards=2)
+        old = cluster.shard_pid(0)
+        cluster.kill_shard(0)
+        cluster.wait_shard_replaced(0, old)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import secrets
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+
+from actors.ids import stable_hash
+from actors.tokens import mint
+from shards.client import Client
+
+TIME_FACTOR = float(os.environ.get("UCC_TEST_TIME_FACTOR", "1"))
+READY = re.compile(r"ucc ready (ws://\S+) command=(\S+) shards=(\d+)")
+
+
+def wait_until(
+    condition: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02, what: str = ""
+) -> Any:
+    """Poll ``condition`` until it returns something truthy; AssertionError at the deadline."""
+    deadline = time.monotonic() + timeout * TIME_FACTOR
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout * TIME_FACTOR:.1f} s waiting {what}")
+        time.sleep(interval)
+
+
+class Cluster:
+    """One ``ucc serve`` host, started on free ports with its own secret."""
+
+    def __init__(
+        self,
+        shards: int = 2,
+        args: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+        ready_timeout: float = 30.0,
+    ) -> None:
+        self.secret = secrets.token_hex(32)
+        self.shards = shards
+        command = [
+            sys.executable, "-m", "shards.cli", "serve",
+            "--shards", str(shards),
+            "--host", "127.0.0.1",
+            "--port", "0",
+            "--command", "tcp://127.0.0.1:*",
+            *args,
+        ]  # fmt: skip
+        full_env = {**os.environ, "UCC_SECRET": self.secret, **(env or {})}
+        self.proc = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            env=full_env,
+            start_new_session=True,  # its own process group: killed as one in close()
+        )
+        self.pgid = self.proc.pid
+        self.url = ""
+        self.command = ""
+        self._clients: list[Client] = []
+        try:
+            self._wait_ready(ready_timeout * TIME_FACTOR)
+        except BaseException:
+            self.close()
+            raise
+
+    def _wait_ready(self, timeout: float) -> None:
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        buffer = b""
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.proc.stdout, selectors.EVENT_READ)
+            while b"\n" not in buffer:
+                left = deadline - time.monotonic()
+                if left <= 0 or not selector.select(left):
+                    raise AssertionError(f"ucc serve not ready within {timeout:.0f} s")
+                chunk = os.read(self.proc.stdout.fileno(), 4096)
+                if not chunk:
+                    raise AssertionError(f"ucc serve exited early with {self.proc.wait()}")
+                buffer += chunk
+        line = buffer.split(b"\n", 1)[0].decode()
+        match = READY.fullmatch(line)
+        if match is None:
+            raise AssertionError(f"unexpected first line from ucc serve: {line!r}")
+        self.url, self.command = match[1], match[2]
+        self.ready_line = line
+
+    # -- clients -----------------------------------------------------------------------------
+
+    def token(self, user: int, channels: list[int] | None = None, ttl: float = 3600) -> str:
+        return mint(self.secret, user, channels, ttl)
+
+    def client(self, timeout: float = 5.0) -> Client:
+        """A backend client for the command endpoint (closed with the cluster)."""
+        client = Client(self.command, timeout=timeout * TIME_FACTOR)
+        self._clients.append(client)
+        return client
+
+    def status(self) -> dict[str, Any]:
+        with Client(self.command, timeout=5.0 * TIME_FACTOR) as client:
+            return client.status()
+
+    def shard_of(self, user: int) -> int:
+        return stable_hash(user, self.shards)
+
+    # -- shards ------------------------------------------------------------------------------
+
+    def shard_pid(self, index: int) -> int:
+        row = self.status()["shards"][index]
+        assert row["state"] == "up", row
+        return int(row["pid"])
+
+    def signal_shard(self, index: int, sig: signal.Signals) -> int:
+        pid = self.shard_pid(index)
+        os.kill(pid, sig)
+        return pid
+
+    def kill_shard(self, index: int) -> int:
+        """SIGKILL shard ``index``; returns the pid that was killed."""
+        return self.signal_shard(index, signal.SIGKILL)
+
+    def pause_shard(self, index: int) -> int:
+        """SIGSTOP shard ``index`` (a hung shard); returns its pid."""
+        return self.signal_shard(index, signal.SIGSTOP)
+
+    @staticmethod
+    def resume(pid: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+
+    def wait_shard_replaced(self, index: int, old_pid: int, timeout: float = 10.0) -> int:
+        """Wait until shard ``index`` is up again with another pid; returns the new pid."""
+
+        def replaced() -> int | None:
+            with contextlib.suppress(Exception):
+                row = self.status()["shards"][index]
+                if row["state"] == "up" and row["pid"] != old_pid:
+                    return int(row["pid"])
+            return None
+
+        return int(wait_until(replaced, timeout, what=f"for shard {index} to be replaced"))
+
+    # -- stopping ----------------------------------------------------------------------------
+
+    def stop(self, sig: signal.Signals = signal.SIGTERM, timeout: float = 15.0) -> int:
+        """Signal the supervisor and wait for its exit code."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.proc.pid, sig)
+        return self.proc.wait(timeout * TIME_FACTOR)
+
+    def close(self) -> None:
+        """Kill the whole process group (supervisor and shards) and close clients."""
+        for client in self._clients:
+            client.close()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pgid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(10)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Peer:
+    """A WebSocket client that records every JSON frame it receives."""
+
+    def __init__(self, ws: ClientConnection, user: int) -> None:
+        self.ws = ws
+        self.user = user
+        self.frames: list[dict[str, Any]] = []
+        self.closed = asyncio.Event()
+        self._arrived = asyncio.Event()
+        self._reader = asyncio.get_running_loop().create_task(self._read())
+
+    async def _read(self) -> None:
+        try:
+            async for raw in self.ws:
+                self.frames.append(json.loads(raw))
+                self._arrived.set()
+        except Exception:
+            pass
+        finally:
+            self.closed.set()
+            self._arrived.set()
+
+    @property
+    def messages(self) -> list[dict[str, Any]]:
+        return [f for f in self.frames if f.get("type") == "message"]
+
+    async def wait_for(
+        self, predicate: Callable[[list[dict[str, Any]]], bool], timeout: float = 5.0
+    ) -> None:
+        """Wait until ``predicate(frames)`` holds; AssertionError at the deadline."""
+        deadline = asyncio.get_running_loop().time() + timeout * TIME_FACTOR
+        while not predicate(self.frames):
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                raise AssertionError(f"user {self.user}: timed out; frames: {self.frames[-5:]}")
+            self._arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), left)
+
+    async def send(self, frame: dict[str, Any]) -> None:
+        await self.ws.send(json.dumps(frame))
+
+    async def close(self) -> None:
+        await self.ws.close()
+        await self._reader
+
+
+async def connect_peer(
+    cluster: Cluster, user: int, channels: list[int] | None = None, wait_hello: bool = True
+) -> Peer:
+    """Connect a WebSocket client as ``user``; by default wait for its hello frame."""
+    ws = await connect(
+        f"{cluster.url}/?token={cluster.token(user, channels)}",
+        open_timeout=10 * TIME_FACTOR,
+        max_size=None,
+        compression=None,
+    )
+    peer = Peer(ws, user)
+    if wait_hello:
+        await peer.wait_for(lambda frames: any(f["type"] == "hello" for f in frames))
+    return peer
+
+
+@pytest.fixture
+def ucc_cluster() -> Iterator[Callable[..., Cluster]]:
+    """A factory of clusters, ``ucc_cluster(shards=2, args=(...), env={...})``, all torn down
+    (process group killed) when the test ends, whatever its outcome."""
+    clusters: list[Cluster] = []
+
+    def start(**kwargs: Any) -> Cluster:
+        cluster = Cluster(**kwargs)
+        clusters.append(cluster)
+        return cluster
+
+    try:
+        yield start
+    finally:
+        for cluster in clusters:
+            cluster.close()

@@ -1,0 +1,1 @@
+"""System tests start real ``ucc serve`` processes (fixtures from :mod:`shards.testing`)."""
