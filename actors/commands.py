@@ -35,6 +35,7 @@ COMMANDS: dict[str, dict[str, Field]] = {
     "unsubscribe": {"user": Field.ID, "channel": Field.ID},
     "disconnect": {"user": Field.ID},
     "status": {},
+    "router_stats": {},
 }
 
 

@@ -52,3 +52,4 @@ def error(code: str, message: str) -> bytes:
 
 
 PONG = text_frame(b'{"type":"pong"}')
+DRAIN = text_frame(b'{"type":"drain","reason":"server shutting down: reconnect"}')

@@ -88,6 +88,10 @@ class PollingInbox:
 class SocketActor(pykka.ThreadingActor):
     """A ThreadingActor whose inbox also polls the ZeroMQ sockets it registers."""
 
+    # a daemon thread: if the process's main thread dies, the process must die with it (and be
+    # restarted), not linger with a live actor and a dead event loop
+    use_daemon_thread = True
+
     actor_inbox: PollingInbox
 
     @staticmethod

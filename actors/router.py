@@ -80,7 +80,13 @@ class RouterCore:
         self.outbox: list[tuple[bytes, list[bytes]]] = []
         self.replies: list[tuple[list[bytes], bytes]] = []
         self.events: list[ShardEvent] = []
-        self.counters = {"commands": 0, "errors": 0, "stale_messages": 0}
+        self.counters = {
+            "commands": 0,
+            "errors": 0,
+            "stale_messages": 0,
+            "dropped_to_shards": 0,
+            "dropped_replies": 0,
+        }
 
     # -- shard lifecycle -------------------------------------------------------------------
 
@@ -97,7 +103,15 @@ class RouterCore:
         if slot.epoch == epoch and slot.state is not ShardState.DOWN:
             self._drop(slot, now)
             slot.state = ShardState.DOWN
-            self.events.append(ShardEvent(slot.index, ShardState.DOWN, epoch, slot.pid))
+
+    def check_hung(self, now: float, timeout: float) -> list[ShardSlot]:
+        """Declare down the up shards not heard from for ``timeout`` seconds (their heartbeats
+        stopped: a stuck loop, SIGSTOP) and report them to the supervisor, which kills them."""
+        hung = [s for s in self.up_shards() if now - s.last_seen > timeout]
+        for slot in hung:
+            self.shard_down(slot.index, slot.epoch, now)
+            self.events.append(ShardEvent(slot.index, ShardState.DOWN, slot.epoch, slot.pid))
+        return hung
 
     def _drop(self, slot: ShardSlot, now: float | None) -> None:
         """Forget a shard's memberships and stop waiting for it."""
@@ -117,10 +131,6 @@ class RouterCore:
 
     def up_shards(self) -> list[ShardSlot]:
         return [slot for slot in self.slots if slot.state is ShardState.UP]
-
-    def silent_shards(self, now: float, timeout: float) -> list[ShardSlot]:
-        """Up shards not heard from for ``timeout`` seconds (hung: heartbeats stopped)."""
-        return [s for s in self.up_shards() if now - s.last_seen > timeout]
 
     # -- messages from shards --------------------------------------------------------------
 
@@ -231,6 +241,8 @@ class RouterCore:
             index = self._shard_of(args["user"])
             query = {"op": name, **args}
             self._gather(envelope, cmd, {index}, now, _sum_connections, lambda _: query)
+        elif name == "router_stats":
+            self._reply(envelope, cmd, self.statistics())
         elif name == "status":
             self._gather(envelope, cmd, self._all(), now, self._status, lambda _: {"op": "status"})
         else:  # pragma: no cover - COMMANDS and this table are kept in step by tests
@@ -314,6 +326,15 @@ class RouterCore:
             row.update(answer or {"connections": 0, "users": 0, "channels": 0})
             rows.append(row)
         return {"shards": rows, "channels_indexed": len(self.index)}
+
+    def statistics(self) -> dict[str, Any]:
+        """The router's own counters, answered at once without asking any shard."""
+        return {
+            **self.counters,
+            "pending_queries": len(self.pending),
+            "channels_indexed": len(self.index),
+            "shards": {slot.index: slot.state.value for slot in self.slots},
+        }
 
     def close_all(self) -> None:
         """Shutting down: answer every query in flight with what it has."""

@@ -37,11 +37,6 @@ class ShardDown:
     epoch: int
 
 
-@dataclass(frozen=True, slots=True)
-class GetStatistics:
-    pass
-
-
 class RouterActor(SocketActor):
     """Binds its sockets in the constructor (so a busy port fails the caller at once)."""
 
@@ -77,7 +72,6 @@ class RouterActor(SocketActor):
             self.backend.close()
             raise
         self.command_endpoint = self.frontend.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.dropped = 0
 
     def on_start(self) -> None:
         self.watch(self.frontend)
@@ -98,16 +92,12 @@ class RouterActor(SocketActor):
                 self._drain(sock, now)
         elif isinstance(message, Tick):
             self.core.tick(now)
-            for slot in self.core.silent_shards(now, self.hang_timeout):
+            for slot in self.core.check_hung(now, self.hang_timeout):
                 log.warning("shard %d (pid %d) stopped answering", slot.index, slot.pid)
-                self.core.shard_down(slot.index, slot.epoch, now)
         elif isinstance(message, ShardStarting):
             self.core.shard_starting(message.index, message.epoch, message.pid)
         elif isinstance(message, ShardDown):
             self.core.shard_down(message.index, message.epoch, now)
-        elif isinstance(message, GetStatistics):
-            pending = len(self.core.pending)
-            return {**self.core.counters, "dropped": self.dropped, "pending": pending}
         self._flush()
         self._arm_timer()
         return None
@@ -129,13 +119,13 @@ class RouterActor(SocketActor):
             try:
                 self.backend.send_multipart([identity, *msg], zmq.NOBLOCK)
             except zmq.ZMQError:  # full (HWM) or not connected: the shard misses it
-                self.dropped += 1
+                core.counters["dropped_to_shards"] += 1
         core.outbox.clear()
         for envelope, payload in core.replies:
             try:
                 self.frontend.send_multipart([*envelope, payload], zmq.NOBLOCK)
-            except zmq.ZMQError:
-                self.dropped += 1
+            except zmq.ZMQError:  # the backend went away
+                core.counters["dropped_replies"] += 1
         core.replies.clear()
         for event in core.events:
             self.on_event(event)
@@ -143,5 +133,5 @@ class RouterActor(SocketActor):
 
     def _arm_timer(self) -> None:
         deadline = self.core.next_deadline()
-        check = time.monotonic() + self.hang_timeout / 3
+        check = time.monotonic() + min(0.1, self.hang_timeout / 3)
         self.set_timer(check if deadline is None else min(deadline, check))

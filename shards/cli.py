@@ -205,6 +205,8 @@ def _add_serve(subparsers: Subparsers) -> None:
         ("--write-buffer-limit", _positive_int, "BYTES", "per-connection buffer before 4000"),
         ("--gather-timeout", _seconds, "SECONDS", "how long a query waits for the shards"),
         ("--shutdown-timeout", _seconds, "SECONDS", "SIGTERM: kill shards still alive after"),
+        ("--drain-window", _seconds, "SECONDS", "SIGTERM: spread client closes over this"),
+        ("--hang-timeout", _seconds, "SECONDS", "a shard silent this long is killed"),
     ]
     for flag, kind, metavar, text in tuning:
         default = getattr(ServeConfig, flag.removeprefix("--").replace("-", "_"))
@@ -252,6 +254,8 @@ def _run_serve(args: argparse.Namespace) -> int:
         "write_buffer_limit": args.write_buffer_limit,
         "gather_timeout": args.gather_timeout,
         "shutdown_timeout": args.shutdown_timeout,
+        "drain_window": args.drain_window,
+        "hang_timeout": args.hang_timeout,
         "log_level": args.log_level,
     }
     if args.shards is not None:

@@ -34,6 +34,8 @@ class ServeConfig:
     write_buffer_limit: int = 4 * 1024 * 1024
     gather_timeout: float = 1.0
     shutdown_timeout: float = 8.0
+    drain_window: float = 1.0
+    hang_timeout: float = 1.5
     log_level: str = "INFO"
 
 

@@ -35,7 +35,6 @@ from shards.policy import RestartPolicy
 log = logging.getLogger("ucc.supervisor")
 
 START_TIMEOUT = 20.0  # a shard that has not said hello by then is killed
-HANG_TIMEOUT = 1.5  # a shard silent that long is considered hung (its tick is 0.25 s)
 
 
 @dataclass
@@ -70,7 +69,7 @@ class Supervisor:
             config.command,
             self.shard_endpoint,
             lambda event: loop.call_soon_threadsafe(self._shard_event, event),
-            HANG_TIMEOUT,
+            config.hang_timeout,
         )
         self.command_endpoint: str = self.router.proxy().command_endpoint.get()
         self.acceptor: Acceptor | None = None
@@ -82,7 +81,7 @@ class Supervisor:
                 "max_frame": config.max_frame,
                 "write_buffer_limit": config.write_buffer_limit,
                 "log_level": config.log_level,
-                "close_grace": min(2.0, config.shutdown_timeout / 2),
+                "close_grace": 2.0,
             }
         )
 
@@ -236,7 +235,10 @@ class Supervisor:
         for shard in self.shards:
             if shard.control is not None:
                 with contextlib.suppress(OSError):
-                    send_message(shard.control, {"op": "shutdown", "code": 1001})
+                    send_message(
+                        shard.control,
+                        {"op": "shutdown", "drain_window": self.config.drain_window},
+                    )
         self.loop.call_later(self.config.shutdown_timeout, self._kill_stragglers)
         self._maybe_done()
 

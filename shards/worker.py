@@ -39,6 +39,7 @@ from shards.handoff import recv_connection
 log = logging.getLogger("ucc.shard")
 
 TICK = 0.25  # liveness report to the actor (and through it, to the router)
+DRAIN_BATCHES = 10
 
 
 class Shard:
@@ -87,11 +88,11 @@ class Shard:
             received = None
         if received is None:  # the supervisor is gone: so are we
             log.warning("shard %d: supervisor gone, exiting", self.index)
-            self.stop(1001, "server shutting down", exit_now=True)
+            self.stop(None)
             return
         header, sock = received
         if header.get("op") == "shutdown":
-            self.stop(int(header.get("code", 1001)), str(header.get("reason", "")))
+            self.stop(float(header.get("drain_window", 0.0)))
             return
         if sock is None:
             return
@@ -174,14 +175,30 @@ class Shard:
 
     # -- stopping ------------------------------------------------------------------------------
 
-    def stop(self, code: int, reason: str, exit_now: bool = False) -> None:
+    def stop(self, drain_window: float | None) -> None:
+        """Stop serving: drain over ``drain_window`` seconds, or exit at once if None."""
         if self.stopped.done():
             return
         self._tick_handle.cancel()
         self.loop.remove_reader(self.control.fileno())
-        for conn in list(self.conns.values()):
-            conn.close(code, reason)
-        self.stopped.set_result(exit_now)
+        self.stopped.set_result(drain_window)
+
+    async def drain(self, window: float, grace: float) -> None:
+        """Tell every client to reconnect (a drain frame, then close 1001), in batches spread
+        over ``window`` seconds so that they do not all come back at once; then wait up to
+        ``grace`` seconds for the closing handshakes."""
+        conns = list(self.conns.values())
+        batches = max(1, min(DRAIN_BATCHES, len(conns)))
+        size = -(-len(conns) // batches)
+        for start in range(0, len(conns), size):
+            for conn in conns[start : start + size]:
+                conn.send(frames.DRAIN)
+                conn.close(1001, "server shutting down")
+            if window > 0 and start + size < len(conns):
+                await asyncio.sleep(window / batches)
+        deadline = self.loop.time() + grace
+        while self.conns and self.loop.time() < deadline:
+            await asyncio.sleep(0.02)
 
 
 def _die_with_parent() -> None:
@@ -192,21 +209,25 @@ def _die_with_parent() -> None:
         libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
+def _crash_requested(index: int, epoch: int, switch: str) -> bool:
+    """Test-only switch ``UCC_TEST_CRASH_SHARD=INDEX[:FROM_EPOCH]``: crash on start."""
+    target, _, from_epoch = switch.partition(":")
+    return target == str(index) and epoch >= int(from_epoch or 1)
+
+
 async def serve(
     index: int, epoch: int, control_fd: int, router: str, config: dict[str, Any]
 ) -> int:
+    if _crash_requested(index, epoch, os.environ.get("UCC_TEST_CRASH_SHARD", "")):
+        raise SystemExit(f"shard {index}: crashing on start (UCC_TEST_CRASH_SHARD)")
     loop = asyncio.get_running_loop()
     control = socket.socket(fileno=control_fd)
     control.setblocking(False)
     shard = Shard(loop, index, epoch, control, router, config)
-    loop.add_signal_handler(signal.SIGTERM, shard.stop, 1001, "server shutting down")
-    if os.environ.get("UCC_TEST_CRASH_SHARD") in (str(index), "all"):
-        raise SystemExit(f"shard {index}: crashing on start (UCC_TEST_CRASH_SHARD)")
-    exit_now = await shard.stopped
-    if not exit_now:
-        deadline = loop.time() + float(config["close_grace"])
-        while shard.conns and loop.time() < deadline:
-            await asyncio.sleep(0.02)
+    loop.add_signal_handler(signal.SIGTERM, shard.stop, 0.0)
+    drain_window = await shard.stopped
+    if drain_window is not None:
+        await shard.drain(drain_window, float(config["close_grace"]))
     shard.actor.stop()
     return 0
 

@@ -136,11 +136,11 @@ def test_backend_subscribe_unsubscribe_and_disconnect(ucc_cluster):
     asyncio.run(scenario())
 
 
-def test_sigterm_closes_clients_with_1001_and_exits_zero(ucc_cluster):
-    cluster: Cluster = ucc_cluster(shards=2)
+def test_sigterm_drains_clients_with_1001_and_exits_zero(ucc_cluster):
+    cluster: Cluster = ucc_cluster(shards=2, args=("--drain-window", "0.5"))
 
     async def scenario() -> list[Peer]:
-        peers = [await connect_peer(cluster, user, [1]) for user in range(1, 11)]
+        peers = [await connect_peer(cluster, user, [1]) for user in range(1, 41)]
         pids = [row["pid"] for row in cluster.status()["shards"]]
         loop = asyncio.get_running_loop()
         code = await loop.run_in_executor(None, cluster.stop, signal.SIGTERM, 10.0)
@@ -154,6 +154,8 @@ def test_sigterm_closes_clients_with_1001_and_exits_zero(ucc_cluster):
 
     peers = asyncio.run(scenario())
     assert {peer.ws.close_code for peer in peers} == {1001}
+    for peer in peers:  # told to reconnect before the close
+        assert peer.frames[-1]["type"] == "drain"
 
 
 def test_cli_token_broadcast_and_online(ucc_cluster):

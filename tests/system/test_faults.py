@@ -1,0 +1,226 @@
+"""Let it crash: shard failures under load, hung shards, crash loops, supervisor death, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+
+import psutil
+
+from shards.client import Client
+from shards.testing import TIME_FACTOR, Cluster, Peer, connect_peer, wait_until
+
+CHANNEL = 1
+
+
+@dataclass
+class Publisher:
+    """Broadcasts ``{"seq": n}`` to CHANNEL every ``interval`` seconds, from its own thread."""
+
+    command: str
+    interval: float = 0.005
+    limit: int = 20_000
+    sent: int = 0
+    stop: threading.Event = field(default_factory=threading.Event)
+    errors: list[BaseException] = field(default_factory=list)
+
+    def run(self) -> None:
+        try:
+            with Client(self.command, timeout=5.0 * TIME_FACTOR) as client:
+                while not self.stop.is_set() and self.sent < self.limit:
+                    client.broadcast_to_channel(CHANNEL, {"seq": self.sent})
+                    self.sent += 1
+                    self.stop.wait(self.interval)
+        except BaseException as exc:
+            self.errors.append(exc)
+
+    def __enter__(self) -> Publisher:
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(10)
+
+
+def seqs(peer: Peer) -> list[int]:
+    return [m["data"]["seq"] for m in peer.messages if m.get("channel") == CHANNEL]
+
+
+async def connect_many(cluster: Cluster, users: range) -> list[Peer]:
+    return list(await asyncio.gather(*(connect_peer(cluster, u, [CHANNEL]) for u in users)))
+
+
+async def finish(publisher: Publisher, peers: list[Peer]) -> None:
+    """Stop publishing; wait until every live peer has the last message."""
+    await asyncio.get_running_loop().run_in_executor(None, publisher.__exit__)
+    assert not publisher.errors, publisher.errors
+    last = publisher.sent - 1
+    for peer in peers:
+        await peer.wait_for(lambda f: any(x.get("data") == {"seq": last} for x in f), 10)
+
+
+async def wait_async(condition, timeout: float, what: str) -> float:
+    """Poll ``condition`` from a coroutine; returns the seconds it took."""
+    started = time.monotonic()
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, lambda: wait_until(condition, timeout, what=what))
+    return time.monotonic() - started
+
+
+def test_sigkill_one_shard_under_load(ucc_cluster):
+    cluster: Cluster = ucc_cluster(shards=3)
+    client = cluster.client()
+    victim = 1
+
+    async def scenario() -> None:
+        peers = await connect_many(cluster, range(1, 241))
+        wait_until(lambda: len(client.get_online_users()) == 240, what="for everyone")
+        on_victim = [p for p in peers if cluster.shard_of(p.user) == victim]
+        others = [p for p in peers if cluster.shard_of(p.user) != victim]
+        assert on_victim and others
+        with Publisher(cluster.command) as publisher:
+            await wait_async(lambda: publisher.sent > 100, 10, "for load")
+            old = cluster.kill_shard(victim)
+            killed_at = time.monotonic()
+            gone = {p.user for p in on_victim}
+            await wait_async(
+                lambda: not gone & set(client.get_online_users()), 1.0, "for presence cleanup"
+            )
+            presence_s = time.monotonic() - killed_at
+            new = await asyncio.get_running_loop().run_in_executor(
+                None, cluster.wait_shard_replaced, victim, old, 2.0
+            )
+            restart_s = time.monotonic() - killed_at
+            assert new != old
+            for peer in on_victim:
+                await asyncio.wait_for(peer.closed.wait(), 5 * TIME_FACTOR)
+            # they reconnect, and are served by the new incarnation
+            back = await connect_many(cluster, range(1, 241))
+            back = [p for p in back if p.user in gone]
+            await wait_async(
+                lambda: gone <= set(client.get_online_users()), 5, "for users to return"
+            )
+            mark = publisher.sent
+            await wait_async(lambda: publisher.sent > mark + 50, 10, "for more load")
+        await finish(publisher, others + back)
+        print(f"\npresence cleanup {presence_s * 1000:.0f} ms, restart {restart_s * 1000:.0f} ms")
+        everything = list(range(publisher.sent))
+        for peer in others:
+            assert seqs(peer) == everything, peer.user  # 100 %, in order, no duplicates
+        for peer in back:
+            got = seqs(peer)
+            assert got == list(range(got[0], publisher.sent))  # in order from when it joined
+        for peer in others + back:
+            await peer.close()
+
+    asyncio.run(scenario())
+
+
+def test_sigstop_one_shard_is_detected_and_replaced(ucc_cluster):
+    cluster: Cluster = ucc_cluster(shards=3, args=("--hang-timeout", "1.5"))
+    client = cluster.client()
+    victim = 2
+
+    async def scenario() -> None:
+        peers = await connect_many(cluster, range(1, 121))
+        others = [p for p in peers if cluster.shard_of(p.user) != victim]
+        with Publisher(cluster.command) as publisher:
+            await wait_async(lambda: publisher.sent > 50, 10, "for load")
+            old = cluster.pause_shard(victim)
+            try:
+                paused_at = time.monotonic()
+                await asyncio.get_running_loop().run_in_executor(
+                    None, cluster.wait_shard_replaced, victim, old, 5.0
+                )
+                print(f"\nhung shard replaced after {(time.monotonic() - paused_at) * 1000:.0f} ms")
+                assert not psutil.pid_exists(old) or psutil.Process(old).status() == "zombie"
+            finally:
+                cluster.resume(old)
+        await finish(publisher, others)
+        for peer in others:
+            assert seqs(peer) == list(range(publisher.sent)), peer.user
+        assert client.is_user_online(others[0].user)
+        for peer in others:
+            await peer.close()
+
+    asyncio.run(scenario())
+
+
+def test_crash_loop_exhausts_restarts_and_exits_non_zero(ucc_cluster):
+    # shard 1 runs normally at first, then crashes on every restart
+    cluster: Cluster = ucc_cluster(shards=2, env={"UCC_TEST_CRASH_SHARD": "1:2"})
+    survivor_user = next(u for u in range(1, 100) if cluster.shard_of(u) == 0)
+
+    async def scenario() -> None:
+        peer = await connect_peer(cluster, survivor_user, [CHANNEL])
+        with Publisher(cluster.command, interval=0.01) as publisher:
+            await wait_async(lambda: publisher.sent > 10, 10, "for load")
+            cluster.kill_shard(1)
+            loop = asyncio.get_running_loop()
+            code = await loop.run_in_executor(None, cluster.proc.wait, 60 * TIME_FACTOR)
+            assert code != 0
+        got = seqs(peer)
+        assert got == list(range(len(got)))  # served in order until the end
+        assert len(got) > 30  # and kept being served during the crash loop
+
+    asyncio.run(scenario())
+
+
+def test_supervisor_sigkill_leaves_no_orphans(ucc_cluster):
+    cluster: Cluster = ucc_cluster(shards=3)
+    pids = [row["pid"] for row in cluster.status()["shards"]]
+    os.kill(cluster.proc.pid, signal.SIGKILL)
+    cluster.proc.wait(5)
+
+    def all_gone() -> bool:
+        return not any(
+            psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in pids
+        )
+
+    wait_until(all_gone, 2.0, what="for the shards to exit")
+
+
+def test_kill_a_shard_during_a_query_and_a_broadcast(ucc_cluster):
+    cluster: Cluster = ucc_cluster(
+        shards=3, args=("--hang-timeout", "60", "--gather-timeout", "20")
+    )
+    client = cluster.client(timeout=30)
+
+    async def scenario() -> None:
+        peers = await connect_many(cluster, range(1, 31))
+        victim = 0
+        on_victim = {p.user for p in peers if cluster.shard_of(p.user) == victim}
+        pid = cluster.pause_shard(victim)  # it cannot answer...
+        try:
+            loop = asyncio.get_running_loop()
+            query = loop.run_in_executor(None, client.get_online_users)
+            status = loop.run_in_executor(None, cluster.client(30).request, "get_online_users")
+            observer = cluster.client()
+            await wait_async(
+                lambda: observer.request("router_stats")["pending_queries"] == 2,
+                5,
+                "for both queries to wait on the paused shard",
+            )
+            os.kill(pid, signal.SIGKILL)  # ...and dies in the middle of the queries
+            started = time.monotonic()
+            users, reply = await asyncio.wait_for(asyncio.gather(query, status), 10)
+            print(f"\nquery answered {1000 * (time.monotonic() - started):.0f} ms after the kill")
+        finally:
+            cluster.resume(pid)
+        assert reply["missing_shards"] == [victim]
+        assert set(users) == set(range(1, 31)) - on_victim
+        reply = client.broadcast_to_channel(CHANNEL, "after")
+        assert reply["ok"] is True
+        assert reply["shards"] == 2
+        for peer in peers:
+            if peer.user not in on_victim:
+                await peer.wait_for(lambda f: f[-1].get("data") == "after")
+                await peer.close()
+
+    asyncio.run(scenario())

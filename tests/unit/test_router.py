@@ -1,0 +1,605 @@
+"""actors.router: RouterCore routing, shard liveness and scatter/gather, driven message by message."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from actors import frames, shardwire
+from actors.ids import stable_hash
+from actors.router import RouterCore, ShardEvent, ShardState
+
+ENV = [b"backend-1"]
+N = 3
+
+
+def pid_of(index: int, epoch: int) -> int:
+    return 1000 + 10 * index + epoch
+
+
+def start(core: RouterCore, index: int, epoch: int = 1, channels=(), now: float = 0.0) -> None:
+    """What the supervisor and the shard do: starting, then the shard's hello."""
+    core.shard_starting(index, epoch, pid_of(index, epoch))
+    hello(core, index, epoch, channels, now)
+
+
+def hello(core: RouterCore, index: int, epoch: int, channels=(), now: float = 0.0) -> None:
+    msg = shardwire.hello(index, epoch, pid_of(index, epoch), list(channels))
+    core.shard_message(shardwire.identity(index, epoch), msg, now)
+
+
+def delta(core, index, epoch, gained=(), lost=(), now=0.0) -> None:
+    core.shard_message(shardwire.identity(index, epoch), shardwire.delta(gained, lost), now)
+
+
+def heartbeat(core, index, epoch, now) -> None:
+    core.shard_message(shardwire.identity(index, epoch), [shardwire.HEARTBEAT], now)
+
+
+def answer(core, index, epoch, qid, body, now=0.0) -> None:
+    core.shard_message(shardwire.identity(index, epoch), shardwire.result(qid, body), now)
+
+
+def command(core: RouterCore, body: Any, now: float = 0.0, envelope=ENV) -> None:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    core.command(envelope, data, now)
+
+
+def take_replies(core: RouterCore) -> list[dict[str, Any]]:
+    replies = [json.loads(payload) for _envelope, payload in core.replies]
+    core.replies.clear()
+    return replies
+
+
+def take_reply(core: RouterCore) -> dict[str, Any]:
+    replies = take_replies(core)
+    assert len(replies) == 1, replies
+    return replies[0]
+
+
+def take_queries(core: RouterCore) -> dict[int, tuple[int, dict[str, Any]]]:
+    """Queries in the outbox: shard index -> (query id, body)."""
+    queries = {}
+    for identity, msg in core.outbox:
+        assert msg[0] == shardwire.QUERY
+        index, _epoch = shardwire.parse_identity(identity)
+        assert index not in queries
+        queries[index] = (shardwire.unpack_id(msg[1]), json.loads(msg[2]))
+    core.outbox.clear()
+    return queries
+
+
+@pytest.fixture
+def core() -> RouterCore:
+    core = RouterCore(N, gather_timeout=1.0)
+    for index in range(N):
+        start(core, index)
+    core.events.clear()
+    return core
+
+
+def user_on(shard: int, shards: int = N, exclude=()) -> int:
+    return next(
+        u for u in range(1, 10_000) if stable_hash(u, shards) == shard and u not in exclude
+    )
+
+
+# -- shard lifecycle --------------------------------------------------------------------------
+
+
+def test_slots_start_down():
+    core = RouterCore(2)
+    assert [slot.state for slot in core.slots] == [ShardState.DOWN, ShardState.DOWN]
+    assert core.up_shards() == []
+
+
+def test_starting_then_hello_brings_a_shard_up():
+    core = RouterCore(2)
+    core.shard_starting(1, 4, 555)
+    slot = core.slots[1]
+    assert (slot.state, slot.epoch, slot.pid) == (ShardState.STARTING, 4, 555)
+    assert core.up_shards() == []
+    core.shard_message(shardwire.identity(1, 4), shardwire.hello(1, 4, 556, [8, 9]), now=3.0)
+    assert (slot.state, slot.epoch, slot.pid, slot.last_seen) == (ShardState.UP, 4, 556, 3.0)
+    assert core.up_shards() == [slot]
+    assert core.index == {8: {1}, 9: {1}}
+    assert core.events == [ShardEvent(1, ShardState.UP, 4, 556)]
+    assert slot.identity == b"shard-1-4"
+
+
+def test_shard_down_emits_event_and_forgets_channels(core):
+    delta(core, 0, 1, gained=[5])
+    delta(core, 1, 1, gained=[5, 6])
+    core.shard_down(1, 1, now=2.0)
+    assert core.slots[1].state is ShardState.DOWN
+    assert core.events == [ShardEvent(1, ShardState.DOWN, 1, pid_of(1, 1))]
+    assert core.index == {5: {0}}
+    core.shard_down(1, 1, now=3.0)  # already down: no second event
+    assert len(core.events) == 1
+
+
+def test_shard_down_of_another_epoch_is_ignored(core):
+    core.shard_down(0, 0, now=1.0)
+    core.shard_down(0, 2, now=1.0)
+    assert core.slots[0].state is ShardState.UP
+    assert core.events == []
+
+
+def test_shard_starting_an_older_epoch_is_ignored(core):
+    delta(core, 0, 1, gained=[5])
+    core.shard_starting(0, 1, 9)
+    core.shard_starting(0, 0, 9)
+    assert core.slots[0].state is ShardState.UP
+    assert core.index == {5: {0}}
+
+
+def test_restart_drops_the_old_incarnations_channels(core):
+    delta(core, 0, 1, gained=[5, 6])
+    delta(core, 1, 1, gained=[5])
+    core.shard_starting(0, 2, 77)
+    assert core.index == {5: {1}}
+    assert core.slots[0].state is ShardState.STARTING
+    hello(core, 0, 2, channels=[6])
+    assert core.index == {5: {1}, 6: {0}}
+
+
+def test_hello_without_starting_is_accepted_for_a_newer_epoch():
+    core = RouterCore(1)
+    hello(core, 0, 3, channels=[1])
+    assert core.slots[0].state is ShardState.UP
+    assert core.slots[0].epoch == 3
+
+
+# -- stale messages ---------------------------------------------------------------------------
+
+
+def test_messages_from_an_old_epoch_are_ignored(core):
+    core.shard_starting(0, 2, 77)
+    hello(core, 0, 2, channels=[1])
+    delta(core, 0, 1, gained=[9])  # the old incarnation's last words
+    assert 9 not in core.index
+    assert core.counters["stale_messages"] == 1
+    hello(core, 0, 1, channels=[9])  # an old hello too
+    assert core.slots[0].epoch == 2
+    assert core.index == {1: {0}}
+    assert core.counters["stale_messages"] == 2
+
+
+def test_messages_before_hello_are_ignored():
+    core = RouterCore(1)
+    core.shard_starting(0, 1, 5)
+    delta(core, 0, 1, gained=[9])
+    assert core.index == {}
+    assert core.counters["stale_messages"] == 1
+
+
+@pytest.mark.parametrize(
+    ("sender", "msg"),
+    [
+        (b"backend", [shardwire.HEARTBEAT]),
+        (b"shard-7-1", [shardwire.HEARTBEAT]),  # no such shard
+        (b"shard-0-1", []),
+    ],
+)
+def test_unknown_senders_are_counted_as_stale(core, sender, msg):
+    core.shard_message(sender, msg, now=1.0)
+    assert core.counters["stale_messages"] == 1
+
+
+def test_hello_of_an_incarnation_already_reported_dead_is_ignored():
+    """The shard said hello and died at once; the supervisor's ShardDown reached the router
+    before the hello was drained from the socket. The dead incarnation must stay down."""
+    core = RouterCore(1)
+    core.shard_starting(0, 1, 5)
+    core.shard_down(0, 1, now=1.0)
+    hello(core, 0, 1, channels=[4], now=1.5)
+    assert core.slots[0].state is ShardState.DOWN
+    assert core.index == {}
+    command(core, {"id": 1, "cmd": "broadcast_to_channel", "channel": 4, "data": 1})
+    assert take_reply(core)["shards"] == 0
+    assert core.outbox == []
+
+
+def test_result_from_an_old_epoch_is_ignored(core):
+    command(core, {"id": 1, "cmd": "get_online_users"}, now=0.0)
+    queries = take_queries(core)
+    core.shard_starting(0, 2, 77)  # shard 0 restarts mid-gather: it will not answer
+    hello(core, 0, 2)
+    answer(core, 0, 1, queries[0][0], {"users": [1]})
+    assert core.counters["stale_messages"] == 1
+    answer(core, 1, 1, queries[1][0], {"users": [2]})
+    answer(core, 2, 1, queries[2][0], {"users": [3]})
+    assert take_reply(core) == {"id": 1, "ok": True, "users": [2, 3], "missing_shards": [0]}
+
+
+# -- deltas and the channel index -------------------------------------------------------------
+
+
+def test_deltas_maintain_the_channel_index(core):
+    delta(core, 0, 1, gained=[5, 6])
+    delta(core, 2, 1, gained=[5])
+    assert core.index == {5: {0, 2}, 6: {0}}
+    delta(core, 0, 1, lost=[5])
+    assert core.index == {5: {2}, 6: {0}}
+    delta(core, 2, 1, lost=[5, 77])  # unknown channels are harmless
+    assert core.index == {6: {0}}
+    assert core.slots[0].channels == {6}
+    assert core.slots[2].channels == set()
+
+
+# -- broadcasts -------------------------------------------------------------------------------
+
+
+def test_channel_broadcast_goes_only_to_shards_holding_members(core):
+    delta(core, 0, 1, gained=[5])
+    delta(core, 2, 1, gained=[5, 6])
+    command(core, {"id": 1, "cmd": "broadcast_to_channel", "channel": 5, "data": {"t": "hi"}})
+    assert take_reply(core) == {"id": 1, "ok": True, "shards": 2}
+    frame = frames.channel_message(5, b'{"t":"hi"}')
+    assert sorted(core.outbox) == [
+        (b"shard-0-1", [shardwire.CHANNEL, shardwire.pack_id(5), frame]),
+        (b"shard-2-1", [shardwire.CHANNEL, shardwire.pack_id(5), frame]),
+    ]
+
+
+def test_channel_broadcast_to_an_empty_channel(core):
+    command(core, {"id": 2, "cmd": "broadcast_to_channel", "channel": 42, "data": None})
+    assert take_reply(core) == {"id": 2, "ok": True, "shards": 0}
+    assert core.outbox == []
+
+
+def test_channel_broadcast_skips_a_shard_that_went_down(core):
+    delta(core, 0, 1, gained=[5])
+    delta(core, 1, 1, gained=[5])
+    core.shard_down(0, 1, now=1.0)
+    command(core, {"cmd": "broadcast_to_channel", "channel": 5, "data": 1})
+    assert take_reply(core)["shards"] == 1
+    assert [identity for identity, _msg in core.outbox] == [b"shard-1-1"]
+
+
+@pytest.mark.parametrize("shard", range(N))
+def test_user_broadcast_goes_to_the_users_shard(core, shard):
+    user = user_on(shard)
+    command(core, {"id": 3, "cmd": "broadcast_to_user", "user": user, "data": [1, "é"]})
+    assert take_reply(core) == {"id": 3, "ok": True, "shards": 1}
+    frame = frames.direct_message('[1,"é"]'.encode())
+    assert core.outbox == [
+        (shardwire.identity(shard, 1), [shardwire.USERS, shardwire.pack_ids([user]), frame])
+    ]
+
+
+def test_user_broadcast_to_a_down_shard_is_not_sent(core):
+    user = user_on(1)
+    core.shard_down(1, 1, now=0.0)
+    command(core, {"id": 4, "cmd": "broadcast_to_user", "user": user, "data": 1})
+    assert take_reply(core) == {"id": 4, "ok": True, "shards": 0}
+    assert core.outbox == []
+
+
+def test_users_broadcast_is_grouped_by_shard(core):
+    a0 = user_on(0)
+    b0 = user_on(0, exclude=(a0,))
+    a2 = user_on(2)
+    command(core, {"cmd": "broadcast_to_users", "users": [a0, a2, b0, a0], "data": "x"})
+    assert take_reply(core)["shards"] == 2
+    sent = {
+        shardwire.parse_identity(identity)[0]: shardwire.unpack_ids(msg[1])
+        for identity, msg in core.outbox
+    }
+    assert sent == {0: [a0, b0], 2: [a2]}
+    assert all(msg[0] == shardwire.USERS for _identity, msg in core.outbox)
+    assert all(msg[2] == frames.direct_message(b'"x"') for _identity, msg in core.outbox)
+
+
+def test_broadcast_to_users_counts_only_up_shards(core):
+    core.shard_down(2, 1, now=0.0)
+    command(core, {"cmd": "broadcast_to_users", "users": [user_on(0), user_on(2)], "data": 0})
+    assert take_reply(core)["shards"] == 1
+    assert [shardwire.parse_identity(i)[0] for i, _m in core.outbox] == [0]
+
+
+# -- scatter / gather -------------------------------------------------------------------------
+
+
+def test_gather_completes_when_all_shards_answer(core):
+    command(core, {"id": "q", "cmd": "get_online_users"}, now=10.0)
+    queries = take_queries(core)
+    assert set(queries) == {0, 1, 2}
+    assert all(body == {"op": "online"} for _qid, body in queries.values())
+    assert core.next_deadline() == 11.0
+    answer(core, 0, 1, queries[0][0], {"users": [5, 1]})
+    answer(core, 2, 1, queries[2][0], {"users": [9]})
+    assert core.replies == []
+    answer(core, 1, 1, queries[1][0], {"users": []})
+    assert take_reply(core) == {"id": "q", "ok": True, "users": [1, 5, 9], "missing_shards": []}
+    assert core.pending == {}
+    assert core.next_deadline() is None
+
+
+def test_gather_deadline_gives_a_partial_result(core):
+    command(core, {"id": 1, "cmd": "get_online_users"}, now=10.0)
+    queries = take_queries(core)
+    answer(core, 1, 1, queries[1][0], {"users": [4]})
+    core.tick(10.5)
+    assert core.replies == []
+    core.tick(11.0)
+    assert take_reply(core) == {"id": 1, "ok": True, "users": [4], "missing_shards": [0, 2]}
+    # a late answer is dropped: no second reply
+    answer(core, 0, 1, queries[0][0], {"users": [1]})
+    assert core.replies == []
+    assert core.pending == {}
+
+
+def test_shard_going_down_mid_gather_is_missing(core):
+    command(core, {"id": 1, "cmd": "get_online_users"}, now=0.0)
+    queries = take_queries(core)
+    answer(core, 0, 1, queries[0][0], {"users": [1]})
+    answer(core, 2, 1, queries[2][0], {"users": [3]})
+    core.shard_down(1, 1, now=0.2)
+    assert take_reply(core) == {"id": 1, "ok": True, "users": [1, 3], "missing_shards": [1]}
+
+
+def test_gather_with_every_shard_down_answers_at_once():
+    core = RouterCore(2)
+    command(core, {"id": 1, "cmd": "get_online_users"}, now=0.0)
+    assert take_reply(core) == {"id": 1, "ok": True, "users": [], "missing_shards": [0, 1]}
+    assert core.outbox == []
+    assert core.pending == {}
+
+
+def test_online_users_in_channel_asks_only_member_shards(core):
+    delta(core, 1, 1, gained=[5])
+    delta(core, 2, 1, gained=[5])
+    command(core, {"id": 1, "cmd": "get_online_users_in_channel", "channel": 5})
+    queries = take_queries(core)
+    assert set(queries) == {1, 2}
+    assert queries[1][1] == {"op": "online_channel", "channel": 5}
+    answer(core, 1, 1, queries[1][0], {"users": [7]})
+    answer(core, 2, 1, queries[2][0], {"users": [3, 7]})
+    assert take_reply(core) == {"id": 1, "ok": True, "users": [3, 7], "missing_shards": []}
+
+
+def test_online_users_in_an_empty_channel(core):
+    command(core, {"id": 1, "cmd": "get_online_users_in_channel", "channel": 5})
+    assert core.outbox == []
+    assert take_reply(core) == {"id": 1, "ok": True, "users": [], "missing_shards": []}
+
+
+def test_is_user_online(core):
+    user = user_on(2)
+    command(core, {"id": 1, "cmd": "is_user_online", "user": user})
+    queries = take_queries(core)
+    assert list(queries) == [2]
+    qid, body = queries[2]
+    assert body == {"op": "are_online", "users": [user]}
+    answer(core, 2, 1, qid, {"online": [user]})
+    assert take_reply(core) == {"id": 1, "ok": True, "online": True, "missing_shards": []}
+
+    command(core, {"id": 2, "cmd": "is_user_online", "user": user})
+    qid, _body = take_queries(core)[2]
+    answer(core, 2, 1, qid, {"online": []})
+    assert take_reply(core) == {"id": 2, "ok": True, "online": False, "missing_shards": []}
+
+
+def test_user_of_a_down_shard_is_offline_not_an_error(core):
+    user = user_on(1)
+    core.shard_down(1, 1, now=0.0)
+    command(core, {"id": 1, "cmd": "is_user_online", "user": user})
+    assert core.outbox == []
+    assert take_reply(core) == {"id": 1, "ok": True, "online": False, "missing_shards": [1]}
+
+
+def test_are_users_online(core):
+    a, b, c = user_on(0), user_on(1), user_on(2)
+    core.shard_down(2, 1, now=0.0)
+    command(core, {"id": 1, "cmd": "are_users_online", "users": [a, b, c, a]})
+    queries = take_queries(core)
+    assert set(queries) == {0, 1}
+    assert queries[0][1] == {"op": "are_online", "users": [a]}
+    assert queries[1][1] == {"op": "are_online", "users": [b]}
+    answer(core, 0, 1, queries[0][0], {"online": [a]})
+    answer(core, 1, 1, queries[1][0], {"online": []})
+    assert take_reply(core) == {
+        "id": 1,
+        "ok": True,
+        "online": {str(a): True, str(b): False, str(c): False},
+        "missing_shards": [2],
+    }
+
+
+@pytest.mark.parametrize("name", ["subscribe", "unsubscribe"])
+def test_subscribe_goes_to_the_users_shard(core, name):
+    user = user_on(1)
+    command(core, {"id": 1, "cmd": name, "user": user, "channel": 8})
+    queries = take_queries(core)
+    assert list(queries) == [1]
+    qid, body = queries[1]
+    assert body == {"op": name, "user": user, "channel": 8}
+    answer(core, 1, 1, qid, {"connections": 2})
+    assert take_reply(core) == {"id": 1, "ok": True, "connections": 2, "missing_shards": []}
+
+
+def test_disconnect_goes_to_the_users_shard(core):
+    user = user_on(0)
+    command(core, {"id": 1, "cmd": "disconnect", "user": user})
+    qid, body = take_queries(core)[0]
+    assert body == {"op": "disconnect", "user": user}
+    answer(core, 0, 1, qid, {"connections": 3})
+    assert take_reply(core)["connections"] == 3
+
+
+def test_subscribe_for_a_down_shard(core):
+    user = user_on(2)
+    core.shard_down(2, 1, now=0.0)
+    command(core, {"id": 1, "cmd": "subscribe", "user": user, "channel": 8})
+    assert take_reply(core) == {"id": 1, "ok": True, "connections": 0, "missing_shards": [2]}
+
+
+def test_concurrent_gathers_are_kept_apart(core):
+    command(core, {"id": "a", "cmd": "is_user_online", "user": user_on(0)}, now=0.0)
+    qa = take_queries(core)[0][0]
+    command(core, {"id": "b", "cmd": "is_user_online", "user": user_on(0)}, now=0.5)
+    qb = take_queries(core)[0][0]
+    assert qa != qb
+    answer(core, 0, 1, qb, {"online": []})
+    assert take_reply(core)["id"] == "b"
+    core.tick(1.0)
+    assert take_reply(core) == {"id": "a", "ok": True, "online": False, "missing_shards": [0]}
+
+
+def test_gather_reply_keeps_the_envelope(core):
+    command(core, {"id": 1, "cmd": "get_online_users"}, envelope=[b"peer", b""])
+    for qid, _body in take_queries(core).values():
+        for index in range(N):
+            answer(core, index, 1, qid, {"users": []})
+    assert [envelope for envelope, _payload in core.replies] == [[b"peer", b""]]
+
+
+def test_close_all_answers_everything_in_flight(core):
+    command(core, {"id": 1, "cmd": "get_online_users"})
+    command(core, {"id": 2, "cmd": "is_user_online", "user": user_on(1)})
+    core.close_all()
+    replies = take_replies(core)
+    assert [r["id"] for r in replies] == [1, 2]
+    assert replies[0]["missing_shards"] == [0, 1, 2]
+    assert replies[1]["missing_shards"] == [1]
+    assert core.pending == {}
+
+
+# -- status -----------------------------------------------------------------------------------
+
+
+def test_status_rows():
+    core = RouterCore(4)
+    start(core, 0, epoch=2, channels=[5])
+    start(core, 1, epoch=1)
+    start(core, 3, epoch=1)
+    core.shard_down(3, 1, now=0.0)
+    command(core, {"id": "s", "cmd": "status"}, now=0.0)
+    queries = take_queries(core)
+    assert set(queries) == {0, 1}
+    assert queries[0][1] == {"op": "status"}
+    row0 = {"pid": 4242, "connections": 3, "users": 2, "channels": 1}
+    answer(core, 0, 2, queries[0][0], row0)
+    core.tick(1.0)  # shard 1 does not answer
+    reply = take_reply(core)
+    assert reply["ok"] is True
+    assert reply["missing_shards"] == [1, 2, 3]
+    assert reply["channels_indexed"] == 1
+    empty = {"connections": 0, "users": 0, "channels": 0}
+    assert reply["shards"] == [
+        {"index": 0, "epoch": 2, "state": "up", **row0},
+        {"index": 1, "pid": pid_of(1, 1), "epoch": 1, "state": "unresponsive", **empty},
+        {"index": 2, "pid": 0, "epoch": -1, "state": "down", **empty},
+        {"index": 3, "pid": pid_of(3, 1), "epoch": 1, "state": "down", **empty},
+    ]
+
+
+def test_status_of_a_starting_shard():
+    core = RouterCore(1)
+    core.shard_starting(0, 1, 99)
+    command(core, {"id": 1, "cmd": "status"})
+    row = take_reply(core)["shards"][0]
+    assert (row["state"], row["pid"], row["epoch"]) == ("starting", 99, 1)
+
+
+# -- liveness ---------------------------------------------------------------------------------
+
+
+def test_silent_shards(core):
+    core.shard_starting(2, 2, 50)  # starting shards are not "silent": they are not up
+    heartbeat(core, 1, 1, now=8.0)
+    assert core.slots[1].last_seen == 8.0
+    assert [s.index for s in core.silent_shards(now=10.0, timeout=10.0)] == []
+    assert [s.index for s in core.silent_shards(now=10.5, timeout=10.0)] == [0]
+    assert [s.index for s in core.silent_shards(now=18.5, timeout=10.0)] == [0, 1]
+
+
+def test_any_message_counts_as_a_sign_of_life(core):
+    delta(core, 0, 1, gained=[1], now=7.0)
+    assert core.slots[0].last_seen == 7.0
+    heartbeat(core, 0, 0, now=9.0)  # but not one from another incarnation
+    assert core.slots[0].last_seen == 7.0
+
+
+# -- errors -----------------------------------------------------------------------------------
+
+
+def error_code(core: RouterCore) -> tuple[Any, str]:
+    reply = take_reply(core)
+    assert reply["ok"] is False
+    assert isinstance(reply["error"]["message"], str)
+    return reply["id"], reply["error"]["code"]
+
+
+@pytest.mark.parametrize("data", [b"{nope", b"\xff\xfe", b"[1, 2]", b'"cmd"'])
+def test_bad_json_reply(core, data):
+    command(core, data)
+    assert error_code(core) == (None, "bad_json")
+    assert core.counters == {"commands": 1, "errors": 1, "stale_messages": 0}
+
+
+def test_unknown_command_reply_carries_the_id(core):
+    command(core, {"id": 12, "cmd": "frobnicate"})
+    assert error_code(core) == (12, "unknown_command")
+    assert core.outbox == []
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"id": 5, "cmd": "broadcast_to_channel", "channel": "5", "data": 1},
+        {"id": 5, "cmd": "broadcast_to_channel", "channel": 5},
+        {"id": 5, "cmd": "is_user_online", "user": True},
+        {"id": 5, "cmd": "are_users_online", "users": 3},
+        {"id": 5, "cmd": "subscribe", "user": 1, "channel": 0},
+        {"id": 5, "cmd": 7},
+    ],
+)
+def test_wrong_types_reply_bad_request(core, body):
+    command(core, body)
+    assert error_code(core) == (5, "bad_request")
+    assert core.outbox == []
+    assert core.pending == {}
+
+
+def test_too_large_reply():
+    core = RouterCore(1, max_command=64)
+    start(core, 0)
+    command(core, {"id": 1, "cmd": "broadcast_to_channel", "channel": 1, "data": "x" * 100})
+    assert error_code(core) == (None, "too_large")
+    assert core.outbox == []
+
+
+def test_frame_over_the_limit_is_refused():
+    # the command fits, but the frame the clients would receive does not
+    # (1e9 is re-encoded as 1000000000.0: the frame is much larger than the command)
+    core = RouterCore(1, max_command=200)
+    start(core, 0, channels=[1])
+    body = b'{"cmd":"broadcast_to_channel","channel":1,"data":[%b]}' % b",".join([b"1e9"] * 20)
+    assert len(body) <= 200
+    command(core, body)
+    assert error_code(core)[1] == "too_large"
+    assert core.outbox == []
+
+
+def test_commands_are_counted(core):
+    command(core, {"cmd": "broadcast_to_channel", "channel": 1, "data": 1})
+    command(core, {"cmd": "nope"})
+    assert core.counters["commands"] == 2
+    assert core.counters["errors"] == 1
+
+
+def test_every_command_is_dispatched(core):
+    from actors.commands import COMMANDS, Field
+
+    sample = {Field.ID: 1, Field.IDS: [1, 2], Field.DATA: None}
+    for name, spec in COMMANDS.items():
+        body = {"id": name, "cmd": name, **{key: sample[kind] for key, kind in spec.items()}}
+        command(core, body)
+    core.close_all()
+    replies = take_replies(core)
+    assert sorted(r["id"] for r in replies) == sorted(COMMANDS)
+    assert all(r["ok"] for r in replies)
