@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from actors.ids import ChannelId, ConnId, UserId
 
@@ -185,6 +186,13 @@ class UserConnectionCache:
 
     def online_users_in_channel(self, channel: ChannelId) -> list[UserId]:
         return sorted(self._channels.get(channel, ()))
+
+    def snapshot(self) -> dict[str, Any]:
+        """Who is online here, and in which channels (JSON-ready, for cluster presence)."""
+        return {
+            "users": sorted(self._users),
+            "channels": {str(c): sorted(members) for c, members in self._channels.items()},
+        }
 
     def channels(self) -> list[ChannelId]:
         """Channels with at least one member on this shard."""

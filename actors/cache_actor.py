@@ -176,6 +176,8 @@ class CacheActor(SocketActor):
             if conns:
                 self._actions.append(("close", conns, 4001, "disconnected by the backend"))
             return {"connections": len(conns)}
+        if op == "snapshot":
+            return cache.snapshot()
         if op == "status":
             return {"pid": os.getpid(), **cache.stats()}
         raise ValueError(f"unknown query {op!r}")  # a router bug: crash, get restarted

@@ -61,7 +61,7 @@ def decode(raw: bytes, max_size: int) -> Command:
     if len(raw) > max_size:
         raise CommandError("too_large", f"command of {len(raw)} bytes exceeds {max_size}")
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, parse_constant=_reject_constant, parse_float=_finite_float)
     except (UnicodeDecodeError, ValueError) as exc:
         raise CommandError("bad_json", f"not valid JSON: {exc}") from None
     if not isinstance(body, dict):
@@ -96,10 +96,23 @@ def decode(raw: bytes, max_size: int) -> Command:
     return Command(name, body.get("id"), args, data_json)
 
 
+def _reject_constant(name: str) -> Any:
+    raise ValueError(
+        f"{name} is not JSON"
+    )  # Python's json accepts NaN and Infinity; browsers do not
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"number {text[:32]} is out of range")
+    return value
+
+
 def request_id(raw: bytes) -> Any:
     """Best effort: the ``id`` of a request that failed to decode, so its error can carry it."""
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, parse_constant=_reject_constant, parse_float=_finite_float)
     except (UnicodeDecodeError, ValueError):
         return None
     return body.get("id") if isinstance(body, dict) else None

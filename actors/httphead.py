@@ -48,7 +48,7 @@ class Head:
 
 def parse_head(data: bytes, limit: int = MAX_HEAD) -> Head | None:
     """The request head in ``data``, None if it is not complete yet, or HeadError."""
-    end = data.find(b"\r\n\r\n", 0, limit + 4)
+    end = data.find(b"\r\n\r\n", 0, limit)
     if end < 0:
         if len(data) >= limit:
             raise HeadError(431, "request header fields too large")

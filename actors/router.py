@@ -2,7 +2,10 @@
 
 Owns: which shards are up (and in which incarnation, the *epoch*), which shards hold members of
 which channel, and the queries in flight. Every method appends what must be sent to
-``self.outbox`` (to shards) and ``self.replies`` (to backends); the RouterActor moves the bytes.
+``self.outbox`` (to shards), ``self.replies`` (to backends) and, in a cluster of hosts,
+``self.to_redis`` (operations for the Redis link, which answers through :meth:`redis_result`);
+the RouterActor moves the bytes. In a gather, the Redis link is one more participant
+(``REDIS``): it brings the other hosts' part of an answer, or the news that they were not reached.
 Must never do I/O, read a clock (``now`` is a parameter) or block: a shard that is down or slow
 only ever costs a missing answer in a reply, never a wait.
 """
@@ -41,13 +44,15 @@ class ShardSlot:
 
 
 Combiner = Callable[["Gather"], dict[str, Any]]
+REDIS = ShardIndex(-1)  # the Redis link, as a participant in gathers
+RedisOp = tuple[Any, ...]  # (operation, gather id or 0, arguments...)
 
 
 @dataclass(slots=True)
 class Gather:
     """A query sent to some shards, waiting for their answers until ``deadline``."""
 
-    envelope: list[bytes]
+    envelope: list[bytes] | None  # None: an internal gather (a presence snapshot)
     request: Any
     combine: Combiner
     deadline: float
@@ -55,6 +60,7 @@ class Gather:
     answers: dict[ShardIndex, Any] = field(default_factory=dict)
     missing: set[ShardIndex] = field(default_factory=set)
     args: dict[str, Any] = field(default_factory=dict)
+    redis: bool = False  # the Redis link takes part
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +75,11 @@ class ShardEvent:
 
 class RouterCore:
     def __init__(
-        self, shards: int, gather_timeout: float = 1.0, max_command: int = 1 << 20
+        self,
+        shards: int,
+        gather_timeout: float = 1.0,
+        max_command: int = 1 << 20,
+        cluster: bool = False,
     ) -> None:
         self.slots = [ShardSlot(ShardIndex(i)) for i in range(shards)]
         self.index: dict[ChannelId, set[ShardIndex]] = {}
@@ -80,6 +90,9 @@ class RouterCore:
         self.outbox: list[tuple[bytes, list[bytes]]] = []
         self.replies: list[tuple[list[bytes], bytes]] = []
         self.events: list[ShardEvent] = []
+        self.cluster = cluster  # a Redis link exists
+        self.cluster_up = False  # ...and is connected
+        self.to_redis: list[RedisOp] = []
         self.counters = {
             "commands": 0,
             "errors": 0,
@@ -116,11 +129,7 @@ class RouterCore:
     def _drop(self, slot: ShardSlot, now: float | None) -> None:
         """Forget a shard's memberships and stop waiting for it."""
         for channel in slot.channels:
-            shards = self.index.get(channel)
-            if shards is not None:
-                shards.discard(slot.index)
-                if not shards:
-                    del self.index[channel]
+            self._unindex(channel, slot.index)
         slot.channels = set()
         for qid, gather in list(self.pending.items()):
             if slot.index in gather.waiting:
@@ -155,8 +164,8 @@ class RouterCore:
 
     def _hello(self, slot: ShardSlot, epoch: int, msg: list[bytes], now: float) -> None:
         body = json.loads(msg[1])
-        if epoch < slot.epoch:
-            self.counters["stale_messages"] += 1
+        if epoch < slot.epoch or (epoch == slot.epoch and slot.state is ShardState.DOWN):
+            self.counters["stale_messages"] += 1  # an old or already-dead incarnation
             return
         self._drop(slot, now)
         slot.epoch, slot.pid, slot.state, slot.last_seen = epoch, body["pid"], ShardState.UP, now
@@ -167,15 +176,25 @@ class RouterCore:
         for raw in gained:
             channel = ChannelId(raw)
             slot.channels.add(channel)
-            self.index.setdefault(channel, set()).add(slot.index)
+            shards = self.index.get(channel)
+            if shards is None:
+                shards = self.index[channel] = set()
+                if self.cluster:  # the host's first member: listen to the channel's topic
+                    self.to_redis.append(("subscribe", 0, channel))
+            shards.add(slot.index)
         for raw in lost:
             channel = ChannelId(raw)
             slot.channels.discard(channel)
-            shards = self.index.get(channel)
-            if shards is not None:
-                shards.discard(slot.index)
-                if not shards:
-                    del self.index[channel]
+            self._unindex(channel, slot.index)
+
+    def _unindex(self, channel: ChannelId, index: ShardIndex) -> None:
+        shards = self.index.get(channel)
+        if shards is not None:
+            shards.discard(index)
+            if not shards:
+                del self.index[channel]
+                if self.cluster:  # the host's last member left: stop listening
+                    self.to_redis.append(("unsubscribe", 0, channel))
 
     def _result(self, slot: ShardSlot, qid: int, body: Any) -> None:
         gather = self.pending.get(qid)
@@ -207,23 +226,25 @@ class RouterCore:
             shards = self.index.get(channel, ())
             for index in shards:
                 self._send(index, shardwire.channel_delivery(channel, frame))
-            self._reply(envelope, cmd, {"shards": len(shards)})
+            publish = ("publish_channel", channel, frame)
+            self._finish_broadcast(envelope, cmd, now, len(shards), publish)
         elif name in ("broadcast_to_user", "broadcast_to_users"):
             users = [args["user"]] if name == "broadcast_to_user" else args["users"]
             frame = frames.direct_message(cmd.data_json)
             self._check_frame(frame)
-            sent = 0
-            for index, group in self._by_shard(users).items():
-                if self.slots[index].state is ShardState.UP:
-                    self._send(index, shardwire.users_delivery(group, frame))
-                    sent += 1
-            self._reply(envelope, cmd, {"shards": sent})
+            sent = self._deliver_to_users(users, frame)
+            self._finish_broadcast(envelope, cmd, now, sent, ("publish_users", users, frame))
         elif name == "get_online_users_in_channel":
             shards = set(self.index.get(args["channel"], ()))
             query = {"op": "online_channel", **args}
-            self._gather(envelope, cmd, shards, now, _union_users, lambda _: query)
+            remote = ("online_channel", args["channel"])
+            self._gather(envelope, cmd, shards, now, _union_users, lambda _: query, None, remote)
         elif name == "get_online_users":
-            self._gather(envelope, cmd, self._all(), now, _union_users, lambda _: {"op": "online"})
+            everyone = self._all()
+            query = {"op": "online"}
+            self._gather(
+                envelope, cmd, everyone, now, _union_users, lambda _: query, None, ("online",)
+            )
         elif name in ("is_user_online", "are_users_online"):
             users = [args["user"]] if name == "is_user_online" else args["users"]
             groups = self._by_shard(users)
@@ -236,6 +257,7 @@ class RouterCore:
                 combine,
                 lambda i: {"op": "are_online", "users": groups[i]},
                 {"users": users},
+                ("are_online", users),
             )
         elif name in ("subscribe", "unsubscribe", "disconnect"):
             index = self._shard_of(args["user"])
@@ -247,6 +269,25 @@ class RouterCore:
             self._gather(envelope, cmd, self._all(), now, self._status, lambda _: {"op": "status"})
         else:  # pragma: no cover - COMMANDS and this table are kept in step by tests
             raise AssertionError(name)
+
+    def _deliver_to_users(self, users: list[int], frame: bytes) -> int:
+        sent = 0
+        for index, group in self._by_shard(users).items():
+            if self.slots[index].state is ShardState.UP:
+                self._send(index, shardwire.users_delivery(group, frame))
+                sent += 1
+        return sent
+
+    def _finish_broadcast(
+        self, envelope: list[bytes], cmd: Command, now: float, shards: int, publish: RedisOp
+    ) -> None:
+        """Reply at once on one host; in a cluster, once Redis has taken the message."""
+        if not self.cluster:
+            self._reply(envelope, cmd, {"shards": shards})
+            return
+        self._gather(
+            envelope, cmd, set(), now, _broadcast, lambda _: {}, {"shards": shards}, publish
+        )
 
     def _check_frame(self, frame: bytes) -> None:
         if len(frame) > self.max_command:
@@ -279,12 +320,22 @@ class RouterCore:
         combine: Combiner,
         query: Callable[[ShardIndex], dict[str, Any]],
         args: dict[str, Any] | None = None,
+        remote: RedisOp | None = None,
     ) -> None:
+        """Ask ``shards`` (and, in a cluster, the Redis link with ``remote``); reply when all
+        have answered or at the deadline, with what came back."""
         qid = self._next_qid
         self._next_qid += 1
         deadline = now + self.gather_timeout
-        gather = Gather(envelope, cmd.id, combine, deadline, set(), args=args or {})
+        redis = self.cluster and remote is not None
+        gather = Gather(envelope, cmd.id, combine, deadline, set(), args=args or {}, redis=redis)
         self.pending[qid] = gather
+        if redis and remote is not None:
+            if self.cluster_up:
+                self.to_redis.append((remote[0], qid, *remote[1:]))
+                gather.waiting.add(REDIS)
+            else:
+                gather.missing.add(REDIS)
         for index in sorted(shards):
             if self.slots[index].state is not ShardState.UP:
                 gather.missing.add(index)
@@ -308,8 +359,63 @@ class RouterCore:
     def _finish(self, qid: int) -> None:
         gather = self.pending.pop(qid)
         result = gather.combine(gather)
-        result["missing_shards"] = sorted(gather.missing)
+        if gather.envelope is None:  # a presence snapshot for the Redis link
+            if not gather.missing:  # a partial one would hide a slow shard's users: skip it
+                self.to_redis.append(("snapshot", 0, result))
+            return
+        result["missing_shards"] = sorted(i for i in gather.missing if i >= 0)
+        if gather.redis:
+            result["cluster"] = REDIS in gather.answers
+            if not result["cluster"]:
+                result["cluster_error"] = "redis unavailable: other hosts were not reached"
         self.replies.append((gather.envelope, commands.reply(gather.request, result)))
+
+    # -- the Redis link --------------------------------------------------------------------
+
+    def redis_result(self, qid: int, ok: bool, body: Any) -> None:
+        """The Redis link's answer to operation ``qid`` (``ok`` false: Redis failed it)."""
+        gather = self.pending.get(qid)
+        if gather is None or REDIS not in gather.waiting:
+            return
+        gather.waiting.discard(REDIS)
+        if ok:
+            gather.answers[REDIS] = body
+        else:
+            gather.missing.add(REDIS)
+        if not gather.waiting:
+            self._finish(qid)
+
+    def redis_state(self, up: bool) -> None:
+        """The link (re)connected, or lost Redis: stop waiting for it."""
+        self.cluster_up = up
+        if not up:
+            for qid, gather in list(self.pending.items()):
+                if REDIS in gather.waiting:
+                    self.redis_result(qid, False, None)
+
+    def interest(self) -> list[ChannelId]:
+        """Every channel this host has members of (the link's topics after a reconnect)."""
+        return sorted(self.index)
+
+    def remote_delivery(self, channel: int | None, users: list[int], frame: bytes) -> None:
+        """A broadcast from another host: to a channel's local members, or to users."""
+        if channel is not None:
+            for index in self.index.get(ChannelId(channel), ()):
+                self._send(index, shardwire.channel_delivery(channel, frame))
+        else:
+            self._deliver_to_users(users, frame)
+
+    def snapshot(self, now: float) -> None:
+        """Gather this host's presence from its shards, for the Redis link to publish."""
+        qid = self._next_qid
+        self._next_qid += 1
+        gather = Gather(None, None, _snapshot, now + self.gather_timeout, set())
+        self.pending[qid] = gather
+        for slot in self.up_shards():
+            self._send(slot.index, shardwire.query(qid, {"op": "snapshot"}))
+            gather.waiting.add(slot.index)
+        if not gather.waiting:
+            self._finish(qid)
 
     def _status(self, gather: Gather) -> dict[str, Any]:
         rows = []
@@ -366,6 +472,20 @@ def _is_online(gather: Gather) -> dict[str, Any]:
 def _are_online(gather: Gather) -> dict[str, Any]:
     online = _online_set(gather)
     return {"online": {str(user): user in online for user in gather.args["users"]}}
+
+
+def _broadcast(gather: Gather) -> dict[str, Any]:
+    return {"shards": gather.args["shards"]}
+
+
+def _snapshot(gather: Gather) -> dict[str, Any]:
+    users: list[int] = []
+    channels: dict[str, list[int]] = {}
+    for answer in gather.answers.values():
+        users += answer["users"]
+        for channel, members in answer["channels"].items():
+            channels.setdefault(channel, []).extend(members)
+    return {"users": users, "channels": channels}
 
 
 def _sum_connections(gather: Gather) -> dict[str, Any]:

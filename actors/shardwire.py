@@ -50,6 +50,7 @@ def parse_identity(raw: bytes) -> tuple[int, int] | None:
 
 
 def pack_ids(ids: Iterable[int]) -> bytes:
+    """Native byte order: these messages never leave the host."""
     return array("q", ids).tobytes()
 
 

@@ -66,6 +66,8 @@ def verify(secret: str, token: str, now: float | None = None) -> Claims:
     except jwt.PyJWTError as exc:
         raise TokenError(f"invalid token: {exc}") from None
     exp = payload["exp"]
+    if type(exp) not in (int, float):
+        raise TokenError("claim 'exp' must be a number")
     if now is not None and exp <= now:
         raise TokenError("token expired")
     sub = payload["sub"]

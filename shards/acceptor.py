@@ -97,7 +97,7 @@ class Acceptor:
         if entry is None:
             return
         try:
-            data = entry.sock.recv(httphead.MAX_HEAD + 4, socket.MSG_PEEK)
+            data = entry.sock.recv(httphead.MAX_HEAD, socket.MSG_PEEK)
         except BlockingIOError:
             data = None
         except OSError:
@@ -177,7 +177,7 @@ class Acceptor:
         with contextlib.suppress(OSError):
             sock.send(httphead.response(status, reason, body, extra))
             # read what was peeked, so that close() sends FIN rather than RST
-            sock.recv(head.size if head is not None else httphead.MAX_HEAD + 4)
+            sock.recv(head.size if head is not None else httphead.MAX_HEAD)
             sock.shutdown(socket.SHUT_WR)
         sock.close()
 

@@ -43,8 +43,8 @@ def error_of(data: bytes, max_size: int = LIMIT) -> CommandError:
 # -- valid commands ---------------------------------------------------------------------------
 
 
-def test_command_table_is_the_documented_one():
-    assert set(COMMANDS) == {
+def test_every_documented_command_is_in_the_table():
+    assert set(COMMANDS) >= {
         "broadcast_to_channel",
         "broadcast_to_user",
         "broadcast_to_users",

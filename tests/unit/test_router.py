@@ -1,4 +1,4 @@
-"""actors.router: RouterCore routing, shard liveness and scatter/gather, driven message by message."""
+"""actors.router: RouterCore routing, shard liveness and scatter/gather, message by message."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from actors import frames, shardwire
+from actors.commands import COMMANDS, Field
 from actors.ids import stable_hash
 from actors.router import RouterCore, ShardEvent, ShardState
 
@@ -81,9 +82,7 @@ def core() -> RouterCore:
 
 
 def user_on(shard: int, shards: int = N, exclude=()) -> int:
-    return next(
-        u for u in range(1, 10_000) if stable_hash(u, shards) == shard and u not in exclude
-    )
+    return next(u for u in range(1, 10_000) if stable_hash(u, shards) == shard and u not in exclude)
 
 
 # -- shard lifecycle --------------------------------------------------------------------------
@@ -109,15 +108,16 @@ def test_starting_then_hello_brings_a_shard_up():
     assert slot.identity == b"shard-1-4"
 
 
-def test_shard_down_emits_event_and_forgets_channels(core):
+def test_shard_down_forgets_channels(core):
     delta(core, 0, 1, gained=[5])
     delta(core, 1, 1, gained=[5, 6])
     core.shard_down(1, 1, now=2.0)
     assert core.slots[1].state is ShardState.DOWN
-    assert core.events == [ShardEvent(1, ShardState.DOWN, 1, pid_of(1, 1))]
+    assert core.slots[1].channels == set()
     assert core.index == {5: {0}}
-    core.shard_down(1, 1, now=3.0)  # already down: no second event
-    assert len(core.events) == 1
+    assert [slot.index for slot in core.up_shards()] == [0, 2]
+    core.shard_down(1, 1, now=3.0)  # already down: harmless
+    assert core.slots[1].state is ShardState.DOWN
 
 
 def test_shard_down_of_another_epoch_is_ignored(core):
@@ -505,16 +505,31 @@ def test_status_of_a_starting_shard():
     assert (row["state"], row["pid"], row["epoch"]) == ("starting", 99, 1)
 
 
-# -- liveness ---------------------------------------------------------------------------------
+# -- liveness (hung shards) -------------------------------------------------------------------
 
 
-def test_silent_shards(core):
+def test_check_hung_declares_silent_shards_down(core):
     core.shard_starting(2, 2, 50)  # starting shards are not "silent": they are not up
     heartbeat(core, 1, 1, now=8.0)
     assert core.slots[1].last_seen == 8.0
-    assert [s.index for s in core.silent_shards(now=10.0, timeout=10.0)] == []
-    assert [s.index for s in core.silent_shards(now=10.5, timeout=10.0)] == [0]
-    assert [s.index for s in core.silent_shards(now=18.5, timeout=10.0)] == [0, 1]
+    assert core.check_hung(now=10.0, timeout=10.0) == []
+    assert core.events == []
+    hung = core.check_hung(now=10.5, timeout=10.0)
+    assert [s.index for s in hung] == [0]
+    assert core.slots[0].state is ShardState.DOWN
+    assert core.events == [ShardEvent(0, ShardState.DOWN, 1, pid_of(0, 1))]
+    assert [s.index for s in core.check_hung(now=18.5, timeout=10.0)] == [1]
+    assert core.check_hung(now=100.0, timeout=10.0) == []  # already down: reported once
+    assert [e.index for e in core.events] == [0, 1]
+
+
+def test_a_hung_shard_is_missing_from_gathers_in_flight(core):
+    command(core, {"id": 1, "cmd": "get_online_users"}, now=5.0)
+    queries = take_queries(core)
+    answer(core, 0, 1, queries[0][0], {"users": [1]}, now=5.1)
+    answer(core, 1, 1, queries[1][0], {"users": [2]}, now=5.1)
+    core.check_hung(now=5.2, timeout=5.0)  # shard 2: silent since 0.0
+    assert take_reply(core) == {"id": 1, "ok": True, "users": [1, 2], "missing_shards": [2]}
 
 
 def test_any_message_counts_as_a_sign_of_life(core):
@@ -538,7 +553,7 @@ def error_code(core: RouterCore) -> tuple[Any, str]:
 def test_bad_json_reply(core, data):
     command(core, data)
     assert error_code(core) == (None, "bad_json")
-    assert core.counters == {"commands": 1, "errors": 1, "stale_messages": 0}
+    assert (core.counters["commands"], core.counters["errors"]) == (1, 1)
 
 
 def test_unknown_command_reply_carries_the_id(core):
@@ -593,8 +608,6 @@ def test_commands_are_counted(core):
 
 
 def test_every_command_is_dispatched(core):
-    from actors.commands import COMMANDS, Field
-
     sample = {Field.ID: 1, Field.IDS: [1, 2], Field.DATA: None}
     for name, spec in COMMANDS.items():
         body = {"id": name, "cmd": name, **{key: sample[kind] for key, kind in spec.items()}}
@@ -603,3 +616,19 @@ def test_every_command_is_dispatched(core):
     replies = take_replies(core)
     assert sorted(r["id"] for r in replies) == sorted(COMMANDS)
     assert all(r["ok"] for r in replies)
+
+
+def test_router_stats_answers_at_once(core):
+    core.shard_down(1, 1, now=0.0)
+    delta(core, 0, 1, gained=[3, 4])
+    command(core, {"id": 1, "cmd": "get_online_users"})
+    core.outbox.clear()
+    command(core, {"id": 2, "cmd": "router_stats"})
+    stats = take_reply(core)
+    assert core.outbox == []
+    assert stats["ok"] is True
+    assert stats["id"] == 2
+    assert stats["commands"] == 2
+    assert stats["pending_queries"] == 1
+    assert stats["channels_indexed"] == 2
+    assert stats["shards"] == {"0": "up", "1": "down", "2": "up"}

@@ -1,0 +1,289 @@
+"""The Redis link: this host's connection to the other hosts of a cluster.
+
+Owns: two threads and their Redis connections. The *worker* runs operations queued by the
+RouterActor (publish, cluster presence queries, presence snapshots, probes) in batches and
+reports each result back; the *listener* holds the pub/sub subscriptions (the host's inbox and
+one topic per channel the host has members of), remembers them, and replays them after every
+reconnect. A periodic self-probe through the host's own inbox catches a subscription that
+silently stopped receiving. Must never block the router (``submit`` never waits, and fails
+fast with a bounded queue) and never crash on what Redis sends: a malformed message is
+counted and dropped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import queue
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis
+
+from actors import cluster
+from actors.cluster import Layout, Message
+
+log = logging.getLogger("ucc.redis")
+
+QUEUE_LIMIT = 10_000
+BATCH = 256
+PRESENCE_TTL = 5.0  # a host that stops refreshing leaves presence after this long
+PROBE_INTERVAL = 1.0
+PROBE_TIMEOUT = 3.0
+BACKOFF = (0.05, 0.1, 0.2, 0.4, 0.8, 1.0)
+ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
+
+# what the link tells its owner (from its own threads):
+#   ("state", up)                       connected or not
+#   ("result", qid, ok, body)           the answer to an operation
+#   ("deliver", [(channel|None, users, frame), ...])   broadcasts from other hosts
+Event = tuple[Any, ...]
+
+
+def host_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+class RedisLink:
+    def __init__(self, url: str, name: str, notify: Callable[[Event], None]) -> None:
+        self.url = url
+        self.layout = Layout(name)
+        self.host = host_id()
+        self.notify = notify
+        self.ops: queue.Queue[tuple[Any, ...] | None] = queue.Queue(QUEUE_LIMIT)
+        self.topics: set[str] = {self.layout.host_topic(self.host)}
+        self._topic_changes: queue.SimpleQueue[tuple[bool, str]] = queue.SimpleQueue()
+        self.stopping = threading.Event()
+        self.up = False
+        self.last_probe_seen = time.monotonic()
+        self.counters = {"published": 0, "received": 0, "malformed": 0, "reconnects": 0}
+        self._threads = [
+            threading.Thread(target=self._work, name="ucc-redis-worker", daemon=True),
+            threading.Thread(target=self._listen, name="ucc-redis-listener", daemon=True),
+        ]
+
+    def _client(self) -> redis.Redis:
+        return redis.Redis.from_url(
+            self.url, socket_timeout=2.0, socket_connect_timeout=1.0, health_check_interval=0
+        )
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, op: tuple[Any, ...]) -> None:
+        """Queue an operation (from the router's thread); never blocks."""
+        name = op[0]
+        if name in ("subscribe", "unsubscribe"):
+            self._topic_changes.put((name == "subscribe", self.layout.channel_topic(op[2])))
+            return
+        try:
+            self.ops.put_nowait(op)
+        except queue.Full:
+            self._fail([op])
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Leave the cluster at once (delete this host's presence) and stop the threads."""
+        self.stopping.set()
+        with contextlib.suppress(queue.Full):
+            self.ops.put_nowait(None)
+        for thread in self._threads:
+            thread.join(timeout)
+        with contextlib.suppress(*ERRORS):
+            client = self._client()
+            client.eval(cluster.LEAVE, 1, self.layout.hosts, self.layout.prefix, self.host)
+            client.close()
+
+    # -- the worker --------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        client: redis.Redis | None = None
+        attempt = 0
+        next_probe = 0.0
+        while not self.stopping.is_set():
+            if client is None:
+                client = self._connect(attempt)
+                if client is None:
+                    attempt += 1
+                    self._fail(self._drain(0.0))  # fail fast while Redis is away
+                    continue
+                attempt = 0
+                self.last_probe_seen = time.monotonic()
+                self._set_state(True)
+            batch = self._drain(PROBE_INTERVAL / 2)
+            now = time.monotonic()
+            if now >= next_probe:
+                batch.append(("probe", 0))
+                next_probe = now + PROBE_INTERVAL
+            try:
+                self._run(client, batch)
+            except ERRORS as exc:
+                log.warning("redis: %s; reconnecting", exc)
+                self._fail(batch)
+                client = None
+                self._set_state(False)
+
+    def _connect(self, attempt: int) -> redis.Redis | None:
+        if attempt:
+            self.stopping.wait(BACKOFF[min(attempt - 1, len(BACKOFF) - 1)])
+        try:
+            client = self._client()
+            client.ping()
+        except ERRORS:
+            return None
+        if attempt:
+            self.counters["reconnects"] += 1
+        return client
+
+    def _drain(self, wait: float) -> list[tuple[Any, ...]]:
+        batch: list[tuple[Any, ...]] = []
+        try:
+            op = self.ops.get(timeout=wait) if wait else self.ops.get_nowait()
+            while op is not None:
+                batch.append(op)
+                if len(batch) >= BATCH:
+                    break
+                op = self.ops.get_nowait()
+        except queue.Empty:
+            pass
+        return batch
+
+    def _run(self, client: redis.Redis, batch: list[tuple[Any, ...]]) -> None:
+        if not batch:
+            return
+        layout, host = self.layout, self.host
+        now_ms = int(time.time() * 1000)
+        pipe = client.pipeline(transaction=False)
+        for op in batch:
+            name = op[0]
+            common = (1, layout.hosts, layout.prefix, host, now_ms)
+            if name == "publish_channel":
+                payload = cluster.encode(Message(host, None, op[3]))
+                pipe.publish(layout.channel_topic(op[2]), payload)
+            elif name == "publish_users":
+                pipe.eval(cluster.PUBLISH_USERS, *common, op[3], *op[2])
+            elif name == "online":
+                pipe.eval(cluster.ONLINE, *common)
+            elif name == "online_channel":
+                pipe.eval(cluster.ONLINE_IN_CHANNEL, *common, op[2])
+            elif name == "are_online":
+                pipe.eval(cluster.ARE_ONLINE, *common, *op[2])
+            elif name == "snapshot":
+                body = json.dumps(op[2])
+                ttl = int(PRESENCE_TTL * 1000)
+                pipe.eval(cluster.SNAPSHOT, *common, now_ms + ttl, ttl, body)
+            elif name == "probe":
+                probe = cluster.encode(Message(host, None, b"", probe=True))
+                pipe.publish(layout.host_topic(host), probe)
+        results = pipe.execute(raise_on_error=False)
+        events: list[Event] = []
+        for op, value in zip(batch, results, strict=True):
+            if isinstance(value, Exception):
+                if isinstance(value, ERRORS):
+                    raise value
+                log.error("redis: %s failed: %s", op[0], value)
+                events.append(("result", op[1], False, None))
+            elif op[1]:
+                events.append(("result", op[1], True, _answer(op[0], value)))
+        self.counters["published"] += sum(op[0].startswith("publish") for op in batch)
+        if events:
+            self.notify(("results", events))
+
+    def _fail(self, batch: list[tuple[Any, ...]]) -> None:
+        events = [("result", op[1], False, None) for op in batch if op[1]]
+        if events:
+            self.notify(("results", events))
+
+    def _set_state(self, up: bool) -> None:
+        if up != self.up:
+            self.up = up
+            log.warning("redis link %s", "up" if up else "down")
+            self.notify(("state", up))
+
+    # -- the listener ------------------------------------------------------------------------
+
+    def _listen(self) -> None:
+        attempt = 0
+        while not self.stopping.is_set():
+            try:
+                self._subscribed_loop()
+            except ERRORS as exc:
+                log.warning("redis pub/sub: %s; resubscribing", exc)
+            attempt += 1
+            self.stopping.wait(BACKOFF[min(attempt - 1, len(BACKOFF) - 1)])
+
+    def _subscribed_loop(self) -> None:
+        client = self._client()
+        pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+        try:
+            self._apply_topic_changes()
+            pubsub.subscribe(*self.topics)
+            self.last_probe_seen = time.monotonic()
+            while not self.stopping.is_set():
+                self._sync_topics(pubsub)
+                deliveries: list[tuple[int | None, list[int], bytes]] = []
+                message = pubsub.get_message(timeout=0.05)
+                while message is not None and len(deliveries) < BATCH:
+                    delivery = self._decode(message)
+                    if delivery is not None:
+                        deliveries.append(delivery)
+                    message = pubsub.get_message(timeout=0)
+                if deliveries:
+                    self.notify(("deliver", deliveries))
+                if self.up and time.monotonic() - self.last_probe_seen > PROBE_TIMEOUT:
+                    log.warning("redis pub/sub: probes stopped arriving; resubscribing")
+                    return
+        finally:
+            with contextlib.suppress(*ERRORS):
+                pubsub.close()
+            client.close()
+
+    def _apply_topic_changes(self) -> list[tuple[bool, str]]:
+        changes = []
+        with contextlib.suppress(queue.Empty):
+            while True:
+                add, topic = self._topic_changes.get_nowait()
+                (self.topics.add if add else self.topics.discard)(topic)
+                changes.append((add, topic))
+        return changes
+
+    def _sync_topics(self, pubsub: Any) -> None:
+        for add, topic in self._apply_topic_changes():
+            if add:
+                pubsub.subscribe(topic)
+            else:
+                pubsub.unsubscribe(topic)
+
+    def _decode(self, message: dict[str, Any]) -> tuple[int | None, list[int], bytes] | None:
+        self.counters["received"] += 1
+        topic = message["channel"].decode(errors="replace")
+        decoded = cluster.decode(message["data"])
+        if decoded is None:
+            self.counters["malformed"] += 1
+            return None
+        if decoded.probe:
+            if decoded.origin == self.host:
+                self.last_probe_seen = time.monotonic()
+            return None
+        if decoded.origin == self.host:
+            return None  # our own broadcast: already delivered on this host
+        channel = self.layout.channel_of_topic(topic)
+        if channel is None and decoded.users is None:
+            self.counters["malformed"] += 1
+            return None
+        return channel, decoded.users or [], decoded.frame
+
+
+def _answer(name: str, value: Any) -> dict[str, Any]:
+    """An operation's Redis reply, in the shape of the shards' answers."""
+    if name in ("online", "online_channel"):
+        return {"users": [int(v) for v in value]}
+    if name == "are_online":
+        return {"online": [int(v) for v in value]}
+    return {"value": value}
