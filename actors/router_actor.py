@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import zmq
 
@@ -37,6 +37,25 @@ class ShardDown:
     epoch: int
 
 
+@dataclass(frozen=True, slots=True)
+class RedisEvent:
+    """Something the Redis link reports (see ``shards.redislink.Event``)."""
+
+    event: tuple[Any, ...]
+
+
+class Link(Protocol):
+    """The Redis link as the router sees it: it takes operations and never blocks."""
+
+    host: str
+
+    def start(self) -> None: ...
+
+    def submit(self, op: tuple[Any, ...]) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class RouterActor(SocketActor):
     """Binds its sockets in the constructor (so a busy port fails the caller at once)."""
 
@@ -47,8 +66,11 @@ class RouterActor(SocketActor):
         shard_endpoint: str,
         on_event: Callable[[ShardEvent], None],
         hang_timeout: float,
+        link: Callable[[Callable[[tuple[Any, ...]], None]], Link] | None = None,
+        snapshot_interval: float = 1.0,
         context: zmq.Context[Any] | None = None,
     ) -> None:
+        """``link``, in a cluster of hosts, makes the Redis link given a function to report to."""
         super().__init__()
         self.core = core
         self.on_event = on_event
@@ -72,15 +94,23 @@ class RouterActor(SocketActor):
             self.backend.close()
             raise
         self.command_endpoint = self.frontend.getsockopt_string(zmq.LAST_ENDPOINT)
+        ref = self.actor_ref
+        self.link = link(lambda event: ref.tell(RedisEvent(event))) if link else None
+        self.snapshot_interval = snapshot_interval
+        self.next_snapshot = 0.0
 
     def on_start(self) -> None:
         self.watch(self.frontend)
         self.watch(self.backend)
+        if self.link is not None:
+            self.link.start()
         self._arm_timer()
 
     def on_stop(self) -> None:
         self.core.close_all()
         self._flush()
+        if self.link is not None:
+            self.link.close()
         super().on_stop()
         self.frontend.close()
         self.backend.close()
@@ -94,6 +124,11 @@ class RouterActor(SocketActor):
             self.core.tick(now)
             for slot in self.core.check_hung(now, self.hang_timeout):
                 log.warning("shard %d (pid %d) stopped answering", slot.index, slot.pid)
+            if self.link is not None and now >= self.next_snapshot:
+                self.next_snapshot = now + self.snapshot_interval
+                self.core.snapshot(now)
+        elif isinstance(message, RedisEvent):
+            self._redis_event(message.event)
         elif isinstance(message, ShardStarting):
             self.core.shard_starting(message.index, message.epoch, message.pid)
         elif isinstance(message, ShardDown):
@@ -101,6 +136,17 @@ class RouterActor(SocketActor):
         self._flush()
         self._arm_timer()
         return None
+
+    def _redis_event(self, event: tuple[Any, ...]) -> None:
+        kind = event[0]
+        if kind == "state":
+            self.core.redis_state(event[1])
+        elif kind == "results":
+            for _, qid, ok, body in event[1]:
+                self.core.redis_result(qid, ok, body)
+        elif kind == "deliver":
+            for channel, users, frame in event[1]:
+                self.core.remote_delivery(channel, users, frame)
 
     def _drain(self, sock: zmq.Socket[bytes], now: float) -> None:
         for _ in range(BATCH):
@@ -127,6 +173,10 @@ class RouterActor(SocketActor):
             except zmq.ZMQError:  # the backend went away
                 core.counters["dropped_replies"] += 1
         core.replies.clear()
+        if self.link is not None:
+            for op in core.to_redis:
+                self.link.submit(op)
+        core.to_redis.clear()
         for event in core.events:
             self.on_event(event)
         core.events.clear()
@@ -134,4 +184,6 @@ class RouterActor(SocketActor):
     def _arm_timer(self) -> None:
         deadline = self.core.next_deadline()
         check = time.monotonic() + min(0.1, self.hang_timeout / 3)
+        if self.link is not None:
+            check = min(check, self.next_snapshot)
         self.set_timer(check if deadline is None else min(deadline, check))

