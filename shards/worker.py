@@ -189,7 +189,7 @@ class Shard:
         ``grace`` seconds for the closing handshakes."""
         conns = list(self.conns.values())
         batches = max(1, min(DRAIN_BATCHES, len(conns)))
-        size = -(-len(conns) // batches)
+        size = max(1, -(-len(conns) // batches))
         for start in range(0, len(conns), size):
             for conn in conns[start : start + size]:
                 conn.send(frames.DRAIN)

@@ -38,7 +38,7 @@ async def settle(clusters: list[Cluster], peers: list[Peer]) -> None:
         peer.frames[:] = [f for f in peer.frames if not str(f.get("data")).startswith("marker")]
 
 
-def test_broadcasts_reach_exactly_the_right_connections_on_every_host(ucc_cluster, redis_server):
+def test_broadcasts_reach_exactly_the_right_connections_on_every_host(redis_server, ucc_cluster):
     a, b, c = hosts(ucc_cluster, redis_server, 3)
     # user u is on host u % 3; channel 1: every user; channel 2: odd users; channel 3: nobody
     layout = [(a, b, c)[u % 3] for u in range(7)]
@@ -67,5 +67,116 @@ def test_broadcasts_reach_exactly_the_right_connections_on_every_host(ucc_cluste
             assert sorted(got) == sorted(want), (peer.user, got)
         for peer in peers:
             await peer.close()
+
+    asyncio.run(scenario())
+
+
+def test_presence_is_cluster_wide_and_a_killed_host_fades_out(redis_server, ucc_cluster):
+    a, b = hosts(ucc_cluster, redis_server, 2)
+
+    async def scenario() -> None:
+        on_a = [await connect_peer(a, u, [7]) for u in (1, 2, 3)]
+        on_b = [await connect_peer(b, u, [7, 8]) for u in (4, 5)]
+        for host in (a, b):
+            client = host.client()
+            wait_presence(client, [1, 2, 3, 4, 5])
+            assert client.get_online_users_in_channel(7) == [1, 2, 3, 4, 5]
+            assert client.get_online_users_in_channel(8) == [4, 5]
+            assert client.is_user_online(4) is True
+            assert client.are_users_online([1, 5, 6]) == {1: True, 5: True, 6: False}
+        await on_a[0].close()
+        wait_presence(b.client(), [2, 3, 4, 5])
+
+        os.kill(a.proc.pid, signal.SIGKILL)  # power loss: no goodbye
+        killed = time.monotonic()
+        wait_presence(b.client(), [4, 5], timeout=10)
+        print(f"\npresence expiry after a host kill: {time.monotonic() - killed:.2f} s")
+        for peer in on_a[1:] + on_b:
+            del peer
+
+        # the host comes back (a new process): no ghosts of its old users
+        again = hosts(ucc_cluster, redis_server, 1)[0]
+        back = await connect_peer(again, 9, [7])
+        wait_presence(b.client(), [4, 5, 9])
+        assert b.client().get_online_users_in_channel(7) == [4, 5, 9]
+        await back.close()
+
+    asyncio.run(scenario())
+
+
+def test_clean_shutdown_removes_a_host_at_once(redis_server, ucc_cluster):
+    a, b = hosts(ucc_cluster, redis_server, 2)
+
+    async def scenario() -> None:
+        await connect_peer(a, 1)
+        await connect_peer(b, 2)
+        wait_presence(b.client(), [1, 2])
+        loop = asyncio.get_running_loop()
+        assert await loop.run_in_executor(None, a.stop) == 0
+        assert b.client().get_online_users() == [2]  # at once: no expiry to wait for
+
+    asyncio.run(scenario())
+
+
+def test_interest_only_hosts_with_members_listen(redis_server, ucc_cluster):
+    a, b = hosts(ucc_cluster, redis_server, 2)
+    layout = Layout("default")
+    r = redis.Redis.from_url(redis_server.url)
+
+    def listeners(channel: int) -> int:
+        return int(
+            dict(r.pubsub_numsub(layout.channel_topic(channel)))[
+                layout.channel_topic(channel).encode()
+            ]
+        )
+
+    async def scenario() -> None:
+        peer = await connect_peer(a, 1, [11])
+        wait_until(lambda: listeners(11) == 1, 5, what="for host a to listen to channel 11")
+        other = await connect_peer(b, 2, [11])
+        wait_until(lambda: listeners(11) == 2, 5, what="for host b to listen too")
+        await other.close()
+        wait_until(lambda: listeners(11) == 1, 5, what="for host b to stop listening")
+        assert listeners(12) == 0
+        b.client().broadcast_to_channel(11, "from b")  # b has no members: it only publishes
+        await peer.wait_for(lambda f: f[-1].get("data") == "from b")
+        await peer.close()
+        wait_until(lambda: listeners(11) == 0, 5, what="for nobody to listen")
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        r.close()
+
+
+def test_redis_outage_keeps_local_delivery_and_says_so(redis_server, ucc_cluster):
+    a, b = hosts(ucc_cluster, redis_server, 2)
+
+    async def scenario() -> None:
+        local = await connect_peer(a, 1, [5])
+        remote = await connect_peer(b, 2, [5])
+        wait_presence(a.client(), [1, 2])
+        client = a.client()
+        redis_server.stop()
+        # same-host delivery goes on; the reply says other hosts were not reached
+        replies = []
+        for n in range(20):
+            replies.append(client.broadcast_to_channel(5, {"n": n}))
+        await local.wait_for(lambda f: sum(x["type"] == "message" for x in f) == 20)
+        assert all(r["ok"] for r in replies)
+        assert [r["cluster"] for r in replies].count(False) >= 19  # the first may have raced
+        assert all(r["shards"] == 1 for r in replies)
+        online = client.request("get_online_users")
+        assert online["cluster"] is False
+        assert online["users"] == [1]  # this host still answers for itself
+
+        redis_server.start()
+        back = time.monotonic()
+        wait_until(lambda: client.broadcast_to_channel(5, "probe")["cluster"], 5, what="for Redis")
+        await remote.wait_for(lambda f: f[-1].get("data") == "probe", 5)
+        print(f"\ncross-host delivery back {time.monotonic() - back:.2f} s after Redis")
+        wait_presence(client, [1, 2], timeout=5)
+        await local.close()
+        await remote.close()
 
     asyncio.run(scenario())
