@@ -31,6 +31,7 @@ BATCH = 512
 # What the actor asks of the event loop (one list per round):
 #   ("deliver", frame, conn_ids)       write frame to these connections
 #   ("registered", conn_id)            the connection is in the cache: send hello
+#   ("subscribed", conn_id, channel, on)  a client's (un)subscribe is in effect: confirm it
 #   ("close", conn_ids, code, reason)  close these connections
 LoopAction = tuple[Any, ...]
 
@@ -118,8 +119,10 @@ class CacheActor(SocketActor):
             self._delta.merge(cache.disconnect(message.conn))
         elif isinstance(message, Subscribe):
             self._delta.merge(cache.subscribe(message.conn, message.channel))
+            self._actions.append(("subscribed", message.conn, message.channel, True))
         elif isinstance(message, Unsubscribe):
             self._delta.merge(cache.unsubscribe(message.conn, message.channel))
+            self._actions.append(("subscribed", message.conn, message.channel, False))
         elif isinstance(message, Activity):
             for conn, seen in message.last_seen.items():
                 cache.touch(conn, seen)
@@ -188,6 +191,7 @@ class CacheActor(SocketActor):
             self._delta = Delta()
 
     def _flush(self) -> None:
+        # the router hears of new memberships before the loop confirms them to anyone
         self._send_delta()
         if self._actions:
             actions, self._actions = self._actions, []

@@ -186,6 +186,11 @@ def _add_serve(subparsers: Subparsers) -> None:
         help="Redis URL for cross-host fan-out (default: $UCC_REDIS_URL; none)",
     )
     parser.add_argument(
+        "--cluster-name",
+        default=os.environ.get("UCC_CLUSTER") or "default",
+        help="with --redis: the cluster this host joins (default: $UCC_CLUSTER or %(default)s)",
+    )
+    parser.add_argument(
         "--heartbeat",
         type=_seconds,
         default=25.0,
@@ -224,9 +229,6 @@ def _add_serve(subparsers: Subparsers) -> None:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    if args.redis:
-        _error("multi-host mode (--redis / UCC_REDIS_URL) is not implemented in this version")
-        return 2
     try:
         secret, path = resolve_secret(args.secret, create=True)
     except OSError as exc:
@@ -247,6 +249,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         "port": args.port,
         "command": args.command,
         "redis": args.redis,
+        "cluster_name": args.cluster_name,
         "heartbeat": args.heartbeat,
         "heartbeat_timeout": args.heartbeat_timeout,
         "handshake_timeout": args.handshake_timeout,

@@ -132,11 +132,13 @@ class Connection(asyncio.Protocol):
             if channel not in self.allowed:
                 self.send(frames.error("forbidden", f"the token does not allow channel {channel}"))
                 return
-            self.shard.subscribe(self, channel)
-            self.send(frames.text_frame(b'{"type":"subscribed","channel":%d}' % channel))
+            self.shard.subscribe(self, channel)  # confirmed once the cache has it
         else:
             self.shard.unsubscribe(self, channel)
-            self.send(frames.text_frame(b'{"type":"unsubscribed","channel":%d}' % channel))
+
+    def confirm(self, channel: ChannelId, subscribed: bool) -> None:
+        kind = b"subscribed" if subscribed else b"unsubscribed"
+        self.send(frames.text_frame(b'{"type":"%b","channel":%d}' % (kind, channel)))
 
     # -- writing ---------------------------------------------------------------------------
 

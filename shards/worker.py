@@ -148,6 +148,10 @@ class Shard:
                 if conn is not None:
                     conn.is_open = True
                     conn.send(frames.hello(conn.user, list(conn.channels), self.heartbeat))
+            elif kind == "subscribed":
+                conn = conns.get(action[1])
+                if conn is not None:
+                    conn.confirm(action[2], action[3])
             elif kind == "close":
                 for conn_id in action[1]:
                     conn = conns.get(conn_id)
