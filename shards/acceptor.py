@@ -26,7 +26,8 @@ log = logging.getLogger("ucc.acceptor")
 MAX_PENDING = 10_000
 PEEK_RETRY = (0.002, 0.005, 0.01, 0.02, 0.05)
 
-# route(claims, socket) -> None when handed over, or (status, reason, extra headers) to refuse
+# route(claims, socket) -> None when handed over (the router then owns the socket), or
+# (status, reason, extra headers) to refuse
 Router = Callable[[Claims, socket.socket], "tuple[int, str, dict[str, str]] | None"]
 
 
@@ -136,7 +137,6 @@ class Acceptor:
         refusal = self.route(claims, sock)
         if refusal is None:
             self.counters["handed_over"] += 1
-            sock.close()  # the shard has its own descriptor now
             return
         status, reason, extra = refusal
         self._refuse(sock, status, reason, reason, head, extra)
@@ -161,6 +161,11 @@ class Acceptor:
         entry = self._finish(fd)
         if entry is not None:
             entry.sock.close()
+
+    def refuse_unavailable(self, sock: socket.socket) -> None:
+        """A handed-over connection whose shard died before taking it: 503, retry soon."""
+        body = "the user's shard is restarting"
+        self._refuse(sock, 503, "Service Unavailable", body, None, {"Retry-After": "1"})
 
     def _refuse(
         self,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, cast
 
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request
@@ -189,6 +189,3 @@ class Connection(asyncio.Protocol):
         if self.transport is not None:
             log.debug("connection %d: %s", self.conn_id, why)
             self.transport.abort()
-
-    def describe(self) -> dict[str, Any]:
-        return {"conn": self.conn_id, "user": self.user, "open": self.is_open}

@@ -29,7 +29,7 @@ from actors.router_actor import RouterActor, ShardDown, ShardStarting
 from actors.tokens import Claims
 from shards.acceptor import Acceptor
 from shards.config import ServeConfig
-from shards.handoff import control_pair, send_connection, send_message
+from shards.handoff import MAX_HEADER, control_pair, send_connection, send_message
 from shards.policy import RestartPolicy
 from shards.redislink import RedisLink
 
@@ -48,7 +48,9 @@ class ShardProcess:
     ready: bool = False
     started_at: float = 0.0
     start_timer: asyncio.TimerHandle | None = None
-    restarts: list[float] = field(default_factory=list)
+    # connections handed over but not yet acknowledged: if the shard dies first, we still hold
+    # them (their request unread) and can answer 503 instead of dropping them silently
+    inflight: dict[int, socket.socket] = field(default_factory=dict)
 
 
 class Supervisor:
@@ -63,6 +65,7 @@ class Supervisor:
         self.exit_code = 0
         self.done: asyncio.Future[int] = loop.create_future()
         self.announced = False
+        self._handoffs = 0
         self.listener = self._listen()
         redis_url, name = config.redis, config.cluster_name
         core = RouterCore(
@@ -126,6 +129,7 @@ class Supervisor:
         theirs.close()
         ours.setblocking(False)
         shard.control = ours
+        self.loop.add_reader(ours.fileno(), self._acks, shard)
         shard.ready = False
         shard.started_at = time.monotonic()
         pid = shard.proc.pid
@@ -156,8 +160,16 @@ class Supervisor:
         if shard.start_timer is not None:
             shard.start_timer.cancel()
         if shard.control is not None:
+            self._acks(shard)  # what it took before dying is its; the rest gets a 503
+            self.loop.remove_reader(shard.control.fileno())
             shard.control.close()
             shard.control = None
+        for sock in shard.inflight.values():
+            if self.acceptor is not None:
+                self.acceptor.refuse_unavailable(sock)
+            else:
+                sock.close()
+        shard.inflight.clear()
         shard.ready = False
         self.router.tell(ShardDown(shard.index, epoch))
         if self.stopping:
@@ -185,6 +197,24 @@ class Supervisor:
             self.policy.period,
         )
         self.loop.call_later(decision.delay, self._spawn, shard)
+
+    def _acks(self, shard: ShardProcess) -> None:
+        """Release our copies of the connections the shard has taken."""
+        control = shard.control
+        while control is not None:
+            try:
+                data = control.recv(MAX_HEADER)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            if not data:  # the shard's end closed: _exited follows
+                self.loop.remove_reader(control.fileno())
+                return
+            for handoff in json.loads(data).get("ids", ()):
+                sock = shard.inflight.pop(handoff, None)
+                if sock is not None:
+                    sock.close()
 
     def _shard_event(self, event: ShardEvent) -> None:
         shard = self.shards[event.index]
@@ -218,11 +248,13 @@ class Supervisor:
         shard = self.shards[stable_hash(claims.user, len(self.shards))]
         if not shard.ready or shard.control is None:
             return 503, "Service Unavailable", {"Retry-After": "1"}
-        header = {"user": claims.user, "channels": list(claims.channels)}
+        self._handoffs += 1
+        header = {"id": self._handoffs, "user": claims.user, "channels": list(claims.channels)}
         try:
             send_connection(shard.control, header, sock)
         except OSError:  # the shard is not keeping up (or just died)
             return 503, "Service Unavailable", {"Retry-After": "1"}
+        shard.inflight[self._handoffs] = sock
         return None
 
     # -- stopping ----------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from actors.cache_actor import (
 )
 from actors.ids import ChannelId, ConnId, UserId
 from shards.connection import Connection
-from shards.handoff import recv_connection
+from shards.handoff import recv_connection, send_message
 
 log = logging.getLogger("ucc.shard")
 
@@ -79,23 +79,40 @@ class Shard:
     # -- from the supervisor -----------------------------------------------------------------
 
     def _on_control(self) -> None:
+        acks: list[int] = []
+        try:
+            for _ in range(256):
+                if not self._control_message(acks):
+                    break
+        finally:
+            if acks:  # the supervisor keeps its copy of each socket until we have it
+                with contextlib.suppress(OSError):
+                    send_message(self.control, {"op": "ack", "ids": acks})
+
+    def _control_message(self, acks: list[int]) -> bool:
+        """Handle one message from the supervisor; False when there is nothing more to read."""
         try:
             received = recv_connection(self.control)
         except BlockingIOError:
-            return
+            return False
         except OSError as exc:
             log.error("shard %d: control socket failed: %s", self.index, exc)
             received = None
         if received is None:  # the supervisor is gone: so are we
             log.warning("shard %d: supervisor gone, exiting", self.index)
             self.stop(None)
-            return
+            return False
         header, sock = received
         if header.get("op") == "shutdown":
             self.stop(float(header.get("drain_window", 0.0)))
-            return
+            return False
         if sock is None:
-            return
+            return True
+        acks.append(int(header["id"]))
+        self._accept(header, sock)
+        return True
+
+    def _accept(self, header: dict[str, Any], sock: socket.socket) -> None:
         conn_id = ConnId(self._next_conn)
         self._next_conn += 1
         user = UserId(int(header["user"]))

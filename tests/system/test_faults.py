@@ -10,6 +10,8 @@ import time
 from dataclasses import dataclass, field
 
 import psutil
+import pytest
+from websockets.exceptions import InvalidStatus
 
 from shards.client import Client
 from shards.testing import TIME_FACTOR, Cluster, Peer, connect_peer, wait_until
@@ -156,12 +158,18 @@ def test_crash_loop_exhausts_restarts_and_exits_non_zero(ucc_cluster):
     # shard 1 runs normally at first, then crashes on every restart
     cluster: Cluster = ucc_cluster(shards=2, env={"UCC_TEST_CRASH_SHARD": "1:2"})
     survivor_user = next(u for u in range(1, 100) if cluster.shard_of(u) == 0)
+    doomed_user = next(u for u in range(1, 100) if cluster.shard_of(u) == 1)
 
     async def scenario() -> None:
         peer = await connect_peer(cluster, survivor_user, [CHANNEL])
         with Publisher(cluster.command, interval=0.01) as publisher:
             await wait_async(lambda: publisher.sent > 10, 10, "for load")
             cluster.kill_shard(1)
+            # while it is down, its users are refused clearly, not accepted and dropped
+            with pytest.raises(InvalidStatus) as refused:
+                await connect_peer(cluster, doomed_user)
+            assert refused.value.response.status_code == 503
+            assert refused.value.response.headers["Retry-After"] == "1"
             loop = asyncio.get_running_loop()
             code = await loop.run_in_executor(None, cluster.proc.wait, 60 * TIME_FACTOR)
             assert code != 0
