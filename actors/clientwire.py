@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import json
 
+from actors.errors import PeerError
 from actors.ids import ChannelId, parse_id
 
 KINDS = ("subscribe", "unsubscribe", "ping")
 
 
-class ClientFrameError(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
+class ClientFrameError(PeerError):
+    """A client frame the connection answers with an error frame."""
 
 
 def parse_client_frame(payload: bytes) -> tuple[str, ChannelId | None]:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+from actors.errors import PeerError
 from actors.ids import parse_id
 
 MAX_IDS_PER_COMMAND = 100_000
@@ -39,13 +40,8 @@ COMMANDS: dict[str, dict[str, Field]] = {
 }
 
 
-class CommandError(Exception):
+class CommandError(PeerError):
     """A request the router refuses; ``code`` is one of the documented error codes."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
 
 
 @dataclass(frozen=True, slots=True)
