@@ -152,7 +152,7 @@ class Shard:
 
     def apply(self, actions: list[LoopAction]) -> None:
         conns = self.conns
-        for action in actions:
+        for action in coalesce(actions):
             kind = action[0]
             if kind == "deliver":
                 frame = action[1]
@@ -220,6 +220,22 @@ class Shard:
         deadline = self.loop.time() + grace
         while self.conns and self.loop.time() < deadline:
             await asyncio.sleep(0.02)
+
+
+def coalesce(actions: list[LoopAction]) -> list[LoopAction]:
+    """Merge consecutive deliveries to the very same recipients (the cache hands out one tuple
+    per channel until it changes) into one: one ``write()`` per connection carries them all."""
+    merged: list[LoopAction] = []
+    frames_of: dict[int, list[bytes]] = {}  # position in merged -> frames of its run
+    for action in actions:
+        last = merged[-1] if merged else None
+        if last is not None and action[0] == "deliver" == last[0] and action[2] is last[2]:
+            frames_of.setdefault(len(merged) - 1, [last[1]]).append(action[1])
+        else:
+            merged.append(action)
+    for position, run in frames_of.items():
+        merged[position] = ("deliver", b"".join(run), merged[position][2])
+    return merged
 
 
 def _die_with_parent() -> None:
