@@ -12,7 +12,7 @@ def test_coalesce_merges_runs_to_the_same_recipients_in_order():
         ("deliver", b"d", channel_b),
         ("registered", 5),
         ("deliver", b"e", channel_b),
-        ("deliver", b"f", (3,)),  # equal but not the same tuple: the cache changed in between
+        ("deliver", b"f", tuple([3])),  # equal, not the same: the cache changed in between
     ]
     assert coalesce(actions) == [
         ("deliver", b"abc", channel_a),
