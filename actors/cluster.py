@@ -2,7 +2,9 @@
 
 Owns: every name this system uses in Redis (docs/cluster.md has the table) and the bytes of
 the messages published between hosts. Must never do I/O. All names share one hash tag,
-``{ucc:<cluster>}``, so that multi-key operations and scripts stay in one slot of a Redis Cluster.
+``{ucc:<cluster>}``, so that multi-key operations and scripts stay in one slot of a Redis Cluster,
+and the topics too, so that a script may ``SPUBLISH`` to them. Every script takes ``KEYS[1]`` (the
+hosts set), which is how a Redis Cluster client routes it to the node that owns the slot.
 
 | name | type | content |
 |---|---|---|
@@ -129,7 +131,7 @@ return found
 )
 
 # ARGV[4]: the encoded frame; ARGV[5..]: user ids. Publishes to each other host that has some
-# of the users, only their ids. Returns the number of hosts published to.
+# of the users, only their ids. Returns the number of hosts published to. For a single Redis.
 PUBLISH_USERS = (
     _LIVE_OTHERS
     + """
@@ -152,6 +154,10 @@ end
 return sent
 """
 )
+
+# The same for a Redis Cluster: sharded pub/sub. The inbox topics carry the scripts' hash tag, so
+# the script publishes within its own slot (KEYS[1]'s), as Redis Cluster requires of SPUBLISH.
+SPUBLISH_USERS = PUBLISH_USERS.replace("redis.call('PUBLISH',", "redis.call('SPUBLISH',")
 
 # Replace this host's presence. ARGV[4]: expiry (ms since the epoch); ARGV[5]: ttl (ms);
 # ARGV[6]: JSON {"users": [...], "channels": {"<id>": [...]}}. Also forgets expired hosts.

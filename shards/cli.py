@@ -183,7 +183,8 @@ def _add_serve(subparsers: Subparsers) -> None:
         "--redis",
         metavar="URL",
         default=os.environ.get("UCC_REDIS_URL") or None,
-        help="Redis URL for cross-host fan-out (default: $UCC_REDIS_URL; none)",
+        help="Redis URL for cross-host fan-out; redis+cluster://HOST:PORT (or rediss+cluster://)"
+        " for a Redis Cluster (default: $UCC_REDIS_URL; none)",
     )
     parser.add_argument(
         "--cluster-name",

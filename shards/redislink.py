@@ -5,9 +5,16 @@ RouterActor (publish, cluster presence queries, presence snapshots, probes) in b
 reports each result back; the *listener* holds the pub/sub subscriptions (the host's inbox and
 one topic per channel the host has members of), remembers them, and replays them after every
 reconnect. A periodic self-probe through the host's own inbox catches a subscription that
-silently stopped receiving. Must never block the router (``submit`` never waits, and fails
-fast with a bounded queue) and never crash on what Redis sends: a malformed message is
-counted and dropped.
+silently stopped receiving.
+
+Two modes, chosen by the URL: a single Redis (``redis://``, ``rediss://``, ``unix://``: PUBLISH
+and SUBSCRIBE), or a Redis Cluster (``redis+cluster://`` or ``rediss+cluster://`` naming a seed
+node: redis-py's ``RedisCluster``, sharded pub/sub with SPUBLISH and SSUBSCRIBE, Redis 7+ or
+Valkey). All keys and topics of a cluster of hosts share one hash tag, so in a Redis Cluster they
+live in one slot, on one node, and every script names a key (``KEYS[1]``) to be routed there.
+
+Must never block the router (``submit`` never waits, and fails fast with a bounded queue) and
+never crash on what Redis sends: a malformed message is counted and dropped.
 """
 
 from __future__ import annotations
@@ -25,6 +32,10 @@ from collections.abc import Callable
 from typing import Any
 
 import redis
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.cluster import RedisCluster
+from redis.exceptions import ClusterError, RedisClusterException
+from redis.retry import Retry
 
 from actors import cluster
 from actors.cluster import Layout, Message
@@ -37,7 +48,16 @@ PRESENCE_TTL = 5.0  # a host that stops refreshing leaves presence after this lo
 PROBE_INTERVAL = 1.0
 PROBE_TIMEOUT = 3.0
 BACKOFF = (0.05, 0.1, 0.2, 0.4, 0.8, 1.0)
-ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
+# Redis is away (or the cluster has no owner for our slot): fail what is queued, reconnect
+ERRORS = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    OSError,
+    ClusterError,  # CLUSTERDOWN, MASTERDOWN
+    RedisClusterException,  # no reachable node, slot not covered
+)
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+Client = redis.Redis | RedisCluster
 
 # what the link tells its owner (from its own threads):
 #   ("state", up)                       connected or not
@@ -50,9 +70,22 @@ def host_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
+def cluster_seed(url: str) -> str | None:
+    """The plain URL of the seed node if ``url`` names a Redis Cluster (``redis+cluster://`` or
+    ``rediss+cluster://``); None if it names a single Redis."""
+    scheme, separator, rest = url.partition("://")
+    plain = CLUSTER_SCHEMES.get(scheme.lower())
+    return f"{plain}://{rest}" if separator and plain else None
+
+
 class RedisLink:
     def __init__(self, url: str, name: str, notify: Callable[[Event], None]) -> None:
         self.url = url
+        seed = cluster_seed(url)
+        self.sharded = seed is not None  # a Redis Cluster: sharded pub/sub
+        self._target = seed or url
+        self._publish = "SPUBLISH" if self.sharded else "PUBLISH"
+        self._publish_users = cluster.SPUBLISH_USERS if self.sharded else cluster.PUBLISH_USERS
         self.layout = Layout(name)
         self.host = host_id()
         self.notify = notify
@@ -68,10 +101,26 @@ class RedisLink:
             threading.Thread(target=self._listen, name="ucc-redis-listener", daemon=True),
         ]
 
-    def _client(self) -> redis.Redis:
-        return redis.Redis.from_url(
-            self.url, socket_timeout=2.0, socket_connect_timeout=1.0, health_check_interval=0
-        )
+    def _client(self) -> Client:
+        """A new client (in cluster mode, this discovers the cluster's nodes: it may raise)."""
+        options: dict[str, Any] = {
+            "socket_timeout": 2.0,
+            "socket_connect_timeout": 1.0,
+            "health_check_interval": 0,
+        }
+        if self.sharded:
+            # few, short retries (each refreshes the slot map): the link has its own backoff
+            retry = Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.2), 2)
+            return RedisCluster.from_url(self._target, retry=retry, **options)
+        return redis.Redis.from_url(self._target, **options)
+
+    def _ping(self, client: Client) -> None:
+        if isinstance(client, RedisCluster):
+            # a keyed command: it asks the node that owns our slot (not every node), and fails
+            # while the cluster is down (a PING would not)
+            client.exists(self.layout.hosts)
+        else:
+            client.ping()
 
     def start(self) -> None:
         for thread in self._threads:
@@ -97,13 +146,15 @@ class RedisLink:
             thread.join(timeout)
         with contextlib.suppress(*ERRORS):
             client = self._client()
-            client.eval(cluster.LEAVE, 1, self.layout.hosts, self.layout.prefix, self.host)
-            client.close()
+            try:
+                client.eval(cluster.LEAVE, 1, self.layout.hosts, self.layout.prefix, self.host)
+            finally:
+                client.close()
 
     # -- the worker --------------------------------------------------------------------------
 
     def _work(self) -> None:
-        client: redis.Redis | None = None
+        client: Client | None = None
         attempt = 0
         next_probe = 0.0
         while not self.stopping.is_set():
@@ -126,16 +177,22 @@ class RedisLink:
             except ERRORS as exc:
                 log.warning("redis: %s; reconnecting", exc)
                 self._fail(batch)
+                with contextlib.suppress(*ERRORS):
+                    client.close()
                 client = None
                 self._set_state(False)
 
-    def _connect(self, attempt: int) -> redis.Redis | None:
+    def _connect(self, attempt: int) -> Client | None:
         if attempt:
             self.stopping.wait(BACKOFF[min(attempt - 1, len(BACKOFF) - 1)])
+        client = None
         try:
             client = self._client()
-            client.ping()
+            self._ping(client)
         except ERRORS:
+            if client is not None:
+                with contextlib.suppress(*ERRORS):
+                    client.close()
             return None
         if attempt:
             self.counters["reconnects"] += 1
@@ -154,33 +211,39 @@ class RedisLink:
             pass
         return batch
 
-    def _run(self, client: redis.Redis, batch: list[tuple[Any, ...]]) -> None:
+    def _run(self, client: Client, batch: list[tuple[Any, ...]]) -> None:
         if not batch:
             return
         layout, host = self.layout, self.host
         now_ms = int(time.time() * 1000)
         pipe = client.pipeline(transaction=False)
+
+        def script(source: str, *args: Any) -> None:
+            # EVAL spelled out: a cluster pipeline has no eval(); KEYS[1] routes it to our slot
+            pipe.execute_command(
+                "EVAL", source, 1, layout.hosts, layout.prefix, host, now_ms, *args
+            )
+
         for op in batch:
             name = op[0]
-            common = (1, layout.hosts, layout.prefix, host, now_ms)
             if name == "publish_channel":
                 payload = cluster.encode(Message(host, None, op[3]))
-                pipe.publish(layout.channel_topic(op[2]), payload)
+                pipe.execute_command(self._publish, layout.channel_topic(op[2]), payload)
             elif name == "publish_users":
-                pipe.eval(cluster.PUBLISH_USERS, *common, op[3], *op[2])
+                script(self._publish_users, op[3], *op[2])
             elif name == "online":
-                pipe.eval(cluster.ONLINE, *common)
+                script(cluster.ONLINE)
             elif name == "online_channel":
-                pipe.eval(cluster.ONLINE_IN_CHANNEL, *common, op[2])
+                script(cluster.ONLINE_IN_CHANNEL, op[2])
             elif name == "are_online":
-                pipe.eval(cluster.ARE_ONLINE, *common, *op[2])
+                script(cluster.ARE_ONLINE, *op[2])
             elif name == "snapshot":
                 body = json.dumps(op[2])
                 ttl = int(PRESENCE_TTL * 1000)
-                pipe.eval(cluster.SNAPSHOT, *common, now_ms + ttl, ttl, body)
+                script(cluster.SNAPSHOT, now_ms + ttl, ttl, body)
             elif name == "probe":
                 probe = cluster.encode(Message(host, None, b"", probe=True))
-                pipe.publish(layout.host_topic(host), probe)
+                pipe.execute_command(self._publish, layout.host_topic(host), probe)
         results = pipe.execute(raise_on_error=False)
         events: list[Event] = []
         for op, value in zip(batch, results, strict=True):
@@ -223,17 +286,17 @@ class RedisLink:
         pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
         try:
             self._apply_topic_changes()
-            pubsub.subscribe(*self.topics)
+            self._subscribe(pubsub, True, *self.topics)
             self.last_probe_seen = time.monotonic()
             while not self.stopping.is_set():
                 self._sync_topics(pubsub)
                 deliveries: list[tuple[int | None, list[int], bytes]] = []
-                message = pubsub.get_message(timeout=0.05)
+                message = self._next_message(pubsub, 0.05)
                 while message is not None and len(deliveries) < BATCH:
                     delivery = self._decode(message)
                     if delivery is not None:
                         deliveries.append(delivery)
-                    message = pubsub.get_message(timeout=0)
+                    message = self._next_message(pubsub, 0)
                 if deliveries:
                     self.notify(("deliver", deliveries))
                 if self.up and time.monotonic() - self.last_probe_seen > PROBE_TIMEOUT:
@@ -255,10 +318,21 @@ class RedisLink:
 
     def _sync_topics(self, pubsub: Any) -> None:
         for add, topic in self._apply_topic_changes():
-            if add:
-                pubsub.subscribe(topic)
-            else:
-                pubsub.unsubscribe(topic)
+            self._subscribe(pubsub, add, topic)
+
+    def _subscribe(self, pubsub: Any, add: bool, *topics: str) -> None:
+        """(Un)subscribe: SSUBSCRIBE and SUNSUBSCRIBE in a Redis Cluster."""
+        if self.sharded:
+            (pubsub.ssubscribe if add else pubsub.sunsubscribe)(*topics)
+        else:
+            (pubsub.subscribe if add else pubsub.unsubscribe)(*topics)
+
+    def _next_message(self, pubsub: Any, timeout: float) -> dict[str, Any] | None:
+        if self.sharded:
+            message: dict[str, Any] | None = pubsub.get_sharded_message(timeout=timeout)
+        else:
+            message = pubsub.get_message(timeout=timeout)
+        return message
 
     def _decode(self, message: dict[str, Any]) -> tuple[int | None, list[int], bytes] | None:
         self.counters["received"] += 1

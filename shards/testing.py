@@ -2,9 +2,11 @@
 
 Owns: a :class:`Cluster` (``ucc serve`` as a subprocess in its own process group, on free
 loopback ports, with a private secret), :class:`Peer` (a WebSocket client that records every
-frame it receives) and the pytest fixture ``ucc_cluster``. It is a public, documented API:
+frame it receives), the Redis servers that link hosts (:class:`RedisServer`, and
+:class:`RedisClusterServer`: a 3-node Redis Cluster) and the pytest fixtures ``ucc_cluster``,
+``redis_server`` and ``redis_cluster_server``. It is a public, documented API:
 applications use it to test themselves against ucc. Must never leave a process behind: every
-cluster is killed by its process group in ``finally``, even when the test fails.
+cluster and Redis server is killed by its process group in ``finally``, even when the test fails.
 
 Example::
 
@@ -36,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from websockets.asyncio.client import ClientConnection, connect
 
 from actors.ids import stable_hash
@@ -272,6 +275,148 @@ class RedisServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def redis_cli_binary() -> str:
+    """The command-line client that goes with :func:`redis_server_binary` (it creates Redis
+    Clusters): ``$UCC_REDIS_CLI``, else ``valkey-cli`` or ``redis-cli`` beside the server, else on
+    PATH."""
+    explicit = os.environ.get("UCC_REDIS_CLI")
+    if explicit:
+        return explicit
+    server = Path(redis_server_binary())
+    names = ("valkey-cli", "redis-cli") if "valkey" in server.name else ("redis-cli", "valkey-cli")
+    for name in names:
+        if (server.parent / name).is_file():
+            return str(server.parent / name)
+    for name in names:
+        found = shutil.which(name)
+        if found:
+            return found
+    raise FileNotFoundError(f"no valkey-cli or redis-cli beside {server} or on PATH")
+
+
+class RedisClusterServer:
+    """A real Redis Cluster (Redis 7+ or Valkey 8: sharded pub/sub) of ``nodes`` primaries and no
+    replicas, on free loopback ports, each node in its own temporary directory and process group.
+
+    ``url`` is the ``redis+cluster://`` URL of its first node (the seed) for ``ucc serve --redis``.
+    A node can be stopped (SIGKILL) and started again: it keeps its place and its slots, not its
+    data (nothing is saved).
+    """
+
+    def __init__(self, nodes: int = 3, timeout: float = 30.0) -> None:
+        self.ports = [free_port() for _ in range(nodes)]
+        # the cluster bus: not port + 10000, which may be taken or beyond 65535
+        self.bus_ports = [free_port() for _ in range(nodes)]
+        self.dirs = [tempfile.mkdtemp(prefix="ucc-redis-cluster-") for _ in range(nodes)]
+        self.procs: list[subprocess.Popen[bytes] | None] = [None] * nodes
+        try:
+            for index in range(nodes):
+                self.start_node(index)
+            self._create(timeout * TIME_FACTOR)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def url(self) -> str:
+        return f"redis+cluster://127.0.0.1:{self.ports[0]}"
+
+    def start_node(self, index: int) -> None:
+        """Start node ``index`` (again); wait until it answers."""
+        port = self.ports[index]
+        command = [
+            redis_server_binary(),
+            "--port", str(port),
+            "--cluster-port", str(self.bus_ports[index]),
+            "--bind", "127.0.0.1",
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", self.dirs[index],
+            "--cluster-enabled", "yes",
+            "--cluster-config-file", "nodes.conf",
+            "--cluster-node-timeout", "2000",
+        ]  # fmt: skip
+        self.procs[index] = subprocess.Popen(
+            command,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # its own process group: killed in close()
+        )
+
+        def answers() -> bool:
+            return bool(self._info(port))
+
+        wait_until(answers, 10, what=f"for the Redis node on port {port}")
+
+    def stop_node(self, index: int) -> None:
+        """SIGKILL node ``index``."""
+        proc, self.procs[index] = self.procs[index], None
+        if proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(10)
+
+    def node_of(self, key: str) -> int:
+        """The index of the node that owns ``key``'s slot."""
+        with self._node(self.ports[0]) as node:
+            slot = int(node.execute_command("CLUSTER", "KEYSLOT", key))
+            for first, last, owner, *_ in node.execute_command("CLUSTER", "SLOTS"):
+                if first <= slot <= last:
+                    return self.ports.index(int(owner[1]))
+        raise AssertionError(f"no node owns slot {slot}")
+
+    def _node(self, port: int) -> redis.Redis:
+        return redis.Redis(port=port, socket_timeout=2.0, socket_connect_timeout=1.0)
+
+    def _info(self, port: int) -> str:
+        """The node's ``CLUSTER INFO``, or "" if it does not answer (yet)."""
+        try:
+            with self._node(port) as node:
+                return str(node.execute_command("CLUSTER", "INFO").decode())
+        except (redis.RedisError, OSError):
+            return ""
+
+    def _create(self, timeout: float) -> None:
+        command = [
+            redis_cli_binary(), "--cluster", "create",
+            *(f"127.0.0.1:{port}" for port in self.ports),
+            "--cluster-replicas", "0",
+            "--cluster-yes",
+        ]  # fmt: skip
+        created = subprocess.run(command, capture_output=True, timeout=timeout, check=False)
+        if created.returncode != 0:
+            output = (created.stdout + created.stderr).decode(errors="replace")
+            raise AssertionError(f"cannot create the Redis Cluster: {output[-2000:]}")
+        self.wait_ok()
+
+    def wait_ok(self, timeout: float = 10.0) -> None:
+        """Wait until every node knows every other and reports ``cluster_state:ok``."""
+        known = f"cluster_known_nodes:{len(self.ports)}"
+
+        def ready() -> bool:
+            infos = [self._info(port) for port in self.ports]
+            return all("cluster_state:ok" in info and known in info for info in infos)
+
+        wait_until(ready, timeout, what="for every node to report cluster_state:ok")
+
+    def subscribers(self, topic: str, sharded: bool = True) -> int:
+        """How many connections listen to ``topic`` on all nodes (SSUBSCRIBE, or SUBSCRIBE)."""
+        total = 0
+        for port in self.ports:
+            with self._node(port) as node:
+                kind = "SHARDNUMSUB" if sharded else "NUMSUB"
+                _, count = node.execute_command("PUBSUB", kind, topic)  # [topic, count]
+                total += int(count)
+        return total
+
+    def close(self) -> None:
+        for index in range(len(self.procs)):
+            self.stop_node(index)
+        for directory in self.dirs:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
 class Peer:
     """A WebSocket client that records every JSON frame it receives."""
 
@@ -339,6 +484,16 @@ async def connect_peer(
 def redis_server() -> Iterator[RedisServer]:
     """A fresh Redis-protocol server on a free port, killed when the test ends."""
     server = RedisServer()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def redis_cluster_server() -> Iterator[RedisClusterServer]:
+    """A fresh 3-node Redis Cluster (``url``: ``redis+cluster://…``), killed when the test ends."""
+    server = RedisClusterServer()
     try:
         yield server
     finally:
