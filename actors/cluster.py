@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import Any
+
+from actors.ids import parse_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,17 +59,36 @@ class Layout:
 
 @dataclass(frozen=True, slots=True)
 class Message:
-    """A broadcast between hosts: from ``origin``, to ``users`` (or a channel), this frame."""
+    """A broadcast between hosts: from ``origin``, to ``users`` (or a channel), this frame; or,
+    with ``control``, a backend command for those users (subscribe, unsubscribe, disconnect)."""
 
     origin: str
     users: list[int] | None
     frame: bytes
     probe: bool = False
+    control: dict[str, Any] | None = None
+
+
+CONTROL_OPS = ("subscribe", "unsubscribe", "disconnect")
 
 
 def encode(message: Message) -> bytes:
-    header = json.dumps({"o": message.origin, "u": message.users, "p": message.probe}).encode()
+    fields: dict[str, Any] = {"o": message.origin, "u": message.users, "p": message.probe}
+    if message.control is not None:
+        fields["c"] = message.control
+    header = json.dumps(fields).encode()
     return len(header).to_bytes(4, "big") + header + message.frame
+
+
+def _control(value: Any) -> dict[str, Any] | None:
+    """A valid control command, or None (raises ValueError if present but malformed)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or value.get("op") not in CONTROL_OPS:
+        raise ValueError("bad control")
+    if value["op"] != "disconnect" and parse_id(value.get("channel")) is None:
+        raise ValueError("bad control channel")
+    return value
 
 
 def decode(raw: bytes) -> Message | None:
@@ -75,7 +97,8 @@ def decode(raw: bytes) -> Message | None:
         size = int.from_bytes(raw[:4], "big")
         header = json.loads(raw[4 : 4 + size])
         origin, users, probe = header["o"], header["u"], bool(header.get("p"))
-    except (ValueError, KeyError, TypeError):
+        control = _control(header.get("c"))
+    except (ValueError, KeyError, TypeError, AttributeError):
         return None
     if not isinstance(origin, str):
         return None
@@ -83,7 +106,7 @@ def decode(raw: bytes) -> Message | None:
         not isinstance(users, list) or not all(type(u) is int and u > 0 for u in users)
     ):
         return None
-    return Message(origin, users, raw[4 + size :], probe)
+    return Message(origin, users, raw[4 + size :], probe, control)
 
 
 # Scripts: KEYS[1] is the hosts sorted set; ARGV[1] the prefix, ARGV[2] this host, ARGV[3] now
@@ -130,8 +153,9 @@ return found
 """
 )
 
-# ARGV[4]: the encoded frame; ARGV[5..]: user ids. Publishes to each other host that has some
-# of the users, only their ids. Returns the number of hosts published to. For a single Redis.
+# ARGV[4]: the encoded frame; ARGV[5]: a control command as JSON, or ''; ARGV[6..]: user ids.
+# Publishes to each other host that has some of the users, only their ids. Returns the number of
+# hosts published to. For a single Redis.
 PUBLISH_USERS = (
     _LIVE_OTHERS
     + """
@@ -139,11 +163,13 @@ local sent = 0
 for _, h in ipairs(others) do
   local key = ARGV[1] .. ':h:' .. h .. ':users'
   local mine = {}
-  for i = 5, #ARGV do
+  for i = 6, #ARGV do
     if redis.call('SISMEMBER', key, ARGV[i]) == 1 then mine[#mine + 1] = tonumber(ARGV[i]) end
   end
   if #mine > 0 then
-    local header = cjson.encode({o = ARGV[2], u = mine, p = false})
+    local fields = {o = ARGV[2], u = mine, p = false}
+    if ARGV[5] ~= '' then fields.c = cjson.decode(ARGV[5]) end
+    local header = cjson.encode(fields)
     local size = string.char(
       math.floor(#header / 16777216) % 256, math.floor(#header / 65536) % 256,
       math.floor(#header / 256) % 256, #header % 256)

@@ -262,7 +262,11 @@ class RouterCore:
         elif name in ("subscribe", "unsubscribe", "disconnect"):
             index = self._shard_of(args["user"])
             query = {"op": name, **args}
-            self._gather(envelope, cmd, {index}, now, _sum_connections, lambda _: query)
+            # in a cluster, the hosts that have the user apply it too (connections counts ours)
+            forward = ("publish_users", [args["user"]], b"", query)
+            self._gather(
+                envelope, cmd, {index}, now, _sum_connections, lambda _: query, None, forward
+            )
         elif name == "router_stats":
             self._reply(envelope, cmd, self.statistics())
         elif name == "status":
@@ -405,6 +409,14 @@ class RouterCore:
         else:
             self._deliver_to_users(users, frame)
 
+    def remote_control(self, users: list[int], control: dict[str, Any]) -> None:
+        """A backend command from another host for users we have: apply it, answer nobody."""
+        for index, group in self._by_shard(users).items():
+            if self.slots[index].state is ShardState.UP:
+                for user in group:
+                    body = {**control, "user": user}
+                    self._send(index, shardwire.query(0, body))  # qid 0: no gather waits
+
     def snapshot(self, now: float) -> None:
         """Gather this host's presence from its shards, for the Redis link to publish."""
         qid = self._next_qid
@@ -489,4 +501,8 @@ def _snapshot(gather: Gather) -> dict[str, Any]:
 
 
 def _sum_connections(gather: Gather) -> dict[str, Any]:
-    return {"connections": sum(a["connections"] for a in gather.answers.values())}
+    local = sum(a["connections"] for i, a in gather.answers.items() if i != REDIS)
+    result: dict[str, Any] = {"connections": local}
+    if REDIS in gather.answers:  # how many other hosts have the user and were told
+        result["hosts"] = gather.answers[REDIS]["value"]
+    return result

@@ -145,8 +145,11 @@ class RouterActor(SocketActor):
             for _, qid, ok, body in event[1]:
                 self.core.redis_result(qid, ok, body)
         elif kind == "deliver":
-            for channel, users, frame in event[1]:
-                self.core.remote_delivery(channel, users, frame)
+            for channel, users, frame, control in event[1]:
+                if control is not None:
+                    self.core.remote_control(users, control)
+                else:
+                    self.core.remote_delivery(channel, users, frame)
 
     def _drain(self, sock: zmq.Socket[bytes], now: float) -> None:
         for _ in range(BATCH):

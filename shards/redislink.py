@@ -62,8 +62,9 @@ Client = redis.Redis | RedisCluster
 # what the link tells its owner (from its own threads):
 #   ("state", up)                       connected or not
 #   ("result", qid, ok, body)           the answer to an operation
-#   ("deliver", [(channel|None, users, frame), ...])   broadcasts from other hosts
+#   ("deliver", [(channel|None, users, frame, control|None), ...])   from other hosts
 Event = tuple[Any, ...]
+Delivery = tuple[int | None, list[int], bytes, dict[str, Any] | None]
 
 
 def host_id() -> str:
@@ -229,8 +230,9 @@ class RedisLink:
             if name == "publish_channel":
                 payload = cluster.encode(Message(host, None, op[3]))
                 pipe.execute_command(self._publish, layout.channel_topic(op[2]), payload)
-            elif name == "publish_users":
-                script(self._publish_users, op[3], *op[2])
+            elif name == "publish_users":  # (name, qid, users, frame, control or None)
+                control = json.dumps(op[4]) if len(op) > 4 and op[4] is not None else ""
+                script(self._publish_users, op[3], control, *op[2])
             elif name == "online":
                 script(cluster.ONLINE)
             elif name == "online_channel":
@@ -290,7 +292,7 @@ class RedisLink:
             self.last_probe_seen = time.monotonic()
             while not self.stopping.is_set():
                 self._sync_topics(pubsub)
-                deliveries: list[tuple[int | None, list[int], bytes]] = []
+                deliveries: list[Delivery] = []
                 message = self._next_message(pubsub, 0.05)
                 while message is not None and len(deliveries) < BATCH:
                     delivery = self._decode(message)
@@ -334,7 +336,7 @@ class RedisLink:
             message = pubsub.get_message(timeout=timeout)
         return message
 
-    def _decode(self, message: dict[str, Any]) -> tuple[int | None, list[int], bytes] | None:
+    def _decode(self, message: dict[str, Any]) -> Delivery | None:
         self.counters["received"] += 1
         topic = message["channel"].decode(errors="replace")
         decoded = cluster.decode(message["data"])
@@ -351,7 +353,7 @@ class RedisLink:
         if channel is None and decoded.users is None:
             self.counters["malformed"] += 1
             return None
-        return channel, decoded.users or [], decoded.frame
+        return channel, decoded.users or [], decoded.frame, decoded.control
 
 
 def _answer(name: str, value: Any) -> dict[str, Any]:

@@ -181,3 +181,28 @@ def test_redis_outage_keeps_local_delivery_and_says_so(redis_server, ucc_cluster
         await remote.close()
 
     asyncio.run(scenario())
+
+
+def test_subscribe_unsubscribe_and_disconnect_reach_the_users_host(redis_server, ucc_cluster):
+    a, b = hosts(ucc_cluster, redis_server, 2)
+
+    async def scenario() -> None:
+        phone = await connect_peer(b, 42)
+        wait_presence(a.client(), [42])
+        client = a.client()  # a backend talking to the host that does not hold user 42
+        reply = client.subscribe(42, 9)
+        assert reply["connections"] == 0  # none here...
+        assert reply["hosts"] == 1  # ...but host b has the user and applied it
+        wait_until(
+            lambda: client.get_online_users_in_channel(9) == [42], 5, what="for the membership"
+        )
+        client.broadcast_to_channel(9, "nine")
+        await phone.wait_for(lambda f: f[-1].get("data") == "nine")
+        assert client.unsubscribe(42, 9)["hosts"] == 1
+        wait_until(lambda: client.get_online_users_in_channel(9) == [], 5, what="for the leave")
+        assert client.disconnect(42)["hosts"] == 1
+        await asyncio.wait_for(phone.closed.wait(), 5)
+        assert phone.ws.close_code == 4001
+        wait_presence(client, [])
+
+    asyncio.run(scenario())
