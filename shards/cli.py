@@ -480,6 +480,147 @@ def _run_status(args: argparse.Namespace) -> int:
     return _talk(args, action)
 
 
+# --- bench -------------------------------------------------------------------------------------
+
+BENCH_SCENARIOS = ("idle", "fanout", "rooms", "direct", "connect")
+
+
+def _rate(text: str) -> str:
+    """Messages per second, or ``max`` (as fast as the server absorbs)."""
+    if text == "max":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive rate or 'max', got {text!r}")
+    return text
+
+
+def _count_list(text: str) -> list[int]:
+    """Comma-separated positive integers, e.g. ``1000,5000,10000``."""
+    return [_positive_int(part.strip()) for part in text.split(",") if part.strip()]
+
+
+def _add_bench(subparsers: Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "bench",
+        help="measure a ucc server (started for the run, or --target) under load",
+        description=(
+            "Run a load scenario against ucc (and with --reference, against a plain websockets"
+            " server too) and print the figures: a table, or one JSON object with --json."
+        ),
+    )
+    parser.add_argument(
+        "scenario",
+        choices=BENCH_SCENARIOS,
+        metavar="SCENARIO",
+        help="one of: " + ", ".join(BENCH_SCENARIOS),
+    )
+    parser.add_argument(
+        "--connections", type=_positive_int, metavar="N", help="WebSocket connections to open"
+    )
+    parser.add_argument(
+        "--members",
+        type=_positive_int,
+        metavar="M",
+        help="members per channel (fanout: of the one channel)",
+    )
+    parser.add_argument("--rate", type=_rate, metavar="R", help="commands per second, or 'max'")
+    parser.add_argument(
+        "--messages",
+        type=_positive_int,
+        metavar="K",
+        help="commands to publish (default: rate x duration)",
+    )
+    parser.add_argument(
+        "--duration",
+        type=_seconds,
+        metavar="S",
+        help="publishing time with --rate max; hold time for idle",
+    )
+    parser.add_argument(
+        "--sweep",
+        type=_count_list,
+        metavar="M1,M2",
+        help="repeat for these members (fanout, rooms) or connections",
+    )
+    parser.add_argument(
+        "--reference",
+        action="store_true",
+        help="also run it against a plain websockets server; report ratios",
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    parser.add_argument(
+        "--target",
+        metavar="ws://HOST:PORT",
+        help="measure this running server instead of starting one",
+    )
+    parser.add_argument(
+        "--command",
+        metavar="ENDPOINT",
+        default=os.environ.get("UCC_COMMAND") or DEFAULT_COMMAND,
+        help="with --target: its command endpoint (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--secret",
+        default=None,
+        help="with --target: its token secret (default: $UCC_SECRET or file)",
+    )
+    parser.add_argument(
+        "--shards",
+        type=_positive_int,
+        metavar="N",
+        help="shards of the server the bench starts (default: CPUs)",
+    )
+    parser.add_argument(
+        "--write-buffer-limit",
+        type=_positive_int,
+        metavar="BYTES",
+        default=ServeConfig.write_buffer_limit,
+        help="of the server the bench starts (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--serve-arg",
+        action="append",
+        metavar="ARG",
+        help="pass ARG to the `ucc serve` the bench starts (repeatable)",
+    )
+    parser.add_argument(
+        "--payload",
+        type=_positive_int,
+        default=100,
+        metavar="BYTES",
+        help="size of each message's JSON data (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=_positive_int,
+        default=256,
+        metavar="C",
+        help="connection attempts in flight per client process",
+    )
+    parser.add_argument(
+        "--client-procs",
+        type=_positive_int,
+        metavar="P",
+        help="client processes (default: 1, or N/12,500 up to 4)",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    parser.set_defaults(run=_run_bench)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    if args.target and not args.target.startswith("ws://"):
+        _error("--target must be a ws:// URL")
+        return 2
+    from shards.bench.runner import run  # noqa: PLC0415 - the bench is heavy; load it when used
+
+    code: int = run(args)
+    return code
+
+
 # --- entry point -------------------------------------------------------------------------------
 
 SUBCOMMANDS: list[Callable[[Subparsers], None]] = [
@@ -490,6 +631,7 @@ SUBCOMMANDS: list[Callable[[Subparsers], None]] = [
     _add_subscribe,
     _add_disconnect,
     _add_status,
+    _add_bench,
 ]
 
 

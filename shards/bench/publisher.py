@@ -1,0 +1,177 @@
+"""The backend side of a benchmark: broadcast commands over ZeroMQ, at a rate or flat out.
+
+Owns: one DEALER socket to the command endpoint, pre-encoded commands (``data`` carries
+``{"t": <monotonic ns at send>, "p": <padding>}``, so clients compute the delivery latency),
+pipelining with a bounded number of unanswered commands, an optional *gate* (the fan-out
+scenario holds publishing while the slowest sentinel client is too far behind, which is what
+"as fast as the server absorbs" means), and the command round-trip histogram. Must never block
+the event loop (every ZeroMQ call is ``NOBLOCK``) and never run unbounded: it stops at
+``count`` commands or at ``deadline``, whichever comes first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from shards.bench.loadclient import bucket
+
+STAMP_DATA_BYTES = 30  # {"t":<19 digits>,"p":"  and  "}
+Target = Callable[[int], tuple[str, int]]  # command index -> ("channel" | "user", id)
+
+
+def payload_padding(payload: int) -> bytes:
+    """Padding so that the JSON ``data`` is ``payload`` bytes long."""
+    return b"x" * max(0, payload - STAMP_DATA_BYTES)
+
+
+@dataclass(slots=True)
+class PublishResult:
+    sent: int = 0
+    acked: int = 0
+    errors: int = 0
+    first_error: str = ""
+    t_first_ns: int = 0
+    t_last_ns: int = 0  # the last send
+    t_last_ack_ns: int = 0
+    rtt_hist: dict[int, int] = field(default_factory=dict)
+    rtt_max_ns: int = 0
+    counts: dict[tuple[str, int], int] = field(default_factory=dict)
+
+
+class Publisher:
+    """Commands to one server; one per run. Use :meth:`run` once, then :meth:`close`."""
+
+    def __init__(self, endpoint: str, payload: int = 100, window: int = 1000) -> None:
+        self.context: zmq.Context[Any] = zmq.Context.instance()
+        self.sock = self.context.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.SNDHWM, 0)
+        self.sock.setsockopt(zmq.RCVHWM, 0)
+        self.sock.connect(endpoint)
+        self.padding = payload_padding(payload)
+        self.window = window
+        self._sent_at: dict[int, int] = {}
+        self._wake = asyncio.Event()
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+    def _encode(self, request_id: int, kind: str, target: int) -> bytes:
+        now = time.monotonic_ns()
+        if kind == "channel":
+            head = b'{"id":%d,"cmd":"broadcast_to_channel","channel":%d' % (request_id, target)
+        else:
+            head = b'{"id":%d,"cmd":"broadcast_to_user","user":%d' % (request_id, target)
+        return head + b',"data":{"t":%d,"p":"%b"}}' % (now, self.padding)
+
+    def _drain(self, result: PublishResult) -> None:
+        sock = self.sock
+        now = time.monotonic_ns()
+        while True:
+            try:
+                reply = sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            comma = reply.find(b",")
+            try:
+                request_id = int(reply[6:comma])
+            except ValueError:
+                request_id = -1
+            sent = self._sent_at.pop(request_id, None)
+            if sent is None:
+                continue
+            result.acked += 1
+            result.t_last_ack_ns = now
+            if not reply.startswith(b',"ok":true', comma):
+                result.errors += 1
+                if not result.first_error:
+                    result.first_error = reply[:200].decode(errors="replace")
+            rtt = now - sent
+            index = bucket(rtt)
+            result.rtt_hist[index] = result.rtt_hist.get(index, 0) + 1
+            result.rtt_max_ns = max(result.rtt_max_ns, rtt)
+
+    async def run(
+        self,
+        target: Target,
+        count: int,
+        rate: float | None,
+        deadline: float,
+        gate: Callable[[int], bool] | None = None,
+        on_progress: Callable[[PublishResult], None] | None = None,
+    ) -> PublishResult:
+        """Send up to ``count`` commands (``rate`` per second, or flat out when None) until
+        ``deadline`` (``time.monotonic()``); then wait, until the deadline plus 5 s at most,
+        for the replies to those sent."""
+        loop = asyncio.get_running_loop()
+        fd = self.sock.getsockopt(zmq.FD)
+        loop.add_reader(fd, self._wake.set)
+        result = PublishResult()
+        start = time.monotonic()
+        result.t_first_ns = time.monotonic_ns()
+        last_progress = start
+        try:
+            while result.sent < count:
+                now = time.monotonic()
+                if now >= deadline:
+                    break
+                due = count if rate is None else min(count, int((now - start) * rate) + 1)
+                while (
+                    result.sent < due
+                    and len(self._sent_at) < self.window
+                    and (gate is None or gate(result.sent))
+                ):
+                    request_id = result.sent + 1
+                    kind, ident = target(result.sent)
+                    try:
+                        self.sock.send(self._encode(request_id, kind, ident), zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self._sent_at[request_id] = time.monotonic_ns()
+                    result.sent += 1
+                    key = (kind, ident)
+                    result.counts[key] = result.counts.get(key, 0) + 1
+                    if result.sent % 64 == 0:
+                        self._drain(result)
+                self._drain(result)
+                if on_progress is not None and now - last_progress >= 0.25:
+                    last_progress = now
+                    on_progress(result)
+                if result.sent >= count:
+                    break
+                if rate is not None and result.sent >= due:
+                    wait = start + result.sent / rate - time.monotonic()
+                else:
+                    wait = 0.001  # window full or gated: a reply or a sentinel frame frees it
+                self._wake.clear()
+                if wait > 0:
+                    await self._wait(min(wait, max(0.0, deadline - time.monotonic())))
+                else:
+                    await asyncio.sleep(0)
+            result.t_last_ns = time.monotonic_ns()
+            final = min(deadline, time.monotonic()) + 5.0
+            while self._sent_at and time.monotonic() < final:
+                self._wake.clear()
+                self._drain(result)
+                if self._sent_at:
+                    await self._wait(0.005)
+            self._drain(result)
+        finally:
+            loop.remove_reader(fd)
+        return result
+
+    async def _wait(self, seconds: float) -> None:
+        """Wait for the socket's edge-triggered FD or ``seconds``, whichever comes first."""
+        if self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            return
+        try:
+            async with asyncio.timeout(seconds):
+                await self._wake.wait()
+        except TimeoutError:
+            pass
