@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +28,8 @@ from actors.inbox import SocketActor, SocketsReady, Tick
 log = logging.getLogger("ucc.cache")
 
 BATCH = 512
+WORK = 20_000  # recipients per round at most, so that the event loop's turns stay short
+HEARTBEAT = 0.25  # seconds between heartbeats to the router
 
 # What the actor asks of the event loop (one list per round):
 #   ("deliver", frame, conn_ids)       write frame to these connections
@@ -63,7 +66,8 @@ class Unsubscribe:
 
 @dataclass(frozen=True, slots=True)
 class Activity:
-    """Inbound activity since the last report, and a sign of life of the event loop."""
+    """Inbound activity since the last report, and a sign of life of the event loop (whose
+    age goes into every heartbeat: a stuck loop shows even while this thread is fine)."""
 
     last_seen: dict[ConnId, float]
     now: float
@@ -98,10 +102,13 @@ class CacheActor(SocketActor):
         self.sock.connect(router_endpoint)
         self._actions: list[LoopAction] = []
         self._delta = Delta()
+        self._loop_seen = time.monotonic()
+        self._last_sweep = 0.0
 
     def on_start(self) -> None:
         self.watch(self.sock)
         self._send(shardwire.hello(self.index, self.epoch, os.getpid(), self.cache.channels()))
+        self.set_timer(time.monotonic() + HEARTBEAT)
 
     def on_stop(self) -> None:
         super().on_stop()
@@ -124,21 +131,28 @@ class CacheActor(SocketActor):
             self._delta.merge(cache.unsubscribe(message.conn, message.channel))
             self._actions.append(("subscribed", message.conn, message.channel, False))
         elif isinstance(message, Activity):
+            self._loop_seen = time.monotonic()
             for conn, seen in message.last_seen.items():
                 cache.touch(conn, seen)
-            stale = cache.stale(message.now, self.stale_timeout)
-            if stale:
-                self._actions.append(("close", stale, 4002, "heartbeat timeout"))
-            self._send([shardwire.HEARTBEAT])
+            if message.now - self._last_sweep >= 1.0:  # the stale sweep walks every connection
+                self._last_sweep = message.now
+                stale = cache.stale(message.now, self.stale_timeout)
+                if stale:
+                    self._actions.append(("close", stale, 4002, "heartbeat timeout"))
         elif isinstance(message, Inspect):
             return cache
         elif isinstance(message, Tick):
-            pass
+            loop_age = message.now - self._loop_seen
+            self._send(shardwire.heartbeat(loop_age))
+            self.set_timer(message.now + HEARTBEAT)
         self._flush()
         return None
 
     def _drain(self) -> None:
+        work = 0
         for _ in range(BATCH):
+            if work > WORK:
+                return  # the socket stays readable: the rest comes next round
             try:
                 msg = self.sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
@@ -147,6 +161,7 @@ class CacheActor(SocketActor):
             if kind == shardwire.CHANNEL:
                 conns = self.cache.recipients(ChannelId(shardwire.unpack_id(msg[1])))
                 if conns:
+                    work += len(conns)
                     self._actions.append(("deliver", msg[2], conns))
             elif kind == shardwire.USERS:
                 targets = [
@@ -155,6 +170,7 @@ class CacheActor(SocketActor):
                     for conn in self.cache.connections_of(UserId(user))
                 ]
                 if targets:
+                    work += len(targets)
                     self._actions.append(("deliver", msg[2], targets))
             elif kind == shardwire.QUERY:
                 answer = self._answer(json.loads(msg[2]))

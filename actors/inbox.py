@@ -64,8 +64,7 @@ class PollingInbox:
 
     def get(self) -> Envelope[Any]:
         while True:
-            if self._queue:
-                return self._queue.popleft()
+            # a due timer goes first: heartbeats and deadlines must not queue behind a flood
             timeout_ms: int | None = None
             if self.next_timer is not None:
                 now = time.monotonic()
@@ -73,6 +72,8 @@ class PollingInbox:
                     self.next_timer = None
                     return Envelope(Tick(now))
                 timeout_ms = max(1, int((self.next_timer - now) * 1000) + 1)
+            if self._queue:
+                return self._queue.popleft()
             ready = dict(self._poller.poll(timeout_ms))
             if self._wake in ready:
                 with contextlib.suppress(BlockingIOError):

@@ -36,6 +36,7 @@ class ShardSlot:
     epoch: int = -1
     pid: int = 0
     last_seen: float = 0.0
+    loop_age: float = 0.0  # how long ago the shard's event loop last showed life
     channels: set[ChannelId] = field(default_factory=set)
 
     @property
@@ -118,9 +119,13 @@ class RouterCore:
             slot.state = ShardState.DOWN
 
     def check_hung(self, now: float, timeout: float) -> list[ShardSlot]:
-        """Declare down the up shards not heard from for ``timeout`` seconds (their heartbeats
-        stopped: a stuck loop, SIGSTOP) and report them to the supervisor, which kills them."""
-        hung = [s for s in self.up_shards() if now - s.last_seen > timeout]
+        """Declare down the up shards whose heartbeats stopped for ``timeout`` seconds (SIGSTOP,
+        a stuck process), or whose event loop has not turned for twice that (a stuck callback),
+        and report them to the supervisor, which kills them. A busy shard still turns its loop
+        and its heartbeat timer fires ahead of its queue, so load alone does not look hung."""
+        hung = [
+            s for s in self.up_shards() if now - s.last_seen > timeout or s.loop_age > 2 * timeout
+        ]
         for slot in hung:
             self.shard_down(slot.index, slot.epoch, now)
             self.events.append(ShardEvent(slot.index, ShardState.DOWN, slot.epoch, slot.pid))
@@ -157,7 +162,9 @@ class RouterCore:
             self.counters["stale_messages"] += 1  # an old incarnation's last words
             return
         slot.last_seen = now
-        if kind == shardwire.DELTA:
+        if kind == shardwire.HEARTBEAT and len(msg) > 1:
+            slot.loop_age = shardwire.unpack_id(msg[1]) / 1000
+        elif kind == shardwire.DELTA:
             self._delta(slot, shardwire.unpack_ids(msg[1]), shardwire.unpack_ids(msg[2]))
         elif kind == shardwire.RESULT:
             self._result(slot, shardwire.unpack_id(msg[1]), json.loads(msg[2]))
@@ -169,6 +176,7 @@ class RouterCore:
             return
         self._drop(slot, now)
         slot.epoch, slot.pid, slot.state, slot.last_seen = epoch, body["pid"], ShardState.UP, now
+        slot.loop_age = 0.0
         self._delta(slot, body["channels"], [])
         self.events.append(ShardEvent(slot.index, ShardState.UP, epoch, slot.pid))
 

@@ -16,7 +16,7 @@ Shard → router (DEALER, identity ``shard-<index>-<epoch>``):
 | ``H``, JSON ``{index, epoch, pid, channels}`` | hello: the shard is ready, with its channels |
 | ``D``, gained ids, lost ids | channels gained / lost (8 bytes per id) |
 | ``R``, query id, JSON | the answer to query ``Q`` |
-| ``P`` | heartbeat |
+| ``P``, age (8 bytes, ms) | heartbeat; the event loop was last seen ``age`` ago |
 """
 
 from __future__ import annotations
@@ -87,6 +87,10 @@ def result(qid: int, body: Any) -> list[bytes]:
 def hello(index: int, epoch: int, pid: int, channels: Sequence[int]) -> list[bytes]:
     body = {"index": index, "epoch": epoch, "pid": pid, "channels": list(channels)}
     return [HELLO, json.dumps(body).encode()]
+
+
+def heartbeat(loop_age: float) -> list[bytes]:
+    return [HEARTBEAT, pack_id(int(loop_age * 1000))]
 
 
 def delta(gained: Sequence[int], lost: Sequence[int]) -> list[bytes]:

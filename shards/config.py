@@ -36,7 +36,7 @@ class ServeConfig:
     gather_timeout: float = 1.0
     shutdown_timeout: float = 8.0
     drain_window: float = 1.0
-    hang_timeout: float = 1.0
+    hang_timeout: float = 1.5
     log_level: str = "INFO"
 
 

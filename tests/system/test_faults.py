@@ -125,7 +125,7 @@ def test_sigkill_one_shard_under_load(ucc_cluster):
 
 
 def test_sigstop_one_shard_is_detected_and_replaced(ucc_cluster):
-    cluster: Cluster = ucc_cluster(shards=3, args=("--hang-timeout", "1.0"))
+    cluster: Cluster = ucc_cluster(shards=3, args=("--hang-timeout", "1.5"))
     client = cluster.client()
     victim = 2
 

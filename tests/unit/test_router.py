@@ -632,3 +632,15 @@ def test_router_stats_answers_at_once(core):
     assert stats["pending_queries"] == 1
     assert stats["channels_indexed"] == 2
     assert stats["shards"] == {"0": "up", "1": "down", "2": "up"}
+
+
+def test_a_stuck_event_loop_is_hung_even_while_heartbeats_arrive(core):
+    for index in (0, 1):
+        core.shard_message(shardwire.identity(index, 1), shardwire.heartbeat(0.25), now=1.0)
+    stuck = shardwire.heartbeat(2.5)  # the actor thread beats; its loop last turned 2.5 s ago
+    core.shard_message(shardwire.identity(0, 1), stuck, now=1.1)
+    assert core.slots[0].loop_age == 2.5
+    hung = core.check_hung(now=1.2, timeout=1.5)  # 2.5 s is still under twice 1.5 s
+    assert [s.index for s in hung] == []
+    core.shard_message(shardwire.identity(0, 1), shardwire.heartbeat(3.1), now=1.3)
+    assert [s.index for s in core.check_hung(now=1.4, timeout=1.5)] == [0]
