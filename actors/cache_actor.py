@@ -157,25 +157,33 @@ class CacheActor(SocketActor):
                 msg = self.sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            kind = msg[0]
-            if kind == shardwire.CHANNEL:
-                conns = self.cache.recipients(ChannelId(shardwire.unpack_id(msg[1])))
-                if conns:
-                    work += len(conns)
-                    self._actions.append(("deliver", msg[2], conns))
-            elif kind == shardwire.USERS:
-                targets = [
-                    conn
-                    for user in shardwire.unpack_ids(msg[1])
-                    for conn in self.cache.connections_of(UserId(user))
-                ]
-                if targets:
-                    work += len(targets)
-                    self._actions.append(("deliver", msg[2], targets))
-            elif kind == shardwire.QUERY:
-                answer = self._answer(json.loads(msg[2]))
-                self._send_delta()  # the router must know a membership before its answer
-                self._send([shardwire.RESULT, msg[1], json.dumps(answer).encode()])
+            if msg[0] == shardwire.BATCH:
+                for kind, argument, payload in shardwire.unpack_batch(msg[1]):
+                    work += self._handle(kind, argument, payload)
+            else:
+                work += self._handle(msg[0], msg[1], msg[2])
+
+    def _handle(self, kind: bytes, argument: bytes, payload: bytes) -> int:
+        """One message from the router; returns how many recipients it costs."""
+        if kind == shardwire.CHANNEL:
+            conns = self.cache.recipients(ChannelId(shardwire.unpack_id(argument)))
+            if conns:
+                self._actions.append(("deliver", payload, conns))
+            return len(conns)
+        if kind == shardwire.USERS:
+            targets = [
+                conn
+                for user in shardwire.unpack_ids(argument)
+                for conn in self.cache.connections_of(UserId(user))
+            ]
+            if targets:
+                self._actions.append(("deliver", payload, targets))
+            return len(targets)
+        if kind == shardwire.QUERY:
+            answer = self._answer(json.loads(payload))
+            self._send_delta()  # the router must know a membership before its answer
+            self._send([shardwire.RESULT, argument, json.dumps(answer).encode()])
+        return 1
 
     def _answer(self, query: dict[str, Any]) -> dict[str, Any]:
         cache, op = self.cache, query["op"]

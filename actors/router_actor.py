@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 import zmq
 
+from actors import shardwire
 from actors.inbox import SocketActor, SocketsReady, Tick
 from actors.router import RouterCore, ShardEvent
 
@@ -164,16 +165,18 @@ class RouterActor(SocketActor):
 
     def _flush(self) -> None:
         core = self.core
+        per_shard: dict[bytes, list[list[bytes]]] = {}
         for identity, msg in core.outbox:
-            try:
-                self.backend.send_multipart([identity, *msg], zmq.NOBLOCK)
-            except zmq.ZMQError:  # full (HWM) or not connected: the shard misses it
-                core.counters["dropped_to_shards"] += 1
+            per_shard.setdefault(identity, []).append(msg)
         core.outbox.clear()
+        for identity, msgs in per_shard.items():
+            frames = [identity, *msgs[0]] if len(msgs) == 1 else [
+                identity, shardwire.BATCH, shardwire.pack_batch(msgs)
+            ]  # fmt: skip
+            if not _send(self.backend, frames):  # full (HWM) or gone: the shard misses them
+                core.counters["dropped_to_shards"] += len(msgs)
         for envelope, payload in core.replies:
-            try:
-                self.frontend.send_multipart([*envelope, payload], zmq.NOBLOCK)
-            except zmq.ZMQError:  # the backend went away
+            if not _send(self.frontend, [*envelope, payload]):  # the backend went away
                 core.counters["dropped_replies"] += 1
         core.replies.clear()
         if self.link is not None:
@@ -190,3 +193,18 @@ class RouterActor(SocketActor):
         if self.link is not None:
             check = min(check, self.next_snapshot)
         self.set_timer(check if deadline is None else min(deadline, check))
+
+
+_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)  # plain ints: pyzmq's enum arithmetic costs per frame
+_LAST = int(zmq.NOBLOCK)
+
+
+def _send(sock: zmq.Socket[bytes], frames: list[bytes]) -> bool:
+    """Send a multipart message without blocking; False if it could not be queued."""
+    try:
+        for frame in frames[:-1]:
+            sock.send(frame, _MORE)
+        sock.send(frames[-1], _LAST)
+    except zmq.ZMQError:
+        return False
+    return True

@@ -8,6 +8,7 @@ Not a public contract. Must never do I/O. Router → shard (after the ROUTER ide
 | ``C``, channel (8 bytes), frame | write ``frame`` to the channel's connections |
 | ``U``, users (8 bytes each), frame | write ``frame`` to every connection of these users |
 | ``Q``, query id (8 bytes), JSON | a query; the shard answers with ``R`` |
+| ``M``, packed messages | several of the above in one frame (``pack_batch``) |
 
 Shard → router (DEALER, identity ``shard-<index>-<epoch>``):
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import json
 import re
+import struct
 from array import array
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -34,6 +36,9 @@ HELLO = b"H"
 DELTA = b"D"
 RESULT = b"R"
 HEARTBEAT = b"P"
+BATCH = b"M"
+
+_PART = struct.Struct("<cII")  # kind, length of the argument, length of the payload
 
 _IDENTITY = re.compile(rb"shard-(\d+)-(\d+)")
 
@@ -82,6 +87,26 @@ def query(qid: int, body: dict[str, Any]) -> list[bytes]:
 
 def result(qid: int, body: Any) -> list[bytes]:
     return [RESULT, pack_id(qid), json.dumps(body).encode()]
+
+
+def pack_batch(messages: Sequence[Sequence[bytes]]) -> bytes:
+    """Router → shard messages (each: kind, argument, payload) in one frame."""
+    parts: list[bytes] = []
+    for kind, argument, payload in messages:
+        parts += (_PART.pack(kind, len(argument), len(payload)), argument, payload)
+    return b"".join(parts)
+
+
+def unpack_batch(raw: bytes) -> list[tuple[bytes, bytes, bytes]]:
+    view, offset, out = memoryview(raw), 0, []
+    while offset < len(raw):
+        kind, size_a, size_b = _PART.unpack_from(raw, offset)
+        offset += _PART.size
+        argument = bytes(view[offset : offset + size_a])
+        offset += size_a
+        out.append((kind, argument, bytes(view[offset : offset + size_b])))
+        offset += size_b
+    return out
 
 
 def hello(index: int, epoch: int, pid: int, channels: Sequence[int]) -> list[bytes]:

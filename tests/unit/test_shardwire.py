@@ -133,3 +133,14 @@ def test_message_kinds_are_distinct_single_bytes():
     ]
     assert all(len(kind) == 1 for kind in kinds)
     assert len(set(kinds)) == len(kinds)
+
+
+def test_batches_round_trip_in_order():
+    messages = [
+        shardwire.channel_delivery(7, b"frame one"),
+        shardwire.users_delivery([1, 2, 3], b""),
+        shardwire.query(9, {"op": "status"}),
+    ]
+    unpacked = shardwire.unpack_batch(shardwire.pack_batch(messages))
+    assert [list(m) for m in unpacked] == messages
+    assert shardwire.unpack_batch(shardwire.pack_batch([])) == []
