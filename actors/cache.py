@@ -21,12 +21,45 @@ from actors.ids import ChannelId, ConnId, UserId
 
 @dataclass(slots=True)
 class ConnectionMeta:
-    """What the cache knows of one connection."""
+    """What the cache knows of one connection. ``channels`` is a tuple, replaced on change: a
+    connection is in few channels, and an empty tuple costs nothing (an empty set, 216 bytes)."""
 
     user: UserId
     connected_at: float
     last_activity: float
-    channels: set[ChannelId] = field(default_factory=set)
+    channels: tuple[ChannelId, ...] = ()
+
+
+# A user's connections, in the indexes: one ConnId while there is one (the usual case), a set
+# from the second on. Saves a set per user and per membership; only the helpers below know.
+Members = ConnId | set[ConnId]
+
+
+def _add(index: dict[Any, Members], key: Any, conn: ConnId) -> None:
+    held = index.get(key)
+    if held is None:
+        index[key] = conn
+    elif isinstance(held, set):
+        held.add(conn)
+    elif held != conn:
+        index[key] = {held, conn}
+
+
+def _remove(index: dict[Any, Members], key: Any, conn: ConnId) -> None:
+    """Remove ``conn`` under ``key``, and the key once it holds nothing."""
+    held = index.get(key)
+    if isinstance(held, set):
+        held.discard(conn)
+        if len(held) == 1:
+            index[key] = next(iter(held))
+    elif held == conn:
+        del index[key]
+
+
+def _each(held: Members | None) -> tuple[ConnId, ...] | set[ConnId]:
+    if held is None:
+        return ()
+    return held if isinstance(held, set) else (held,)
 
 
 @dataclass(slots=True)
@@ -57,9 +90,9 @@ class UserConnectionCache:
 
     def __init__(self) -> None:
         self._conns: dict[ConnId, ConnectionMeta] = {}
-        self._users: dict[UserId, set[ConnId]] = {}
+        self._users: dict[UserId, Members] = {}
         # channel -> user -> that user's connections subscribed to the channel
-        self._channels: dict[ChannelId, dict[UserId, set[ConnId]]] = {}
+        self._channels: dict[ChannelId, dict[UserId, Members]] = {}
         # channel -> connection ids, rebuilt lazily after a change (the broadcast hot path)
         self._recipients: dict[ChannelId, tuple[ConnId, ...]] = {}
 
@@ -72,7 +105,7 @@ class UserConnectionCache:
         if conn in self._conns:
             raise ValueError(f"connection {conn} is already registered")
         self._conns[conn] = ConnectionMeta(user, now, now)
-        self._users.setdefault(user, set()).add(conn)
+        _add(self._users, user, conn)
         delta = Delta()
         for channel in channels:
             self._join(conn, channel, delta)
@@ -84,13 +117,10 @@ class UserConnectionCache:
         delta = Delta()
         if meta is None:
             return delta
-        for channel in list(meta.channels):
+        for channel in meta.channels:  # a tuple: _leave replaces it, this loop keeps the old
             self._leave(conn, channel, delta)
         del self._conns[conn]
-        conns = self._users[meta.user]
-        conns.discard(conn)
-        if not conns:
-            del self._users[meta.user]
+        _remove(self._users, meta.user, conn)
         return delta
 
     def subscribe(self, conn: ConnId, channel: ChannelId) -> Delta:
@@ -108,14 +138,14 @@ class UserConnectionCache:
     def subscribe_user(self, user: UserId, channel: ChannelId) -> tuple[Delta, int]:
         """Subscribe every open connection of ``user``; returns the delta and how many."""
         delta = Delta()
-        conns = self._users.get(user, ())
+        conns = list(_each(self._users.get(user)))
         for conn in conns:
             self._join(conn, channel, delta)
         return delta, len(conns)
 
     def unsubscribe_user(self, user: UserId, channel: ChannelId) -> tuple[Delta, int]:
         delta = Delta()
-        conns = self._users.get(user, ())
+        conns = list(_each(self._users.get(user)))
         for conn in conns:
             self._leave(conn, channel, delta)
         return delta, len(conns)
@@ -135,27 +165,24 @@ class UserConnectionCache:
         meta = self._conns[conn]
         if channel in meta.channels:
             return
-        meta.channels.add(channel)
+        meta.channels = (*meta.channels, channel)
         members = self._channels.get(channel)
         if members is None:
             members = self._channels[channel] = {}
             delta.gained.append(channel)
-        members.setdefault(meta.user, set()).add(conn)
+        _add(members, meta.user, conn)
         self._recipients.pop(channel, None)
 
     def _leave(self, conn: ConnId, channel: ChannelId, delta: Delta) -> None:
         meta = self._conns[conn]
         if channel not in meta.channels:
             return
-        meta.channels.discard(channel)
+        meta.channels = tuple(c for c in meta.channels if c != channel)
         members = self._channels[channel]
-        conns = members[meta.user]
-        conns.discard(conn)
-        if not conns:
-            del members[meta.user]
-            if not members:
-                del self._channels[channel]
-                delta.lost.append(channel)
+        _remove(members, meta.user, conn)
+        if not members:
+            del self._channels[channel]
+            delta.lost.append(channel)
         self._recipients.pop(channel, None)
 
     # -- queries --------------------------------------------------------------------------
@@ -168,12 +195,12 @@ class UserConnectionCache:
         members = self._channels.get(channel)
         if members is None:
             return ()
-        result = tuple(conn for conns in members.values() for conn in conns)
+        result = tuple(conn for held in members.values() for conn in _each(held))
         self._recipients[channel] = result
         return result
 
     def connections_of(self, user: UserId) -> frozenset[ConnId]:
-        return frozenset(self._users.get(user, ()))
+        return frozenset(_each(self._users.get(user)))
 
     def meta(self, conn: ConnId) -> ConnectionMeta | None:
         return self._conns.get(conn)

@@ -144,7 +144,8 @@ class CacheMachine(RuleBasedStateMachine):
             if conn in self.model:
                 assert meta is not None
                 assert meta.user == self.model[conn][0]
-                assert meta.channels == self.model[conn][1]
+                assert set(meta.channels) == self.model[conn][1]
+                assert len(meta.channels) == len(set(meta.channels))  # no duplicates
             else:
                 assert meta is None
 
