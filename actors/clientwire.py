@@ -21,8 +21,8 @@ class ClientFrameError(PeerError):
 def parse_client_frame(payload: bytes) -> tuple[str, ChannelId | None]:
     """The frame's type and channel (None for ping), or ClientFrameError."""
     try:
-        body = json.loads(payload)
-    except (UnicodeDecodeError, ValueError):
+        body = json.loads(payload.decode("utf-8"))  # UTF-8 only (json.loads would sniff UTF-16)
+    except (UnicodeDecodeError, ValueError, RecursionError):
         raise ClientFrameError("bad_json", "frames must be UTF-8 JSON") from None
     if not isinstance(body, dict):
         raise ClientFrameError("bad_frame", "a frame must be a JSON object")

@@ -22,7 +22,10 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from actors import frames
 from actors.ids import parse_id
+
+MAX_FRAME = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,22 +94,37 @@ def _control(value: Any) -> dict[str, Any] | None:
     return value
 
 
-def decode(raw: bytes) -> Message | None:
-    """The message, or None if it is malformed (counted and dropped by the caller)."""
+def decode(raw: bytes, max_frame: int = MAX_FRAME) -> Message | None:
+    """The message, or None if it is malformed (counted and dropped by the caller): anything
+    on Redis may come from a buggy or hostile publisher, and its frame goes to our clients."""
     try:
         size = int.from_bytes(raw[:4], "big")
-        header = json.loads(raw[4 : 4 + size])
+        header = json.loads(raw[4 : 4 + size].decode("utf-8"))
         origin, users, probe = header["o"], header["u"], bool(header.get("p"))
         control = _control(header.get("c"))
-    except (ValueError, KeyError, TypeError, AttributeError):
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return None
     if not isinstance(origin, str):
         return None
     if users is not None and (
-        not isinstance(users, list) or not all(type(u) is int and u > 0 for u in users)
+        not isinstance(users, list) or not all(parse_id(u) is not None for u in users)
     ):
         return None
-    return Message(origin, users, raw[4 + size :], probe, control)
+    frame = raw[4 + size :]
+    if not probe and control is None and not frames.is_text_frame(frame, max_frame):
+        return None
+    return Message(origin, users, frame, probe, control)
+
+
+def snapshot_json(snapshot: dict[str, Any]) -> str:
+    """A presence snapshot for the SNAPSHOT script, ids as strings: Lua's numbers are doubles,
+    which would round ids above 2**53."""
+    return json.dumps(
+        {
+            "users": [str(u) for u in snapshot["users"]],
+            "channels": {c: [str(u) for u in m] for c, m in snapshot["channels"].items()},
+        }
+    )
 
 
 # Scripts: KEYS[1] is the hosts sorted set; ARGV[1] the prefix, ARGV[2] this host, ARGV[3] now
@@ -164,12 +182,13 @@ for _, h in ipairs(others) do
   local key = ARGV[1] .. ':h:' .. h .. ':users'
   local mine = {}
   for i = 6, #ARGV do
-    if redis.call('SISMEMBER', key, ARGV[i]) == 1 then mine[#mine + 1] = tonumber(ARGV[i]) end
+    if redis.call('SISMEMBER', key, ARGV[i]) == 1 then mine[#mine + 1] = ARGV[i] end
   end
   if #mine > 0 then
-    local fields = {o = ARGV[2], u = mine, p = false}
-    if ARGV[5] ~= '' then fields.c = cjson.decode(ARGV[5]) end
-    local header = cjson.encode(fields)
+    -- ids stay strings of digits: Lua numbers are doubles, and cjson prints 14 digits
+    local header = '{"o":' .. cjson.encode(ARGV[2]) .. ',"u":[' .. table.concat(mine, ',') .. ']'
+    if ARGV[5] ~= '' then header = header .. ',"c":' .. ARGV[5] end
+    header = header .. ',"p":false}'
     local size = string.char(
       math.floor(#header / 16777216) % 256, math.floor(#header / 65536) % 256,
       math.floor(#header / 256) % 256, #header % 256)

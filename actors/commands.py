@@ -57,8 +57,10 @@ def decode(raw: bytes, max_size: int) -> Command:
     if len(raw) > max_size:
         raise CommandError("too_large", f"command of {len(raw)} bytes exceeds {max_size}")
     try:
-        body = json.loads(raw, parse_constant=_reject_constant, parse_float=_finite_float)
-    except (UnicodeDecodeError, ValueError) as exc:
+        body = json.loads(
+            raw.decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite_float
+        )
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise CommandError("bad_json", f"not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise CommandError("bad_json", "a command must be a JSON object")
@@ -109,7 +111,7 @@ def request_id(raw: bytes) -> Any:
     """Best effort: the ``id`` of a request that failed to decode, so its error can carry it."""
     try:
         body = json.loads(raw, parse_constant=_reject_constant, parse_float=_finite_float)
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         return None
     return body.get("id") if isinstance(body, dict) else None
 

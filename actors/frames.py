@@ -26,6 +26,23 @@ def text_frame(payload: bytes) -> bytes:
     return header + payload
 
 
+def is_text_frame(frame: bytes, limit: int) -> bool:
+    """Whether ``frame`` is exactly one complete, unmasked, final text frame of at most
+    ``limit`` payload bytes: what a server may write to a client as it is."""
+    if len(frame) < 2 or frame[0] != _TEXT or frame[1] & 0x80:
+        return False
+    n, header = frame[1] & 0x7F, 2
+    if n == 126:
+        if len(frame) < 4:
+            return False
+        n, header = struct.unpack_from("!H", frame, 2)[0], 4
+    elif n == 127:
+        if len(frame) < 10:
+            return False
+        n, header = struct.unpack_from("!Q", frame, 2)[0], 10
+    return n <= limit and len(frame) == header + n
+
+
 def dumps(value: object) -> bytes:
     """Compact JSON, as the server writes it everywhere."""
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()

@@ -68,7 +68,10 @@ def parse_head(data: bytes, limit: int = MAX_HEAD) -> Head | None:
         if not sep or not name or name != name.strip():
             raise HeadError(400, "malformed header line")
         headers.setdefault(name.lower(), value.strip())
-    url = urlsplit(target)
+    try:
+        url = urlsplit(target)
+    except ValueError:  # e.g. "//[": an unclosed IPv6 bracket
+        raise HeadError(400, "malformed request target") from None
     return Head(method, url.path or "/", parse_qs(url.query), headers, end + 4)
 
 

@@ -224,6 +224,11 @@ class RouterCore:
             self.counters["errors"] += 1
             request = commands.request_id(raw) if exc.code != "too_large" else None
             self.replies.append((envelope, commands.error_reply(request, exc.code, exc.message)))
+        except (RecursionError, OverflowError, ValueError, TypeError) as exc:
+            # a hole in validation must cost this command, never the router
+            self.counters["errors"] += 1
+            reply = commands.error_reply(None, "bad_request", f"cannot process: {exc!r}"[:200])
+            self.replies.append((envelope, reply))
 
     def _dispatch(self, envelope: list[bytes], cmd: Command, now: float) -> None:
         name, args = cmd.name, cmd.args

@@ -17,12 +17,16 @@ from typing import Any, Protocol
 import zmq
 
 from actors import shardwire
+from actors.ids import ShardIndex
 from actors.inbox import SocketActor, SocketsReady, Tick
-from actors.router import RouterCore, ShardEvent
+from actors.router import RouterCore, ShardEvent, ShardState
 
 log = logging.getLogger("ucc.router")
 
+FATAL = ShardEvent(ShardIndex(-1), ShardState.DOWN, -1, 0)  # "the router is dead"
+
 BATCH = 1024
+ROUND = 0.05  # seconds of draining one socket before timers and the other socket get a turn
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,8 +105,10 @@ class RouterActor(SocketActor):
         self.next_snapshot = 0.0
 
     def on_start(self) -> None:
-        self.watch(self.frontend)
+        # shards first: a membership (DELTA) must be in the index before a broadcast that
+        # follows it, and heartbeats must not wait behind a burst of commands
         self.watch(self.backend)
+        self.watch(self.frontend)
         if self.link is not None:
             self.link.start()
         self._arm_timer()
@@ -123,6 +129,8 @@ class RouterActor(SocketActor):
                 self._drain(sock, now)
         elif isinstance(message, Tick):
             self.core.tick(now)
+            self._drain(self.backend, now)  # heartbeats already here count before judging
+            now = time.monotonic()
             for slot in self.core.check_hung(now, self.hang_timeout):
                 log.warning("shard %d (pid %d) stopped answering", slot.index, slot.pid)
             if self.link is not None and now >= self.next_snapshot:
@@ -137,6 +145,12 @@ class RouterActor(SocketActor):
         self._flush()
         self._arm_timer()
         return None
+
+    def on_failure(self, *exc_info: Any) -> None:
+        """A bug killed the router: take the host down (exit 1) so that it gets restarted,
+        rather than leave it up and deaf."""
+        log.critical("router failed: the host stops", exc_info=exc_info)
+        self.on_event(FATAL)
 
     def _redis_event(self, event: tuple[Any, ...]) -> None:
         kind = event[0]
@@ -153,7 +167,13 @@ class RouterActor(SocketActor):
                     self.core.remote_delivery(channel, users, frame)
 
     def _drain(self, sock: zmq.Socket[bytes], now: float) -> None:
-        for _ in range(BATCH):
+        """Up to BATCH messages or ROUND seconds, whichever comes first."""
+        deadline = now + ROUND
+        for count in range(BATCH):
+            if count % 64 == 63:
+                now = time.monotonic()
+                if now > deadline:
+                    return  # still readable: the inbox comes back to it after its timers
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
@@ -161,7 +181,7 @@ class RouterActor(SocketActor):
             if sock is self.frontend:
                 self.core.command(frames[:-1], frames[-1], now)
             else:
-                self.core.shard_message(frames[0], frames[1:], now)
+                self.core.shard_message(frames[0], frames[1:], time.monotonic())
 
     def _flush(self) -> None:
         core = self.core

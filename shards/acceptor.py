@@ -24,6 +24,7 @@ from actors.tokens import Claims, TokenError, verify
 log = logging.getLogger("ucc.acceptor")
 
 MAX_PENDING = 10_000
+ACCEPT_PAUSE = 0.1
 PEEK_RETRY = (0.002, 0.005, 0.01, 0.02, 0.05)
 
 # route(claims, socket) -> None when handed over (the router then owns the socket), or
@@ -72,8 +73,10 @@ class Acceptor:
                 sock, _addr = self.listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as exc:  # EMFILE and friends: back off, do not crash
-                log.warning("accept failed: %s", exc)
+            except OSError as exc:  # EMFILE and friends: back off, do not crash or spin
+                log.warning("accept failed: %s; pausing accepts for %.1f s", exc, ACCEPT_PAUSE)
+                self.loop.remove_reader(self.listener.fileno())
+                self.loop.call_later(ACCEPT_PAUSE, self._resume)
                 return
             self.counters["accepted"] += 1
             sock.setblocking(False)
@@ -86,6 +89,10 @@ class Acceptor:
             self.pending[fd] = entry
             entry.timer = self.loop.call_later(self.handshake_timeout, self._expire, fd)
             self.loop.add_reader(fd, self._readable, fd)
+
+    def _resume(self) -> None:
+        if self.listener.fileno() >= 0:  # not closed meanwhile
+            self.loop.add_reader(self.listener.fileno(), self._accept)
 
     def _readable(self, fd: int) -> None:
         # one readiness is enough: from now on the bytes stay unread, so the fd would stay

@@ -34,6 +34,7 @@ class Connection(asyncio.Protocol):
         "allowed",
         "channels",
         "conn_id",
+        "fragments",
         "is_open",
         "last_inbound",
         "proto",
@@ -62,6 +63,7 @@ class Connection(asyncio.Protocol):
         self.reported = False  # the cache knows this connection
         self.last_inbound = 0.0
         self.timer: asyncio.TimerHandle | None = None
+        self.fragments: list[bytes] | None = None  # a text message arriving in pieces
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -110,8 +112,16 @@ class Connection(asyncio.Protocol):
 
     def _frame(self, frame: Frame) -> None:
         opcode = frame.opcode
-        if opcode is Opcode.TEXT:
+        if opcode is Opcode.TEXT and frame.fin:
             self._command(bytes(frame.data))
+        elif opcode is Opcode.TEXT or (opcode is Opcode.CONT and self.fragments is not None):
+            # a fragmented message (RFC 6455 §5.4): ServerProtocol bounds its total size
+            if self.fragments is None:
+                self.fragments = []
+            self.fragments.append(bytes(frame.data))
+            if frame.fin:
+                payload, self.fragments = b"".join(self.fragments), None
+                self._command(payload)
         elif opcode is Opcode.BINARY:
             self.send(frames.error("binary_unsupported", "send JSON text frames"))
         elif opcode is Opcode.CLOSE:

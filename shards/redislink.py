@@ -182,6 +182,9 @@ class RedisLink:
                     client.close()
                 client = None
                 self._set_state(False)
+            except Exception:  # a bug costs this batch, not the link
+                log.exception("redis: unexpected error running %d operations", len(batch))
+                self._fail(batch)
 
     def _connect(self, attempt: int) -> Client | None:
         if attempt:
@@ -240,7 +243,7 @@ class RedisLink:
             elif name == "are_online":
                 script(cluster.ARE_ONLINE, *op[2])
             elif name == "snapshot":
-                body = json.dumps(op[2])
+                body = cluster.snapshot_json(op[2])
                 ttl = int(PRESENCE_TTL * 1000)
                 script(cluster.SNAPSHOT, now_ms + ttl, ttl, body)
             elif name == "probe":
@@ -280,6 +283,8 @@ class RedisLink:
                 self._subscribed_loop()
             except ERRORS as exc:
                 log.warning("redis pub/sub: %s; resubscribing", exc)
+            except Exception:  # a bug must not silently end cross-host delivery for good
+                log.exception("redis pub/sub: unexpected error; resubscribing")
             attempt += 1
             self.stopping.wait(BACKOFF[min(attempt - 1, len(BACKOFF) - 1)])
 

@@ -217,6 +217,10 @@ class Supervisor:
                     sock.close()
 
     def _shard_event(self, event: ShardEvent) -> None:
+        if event.index < 0:  # the router died (a bug): stop, so that systemd restarts us
+            log.critical("the router failed; shutting down")
+            self.shutdown(exit_code=1)
+            return
         shard = self.shards[event.index]
         if event.epoch != shard.epoch:
             return

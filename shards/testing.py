@@ -85,7 +85,10 @@ class Cluster:
             "--command", "tcp://127.0.0.1:*",
             *args,
         ]  # fmt: skip
-        full_env = {**os.environ, "UCC_SECRET": self.secret, **(env or {})}
+        # the server's private files (its ipc socket) go in a directory we remove ourselves:
+        # a SIGKILLed supervisor cannot clean up after itself
+        self.tmp = tempfile.mkdtemp(prefix="ucc-test-")
+        full_env = {**os.environ, "UCC_SECRET": self.secret, "TMPDIR": self.tmp, **(env or {})}
         self.proc = subprocess.Popen(
             command,
             stdout=subprocess.PIPE,
@@ -196,6 +199,7 @@ class Cluster:
             self.proc.wait(10)
         if self.proc.stdout is not None:
             self.proc.stdout.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
     def __enter__(self) -> Cluster:
         return self

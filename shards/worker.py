@@ -22,6 +22,8 @@ import sys
 import time
 from typing import Any
 
+from websockets.protocol import State
+
 from actors import frames
 from actors.cache_actor import (
     Activity,
@@ -162,7 +164,7 @@ class Shard:
                         conn.send(frame)
             elif kind == "registered":
                 conn = conns.get(action[1])
-                if conn is not None:
+                if conn is not None and conn.proto.state is State.OPEN:  # not closed meanwhile
                     conn.is_open = True
                     conn.send(frames.hello(conn.user, list(conn.channels), self.heartbeat))
             elif kind == "subscribed":

@@ -104,6 +104,8 @@ def test_bad_frames_get_error_frames_and_the_connection_stays(ucc_cluster):
             ('{"type": "subscribe", "channel": true}', "bad_frame"),
             ('{"type": "subscribe", "channel": -1}', "bad_frame"),
             ('{"type": "subscribe", "channel": 99}', "forbidden"),
+            ("[" * 3000, "bad_json"),  # deeper than Python's json can go
+            ('{"type": "ping"}'.encode("utf-16").decode("latin-1"), "bad_json"),
         ]
         for text, code in cases:
             await peer.ws.send(text)
@@ -116,6 +118,8 @@ def test_bad_frames_get_error_frames_and_the_connection_stays(ucc_cluster):
         await peer.wait_for(lambda f: f[-1] == {"type": "subscribed", "channel": 2})
         await peer.send({"type": "ping"})
         await peer.wait_for(lambda f: f[-1] == {"type": "pong"})
+        await peer.ws.send(['{"type":', ' "ping"}'])  # a fragmented message (RFC 6455 §5.4)
+        await peer.wait_for(lambda f: f[-2:] == [{"type": "pong"}] * 2)
         client.broadcast_to_channel(2, "after errors")
         await peer.wait_for(lambda f: f[-1].get("data") == "after errors")
 
@@ -154,6 +158,9 @@ def test_bad_commands_get_error_replies(ucc_cluster):
             (b'{"id": 6, "cmd": "are_users_online", "users": [1, 0]}', "bad_request"),
             (b'{"id": 7, "cmd": "subscribe", "user": 1, "channel": 1.5}', "bad_request"),
             (b'{"id": 8, "cmd": "disconnect", "user": 99999999999999999999}', "bad_request"),
+            (b"[" * 5000, "bad_json"),  # deeper than Python's json can go
+            (b'{"id": 9, "cmd": "broadcast_to_user", "user": 1, "data": NaN}', "bad_json"),
+            ('{"cmd": "status"}'.encode("utf-16"), "bad_json"),
         ]
         for raw, code in cases:
             reply = ask(raw)

@@ -232,3 +232,16 @@ def test_kill_a_shard_during_a_query_and_a_broadcast(ucc_cluster):
                 await peer.close()
 
     asyncio.run(scenario())
+
+
+def test_a_busy_router_does_not_mistake_healthy_shards_for_hung_ones(ucc_cluster):
+    cluster: Cluster = ucc_cluster(shards=2, args=("--hang-timeout", "1.5"))
+    before = [(row["pid"], row["epoch"]) for row in cluster.status()["shards"]]
+    big = list(range(1, 100_001))  # each command costs the router ~0.25 s of work
+    client = cluster.client(timeout=60)
+    loop_started = time.monotonic()
+    for _ in range(10):  # several seconds of router time, well past the hang timeout
+        assert client.are_users_online(big)[1] is False
+    print(f"\nrouter busy for {time.monotonic() - loop_started:.1f} s")
+    after = [(row["pid"], row["epoch"]) for row in cluster.status()["shards"]]
+    assert after == before  # nobody was killed

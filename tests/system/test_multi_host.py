@@ -206,3 +206,19 @@ def test_subscribe_unsubscribe_and_disconnect_reach_the_users_host(redis_server,
         wait_presence(client, [])
 
     asyncio.run(scenario())
+
+
+def test_ids_beyond_double_precision_cross_hosts_exactly(redis_server, ucc_cluster):
+    a, b = hosts(ucc_cluster, redis_server, 2)
+    big = 2**53 + 1  # a Lua number (a double) would round it
+
+    async def scenario() -> None:
+        peer = await connect_peer(b, big, [3])
+        wait_presence(a.client(), [big])
+        assert a.client().is_user_online(big) is True
+        assert a.client().get_online_users_in_channel(3) == [big]
+        assert a.client().broadcast_to_user(big, "exact")["cluster"] is True
+        await peer.wait_for(lambda f: f[-1].get("data") == "exact")
+        await peer.close()
+
+    asyncio.run(scenario())
