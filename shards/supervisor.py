@@ -36,6 +36,9 @@ from shards.redislink import RedisLink
 log = logging.getLogger("ucc.supervisor")
 
 START_TIMEOUT = 20.0  # a shard that has not said hello by then is killed
+HOLD_TIME = 2.0  # how long a connection may wait for its restarting shard before a 503
+HOLD_LIMIT = 1000  # connections held per shard at most; more get a 503 at once
+UNAVAILABLE = (503, "Service Unavailable", {"Retry-After": "1"})
 
 
 @dataclass
@@ -50,7 +53,9 @@ class ShardProcess:
     start_timer: asyncio.TimerHandle | None = None
     # connections handed over but not yet acknowledged: if the shard dies first, we still hold
     # them (their request unread) and can answer 503 instead of dropping them silently
-    inflight: dict[int, socket.socket] = field(default_factory=dict)
+    inflight: dict[int, tuple[Claims, socket.socket]] = field(default_factory=dict)
+    # connections that arrived while the shard was restarting, waiting for it (bounded)
+    held: list[tuple[Claims, socket.socket]] = field(default_factory=list)
 
 
 class Supervisor:
@@ -160,17 +165,14 @@ class Supervisor:
         if shard.start_timer is not None:
             shard.start_timer.cancel()
         if shard.control is not None:
-            self._acks(shard)  # what it took before dying is its; the rest gets a 503
+            self._acks(shard)  # what it took before dying is its own
             self.loop.remove_reader(shard.control.fileno())
             shard.control.close()
             shard.control = None
-        for sock in shard.inflight.values():
-            if self.acceptor is not None:
-                self.acceptor.refuse_unavailable(sock)
-            else:
-                sock.close()
-        shard.inflight.clear()
         shard.ready = False
+        for claims, sock in shard.inflight.values():  # never taken: they wait for the next one
+            self._hold(shard, claims, sock)
+        shard.inflight.clear()
         self.router.tell(ShardDown(shard.index, epoch))
         if self.stopping:
             self._maybe_done()
@@ -212,9 +214,9 @@ class Supervisor:
                 self.loop.remove_reader(control.fileno())
                 return
             for handoff in json.loads(data).get("ids", ()):
-                sock = shard.inflight.pop(handoff, None)
-                if sock is not None:
-                    sock.close()
+                entry = shard.inflight.pop(handoff, None)
+                if entry is not None:
+                    entry[1].close()
 
     def _shard_event(self, event: ShardEvent) -> None:
         if event.index < 0:  # the router died (a bug): stop, so that systemd restarts us
@@ -229,6 +231,8 @@ class Supervisor:
             if shard.start_timer is not None:
                 shard.start_timer.cancel()
                 shard.start_timer = None
+            for entry in list(shard.held):
+                self._release(shard, entry)
             if not self.announced and all(s.ready for s in self.shards):
                 self._announce()
         elif event.state is ShardState.DOWN and not self.stopping:
@@ -250,16 +254,52 @@ class Supervisor:
 
     def _route(self, claims: Claims, sock: socket.socket) -> tuple[int, str, dict[str, str]] | None:
         shard = self.shards[stable_hash(claims.user, len(self.shards))]
-        if not shard.ready or shard.control is None:
-            return 503, "Service Unavailable", {"Retry-After": "1"}
+        if shard.ready and shard.control is not None and self._hand(shard, claims, sock):
+            return None
+        if self.stopping or len(shard.held) >= HOLD_LIMIT:
+            return UNAVAILABLE
+        self._hold(shard, claims, sock)
+        return None
+
+    def _hold(self, shard: ShardProcess, claims: Claims, sock: socket.socket) -> None:
+        """The shard is restarting (usually a few hundred ms), or just died, or is not keeping
+        up: hold the connection, its request unread, and hand it over once the shard is ready,
+        or answer 503 after HOLD_TIME."""
+        if self.stopping or len(shard.held) >= HOLD_LIMIT:
+            self._refuse(sock)
+            return
+        entry = (claims, sock)
+        shard.held.append(entry)
+        self.loop.call_later(HOLD_TIME, self._release, shard, entry)
+
+    def _refuse(self, sock: socket.socket) -> None:
+        if self.acceptor is not None:
+            self.acceptor.refuse_unavailable(sock)
+        else:
+            sock.close()
+
+    def _hand(self, shard: ShardProcess, claims: Claims, sock: socket.socket) -> bool:
+        """Send the connection to its shard; False if the shard cannot take it now."""
+        assert shard.control is not None
         self._handoffs += 1
         header = {"id": self._handoffs, "user": claims.user, "channels": list(claims.channels)}
         try:
             send_connection(shard.control, header, sock)
         except OSError:  # the shard is not keeping up (or just died)
-            return 503, "Service Unavailable", {"Retry-After": "1"}
-        shard.inflight[self._handoffs] = sock
-        return None
+            return False
+        shard.inflight[self._handoffs] = (claims, sock)
+        return True
+
+    def _release(self, shard: ShardProcess, entry: tuple[Claims, socket.socket]) -> None:
+        """A held connection's time is up (or the shard is ready): hand it over, or 503."""
+        if entry not in shard.held:
+            return  # already released
+        shard.held.remove(entry)
+        claims, sock = entry
+        ready = shard.ready and shard.control is not None and not self.stopping
+        if ready and self._hand(shard, claims, sock):
+            return
+        self._refuse(sock)
 
     # -- stopping ----------------------------------------------------------------------------
 
@@ -274,6 +314,8 @@ class Supervisor:
         else:
             self.listener.close()
         for shard in self.shards:
+            for entry in list(shard.held):
+                self._release(shard, entry)  # stopping: a 503 each
             if shard.control is not None:
                 with contextlib.suppress(OSError):
                     send_message(

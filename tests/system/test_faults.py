@@ -90,6 +90,9 @@ def test_sigkill_one_shard_under_load(ucc_cluster):
             await wait_async(lambda: publisher.sent > 100, 10, "for load")
             old = cluster.kill_shard(victim)
             killed_at = time.monotonic()
+            # a user of the dead shard connecting right now is held, then served by the next one
+            newcomer = next(u for u in range(1000, 2000) if cluster.shard_of(u) == victim)
+            early = asyncio.create_task(connect_peer(cluster, newcomer, [CHANNEL]))
             gone = {p.user for p in on_victim}
             await wait_async(
                 lambda: not gone & set(client.get_online_users()), 1.0, "for presence cleanup"
@@ -100,13 +103,17 @@ def test_sigkill_one_shard_under_load(ucc_cluster):
             )
             restart_s = time.monotonic() - killed_at
             assert new != old
+            early_peer = await asyncio.wait_for(early, 10 * TIME_FACTOR)
+            assert early_peer.frames[0]["type"] == "hello"
             for peer in on_victim:
                 await asyncio.wait_for(peer.closed.wait(), 5 * TIME_FACTOR)
             # they reconnect, and are served by the new incarnation
             back = await connect_many(cluster, range(1, 241))
-            back = [p for p in back if p.user in gone]
+            back = [p for p in back if p.user in gone] + [early_peer]
             await wait_async(
-                lambda: gone <= set(client.get_online_users()), 5, "for users to return"
+                lambda: gone | {newcomer} <= set(client.get_online_users()),
+                5,
+                "for users to return",
             )
             mark = publisher.sent
             await wait_async(lambda: publisher.sent > mark + 50, 10, "for more load")
