@@ -103,6 +103,7 @@ class CacheActor(SocketActor):
         self._actions: list[LoopAction] = []
         self._delta = Delta()
         self._loop_seen = time.monotonic()
+        self._resync = False  # a membership change was dropped on the way to the router
         self._last_sweep = 0.0
 
     def on_start(self) -> None:
@@ -144,6 +145,8 @@ class CacheActor(SocketActor):
         elif isinstance(message, Tick):
             loop_age = message.now - self._loop_seen
             self._send(shardwire.heartbeat(loop_age))
+            if self._resync and self._send(shardwire.sync(self.cache.channels())):
+                self._resync = False
             self.set_timer(message.now + HEARTBEAT)
         self._flush()
         return None
@@ -211,7 +214,8 @@ class CacheActor(SocketActor):
 
     def _send_delta(self) -> None:
         if self._delta:
-            self._send(shardwire.delta(self._delta.gained, self._delta.lost))
+            if not self._send(shardwire.delta(self._delta.gained, self._delta.lost)):
+                self._resync = True  # the router's index of us is wrong: send it whole soon
             self._delta = Delta()
 
     def _flush(self) -> None:
@@ -221,8 +225,10 @@ class CacheActor(SocketActor):
             actions, self._actions = self._actions, []
             self.post(actions)
 
-    def _send(self, msg: list[bytes]) -> None:
+    def _send(self, msg: list[bytes]) -> bool:
         try:
             self.sock.send_multipart(msg, zmq.NOBLOCK)
         except zmq.Again:
             log.warning("router not reading: dropped a %r message", msg[0])
+            return False
+        return True

@@ -168,6 +168,9 @@ class RouterCore:
             self._delta(slot, shardwire.unpack_ids(msg[1]), shardwire.unpack_ids(msg[2]))
         elif kind == shardwire.RESULT:
             self._result(slot, shardwire.unpack_id(msg[1]), json.loads(msg[2]))
+        elif kind == shardwire.SYNC:  # the whole truth, after the shard dropped a delta
+            channels = {ChannelId(c) for c in shardwire.unpack_ids(msg[1])}
+            self._delta(slot, list(channels - slot.channels), list(slot.channels - channels))
 
     def _hello(self, slot: ShardSlot, epoch: int, msg: list[bytes], now: float) -> None:
         body = json.loads(msg[1])

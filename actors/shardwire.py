@@ -16,6 +16,7 @@ Shard → router (DEALER, identity ``shard-<index>-<epoch>``):
 |---|---|
 | ``H``, JSON ``{index, epoch, pid, channels}`` | hello: the shard is ready, with its channels |
 | ``D``, gained ids, lost ids | channels gained / lost (8 bytes per id) |
+| ``S``, ids | every channel the shard has members of (after a ``D`` was dropped) |
 | ``R``, query id, JSON | the answer to query ``Q`` |
 | ``P``, age (8 bytes, ms) | heartbeat; the event loop was last seen ``age`` ago |
 """
@@ -36,6 +37,7 @@ HELLO = b"H"
 DELTA = b"D"
 RESULT = b"R"
 HEARTBEAT = b"P"
+SYNC = b"S"
 BATCH = b"M"
 
 _PART = struct.Struct("<cII")  # kind, length of the argument, length of the payload
@@ -116,6 +118,10 @@ def hello(index: int, epoch: int, pid: int, channels: Sequence[int]) -> list[byt
 
 def heartbeat(loop_age: float) -> list[bytes]:
     return [HEARTBEAT, pack_id(int(loop_age * 1000))]
+
+
+def sync(channels: Sequence[int]) -> list[bytes]:
+    return [SYNC, pack_ids(channels)]
 
 
 def delta(gained: Sequence[int], lost: Sequence[int]) -> list[bytes]:

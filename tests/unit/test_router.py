@@ -644,3 +644,12 @@ def test_a_stuck_event_loop_is_hung_even_while_heartbeats_arrive(core):
     assert [s.index for s in hung] == []
     core.shard_message(shardwire.identity(0, 1), shardwire.heartbeat(3.1), now=1.3)
     assert [s.index for s in core.check_hung(now=1.4, timeout=1.5)] == [0]
+
+
+def test_a_sync_replaces_what_the_router_knows_of_a_shard(core):
+    ident = shardwire.identity(0, 1)
+    core.shard_message(ident, shardwire.delta([1, 2, 3], []), now=1.0)
+    core.shard_message(ident, shardwire.sync([2, 4]), now=1.1)  # a delta was lost on the way
+    assert core.slots[0].channels == {2, 4}
+    assert 0 not in core.index.get(1, set()) and 0 not in core.index.get(3, set())
+    assert 0 in core.index[2] and 0 in core.index[4]
