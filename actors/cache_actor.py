@@ -1,15 +1,16 @@
 """CacheActor: the single owner of a shard's :class:`UserConnectionCache`.
 
 Owns: the cache and the shard's DEALER socket to the router. It applies connection events from
-the shard's event loop, resolves deliveries (channel or users → connection ids) and answers the
-router's queries. What the event loop must do (write a frame, send hello, close connections) goes
-back in one batch per round through ``post`` (the loop's ``call_soon_threadsafe``): hops between
-the threads are per batch, never per recipient. Must never touch a socket of the event loop, nor
-``ask`` anyone.
+the shard's connections, resolves deliveries (channel or users → connection ids) and answers the
+router's queries. It is a :class:`LoopActor`: it runs on the shard's event loop, one message at a
+time, so a broadcast goes from the router's socket to the connections' writes without a thread
+hop; what the connections must do (write a frame, send hello, close) goes out in one batch per
+round through ``post``. Must never touch a connection itself, nor ``ask`` anyone.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -23,7 +24,7 @@ import zmq
 from actors import shardwire
 from actors.cache import Delta, UserConnectionCache
 from actors.ids import ChannelId, ConnId, UserId
-from actors.inbox import SocketActor, SocketsReady, Tick
+from actors.loopactor import LoopActor
 
 log = logging.getLogger("ucc.cache")
 
@@ -78,9 +79,10 @@ class Inspect:
     """Ask for the cache (tests and the bench's memory figure only)."""
 
 
-class CacheActor(SocketActor):
+class CacheActor(LoopActor):
     def __init__(
         self,
+        loop: asyncio.AbstractEventLoop,
         index: int,
         epoch: int,
         router_endpoint: str,
@@ -88,7 +90,7 @@ class CacheActor(SocketActor):
         stale_timeout: float,
         context: zmq.Context[Any] | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(loop)
         self.index, self.epoch = index, epoch
         self.cache = UserConnectionCache()
         self.post = post
@@ -107,19 +109,39 @@ class CacheActor(SocketActor):
         self._last_sweep = 0.0
 
     def on_start(self) -> None:
-        self.watch(self.sock)
+        self.loop.add_reader(self.sock.getsockopt(zmq.FD), self._readable)
         self._send(shardwire.hello(self.index, self.epoch, os.getpid(), self.cache.channels()))
-        self.set_timer(time.monotonic() + HEARTBEAT)
+        self._beat_handle = self.loop.call_later(HEARTBEAT, self._beat)
 
     def on_stop(self) -> None:
-        super().on_stop()
+        self._beat_handle.cancel()
+        self.loop.remove_reader(self.sock.getsockopt(zmq.FD))
         self.sock.close()
+
+    def _readable(self) -> None:
+        """The socket has news (ZeroMQ's descriptor is edge-triggered: drain, then re-check)."""
+        if self.actor_stopped.is_set():
+            return
+        self._drain()
+        self._flush()
+
+    def _beat(self) -> None:
+        """Heartbeat to the router: it runs on the loop, so it stops if the loop is stuck."""
+        now = time.monotonic()
+        self._send(shardwire.heartbeat(now - self._loop_seen))
+        if self._resync and self._send(shardwire.sync(self.cache.channels())):
+            self._resync = False
+        self._beat_handle = self.loop.call_later(HEARTBEAT, self._beat)
+        self._recheck()
+
+    def _recheck(self) -> None:
+        # after any send or receive, ZeroMQ may have news it will not signal again
+        if self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            self.loop.call_soon(self._readable)
 
     def on_receive(self, message: Any) -> Any:
         cache = self.cache
-        if isinstance(message, SocketsReady):
-            self._drain()
-        elif isinstance(message, Opened):
+        if isinstance(message, Opened):
             delta = cache.connect(message.conn, message.user, message.channels, message.now)
             self._delta.merge(delta)
             self._actions.append(("registered", message.conn))
@@ -142,12 +164,6 @@ class CacheActor(SocketActor):
                     self._actions.append(("close", stale, 4002, "heartbeat timeout"))
         elif isinstance(message, Inspect):
             return cache
-        elif isinstance(message, Tick):
-            loop_age = message.now - self._loop_seen
-            self._send(shardwire.heartbeat(loop_age))
-            if self._resync and self._send(shardwire.sync(self.cache.channels())):
-                self._resync = False
-            self.set_timer(message.now + HEARTBEAT)
         self._flush()
         return None
 
@@ -155,7 +171,8 @@ class CacheActor(SocketActor):
         work = 0
         for _ in range(BATCH):
             if work > WORK:
-                return  # the socket stays readable: the rest comes next round
+                self.loop.call_soon(self._readable)  # the rest next turn: connections first
+                return
             try:
                 msg = self.sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
@@ -224,6 +241,7 @@ class CacheActor(SocketActor):
         if self._actions:
             actions, self._actions = self._actions, []
             self.post(actions)
+        self._recheck()
 
     def _send(self, msg: list[bytes]) -> bool:
         try:

@@ -2,8 +2,10 @@
 
 Owns: the connections handed over by the supervisor (file descriptors over a Unix socket), the
 heartbeat clock (pings to idle clients, liveness reports to the actor), and carrying out what the
-CacheActor decides (deliveries, hello, closes). Must never read or change the cache itself, and
-never block the loop: the actor's answers arrive through ``call_soon_threadsafe``.
+CacheActor decides (deliveries, hello, closes). The CacheActor runs on this same loop (a
+:class:`LoopActor`), so its decisions arrive as plain calls, with no thread in between. Must
+never read or change the cache itself (only tell the actor), and never block the loop: no
+``ask``.
 
 Run by the supervisor as ``python -m shards.worker INDEX EPOCH CONTROL_FD ROUTER CONFIG_JSON``.
 """
@@ -69,11 +71,7 @@ class Shard:
         self._last_ping = self.now
         self.stopped = loop.create_future()
         self.actor = CacheActor.start(
-            index,
-            epoch,
-            router,
-            lambda actions: loop.call_soon_threadsafe(self.apply, actions),
-            float(config["heartbeat_timeout"]),
+            loop, index, epoch, router, self.apply, float(config["heartbeat_timeout"])
         )
         loop.add_reader(control.fileno(), self._on_control)
         self._tick_handle = loop.call_later(TICK, self._tick)
@@ -267,7 +265,8 @@ async def serve(
     drain_window = await shard.stopped
     if drain_window is not None:
         await shard.drain(drain_window, float(config["close_grace"]))
-    shard.actor.stop()
+    shard.actor.stop(block=False)  # it runs on this loop: let it finish its turn
+    await asyncio.sleep(0)
     return 0
 
 

@@ -1,0 +1,89 @@
+"""A pykka actor that runs on an asyncio event loop instead of a thread of its own.
+
+Owns: :class:`LoopActor`. Its mailbox is the event loop's queue: ``tell`` from the loop's own
+thread is a ``call_soon``, from any other thread a ``call_soon_threadsafe``; messages are handled
+one at a time, in order, on the loop thread, with pykka's semantics (``on_start``, ``on_stop``,
+``on_failure``, replies to ``ask`` through thread-safe futures, proxies). So the shard's cache
+keeps a single owner, and the event loop reaches it without a thread hop or a GIL hand-off.
+Must never be asked (``ask``, ``stop(block=True)``) from the loop's own thread: that would wait
+for itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+from typing import Any
+
+import pykka
+from pykka import ActorDeadError, messages
+from pykka._envelope import Envelope
+
+
+class LoopInbox:
+    """pykka's ``ActorInbox`` protocol over an event loop."""
+
+    def __init__(self) -> None:
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.actor: LoopActor | None = None
+        self.thread = 0
+
+    def put(self, envelope: Envelope[Any], /) -> None:
+        assert self.loop is not None and self.actor is not None, "actor not started"
+        if threading.get_ident() == self.thread:
+            self.loop.call_soon(self.actor.deliver, envelope)
+        else:
+            self.loop.call_soon_threadsafe(self.actor.deliver, envelope)
+
+    def get(self) -> Envelope[Any]:  # pragma: no cover - pykka's thread loop is never run
+        raise RuntimeError("a LoopActor has no thread to read its inbox")
+
+    def empty(self) -> bool:
+        return True
+
+
+class LoopActor(pykka.Actor):
+    """Start it on the loop's thread with ``start(loop, ...)``: it runs there from then on."""
+
+    actor_inbox: LoopInbox
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
+        self.loop = loop
+
+    @staticmethod
+    def _create_actor_inbox() -> LoopInbox:
+        return LoopInbox()
+
+    @staticmethod
+    def _create_future() -> pykka.Future[Any]:
+        return pykka.ThreadingFuture()
+
+    def _start_actor_loop(self) -> None:
+        inbox = self.actor_inbox
+        inbox.loop, inbox.actor, inbox.thread = self.loop, self, threading.get_ident()
+        self.loop.call_soon(self._actor_loop_setup)
+
+    def deliver(self, envelope: Envelope[Any]) -> None:
+        """Handle one message, as pykka's thread loop would."""
+        if self.actor_stopped.is_set():
+            if envelope.reply_to is not None and not isinstance(
+                envelope.message,
+                messages._ActorStop,
+            ):
+                dead = ActorDeadError(f"{self.actor_ref} stopped before handling the message")
+                envelope.reply_to.set_exception(exc_info=(ActorDeadError, dead, None))
+            elif envelope.reply_to is not None:
+                envelope.reply_to.set(None)
+            return
+        try:
+            response = self._handle_receive(envelope.message)
+            if envelope.reply_to is not None:
+                envelope.reply_to.set(response)
+        except Exception:
+            if envelope.reply_to is not None:
+                envelope.reply_to.set_exception()
+            else:
+                self._handle_failure(*sys.exc_info())
+                self.on_failure(*sys.exc_info())
