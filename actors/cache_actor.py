@@ -74,11 +74,6 @@ class Activity:
     now: float
 
 
-@dataclass(frozen=True, slots=True)
-class Inspect:
-    """Ask for the cache (tests and the bench's memory figure only)."""
-
-
 class CacheActor(LoopActor):
     def __init__(
         self,
@@ -162,8 +157,6 @@ class CacheActor(LoopActor):
                 stale = cache.stale(message.now, self.stale_timeout)
                 if stale:
                     self._actions.append(("close", stale, 4002, "heartbeat timeout"))
-        elif isinstance(message, Inspect):
-            return cache
         self._flush()
         return None
 

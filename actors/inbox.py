@@ -82,9 +82,6 @@ class PollingInbox:
             if readable:
                 return Envelope(SocketsReady(readable))
 
-    def close(self) -> None:
-        os.close(self._wake)
-
 
 class SocketActor(pykka.ThreadingActor):
     """A ThreadingActor whose inbox also polls the ZeroMQ sockets it registers."""

@@ -413,10 +413,6 @@ class RouterCore:
                 if REDIS in gather.waiting:
                     self.redis_result(qid, False, None)
 
-    def interest(self) -> list[ChannelId]:
-        """Every channel this host has members of (the link's topics after a reconnect)."""
-        return sorted(self.index)
-
     def remote_delivery(self, channel: int | None, users: list[int], frame: bytes) -> None:
         """A broadcast from another host: to a channel's local members, or to users."""
         if channel is not None:
