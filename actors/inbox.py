@@ -1,10 +1,11 @@
 """A pykka actor that also owns ZeroMQ sockets: its inbox waits on both.
 
 Owns: :class:`PollingInbox` (pykka's inbox protocol over a deque plus a ``zmq.Poller`` that also
-watches an eventfd rung by ``put``) and :class:`SocketActor`, the base of the RouterActor and the
-CacheActor. The actor's own thread reads its sockets and its mailbox in turn, so every socket has
-exactly one owning thread and a message from a socket never takes an extra hop. Must never
-process messages itself: readiness and timers become ordinary messages to the actor.
+watches an eventfd rung by ``put``) and :class:`SocketActor`, the base of the RouterActor (the
+CacheActor runs on its shard's event loop instead: see ``loopactor``). The actor's own thread
+reads its sockets and its mailbox in turn, so every socket has exactly one owning thread and a
+message from a socket never takes an extra hop. Must never process messages itself: readiness
+and timers become ordinary messages to the actor.
 """
 
 from __future__ import annotations
