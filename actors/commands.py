@@ -57,9 +57,7 @@ def decode(raw: bytes, max_size: int) -> Command:
     if len(raw) > max_size:
         raise CommandError("too_large", f"command of {len(raw)} bytes exceeds {max_size}")
     try:
-        body = json.loads(
-            raw.decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite_float
-        )
+        body = _DECODER.decode(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise CommandError("bad_json", f"not valid JSON: {exc}") from None
     if not isinstance(body, dict):
@@ -88,7 +86,7 @@ def decode(raw: bytes, max_size: int) -> Command:
                 )
             value = list(dict.fromkeys(value))
         else:
-            data_json = json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+            data_json = _DATA.encode(value).encode()
             continue
         args[key] = value
     return Command(name, body.get("id"), args, data_json)
@@ -107,19 +105,25 @@ def _finite_float(text: str) -> float:
     return value
 
 
+# built once: json.loads and json.dumps with options build a new coder on every call
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
+_DATA = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+_REPLY = json.JSONEncoder(separators=(",", ":"))
+
+
 def request_id(raw: bytes) -> Any:
     """Best effort: the ``id`` of a request that failed to decode, so its error can carry it."""
     try:
-        body = json.loads(raw, parse_constant=_reject_constant, parse_float=_finite_float)
+        body = _DECODER.decode(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
         return None
     return body.get("id") if isinstance(body, dict) else None
 
 
 def reply(request: Any, result: dict[str, Any]) -> bytes:
-    return json.dumps({"id": request, "ok": True, **result}, separators=(",", ":")).encode()
+    return _REPLY.encode({"id": request, "ok": True, **result}).encode()
 
 
 def error_reply(request: Any, code: str, message: str) -> bytes:
     body = {"id": request, "ok": False, "error": {"code": code, "message": message}}
-    return json.dumps(body, separators=(",", ":")).encode()
+    return _REPLY.encode(body).encode()
