@@ -38,33 +38,45 @@ async def settle(clusters: list[Cluster], peers: list[Peer]) -> None:
         peer.frames[:] = [f for f in peer.frames if not str(f.get("data")).startswith("marker")]
 
 
+async def connect_three_hosts(a: Cluster, b: Cluster, c: Cluster) -> list[Peer]:
+    """User u on host u % 3; channel 1: every user; channel 2: odd users; channel 3: nobody;
+    user 4 has a second device. Returns once every host sees everyone."""
+    layout = [(a, b, c)[u % 3] for u in range(7)]
+    peers: list[Peer] = []
+    for user in range(1, 7):
+        channels = [1, 2] if user % 2 else [1]
+        peers.append(await connect_peer(layout[user], user, channels))
+    peers.append(await connect_peer(layout[4], 4, [1]))
+    for host in (a, b, c):
+        wait_presence(host.client(), list(range(1, 7)))
+    return peers
+
+
+async def broadcast_everywhere_and_check(a: Cluster, b: Cluster, c: Cluster, peers: list[Peer]):
+    """Channel, user and user-list broadcasts from different hosts reach exactly the right
+    connections, once each."""
+    client = b.client()
+    reply = client.broadcast_to_channel(1, "all")
+    assert reply["cluster"] is True
+    client.broadcast_to_channel(2, "odd")
+    client.broadcast_to_channel(3, "nobody")
+    a.client().broadcast_to_user(4, "four")
+    c.client().broadcast_to_users([1, 5, 99], "list")
+    await settle([a, b, c], peers)
+    for peer in peers:
+        got = [m["data"] for m in peer.messages]
+        want = ["all"] + (["odd"] if peer.user % 2 else [])
+        want += ["four"] if peer.user == 4 else []
+        want += ["list"] if peer.user in (1, 5) else []
+        assert sorted(got) == sorted(want), (peer.user, got)
+
+
 def test_broadcasts_reach_exactly_the_right_connections_on_every_host(redis_server, ucc_cluster):
     a, b, c = hosts(ucc_cluster, redis_server, 3)
-    # user u is on host u % 3; channel 1: every user; channel 2: odd users; channel 3: nobody
-    layout = [(a, b, c)[u % 3] for u in range(7)]
 
     async def scenario() -> None:
-        peers: list[Peer] = []
-        for user in range(1, 7):
-            channels = [1, 2] if user % 2 else [1]
-            peers.append(await connect_peer(layout[user], user, channels))
-        peers.append(await connect_peer(layout[4], 4, [1]))  # a second device of user 4
-        for host in (a, b, c):
-            wait_presence(host.client(), list(range(1, 7)))
-        client = b.client()
-        reply = client.broadcast_to_channel(1, "all")
-        assert reply["cluster"] is True
-        client.broadcast_to_channel(2, "odd")
-        client.broadcast_to_channel(3, "nobody")
-        a.client().broadcast_to_user(4, "four")
-        c.client().broadcast_to_users([1, 5, 99], "list")
-        await settle([a, b, c], peers)
-        for peer in peers:
-            got = [m["data"] for m in peer.messages]
-            want = ["all"] + (["odd"] if peer.user % 2 else [])
-            want += ["four"] if peer.user == 4 else []
-            want += ["list"] if peer.user in (1, 5) else []
-            assert sorted(got) == sorted(want), (peer.user, got)
+        peers = await connect_three_hosts(a, b, c)
+        await broadcast_everywhere_and_check(a, b, c, peers)
         for peer in peers:
             await peer.close()
 

@@ -9,10 +9,15 @@ import os
 import signal
 import time
 
-from test_multi_host import hosts, settle, wait_presence
+from test_multi_host import (
+    broadcast_everywhere_and_check,
+    connect_three_hosts,
+    hosts,
+    wait_presence,
+)
 
 from actors.cluster import Layout
-from shards.testing import Peer, RedisClusterServer, connect_peer, wait_until
+from shards.testing import RedisClusterServer, connect_peer, wait_until
 
 LAYOUT = Layout("default")
 
@@ -23,40 +28,19 @@ def test_broadcasts_reach_exactly_the_right_connections_on_every_host(
     server = redis_cluster_server
     assert server.url.startswith("redis+cluster://")
     a, b, c = hosts(ucc_cluster, server, 3)
-    # user u is on host u % 3; channel 1: every user; channel 2: odd users; channel 3: nobody
-    layout = [(a, b, c)[u % 3] for u in range(7)]
 
     def listeners(channel: int) -> tuple[int, int]:
         topic = LAYOUT.channel_topic(channel)
         return server.subscribers(topic), server.subscribers(topic, sharded=False)
 
     async def scenario() -> None:
-        peers: list[Peer] = []
-        for user in range(1, 7):
-            channels = [1, 2] if user % 2 else [1]
-            peers.append(await connect_peer(layout[user], user, channels))
-        peers.append(await connect_peer(layout[4], 4, [1]))  # a second device of user 4
-        for host in (a, b, c):
-            wait_presence(host.client(), list(range(1, 7)))
+        peers = await connect_three_hosts(a, b, c)
         # every host listens to channels 1 and 2 with SSUBSCRIBE (odd users 1, 3, 5 are on
         # hosts b, a, c), nobody with SUBSCRIBE, and nobody to channel 3
         for channel in (1, 2):
             wait_until(lambda ch=channel: listeners(ch) == (3, 0), 5, what=f"channel {channel}")
         assert listeners(3) == (0, 0)
-        client = b.client()
-        reply = client.broadcast_to_channel(1, "all")
-        assert reply["cluster"] is True
-        client.broadcast_to_channel(2, "odd")
-        client.broadcast_to_channel(3, "nobody")
-        a.client().broadcast_to_user(4, "four")
-        c.client().broadcast_to_users([1, 5, 99], "list")
-        await settle([a, b, c], peers)
-        for peer in peers:
-            got = [m["data"] for m in peer.messages]
-            want = ["all"] + (["odd"] if peer.user % 2 else [])
-            want += ["four"] if peer.user == 4 else []
-            want += ["list"] if peer.user in (1, 5) else []
-            assert sorted(got) == sorted(want), (peer.user, got)
+        await broadcast_everywhere_and_check(a, b, c, peers)
         for peer in peers:
             await peer.close()
         wait_until(lambda: listeners(1) == (0, 0), 5, what="for every host to stop listening")
