@@ -14,6 +14,7 @@ import asyncio
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -83,12 +84,14 @@ class CacheActor(LoopActor):
         router_endpoint: str,
         post: Callable[[list[LoopAction]], None],
         stale_timeout: float,
+        fail: Callable[[], None],
         context: zmq.Context[Any] | None = None,
     ) -> None:
         super().__init__(loop)
         self.index, self.epoch = index, epoch
         self.cache = UserConnectionCache()
         self.post = post
+        self.fail = fail
         self.stale_timeout = stale_timeout
         self.context = context or zmq.Context.instance()
         self.sock = self.context.socket(zmq.DEALER)
@@ -113,15 +116,28 @@ class CacheActor(LoopActor):
         self.loop.remove_reader(self.sock.getsockopt(zmq.FD))
         self.sock.close()
 
+    def on_failure(self, *exc_info: Any) -> None:
+        """A bug killed the actor: stop beating (so the router sees the shard die) and have the
+        process exit, so that the supervisor restarts it clean."""
+        if not self.sock.closed:
+            self.on_stop()
+        self.loop.call_soon(self.fail)
+
     def _readable(self) -> None:
         """The socket has news (ZeroMQ's descriptor is edge-triggered: drain, then re-check)."""
         if self.actor_stopped.is_set():
             return
-        self._drain()
-        self._flush()
+        try:
+            self._drain()
+            self._flush()
+        except Exception:  # a bug: fail as pykka does for a message, and take the shard down
+            self._handle_failure(*sys.exc_info())
+            self.on_failure(*sys.exc_info())
 
     def _beat(self) -> None:
         """Heartbeat to the router: it runs on the loop, so it stops if the loop is stuck."""
+        if self.actor_stopped.is_set():
+            return
         now = time.monotonic()
         self._send(shardwire.heartbeat(now - self._loop_seen))
         if self._resync and self._send(shardwire.sync(self.cache.channels())):
@@ -164,8 +180,7 @@ class CacheActor(LoopActor):
         work = 0
         for _ in range(BATCH):
             if work > WORK:
-                self.loop.call_soon(self._readable)  # the rest next turn: connections first
-                return
+                return  # the rest next turn (_flush's recheck schedules it): connections first
             try:
                 msg = self.sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:

@@ -23,6 +23,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
+import pykka
+
 from actors.ids import stable_hash
 from actors.router import RouterCore, ShardEvent, ShardState
 from actors.router_actor import RouterActor, ShardDown, ShardStarting
@@ -38,7 +40,17 @@ log = logging.getLogger("ucc.supervisor")
 START_TIMEOUT = 20.0  # a shard that has not said hello by then is killed
 HOLD_TIME = 2.0  # how long a connection may wait for its restarting shard before a 503
 HOLD_LIMIT = 1000  # connections held per shard at most; more get a 503 at once
+RETRY_HAND = 0.05  # a full hand-off queue: try a held connection again this much later
 UNAVAILABLE = (503, "Service Unavailable", {"Retry-After": "1"})
+
+
+@dataclass(eq=False)
+class Held:
+    """A connection waiting for its shard, its request unread, until ``deadline``."""
+
+    claims: Claims
+    sock: socket.socket
+    deadline: float
 
 
 @dataclass
@@ -55,7 +67,7 @@ class ShardProcess:
     # them (their request unread) and can answer 503 instead of dropping them silently
     inflight: dict[int, tuple[Claims, socket.socket]] = field(default_factory=dict)
     # connections that arrived while the shard was restarting, waiting for it (bounded)
-    held: list[tuple[Claims, socket.socket]] = field(default_factory=list)
+    held: list[Held] = field(default_factory=list)
 
 
 class Supervisor:
@@ -138,13 +150,18 @@ class Supervisor:
         shard.ready = False
         shard.started_at = time.monotonic()
         pid = shard.proc.pid
-        self.router.tell(ShardStarting(shard.index, shard.epoch, pid))
+        self._tell_router(ShardStarting(shard.index, shard.epoch, pid))
         shard.pidfd = os.pidfd_open(pid)
         self.loop.add_reader(shard.pidfd, self._exited, shard, shard.epoch)
         shard.start_timer = self.loop.call_later(
             START_TIMEOUT, self._start_timeout, shard, shard.epoch
         )
         log.debug("shard %d: started pid %d (epoch %d)", shard.index, pid, shard.epoch)
+
+    def _tell_router(self, message: object) -> None:
+        # after a router failure the host is shutting down: the news has nowhere to go
+        with contextlib.suppress(pykka.ActorDeadError):
+            self.router.tell(message)
 
     def _start_timeout(self, shard: ShardProcess, epoch: int) -> None:
         if shard.epoch == epoch and not shard.ready:
@@ -173,7 +190,7 @@ class Supervisor:
         for claims, sock in shard.inflight.values():  # never taken: they wait for the next one
             self._hold(shard, claims, sock)
         shard.inflight.clear()
-        self.router.tell(ShardDown(shard.index, epoch))
+        self._tell_router(ShardDown(shard.index, epoch))
         if self.stopping:
             self._maybe_done()
             return
@@ -268,7 +285,7 @@ class Supervisor:
         if self.stopping or len(shard.held) >= HOLD_LIMIT:
             self._refuse(sock)
             return
-        entry = (claims, sock)
+        entry = Held(claims, sock, time.monotonic() + HOLD_TIME)
         shard.held.append(entry)
         self.loop.call_later(HOLD_TIME, self._release, shard, entry)
 
@@ -290,16 +307,19 @@ class Supervisor:
         shard.inflight[self._handoffs] = (claims, sock)
         return True
 
-    def _release(self, shard: ShardProcess, entry: tuple[Claims, socket.socket]) -> None:
-        """A held connection's time is up (or the shard is ready): hand it over, or 503."""
+    def _release(self, shard: ShardProcess, entry: Held) -> None:
+        """The shard is ready, or the entry's time is up: hand it over, or answer 503. A ready
+        shard whose hand-off queue is full (many held at once) gets more tries until then."""
         if entry not in shard.held:
-            return  # already released
-        shard.held.remove(entry)
-        claims, sock = entry
+            return  # already released (entries compare by identity)
         ready = shard.ready and shard.control is not None and not self.stopping
-        if ready and self._hand(shard, claims, sock):
-            return
-        self._refuse(sock)
+        if ready and self._hand(shard, entry.claims, entry.sock):
+            shard.held.remove(entry)
+        elif ready and time.monotonic() < entry.deadline:
+            self.loop.call_later(RETRY_HAND, self._release, shard, entry)
+        else:
+            shard.held.remove(entry)
+            self._refuse(entry.sock)
 
     # -- stopping ----------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ import sys
 import time
 from typing import Any
 
+import pykka
 from websockets.protocol import State
 
 from actors import frames
@@ -71,7 +72,13 @@ class Shard:
         self._last_ping = self.now
         self.stopped = loop.create_future()
         self.actor = CacheActor.start(
-            loop, index, epoch, router, self.apply, float(config["heartbeat_timeout"])
+            loop,
+            index,
+            epoch,
+            router,
+            self.apply,
+            float(config["heartbeat_timeout"]),
+            lambda: self.stop(None),  # the actor failed: exit, and be restarted
         )
         loop.add_reader(control.fileno(), self._on_control)
         self._tick_handle = loop.call_later(TICK, self._tick)
@@ -132,21 +139,26 @@ class Shard:
 
     # -- from connections --------------------------------------------------------------------
 
+    def _tell(self, message: object) -> None:
+        # once the actor has failed, the shard is on its way out: nothing more to tell it
+        with contextlib.suppress(pykka.ActorDeadError):
+            self.actor.tell(message)
+
     def connection_opened(self, conn: Connection) -> None:
         self.conns[conn.conn_id] = conn
         conn.reported = True
-        self.actor.tell(Opened(conn.conn_id, conn.user, conn.channels, time.time()))
+        self._tell(Opened(conn.conn_id, conn.user, conn.channels, time.time()))
 
     def connection_lost(self, conn: Connection) -> None:
         if self.conns.pop(conn.conn_id, None) is not None:
             self._active.pop(conn.conn_id, None)
-            self.actor.tell(Closed(conn.conn_id))
+            self._tell(Closed(conn.conn_id))
 
     def subscribe(self, conn: Connection, channel: ChannelId) -> None:
-        self.actor.tell(Subscribe(conn.conn_id, channel))
+        self._tell(Subscribe(conn.conn_id, channel))
 
     def unsubscribe(self, conn: Connection, channel: ChannelId) -> None:
-        self.actor.tell(Unsubscribe(conn.conn_id, channel))
+        self._tell(Unsubscribe(conn.conn_id, channel))
 
     # -- from the CacheActor -------------------------------------------------------------------
 
@@ -186,7 +198,7 @@ class Shard:
         wall = time.time()
         active = {conn: wall - (now - seen) for conn, seen in self._active.items()}
         self._active = {}
-        self.actor.tell(Activity(active, wall))
+        self._tell(Activity(active, wall))
         if now - self._last_ping >= self.heartbeat:
             self._last_ping = now
             for conn in self.conns.values():
@@ -267,7 +279,7 @@ async def serve(
         await shard.drain(drain_window, float(config["close_grace"]))
     shard.actor.stop(block=False)  # it runs on this loop: let it finish its turn
     await asyncio.sleep(0)
-    return 0
+    return 0 if drain_window is not None else 1  # 1: the supervisor is gone, or the actor failed
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import psutil
 import pytest
+from test_bad_input import upgrade_request
 from websockets.exceptions import InvalidStatus
 
 from shards.client import Client
@@ -252,3 +255,21 @@ def test_a_busy_router_does_not_mistake_healthy_shards_for_hung_ones(ucc_cluster
     print(f"\nrouter busy for {time.monotonic() - loop_started:.1f} s")
     after = [(row["pid"], row["epoch"]) for row in cluster.status()["shards"]]
     assert after == before  # nobody was killed
+
+
+def test_hundreds_of_connections_wait_out_a_restart(ucc_cluster):
+    # more than the hand-off socket's buffer takes at once: the rest wait their turn, not a 503
+    cluster: Cluster = ucc_cluster(shards=2)
+    victim = 0
+    users = [u for u in range(1, 3000) if cluster.shard_of(u) == victim][:600]
+    host, port = cluster.url.removeprefix("ws://").split(":")
+    sockets = [socket.create_connection((host, int(port)), timeout=20) for _ in users]
+    try:
+        cluster.kill_shard(victim)
+        for sock, user in zip(sockets, users, strict=True):  # all arrive while it restarts
+            sock.sendall(upgrade_request(f"/?token={cluster.token(user)}"))
+        statuses = Counter(sock.recv(12)[9:12] for sock in sockets)
+        assert statuses == {b"101": len(users)}
+    finally:
+        for sock in sockets:
+            sock.close()

@@ -1,0 +1,90 @@
+"""The CacheActor on a real event loop with a real ZeroMQ router socket (no processes)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+import zmq
+
+from actors import frames, shardwire
+from actors.cache_actor import CacheActor, Opened
+from actors.ids import ChannelId, ConnId, UserId
+
+
+class FakeShard:
+    """What the actor posts to its shard, and whether it asked the shard to exit."""
+
+    def __init__(self) -> None:
+        self.actions: list[Any] = []
+        self.failed = asyncio.Event()
+
+    def post(self, actions: list[Any]) -> None:
+        self.actions.extend(actions)
+
+    def fail(self) -> None:
+        self.failed.set()
+
+
+async def receive(router: zmq.Socket, kind: bytes, timeout: float = 5.0) -> list[bytes]:
+    """The next message of ``kind`` from the shard, polling with a deadline."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while asyncio.get_running_loop().time() < deadline:
+        try:
+            msg = router.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            await asyncio.sleep(0.005)
+            continue
+        if msg[1] == kind:
+            return msg
+    raise AssertionError(f"no {kind!r} from the shard within {timeout} s")
+
+
+@pytest.fixture
+def router(tmp_path):
+    context = zmq.Context.instance()
+    sock = context.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    endpoint = f"ipc://{tmp_path}/router.sock"
+    sock.bind(endpoint)
+    try:
+        yield sock, endpoint
+    finally:
+        sock.close()
+
+
+def test_deliveries_queries_and_a_fatal_bug(router):
+    sock, endpoint = router
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        shard = FakeShard()
+        ref = CacheActor.start(loop, 0, 1, endpoint, shard.post, 60.0, shard.fail)
+        identity = shardwire.identity(0, 1)
+        hello = await receive(sock, shardwire.HELLO)
+        assert hello[0] == identity
+        ref.tell(Opened(ConnId(1), UserId(7), (ChannelId(3),), 0.0))
+        delta = await receive(sock, shardwire.DELTA)
+        assert shardwire.unpack_ids(delta[2]) == [3]  # the shard's first member of channel 3
+        frame = frames.channel_message(3, b'"hi"')
+        sock.send_multipart([identity, *shardwire.channel_delivery(3, frame)])
+        query = shardwire.query(5, {"op": "online_channel", "channel": 3})
+        sock.send_multipart([identity, *query])
+        result = await receive(sock, shardwire.RESULT)
+        assert json.loads(result[3]) == {"users": [7]}
+        assert ("deliver", frame, (1,)) in shard.actions
+
+        # a query no router sends: a bug; the actor fails, stops beating, asks to exit
+        sock.send_multipart([identity, *shardwire.query(6, {"op": "explode"})])
+        await asyncio.wait_for(shard.failed.wait(), 5)
+        assert not ref.is_alive()
+        # what it sent before failing is in flight for a moment; after that, silence (a
+        # negative check needs a window: four heartbeat intervals)
+        with pytest.raises(AssertionError):
+            await receive(sock, b"nothing", timeout=0.3)  # drains what was in flight
+        with pytest.raises(AssertionError):  # no heartbeat any more: the router will notice
+            await receive(sock, shardwire.HEARTBEAT, timeout=1.0)
+
+    asyncio.run(scenario())
