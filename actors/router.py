@@ -20,6 +20,18 @@ from typing import Any
 
 from actors import commands, frames, shardwire
 from actors.commands import Command, CommandError
+from actors.gather import (
+    REDIS,
+    Combiner,
+    Gather,
+    RedisOp,
+    are_online,
+    broadcast,
+    is_online,
+    presence_snapshot,
+    sum_connections,
+    union_users,
+)
 from actors.ids import ChannelId, ShardIndex, stable_hash
 
 
@@ -42,26 +54,6 @@ class ShardSlot:
     @property
     def identity(self) -> bytes:
         return shardwire.identity(self.index, self.epoch)
-
-
-Combiner = Callable[["Gather"], dict[str, Any]]
-REDIS = ShardIndex(-1)  # the Redis link, as a participant in gathers
-RedisOp = tuple[Any, ...]  # (operation, gather id or 0, arguments...)
-
-
-@dataclass(slots=True)
-class Gather:
-    """A query sent to some shards, waiting for their answers until ``deadline``."""
-
-    envelope: list[bytes] | None  # None: an internal gather (a presence snapshot)
-    request: Any
-    combine: Combiner
-    deadline: float
-    waiting: set[ShardIndex]
-    answers: dict[ShardIndex, Any] = field(default_factory=dict)
-    missing: set[ShardIndex] = field(default_factory=set)
-    args: dict[str, Any] = field(default_factory=dict)
-    redis: bool = False  # the Redis link takes part
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,17 +246,17 @@ class RouterCore:
             shards = set(self.index.get(args["channel"], ()))
             query = {"op": "online_channel", **args}
             remote = ("online_channel", args["channel"])
-            self._gather(envelope, cmd, shards, now, _union_users, lambda _: query, None, remote)
+            self._gather(envelope, cmd, shards, now, union_users, lambda _: query, None, remote)
         elif name == "get_online_users":
             everyone = self._all()
             query = {"op": "online"}
             self._gather(
-                envelope, cmd, everyone, now, _union_users, lambda _: query, None, ("online",)
+                envelope, cmd, everyone, now, union_users, lambda _: query, None, ("online",)
             )
         elif name in ("is_user_online", "are_users_online"):
             users = [args["user"]] if name == "is_user_online" else args["users"]
             groups = self._by_shard(users)
-            combine = _is_online if name == "is_user_online" else _are_online
+            combine = is_online if name == "is_user_online" else are_online
             self._gather(
                 envelope,
                 cmd,
@@ -281,7 +273,7 @@ class RouterCore:
             # in a cluster, the hosts that have the user apply it too (connections counts ours)
             forward = ("publish_users", [args["user"]], b"", query)
             self._gather(
-                envelope, cmd, {index}, now, _sum_connections, lambda _: query, None, forward
+                envelope, cmd, {index}, now, sum_connections, lambda _: query, None, forward
             )
         elif name == "router_stats":
             self._reply(envelope, cmd, self.statistics())
@@ -306,7 +298,7 @@ class RouterCore:
             self._reply(envelope, cmd, {"shards": shards})
             return
         self._gather(
-            envelope, cmd, set(), now, _broadcast, lambda _: {}, {"shards": shards}, publish
+            envelope, cmd, set(), now, broadcast, lambda _: {}, {"shards": shards}, publish
         )
 
     def _check_frame(self, frame: bytes) -> None:
@@ -433,7 +425,7 @@ class RouterCore:
         """Gather this host's presence from its shards, for the Redis link to publish."""
         qid = self._next_qid
         self._next_qid += 1
-        gather = Gather(None, None, _snapshot, now + self.gather_timeout, set())
+        gather = Gather(None, None, presence_snapshot, now + self.gather_timeout, set())
         self.pending[qid] = gather
         for slot in self.up_shards():
             self._send(slot.index, shardwire.query(qid, {"op": "snapshot"}))
@@ -473,48 +465,3 @@ class RouterCore:
             gather.missing |= gather.waiting
             gather.waiting.clear()
             self._finish(qid)
-
-
-def _union_users(gather: Gather) -> dict[str, Any]:
-    users: set[int] = set()
-    for answer in gather.answers.values():
-        users.update(answer["users"])
-    return {"users": sorted(users)}
-
-
-def _online_set(gather: Gather) -> set[int]:
-    online: set[int] = set()
-    for answer in gather.answers.values():
-        online.update(answer["online"])
-    return online
-
-
-def _is_online(gather: Gather) -> dict[str, Any]:
-    return {"online": gather.args["users"][0] in _online_set(gather)}
-
-
-def _are_online(gather: Gather) -> dict[str, Any]:
-    online = _online_set(gather)
-    return {"online": {str(user): user in online for user in gather.args["users"]}}
-
-
-def _broadcast(gather: Gather) -> dict[str, Any]:
-    return {"shards": gather.args["shards"]}
-
-
-def _snapshot(gather: Gather) -> dict[str, Any]:
-    users: list[int] = []
-    channels: dict[str, list[int]] = {}
-    for answer in gather.answers.values():
-        users += answer["users"]
-        for channel, members in answer["channels"].items():
-            channels.setdefault(channel, []).extend(members)
-    return {"users": users, "channels": channels}
-
-
-def _sum_connections(gather: Gather) -> dict[str, Any]:
-    local = sum(a["connections"] for i, a in gather.answers.items() if i != REDIS)
-    result: dict[str, Any] = {"connections": local}
-    if REDIS in gather.answers:  # how many other hosts have the user and were told
-        result["hosts"] = gather.answers[REDIS]["value"]
-    return result
