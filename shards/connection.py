@@ -34,6 +34,7 @@ class Connection(asyncio.Protocol):
         "allowed",
         "channels",
         "conn_id",
+        "expires",
         "fragments",
         "is_open",
         "last_inbound",
@@ -51,8 +52,10 @@ class Connection(asyncio.Protocol):
         conn_id: ConnId,
         user: UserId,
         channels: tuple[ChannelId, ...],
+        expires: float,
     ) -> None:
         self.shard = shard
+        self.expires = expires  # the token's exp (seconds since the epoch)
         self.conn_id = conn_id
         self.user = user
         self.channels = channels  # the token's channels: subscribed at connect, allowed later

@@ -299,7 +299,12 @@ class Supervisor:
         """Send the connection to its shard; False if the shard cannot take it now."""
         assert shard.control is not None
         self._handoffs += 1
-        header = {"id": self._handoffs, "user": claims.user, "channels": list(claims.channels)}
+        header = {
+            "id": self._handoffs,
+            "user": claims.user,
+            "channels": list(claims.channels),
+            "exp": claims.exp,
+        }
         try:
             send_connection(shard.control, header, sock)
         except OSError:  # the shard is not keeping up (or just died)

@@ -17,6 +17,7 @@ import contextlib
 import ctypes
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -124,15 +125,12 @@ class Shard:
         self._next_conn += 1
         user = UserId(int(header["user"]))
         channels = tuple(ChannelId(int(c)) for c in header["channels"])
-        self.loop.create_task(self._adopt(sock, conn_id, user, channels))
+        expires = float(header.get("exp", math.inf))
+        self.loop.create_task(self._adopt(sock, Connection(self, conn_id, user, channels, expires)))
 
-    async def _adopt(
-        self, sock: socket.socket, conn_id: ConnId, user: UserId, channels: tuple[ChannelId, ...]
-    ) -> None:
+    async def _adopt(self, sock: socket.socket, conn: Connection) -> None:
         try:
-            await self.loop.connect_accepted_socket(
-                lambda: Connection(self, conn_id, user, channels), sock
-            )
+            await self.loop.connect_accepted_socket(lambda: conn, sock)
         except OSError as exc:
             log.info("shard %d: could not adopt a connection: %s", self.index, exc)
             sock.close()
@@ -201,8 +199,12 @@ class Shard:
         self._tell(Activity(active, wall))
         if now - self._last_ping >= self.heartbeat:
             self._last_ping = now
-            for conn in self.conns.values():
-                if now - conn.last_inbound >= self.heartbeat:
+            for conn in list(self.conns.values()):
+                if (
+                    conn.expires <= wall
+                ):  # the token ran out: the client must come back with a new one
+                    conn.close(4003, "token expired")
+                elif now - conn.last_inbound >= self.heartbeat:
                     conn.ping()
         self._tick_handle = self.loop.call_later(TICK, self._tick)
 

@@ -187,3 +187,15 @@ def test_cli_token_broadcast_and_online(ucc_cluster):
             }
 
     asyncio.run(scenario())
+
+
+def test_a_connection_does_not_outlive_its_token(ucc_cluster):
+    cluster: Cluster = ucc_cluster(shards=2, args=("--heartbeat", "0.3"))
+
+    async def scenario() -> None:
+        ws = await connect(f"{cluster.url}/?token={cluster.token(5, ttl=2)}")
+        assert json.loads(await ws.recv())["type"] == "hello"
+        await asyncio.wait_for(ws.wait_closed(), 10)
+        assert ws.close_code == 4003
+
+    asyncio.run(scenario())
