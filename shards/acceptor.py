@@ -98,12 +98,13 @@ class Acceptor:
         # one readiness is enough: from now on the bytes stay unread, so the fd would stay
         # readable; poll again with a short backoff until the head is complete
         self.loop.remove_reader(fd)
-        self._peek(fd)
-
-    def _peek(self, fd: int) -> None:
         entry = self.pending.get(fd)
-        if entry is None:
-            return
+        if entry is not None:
+            self._peek(fd, entry)
+
+    def _peek(self, fd: int, entry: _Pending) -> None:
+        if self.pending.get(fd) is not entry:
+            return  # gone (a retry timer outliving its connection; the fd may be reused)
         try:
             data = entry.sock.recv(httphead.MAX_HEAD, socket.MSG_PEEK)
         except BlockingIOError:
@@ -124,7 +125,7 @@ class Acceptor:
         if head is None:
             delay = PEEK_RETRY[min(entry.attempts, len(PEEK_RETRY) - 1)]
             entry.attempts += 1
-            self.loop.call_later(delay, self._peek, fd)
+            self.loop.call_later(delay, self._peek, fd, entry)
             return
         self._finish(fd)
         self._serve(entry.sock, head)
