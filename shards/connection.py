@@ -39,7 +39,6 @@ class Connection(asyncio.Protocol):
         "is_open",
         "last_inbound",
         "proto",
-        "reported",
         "shard",
         "timer",
         "transport",
@@ -63,7 +62,6 @@ class Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.proto = ServerProtocol(max_size=shard.max_frame)
         self.is_open = False  # handshake done and registered in the cache
-        self.reported = False  # the cache knows this connection
         self.last_inbound = 0.0
         self.timer: asyncio.TimerHandle | None = None
         self.fragments: list[bytes] | None = None  # a text message arriving in pieces
@@ -162,7 +160,7 @@ class Connection(asyncio.Protocol):
             return
         transport.write(frame)
         if transport.get_write_buffer_size() > self.shard.write_buffer_limit:
-            self.shard.slow_consumers += 1
+            log.debug("connection %d: slow consumer, closing", self.conn_id)
             self.close(4000, "slow consumer")
 
     def ping(self) -> None:

@@ -67,7 +67,6 @@ class Shard:
         self.write_buffer_limit = int(config["write_buffer_limit"])
         self.conns: dict[ConnId, Connection] = {}
         self.now = time.monotonic()
-        self.slow_consumers = 0
         self._next_conn = 1
         self._active: dict[ConnId, float] = {}
         self._last_ping = self.now
@@ -144,7 +143,6 @@ class Shard:
 
     def connection_opened(self, conn: Connection) -> None:
         self.conns[conn.conn_id] = conn
-        conn.reported = True
         self._tell(Opened(conn.conn_id, conn.user, conn.channels, time.time()))
 
     def connection_lost(self, conn: Connection) -> None:
@@ -200,9 +198,8 @@ class Shard:
         if now - self._last_ping >= self.heartbeat:
             self._last_ping = now
             for conn in list(self.conns.values()):
-                if (
-                    conn.expires <= wall
-                ):  # the token ran out: the client must come back with a new one
+                # a token that ran out: the client must come back with a fresh one
+                if conn.expires <= wall:
                     conn.close(4003, "token expired")
                 elif now - conn.last_inbound >= self.heartbeat:
                     conn.ping()
