@@ -455,7 +455,8 @@ class Peer:
         while not predicate(self.frames):
             left = deadline - asyncio.get_running_loop().time()
             if left <= 0:
-                raise AssertionError(f"user {self.user}: timed out; frames: {self.frames[-5:]}")
+                last = str(self.frames[-5:])[:500]
+                raise AssertionError(f"user {self.user}: timed out; last frames: {last}")
             self._arrived.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._arrived.wait(), left)

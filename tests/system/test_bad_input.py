@@ -14,7 +14,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from shards.client import Client, CommandTimeout, UccError
-from shards.testing import TIME_FACTOR, Cluster, connect_peer
+from shards.testing import TIME_FACTOR, Cluster, connect_peer, wait_until
 
 
 def http_status(cluster: Cluster, request: bytes, timeout: float = 10.0) -> tuple[int, bytes]:
@@ -220,3 +220,35 @@ def test_silent_connection_is_dropped_by_the_heartbeat(ucc_cluster):
             await lively.close()
 
         asyncio.run(scenario())
+
+
+def test_a_slow_consumer_is_cut_off_and_holds_nobody_back(ucc_cluster):
+    cluster: Cluster = ucc_cluster(shards=2, args=("--write-buffer-limit", "1048576"))
+    client = cluster.client()
+    host, port = cluster.url.removeprefix("ws://").split(":")
+    slow = socket.socket()
+    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # and it never reads
+    try:
+        slow.settimeout(10 * TIME_FACTOR)
+        slow.connect((host, int(port)))
+        slow.sendall(upgrade_request(f"/?token={cluster.token(21, [1])}"))
+        assert slow.recv(12).startswith(b"HTTP/1.1 101")
+
+        async def scenario() -> None:
+            fast = await connect_peer(cluster, 22, [1])
+            wait_until(lambda: client.get_online_users_in_channel(1) == [21, 22], 5, what="both")
+            payload = "x" * 50_000
+
+            def publish() -> None:  # from a thread: this loop must keep reading for `fast`
+                for n in range(200):  # 10 MB: more than the kernel buffers hold for `slow`
+                    client.broadcast_to_channel(1, {"n": n, "pad": payload})
+
+            await asyncio.get_running_loop().run_in_executor(None, publish)
+            await fast.wait_for(lambda f: len(f) >= 201, 30)  # hello + every message
+            assert [m["data"]["n"] for m in fast.messages] == list(range(200))
+            wait_until(lambda: not client.is_user_online(21), 10, what="the slow one to go")
+            await fast.close()
+
+        asyncio.run(scenario())
+    finally:
+        slow.close()
