@@ -234,3 +234,22 @@ def test_ids_beyond_double_precision_cross_hosts_exactly(redis_server, ucc_clust
         await peer.close()
 
     asyncio.run(scenario())
+
+
+def test_an_acl_user_with_a_password_links_hosts(ucc_cluster):
+    server = RedisServer(args=("--user", "default", "off", "--user", "ucc", "on", ">s3cret",
+                               "~*", "&*", "+@all"))  # fmt: skip
+    try:
+        url = f"redis://ucc:s3cret@127.0.0.1:{server.port}/0"
+        a, b = (ucc_cluster(shards=1, args=("--redis", url), secret="s" * 64) for _ in range(2))
+
+        async def scenario() -> None:
+            peer = await connect_peer(b, 8, [2])
+            wait_presence(a.client(), [8])
+            assert a.client().broadcast_to_channel(2, "through ACL")["cluster"] is True
+            await peer.wait_for(lambda f: f[-1].get("data") == "through ACL")
+            await peer.close()
+
+        asyncio.run(scenario())
+    finally:
+        server.close()
