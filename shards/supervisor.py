@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 
 import pykka
+import zmq
 
 from actors.ids import stable_hash
 from actors.router import RouterCore, ShardEvent, ShardState
@@ -83,19 +84,28 @@ class Supervisor:
         self.done: asyncio.Future[int] = loop.create_future()
         self.announced = False
         self._handoffs = 0
-        self.listener = self._listen()
+        try:
+            self.listener = self._listen()
+        except OSError:
+            shutil.rmtree(self.rundir, ignore_errors=True)
+            raise
         redis_url, name = config.redis, config.cluster_name
         core = RouterCore(
             config.shards, config.gather_timeout, config.max_command, cluster=bool(redis_url)
         )
-        self.router = RouterActor.start(
-            core,
-            config.command,
-            self.shard_endpoint,
-            lambda event: loop.call_soon_threadsafe(self._shard_event, event),
-            config.hang_timeout,
-            (lambda notify: RedisLink(redis_url, name, notify)) if redis_url else None,
-        )
+        try:
+            self.router = RouterActor.start(
+                core,
+                config.command,
+                self.shard_endpoint,
+                lambda event: loop.call_soon_threadsafe(self._shard_event, event),
+                config.hang_timeout,
+                (lambda notify: RedisLink(redis_url, name, notify)) if redis_url else None,
+            )
+        except zmq.ZMQError as exc:  # the command endpoint is taken or malformed
+            self.listener.close()
+            shutil.rmtree(self.rundir, ignore_errors=True)
+            raise OSError(f"command endpoint {config.command}: {exc}") from None
         self.command_endpoint: str = self.router.proxy().command_endpoint.get()
         self.acceptor: Acceptor | None = None
         self.shard_config = json.dumps(

@@ -199,3 +199,17 @@ def test_a_connection_does_not_outlive_its_token(ucc_cluster):
         assert ws.close_code == 4003
 
     asyncio.run(scenario())
+
+
+def test_a_taken_endpoint_is_a_clear_error(ucc_cluster):
+    cluster: Cluster = ucc_cluster(shards=1)
+    env = {**os.environ, "UCC_SECRET": cluster.secret}
+    done = subprocess.run(
+        [sys.executable, "-m", "shards.cli", "serve", "--shards", "1", "--port", "0",
+         "--command", cluster.command],
+        env=env, capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert f"command endpoint {cluster.command}" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stdout == ""  # no ready line
