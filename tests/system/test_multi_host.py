@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
+import threading
 import time
 
 import redis
@@ -253,3 +255,90 @@ def test_an_acl_user_with_a_password_links_hosts(ucc_cluster):
         asyncio.run(scenario())
     finally:
         server.close()
+
+
+class FreezingProxy:
+    """A TCP proxy to Redis that can silently stop delivering to pub/sub connections (the
+    connection stays open, nothing more arrives): what a subscription does after some failovers.
+    Its thread and sockets end in close()."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.connections: list[tuple[threading.Event, threading.Event]] = []  # subscriber, frozen
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.stop = threading.Event()
+        self.sockets: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        self.listener.settimeout(0.1)
+        while not self.stop.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            self.sockets += [client, upstream]
+            state = (threading.Event(), threading.Event())
+            self.connections.append(state)
+            for src, dst, watch in ((client, upstream, True), (upstream, client, False)):
+                threading.Thread(
+                    target=self._pump, args=(src, dst, watch, *state), daemon=True
+                ).start()
+
+    def freeze_subscribers(self) -> None:
+        """The subscriptions open now go silent; later ones work."""
+        for subscriber, frozen in list(self.connections):
+            if subscriber.is_set():
+                frozen.set()
+
+    def _pump(self, src, dst, watch: bool, subscriber, frozen) -> None:
+        try:
+            while not self.stop.is_set():
+                data = src.recv(65536)
+                if not data:
+                    break
+                if watch and b"SUBSCRIBE" in data.upper():
+                    subscriber.set()
+                if not watch and frozen.is_set():
+                    continue  # swallowed: the subscriber hears nothing, and is not told
+                dst.sendall(data)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+        for sock in [self.listener, *self.sockets]:
+            sock.close()
+
+
+def test_a_subscription_that_goes_silent_is_caught_by_the_probe(redis_server, ucc_cluster):
+    proxy = FreezingProxy(redis_server.port)
+    try:
+        url = f"redis://127.0.0.1:{proxy.port}/0"
+        a, b = (ucc_cluster(shards=1, args=("--redis", url), secret="s" * 64) for _ in range(2))
+
+        async def scenario() -> None:
+            peer = await connect_peer(b, 3, [4])
+            wait_presence(a.client(), [3])
+            proxy.freeze_subscribers()  # every open subscription hears nothing from now on
+            frozen_at = time.monotonic()
+            client = a.client()
+
+            def delivered() -> bool:
+                client.broadcast_to_channel(4, "are you there")
+                return any(f.get("data") == "are you there" for f in peer.frames)
+
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(
+                None, lambda: wait_until(delivered, 15, interval=0.5, what="a resubscription")
+            )
+            print(f"\nsilent subscription replaced after {time.monotonic() - frozen_at:.1f} s")
+            await peer.close()
+
+        asyncio.run(scenario())
+    finally:
+        proxy.close()
