@@ -30,6 +30,7 @@ from actors.ids import stable_hash
 from actors.router import RouterCore, ShardEvent, ShardState
 from actors.router_actor import RouterActor, ShardDown, ShardStarting
 from actors.tokens import Claims
+from shards import ready
 from shards.acceptor import Acceptor
 from shards.config import ServeConfig
 from shards.handoff import MAX_HEADER, control_pair, send_connection, send_message
@@ -272,12 +273,7 @@ class Supervisor:
         self.acceptor = Acceptor(
             self.loop, self.listener, self.config.secret, self._route, self.config.handshake_timeout
         )
-        shown = f"[{host}]" if ":" in host else host
-        print(
-            f"ucc ready ws://{shown}:{port} command={self.command_endpoint} "
-            f"shards={len(self.shards)}",
-            flush=True,
-        )
+        print(ready.format_line(host, port, self.command_endpoint, len(self.shards)), flush=True)
 
     def _route(self, claims: Claims, sock: socket.socket) -> tuple[int, str, dict[str, str]] | None:
         shard = self.shards[stable_hash(claims.user, len(self.shards))]

@@ -23,14 +23,11 @@ import asyncio
 import contextlib
 import json
 import os
-import re
 import secrets
-import selectors
 import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -43,10 +40,10 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from actors.ids import stable_hash
 from actors.tokens import mint
+from shards import ready
 from shards.client import Client
 
 TIME_FACTOR = float(os.environ.get("UCC_TEST_TIME_FACTOR", "1"))
-READY = re.compile(r"ucc ready (ws://\S+) command=(\S+) shards=(\d+)")
 
 
 def wait_until(
@@ -77,14 +74,7 @@ class Cluster:
         """``secret``: share one between the hosts of a cluster (default: a new random one)."""
         self.secret = secret or secrets.token_hex(32)
         self.shards = shards
-        command = [
-            sys.executable, "-m", "shards.cli", "serve",
-            "--shards", str(shards),
-            "--host", "127.0.0.1",
-            "--port", "0",
-            "--command", "tcp://127.0.0.1:*",
-            *args,
-        ]  # fmt: skip
+        command = ready.serve_argv(shards, *args)
         # the server's private files (its ipc socket) go in a directory we remove ourselves:
         # a SIGKILLed supervisor cannot clean up after itself
         self.tmp = tempfile.mkdtemp(prefix="ucc-test-")
@@ -106,21 +96,11 @@ class Cluster:
             raise
 
     def _wait_ready(self, timeout: float) -> None:
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + timeout
-        buffer = b""
-        with selectors.DefaultSelector() as selector:
-            selector.register(self.proc.stdout, selectors.EVENT_READ)
-            while b"\n" not in buffer:
-                left = deadline - time.monotonic()
-                if left <= 0 or not selector.select(left):
-                    raise AssertionError(f"ucc serve not ready within {timeout:.0f} s")
-                chunk = os.read(self.proc.stdout.fileno(), 4096)
-                if not chunk:
-                    raise AssertionError(f"ucc serve exited early with {self.proc.wait()}")
-                buffer += chunk
-        line = buffer.split(b"\n", 1)[0].decode()
-        match = READY.fullmatch(line)
+        try:
+            line = ready.first_line(self.proc, timeout)
+        except ready.NotReady as exc:
+            raise AssertionError(str(exc)) from None
+        match = ready.PATTERN.fullmatch(line)
         if match is None:
             raise AssertionError(f"unexpected first line from ucc serve: {line!r}")
         self.url, self.command = match[1], match[2]

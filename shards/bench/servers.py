@@ -13,21 +13,19 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import selectors
 import signal
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from typing import IO
 from urllib.parse import urlsplit
 
 import psutil
 
+from shards import ready
 from shards.client import Client
 
-UCC_READY = re.compile(r"ucc ready (ws://\S+) command=(\S+) shards=(\d+)")
 REFERENCE_READY = re.compile(r"reference ready (ws://\S+) command=(\S+)")
 
 
@@ -99,8 +97,11 @@ def _start(name: str, argv: list[str], secret: str, timeout: float) -> tuple[Ser
     )
     server = Server(name, "", "", secret, 1, proc.pid, proc, log)
     try:
-        line = _ready_line(proc, timeout)
-        pattern = UCC_READY if name == "ucc" else REFERENCE_READY
+        try:
+            line = ready.first_line(proc, timeout, f"the {name} server")
+        except ready.NotReady as exc:
+            raise ServerError(str(exc)) from None
+        pattern = ready.PATTERN if name == "ucc" else REFERENCE_READY
         match = pattern.fullmatch(line)
         if match is None:
             raise ServerError(f"unexpected first line from the {name} server: {line!r}")
@@ -114,34 +115,9 @@ def _start(name: str, argv: list[str], secret: str, timeout: float) -> tuple[Ser
     return server, match
 
 
-def _ready_line(proc: subprocess.Popen[bytes], timeout: float) -> str:
-    assert proc.stdout is not None
-    deadline = time.monotonic() + timeout
-    buffer = b""
-    with selectors.DefaultSelector() as selector:
-        selector.register(proc.stdout, selectors.EVENT_READ)
-        while b"\n" not in buffer:
-            left = deadline - time.monotonic()
-            if left <= 0 or not selector.select(left):
-                raise ServerError(f"server not ready within {timeout:.0f} s")
-            chunk = os.read(proc.stdout.fileno(), 4096)
-            if not chunk:
-                raise ServerError(f"server exited early with status {proc.wait()}")
-            buffer += chunk
-    return buffer.split(b"\n", 1)[0].decode()
-
-
 def start_ucc(secret: str, shards: int, args: list[str], timeout: float = 30.0) -> Server:
     """``ucc serve`` on free loopback ports."""
-    argv = [
-        sys.executable, "-m", "shards.cli", "serve",
-        "--shards", str(shards),
-        "--host", "127.0.0.1",
-        "--port", "0",
-        "--command", "tcp://127.0.0.1:*",
-        "--log-level", "WARNING",
-        *args,
-    ]  # fmt: skip
+    argv = ready.serve_argv(shards, "--log-level", "WARNING", *args)
     server, match = _start("ucc", argv, secret, timeout)
     server.shards = int(match[3])
     return server
