@@ -119,18 +119,19 @@ def test_presence_is_cluster_wide_and_a_killed_host_fades_out(redis_server, ucc_
     asyncio.run(scenario())
 
 
+async def stop_one_and_check_it_left_at_once(a: Cluster, b: Cluster) -> None:
+    """SIGTERM host a: host b no longer sees a's users, without waiting for any expiry."""
+    await connect_peer(a, 1)
+    await connect_peer(b, 2)
+    wait_presence(b.client(), [1, 2])
+    loop = asyncio.get_running_loop()
+    assert await loop.run_in_executor(None, a.stop) == 0
+    assert b.client().get_online_users() == [2]  # at once: no expiry to wait for
+
+
 def test_clean_shutdown_removes_a_host_at_once(redis_server, ucc_cluster):
     a, b = hosts(ucc_cluster, redis_server, 2)
-
-    async def scenario() -> None:
-        await connect_peer(a, 1)
-        await connect_peer(b, 2)
-        wait_presence(b.client(), [1, 2])
-        loop = asyncio.get_running_loop()
-        assert await loop.run_in_executor(None, a.stop) == 0
-        assert b.client().get_online_users() == [2]  # at once: no expiry to wait for
-
-    asyncio.run(scenario())
+    asyncio.run(stop_one_and_check_it_left_at_once(a, b))
 
 
 def test_interest_only_hosts_with_members_listen(redis_server, ucc_cluster):

@@ -13,6 +13,7 @@ from test_multi_host import (
     broadcast_everywhere_and_check,
     connect_three_hosts,
     hosts,
+    stop_one_and_check_it_left_at_once,
     wait_presence,
 )
 
@@ -91,16 +92,7 @@ def test_clean_shutdown_removes_a_host_at_once(
     redis_cluster_server: RedisClusterServer, ucc_cluster
 ):
     a, b = hosts(ucc_cluster, redis_cluster_server, 2)
-
-    async def scenario() -> None:
-        await connect_peer(a, 1)
-        await connect_peer(b, 2)
-        wait_presence(b.client(), [1, 2])
-        loop = asyncio.get_running_loop()
-        assert await loop.run_in_executor(None, a.stop) == 0
-        assert b.client().get_online_users() == [2]  # at once: no expiry to wait for
-
-    asyncio.run(scenario())
+    asyncio.run(stop_one_and_check_it_left_at_once(a, b))
 
 
 def test_losing_the_node_that_owns_the_slot_keeps_local_delivery_and_says_so(
