@@ -86,6 +86,7 @@ class RouterCore:
         self.cluster = cluster  # a Redis link exists
         self.cluster_up = False  # ...and is connected
         self.to_redis: list[RedisOp] = []
+        self.link_counters: dict[str, int] | None = None  # the Redis link's, shown in stats
         self.counters = {
             "commands": 0,
             "errors": 0,
@@ -456,6 +457,7 @@ class RouterCore:
             "pending_queries": len(self.pending),
             "channels_indexed": len(self.index),
             "shards": {slot.index: slot.state.value for slot in self.slots},
+            **({"redis": dict(self.link_counters)} if self.link_counters is not None else {}),
         }
 
     def close_all(self) -> None:

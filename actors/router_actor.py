@@ -53,6 +53,7 @@ class Link(Protocol):
     """The Redis link as the router sees it: it takes operations and never blocks."""
 
     host: str
+    counters: dict[str, int]  # published, received, malformed, reconnects
 
     def start(self) -> None: ...
 
@@ -101,6 +102,8 @@ class RouterActor(SocketActor):
         self.command_endpoint = self.frontend.getsockopt_string(zmq.LAST_ENDPOINT)
         ref = self.actor_ref
         self.link = link(lambda event: ref.tell(RedisEvent(event))) if link else None
+        if self.link is not None:
+            core.link_counters = self.link.counters
         self.snapshot_interval = snapshot_interval
         self.next_snapshot = 0.0
 

@@ -27,9 +27,9 @@ MAX_PENDING = 10_000
 ACCEPT_PAUSE = 0.1
 PEEK_RETRY = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)  # a slow client costs ever fewer peeks
 
-# route(claims, socket) -> None when handed over (the router then owns the socket), or
-# (status, reason, extra headers) to refuse
-Router = Callable[[Claims, socket.socket], "tuple[int, str, dict[str, str]] | None"]
+# route(claims, socket): the router takes the socket over (hands it to a shard, holds it for a
+# restarting one, or answers 503 itself)
+Router = Callable[[Claims, socket.socket], None]
 
 
 @dataclass(slots=True)
@@ -55,7 +55,6 @@ class Acceptor:
         self.route = route
         self.handshake_timeout = handshake_timeout
         self.pending: dict[int, _Pending] = {}
-        self.counters = {"accepted": 0, "handed_over": 0, "refused": 0}
         listener.setblocking(False)
         loop.add_reader(listener.fileno(), self._accept)
 
@@ -78,7 +77,6 @@ class Acceptor:
                 self.loop.remove_reader(self.listener.fileno())
                 self.loop.call_later(ACCEPT_PAUSE, self._resume)
                 return
-            self.counters["accepted"] += 1
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if len(self.pending) >= MAX_PENDING:
@@ -142,12 +140,7 @@ class Acceptor:
         except TokenError as exc:
             self._refuse(sock, 401, "Unauthorized", str(exc), head)
             return
-        refusal = self.route(claims, sock)
-        if refusal is None:
-            self.counters["handed_over"] += 1
-            return
-        status, reason, extra = refusal
-        self._refuse(sock, status, reason, reason, head, extra)
+        self.route(claims, sock)
 
     def _expire(self, fd: int) -> None:
         entry = self.pending.get(fd)
@@ -185,8 +178,6 @@ class Acceptor:
         extra: dict[str, str] | None = None,
     ) -> None:
         """Answer with a plain HTTP response and close (consuming the head, so no RST)."""
-        if status != 200:
-            self.counters["refused"] += 1
         with contextlib.suppress(OSError):
             sock.send(httphead.response(status, reason, body, extra))
             # read what was peeked, so that close() sends FIN rather than RST

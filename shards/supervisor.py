@@ -43,7 +43,6 @@ START_TIMEOUT = 20.0  # a shard that has not said hello by then is killed
 HOLD_TIME = 2.0  # how long a connection may wait for its restarting shard before a 503
 HOLD_LIMIT = 1000  # connections held per shard at most; more get a 503 at once
 RETRY_HAND = 0.05  # a full hand-off queue: try a held connection again this much later
-UNAVAILABLE = (503, "Service Unavailable", {"Retry-After": "1"})
 
 
 @dataclass(eq=False)
@@ -275,14 +274,10 @@ class Supervisor:
         )
         print(ready.format_line(host, port, self.command_endpoint, len(self.shards)), flush=True)
 
-    def _route(self, claims: Claims, sock: socket.socket) -> tuple[int, str, dict[str, str]] | None:
+    def _route(self, claims: Claims, sock: socket.socket) -> None:
         shard = self.shards[stable_hash(claims.user, len(self.shards))]
-        if shard.ready and shard.control is not None and self._hand(shard, claims, sock):
-            return None
-        if self.stopping or len(shard.held) >= HOLD_LIMIT:
-            return UNAVAILABLE
-        self._hold(shard, claims, sock)
-        return None
+        if not (shard.ready and shard.control is not None and self._hand(shard, claims, sock)):
+            self._hold(shard, claims, sock)
 
     def _hold(self, shard: ShardProcess, claims: Claims, sock: socket.socket) -> None:
         """The shard is restarting (usually a few hundred ms), or just died, or is not keeping

@@ -79,6 +79,10 @@ def test_broadcasts_reach_exactly_the_right_connections_on_every_host(redis_serv
     async def scenario() -> None:
         peers = await connect_three_hosts(a, b, c)
         await broadcast_everywhere_and_check(a, b, c, peers)
+        link = b.client().request("router_stats")["redis"]  # the link's own counters
+        assert link["published"] >= 3
+        assert link["received"] >= 1
+        assert link["malformed"] == 0
         for peer in peers:
             await peer.close()
 
