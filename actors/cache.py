@@ -202,6 +202,11 @@ class UserConnectionCache:
     def connections_of(self, user: UserId) -> frozenset[ConnId]:
         return frozenset(_each(self._users.get(user)))
 
+    def recipients_of_users(self, users: Iterable[int]) -> list[ConnId]:
+        """Every connection of these users (the direct-broadcast path: no set per user)."""
+        found = self._users
+        return [conn for user in users for conn in _each(found.get(UserId(user)))]
+
     def meta(self, conn: ConnId) -> ConnectionMeta | None:
         return self._conns.get(conn)
 

@@ -199,11 +199,7 @@ class CacheActor(LoopActor):
                 self._actions.append(("deliver", payload, conns))
             return len(conns)
         if kind == shardwire.USERS:
-            targets = [
-                conn
-                for user in shardwire.unpack_ids(argument)
-                for conn in self.cache.connections_of(UserId(user))
-            ]
+            targets = self.cache.recipients_of_users(shardwire.unpack_ids(argument))
             if targets:
                 self._actions.append(("deliver", payload, targets))
             return len(targets)

@@ -124,6 +124,7 @@ class CacheMachine(RuleBasedStateMachine):
         assert self.cache.online_users() == sorted(users)
         for user in ALL_USERS:
             assert self.cache.connections_of(user) == frozenset(self.conns_of(user))
+            assert sorted(self.cache.recipients_of_users([user])) == sorted(self.conns_of(user))
             assert self.cache.is_online(user) == (user in users)
 
     @invariant()
