@@ -16,6 +16,7 @@ sets ``run=`` to its handler (``(argparse.Namespace) -> int``), and list it in `
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import stat
@@ -25,7 +26,14 @@ from typing import Any, TypeAlias
 
 from actors import tokens
 from shards.client import Calls, Client, UccError
-from shards.config import DEFAULT_COMMAND, DEFAULT_HOST, DEFAULT_PORT, ServeConfig, resolve_secret
+from shards.config import (
+    DEFAULT_COMMAND,
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+    ServeConfig,
+    check_redis_url,
+    resolve_secret,
+)
 
 Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 Handler = Callable[[argparse.Namespace], int]
@@ -68,6 +76,16 @@ def _port(text: str) -> int:
         value = -1
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"expected a TCP port (0-65535), got {text!r}")
+    return value
+
+
+def _positive_number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
     return value
 
 
@@ -213,6 +231,15 @@ def _add_serve(subparsers: Subparsers) -> None:
         ("--shutdown-timeout", _seconds, "SECONDS", "SIGTERM: kill shards still alive after"),
         ("--drain-window", _seconds, "SECONDS", "SIGTERM: spread client closes over this"),
         ("--hang-timeout", _seconds, "SECONDS", "a shard silent this long is killed"),
+        ("--max-pending", _positive_int, "N", "connections in handshake at most (503 beyond)"),
+        ("--max-pending-per-address", _positive_int, "N", "the same, per client address"),
+        ("--client-frame-rate", _positive_number, "FRAMES", "frames/s a client may send"),
+        ("--client-frame-burst", _positive_int, "FRAMES", "frames a client may send at once"),
+        ("--client-byte-rate", _positive_number, "BYTES", "bytes/s a client may send"),
+        ("--client-byte-burst", _positive_int, "BYTES", "bytes a client may send at once"),
+        ("--shard-queue-messages", _positive_int, "N", "deliveries in flight per shard"),
+        ("--shard-queue-bytes", _positive_int, "BYTES", "delivery bytes in flight per shard"),
+        ("--backend-queue", _positive_int, "N", "commands/replies queued per backend"),
     ]
     for flag, kind, metavar, text in tuning:
         default = getattr(ServeConfig, flag.removeprefix("--").replace("-", "_"))
@@ -244,24 +271,16 @@ def _run_serve(args: argparse.Namespace) -> int:
         except OSError:
             mode = "unknown"
         print(f"ucc: using token secret from {path} (mode {mode})", file=sys.stderr)
-    fields: dict[str, Any] = {
-        "secret": secret,
-        "host": args.host,
-        "port": args.port,
-        "command": args.command,
-        "redis": args.redis,
-        "cluster_name": args.cluster_name,
-        "heartbeat": args.heartbeat,
-        "heartbeat_timeout": args.heartbeat_timeout,
-        "handshake_timeout": args.handshake_timeout,
-        "max_frame": args.max_frame,
-        "write_buffer_limit": args.write_buffer_limit,
-        "gather_timeout": args.gather_timeout,
-        "shutdown_timeout": args.shutdown_timeout,
-        "drain_window": args.drain_window,
-        "hang_timeout": args.hang_timeout,
-        "log_level": args.log_level,
-    }
+    if args.redis is not None:
+        try:
+            check_redis_url(args.redis)
+        except ValueError as exc:
+            _error(str(exc))
+            return 2
+    # every ServeConfig field has a flag of the same name (``--max-frame`` -> ``max_frame``)
+    names = {f.name for f in dataclasses.fields(ServeConfig)} - {"secret", "shards"}
+    fields: dict[str, Any] = {name: getattr(args, name) for name in names}
+    fields["secret"] = secret
     if args.shards is not None:
         fields["shards"] = args.shards
     config = ServeConfig(**fields)

@@ -10,10 +10,12 @@ import os
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
 DEFAULT_COMMAND = "tcp://127.0.0.1:5555"
+REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,19 @@ class ServeConfig:
     shutdown_timeout: float = 8.0
     drain_window: float = 1.0
     hang_timeout: float = 1.5
+    # the handshake perimeter: connections accepted but not yet handed to a shard
+    max_pending: int = 10_000
+    max_pending_per_address: int = 64
+    # each client's inbound budget (token buckets); over it, the connection is closed 1008
+    client_frame_rate: float = 100.0
+    client_frame_burst: int = 1_000
+    client_byte_rate: float = 1024 * 1024
+    client_byte_burst: int = 4 * 1024 * 1024
+    # router -> shard: deliveries in flight per shard; beyond either, broadcasts are refused
+    shard_queue_messages: int = 20_000
+    shard_queue_bytes: int = 64 * 1024 * 1024
+    # per backend on the command socket: commands read ahead and replies held for it
+    backend_queue: int = 1_000
     log_level: str = "INFO"
 
 
@@ -79,3 +94,28 @@ def resolve_secret(flag: str | None, create: bool) -> tuple[str, Path | None]:
     if create:
         return load_or_create_secret(path), path
     return path.read_text().strip(), path
+
+
+def check_redis_url(url: str) -> str:
+    """``url`` if the Redis link can use it; ValueError with a one-line reason if not."""
+    parsed = urlsplit(url)
+    scheme = parsed.scheme.lower()
+    if scheme not in REDIS_SCHEMES:
+        raise ValueError(
+            f"--redis {url!r}: unsupported scheme {parsed.scheme or '(none)'!r};"
+            f" use one of {', '.join(s + '://' for s in REDIS_SCHEMES)}"
+        )
+    if scheme == "unix":
+        if not parsed.path:
+            raise ValueError(f"--redis {url!r}: a unix:// URL needs a socket path")
+        return url
+    try:
+        parsed.port  # noqa: B018 - raises ValueError when the port is not a number in range
+    except ValueError:
+        raise ValueError(f"--redis {url!r}: the port is not a number from 0 to 65535") from None
+    if not parsed.hostname:
+        raise ValueError(f"--redis {url!r}: no host")
+    database = parsed.path.strip("/")
+    if database and not database.isdigit():
+        raise ValueError(f"--redis {url!r}: the path must be a database number, e.g. /0")
+    return url
