@@ -226,6 +226,7 @@ def _add_serve(subparsers: Subparsers) -> None:
     tuning: list[tuple[str, Callable[[str], Any], str, str]] = [
         ("--handshake-timeout", _seconds, "SECONDS", "deadline for a client's upgrade request"),
         ("--max-frame", _positive_int, "BYTES", "largest client frame accepted"),
+        ("--max-command", _positive_int, "BYTES", "largest backend command accepted"),
         ("--write-buffer-limit", _positive_int, "BYTES", "per-connection buffer before 4000"),
         ("--gather-timeout", _seconds, "SECONDS", "how long a query waits for the shards"),
         ("--shutdown-timeout", _seconds, "SECONDS", "SIGTERM: kill shards still alive after"),
