@@ -3,7 +3,8 @@
 Owns: :class:`LoopActor`. Its mailbox is the event loop's queue: ``tell`` from the loop's own
 thread is a ``call_soon``, from any other thread a ``call_soon_threadsafe``; messages are handled
 one at a time, in order, on the loop thread, with pykka's semantics (``on_start``, ``on_stop``,
-``on_failure``, replies to ``ask`` through thread-safe futures, proxies). So the shard's cache
+``on_failure``, replies to ``ask`` through thread-safe futures, proxies), except that a failure in
+``on_start`` calls ``on_failure`` too (pykka only logs it). So the shard's cache
 keeps a single owner, and the event loop reaches it without a thread hop or a GIL hand-off.
 Must never be asked (``ask``, ``stop(block=True)``) from the loop's own thread: that would wait
 for itself.
@@ -65,6 +66,23 @@ class LoopActor(pykka.Actor):
         inbox.loop, inbox.actor, inbox.thread = self.loop, self, threading.get_ident()
         self.loop.call_soon(self._actor_loop_setup)
 
+    def _actor_loop_setup(self) -> None:
+        # pykka's own setup only logs a failed on_start (``_handle_failure``) and never calls
+        # ``on_failure``: an actor that must take its process down with it would stay deaf
+        try:
+            self.on_start()
+        except Exception:
+            self._actor_failed(*sys.exc_info())
+
+    def _actor_failed(self, *exc_info: Any) -> None:
+        """The actor failed (nobody asked, so nobody else can hear it): log it, stop it and call
+        ``on_failure``, as pykka does for a message. A failing ``on_failure`` is logged too."""
+        self._handle_failure(*exc_info)
+        try:
+            self.on_failure(*exc_info)
+        except Exception:
+            self._handle_failure(*sys.exc_info())
+
     def deliver(self, envelope: Envelope[Any]) -> None:
         """Handle one message, as pykka's thread loop would."""
         if self.actor_stopped.is_set():
@@ -85,5 +103,4 @@ class LoopActor(pykka.Actor):
             if envelope.reply_to is not None:
                 envelope.reply_to.set_exception()
             else:
-                self._handle_failure(*sys.exc_info())
-                self.on_failure(*sys.exc_info())
+                self._actor_failed(*sys.exc_info())

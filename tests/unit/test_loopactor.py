@@ -82,3 +82,64 @@ def test_an_exception_goes_to_the_asker_or_stops_the_actor():
         assert not ref.is_alive()  # nobody to tell: the actor fails, pykka style
 
     asyncio.run(scenario())
+
+
+class FailsOnStart(LoopActor):
+    latest: FailsOnStart | None = None
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, failure_fails: bool = False) -> None:
+        super().__init__(loop)
+        FailsOnStart.latest = self
+        self.failure_fails = failure_fails
+        self.failures: list[BaseException | None] = []
+        self.received: list[Any] = []
+
+    def on_start(self) -> None:
+        raise RuntimeError("cannot start")
+
+    def on_receive(self, message: Any) -> Any:
+        self.received.append(message)
+
+    def on_failure(self, exception_type, exception_value, traceback) -> None:
+        self.failures.append(exception_value)
+        if self.failure_fails:
+            raise KeyError("on_failure failed too")
+
+
+def test_a_failure_in_on_start_calls_on_failure_and_stops_the_actor():
+    # pykka itself only logs a failed on_start: a CacheActor would never tell its shard
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        ref = FailsOnStart.start(loop)
+        actor = FailsOnStart.latest
+        assert actor is not None
+        early = ref.ask("queued before the start ran", block=False)
+        await settle()
+        assert [str(e) for e in actor.failures] == ["cannot start"]
+        assert not ref.is_alive()
+        assert actor.received == []
+        with pytest.raises(pykka.ActorDeadError):
+            early.get(timeout=0)
+        with pytest.raises(pykka.ActorDeadError):
+            ref.tell("too late")
+
+    asyncio.run(scenario())
+
+
+def test_a_failing_on_failure_is_logged_and_stays_off_the_loop(caplog):
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        escaped: list[dict[str, Any]] = []
+        loop.set_exception_handler(lambda _loop, context: escaped.append(context))
+        ref = FailsOnStart.start(loop, failure_fails=True)
+        actor = FailsOnStart.latest
+        assert actor is not None
+        await settle()
+        assert len(actor.failures) == 1
+        assert not ref.is_alive()
+        assert escaped == []  # nothing reached the loop's handler: the actor logged it
+        logged = [r.exc_info[1] for r in caplog.records if r.exc_info]
+        assert [type(e) for e in logged] == [RuntimeError, KeyError]
+
+    with caplog.at_level("ERROR", logger="pykka"):
+        asyncio.run(scenario())
