@@ -2,11 +2,13 @@
 
 Owns: minting and checking tokens. Claims: ``sub`` (decimal digits, a positive user id),
 ``exp`` (required), optional ``channels`` (list of positive integers). Must never accept any
-algorithm other than HS256, nor a token without ``exp``.
+algorithm other than HS256, nor a token without ``exp``, and never raise anything but
+:class:`TokenError` from :func:`verify`, whatever the (signed or unsigned) token holds.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -16,6 +18,11 @@ from actors.ids import MAX_ID, ChannelId, UserId, parse_id
 
 ALGORITHM = "HS256"
 MAX_TOKEN_CHANNELS = 1024
+MAX_EXP = 253_402_300_799  # 9999-12-31T23:59:59Z: a later (or non-finite) exp is refused
+MAX_ID_DIGITS = len(str(MAX_ID))  # 19: a longer sub (leading zeros aside) is out of range
+# what a library parsing attacker-chosen JSON may raise besides its own errors (a number with
+# more than 4,300 digits, nesting deeper than the recursion limit, a float overflow)
+_DECODE_ERRORS = (ValueError, TypeError, ArithmeticError, RecursionError)
 
 
 class TokenError(Exception):
@@ -43,15 +50,17 @@ def mint(secret: str, user: int, channels: list[int] | None = None, ttl: float =
 
 
 def verify(secret: str, token: str, now: float | None = None) -> Claims:
-    """The claims of a valid token, or TokenError saying what is wrong."""
+    """The claims of a valid token, or TokenError saying what is wrong (never anything else)."""
     if not token:
         raise TokenError("missing token")
     try:
         header = jwt.get_unverified_header(token)
     except jwt.PyJWTError as exc:
         raise TokenError(f"malformed token: {exc}") from None
+    except _DECODE_ERRORS as exc:
+        raise TokenError(f"malformed token: {type(exc).__name__}") from None
     if header.get("alg") != ALGORITHM:
-        raise TokenError(f"algorithm must be {ALGORITHM}, not {header.get('alg')!r}")
+        raise TokenError(f"algorithm must be {ALGORITHM}, not {_shown(header.get('alg'))}")
     options = {"require": ["exp", "sub"], "verify_sub": False}
     try:
         payload = jwt.decode(
@@ -65,25 +74,54 @@ def verify(secret: str, token: str, now: float | None = None) -> Claims:
         raise TokenError("token expired") from None
     except jwt.PyJWTError as exc:
         raise TokenError(f"invalid token: {exc}") from None
-    exp = payload["exp"]
-    if type(exp) not in (int, float):
-        raise TokenError("claim 'exp' must be a number")
+    except _DECODE_ERRORS as exc:
+        raise TokenError(f"invalid token: {type(exc).__name__}") from None
+    exp = _exp(payload["exp"])
     if now is not None and exp <= now:
         raise TokenError("token expired")
-    sub = payload["sub"]
+    user = _user(payload["sub"])
+    channels = _channels(payload.get("channels", []))
+    return Claims(UserId(user), channels, exp)
+
+
+def _exp(value: object) -> float:
+    """``exp`` as a float: a finite number of seconds no later than the year 9999."""
+    if type(value) not in (int, float):
+        raise TokenError("claim 'exp' must be a number")
+    assert isinstance(value, int | float)
+    # compare before converting: float() of an int beyond 1.8e308 raises OverflowError
+    if not (isinstance(value, int) or math.isfinite(value)) or value > MAX_EXP:
+        raise TokenError(f"claim 'exp' must be a finite time no later than {MAX_EXP}")
+    return float(value)
+
+
+def _user(sub: object) -> int:
+    """``sub`` as a user id: ASCII decimal digits (leading zeros allowed), 1 to 2**63 - 1."""
     if not isinstance(sub, str) or not sub.isascii() or not sub.isdigit():
         raise TokenError("claim 'sub' must be a string of decimal digits")
-    user = int(sub)
+    # bound the length first: int() of more than 4,300 digits raises ValueError, and a long
+    # string of digits costs quadratic time to convert
+    digits = sub.lstrip("0")
+    user = int(digits) if 0 < len(digits) <= MAX_ID_DIGITS else 0
     if not 0 < user <= MAX_ID:
         raise TokenError("claim 'sub' must be a positive user id below 2**63")
-    raw_channels = payload.get("channels", [])
-    if not isinstance(raw_channels, list) or len(raw_channels) > MAX_TOKEN_CHANNELS:
+    return user
+
+
+def _channels(raw: object) -> tuple[ChannelId, ...]:
+    """``channels``: a list of at most MAX_TOKEN_CHANNELS ids, duplicates dropped in order."""
+    if not isinstance(raw, list) or len(raw) > MAX_TOKEN_CHANNELS:
         raise TokenError(f"claim 'channels' must be a list of at most {MAX_TOKEN_CHANNELS} ids")
-    channels: list[ChannelId] = []
-    for value in raw_channels:
+    channels: dict[ChannelId, None] = {}
+    for value in raw:
         channel = parse_id(value)
         if channel is None:
             raise TokenError("claim 'channels' must hold positive integer channel ids")
-        if channel not in channels:
-            channels.append(ChannelId(channel))
-    return Claims(UserId(user), tuple(channels), float(exp))
+        channels[ChannelId(channel)] = None
+    return tuple(channels)
+
+
+def _shown(value: object) -> str:
+    """A short repr of an attacker-chosen value for an error message."""
+    text = repr(value) if not isinstance(value, int) or abs(value) < 10**30 else "(a huge int)"
+    return text if len(text) <= 40 else text[:37] + "..."

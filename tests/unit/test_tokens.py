@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import json
+import math
 import time
 
 import jwt
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from actors.ids import MAX_ID
-from actors.tokens import MAX_TOKEN_CHANNELS, Claims, TokenError, mint, verify
+from actors.tokens import MAX_EXP, MAX_TOKEN_CHANNELS, Claims, TokenError, mint, verify
 
 SECRET = "s3cret-" * 10  # long enough for HS256 and HS512 without key-length warnings
 FAR = 4_000_000_000  # an exp far in the future
@@ -226,3 +231,183 @@ def test_bad_sub(sub):
 )
 def test_bad_channels(channels):
     assert "channels" in refused(sign({"sub": "1", "exp": FAR, "channels": channels}))
+
+
+# -- numbers out of range: a 401, never a traceback ---------------------------------------------
+
+
+def sign_text(payload: str, header: str = '{"alg":"HS256","typ":"JWT"}') -> str:
+    """A token whose payload is exactly ``payload`` (JSON text json.dumps cannot write, e.g. an
+    int of 5,000 digits), correctly signed with SECRET."""
+
+    def b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    signing_input = f"{b64(header.encode())}.{b64(payload.encode())}"
+    signature = hmac.new(SECRET.encode(), signing_input.encode(), hashlib.sha256).digest()
+    return f"{signing_input}.{b64(signature)}"
+
+
+@pytest.mark.parametrize(
+    "sub",
+    [
+        "9" * 5_000,  # beyond Python's int() digit limit (4,300)
+        "1" + "0" * 19,  # 20 digits: beyond signed 64 bit
+        str(2**64),
+        "0" * 30,
+    ],
+)
+def test_sub_out_of_range_is_refused(sub):
+    assert "sub" in refused(sign({"sub": sub, "exp": FAR}))
+
+
+def test_sub_with_many_leading_zeros_is_the_id():
+    """Leading zeros are digits (see above), however many: not an int() of 5,001 digits."""
+    assert verify(SECRET, sign({"sub": "0" * 5_000 + "7", "exp": FAR}), now=NOW).user == 7
+
+
+@pytest.mark.parametrize(
+    "exp",
+    [
+        "9" * 400,  # an int beyond float range: float() would raise OverflowError
+        "9" * 5_000,  # beyond the JSON decoder's digit limit
+        str(MAX_EXP + 1),
+        "1e300",
+        "1e400",  # Python's JSON reads it as inf
+        "Infinity",
+        "-Infinity",
+        "NaN",
+        "true",
+    ],
+)
+def test_exp_out_of_range_is_refused(exp):
+    refused(sign_text(f'{{"sub":"1","exp":{exp}}}'))
+
+
+def test_latest_exp_is_accepted():
+    assert verify(SECRET, sign({"sub": "1", "exp": MAX_EXP}), now=NOW).exp == float(MAX_EXP)
+
+
+@pytest.mark.parametrize(
+    "channels",
+    [
+        "[" + "9" * 5_000 + "]",
+        "[" + "9" * 400 + "]",
+        f"[{2**63}]",
+        "[1e400]",
+        "[NaN]",
+        "[1, [2, [3]]]",
+        "[" * 5_000 + "]" * 5_000,  # nested beyond the recursion limit
+    ],
+)
+def test_channels_out_of_range_are_refused(channels):
+    refused(sign_text(f'{{"sub":"1","exp":{FAR},"channels":{channels}}}'))
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        '{"alg":' + "9" * 5_000 + "}",
+        '{"alg":' + "9" * 100 + "}",
+        '{"alg":"HS256","kid":' + "[" * 5_000 + "]" * 5_000 + "}",
+        '{"alg":"HS256","crit":[' + "9" * 400 + "]}",
+        "[1]",
+    ],
+)
+def test_hostile_headers_are_refused(header):
+    message = refused(sign_text(f'{{"sub":"1","exp":{FAR}}}', header=header))
+    assert len(message) < 200  # the reason is a short line, not the attacker's input echoed
+
+
+# the fuzz: JSON text of every type and size, including what json.dumps cannot write
+
+# digit counts around the edges that matter: 64-bit ids, float range, int()'s 4,300-digit limit
+_digits = st.one_of(
+    st.sampled_from([0, 1, 17, 18, 19, 20, 307, 308, 309, 400, 4_299, 4_300, 4_301, 5_000]),
+    st.integers(0, 6_000),
+).map(lambda n: "9" * n)
+_number_text = st.one_of(
+    st.integers().map(str),
+    st.integers(-(2**70), 2**70).map(str),
+    st.floats(allow_nan=True, allow_infinity=True).map(json.dumps),
+    st.tuples(st.sampled_from(["", "-"]), _digits).map(lambda t: f"{t[0]}1{t[1]}"),
+    st.sampled_from(["1e400", "-1e400", "1e-400", "0", "-0", "0.5", str(MAX_EXP), str(FAR)]),
+)
+_digit_string_text = st.one_of(
+    _digits.map(lambda digits: f'"1{digits}"'),
+    _digits.map(lambda digits: f'"{digits}1"'.replace("9", "0")),
+    st.integers(0, 2**64).map(lambda n: f'"{n}"'),
+)
+_string_text = st.one_of(st.text(max_size=50).map(json.dumps), _digit_string_text)
+_scalar_text = st.one_of(_number_text, _string_text, st.sampled_from(["true", "false", "null"]))
+_json_text = st.recursive(
+    _scalar_text,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=6).map(lambda items: "[" + ",".join(items) + "]"),
+        st.dictionaries(st.text(max_size=8), inner, max_size=4).map(
+            lambda d: "{" + ",".join(f"{json.dumps(k)}:{v}" for k, v in d.items()) + "}"
+        ),
+    ),
+    max_leaves=20,
+)
+_deep_text = st.integers(0, 3_000).map(lambda n: "[" * n + "1" + "]" * n)
+_any_text = st.one_of(_json_text, _deep_text)
+# per claim: its valid value, or a hostile one of the right type, or anything at all
+_claim_choices = {
+    "sub": st.one_of(st.just('"42"'), _digit_string_text, _any_text),
+    "exp": st.one_of(st.just(str(FAR)), _number_text, _any_text),
+    "channels": st.one_of(
+        st.just("[1,2]"),
+        st.lists(st.one_of(_number_text, _any_text), max_size=5).map(
+            lambda items: "[" + ",".join(items) + "]"
+        ),
+        _any_text,
+    ),
+}
+_extra_name = st.one_of(st.sampled_from(["iat", "nbf", "aud", "iss", "jti"]), st.text(max_size=8))
+
+
+@st.composite
+def _claim_sets(draw: st.DrawFn) -> str:
+    """JSON text: usually a claim set whose claims are each valid, hostile or random (so the
+    fuzz reaches the checks after the signature), sometimes random JSON text of any kind."""
+    if draw(st.integers(0, 9)) == 0:
+        return draw(_any_text)
+    claims: dict[str, str] = {}
+    for name, choices in _claim_choices.items():
+        if draw(st.integers(0, 5)) > 0:  # now and then a claim is missing
+            claims[name] = draw(choices)
+    claims.update(draw(st.dictionaries(_extra_name, _any_text, max_size=3)))
+    return "{" + ",".join(f"{json.dumps(k)}:{v}" for k, v in claims.items()) + "}"
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(payload=_claim_sets(), now=st.sampled_from([None, NOW]))
+def test_fuzz_signed_claims_give_claims_or_token_error(payload, now):
+    """Whatever a correctly signed token holds, verify() returns Claims or raises TokenError:
+    the acceptor turns the one into a hand-off and the other into a 401, so anything else
+    would escape as a traceback (and a reset connection)."""
+    token = sign_text(payload)
+    try:
+        claims = verify(SECRET, token, now=now)
+    except TokenError as exc:
+        assert str(exc)
+        return
+    assert 0 < claims.user <= MAX_ID
+    assert math.isfinite(claims.exp)
+    assert claims.exp <= MAX_EXP
+    assert all(type(c) is int and 0 < c <= MAX_ID for c in claims.channels)
+
+
+@settings(max_examples=200, deadline=None)
+@given(header=_claim_sets())
+def test_fuzz_headers_give_token_error(header):
+    """A random header: only exactly ``alg: HS256`` (with harmless extras) may pass."""
+    token = sign_text(f'{{"sub":"1","exp":{FAR}}}', header=header)
+    try:
+        claims = verify(SECRET, token, now=NOW)
+    except TokenError as exc:
+        assert str(exc)
+        return
+    assert claims.user == 1
+    assert json.loads(header)["alg"] == "HS256"
