@@ -67,6 +67,23 @@ Event = tuple[Any, ...]
 Delivery = tuple[int | None, list[int], bytes, dict[str, Any] | None]
 
 
+class Backoff:
+    """Delays between reconnection attempts: ``delays`` in turn, then the last one for good.
+    ``reset`` after a success, so that the next failure starts again from the smallest."""
+
+    def __init__(self, delays: tuple[float, ...] = BACKOFF) -> None:
+        self.delays = delays
+        self.failures = 0  # consecutive failures since the last reset
+
+    def next_delay(self) -> float:
+        """A failure: how long to wait before the next attempt."""
+        self.failures += 1
+        return self.delays[min(self.failures - 1, len(self.delays) - 1)]
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
 def host_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
@@ -97,6 +114,7 @@ class RedisLink:
         self.up = False
         self.last_probe_seen = time.monotonic()
         self.counters = {"published": 0, "received": 0, "malformed": 0, "reconnects": 0}
+        self.listen_backoff = Backoff()  # the listener's (the worker keeps its own)
         self._threads = [
             threading.Thread(target=self._work, name="ucc-redis-worker", daemon=True),
             threading.Thread(target=self._listen, name="ucc-redis-listener", daemon=True),
@@ -156,16 +174,18 @@ class RedisLink:
 
     def _work(self) -> None:
         client: Client | None = None
-        attempt = 0
+        backoff = Backoff()
         next_probe = 0.0
         while not self.stopping.is_set():
             if client is None:
-                client = self._connect(attempt)
+                client = self._connect()
                 if client is None:
-                    attempt += 1
                     self._fail(self._drain(0.0))  # fail fast while Redis is away
+                    self.stopping.wait(backoff.next_delay())
                     continue
-                attempt = 0
+                if backoff.failures:
+                    self.counters["reconnects"] += 1
+                backoff.reset()
                 self.last_probe_seen = time.monotonic()
                 self._set_state(True)
             batch = self._drain(PROBE_INTERVAL / 2)
@@ -186,9 +206,7 @@ class RedisLink:
                 log.exception("redis: unexpected error running %d operations", len(batch))
                 self._fail(batch)
 
-    def _connect(self, attempt: int) -> Client | None:
-        if attempt:
-            self.stopping.wait(BACKOFF[min(attempt - 1, len(BACKOFF) - 1)])
+    def _connect(self) -> Client | None:
         client = None
         try:
             client = self._client()
@@ -198,8 +216,6 @@ class RedisLink:
                 with contextlib.suppress(*ERRORS):
                     client.close()
             return None
-        if attempt:
-            self.counters["reconnects"] += 1
         return client
 
     def _drain(self, wait: float) -> list[tuple[Any, ...]]:
@@ -277,7 +293,6 @@ class RedisLink:
     # -- the listener ------------------------------------------------------------------------
 
     def _listen(self) -> None:
-        attempt = 0
         while not self.stopping.is_set():
             try:
                 self._subscribed_loop()
@@ -285,8 +300,7 @@ class RedisLink:
                 log.warning("redis pub/sub: %s; resubscribing", exc)
             except Exception:  # a bug must not silently end cross-host delivery for good
                 log.exception("redis pub/sub: unexpected error; resubscribing")
-            attempt += 1
-            self.stopping.wait(BACKOFF[min(attempt - 1, len(BACKOFF) - 1)])
+            self.stopping.wait(self.listen_backoff.next_delay())
 
     def _subscribed_loop(self) -> None:
         client = self._client()
@@ -294,6 +308,8 @@ class RedisLink:
         try:
             self._apply_topic_changes()
             self._subscribe(pubsub, True, *self.topics)
+            # subscribed again: the next failure is a new outage, to be retried soon
+            self.listen_backoff.reset()
             self.last_probe_seen = time.monotonic()
             while not self.stopping.is_set():
                 self._sync_topics(pubsub)
