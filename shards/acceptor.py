@@ -4,18 +4,22 @@ the socket to the user's shard.
 Owns: the listening socket and connections not yet handed over. It reads the request head with
 ``MSG_PEEK`` (bounded: at most 8 KiB, and a deadline), so the bytes stay in the kernel for the
 shard's WebSocket handshake. Must never proxy bytes, and never let a slow or hostile client hold
-anything beyond its own small, bounded entry.
+anything beyond its own small, bounded entry: pending handshakes are capped per source address
+(:class:`PendingLimits`) besides the global cap, every refusal is counted (``counters``) and
+summed up in at most one log line every few seconds (:class:`RefusalReport`), and an unexpected
+error while handling one connection closes that connection only.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from actors import httphead
 from actors.httphead import Head, HeadError
@@ -23,18 +27,150 @@ from actors.tokens import Claims, TokenError, verify
 
 log = logging.getLogger("ucc.acceptor")
 
-MAX_PENDING = 10_000
 ACCEPT_PAUSE = 0.1
 PEEK_RETRY = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)  # a slow client costs ever fewer peeks
+REPORT_INTERVAL = 5.0  # at most one summary line of refusals per this many seconds
+RETRY_AFTER = {"Retry-After": "1"}
+
+# what ``Acceptor.counters`` counts, each from 0
+COUNTERS = (
+    "accepted",  # TCP connections accepted
+    "routed",  # valid upgrade requests handed to the router
+    "health_checks",  # GET /healthz answered 200
+    "closed_by_client",  # the client went away before sending its request
+    "refused_per_address",  # 503: its address already has max_pending_per_address pending
+    "refused_pending",  # 503: max_pending handshakes pending in all
+    "handshake_timeouts",  # 408: no complete request head within the handshake deadline
+    "bad_requests",  # 400 (malformed head) and 431 (head larger than 8 KiB)
+    "not_websocket",  # 426: a request that is not a WebSocket upgrade
+    "unauthorized",  # 401: no token, or a bad one
+    "unavailable",  # 503: the user's shard is restarting (answered for the router)
+    "internal_errors",  # an unexpected error while handling one connection: closed
+    "accept_errors",  # accept() failed (e.g. EMFILE): accepts paused for ACCEPT_PAUSE
+)
+# refusals that mean the server is under pressure, not that one client is wrong
+_PRESSURE = frozenset(
+    {"refused_per_address", "refused_pending", "internal_errors", "accept_errors"}
+)
 
 # route(claims, socket): the router takes the socket over (hands it to a shard, holds it for a
 # restarting one, or answers 503 itself)
 Router = Callable[[Claims, socket.socket], None]
 
 
+def address_key(address: object) -> str:
+    """The source a per-address cap applies to, from an ``accept()`` address: the IPv4 address,
+    or the /64 network of an IPv6 one (a single host usually has a whole /64 to pick from)."""
+    if not isinstance(address, tuple) or not address or not isinstance(address[0], str):
+        return str(address)  # not an IP socket: one key per distinct address
+    host = address[0].partition("%")[0]  # a link-local address's scope: the same host
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
+class PendingLimits:
+    """Slots for pending handshakes: at most ``max_total`` in all, ``max_per_address`` from any
+    one source address. A plain class: the acceptor takes a slot at accept and gives it back
+    when the connection leaves the pending set (handed over, refused, timed out, gone)."""
+
+    def __init__(self, max_total: int, max_per_address: int) -> None:
+        if max_total <= 0 or max_per_address <= 0:
+            raise ValueError("the pending handshake caps must be positive")
+        self.max_total = max_total
+        self.max_per_address = max_per_address
+        self.total = 0
+        self._by_address: dict[str, int] = {}
+
+    def admit(self, key: str) -> str | None:
+        """Take a slot for a handshake from ``key``: None if taken, else the refusal's counter
+        (``refused_per_address`` or ``refused_pending``); a refusal takes no slot."""
+        held = self._by_address.get(key, 0)
+        if held >= self.max_per_address:
+            return "refused_per_address"
+        if self.total >= self.max_total:
+            return "refused_pending"
+        self._by_address[key] = held + 1
+        self.total += 1
+        return None
+
+    def release(self, key: str) -> None:
+        """Give back a slot taken by :meth:`admit` (an address with none left is forgotten)."""
+        held = self._by_address.get(key, 0)
+        if held <= 0:
+            raise ValueError(f"no pending handshake from {key} to release")
+        if held == 1:
+            del self._by_address[key]
+        else:
+            self._by_address[key] = held - 1
+        self.total -= 1
+
+    def pending(self, key: str) -> int:
+        """Slots ``key`` holds now."""
+        return self._by_address.get(key, 0)
+
+    @property
+    def addresses(self) -> int:
+        """How many addresses hold a slot."""
+        return len(self._by_address)
+
+
+@dataclass
+class RefusalReport:
+    """Refusals since the last report, for one summary line per ``interval`` at most (a storm
+    of refused sockets must not become a storm of log lines). A plain class: the caller says
+    when (:meth:`due`, :meth:`take`) and logs the line at the level :meth:`take` returns."""
+
+    interval: float = REPORT_INTERVAL
+    max_addresses: int = 1_000  # distinct addresses tracked per report (a bounded dict)
+    reasons: dict[str, int] = field(default_factory=dict)
+    addresses: dict[str, int] = field(default_factory=dict)
+    since: float | None = None  # when the first refusal of this report happened
+    last: float = float("-inf")  # when the last report was taken
+
+    def add(self, reason: str, key: str, now: float) -> None:
+        if self.since is None:
+            self.since = now
+        self.reasons[reason] = self.reasons.get(reason, 0) + 1
+        if key in self.addresses or len(self.addresses) < self.max_addresses:
+            self.addresses[key] = self.addresses.get(key, 0) + 1
+
+    def due(self, now: float) -> float:
+        """Seconds until a report may be taken (0: now)."""
+        return max(0.0, self.last + self.interval - now)
+
+    def take(self, now: float) -> tuple[int, str] | None:
+        """The summary (a logging level and a line) of the refusals since the last one, or None
+        if there were none; starts a new report."""
+        if self.since is None:
+            return None
+        total = sum(self.reasons.values())
+        span = max(now - self.since, 0.0)
+        by_reason = ", ".join(f"{k}={v}" for k, v in sorted(self.reasons.items()))
+        top = sorted(self.addresses.items(), key=lambda kv: -kv[1])[:3]
+        sources = ", ".join(f"{key} ({count})" for key, count in top)
+        plural = "" if total == 1 else "s"
+        line = f"refused {total} connection{plural} in {span:.1f} s ({by_reason});"
+        line += f" most from {sources}"
+        level = logging.WARNING if _PRESSURE.intersection(self.reasons) else logging.INFO
+        self.reasons = {}
+        self.addresses = {}
+        self.since = None
+        self.last = now
+        return level, line
+
+
 @dataclass(slots=True)
 class _Pending:
     sock: socket.socket
+    key: str  # the address_key its slot is counted under
+    peer: str  # the client's address, for log lines
     deadline: float
     attempts: int = 0
     timer: asyncio.TimerHandle | None = None
@@ -48,13 +184,20 @@ class Acceptor:
         secret: str,
         route: Router,
         handshake_timeout: float,
+        max_pending: int = 10_000,
+        max_pending_per_address: int = 64,
     ) -> None:
         self.loop = loop
         self.listener = listener
         self.secret = secret
         self.route = route
         self.handshake_timeout = handshake_timeout
+        self.limits = PendingLimits(max_pending, max_pending_per_address)
         self.pending: dict[int, _Pending] = {}
+        self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
+        self.report = RefusalReport()
+        self._report_timer: asyncio.TimerHandle | None = None
+        self._error_logged = float("-inf")
         listener.setblocking(False)
         loop.add_reader(listener.fileno(), self._accept)
 
@@ -65,58 +208,96 @@ class Acceptor:
         self.listener.close()
         for fd in list(self.pending):
             self._drop(fd)
+        if self._report_timer is not None:
+            self._report_timer.cancel()
+            self._report()
+
+    # -- accepting ---------------------------------------------------------------------------
 
     def _accept(self) -> None:
         for _ in range(256):
             try:
-                sock, _addr = self.listener.accept()
+                sock, address = self.listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:  # EMFILE and friends: back off, do not crash or spin
-                log.warning("accept failed: %s; pausing accepts for %.1f s", exc, ACCEPT_PAUSE)
+                self._count("accept_errors", f"accept(): {exc.strerror or exc}")
                 self.loop.remove_reader(self.listener.fileno())
                 self.loop.call_later(ACCEPT_PAUSE, self._resume)
                 return
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if len(self.pending) >= MAX_PENDING:
-                self._refuse(sock, 503, "Service Unavailable", "too many pending handshakes")
-                continue
-            entry = _Pending(sock, time.monotonic() + self.handshake_timeout)
-            fd = sock.fileno()
-            self.pending[fd] = entry
+            self.counters["accepted"] += 1
+            try:
+                self._admit(sock, address)
+            except Exception as exc:  # a bug, or a socket already reset: close it, go on
+                self._failed(sock, _peer(address), exc)
+
+    def _admit(self, sock: socket.socket, address: object) -> None:
+        sock.setblocking(False)
+        key = address_key(address)
+        entry = _Pending(sock, key, _peer(address), time.monotonic() + self.handshake_timeout)
+        refusal = self.limits.admit(key)
+        if refusal is not None:
+            self._count(refusal, key)
+            if refusal == "refused_per_address":
+                body = "too many pending handshakes from this address"
+            else:
+                body = "too many pending handshakes"
+            self._refuse(sock, 503, "Service Unavailable", body, None, RETRY_AFTER)
+            return
+        fd = sock.fileno()
+        self.pending[fd] = entry  # from here on, _finish gives the slot back
+        try:
             entry.timer = self.loop.call_later(self.handshake_timeout, self._expire, fd)
+            with contextlib.suppress(OSError):  # a client that already reset: its peek says so
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.loop.add_reader(fd, self._readable, fd)
+        except Exception:
+            self._finish(fd)
+            raise
 
     def _resume(self) -> None:
         if self.listener.fileno() >= 0:  # not closed meanwhile
             self.loop.add_reader(self.listener.fileno(), self._accept)
 
+    # -- one pending connection ----------------------------------------------------------------
+
     def _readable(self, fd: int) -> None:
         # one readiness is enough: from now on the bytes stay unread, so the fd would stay
         # readable; poll again with a short backoff until the head is complete
-        self.loop.remove_reader(fd)
+        with contextlib.suppress(ValueError, OSError):
+            self.loop.remove_reader(fd)
         entry = self.pending.get(fd)
         if entry is not None:
             self._peek(fd, entry)
 
     def _peek(self, fd: int, entry: _Pending) -> None:
+        """Look at what the client has sent so far; act once the head is complete. Whatever
+        goes wrong here concerns this connection only: it is closed, never the event loop."""
         if self.pending.get(fd) is not entry:
             return  # gone (a retry timer outliving its connection; the fd may be reused)
+        try:
+            self._look(fd, entry)
+        except Exception as exc:
+            if self.pending.get(fd) is entry:
+                self._finish(fd)
+            self._failed(entry.sock, entry.peer, exc, key=entry.key)
+
+    def _look(self, fd: int, entry: _Pending) -> None:
         try:
             data = entry.sock.recv(httphead.MAX_HEAD, socket.MSG_PEEK)
         except BlockingIOError:
             data = None
         except OSError:
-            self._drop(fd)
-            return
+            data = b""
         if data == b"":
             self._drop(fd)  # the client went away
+            self.counters["closed_by_client"] += 1
             return
         try:
             head = httphead.parse_head(data) if data else None
         except HeadError as exc:
             self._finish(fd)
+            self._count("bad_requests", entry.key)
             reason = _REASONS.get(exc.status, "Bad Request")
             self._refuse(entry.sock, exc.status, reason, exc.reason)
             return
@@ -126,32 +307,44 @@ class Acceptor:
             self.loop.call_later(delay, self._peek, fd, entry)
             return
         self._finish(fd)
-        self._serve(entry.sock, head)
+        self._serve(entry, head)
 
-    def _serve(self, sock: socket.socket, head: Head) -> None:
+    def _serve(self, entry: _Pending, head: Head) -> None:
+        sock = entry.sock
         if not head.is_upgrade:
             if head.path == "/healthz":
+                self.counters["health_checks"] += 1
                 self._refuse(sock, 200, "OK", "ok", head)
             else:
+                self._count("not_websocket", entry.key)
                 self._refuse(sock, 426, "Upgrade Required", "this endpoint speaks WebSocket", head)
             return
         try:
             claims = verify(self.secret, head.token(), now=time.time())
         except TokenError as exc:
+            self._count("unauthorized", entry.key)
             self._refuse(sock, 401, "Unauthorized", str(exc), head)
             return
-        self.route(claims, sock)
+        self.counters["routed"] += 1
+        try:
+            self.route(claims, sock)
+        except Exception as exc:
+            # the router may already have handed the socket on: close our copy, write nothing
+            self._failed(sock, entry.peer, exc, key=entry.key, answer=False)
 
     def _expire(self, fd: int) -> None:
         entry = self.pending.get(fd)
         if entry is not None:
             entry.timer = None
             self._finish(fd)
+            self._count("handshake_timeouts", entry.key)
             self._refuse(entry.sock, 408, "Request Timeout", "handshake deadline passed")
 
     def _finish(self, fd: int) -> _Pending | None:
+        """Take the connection out of the pending set (and give its slot back)."""
         entry = self.pending.pop(fd, None)
         if entry is not None:
+            self.limits.release(entry.key)
             with contextlib.suppress(ValueError, OSError):
                 self.loop.remove_reader(fd)
             if entry.timer is not None:
@@ -163,10 +356,35 @@ class Acceptor:
         if entry is not None:
             entry.sock.close()
 
+    def _failed(
+        self,
+        sock: socket.socket,
+        peer: str,
+        exc: Exception,
+        key: str | None = None,
+        answer: bool = True,
+    ) -> None:
+        """An unexpected error while handling one connection: answer 500 (unless the socket may
+        be someone else's by now) and close it; log it (with its traceback at most once per
+        REPORT_INTERVAL; the others are summed up in the refusal report)."""
+        self._count("internal_errors", key or peer)
+        now = time.monotonic()
+        if now - self._error_logged >= REPORT_INTERVAL:
+            self._error_logged = now
+            log.warning("closed the connection from %s: unexpected %r", peer, exc, exc_info=exc)
+        if answer:
+            with contextlib.suppress(Exception):
+                self._refuse(sock, 500, "Internal Server Error", "internal error")
+        with contextlib.suppress(Exception):
+            sock.close()
+
+    # -- answers -------------------------------------------------------------------------------
+
     def refuse_unavailable(self, sock: socket.socket) -> None:
         """A handed-over connection whose shard died before taking it: 503, retry soon."""
+        self.counters["unavailable"] += 1
         body = "the user's shard is restarting"
-        self._refuse(sock, 503, "Service Unavailable", body, None, {"Retry-After": "1"})
+        self._refuse(sock, 503, "Service Unavailable", body, None, RETRY_AFTER)
 
     def _refuse(
         self,
@@ -178,12 +396,40 @@ class Acceptor:
         extra: dict[str, str] | None = None,
     ) -> None:
         """Answer with a plain HTTP response and close (consuming the head, so no RST)."""
-        with contextlib.suppress(OSError):
+        try:
             sock.send(httphead.response(status, reason, body, extra))
-            # read what was peeked, so that close() sends FIN rather than RST
-            sock.recv(head.size if head is not None else httphead.MAX_HEAD)
+            # read what was peeked (or what arrived), so that close() sends FIN rather than RST
+            with contextlib.suppress(BlockingIOError, InterruptedError):
+                sock.recv(head.size if head is not None else httphead.MAX_HEAD)
             sock.shutdown(socket.SHUT_WR)
-        sock.close()
+        except OSError:
+            pass  # the client is gone: nothing to answer
+        finally:
+            sock.close()
+
+    # -- counting ------------------------------------------------------------------------------
+
+    def _count(self, reason: str, key: str) -> None:
+        """Count a refusal and see that it is reported (one summary line per REPORT_INTERVAL)."""
+        self.counters[reason] += 1
+        self.report.add(reason, key, time.monotonic())
+        if self._report_timer is None:
+            delay = self.report.due(time.monotonic())
+            self._report_timer = self.loop.call_later(delay, self._report)
+
+    def _report(self) -> None:
+        self._report_timer = None
+        summary = self.report.take(time.monotonic())
+        if summary is not None:
+            level, line = summary
+            log.log(level, "%s", line)
+
+
+def _peer(address: object) -> str:
+    if isinstance(address, tuple) and len(address) >= 2:
+        host, port = address[0], address[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(address) or "(unnamed)"
 
 
 _REASONS = {400: "Bad Request", 408: "Request Timeout", 431: "Request Header Fields Too Large"}

@@ -30,7 +30,7 @@ from actors.ids import stable_hash
 from actors.router import RouterCore, ShardEvent, ShardState
 from actors.router_actor import RouterActor, ShardDown, ShardStarting
 from actors.tokens import Claims
-from shards import ready
+from shards import limits, ready
 from shards.acceptor import Acceptor
 from shards.config import ServeConfig
 from shards.handoff import MAX_HEADER, control_pair, send_connection, send_message
@@ -270,7 +270,13 @@ class Supervisor:
         self.announced = True
         host, port = self.listener.getsockname()[:2]
         self.acceptor = Acceptor(
-            self.loop, self.listener, self.config.secret, self._route, self.config.handshake_timeout
+            self.loop,
+            self.listener,
+            self.config.secret,
+            self._route,
+            self.config.handshake_timeout,
+            max_pending=self.config.max_pending,
+            max_pending_per_address=self.config.max_pending_per_address,
         )
         print(ready.format_line(host, port, self.command_endpoint, len(self.shards)), flush=True)
 
@@ -387,6 +393,15 @@ def run(config: ServeConfig) -> int:
         format="%(asctime)s supervisor %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # before anything opens a socket or starts a shard (shards inherit the limit)
+    nofile = limits.raise_open_files_limit()
+    log.info("%s", nofile.describe())
+    if not nofile.allows(config.max_pending):
+        log.warning(
+            "open files limit %d is below --max-pending %d: accepts will fail (EMFILE) first",
+            nofile.after,
+            config.max_pending,
+        )
     try:
         import uvloop  # noqa: PLC0415
 
