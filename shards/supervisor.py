@@ -58,6 +58,7 @@ class Held:
 class ShardProcess:
     index: int
     epoch: int = 0
+    running: bool = False  # incarnation ``epoch`` has been spawned and has not exited yet
     proc: subprocess.Popen[bytes] | None = None
     control: socket.socket | None = None
     pidfd: int = -1
@@ -69,6 +70,13 @@ class ShardProcess:
     inflight: dict[int, tuple[Claims, socket.socket]] = field(default_factory=dict)
     # connections that arrived while the shard was restarting, waiting for it (bounded)
     held: list[Held] = field(default_factory=list)
+
+    def current(self, epoch: int) -> bool:
+        """Whether the router's news about incarnation ``epoch`` concerns our live process."""
+        # not an older incarnation's; nor this one's once its process has exited: the router's
+        # UP (from its hello) can reach us after the pidfd told us that it died, and would mark a
+        # dead shard ready and answer its held connections 503
+        return self.running and epoch == self.epoch
 
 
 class Supervisor:
@@ -153,6 +161,7 @@ class Supervisor:
             self.shard_config,
         ]
         shard.proc = subprocess.Popen(args, pass_fds=(theirs.fileno(),))
+        shard.running = True
         theirs.close()
         ours.setblocking(False)
         shard.control = ours
@@ -184,6 +193,7 @@ class Supervisor:
                 shard.proc.send_signal(signal.SIGKILL)
 
     def _exited(self, shard: ShardProcess, epoch: int) -> None:
+        shard.running = False
         self.loop.remove_reader(shard.pidfd)
         os.close(shard.pidfd)
         shard.pidfd = -1
@@ -251,7 +261,7 @@ class Supervisor:
             self.shutdown(exit_code=1)
             return
         shard = self.shards[event.index]
-        if event.epoch != shard.epoch:
+        if not shard.current(event.epoch):
             return
         if event.state is ShardState.UP:
             shard.ready = True
