@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -68,8 +67,9 @@ class Unsubscribe:
 
 @dataclass(frozen=True, slots=True)
 class Activity:
-    """Inbound activity since the last report, and a sign of life of the event loop (whose
-    age goes into every heartbeat: a stuck loop shows even while this thread is fine)."""
+    """Inbound activity since the last report: when each connection was last heard from, and
+    the time of the report, all on the shard's monotonic clock (a wall-clock step must never
+    make every idle connection look stale)."""
 
     last_seen: dict[ConnId, float]
     now: float
@@ -86,12 +86,15 @@ class CacheActor(LoopActor):
         stale_timeout: float,
         fail: Callable[[], None],
         context: zmq.Context[Any] | None = None,
+        counters: Callable[[], dict[str, int]] | None = None,
     ) -> None:
+        """``counters``: the shard's own counters, added to its ``status`` answer."""
         super().__init__(loop)
         self.index, self.epoch = index, epoch
         self.cache = UserConnectionCache()
         self.post = post
         self.fail = fail
+        self.counters = counters
         self.stale_timeout = stale_timeout
         self.context = context or zmq.Context.instance()
         self.sock = self.context.socket(zmq.DEALER)
@@ -102,7 +105,9 @@ class CacheActor(LoopActor):
         self.sock.connect(router_endpoint)
         self._actions: list[LoopAction] = []
         self._delta = Delta()
-        self._loop_seen = time.monotonic()
+        # credit (see shardwire): router -> shard messages and bytes consumed, and reported
+        self.consumed_messages = self.consumed_bytes = 0
+        self._reported = (0, 0)
         self._resync = False  # a membership change was dropped on the way to the router
         self._last_sweep = 0.0
 
@@ -138,8 +143,7 @@ class CacheActor(LoopActor):
         """Heartbeat to the router: it runs on the loop, so it stops if the loop is stuck."""
         if self.actor_stopped.is_set():
             return
-        now = time.monotonic()
-        self._send(shardwire.heartbeat(now - self._loop_seen))
+        self._report()
         if self._resync and self._send(shardwire.sync(self.cache.channels())):
             self._resync = False
         self._beat_handle = self.loop.call_later(HEARTBEAT, self._beat)
@@ -165,7 +169,6 @@ class CacheActor(LoopActor):
             self._delta.merge(cache.unsubscribe(message.conn, message.channel))
             self._actions.append(("subscribed", message.conn, message.channel, False))
         elif isinstance(message, Activity):
-            self._loop_seen = time.monotonic()
             for conn, seen in message.last_seen.items():
                 cache.touch(conn, seen)
             if message.now - self._last_sweep >= 1.0:  # the stale sweep walks every connection
@@ -193,6 +196,8 @@ class CacheActor(LoopActor):
 
     def _handle(self, kind: bytes, argument: bytes, payload: bytes) -> int:
         """One message from the router; returns how many recipients it costs."""
+        self.consumed_messages += 1
+        self.consumed_bytes += shardwire.size(argument, payload)
         if kind == shardwire.CHANNEL:
             conns = self.cache.recipients(ChannelId(shardwire.unpack_id(argument)))
             if conns:
@@ -230,7 +235,8 @@ class CacheActor(LoopActor):
         if op == "snapshot":
             return cache.snapshot()
         if op == "status":
-            return {"pid": os.getpid(), **cache.stats()}
+            extra = self.counters() if self.counters is not None else {}
+            return {"pid": os.getpid(), **cache.stats(), **extra}
         raise ValueError(f"unknown query {op!r}")  # a router bug: crash, get restarted
 
     def _send_delta(self) -> None:
@@ -245,7 +251,18 @@ class CacheActor(LoopActor):
         if self._actions:
             actions, self._actions = self._actions, []
             self.post(actions)
+        messages, size = self._reported
+        if (
+            self.consumed_messages - messages >= shardwire.CREDIT_MESSAGES
+            or self.consumed_bytes - size >= shardwire.CREDIT_BYTES
+        ):
+            self._report()  # under load, credit goes back ahead of the heartbeat timer
         self._recheck()
+
+    def _report(self) -> None:
+        """Heartbeat and credit: what this shard has consumed so far."""
+        if self._send(shardwire.heartbeat(self.consumed_messages, self.consumed_bytes)):
+            self._reported = (self.consumed_messages, self.consumed_bytes)
 
     def _send(self, msg: list[bytes]) -> bool:
         try:

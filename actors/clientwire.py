@@ -21,9 +21,14 @@ class ClientFrameError(PeerError):
 def parse_client_frame(payload: bytes) -> tuple[str, ChannelId | None]:
     """The frame's type and channel (None for ping), or ClientFrameError."""
     try:
-        body = json.loads(payload.decode("utf-8"))  # UTF-8 only (json.loads would sniff UTF-16)
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise ClientFrameError("bad_json", "frames must be UTF-8 JSON") from None
+        text = payload.decode("utf-8")  # UTF-8 only (json.loads would sniff UTF-16)
+    except UnicodeDecodeError:
+        # not even a text frame (RFC 6455 §8.1): the connection closes it with 1007
+        raise ClientFrameError("invalid_utf8", "text frames must be valid UTF-8") from None
+    try:
+        body = json.loads(text)
+    except (ValueError, RecursionError):
+        raise ClientFrameError("bad_json", "frames must be JSON") from None
     if not isinstance(body, dict):
         raise ClientFrameError("bad_frame", "a frame must be a JSON object")
     kind = body.get("type")

@@ -8,12 +8,22 @@ the RouterActor moves the bytes. In a gather, the Redis link is one more partici
 (``REDIS``): it brings the other hosts' part of an answer, or the news that they were not reached.
 Must never do I/O, read a clock (``now`` is a parameter) or block: a shard that is down or slow
 only ever costs a missing answer in a reply, never a wait.
+
+Flow control: the core counts what it queues to each shard and what the shard reports it has
+consumed (``shardwire``'s credit). A broadcast whose target shards have no room (more than
+``queue_messages`` messages or ``queue_bytes`` bytes in flight, or a backlog whose oldest
+message is older than ``queue_delay``) is refused whole with ``overloaded``, and nothing of it is
+queued: an ``ok: true`` means the message was queued to every shard holding members. Queries
+count in the window but are never refused by it (they are small, and at most ``max_queries``
+are in flight); deliveries from other hosts that find no room are dropped and counted.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import logging
+from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -34,6 +44,10 @@ from actors.gather import (
 )
 from actors.ids import ChannelId, ShardIndex, stable_hash
 
+log = logging.getLogger("ucc.router")
+
+MARK_SPAN = 0.01  # seconds of sending one backlog age mark covers (see ShardSlot.marks)
+
 
 class ShardState(Enum):
     STARTING = "starting"
@@ -48,12 +62,48 @@ class ShardSlot:
     epoch: int = -1
     pid: int = 0
     last_seen: float = 0.0
-    loop_age: float = 0.0  # how long ago the shard's event loop last showed life
     channels: set[ChannelId] = field(default_factory=set)
+    # credit (see shardwire): totals queued to this incarnation and consumed by it
+    sent_messages: int = 0
+    sent_bytes: int = 0
+    acked_messages: int = 0
+    acked_bytes: int = 0
+    # (sent_messages after the mark's last message, when its first was sent): the oldest
+    # unconsumed mark dates the backlog; one mark per MARK_SPAN keeps this short
+    marks: deque[tuple[int, float]] = field(default_factory=deque)
 
     @property
     def identity(self) -> bytes:
         return shardwire.identity(self.index, self.epoch)
+
+    def reset_credit(self) -> None:
+        """A new incarnation (or none): nothing is in flight to it."""
+        self.sent_messages = self.sent_bytes = self.acked_messages = self.acked_bytes = 0
+        self.marks.clear()
+
+    def queued(self, size: int, now: float) -> None:
+        self.sent_messages += 1
+        self.sent_bytes += size
+        marks = self.marks
+        if marks and now - marks[-1][1] < MARK_SPAN:
+            marks[-1] = (self.sent_messages, marks[-1][1])
+        else:
+            marks.append((self.sent_messages, now))
+
+    def credit(self, messages: int, size: int) -> None:
+        """The shard has consumed ``messages`` messages and ``size`` bytes in all."""
+        self.acked_messages = max(self.acked_messages, min(messages, self.sent_messages))
+        self.acked_bytes = max(self.acked_bytes, min(size, self.sent_bytes))
+        marks = self.marks
+        while marks and marks[0][0] <= self.acked_messages:
+            marks.popleft()
+
+    def in_flight(self) -> tuple[int, int]:
+        return self.sent_messages - self.acked_messages, self.sent_bytes - self.acked_bytes
+
+    def backlog_age(self, now: float) -> float:
+        """How long the oldest message not yet consumed has waited (0 if none)."""
+        return now - self.marks[0][1] if self.marks else 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +123,15 @@ class RouterCore:
         gather_timeout: float = 1.0,
         max_command: int = 1 << 20,
         cluster: bool = False,
+        queue_messages: int = 20_000,
+        queue_bytes: int = 64 << 20,
+        queue_delay: float = 0.25,
+        max_queries: int = 10_000,
     ) -> None:
+        self.queue_messages = queue_messages
+        self.queue_bytes = queue_bytes
+        self.queue_delay = queue_delay
+        self.max_queries = max_queries
         self.slots = [ShardSlot(ShardIndex(i)) for i in range(shards)]
         self.index: dict[ChannelId, set[ShardIndex]] = {}
         self.gather_timeout = gather_timeout
@@ -93,6 +151,9 @@ class RouterCore:
             "stale_messages": 0,
             "dropped_to_shards": 0,
             "dropped_replies": 0,
+            "commands_refused": 0,  # answered overloaded: nothing of them was queued
+            "remote_dropped": 0,  # deliveries from other hosts that found no room
+            "internal_errors": 0,  # a bug met while handling a command (logged)
         }
 
     # -- shard lifecycle -------------------------------------------------------------------
@@ -112,13 +173,13 @@ class RouterCore:
             slot.state = ShardState.DOWN
 
     def check_hung(self, now: float, timeout: float) -> list[ShardSlot]:
-        """Declare down the up shards whose heartbeats stopped for ``timeout`` seconds (SIGSTOP,
-        a stuck process), or whose event loop has not turned for twice that (a stuck callback),
-        and report them to the supervisor, which kills them. A busy shard still turns its loop
-        and its heartbeat timer fires ahead of its queue, so load alone does not look hung."""
-        hung = [
-            s for s in self.up_shards() if now - s.last_seen > timeout or s.loop_age > 2 * timeout
-        ]
+        """Declare down the up shards silent for ``timeout`` seconds, and report them to the
+        supervisor, which kills them. A shard's heartbeat is a timer on its event loop, so it
+        stops when the loop stops turning (SIGSTOP, an endless callback); a busy loop still
+        turns (every turn's work is bounded: connections' reads by their budget, deliveries by
+        the shard's work cap, and the router never queues more than the credit window), so
+        load alone does not look hung."""
+        hung = [s for s in self.up_shards() if now - s.last_seen > timeout]
         for slot in hung:
             self.shard_down(slot.index, slot.epoch, now)
             self.events.append(ShardEvent(slot.index, ShardState.DOWN, slot.epoch, slot.pid))
@@ -129,6 +190,7 @@ class RouterCore:
         for channel in slot.channels:
             self._unindex(channel, slot.index)
         slot.channels = set()
+        slot.reset_credit()
         for qid, gather in list(self.pending.items()):
             if slot.index in gather.waiting:
                 gather.waiting.discard(slot.index)
@@ -156,7 +218,9 @@ class RouterCore:
             return
         slot.last_seen = now
         if kind == shardwire.HEARTBEAT and len(msg) > 1:
-            slot.loop_age = shardwire.unpack_id(msg[1]) / 1000
+            consumed = shardwire.unpack_ids(msg[1])
+            if len(consumed) == 2:
+                slot.credit(consumed[0], consumed[1])
         elif kind == shardwire.DELTA:
             self._delta(slot, shardwire.unpack_ids(msg[1]), shardwire.unpack_ids(msg[2]))
         elif kind == shardwire.RESULT:
@@ -172,7 +236,6 @@ class RouterCore:
             return
         self._drop(slot, now)
         slot.epoch, slot.pid, slot.state, slot.last_seen = epoch, body["pid"], ShardState.UP, now
-        slot.loop_age = 0.0
         self._delta(slot, body["channels"], [])
         self.events.append(ShardEvent(slot.index, ShardState.UP, epoch, slot.pid))
 
@@ -217,13 +280,17 @@ class RouterCore:
             cmd = commands.decode(raw, self.max_command)
             self._dispatch(envelope, cmd, now)
         except CommandError as exc:
-            self.counters["errors"] += 1
+            self.counters["commands_refused" if exc.code == "overloaded" else "errors"] += 1
             request = commands.request_id(raw) if exc.code != "too_large" else None
             self.replies.append((envelope, commands.error_reply(request, exc.code, exc.message)))
-        except (RecursionError, OverflowError, ValueError, TypeError) as exc:
-            # a hole in validation must cost this command, never the router
-            self.counters["errors"] += 1
-            reply = commands.error_reply(None, "bad_request", f"cannot process: {exc!r}"[:200])
+        except (RecursionError, OverflowError, ValueError, TypeError, KeyError) as exc:
+            # a hole in validation (a bug) must cost this command, never the router: said once
+            # in the log with its traceback, counted, and answered
+            self.counters["internal_errors"] += 1
+            log.exception("router: a command could not be processed: %.200r", raw)
+            reply = commands.error_reply(
+                commands.request_id(raw), "internal_error", f"cannot process: {exc!r}"[:200]
+            )
             self.replies.append((envelope, reply))
 
     def _dispatch(self, envelope: list[bytes], cmd: Command, now: float) -> None:
@@ -233,15 +300,19 @@ class RouterCore:
             frame = frames.channel_message(channel, cmd.data_json)
             self._check_frame(frame)
             shards = self.index.get(channel, ())
+            message = shardwire.channel_delivery(channel, frame)
+            self._admit(shards, message, now)
             for index in shards:
-                self._send(index, shardwire.channel_delivery(channel, frame))
+                self._send(index, message, now)
             publish = ("publish_channel", channel, frame)
             self._finish_broadcast(envelope, cmd, now, len(shards), publish)
         elif name in ("broadcast_to_user", "broadcast_to_users"):
             users = [args["user"]] if name == "broadcast_to_user" else args["users"]
             frame = frames.direct_message(cmd.data_json)
             self._check_frame(frame)
-            sent = self._deliver_to_users(users, frame)
+            groups = self._up_groups(users)
+            self._admit(groups, shardwire.users_delivery((), frame), now)
+            sent = self._deliver(groups, frame, now)
             self._finish_broadcast(envelope, cmd, now, sent, ("publish_users", users, frame))
         elif name == "get_online_users_in_channel":
             shards = set(self.index.get(args["channel"], ()))
@@ -283,13 +354,39 @@ class RouterCore:
         else:  # pragma: no cover - COMMANDS and this table are kept in step by tests
             raise AssertionError(name)
 
-    def _deliver_to_users(self, users: list[int], frame: bytes) -> int:
-        sent = 0
-        for index, group in self._by_shard(users).items():
-            if self.slots[index].state is ShardState.UP:
-                self._send(index, shardwire.users_delivery(group, frame))
-                sent += 1
-        return sent
+    def _up_groups(self, users: list[int]) -> dict[ShardIndex, list[int]]:
+        """``users`` by shard, for the shards that are up."""
+        groups = self._by_shard(users)
+        return {i: g for i, g in groups.items() if self.slots[i].state is ShardState.UP}
+
+    def _deliver(self, groups: dict[ShardIndex, list[int]], frame: bytes, now: float) -> int:
+        for index, group in groups.items():
+            self._send(index, shardwire.users_delivery(group, frame), now)
+        return len(groups)
+
+    def _room(self, index: ShardIndex, size: int, now: float) -> str | None:
+        """Why one more message of ``size`` bytes does not fit in shard ``index``'s window,
+        or None if it does."""
+        slot = self.slots[index]
+        messages, queued = slot.in_flight()
+        if messages >= self.queue_messages:
+            return f"shard {index} has {messages} deliveries queued (limit {self.queue_messages})"
+        if queued + size > self.queue_bytes:
+            return f"shard {index} has {queued} bytes queued (limit {self.queue_bytes})"
+        if messages > shardwire.CREDIT_MESSAGES or queued > shardwire.CREDIT_BYTES:
+            age = slot.backlog_age(now)
+            if age > self.queue_delay:
+                return f"shard {index} is {age:.2f} s behind (limit {self.queue_delay} s)"
+        return None
+
+    def _admit(self, shards: Iterable[ShardIndex], message: list[bytes], now: float) -> None:
+        """Refuse (CommandError ``overloaded``) unless every shard has room for ``message``
+        (its users list aside, which is small): all or nothing."""
+        size = shardwire.size(message[1], message[2])
+        for index in shards:
+            reason = self._room(index, size, now)
+            if reason is not None:
+                raise CommandError("overloaded", f"{reason}; nothing was sent, retry later")
 
     def _finish_broadcast(
         self, envelope: list[bytes], cmd: Command, now: float, shards: int, publish: RedisOp
@@ -318,8 +415,10 @@ class RouterCore:
     def _all(self) -> set[ShardIndex]:
         return {slot.index for slot in self.slots}
 
-    def _send(self, index: ShardIndex, msg: list[bytes]) -> None:
-        self.outbox.append((self.slots[index].identity, msg))
+    def _send(self, index: ShardIndex, msg: list[bytes], now: float) -> None:
+        slot = self.slots[index]
+        slot.queued(shardwire.size(msg[1], msg[2]), now)
+        self.outbox.append((slot.identity, msg))
 
     def _reply(self, envelope: list[bytes], cmd: Command, result: dict[str, Any]) -> None:
         self.replies.append((envelope, commands.reply(cmd.id, result)))
@@ -337,6 +436,10 @@ class RouterCore:
     ) -> None:
         """Ask ``shards`` (and, in a cluster, the Redis link with ``remote``); reply when all
         have answered or at the deadline, with what came back."""
+        if len(self.pending) >= self.max_queries:
+            raise CommandError(
+                "overloaded", f"{len(self.pending)} queries in flight (limit {self.max_queries})"
+            )
         qid = self._next_qid
         self._next_qid += 1
         deadline = now + self.gather_timeout
@@ -353,7 +456,7 @@ class RouterCore:
             if self.slots[index].state is not ShardState.UP:
                 gather.missing.add(index)
                 continue
-            self._send(index, shardwire.query(qid, query(index)))
+            self._send(index, shardwire.query(qid, query(index)), now)
             gather.waiting.add(index)
         if not gather.waiting:
             self._finish(qid)
@@ -406,30 +509,44 @@ class RouterCore:
                 if REDIS in gather.waiting:
                     self.redis_result(qid, False, None)
 
-    def remote_delivery(self, channel: int | None, users: list[int], frame: bytes) -> None:
-        """A broadcast from another host: to a channel's local members, or to users."""
+    def remote_delivery(
+        self, channel: int | None, users: list[int], frame: bytes, now: float
+    ) -> None:
+        """A broadcast from another host: to a channel's local members, or to users. Its
+        publisher has had its answer already: where there is no room, it is dropped, counted."""
         if channel is not None:
-            for index in self.index.get(ChannelId(channel), ()):
-                self._send(index, shardwire.channel_delivery(channel, frame))
+            message = shardwire.channel_delivery(channel, frame)
+            targets: dict[ShardIndex, list[bytes]] = {
+                index: message for index in self.index.get(ChannelId(channel), ())
+            }
         else:
-            self._deliver_to_users(users, frame)
+            targets = {
+                index: shardwire.users_delivery(group, frame)
+                for index, group in self._up_groups(users).items()
+            }
+        for index, msg in targets.items():
+            if self._room(index, shardwire.size(msg[1], msg[2]), now) is None:
+                self._send(index, msg, now)
+            else:
+                self.counters["remote_dropped"] += 1
 
-    def remote_control(self, users: list[int], control: dict[str, Any]) -> None:
+    def remote_control(self, users: list[int], control: dict[str, Any], now: float) -> None:
         """A backend command from another host for users we have: apply it, answer nobody."""
-        for index, group in self._by_shard(users).items():
-            if self.slots[index].state is ShardState.UP:
-                for user in group:
-                    body = {**control, "user": user}
-                    self._send(index, shardwire.query(0, body))  # qid 0: no gather waits
+        for index, group in self._up_groups(users).items():
+            for user in group:
+                body = {**control, "user": user}
+                self._send(index, shardwire.query(0, body), now)  # qid 0: no gather waits
 
     def snapshot(self, now: float) -> None:
         """Gather this host's presence from its shards, for the Redis link to publish."""
+        if len(self.pending) >= self.max_queries:
+            return  # the next one, when there is room
         qid = self._next_qid
         self._next_qid += 1
         gather = Gather(None, None, presence_snapshot, now + self.gather_timeout, set())
         self.pending[qid] = gather
         for slot in self.up_shards():
-            self._send(slot.index, shardwire.query(qid, {"op": "snapshot"}))
+            self._send(slot.index, shardwire.query(qid, {"op": "snapshot"}), now)
             gather.waiting.add(slot.index)
         if not gather.waiting:
             self._finish(qid)

@@ -75,8 +75,10 @@ class RouterActor(SocketActor):
         link: Callable[[Callable[[tuple[Any, ...]], None]], Link] | None = None,
         snapshot_interval: float = 1.0,
         context: zmq.Context[Any] | None = None,
+        backend_queue: int = 1000,
     ) -> None:
-        """``link``, in a cluster of hosts, makes the Redis link given a function to report to."""
+        """``link``, in a cluster of hosts, makes the Redis link given a function to report to.
+        ``backend_queue``: commands read ahead from, and replies held for, each backend."""
         super().__init__()
         self.core = core
         self.on_event = on_event
@@ -86,12 +88,20 @@ class RouterActor(SocketActor):
         self.backend = self.context.socket(zmq.ROUTER)
         for sock in (self.frontend, self.backend):
             sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.SNDHWM, 100_000)
-            sock.setsockopt(zmq.RCVHWM, 100_000)
-        # a command larger than this is not even read into memory; the core's own, lower limit
-        # gives the clear "too_large" reply for everything up to it
-        self.frontend.setsockopt(zmq.MAXMSGSIZE, core.max_command * 4)
-        self.backend.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a reply or delivery that cannot be
+            # queued is an error we count, not a silent drop
+        # Per backend, ZeroMQ holds at most ``backend_queue`` commands read ahead (beyond, it
+        # stops reading that backend's TCP stream: the backend feels backpressure, the others
+        # do not, as the ROUTER reads its peers in turn) and ``backend_queue`` replies not yet
+        # taken (beyond, replies to that backend are dropped and counted). A command larger
+        # than twice the core's limit is not even read into memory (the peer is disconnected);
+        # up to that, the core gives the clear "too_large" reply.
+        self.frontend.setsockopt(zmq.SNDHWM, backend_queue)
+        self.frontend.setsockopt(zmq.RCVHWM, backend_queue)
+        self.frontend.setsockopt(zmq.MAXMSGSIZE, core.max_command * 2)
+        # the credit window bounds what is queued to a shard; this only has to be above it
+        self.backend.setsockopt(zmq.SNDHWM, core.queue_messages + core.max_queries + 1024)
+        self.backend.setsockopt(zmq.RCVHWM, 100_000)
         try:
             self.frontend.bind(command_endpoint)
             self.backend.bind(shard_endpoint)
@@ -140,7 +150,7 @@ class RouterActor(SocketActor):
                 self.next_snapshot = now + self.snapshot_interval
                 self.core.snapshot(now)
         elif isinstance(message, RedisEvent):
-            self._redis_event(message.event)
+            self._redis_event(message.event, now)
         elif isinstance(message, ShardStarting):
             self.core.shard_starting(message.index, message.epoch, message.pid)
         elif isinstance(message, ShardDown):
@@ -155,7 +165,7 @@ class RouterActor(SocketActor):
         log.critical("router failed: the host stops", exc_info=exc_info)
         self.on_event(FATAL)
 
-    def _redis_event(self, event: tuple[Any, ...]) -> None:
+    def _redis_event(self, event: tuple[Any, ...], now: float) -> None:
         kind = event[0]
         if kind == "state":
             self.core.redis_state(event[1])
@@ -165,9 +175,9 @@ class RouterActor(SocketActor):
         elif kind == "deliver":
             for channel, users, frame, control in event[1]:
                 if control is not None:
-                    self.core.remote_control(users, control)
+                    self.core.remote_control(users, control, now)
                 else:
-                    self.core.remote_delivery(channel, users, frame)
+                    self.core.remote_delivery(channel, users, frame, now)
 
     def _drain(self, sock: zmq.Socket[bytes], now: float) -> None:
         """Up to BATCH messages or ROUND seconds, whichever comes first."""
@@ -196,7 +206,7 @@ class RouterActor(SocketActor):
             frames = [identity, *msgs[0]] if len(msgs) == 1 else [
                 identity, shardwire.BATCH, shardwire.pack_batch(msgs)
             ]  # fmt: skip
-            if not _send(self.backend, frames):  # full (HWM) or gone: the shard misses them
+            if not _send(self.backend, frames):  # the shard is gone: it misses them
                 core.counters["dropped_to_shards"] += len(msgs)
         for envelope, payload in core.replies:
             if not _send(self.frontend, [*envelope, payload]):  # the backend went away

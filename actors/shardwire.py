@@ -18,7 +18,14 @@ Shard → router (DEALER, identity ``shard-<index>-<epoch>``):
 | ``D``, gained ids, lost ids | channels gained / lost (8 bytes per id) |
 | ``S``, ids | every channel the shard has members of (after a ``D`` was dropped) |
 | ``R``, query id, JSON | the answer to query ``Q`` |
-| ``P``, age (8 bytes, ms) | heartbeat; the event loop was last seen ``age`` ago |
+| ``P``, two counters (8 bytes each) | heartbeat and credit: messages and bytes consumed so far |
+
+Flow control is by credit. The router counts what it queues to each shard incarnation (one per
+delivery or query, and the bytes of its argument and payload); the shard counts the same as it
+reads them, and reports both totals in every ``P``: on its heartbeat timer, and as soon as it has
+consumed ``CREDIT_MESSAGES`` messages or ``CREDIT_BYTES`` bytes since its last report. What is
+in flight to a shard is the difference; the router refuses a broadcast that would take it past
+its limits instead of queueing it (see ``RouterCore``).
 """
 
 from __future__ import annotations
@@ -39,6 +46,9 @@ RESULT = b"R"
 HEARTBEAT = b"P"
 SYNC = b"S"
 BATCH = b"M"
+
+CREDIT_MESSAGES = 64  # report consumption at least this often under load...
+CREDIT_BYTES = 256 * 1024  # ...or after this many bytes
 
 _PART = struct.Struct("<cII")  # kind, length of the argument, length of the payload
 
@@ -116,8 +126,13 @@ def hello(index: int, epoch: int, pid: int, channels: Sequence[int]) -> list[byt
     return [HELLO, json.dumps(body).encode()]
 
 
-def heartbeat(loop_age: float) -> list[bytes]:
-    return [HEARTBEAT, pack_id(int(loop_age * 1000))]
+def heartbeat(consumed_messages: int, consumed_bytes: int) -> list[bytes]:
+    return [HEARTBEAT, pack_ids((consumed_messages, consumed_bytes))]
+
+
+def size(argument: bytes, payload: bytes) -> int:
+    """What one router → shard message costs in the credit window's bytes."""
+    return len(argument) + len(payload)
 
 
 def sync(channels: Sequence[int]) -> list[bytes]:

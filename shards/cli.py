@@ -240,6 +240,8 @@ def _add_serve(subparsers: Subparsers) -> None:
         ("--client-byte-burst", _positive_int, "BYTES", "bytes a client may send at once"),
         ("--shard-queue-messages", _positive_int, "N", "deliveries in flight per shard"),
         ("--shard-queue-bytes", _positive_int, "BYTES", "delivery bytes in flight per shard"),
+        ("--shard-queue-delay", _seconds, "SECONDS", "refuse when a shard is this far behind"),
+        ("--max-queries", _positive_int, "N", "queries in flight at most (overloaded beyond)"),
         ("--backend-queue", _positive_int, "N", "commands/replies queued per backend"),
     ]
     for flag, kind, metavar, text in tuning:

@@ -64,6 +64,17 @@ class CommandTimeout(UccError, TimeoutError):
         return (type(self), (self.message,))
 
 
+class Overloaded(UccError):
+    """The server refused the command because it is behind (code ``overloaded``): nothing of it
+    was delivered. Retry later, with backoff; the message says which limit was hit."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("overloaded", message)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.message,))
+
+
 # --- the pure half: what each method sends and how it reads the reply -----------------------
 
 
@@ -204,8 +215,9 @@ class Wire:
         """The reply to ``request_id`` carried by ``frames``, or None for a stale reply.
 
         An error reply without an id (the server could not read ours, e.g. ``too_large``) is
-        taken as the answer to the pending request. Raises UccError for ``ok: false`` and
-        UccError("bad_reply") for a frame that is not a JSON object with ``ok``.
+        taken as the answer to the pending request. Raises UccError for ``ok: false``
+        (:class:`Overloaded` for ``overloaded``) and UccError("bad_reply") for a frame that is
+        not a JSON object with ``ok``.
         """
         try:
             reply = json.loads(frames[-1])
@@ -225,10 +237,10 @@ class Wire:
                 error = {}
             code = error.get("code")
             message = error.get("message")
-            raise UccError(
-                code if isinstance(code, str) else "error",
-                message if isinstance(message, str) else "the server gave no message",
-            )
+            text = message if isinstance(message, str) else "the server gave no message"
+            if code == "overloaded":
+                raise Overloaded(text)
+            raise UccError(code if isinstance(code, str) else "error", text)
         return reply
 
 

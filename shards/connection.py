@@ -2,13 +2,24 @@
 
 Owns: the handshake (on bytes the supervisor only peeked at), parsing client frames (websockets'
 ``ServerProtocol``), the client commands (subscribe, unsubscribe, ping), writes (including
-pre-encoded broadcast frames, written as they are) and the slow-consumer cap. Must never touch
-the cache: it reports to its :class:`Shard`, which tells the CacheActor.
+pre-encoded broadcast frames, written as they are), the client's inbound budget and the
+slow-consumer cap. Must never touch the cache: it reports to its :class:`Shard`, which tells the
+CacheActor.
+
+A connection can only ever hurt itself. Whatever goes wrong while handling its bytes or its
+writes closes *it* (1011, counted, one WARNING line naming its user), never the shard; a write
+once it is closing is a no-op. Its inbound budget (frames and bytes per second, token buckets,
+``--client-frame-rate``/``-burst``, ``--client-byte-rate``/``-burst``) bounds what one client
+costs: over it, the connection is closed 1008 and the rest of what it sent is not read. Bytes
+are fed to the parser at most ``FEED`` per turn of the event loop (reading pauses meanwhile), so
+one connection never makes a turn long: the shard's heartbeat, a timer on the same loop, keeps
+beating however busy the shard is.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import TYPE_CHECKING, cast
 
@@ -20,6 +31,7 @@ from websockets.server import ServerProtocol
 from actors import frames
 from actors.clientwire import ClientFrameError, parse_client_frame
 from actors.ids import ChannelId, ConnId, UserId
+from actors.ratelimit import TokenBucket
 
 if TYPE_CHECKING:
     from shards.worker import Shard
@@ -27,19 +39,24 @@ if TYPE_CHECKING:
 log = logging.getLogger("ucc.connection")
 
 CLOSE_TIMEOUT = 2.0
+FEED = 16 * 1024  # bytes handed to the parser between two budget checks
 
 
 class Connection(asyncio.Protocol):
     __slots__ = (
         "allowed",
+        "backlog",
+        "byte_budget",
         "channels",
         "conn_id",
         "expires",
         "fragments",
+        "frame_budget",
         "is_open",
         "last_inbound",
         "proto",
         "shard",
+        "shut",
         "timer",
         "transport",
         "user",
@@ -65,6 +82,11 @@ class Connection(asyncio.Protocol):
         self.last_inbound = 0.0
         self.timer: asyncio.TimerHandle | None = None
         self.fragments: list[bytes] | None = None  # a text message arriving in pieces
+        now = shard.loop.time()
+        self.frame_budget = TokenBucket(shard.frame_rate, shard.frame_burst, now)
+        self.byte_budget = TokenBucket(shard.byte_rate, shard.byte_burst, now)
+        self.backlog: memoryview | None = None  # bytes received, not parsed yet (over FEED)
+        self.shut = False  # no more reads, no more writes (closed for cause, or EOF written)
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -76,19 +98,63 @@ class Connection(asyncio.Protocol):
         )
 
     def data_received(self, data: bytes) -> None:
+        if self.shut:
+            return  # closed for cause: what it sends now is not even parsed
         self.last_inbound = self.shard.now
         self.shard.mark_active(self)
-        self.proto.receive_data(data)
+        if not self.byte_budget.take(len(data), self.shard.loop.time()):
+            self._violation("byte rate")
+            return
+        if len(data) > FEED and self.transport is not None:
+            # the rest waits for later turns of the loop, and reading waits for the rest
+            self.backlog = memoryview(data)[FEED:]
+            data = data[:FEED]
+            self.transport.pause_reading()
+            self.shard.loop.call_soon(self._feed_backlog)
+        self._feed(data)
+
+    def _feed_backlog(self) -> None:
+        backlog, transport = self.backlog, self.transport
+        if backlog is None or transport is None or self.shut:
+            self.backlog = None
+            return
+        self.backlog = backlog[FEED:] if len(backlog) > FEED else None
+        self._feed(bytes(backlog[:FEED]))
+        if self.shut:
+            self.backlog = None
+        elif self.backlog is not None:
+            self.shard.loop.call_soon(self._feed_backlog)
+        elif not transport.is_closing():
+            transport.resume_reading()
+
+    def _feed(self, data: bytes) -> None:
+        """Parse ``data`` and act on it; whatever goes wrong costs this connection only."""
+        try:
+            self.proto.receive_data(data)
+            self._events(self.shard.loop.time())
+            if not self.shut:
+                self._flush()
+        except Exception as exc:  # a bug, met on this connection's bytes
+            self.fail(exc)
+
+    def _events(self, now: float) -> None:
         for event in self.proto.events_received():
             if isinstance(event, Request):
                 self._handshake(event)
             elif isinstance(event, Frame):
+                if not self.frame_budget.take(1, now):
+                    self._violation("frame rate")
+                    return
                 self._frame(event)
-        self._flush()
+            if self.shut:
+                return
 
     def eof_received(self) -> bool:
-        self.proto.receive_eof()
-        self._flush()
+        try:
+            self.proto.receive_eof()
+            self._flush()
+        except Exception as exc:
+            self.fail(exc)
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -101,6 +167,12 @@ class Connection(asyncio.Protocol):
     # -- protocol --------------------------------------------------------------------------
 
     def _handshake(self, request: Request) -> None:
+        if self.proto.state is not State.CONNECTING or self.proto.eof_sent:
+            # bytes pipelined after the request were garbage and have failed the connection
+            # already (the parser reads ahead): no upgrade, just the end of the TCP stream
+            self.shard.count("closed_protocol_error")
+            self._close_soon()
+            return
         response = self.proto.accept(request)
         self.proto.send_response(response)
         if self.timer is not None:
@@ -133,7 +205,11 @@ class Connection(asyncio.Protocol):
         try:
             kind, channel = parse_client_frame(payload)
         except ClientFrameError as exc:
-            self.send(frames.error(exc.code, exc.message))
+            if exc.code == "invalid_utf8":  # RFC 6455 §8.1: fail the connection, 1007
+                self.shard.count("closed_invalid_utf8")
+                self.close(1007, "invalid UTF-8 in a text frame")
+            else:
+                self.send(frames.error(exc.code, exc.message))
             return
         if kind == "ping":
             self.send(frames.PONG)
@@ -154,36 +230,87 @@ class Connection(asyncio.Protocol):
     # -- writing ---------------------------------------------------------------------------
 
     def send(self, frame: bytes) -> None:
-        """Write a complete, pre-encoded server frame (the broadcast path)."""
+        """Write a complete, pre-encoded server frame (the broadcast path); a no-op unless the
+        connection is open."""
         transport = self.transport
         if not self.is_open or transport is None:
             return
-        transport.write(frame)
-        if transport.get_write_buffer_size() > self.shard.write_buffer_limit:
-            log.debug("connection %d: slow consumer, closing", self.conn_id)
-            self.close(4000, "slow consumer")
+        try:
+            transport.write(frame)
+            if transport.get_write_buffer_size() > self.shard.write_buffer_limit:
+                self.shard.count("closed_slow_consumer")
+                log.debug("connection %d: slow consumer, closing", self.conn_id)
+                self.close(4000, "slow consumer")
+        except Exception as exc:
+            self.fail(exc)
 
     def ping(self) -> None:
-        if self.is_open and self.transport is not None:
-            self.transport.write(frames.PING)
+        self.send(frames.PING)
 
     def close(self, code: int, reason: str) -> None:
         """Start the closing handshake; abort if the peer does not finish it in time."""
-        if self.proto.state is State.OPEN:
-            self.proto.send_close(code, reason)
-            self.is_open = False
-            self._flush()
+        try:
+            if self.proto.state is State.OPEN:
+                self.proto.send_close(code, reason)
+                self.is_open = False
+                self._flush()
+        except Exception as exc:
+            self.fail(exc)
+            return
         self._close_soon()
+
+    def fail(self, exc: BaseException) -> None:
+        """Something went wrong on this connection alone (a bug, or a transport in a state we
+        did not expect): close it, 1011 if it can still be told, and count it."""
+        if self.shut:
+            return
+        self.shard.count("connection_errors")
+        log.warning(
+            "connection %d of user %d failed (%s: %s); closing it",
+            self.conn_id,
+            self.user,
+            type(exc).__name__,
+            exc,
+            exc_info=log.isEnabledFor(logging.DEBUG),
+        )
+        self.is_open = False
+        self.shut = True
+        transport = self.transport
+        if transport is None:
+            return
+        with contextlib.suppress(Exception):
+            if self.proto.state is State.OPEN:
+                self.proto.send_close(1011, "internal error")
+                for data in self.proto.data_to_send():
+                    if data and not transport.is_closing():
+                        transport.write(data)
+        transport.close()  # what is written goes first; the close timer aborts the rest
+        self._close_soon()
+
+    def _violation(self, what: str) -> None:
+        """Over its inbound budget: close 1008 and stop reading it."""
+        self.shard.count("closed_rate_limit")
+        log.info("connection %d of user %d: over its %s budget", self.conn_id, self.user, what)
+        self.close(1008, f"{what} limit exceeded")
+        self.shut = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+            self.transport.close()  # what is written (the close frame) goes first
 
     def _flush(self) -> None:
         transport = self.transport
         if transport is None:
             return
         for data in self.proto.data_to_send():
+            if self.shut or transport.is_closing():
+                break  # EOF written or closed under us: the rest has nowhere to go
             if data:
                 transport.write(data)
-            elif transport.can_write_eof():
-                transport.write_eof()
+            else:
+                if transport.can_write_eof():
+                    transport.write_eof()
+                self.is_open = False
+                self.shut = True  # nothing may be written after EOF
         if self.proto.state is State.CLOSED:
             self.is_open = False
             transport.close()

@@ -65,6 +65,12 @@ class Shard:
         self.handshake_timeout = float(config["handshake_timeout"])
         self.max_frame = int(config["max_frame"])
         self.write_buffer_limit = int(config["write_buffer_limit"])
+        self.frame_rate = float(config["client_frame_rate"])
+        self.frame_burst = int(config["client_frame_burst"])
+        self.byte_rate = float(config["client_byte_rate"])
+        self.byte_burst = int(config["client_byte_burst"])
+        # what connections went through: closed for cause, failed (see ``count``)
+        self.counters: dict[str, int] = {}
         self.conns: dict[ConnId, Connection] = {}
         self.now = time.monotonic()
         self._next_conn = 1
@@ -79,6 +85,7 @@ class Shard:
             self.apply,
             float(config["heartbeat_timeout"]),
             lambda: self.stop(None),  # the actor failed: exit, and be restarted
+            counters=lambda: dict(self.counters),
         )
         loop.add_reader(control.fileno(), self._on_control)
         self._tick_handle = loop.call_later(TICK, self._tick)
@@ -136,6 +143,9 @@ class Shard:
 
     # -- from connections --------------------------------------------------------------------
 
+    def count(self, what: str) -> None:
+        self.counters[what] = self.counters.get(what, 0) + 1
+
     def _tell(self, message: object) -> None:
         # once the actor has failed, the shard is on its way out: nothing more to tell it
         with contextlib.suppress(pykka.ActorDeadError):
@@ -143,7 +153,7 @@ class Shard:
 
     def connection_opened(self, conn: Connection) -> None:
         self.conns[conn.conn_id] = conn
-        self._tell(Opened(conn.conn_id, conn.user, conn.channels, time.time()))
+        self._tell(Opened(conn.conn_id, conn.user, conn.channels, time.monotonic()))
 
     def connection_lost(self, conn: Connection) -> None:
         if self.conns.pop(conn.conn_id, None) is not None:
@@ -170,7 +180,7 @@ class Shard:
                         conn.send(frame)
             elif kind == "registered":
                 conn = conns.get(action[1])
-                if conn is not None and conn.proto.state is State.OPEN:  # not closed meanwhile
+                if conn is not None and not conn.shut and conn.proto.state is State.OPEN:
                     conn.is_open = True
                     conn.send(frames.hello(conn.user, list(conn.channels), self.heartbeat))
             elif kind == "subscribed":
@@ -191,10 +201,9 @@ class Shard:
     def _tick(self) -> None:
         """Report activity (and that this loop is alive) to the actor; ping idle clients."""
         self.now = now = time.monotonic()
-        wall = time.time()
-        active = {conn: wall - (now - seen) for conn, seen in self._active.items()}
-        self._active = {}
-        self._tell(Activity(active, wall))
+        active, self._active = self._active, {}
+        self._tell(Activity(active, now))  # monotonic: a wall-clock step is no inactivity
+        wall = time.time()  # only for the token's exp, which is wall-clock by definition
         if now - self._last_ping >= self.heartbeat:
             self._last_ping = now
             for conn in list(self.conns.values()):

@@ -46,9 +46,15 @@ def test_utf8_payload_is_accepted():
     )
 
 
-@pytest.mark.parametrize("payload", [b"", b"{", b"ping", b"\xff\xfe", b"{'type': 'ping'}"])
+@pytest.mark.parametrize("payload", [b"", b"{", b"ping", b"{'type': 'ping'}"])
 def test_bad_json(payload):
     assert error_code(payload) == "bad_json"
+
+
+@pytest.mark.parametrize("payload", [b"\xff\xfe", b'{"type":"\xc3("}', b"\xed\xa0\x80"])
+def test_invalid_utf8_is_its_own_error(payload):
+    # the connection fails with close code 1007 for it (RFC 6455 §8.1), not an error frame
+    assert error_code(payload) == "invalid_utf8"
 
 
 @pytest.mark.parametrize("body", [[], ["ping"], "ping", 1, None, True])

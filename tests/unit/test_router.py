@@ -634,16 +634,158 @@ def test_router_stats_answers_at_once(core):
     assert stats["shards"] == {"0": "up", "1": "down", "2": "up"}
 
 
-def test_a_stuck_event_loop_is_hung_even_while_heartbeats_arrive(core):
-    for index in (0, 1):
-        core.shard_message(shardwire.identity(index, 1), shardwire.heartbeat(0.25), now=1.0)
-    stuck = shardwire.heartbeat(2.5)  # the actor thread beats; its loop last turned 2.5 s ago
-    core.shard_message(shardwire.identity(0, 1), stuck, now=1.1)
-    assert core.slots[0].loop_age == 2.5
-    hung = core.check_hung(now=1.2, timeout=1.5)  # 2.5 s is still under twice 1.5 s
-    assert [s.index for s in hung] == []
-    core.shard_message(shardwire.identity(0, 1), shardwire.heartbeat(3.1), now=1.3)
-    assert [s.index for s in core.check_hung(now=1.4, timeout=1.5)] == [0]
+def test_a_busy_shard_is_not_hung_while_it_beats_and_a_silent_one_is(core):
+    for now in (0.5, 1.0, 1.5, 2.0):
+        heartbeat(core, 0, 1, now)  # shard 0 beats (however busy), shards 1 and 2 are silent
+    assert [s.index for s in core.check_hung(now=2.0, timeout=1.5)] == [1, 2]
+    assert core.slots[0].state is ShardState.UP
+
+
+# -- flow control: credit windows to shards --------------------------------------------------
+
+
+def credit(core, index, epoch, messages, size, now=0.0) -> None:
+    msg = shardwire.heartbeat(messages, size)
+    core.shard_message(shardwire.identity(index, epoch), msg, now)
+
+
+def broadcast(core, channel=7, data="x", now=0.0, request=1) -> dict[str, Any]:
+    command(
+        core, {"id": request, "cmd": "broadcast_to_channel", "channel": channel, "data": data}, now
+    )
+    return take_reply(core)
+
+
+def small_window(**limits) -> RouterCore:
+    core = RouterCore(N, **limits)
+    for index in range(N):
+        start(core, index)
+    return core
+
+
+def test_a_broadcast_that_does_not_fit_is_refused_whole_and_nothing_is_sent():
+    core = small_window(queue_messages=2)
+    delta(core, 0, 1, gained=[7])
+    delta(core, 1, 1, gained=[7])
+    delta(core, 2, 1, gained=[8])
+    assert broadcast(core)["ok"] and broadcast(core)["ok"]
+    core.outbox.clear()
+    refused = broadcast(core, request=3)
+    assert refused["ok"] is False and refused["id"] == 3
+    assert refused["error"]["code"] == "overloaded"
+    assert "nothing was sent" in refused["error"]["message"]
+    assert core.outbox == []  # neither shard got it: all or nothing
+    assert core.counters["commands_refused"] == 1
+    assert broadcast(core, channel=8)["ok"]  # shard 2 has room: other channels are unaffected
+
+
+def test_credit_from_the_shard_makes_room_again():
+    core = small_window(queue_messages=2)
+    delta(core, 0, 1, gained=[7])
+    broadcast(core), broadcast(core)
+    assert broadcast(core)["error"]["code"] == "overloaded"
+    sent = core.slots[0].sent_bytes
+    credit(core, 0, 1, 1, sent // 2)  # one consumed: room for exactly one more
+    assert broadcast(core)["ok"]
+    assert broadcast(core)["error"]["code"] == "overloaded"
+    assert core.slots[0].in_flight()[0] == 2
+
+
+def test_the_byte_window_counts_the_message_size():
+    core = small_window(queue_bytes=1000)
+    delta(core, 0, 1, gained=[7])
+    assert broadcast(core, data="a" * 600)["ok"]
+    assert broadcast(core, data="a" * 600)["error"]["code"] == "overloaded"
+    assert broadcast(core, data="a" * 100)["ok"]
+
+
+def test_a_backlog_older_than_the_delay_limit_refuses_until_it_is_consumed():
+    core = small_window(queue_delay=0.25)
+    delta(core, 0, 1, gained=[7])
+    for i in range(shardwire.CREDIT_MESSAGES + 1):
+        assert broadcast(core, now=1.0 + i * 0.001)["ok"]
+    # 0.3 s later the oldest is still not consumed: the shard is behind
+    refused = broadcast(core, now=1.3)
+    assert refused["error"]["code"] == "overloaded"
+    assert "behind" in refused["error"]["message"]
+    slot = core.slots[0]
+    credit(core, 0, 1, slot.sent_messages, slot.sent_bytes, now=1.31)
+    assert broadcast(core, now=1.32)["ok"]
+
+
+def test_a_few_messages_in_flight_never_look_behind():
+    # at low rates credit comes with the heartbeat (every 0.25 s): that is no backlog
+    core = small_window(queue_delay=0.25)
+    delta(core, 0, 1, gained=[7])
+    for i in range(10):
+        assert broadcast(core, now=i * 0.1)["ok"]
+
+
+def test_a_new_incarnation_starts_with_an_empty_window():
+    core = small_window(queue_messages=1)
+    delta(core, 0, 1, gained=[7])
+    assert broadcast(core)["ok"]
+    assert broadcast(core)["error"]["code"] == "overloaded"
+    core.shard_down(0, 1, now=1.0)
+    start(core, 0, epoch=2, channels=[7], now=1.1)
+    assert broadcast(core, now=1.2)["ok"]
+
+
+def test_stale_credit_cannot_open_the_window_beyond_what_was_sent():
+    core = small_window(queue_messages=1)
+    delta(core, 0, 1, gained=[7])
+    credit(core, 0, 1, 1000, 10**9)  # nonsense from a confused shard
+    assert core.slots[0].in_flight() == (0, 0)
+    assert broadcast(core)["ok"]
+    assert broadcast(core)["error"]["code"] == "overloaded"
+
+
+def test_direct_messages_are_refused_when_the_users_shard_is_full():
+    core = small_window(queue_messages=1)
+    user = next(u for u in range(1, 100) if stable_hash(u, N) == 0)
+    other = next(u for u in range(1, 100) if stable_hash(u, N) == 1)
+    body = {"cmd": "broadcast_to_users", "users": [user, other], "data": 1}
+    command(core, {"id": 1, **body})
+    assert take_reply(core)["ok"]
+    core.outbox.clear()
+    command(core, {"id": 2, **body})
+    assert take_reply(core)["error"]["code"] == "overloaded"
+    assert core.outbox == []
+    command(core, {"id": 3, "cmd": "broadcast_to_user", "user": user + 0, "data": 1})
+    assert take_reply(core)["error"]["code"] == "overloaded"
+
+
+def test_queries_are_not_refused_by_the_window_but_by_their_own_limit():
+    core = small_window(queue_messages=1, max_queries=2)
+    delta(core, 0, 1, gained=[7])
+    broadcast(core)
+    command(core, {"id": 1, "cmd": "get_online_users"})
+    command(core, {"id": 2, "cmd": "get_online_users"})
+    assert take_replies(core) == []  # both waiting for the shards
+    command(core, {"id": 3, "cmd": "get_online_users"})
+    refused = take_reply(core)
+    assert refused["id"] == 3 and refused["error"]["code"] == "overloaded"
+
+
+def test_deliveries_from_other_hosts_that_find_no_room_are_dropped_and_counted():
+    core = small_window(queue_messages=1)
+    delta(core, 0, 1, gained=[7])
+    core.remote_delivery(7, [], frames.channel_message(7, b"1"), now=0.0)
+    core.remote_delivery(7, [], frames.channel_message(7, b"2"), now=0.0)
+    assert len(core.outbox) == 1
+    assert core.counters["remote_dropped"] == 1
+
+
+def test_a_bug_in_a_handler_is_logged_counted_and_answered(core, monkeypatch, caplog):
+    def broken(*_args):
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(frames, "channel_message", broken)
+    command(core, {"id": 5, "cmd": "broadcast_to_channel", "channel": 1, "data": 1})
+    reply = take_reply(core)
+    assert reply["id"] == 5 and reply["error"]["code"] == "internal_error"
+    assert core.counters["internal_errors"] == 1
+    assert any(r.levelname == "ERROR" and r.exc_info for r in caplog.records)
 
 
 def test_a_sync_replaces_what_the_router_knows_of_a_shard(core):
