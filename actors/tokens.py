@@ -9,6 +9,7 @@ algorithm other than HS256, nor a token without ``exp``, and never raise anythin
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass
 
@@ -56,7 +57,7 @@ def verify(secret: str, token: str, now: float | None = None) -> Claims:
     try:
         header = jwt.get_unverified_header(token)
     except jwt.PyJWTError as exc:
-        raise TokenError(f"malformed token: {exc}") from None
+        raise TokenError(f"malformed token: {_reason(exc)}") from None
     except _DECODE_ERRORS as exc:
         raise TokenError(f"malformed token: {type(exc).__name__}") from None
     if header.get("alg") != ALGORITHM:
@@ -73,7 +74,7 @@ def verify(secret: str, token: str, now: float | None = None) -> Claims:
     except jwt.ExpiredSignatureError:
         raise TokenError("token expired") from None
     except jwt.PyJWTError as exc:
-        raise TokenError(f"invalid token: {exc}") from None
+        raise TokenError(f"invalid token: {_reason(exc)}") from None
     except _DECODE_ERRORS as exc:
         raise TokenError(f"invalid token: {type(exc).__name__}") from None
     exp = _exp(payload["exp"])
@@ -119,6 +120,17 @@ def _channels(raw: object) -> tuple[ChannelId, ...]:
             raise TokenError("claim 'channels' must hold positive integer channel ids")
         channels[ChannelId(channel)] = None
     return tuple(channels)
+
+
+def _reason(exc: jwt.PyJWTError) -> str:
+    """PyJWT's reason, short and free of Python advice (it quotes the JSON decoder's errors)."""
+    cause = exc.__cause__
+    if isinstance(cause, RecursionError):
+        return "its JSON is nested too deeply"
+    if isinstance(cause, ValueError) and "digits" in str(cause):
+        return f"a number in it has more than {sys.get_int_max_str_digits()} digits"
+    text = str(exc)
+    return text if len(text) <= 100 else text[:97] + "..."
 
 
 def _shown(value: object) -> str:

@@ -284,6 +284,13 @@ def test_exp_out_of_range_is_refused(exp):
     refused(sign_text(f'{{"sub":"1","exp":{exp}}}'))
 
 
+def test_the_json_decoder_s_limits_are_explained_in_a_short_line():
+    digits = refused(sign_text(f'{{"sub":"1","exp":{"9" * 5_000}}}'))
+    assert digits == "invalid token: a number in it has more than 4300 digits"
+    deep = refused(sign_text(f'{{"sub":"1","exp":{FAR},"x":{"[" * 5_000}{"]" * 5_000}}}'))
+    assert deep == "invalid token: its JSON is nested too deeply"
+
+
 def test_latest_exp_is_accepted():
     assert verify(SECRET, sign({"sub": "1", "exp": MAX_EXP}), now=NOW).exp == float(MAX_EXP)
 
