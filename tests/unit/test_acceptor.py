@@ -1,5 +1,6 @@
 """shards.acceptor: the per-address cap on pending handshakes, the refusal report, and one
-connection's failure staying that connection's (an Acceptor on a real loopback socket)."""
+connection's failure staying that connection's (an Acceptor on a real loopback socket); and
+shards.limits, which gives the acceptor the file descriptors those handshakes need."""
 
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ import functools
 import hashlib
 import hmac
 import logging
+import resource
 import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
@@ -24,6 +28,7 @@ from shards.acceptor import (
     RefusalReport,
     address_key,
 )
+from shards.limits import OpenFilesLimit
 
 SECRET = "acceptor-test-secret-" * 3
 
@@ -410,3 +415,59 @@ async def test_refusals_are_summed_up_not_logged_one_by_one(caplog):
     assert lines[0].levelno == logging.WARNING
     assert "refused_per_address=" in lines[0].getMessage()
     assert "most from 127.0.0.2" in lines[0].getMessage()
+
+
+# -- the open-files limit (shards.limits): a socket per pending handshake ----------------------
+
+RAISE_IN_A_CHILD = """
+import resource
+from shards.limits import raise_open_files_limit
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+got = raise_open_files_limit()
+print(got.before, got.after, got.hard, resource.getrlimit(resource.RLIMIT_NOFILE)[0], hard)
+print(raise_open_files_limit().describe())
+"""
+
+
+def test_the_soft_open_files_limit_is_raised_to_the_hard_limit():
+    """In a child process (this one's limit stays as it is)."""
+    done = subprocess.run(
+        [sys.executable, "-c", RAISE_IN_A_CHILD],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    first, second = done.stdout.splitlines()
+    before, after, hard, now, real_hard = (int(n) for n in first.split())
+    assert (before, hard) == (256, real_hard)
+    assert after == now
+    if real_hard != resource.RLIM_INFINITY:
+        assert after == real_hard
+        assert second == f"open files limit: {real_hard} (already the hard limit)"
+    else:
+        assert after > 256
+
+
+@pytest.mark.parametrize(
+    ("limit", "line"),
+    [
+        (OpenFilesLimit(1024, 1048576, 1048576), "open files limit: 1024 -> 1048576"),
+        (OpenFilesLimit(4096, 4096, 4096), "open files limit: 4096 (already the hard limit)"),
+        (OpenFilesLimit(1024, 1024, 4096), "open files limit: 1024 (could not raise it to 4096)"),
+        (
+            OpenFilesLimit(1024, 1048576, resource.RLIM_INFINITY),
+            "open files limit: 1024 -> 1048576",
+        ),
+    ],
+)
+def test_what_the_log_says_about_the_limit(limit, line):
+    assert limit.describe() == line
+
+
+def test_whether_the_limit_allows_the_pending_cap():
+    assert OpenFilesLimit(1024, 20_000, 20_000).allows(10_000)
+    assert not OpenFilesLimit(1024, 1024, 1024).allows(10_000)
+    infinity = resource.RLIM_INFINITY
+    assert OpenFilesLimit(infinity, infinity, infinity).allows(10**9)
