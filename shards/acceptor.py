@@ -221,7 +221,7 @@ class Acceptor:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:  # EMFILE and friends: back off, do not crash or spin
-                self._count("accept_errors", f"accept(): {exc.strerror or exc}")
+                self._count("accept_errors", f"(accept failed: {exc.strerror or exc})")
                 self.loop.remove_reader(self.listener.fileno())
                 self.loop.call_later(ACCEPT_PAUSE, self._resume)
                 return
