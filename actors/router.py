@@ -125,7 +125,7 @@ class RouterCore:
         cluster: bool = False,
         queue_messages: int = 20_000,
         queue_bytes: int = 64 << 20,
-        queue_delay: float = 0.25,
+        queue_delay: float = 0.1,
         max_queries: int = 10_000,
     ) -> None:
         self.queue_messages = queue_messages

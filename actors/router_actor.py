@@ -96,7 +96,10 @@ class RouterActor(SocketActor):
         # taken (beyond, replies to that backend are dropped and counted). A command larger
         # than twice the core's limit is not even read into memory (the peer is disconnected);
         # up to that, the core gives the clear "too_large" reply.
-        self.frontend.setsockopt(zmq.SNDHWM, backend_queue)
+        # (replies: room for a backend's whole queue twice over, plus one round's worth, as
+        # ZeroMQ counts what its I/O thread has not yet written: a backend that reads never
+        # loses one)
+        self.frontend.setsockopt(zmq.SNDHWM, 2 * backend_queue + BATCH)
         self.frontend.setsockopt(zmq.RCVHWM, backend_queue)
         self.frontend.setsockopt(zmq.MAXMSGSIZE, core.max_command * 2)
         # the credit window bounds what is queued to a shard; this only has to be above it

@@ -50,7 +50,7 @@ class ServeConfig:
     # router -> shard: deliveries in flight per shard; beyond either, broadcasts are refused
     shard_queue_messages: int = 20_000
     shard_queue_bytes: int = 64 * 1024 * 1024
-    shard_queue_delay: float = 0.25  # ...or when the oldest is older than this (seconds)
+    shard_queue_delay: float = 0.1  # ...or when the oldest is older than this (seconds)
     max_queries: int = 10_000  # presence/status queries in flight on the router
     # per backend on the command socket: commands read ahead and replies held for it
     backend_queue: int = 1_000

@@ -4,9 +4,11 @@ Owns: one DEALER socket to the command endpoint, pre-encoded commands (``data`` 
 ``{"t": <monotonic ns at send>, "p": <padding>}``, so clients compute the delivery latency),
 pipelining with a bounded number of unanswered commands, an optional *gate* (the fan-out
 scenario holds publishing while the slowest sentinel client is too far behind, which is what
-"as fast as the server absorbs" means), and the command round-trip histogram. Must never block
-the event loop (every ZeroMQ call is ``NOBLOCK``) and never run unbounded: it stops at
-``count`` commands or at ``deadline``, whichever comes first.
+"as fast as the server absorbs" means), and the command round-trip histogram. A command the
+server refuses as ``overloaded`` is counted apart (nothing of it was delivered) and makes the
+publisher pause for ``BACKOFF`` before its next send, as a well-behaved backend would. Must
+never block the event loop (every ZeroMQ call is ``NOBLOCK``) and never run unbounded: it stops
+at ``count`` commands or at ``deadline``, whichever comes first.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import zmq
 
 from shards.bench.loadclient import bucket
 
+BACKOFF = 0.005  # seconds without sending after an ``overloaded`` reply
 STAMP_DATA_BYTES = 30  # {"t":<19 digits>,"p":"  and  "}
 Target = Callable[[int], tuple[str, int]]  # command index -> ("channel" | "user", id)
 
@@ -33,15 +36,16 @@ def payload_padding(payload: int) -> bytes:
 @dataclass(slots=True)
 class PublishResult:
     sent: int = 0
-    acked: int = 0
-    errors: int = 0
+    acked: int = 0  # replies received (ok, refused or failed)
+    refused: int = 0  # ``overloaded`` replies: not delivered, by the server's own account
+    errors: int = 0  # other failures
     first_error: str = ""
     t_first_ns: int = 0
     t_last_ns: int = 0  # the last send
     t_last_ack_ns: int = 0
     rtt_hist: dict[int, int] = field(default_factory=dict)
     rtt_max_ns: int = 0
-    counts: dict[tuple[str, int], int] = field(default_factory=dict)
+    counts: dict[tuple[str, int], int] = field(default_factory=dict)  # ok replies per target
 
 
 class Publisher:
@@ -56,8 +60,9 @@ class Publisher:
         self.sock.connect(endpoint)
         self.padding = payload_padding(payload)
         self.window = window
-        self._sent_at: dict[int, int] = {}
+        self._sent_at: dict[int, tuple[int, tuple[str, int]]] = {}  # id -> (ns, target)
         self._wake = asyncio.Event()
+        self._pause_until = 0.0  # monotonic: backing off after an overloaded reply
 
     def close(self) -> None:
         self.sock.close(linger=0)
@@ -83,12 +88,18 @@ class Publisher:
                 request_id = int(reply[6:comma])
             except ValueError:
                 request_id = -1
-            sent = self._sent_at.pop(request_id, None)
-            if sent is None:
+            entry = self._sent_at.pop(request_id, None)
+            if entry is None:
                 continue
+            sent, key = entry
             result.acked += 1
             result.t_last_ack_ns = now
-            if not reply.startswith(b',"ok":true', comma):
+            if reply.startswith(b',"ok":true', comma):
+                result.counts[key] = result.counts.get(key, 0) + 1
+            elif b'"code":"overloaded"' in reply:
+                result.refused += 1
+                self._pause_until = time.monotonic() + BACKOFF
+            else:
                 result.errors += 1
                 if not result.first_error:
                     result.first_error = reply[:200].decode(errors="replace")
@@ -125,6 +136,7 @@ class Publisher:
                 while (
                     result.sent < due
                     and len(self._sent_at) < self.window
+                    and now >= self._pause_until
                     and (gate is None or gate(result.sent))
                 ):
                     request_id = result.sent + 1
@@ -133,10 +145,8 @@ class Publisher:
                         self.sock.send(self._encode(request_id, kind, ident), zmq.NOBLOCK)
                     except zmq.Again:
                         break
-                    self._sent_at[request_id] = time.monotonic_ns()
+                    self._sent_at[request_id] = (time.monotonic_ns(), (kind, ident))
                     result.sent += 1
-                    key = (kind, ident)
-                    result.counts[key] = result.counts.get(key, 0) + 1
                     if result.sent % 64 == 0:
                         self._drain(result)
                 self._drain(result)
@@ -145,7 +155,9 @@ class Publisher:
                     on_progress(result)
                 if result.sent >= count:
                     break
-                if rate is not None and result.sent >= due:
+                if now < self._pause_until:
+                    wait = self._pause_until - now
+                elif rate is not None and result.sent >= due:
                     wait = start + result.sent / rate - time.monotonic()
                 else:
                     wait = 0.001  # window full or gated: a reply or a sentinel frame frees it

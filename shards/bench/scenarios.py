@@ -34,7 +34,7 @@ from shards.bench.probes import CpuMeter, rss_bytes
 from shards.bench.publisher import Publisher, PublishResult, Target
 from shards.bench.report import Progress, percentiles
 from shards.bench.servers import Server
-from shards.client import AsyncClient
+from shards.client import AsyncClient, UccError
 
 SCENARIOS = ("idle", "fanout", "rooms", "direct", "connect")
 POLL = 0.1  # how often the driver reads the clients' counters
@@ -309,6 +309,7 @@ class Run:
         await self.fleet.ask_all("reset")
         for sentinel in sentinel_stats:
             sentinel.reset()
+        epochs_before = await self._epochs()
         publisher = Publisher(self.server.command, opts.payload, opts.window)
         server_cpu = CpuMeter(server_procs).start()
         client_cpu = CpuMeter(client_procs).start()
@@ -331,13 +332,21 @@ class Run:
             )
         if pub.errors:
             self.errors.append(f"{pub.errors} commands failed, e.g. {pub.first_error}")
+        epochs_after = await self._epochs()
+        restarts = (
+            sum(after - before for before, after in zip(epochs_before, epochs_after, strict=True))
+            if epochs_before is not None and epochs_after is not None
+            else None
+        )
         delivered = observed["frames"]
         seconds = max(1e-9, (max(observed["last_ns"], pub.t_first_ns + 1) - pub.t_first_ns) / 1e9)
         command_seconds = max(1e-9, (pub.t_last_ack_ns - pub.t_first_ns) / 1e9)
         figures: dict[str, Any] = {
             "rate": "max" if opts.rate is None else opts.rate,
             "commands_sent": pub.sent,
-            "commands_acked": pub.acked,
+            "commands_acked": pub.acked - pub.refused - pub.errors,
+            "commands_refused": pub.refused,
+            "server_restarts": restarts,
             "expected_frames": expected,
             "delivered_frames": delivered,
             "delivery_ratio": round(delivered / expected, 6) if expected else None,
@@ -355,6 +364,17 @@ class Run:
             "client_cpu_percent": round(client_cpu.percent, 1),
         }
         return figures
+
+    async def _epochs(self) -> list[int] | None:
+        """Each ucc shard's incarnation number (None for another server, or no answer): the
+        difference over a run is how many shards were restarted during it."""
+        if self.server.name != "ucc":
+            return None
+        try:
+            async with AsyncClient(self.server.command, timeout=5.0) as client:
+                return [int(row["epoch"]) for row in (await client.status())["shards"]]
+        except UccError:
+            return None
 
     async def _drain(self, expected: int) -> dict[str, Any]:
         """Poll the clients until ``expected`` frames arrived or none came for ``STALL`` s."""
