@@ -43,6 +43,7 @@ START_TIMEOUT = 20.0  # a shard that has not said hello by then is killed
 HOLD_TIME = 2.0  # how long a connection may wait for its restarting shard before a 503
 HOLD_LIMIT = 1000  # connections held per shard at most; more get a 503 at once
 RETRY_HAND = 0.05  # a full hand-off queue: try a held connection again this much later
+ACK_TIMEOUT = 2.0  # a hand-off not acknowledged by then: look whether the shard has read it
 
 
 @dataclass(eq=False)
@@ -52,6 +53,111 @@ class Held:
     claims: Claims
     sock: socket.socket
     deadline: float
+
+
+def request_unread(sock: socket.socket) -> bool:
+    """Whether the upgrade request is still unread in ``sock``. Only the shard that was handed
+    the socket reads it (the acceptor only peeked), so once it is gone, that shard took the
+    connection; what follows it is WebSocket frames (or nothing, or the end), never "GET "."""
+    try:
+        return sock.recv(4, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"GET "
+    except OSError:  # nothing to read (it was read), reset, or closed
+        return False
+
+
+def ack_ids(data: bytes) -> list[int] | None:
+    """The hand-off ids in a shard's ack (``{"op": "ack", "ids": [...]}``); None if malformed."""
+    try:
+        message = json.loads(data)
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, truncated, absurdly nested
+        return None
+    if not isinstance(message, dict) or message.get("op") != "ack":
+        return None
+    ids = message.get("ids")
+    if not isinstance(ids, list) or not all(type(i) is int for i in ids):
+        return None
+    return ids
+
+
+@dataclass(eq=False, slots=True)
+class InFlight:
+    claims: Claims
+    sock: socket.socket
+    sent: float  # monotonic
+
+
+class Handoffs:
+    """The connections handed to a shard that it has not acknowledged yet, with our copy of each
+    socket: if the shard dies before taking one, we still hold it (its request unread) and can
+    hand it to the next incarnation or answer 503, instead of dropping it silently.
+
+    The bookkeeping is exact both ways. A connection the shard took is released (our copy closed,
+    so that its TCP connection ends when the shard closes it) exactly once, whether its ack
+    arrives, or is lost or malformed (:meth:`reconcile`); and it is never handed to another
+    incarnation. A connection the shard did not take is never lost.
+    """
+
+    def __init__(self) -> None:
+        self.entries: dict[int, InFlight] = {}
+        self.counters = {
+            "acked": 0,
+            "malformed_acks": 0,
+            "unknown_ids": 0,  # acked twice, after a reconcile, or not ours: ignored
+            "taken_unacked": 0,  # taken by the shard without an ack that reached us
+        }
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def sent(self, handoff: int, claims: Claims, sock: socket.socket, now: float) -> None:
+        self.entries[handoff] = InFlight(claims, sock, now)
+
+    def ack(self, data: bytes) -> bool:
+        """The shard's ack: release the connections it names. False (counted) if malformed;
+        then its connections are released by :meth:`reconcile` or :meth:`orphaned`."""
+        ids = ack_ids(data)
+        if ids is None:
+            self.counters["malformed_acks"] += 1
+            return False
+        for handoff in ids:
+            entry = self.entries.pop(handoff, None)
+            if entry is None:
+                self.counters["unknown_ids"] += 1
+            else:
+                self.counters["acked"] += 1
+                entry.sock.close()
+        return True
+
+    def reconcile(self, now: float, timeout: float) -> int:
+        """Release the connections left unacknowledged for ``timeout`` whose request has been
+        read: the shard has them, and their ack was lost. Returns how many."""
+        taken = [
+            handoff
+            for handoff, entry in self.entries.items()
+            if now - entry.sent >= timeout and not request_unread(entry.sock)
+        ]
+        for handoff in taken:
+            self.entries.pop(handoff).sock.close()
+        self.counters["taken_unacked"] += len(taken)
+        return len(taken)
+
+    def orphaned(self) -> tuple[list[InFlight], int]:
+        """The shard died: (the connections to hold for its next incarnation, how many were
+        closed). Its copies died with it, so no connection can end up with two owners; but one
+        whose request it read (acknowledged or not) is mid-handshake or mid-WebSocket, and
+        another shard would take its frames for a request: it is closed, as are all the dead
+        shard's clients, who reconnect. Only a connection whose request is still unread was
+        never served, and can be served by the next incarnation as if it had just arrived."""
+        waiting: list[InFlight] = []
+        for entry in self.entries.values():
+            if request_unread(entry.sock):
+                waiting.append(entry)
+            else:
+                entry.sock.close()
+        closed = len(self.entries) - len(waiting)
+        self.counters["taken_unacked"] += closed
+        self.entries.clear()
+        return waiting, closed
 
 
 @dataclass
@@ -65,9 +171,9 @@ class ShardProcess:
     ready: bool = False
     started_at: float = 0.0
     start_timer: asyncio.TimerHandle | None = None
-    # connections handed over but not yet acknowledged: if the shard dies first, we still hold
-    # them (their request unread) and can answer 503 instead of dropping them silently
-    inflight: dict[int, tuple[Claims, socket.socket]] = field(default_factory=dict)
+    # connections handed over but not yet acknowledged, and the timer that looks for lost acks
+    handoffs: Handoffs = field(default_factory=Handoffs)
+    sweep_timer: asyncio.TimerHandle | None = None
     # connections that arrived while the shard was restarting, waiting for it (bounded)
     held: list[Held] = field(default_factory=list)
 
@@ -201,15 +307,20 @@ class Supervisor:
         code = shard.proc.wait()
         if shard.start_timer is not None:
             shard.start_timer.cancel()
+        if shard.sweep_timer is not None:
+            shard.sweep_timer.cancel()
+            shard.sweep_timer = None
         if shard.control is not None:
-            self._acks(shard)  # what it took before dying is its own
+            self._acks(shard)  # what it acknowledged before dying is released
             self.loop.remove_reader(shard.control.fileno())
             shard.control.close()
             shard.control = None
         shard.ready = False
-        for claims, sock in shard.inflight.values():  # never taken: they wait for the next one
-            self._hold(shard, claims, sock)
-        shard.inflight.clear()
+        waiting, closed = shard.handoffs.orphaned()
+        if closed:
+            log.info("shard %d: closed %d connections it took without an ack", shard.index, closed)
+        for entry in waiting:  # never read: they wait for the next incarnation
+            self._hold(shard, entry.claims, entry.sock)
         self._tell_router(ShardDown(shard.index, epoch))
         if self.stopping:
             self._maybe_done()
@@ -250,10 +361,13 @@ class Supervisor:
             if not data:  # the shard's end closed: _exited follows
                 self.loop.remove_reader(control.fileno())
                 return
-            for handoff in json.loads(data).get("ids", ()):
-                entry = shard.inflight.pop(handoff, None)
-                if entry is not None:
-                    entry[1].close()
+            if not shard.handoffs.ack(data):  # a bug, or a truncated message: never fatal
+                log.warning(
+                    "shard %d: malformed hand-off ack (%d so far): %r",
+                    shard.index,
+                    shard.handoffs.counters["malformed_acks"],
+                    data[:100],
+                )
 
     def _shard_event(self, event: ShardEvent) -> None:
         if event.index < 0:  # the router died (a bug): stop, so that systemd restarts us
@@ -326,8 +440,23 @@ class Supervisor:
             send_connection(shard.control, header, sock)
         except OSError:  # the shard is not keeping up (or just died)
             return False
-        shard.inflight[self._handoffs] = (claims, sock)
+        shard.handoffs.sent(self._handoffs, claims, sock, time.monotonic())
+        if shard.sweep_timer is None:
+            shard.sweep_timer = self.loop.call_later(ACK_TIMEOUT, self._sweep, shard, shard.epoch)
         return True
+
+    def _sweep(self, shard: ShardProcess, epoch: int) -> None:
+        """Release the connections the shard took whose ack never came (lost or malformed):
+        else our copies would keep their TCP connections open after the shard closes them."""
+        shard.sweep_timer = None
+        if not shard.current(epoch):
+            return
+        self._acks(shard)  # acks already here first
+        taken = shard.handoffs.reconcile(time.monotonic(), ACK_TIMEOUT)
+        if taken:
+            log.warning("shard %d: %d connections taken without an ack", shard.index, taken)
+        if shard.handoffs:
+            shard.sweep_timer = self.loop.call_later(ACK_TIMEOUT, self._sweep, shard, epoch)
 
     def _release(self, shard: ShardProcess, entry: Held) -> None:
         """The shard is ready, or the entry's time is up: hand it over, or answer 503. A ready

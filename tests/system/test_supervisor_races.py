@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import psutil
 from test_bad_input import upgrade_request
 
 from actors.ids import ShardIndex, stable_hash
@@ -126,5 +127,104 @@ def test_an_up_handled_after_its_incarnation_exited_is_ignored():
                 assert shard.epoch == epoch + 1
             finally:
                 client.close()
+
+    asyncio.run(scenario())
+
+
+async def lose_the_next_ack(supervisor: Supervisor, index: int, client: socket.socket) -> None:
+    """Let shard ``index`` take a connection while its ack to the supervisor is lost: read the
+    ack off the control socket before the supervisor does, once the client has its 101."""
+    loop = asyncio.get_running_loop()
+    control = supervisor.shards[index].control
+    assert control is not None
+    head = await receive_head(client)
+    assert head.startswith(b"HTTP/1.1 101"), head  # the shard took it and answered
+    async with asyncio.timeout(5 * TIME_FACTOR):
+        ack = await loop.sock_recv(control, 65536)
+    assert b'"ack"' in ack
+    loop.add_reader(control.fileno(), supervisor._acks, supervisor.shards[index])
+
+
+async def received(client: socket.socket, wanted: bytes, timeout: float) -> bool:
+    """Whether ``wanted`` arrives on ``client`` within ``timeout`` (False if it closes first)."""
+    loop = asyncio.get_running_loop()
+    data = b""
+    async with asyncio.timeout(timeout * TIME_FACTOR):
+        while wanted not in data:
+            chunk = await loop.sock_recv(client, 65536)
+            if not chunk:
+                return False
+            data += chunk
+    return True
+
+
+async def closed_by_server(client: socket.socket, timeout: float) -> bool:
+    """Whether the server's end of ``client`` closes (EOF or reset) within ``timeout``."""
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(timeout * TIME_FACTOR):
+            while await loop.sock_recv(client, 65536):
+                pass  # hello, a close frame...
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        pass
+    return True
+
+
+def test_a_connection_taken_without_an_ack_is_released_while_the_shard_lives():
+    async def scenario() -> None:
+        async with running_supervisor() as supervisor:
+            index = 0
+            control = supervisor.shards[index].control
+            assert control is not None
+            asyncio.get_running_loop().remove_reader(control.fileno())
+            client, ours, claims = accepted_connection(user_of(index))
+            try:
+                supervisor._route(claims, ours)
+                await lose_the_next_ack(supervisor, index, client)
+                # the supervisor finds out that the shard has it, and closes its own copy
+                await until(lambda: ours.fileno() == -1, 10, "for the supervisor's copy to go")
+                # while the shard goes on serving it: a ping gets its pong
+                client.sendall(b"\x89\x80\x00\x00\x00\x00")  # masked (key 0), no payload
+                assert await received(client, b"\x8a\x00", 5)
+            finally:
+                client.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_connection_taken_without_an_ack_is_not_handed_to_the_next_incarnation(monkeypatch):
+    import shards.supervisor  # noqa: PLC0415
+
+    monkeypatch.setattr(shards.supervisor, "ACK_TIMEOUT", 600.0, raising=False)  # no sweep
+
+    async def scenario() -> None:
+        # a long handshake deadline: a shard that got a used connection would sit on it
+        async with running_supervisor(handshake_timeout=60.0) as supervisor:
+            index = 0
+            shard = supervisor.shards[index]
+            assert shard.control is not None and shard.proc is not None
+            asyncio.get_running_loop().remove_reader(shard.control.fileno())
+            client, ours, claims = accepted_connection(user_of(index))
+            # and one the shard never reads: it is handed over after the shard has died
+            late, late_ours, late_claims = accepted_connection(user_of(index))
+            try:
+                supervisor._route(claims, ours)
+                await lose_the_next_ack(supervisor, index, client)
+                pid, epoch = shard.proc.pid, shard.epoch
+                os.kill(pid, signal.SIGSTOP)
+                await until(lambda: psutil.Process(pid).status() == "stopped", 5, "for SIGSTOP")
+                assert supervisor._hand(shard, late_claims, late_ours)  # it will never read it
+                os.kill(pid, signal.SIGKILL)
+                # it died with the connection: its client is cut off at once, like its others
+                assert await closed_by_server(client, 5)
+                # the unread one is served by the next incarnation
+                head = await receive_head(late)
+                assert head.startswith(b"HTTP/1.1 101"), head
+                assert shard.epoch == epoch + 1
+            finally:
+                client.close()
+                late.close()
 
     asyncio.run(scenario())
