@@ -75,6 +75,11 @@ class Activity:
     now: float
 
 
+@dataclass(frozen=True, slots=True)
+class CaughtUp:
+    """The shard's clients have caught up with their writes: read the router again."""
+
+
 class CacheActor(LoopActor):
     def __init__(
         self,
@@ -87,14 +92,19 @@ class CacheActor(LoopActor):
         fail: Callable[[], None],
         context: zmq.Context[Any] | None = None,
         counters: Callable[[], dict[str, int]] | None = None,
+        behind: Callable[[], bool] | None = None,
     ) -> None:
-        """``counters``: the shard's own counters, added to its ``status`` answer."""
+        """``counters``: the shard's own counters, added to its ``status`` answer. ``behind``:
+        whether too many of the shard's clients are behind with their writes; then the actor
+        stops reading the router (whose credit window then refuses what would only queue up
+        in write buffers) until the shard tells it :class:`CaughtUp`."""
         super().__init__(loop)
         self.index, self.epoch = index, epoch
         self.cache = UserConnectionCache()
         self.post = post
         self.fail = fail
         self.counters = counters
+        self.behind = behind
         self.stale_timeout = stale_timeout
         self.context = context or zmq.Context.instance()
         self.sock = self.context.socket(zmq.DEALER)
@@ -132,6 +142,8 @@ class CacheActor(LoopActor):
         """The socket has news (ZeroMQ's descriptor is edge-triggered: drain, then re-check)."""
         if self.actor_stopped.is_set():
             return
+        if self.behind is not None and self.behind():
+            return  # CaughtUp (or the next heartbeat) brings us back
         try:
             self._drain()
             self._flush()
@@ -168,6 +180,8 @@ class CacheActor(LoopActor):
         elif isinstance(message, Unsubscribe):
             self._delta.merge(cache.unsubscribe(message.conn, message.channel))
             self._actions.append(("subscribed", message.conn, message.channel, False))
+        elif isinstance(message, CaughtUp):
+            pass  # _flush rechecks the socket
         elif isinstance(message, Activity):
             for conn, seen in message.last_seen.items():
                 cache.touch(conn, seen)

@@ -228,6 +228,8 @@ def _add_serve(subparsers: Subparsers) -> None:
         ("--max-frame", _positive_int, "BYTES", "largest client frame accepted"),
         ("--max-command", _positive_int, "BYTES", "largest backend command accepted"),
         ("--write-buffer-limit", _positive_int, "BYTES", "per-connection buffer before 4000"),
+        ("--send-buffer", _positive_int, "BYTES", "kernel send buffer per connection"),
+        ("--slow-consumer-timeout", _seconds, "SECONDS", "behind with writes this long: 4000"),
         ("--gather-timeout", _seconds, "SECONDS", "how long a query waits for the shards"),
         ("--shutdown-timeout", _seconds, "SECONDS", "SIGTERM: kill shards still alive after"),
         ("--drain-window", _seconds, "SECONDS", "SIGTERM: spread client closes over this"),

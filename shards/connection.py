@@ -92,6 +92,7 @@ class Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        self.transport.set_write_buffer_limits(high=self.shard.write_high)
         self.last_inbound = self.shard.now
         self.timer = self.shard.loop.call_later(
             self.shard.handshake_timeout, self._abort, "handshake timeout"
@@ -156,6 +157,13 @@ class Connection(asyncio.Protocol):
         except Exception as exc:
             self.fail(exc)
         return False
+
+    def pause_writing(self) -> None:
+        """The write buffer is over its high-water mark: the client is behind."""
+        self.shard.writing_paused(self)
+
+    def resume_writing(self) -> None:
+        self.shard.writing_resumed(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.timer is not None:

@@ -32,6 +32,7 @@ from actors import frames
 from actors.cache_actor import (
     Activity,
     CacheActor,
+    CaughtUp,
     Closed,
     LoopAction,
     Opened,
@@ -46,6 +47,9 @@ log = logging.getLogger("ucc.shard")
 
 TICK = 0.25  # liveness report to the actor (and through it, to the router)
 DRAIN_BATCHES = 10
+# behind: more than this many connections (and this share of them) have a full write buffer
+BEHIND_MIN = 8
+BEHIND_SHARE = 8  # one in eight
 
 
 class Shard:
@@ -69,6 +73,11 @@ class Shard:
         self.frame_burst = int(config["client_frame_burst"])
         self.byte_rate = float(config["client_byte_rate"])
         self.byte_burst = int(config["client_byte_burst"])
+        self.slow_timeout = float(config["slow_consumer_timeout"])
+        self.send_buffer = int(config["send_buffer"])
+        # a connection whose write buffer is over this pauses writing (see ``behind``)
+        self.write_high = max(1, min(16 * 1024, self.write_buffer_limit // 4))
+        self.paused: dict[ConnId, float] = {}  # connections paused writing, since when
         # what connections went through: closed for cause, failed (see ``count``)
         self.counters: dict[str, int] = {}
         self.conns: dict[ConnId, Connection] = {}
@@ -86,6 +95,7 @@ class Shard:
             float(config["heartbeat_timeout"]),
             lambda: self.stop(None),  # the actor failed: exit, and be restarted
             counters=lambda: dict(self.counters),
+            behind=self.behind,
         )
         loop.add_reader(control.fileno(), self._on_control)
         self._tick_handle = loop.call_later(TICK, self._tick)
@@ -132,6 +142,10 @@ class Shard:
         user = UserId(int(header["user"]))
         channels = tuple(ChannelId(int(c)) for c in header["channels"])
         expires = float(header.get("exp", math.inf))
+        # what the kernel may hold for a client on top of our write buffer: small, so that a
+        # client that falls behind shows it (pause_writing) before seconds of data pile up
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.send_buffer)
         self.loop.create_task(self._adopt(sock, Connection(self, conn_id, user, channels, expires)))
 
     async def _adopt(self, sock: socket.socket, conn: Connection) -> None:
@@ -155,7 +169,25 @@ class Shard:
         self.conns[conn.conn_id] = conn
         self._tell(Opened(conn.conn_id, conn.user, conn.channels, time.monotonic()))
 
+    def writing_paused(self, conn: Connection) -> None:
+        self.paused[conn.conn_id] = self.now
+
+    def writing_resumed(self, conn: Connection) -> None:
+        was_behind = self.behind()
+        self.paused.pop(conn.conn_id, None)
+        if was_behind and not self.behind():
+            self._tell(CaughtUp())
+
+    def behind(self) -> bool:
+        """Whether so many clients are behind with their writes that taking more deliveries
+        would only queue them in write buffers: the CacheActor holds off reading the router,
+        whose credit window then refuses broadcasts (``overloaded``) instead of queueing them.
+        A few slow clients do not count (they are closed by the slow-consumer rules)."""
+        paused = len(self.paused)
+        return paused > BEHIND_MIN and paused * BEHIND_SHARE > len(self.conns)
+
     def connection_lost(self, conn: Connection) -> None:
+        self.paused.pop(conn.conn_id, None)
         if self.conns.pop(conn.conn_id, None) is not None:
             self._active.pop(conn.conn_id, None)
             self._tell(Closed(conn.conn_id))
@@ -204,6 +236,8 @@ class Shard:
         active, self._active = self._active, {}
         self._tell(Activity(active, now))  # monotonic: a wall-clock step is no inactivity
         wall = time.time()  # only for the token's exp, which is wall-clock by definition
+        if self.paused:
+            self._close_slow(now)
         if now - self._last_ping >= self.heartbeat:
             self._last_ping = now
             for conn in list(self.conns.values()):
@@ -213,6 +247,16 @@ class Shard:
                 elif now - conn.last_inbound >= self.heartbeat:
                     conn.ping()
         self._tick_handle = self.loop.call_later(TICK, self._tick)
+
+    def _close_slow(self, now: float) -> None:
+        """Close the connections that have not taken their writes for ``slow_timeout``."""
+        limit = now - self.slow_timeout
+        for conn_id in [c for c, since in self.paused.items() if since < limit]:
+            conn = self.conns.get(conn_id)
+            del self.paused[conn_id]
+            if conn is not None:
+                self.count("closed_slow_consumer")
+                conn.close(4000, "slow consumer")
 
     # -- stopping ------------------------------------------------------------------------------
 
