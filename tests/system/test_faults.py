@@ -61,6 +61,25 @@ async def connect_many(cluster: Cluster, users: range) -> list[Peer]:
     return list(await asyncio.gather(*(connect_peer(cluster, u, [CHANNEL]) for u in users)))
 
 
+def wait_routed(client: Client, users) -> None:
+    """Wait until the router sends CHANNEL's broadcasts to every one of ``users``.
+
+    A hello only says that the user's shard has registered the connection. The router learns
+    of the membership from a DELTA the shard sent just before, over ZeroMQ, while the hello went
+    straight to the client's socket: on a busy box a broadcast published as soon as the hello
+    arrives can reach the router first, and goes to no shard. What is promised: a shard's
+    answers follow its DELTAs on the same ordered connection, and this query only asks the
+    shards the router has indexed for the channel; once it lists every user, the index has them
+    all, and any broadcast sent after its reply reaches them.
+    """
+    wanted = sorted(users)
+    wait_until(
+        lambda: client.get_online_users_in_channel(CHANNEL) == wanted,
+        10,
+        what="for the router to route the channel to its members",
+    )
+
+
 async def finish(publisher: Publisher, peers: list[Peer]) -> None:
     """Stop publishing; wait until every live peer has the last message."""
     await asyncio.get_running_loop().run_in_executor(None, publisher.__exit__)
@@ -141,6 +160,7 @@ def test_sigstop_one_shard_is_detected_and_replaced(ucc_cluster):
 
     async def scenario() -> None:
         peers = await connect_many(cluster, range(1, 121))
+        wait_routed(client, range(1, 121))  # every message, from the first, is asserted below
         others = [p for p in peers if cluster.shard_of(p.user) != victim]
         with Publisher(cluster.command) as publisher:
             await wait_async(lambda: publisher.sent > 50, 10, "for load")
@@ -172,6 +192,9 @@ def test_crash_loop_exhausts_restarts_and_exits_non_zero(ucc_cluster):
 
     async def scenario() -> None:
         peer = await connect_peer(cluster, survivor_user, [CHANNEL])
+        # the hello is not enough: it may overtake the membership on its way to the router, and
+        # the first broadcast would go nowhere (the flake this test once had)
+        wait_routed(cluster.client(), [survivor_user])
         with Publisher(cluster.command, interval=0.01) as publisher:
             await wait_async(lambda: publisher.sent > 10, 10, "for load")
             cluster.kill_shard(1)
