@@ -574,6 +574,8 @@ class RouterCore:
             "pending_queries": len(self.pending),
             "channels_indexed": len(self.index),
             "shards": {slot.index: slot.state.value for slot in self.slots},
+            # [messages, bytes] queued to each shard and not yet consumed (its credit window)
+            "queued_to_shards": {slot.index: list(slot.in_flight()) for slot in self.slots},
             **({"redis": dict(self.link_counters)} if self.link_counters is not None else {}),
         }
 

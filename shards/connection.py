@@ -298,7 +298,7 @@ class Connection(asyncio.Protocol):
     def _violation(self, what: str) -> None:
         """Over its inbound budget: close 1008 and stop reading it."""
         self.shard.count("closed_rate_limit")
-        log.info("connection %d of user %d: over its %s budget", self.conn_id, self.user, what)
+        log.debug("connection %d of user %d: over its %s budget", self.conn_id, self.user, what)
         self.close(1008, f"{what} limit exceeded")
         self.shut = True
         if self.transport is not None:

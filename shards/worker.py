@@ -50,6 +50,7 @@ DRAIN_BATCHES = 10
 # behind: more than this many connections (and this share of them) have a full write buffer
 BEHIND_MIN = 8
 BEHIND_SHARE = 8  # one in eight
+REPORT_INTERVAL = 5.0  # seconds between two summaries of connections closed for cause
 
 
 class Shard:
@@ -80,6 +81,8 @@ class Shard:
         self.paused: dict[ConnId, float] = {}  # connections paused writing, since when
         # what connections went through: closed for cause, failed (see ``count``)
         self.counters: dict[str, int] = {}
+        self._reported: dict[str, int] = {}  # the counters at the last summary line
+        self._last_report = time.monotonic()
         self.conns: dict[ConnId, Connection] = {}
         self.now = time.monotonic()
         self._next_conn = 1
@@ -238,6 +241,8 @@ class Shard:
         wall = time.time()  # only for the token's exp, which is wall-clock by definition
         if self.paused:
             self._close_slow(now)
+        if now - self._last_report >= REPORT_INTERVAL:
+            self._report(now)
         if now - self._last_ping >= self.heartbeat:
             self._last_ping = now
             for conn in list(self.conns.values()):
@@ -247,6 +252,18 @@ class Shard:
                 elif now - conn.last_inbound >= self.heartbeat:
                     conn.ping()
         self._tick_handle = self.loop.call_later(TICK, self._tick)
+
+    def _report(self, now: float) -> None:
+        """One line for what happened to connections since the last one (a storm of closes
+        must not become a storm of log lines)."""
+        changed = {k: v - self._reported.get(k, 0) for k, v in self.counters.items()}
+        changed = {k: v for k, v in changed.items() if v}
+        if changed:
+            seconds = now - self._last_report
+            summary = ", ".join(f"{k}={v}" for k, v in sorted(changed.items()))
+            log.info("shard %d: in the last %.0f s: %s", self.index, seconds, summary)
+            self._reported = dict(self.counters)
+        self._last_report = now
 
     def _close_slow(self, now: float) -> None:
         """Close the connections that have not taken their writes for ``slow_timeout``."""
