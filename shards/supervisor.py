@@ -58,7 +58,8 @@ class Held:
 def request_unread(sock: socket.socket) -> bool:
     """Whether the upgrade request is still unread in ``sock``. Only the shard that was handed
     the socket reads it (the acceptor only peeked), so once it is gone, that shard took the
-    connection; what follows it is WebSocket frames (or nothing, or the end), never "GET "."""
+    connection; what follows it is WebSocket frames (or nothing, or the end), not "GET " (a
+    client that sends those bytes anyway can only mislead us about its own connection)."""
     try:
         return sock.recv(4, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"GET "
     except OSError:  # nothing to read (it was read), reset, or closed
