@@ -118,6 +118,7 @@ class CacheActor(LoopActor):
         # credit (see shardwire): router -> shard messages and bytes consumed, and reported
         self.consumed_messages = self.consumed_bytes = 0
         self._reported = (0, 0)
+        self._beat_handle: asyncio.TimerHandle | None = None  # set by on_start
         self._resync = False  # a membership change was dropped on the way to the router
         self._last_sweep = 0.0
 
@@ -127,16 +128,17 @@ class CacheActor(LoopActor):
         self._beat_handle = self.loop.call_later(HEARTBEAT, self._beat)
 
     def on_stop(self) -> None:
-        self._beat_handle.cancel()
-        self.loop.remove_reader(self.sock.getsockopt(zmq.FD))
+        if self._beat_handle is not None:
+            self._beat_handle.cancel()
+        self.loop.remove_reader(self.sock.getsockopt(zmq.FD))  # a no-op if never added
         self.sock.close()
 
     def on_failure(self, *exc_info: Any) -> None:
         """A bug killed the actor: stop beating (so the router sees the shard die) and have the
         process exit, so that the supervisor restarts it clean."""
+        self.loop.call_soon(self.fail)  # first: nothing below may keep the shard alive
         if not self.sock.closed:
             self.on_stop()
-        self.loop.call_soon(self.fail)
 
     def _readable(self) -> None:
         """The socket has news (ZeroMQ's descriptor is edge-triggered: drain, then re-check)."""

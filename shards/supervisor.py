@@ -206,7 +206,14 @@ class Supervisor:
             raise
         redis_url, name = config.redis, config.cluster_name
         core = RouterCore(
-            config.shards, config.gather_timeout, config.max_command, cluster=bool(redis_url)
+            config.shards,
+            config.gather_timeout,
+            config.max_command,
+            cluster=bool(redis_url),
+            queue_messages=config.shard_queue_messages,
+            queue_bytes=config.shard_queue_bytes,
+            queue_delay=config.shard_queue_delay,
+            max_queries=config.max_queries,
         )
         try:
             self.router = RouterActor.start(
@@ -216,6 +223,7 @@ class Supervisor:
                 lambda event: loop.call_soon_threadsafe(self._shard_event, event),
                 config.hang_timeout,
                 (lambda notify: RedisLink(redis_url, name, notify)) if redis_url else None,
+                backend_queue=config.backend_queue,
             )
         except zmq.ZMQError as exc:  # the command endpoint is taken or malformed
             self.listener.close()
@@ -230,6 +238,12 @@ class Supervisor:
                 "handshake_timeout": config.handshake_timeout,
                 "max_frame": config.max_frame,
                 "write_buffer_limit": config.write_buffer_limit,
+                "slow_consumer_timeout": config.slow_consumer_timeout,
+                "send_buffer": config.send_buffer,
+                "client_frame_rate": config.client_frame_rate,
+                "client_frame_burst": config.client_frame_burst,
+                "client_byte_rate": config.client_byte_rate,
+                "client_byte_burst": config.client_byte_burst,
                 "log_level": config.log_level,
                 "close_grace": 2.0,
             }

@@ -88,3 +88,43 @@ def test_deliveries_queries_and_a_fatal_bug(router):
             await receive(sock, shardwire.HEARTBEAT, timeout=1.0)
 
     asyncio.run(scenario())
+
+
+def test_a_failure_in_on_start_takes_the_shard_down(router):
+    _sock, endpoint = router
+
+    class Unstartable(CacheActor):
+        def on_start(self) -> None:
+            raise RuntimeError("cannot start")  # before the heartbeat timer exists
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        shard = FakeShard()
+        ref = Unstartable.start(loop, 0, 1, endpoint, shard.post, 60.0, shard.fail)
+        await asyncio.wait_for(shard.failed.wait(), 5)
+        assert not ref.is_alive()
+
+    asyncio.run(scenario())
+
+
+def test_credit_counts_what_the_shard_consumed(router):
+    sock, endpoint = router
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        shard = FakeShard()
+        ref = CacheActor.start(loop, 0, 1, endpoint, shard.post, 60.0, shard.fail)
+        identity = shardwire.identity(0, 1)
+        await receive(sock, shardwire.HELLO)
+        messages = [shardwire.channel_delivery(3, frames.channel_message(3, b"1"))] * 100
+        size = sum(shardwire.size(m[1], m[2]) for m in messages)
+        sock.send_multipart([identity, shardwire.BATCH, shardwire.pack_batch(messages)])
+        # past CREDIT_MESSAGES, credit goes back at once (and with every heartbeat anyway)
+        reported = [0, 0]
+        while reported != [100, size]:
+            beat = await receive(sock, shardwire.HEARTBEAT, timeout=2.0)
+            reported = shardwire.unpack_ids(beat[2])
+            assert reported in ([0, 0], [100, size]), reported
+        ref.stop(block=False)
+
+    asyncio.run(scenario())
