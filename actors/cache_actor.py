@@ -119,6 +119,11 @@ class CacheActor(LoopActor):
         self.consumed_messages = self.consumed_bytes = 0
         self._reported = (0, 0)
         self._beat_handle: asyncio.TimerHandle | None = None  # set by on_start
+        # hello and subscribed wait for the router's index (see shardwire): the last membership
+        # change sent and the last one the router confirmed, by sequence number
+        self._seq = self._indexed = 0
+        self._unconfirmed: list[LoopAction] = []  # this round's, not yet tagged
+        self._held: list[tuple[int, LoopAction]] = []  # (the change they wait for, action)
         self._resync = False  # a membership change was dropped on the way to the router
         self._last_sweep = 0.0
 
@@ -158,8 +163,10 @@ class CacheActor(LoopActor):
         if self.actor_stopped.is_set():
             return
         self._report()
-        if self._resync and self._send(shardwire.sync(self.cache.channels())):
-            self._resync = False
+        if self._resync:
+            self._seq += 1
+            if self._send(shardwire.sync(self.cache.channels(), self._seq)):
+                self._resync = False
         self._beat_handle = self.loop.call_later(HEARTBEAT, self._beat)
         self._recheck()
 
@@ -173,15 +180,15 @@ class CacheActor(LoopActor):
         if isinstance(message, Opened):
             delta = cache.connect(message.conn, message.user, message.channels, message.now)
             self._delta.merge(delta)
-            self._actions.append(("registered", message.conn))
+            self._unconfirmed.append(("registered", message.conn))
         elif isinstance(message, Closed):
             self._delta.merge(cache.disconnect(message.conn))
         elif isinstance(message, Subscribe):
             self._delta.merge(cache.subscribe(message.conn, message.channel))
-            self._actions.append(("subscribed", message.conn, message.channel, True))
+            self._unconfirmed.append(("subscribed", message.conn, message.channel, True))
         elif isinstance(message, Unsubscribe):
             self._delta.merge(cache.unsubscribe(message.conn, message.channel))
-            self._actions.append(("subscribed", message.conn, message.channel, False))
+            self._unconfirmed.append(("subscribed", message.conn, message.channel, False))
         elif isinstance(message, CaughtUp):
             pass  # _flush rechecks the socket
         elif isinstance(message, Activity):
@@ -214,6 +221,13 @@ class CacheActor(LoopActor):
         """One message from the router; returns how many recipients it costs."""
         self.consumed_messages += 1
         self.consumed_bytes += shardwire.size(argument, payload)
+        if kind == shardwire.INDEXED:
+            self._indexed = max(self._indexed, shardwire.unpack_id(argument))
+            confirmed = [action for seq, action in self._held if seq <= self._indexed]
+            if confirmed:
+                self._actions += confirmed
+                self._held = [(seq, a) for seq, a in self._held if seq > self._indexed]
+            return 1
         if kind == shardwire.CHANNEL:
             conns = self.cache.recipients(ChannelId(shardwire.unpack_id(argument)))
             if conns:
@@ -257,9 +271,16 @@ class CacheActor(LoopActor):
 
     def _send_delta(self) -> None:
         if self._delta:
-            if not self._send(shardwire.delta(self._delta.gained, self._delta.lost)):
+            self._seq += 1
+            if not self._send(shardwire.delta(self._delta.gained, self._delta.lost, self._seq)):
                 self._resync = True  # the router's index of us is wrong: send it whole soon
             self._delta = Delta()
+        if self._unconfirmed:  # they wait for every change sent so far
+            if self._seq > self._indexed:
+                self._held += [(self._seq, action) for action in self._unconfirmed]
+            else:
+                self._actions += self._unconfirmed
+            self._unconfirmed = []
 
     def _flush(self) -> None:
         # the router hears of new memberships before the loop confirms them to anyone

@@ -223,11 +223,19 @@ class RouterCore:
                 slot.credit(consumed[0], consumed[1])
         elif kind == shardwire.DELTA:
             self._delta(slot, shardwire.unpack_ids(msg[1]), shardwire.unpack_ids(msg[2]))
+            self._indexed(slot, msg[3:], now)
         elif kind == shardwire.RESULT:
             self._result(slot, shardwire.unpack_id(msg[1]), json.loads(msg[2]))
         elif kind == shardwire.SYNC:  # the whole truth, after the shard dropped a delta
             channels = {ChannelId(c) for c in shardwire.unpack_ids(msg[1])}
             self._delta(slot, list(channels - slot.channels), list(slot.channels - channels))
+            self._indexed(slot, msg[2:], now)
+
+    def _indexed(self, slot: ShardSlot, seq: list[bytes], now: float) -> None:
+        """Confirm a numbered membership change: the shard holds its clients' hello and
+        subscribed frames until then (see shardwire)."""
+        if seq:
+            self._send(slot.index, shardwire.indexed(shardwire.unpack_id(seq[0])), now)
 
     def _hello(self, slot: ShardSlot, epoch: int, msg: list[bytes], now: float) -> None:
         body = json.loads(msg[1])

@@ -8,6 +8,7 @@ Not a public contract. Must never do I/O. Router → shard (after the ROUTER ide
 | ``C``, channel (8 bytes), frame | write ``frame`` to the channel's connections |
 | ``U``, users (8 bytes each), frame | write ``frame`` to every connection of these users |
 | ``Q``, query id (8 bytes), JSON | a query; the shard answers with ``R`` |
+| ``I``, sequence number, empty | the router's index has the shard's ``D``/``S`` of that number |
 | ``M``, packed messages | several of the above in one frame (``pack_batch``) |
 
 Shard → router (DEALER, identity ``shard-<index>-<epoch>``):
@@ -15,8 +16,8 @@ Shard → router (DEALER, identity ``shard-<index>-<epoch>``):
 | frames | meaning |
 |---|---|
 | ``H``, JSON ``{index, epoch, pid, channels}`` | hello: the shard is ready, with its channels |
-| ``D``, gained ids, lost ids | channels gained / lost (8 bytes per id) |
-| ``S``, ids | every channel the shard has members of (after a ``D`` was dropped) |
+| ``D``, gained ids, lost ids, seq | channels gained / lost (8 bytes per id); numbered |
+| ``S``, ids, seq | every channel the shard has members of (after a ``D`` was dropped) |
 | ``R``, query id, JSON | the answer to query ``Q`` |
 | ``P``, two counters (8 bytes each) | heartbeat and credit: messages and bytes consumed so far |
 
@@ -26,6 +27,11 @@ reads them, and reports both totals in every ``P``: on its heartbeat timer, and 
 consumed ``CREDIT_MESSAGES`` messages or ``CREDIT_BYTES`` bytes since its last report. What is
 in flight to a shard is the difference; the router refuses a broadcast that would take it past
 its limits instead of queueing it (see ``RouterCore``).
+
+A client's ``hello`` and ``subscribed`` frames mean "from now on you receive the channel's
+broadcasts", so the shard holds them until the router confirms (``I``) that its index has the
+membership change (``D`` or ``S``) they depend on: a broadcast sent by a backend as soon as the
+client sees ``hello`` cannot reach the router ahead of the membership.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ DELTA = b"D"
 RESULT = b"R"
 HEARTBEAT = b"P"
 SYNC = b"S"
+INDEXED = b"I"
 BATCH = b"M"
 
 CREDIT_MESSAGES = 64  # report consumption at least this often under load...
@@ -135,9 +142,13 @@ def size(argument: bytes, payload: bytes) -> int:
     return len(argument) + len(payload)
 
 
-def sync(channels: Sequence[int]) -> list[bytes]:
-    return [SYNC, pack_ids(channels)]
+def sync(channels: Sequence[int], seq: int) -> list[bytes]:
+    return [SYNC, pack_ids(channels), pack_id(seq)]
 
 
-def delta(gained: Sequence[int], lost: Sequence[int]) -> list[bytes]:
-    return [DELTA, pack_ids(gained), pack_ids(lost)]
+def delta(gained: Sequence[int], lost: Sequence[int], seq: int) -> list[bytes]:
+    return [DELTA, pack_ids(gained), pack_ids(lost), pack_id(seq)]
+
+
+def indexed(seq: int) -> list[bytes]:
+    return [INDEXED, pack_id(seq), b""]

@@ -128,3 +128,33 @@ def test_credit_counts_what_the_shard_consumed(router):
         ref.stop(block=False)
 
     asyncio.run(scenario())
+
+
+def test_hello_waits_until_the_router_has_indexed_the_membership(router):
+    sock, endpoint = router
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        shard = FakeShard()
+        ref = CacheActor.start(loop, 0, 1, endpoint, shard.post, 60.0, shard.fail)
+        identity = shardwire.identity(0, 1)
+        await receive(sock, shardwire.HELLO)
+        ref.tell(Opened(ConnId(1), UserId(7), (ChannelId(3),), 0.0))
+        delta = await receive(sock, shardwire.DELTA)
+        seq = shardwire.unpack_id(delta[4])
+        # a query round trip proves the actor has handled everything before it
+        sock.send_multipart([identity, *shardwire.query(1, {"op": "online"})])
+        await receive(sock, shardwire.RESULT)
+        assert ("registered", 1) not in shard.actions  # the router has not confirmed yet
+        sock.send_multipart([identity, *shardwire.indexed(seq)])
+        sock.send_multipart([identity, *shardwire.query(2, {"op": "online"})])
+        await receive(sock, shardwire.RESULT)
+        assert ("registered", 1) in shard.actions
+        # a second connection in a channel already indexed and confirmed: no wait
+        ref.tell(Opened(ConnId(2), UserId(8), (ChannelId(3),), 0.0))
+        sock.send_multipart([identity, *shardwire.query(3, {"op": "online"})])
+        await receive(sock, shardwire.RESULT)
+        assert ("registered", 2) in shard.actions
+        ref.stop(block=False)
+
+    asyncio.run(scenario())

@@ -31,8 +31,12 @@ def hello(core: RouterCore, index: int, epoch: int, channels=(), now: float = 0.
     core.shard_message(shardwire.identity(index, epoch), msg, now)
 
 
-def delta(core, index, epoch, gained=(), lost=(), now=0.0) -> None:
-    core.shard_message(shardwire.identity(index, epoch), shardwire.delta(gained, lost), now)
+def delta(core, index, epoch, gained=(), lost=(), now=0.0, seq=1) -> None:
+    """A shard's membership change; the router's confirmation (INDEXED) is taken out of the
+    outbox (test_a_membership_change_is_confirmed_to_its_shard checks it)."""
+    msg = shardwire.delta(gained, lost, seq)
+    core.shard_message(shardwire.identity(index, epoch), msg, now)
+    core.outbox = [(who, m) for who, m in core.outbox if m[0] != shardwire.INDEXED]
 
 
 def heartbeat(core, index, epoch, now) -> None:
@@ -656,6 +660,12 @@ def broadcast(core, channel=7, data="x", now=0.0, request=1) -> dict[str, Any]:
     return take_reply(core)
 
 
+def settle(core: RouterCore, now: float = 0.0) -> None:
+    """Every shard reports it has consumed all it was sent (the INDEXED confirmations)."""
+    for slot in core.up_shards():
+        credit(core, slot.index, slot.epoch, slot.sent_messages, slot.sent_bytes, now)
+
+
 def small_window(**limits) -> RouterCore:
     core = RouterCore(N, **limits)
     for index in range(N):
@@ -668,6 +678,7 @@ def test_a_broadcast_that_does_not_fit_is_refused_whole_and_nothing_is_sent():
     delta(core, 0, 1, gained=[7])
     delta(core, 1, 1, gained=[7])
     delta(core, 2, 1, gained=[8])
+    settle(core)
     assert broadcast(core)["ok"] and broadcast(core)["ok"]
     core.outbox.clear()
     refused = broadcast(core, request=3)
@@ -682,10 +693,12 @@ def test_a_broadcast_that_does_not_fit_is_refused_whole_and_nothing_is_sent():
 def test_credit_from_the_shard_makes_room_again():
     core = small_window(queue_messages=2)
     delta(core, 0, 1, gained=[7])
+    settle(core)
     broadcast(core), broadcast(core)
     assert broadcast(core)["error"]["code"] == "overloaded"
-    sent = core.slots[0].sent_bytes
-    credit(core, 0, 1, 1, sent // 2)  # one consumed: room for exactly one more
+    slot = core.slots[0]
+    one = (slot.sent_bytes - slot.acked_bytes) // 2
+    credit(core, 0, 1, slot.acked_messages + 1, slot.acked_bytes + one)  # room for one more
     assert broadcast(core)["ok"]
     assert broadcast(core)["error"]["code"] == "overloaded"
     assert core.slots[0].in_flight()[0] == 2
@@ -694,6 +707,7 @@ def test_credit_from_the_shard_makes_room_again():
 def test_the_byte_window_counts_the_message_size():
     core = small_window(queue_bytes=1000)
     delta(core, 0, 1, gained=[7])
+    settle(core)
     assert broadcast(core, data="a" * 600)["ok"]
     assert broadcast(core, data="a" * 600)["error"]["code"] == "overloaded"
     assert broadcast(core, data="a" * 100)["ok"]
@@ -702,6 +716,7 @@ def test_the_byte_window_counts_the_message_size():
 def test_a_backlog_older_than_the_delay_limit_refuses_until_it_is_consumed():
     core = small_window(queue_delay=0.25)
     delta(core, 0, 1, gained=[7])
+    settle(core)
     for i in range(shardwire.CREDIT_MESSAGES + 1):
         assert broadcast(core, now=1.0 + i * 0.001)["ok"]
     # 0.3 s later the oldest is still not consumed: the shard is behind
@@ -717,6 +732,7 @@ def test_a_few_messages_in_flight_never_look_behind():
     # at low rates credit comes with the heartbeat (every 0.25 s): that is no backlog
     core = small_window(queue_delay=0.25)
     delta(core, 0, 1, gained=[7])
+    settle(core)
     for i in range(10):
         assert broadcast(core, now=i * 0.1)["ok"]
 
@@ -724,6 +740,7 @@ def test_a_few_messages_in_flight_never_look_behind():
 def test_a_new_incarnation_starts_with_an_empty_window():
     core = small_window(queue_messages=1)
     delta(core, 0, 1, gained=[7])
+    settle(core)
     assert broadcast(core)["ok"]
     assert broadcast(core)["error"]["code"] == "overloaded"
     core.shard_down(0, 1, now=1.0)
@@ -734,6 +751,7 @@ def test_a_new_incarnation_starts_with_an_empty_window():
 def test_stale_credit_cannot_open_the_window_beyond_what_was_sent():
     core = small_window(queue_messages=1)
     delta(core, 0, 1, gained=[7])
+    settle(core)
     credit(core, 0, 1, 1000, 10**9)  # nonsense from a confused shard
     assert core.slots[0].in_flight() == (0, 0)
     assert broadcast(core)["ok"]
@@ -758,6 +776,7 @@ def test_direct_messages_are_refused_when_the_users_shard_is_full():
 def test_queries_are_not_refused_by_the_window_but_by_their_own_limit():
     core = small_window(queue_messages=1, max_queries=2)
     delta(core, 0, 1, gained=[7])
+    settle(core)
     broadcast(core)
     command(core, {"id": 1, "cmd": "get_online_users"})
     command(core, {"id": 2, "cmd": "get_online_users"})
@@ -770,6 +789,7 @@ def test_queries_are_not_refused_by_the_window_but_by_their_own_limit():
 def test_deliveries_from_other_hosts_that_find_no_room_are_dropped_and_counted():
     core = small_window(queue_messages=1)
     delta(core, 0, 1, gained=[7])
+    settle(core)
     core.remote_delivery(7, [], frames.channel_message(7, b"1"), now=0.0)
     core.remote_delivery(7, [], frames.channel_message(7, b"2"), now=0.0)
     assert len(core.outbox) == 1
@@ -788,10 +808,18 @@ def test_a_bug_in_a_handler_is_logged_counted_and_answered(core, monkeypatch, ca
     assert any(r.levelname == "ERROR" and r.exc_info for r in caplog.records)
 
 
+def test_a_membership_change_is_confirmed_to_its_shard(core):
+    ident = shardwire.identity(1, 1)
+    core.shard_message(ident, shardwire.delta([1], [], seq=4), now=1.0)
+    core.shard_message(ident, shardwire.sync([1, 2], seq=5), now=1.1)
+    assert core.outbox == [(ident, shardwire.indexed(4)), (ident, shardwire.indexed(5))]
+    assert core.index[2] == {1}  # indexed before it is confirmed
+
+
 def test_a_sync_replaces_what_the_router_knows_of_a_shard(core):
     ident = shardwire.identity(0, 1)
-    core.shard_message(ident, shardwire.delta([1, 2, 3], []), now=1.0)
-    core.shard_message(ident, shardwire.sync([2, 4]), now=1.1)  # a delta was lost on the way
+    core.shard_message(ident, shardwire.delta([1, 2, 3], [], seq=1), now=1.0)
+    core.shard_message(ident, shardwire.sync([2, 4], seq=2), now=1.1)  # a delta was lost
     assert core.slots[0].channels == {2, 4}
     assert 0 not in core.index.get(1, set()) and 0 not in core.index.get(3, set())
     assert 0 in core.index[2] and 0 in core.index[4]

@@ -113,12 +113,21 @@ def test_hello():
 
 
 def test_delta():
-    msg = shardwire.delta([1, 2], [3])
+    msg = shardwire.delta([1, 2], [3], seq=9)
     assert msg[0] == shardwire.DELTA
     assert shardwire.unpack_ids(msg[1]) == [1, 2]
     assert shardwire.unpack_ids(msg[2]) == [3]
-    empty = shardwire.delta([], [])
-    assert empty == [shardwire.DELTA, b"", b""]
+    assert shardwire.unpack_id(msg[3]) == 9
+    empty = shardwire.delta([], [], seq=1)
+    assert empty[:3] == [shardwire.DELTA, b"", b""]
+
+
+def test_sync_and_indexed_carry_the_sequence_number():
+    msg = shardwire.sync([4, 5], seq=3)
+    assert msg[0] == shardwire.SYNC and shardwire.unpack_ids(msg[1]) == [4, 5]
+    assert shardwire.unpack_id(msg[2]) == 3
+    ack = shardwire.indexed(3)
+    assert ack[0] == shardwire.INDEXED and shardwire.unpack_id(ack[1]) == 3
 
 
 def test_message_kinds_are_distinct_single_bytes():
