@@ -42,6 +42,14 @@ async def receive(router: zmq.Socket, kind: bytes, timeout: float = 5.0) -> list
     raise AssertionError(f"no {kind!r} from the shard within {timeout} s")
 
 
+async def started(sock: zmq.Socket, endpoint: str) -> tuple[FakeShard, Any, bytes]:
+    """A CacheActor on this loop, connected to ``sock``, once its hello has arrived."""
+    shard = FakeShard()
+    ref = CacheActor.start(asyncio.get_running_loop(), 0, 1, endpoint, shard.post, 60.0, shard.fail)
+    await receive(sock, shardwire.HELLO)
+    return shard, ref, shardwire.identity(0, 1)
+
+
 @pytest.fixture
 def router(tmp_path):
     context = zmq.Context.instance()
@@ -111,11 +119,7 @@ def test_credit_counts_what_the_shard_consumed(router):
     sock, endpoint = router
 
     async def scenario() -> None:
-        loop = asyncio.get_running_loop()
-        shard = FakeShard()
-        ref = CacheActor.start(loop, 0, 1, endpoint, shard.post, 60.0, shard.fail)
-        identity = shardwire.identity(0, 1)
-        await receive(sock, shardwire.HELLO)
+        _shard, ref, identity = await started(sock, endpoint)
         messages = [shardwire.channel_delivery(3, frames.channel_message(3, b"1"))] * 100
         size = sum(shardwire.size(m[1], m[2]) for m in messages)
         sock.send_multipart([identity, shardwire.BATCH, shardwire.pack_batch(messages)])
@@ -134,11 +138,7 @@ def test_hello_waits_until_the_router_has_indexed_the_membership(router):
     sock, endpoint = router
 
     async def scenario() -> None:
-        loop = asyncio.get_running_loop()
-        shard = FakeShard()
-        ref = CacheActor.start(loop, 0, 1, endpoint, shard.post, 60.0, shard.fail)
-        identity = shardwire.identity(0, 1)
-        await receive(sock, shardwire.HELLO)
+        shard, ref, identity = await started(sock, endpoint)
         ref.tell(Opened(ConnId(1), UserId(7), (ChannelId(3),), 0.0))
         delta = await receive(sock, shardwire.DELTA)
         seq = shardwire.unpack_id(delta[4])
