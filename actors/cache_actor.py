@@ -21,10 +21,10 @@ from typing import Any
 
 import zmq
 
-from actors import shardwire
 from actors.cache import Delta, UserConnectionCache
 from actors.ids import ChannelId, ConnId, UserId
 from actors.loopactor import LoopActor
+from actors.wire import shardwire
 
 log = logging.getLogger("ucc.cache")
 

@@ -28,8 +28,6 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from actors import commands, frames, shardwire
-from actors.commands import Command, CommandError
 from actors.gather import (
     REDIS,
     Combiner,
@@ -43,6 +41,8 @@ from actors.gather import (
     union_users,
 )
 from actors.ids import ChannelId, ShardIndex, stable_hash
+from actors.wire import commands, frames, shardwire
+from actors.wire.commands import Command, CommandError
 
 log = logging.getLogger("ucc.router")
 

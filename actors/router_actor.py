@@ -16,10 +16,10 @@ from typing import Any, Protocol
 
 import zmq
 
-from actors import shardwire
 from actors.ids import ShardIndex
 from actors.inbox import SocketActor, SocketsReady, Tick
 from actors.router import RouterCore, ShardEvent, ShardState
+from actors.wire import shardwire
 
 log = logging.getLogger("ucc.router")
 

@@ -1,4 +1,5 @@
-"""Processes and I/O: the supervisor, the acceptor, the shard worker, the client, the CLI.
+"""Processes and I/O: the supervisor, the acceptor, the shard worker, the Redis link, the client
+library, the command-line interface, the benchmark and the fault-injection test kit.
 
-The pure logic these drive lives in :mod:`actors`.
+They move bytes and carry out what the pure cores in :mod:`actors` decide.
 """

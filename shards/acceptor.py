@@ -21,9 +21,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from actors import httphead
-from actors.httphead import Head, HeadError
-from actors.tokens import Claims, TokenError, verify
+from actors.wire import httphead
+from actors.wire.httphead import Head, HeadError
+from actors.wire.tokens import Claims, TokenError, verify
 
 log = logging.getLogger("ucc.acceptor")
 

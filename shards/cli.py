@@ -24,7 +24,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, TypeAlias
 
-from actors import tokens
+from actors.wire import tokens
 from shards.client import Calls, Client, UccError
 from shards.config import (
     DEFAULT_COMMAND,

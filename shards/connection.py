@@ -28,10 +28,10 @@ from websockets.http11 import Request
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
-from actors import frames
-from actors.clientwire import ClientFrameError, parse_client_frame
 from actors.ids import ChannelId, ConnId, UserId
 from actors.ratelimit import TokenBucket
+from actors.wire import frames
+from actors.wire.clientwire import ClientFrameError, parse_client_frame
 
 if TYPE_CHECKING:
     from shards.worker import Shard

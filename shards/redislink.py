@@ -37,8 +37,8 @@ from redis.cluster import RedisCluster
 from redis.exceptions import ClusterError, RedisClusterException
 from redis.retry import Retry
 
-from actors import cluster
-from actors.cluster import Layout, Message
+from actors.wire import cluster
+from actors.wire.cluster import Layout, Message
 
 log = logging.getLogger("ucc.redis")
 

@@ -27,14 +27,14 @@ import pykka
 import zmq
 
 from actors.ids import stable_hash
+from actors.policy import RestartPolicy
 from actors.router import RouterCore, ShardEvent, ShardState
 from actors.router_actor import RouterActor, ShardDown, ShardStarting
-from actors.tokens import Claims
+from actors.wire.tokens import Claims
 from shards import limits, ready
 from shards.acceptor import Acceptor
 from shards.config import ServeConfig
 from shards.handoff import MAX_HEADER, control_pair, send_connection, send_message
-from shards.policy import RestartPolicy
 from shards.redislink import RedisLink
 
 log = logging.getLogger("ucc.supervisor")

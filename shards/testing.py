@@ -39,7 +39,7 @@ import redis
 from websockets.asyncio.client import ClientConnection, connect
 
 from actors.ids import stable_hash
-from actors.tokens import mint
+from actors.wire.tokens import mint
 from shards import ready
 from shards.client import Client
 

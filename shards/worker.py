@@ -28,7 +28,6 @@ from typing import Any
 import pykka
 from websockets.protocol import State
 
-from actors import frames
 from actors.cache_actor import (
     Activity,
     CacheActor,
@@ -40,6 +39,7 @@ from actors.cache_actor import (
     Unsubscribe,
 )
 from actors.ids import ChannelId, ConnId, UserId
+from actors.wire import frames
 from shards.connection import Connection
 from shards.handoff import recv_connection, send_message
 

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
-from actors.tokens import mint
+from actors.wire.tokens import mint
 from shards.bench.loadclient import LoadClient, Stats, bucket, upgrade_request
 
 PER_SOURCE = 20_000

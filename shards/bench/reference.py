@@ -31,7 +31,7 @@ import zmq.asyncio
 from websockets.asyncio.server import ServerConnection, broadcast, serve
 from websockets.http11 import Request, Response
 
-from actors.tokens import Claims, TokenError, verify
+from actors.wire.tokens import Claims, TokenError, verify
 
 Conns = set[ServerConnection]
 

@@ -204,7 +204,7 @@ class Run:
         }
 
     async def _open_sentinels(self, plans: list[Plan], first: int, total: int) -> None:
-        from actors.tokens import mint  # noqa: PLC0415 - only the fan-out scenario needs it
+        from actors.wire.tokens import mint  # noqa: PLC0415 - only the fan-out scenario needs it
 
         loop = asyncio.get_running_loop()
         for offset, (user, channels) in enumerate(plans):

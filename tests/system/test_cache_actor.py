@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 import zmq
 
-from actors import frames, shardwire
 from actors.cache_actor import CacheActor, Opened
 from actors.ids import ChannelId, ConnId, UserId
+from actors.wire import frames, shardwire
 
 
 class FakeShard:

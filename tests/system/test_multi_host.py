@@ -11,7 +11,7 @@ import time
 
 import redis
 
-from actors.cluster import Layout
+from actors.wire.cluster import Layout
 from shards.testing import Cluster, Peer, RedisServer, connect_peer, wait_until
 
 

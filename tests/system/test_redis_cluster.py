@@ -17,7 +17,7 @@ from test_multi_host import (
     wait_presence,
 )
 
-from actors.cluster import Layout
+from actors.wire.cluster import Layout
 from shards.testing import RedisClusterServer, connect_peer, wait_until
 
 LAYOUT = Layout("default")

@@ -17,7 +17,7 @@ from test_bad_input import upgrade_request
 
 from actors.ids import ShardIndex, stable_hash
 from actors.router import ShardEvent, ShardState
-from actors.tokens import Claims, mint, verify
+from actors.wire.tokens import Claims, mint, verify
 from shards.config import ServeConfig
 from shards.supervisor import Supervisor
 from shards.testing import TIME_FACTOR

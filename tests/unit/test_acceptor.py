@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from actors.tokens import Claims, mint
+from actors.wire.tokens import Claims, mint
 from shards.acceptor import (
     COUNTERS,
     Acceptor,

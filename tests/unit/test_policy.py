@@ -1,4 +1,4 @@
-"""shards.policy: restart intensity (OTP style) and backoff."""
+"""actors.policy: restart intensity (OTP style) and backoff."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from shards.policy import Decision, RestartPolicy
+from actors.policy import Decision, RestartPolicy
 
 
 def exits(policy: RestartPolicy, times, index: int = 0) -> list[Decision]:

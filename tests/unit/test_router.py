@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
-from actors import frames, shardwire
-from actors.commands import COMMANDS, Field
 from actors.ids import stable_hash
 from actors.router import RouterCore, ShardEvent, ShardState
+from actors.wire import frames, shardwire
+from actors.wire.commands import COMMANDS, Field
 
 ENV = [b"backend-1"]
 N = 3

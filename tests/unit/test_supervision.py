@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from actors.tokens import Claims
+from actors.wire.tokens import Claims
 from shards.supervisor import Handoffs, ShardProcess, ack_ids, request_unread
 
 REQUEST = b"GET /?token=t HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\n"

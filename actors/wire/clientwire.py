@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import json
 
-from actors.errors import PeerError
 from actors.ids import ChannelId, parse_id
+from actors.wire.errors import PeerError
 
 KINDS = ("subscribe", "unsubscribe", "ping")
 

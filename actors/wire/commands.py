@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from actors.errors import PeerError
 from actors.ids import parse_id
+from actors.wire.errors import PeerError
 
 MAX_IDS_PER_COMMAND = 100_000
 

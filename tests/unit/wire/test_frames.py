@@ -1,4 +1,4 @@
-"""actors.frames: server-to-client WebSocket frames, checked against websockets' own parser."""
+"""actors.wire.frames: server-to-client WebSocket frames, checked against websockets' own parser."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 from websockets.uri import parse_uri
 
-from actors import frames
+from actors.wire import frames
 
 
 def client_receives(data: bytes, chunk: int | None = None) -> list[Frame]:

@@ -1,4 +1,4 @@
-"""actors.tokens: minting and verifying HS256 connection tokens."""
+"""actors.wire.tokens: minting and verifying HS256 connection tokens."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from actors.ids import MAX_ID
-from actors.tokens import MAX_EXP, MAX_TOKEN_CHANNELS, Claims, TokenError, mint, verify
+from actors.wire.tokens import MAX_EXP, MAX_TOKEN_CHANNELS, Claims, TokenError, mint, verify
 
 SECRET = "s3cret-" * 10  # long enough for HS256 and HS512 without key-length warnings
 FAR = 4_000_000_000  # an exp far in the future

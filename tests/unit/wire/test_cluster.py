@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from actors import cluster, frames
-from actors.cluster import Layout, Message, decode, encode
+from actors.wire import cluster, frames
+from actors.wire.cluster import Layout, Message, decode, encode
 from shards.redislink import cluster_seed
 
 

@@ -1,4 +1,4 @@
-"""actors.clientwire: decoding the frames a WebSocket client sends."""
+"""actors.wire.clientwire: decoding the frames a WebSocket client sends."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from actors.clientwire import KINDS, ClientFrameError, parse_client_frame
 from actors.ids import MAX_ID
+from actors.wire.clientwire import KINDS, ClientFrameError, parse_client_frame
 
 
 def frame(body: object) -> bytes:

@@ -1,10 +1,10 @@
-"""actors.httphead: the bounded parser of the HTTP upgrade request head."""
+"""actors.wire.httphead: the bounded parser of the HTTP upgrade request head."""
 
 from __future__ import annotations
 
 import pytest
 
-from actors.httphead import MAX_HEAD, HeadError, parse_head, response
+from actors.wire.httphead import MAX_HEAD, HeadError, parse_head, response
 
 UPGRADE = (
     b"GET /chat?token=abc.def-ghi_j&x=1 HTTP/1.1\r\n"

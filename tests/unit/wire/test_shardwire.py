@@ -1,4 +1,4 @@
-"""actors.shardwire: the router ↔ shard multipart messages."""
+"""actors.wire.shardwire: the router ↔ shard multipart messages."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from actors import shardwire
+from actors.wire import shardwire
 
 INT64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
 

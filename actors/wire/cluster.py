@@ -22,8 +22,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from actors import frames
 from actors.ids import parse_id
+from actors.wire import frames
 
 MAX_FRAME = 16 * 1024 * 1024
 

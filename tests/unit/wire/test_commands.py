@@ -1,4 +1,4 @@
-"""actors.commands: decoding and validating backend commands, and encoding replies."""
+"""actors.wire.commands: decoding and validating backend commands, and encoding replies."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from actors.commands import (
+from actors.ids import MAX_ID
+from actors.wire.commands import (
     COMMANDS,
     MAX_IDS_PER_COMMAND,
     CommandError,
@@ -16,7 +17,6 @@ from actors.commands import (
     reply,
     request_id,
 )
-from actors.ids import MAX_ID
 
 LIMIT = 1 << 20
 DATA = {"text": "héllo", "n": [1, 2.5, None, True]}
