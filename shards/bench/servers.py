@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -23,7 +22,7 @@ from urllib.parse import urlsplit
 
 import psutil
 
-from shards import ready
+from shards import procgroup, ready
 from shards.client import Client
 
 REFERENCE_READY = re.compile(r"reference ready (ws://\S+) command=(\S+)")
@@ -74,12 +73,7 @@ class Server:
     def close(self) -> None:
         """Kill the process group of a server we started; forget a ``--target`` one."""
         if self.proc is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(10)
-            if self.proc.stdout is not None:
-                self.proc.stdout.close()
+            procgroup.kill(self.proc)
             self.proc = None
         if self.log is not None:
             self.log.close()
@@ -88,12 +82,9 @@ class Server:
 
 def _start(name: str, argv: list[str], secret: str, timeout: float) -> tuple[Server, re.Match[str]]:
     log = tempfile.TemporaryFile()  # noqa: SIM115 - owned by the Server, closed in close()
-    proc = subprocess.Popen(
-        argv,
-        stdout=subprocess.PIPE,
-        stderr=log,
-        env={**os.environ, "UCC_SECRET": secret},
-        start_new_session=True,  # its own process group: killed as one in close()
+    # in its own process group: killed as one in close()
+    proc = procgroup.start(
+        argv, stdout=subprocess.PIPE, stderr=log, env={**os.environ, "UCC_SECRET": secret}
     )
     server = Server(name, "", "", secret, 1, proc.pid, proc, log)
     try:

