@@ -1,13 +1,18 @@
-"""The ``ucc`` console script: ``serve``, ``token`` and the commands that drive a running server.
+"""The ``ucc`` console script: ``serve``, ``token``, the commands that drive a running server,
+and ``bench``.
 
-Owns: argument parsing, reading ``UCC_COMMAND`` and ``UCC_REDIS_URL``, turning flags into a
-:class:`shards.config.ServeConfig`, and printing replies (JSON on stdout, errors on stderr as
-``ucc: error: <code>: <message>``). Exit codes: 0 success, 1 a command failed or timed out,
-2 a usage error (bad flags, bad JSON, no secret).
+Owns: each subcommand's parser and handler, turning ``serve``'s flags into a
+:class:`shards.config.ServeConfig` (every field has a flag of the same name, whose default is the
+field's), reading ``UCC_REDIS_URL`` and ``UCC_CLUSTER``, and printing replies (JSON on stdout,
+errors on stderr as ``ucc: error: <code>: <message>``). Exit codes: 0 success, 1 a command
+failed or timed out, 2 a usage error (bad flags, bad JSON, no secret). The argument types and the
+shared ``--command`` / ``--secret`` options are in :mod:`shards.cliargs`; ``bench``'s parser is
+in :mod:`shards.bench.args`.
 
 Must never print or log the token secret, never create the secret file outside ``serve``, and
-never implement server logic: ``serve`` hands its config to :func:`shards.supervisor.run`, and
-every other command goes through :class:`shards.client.Client`.
+never implement server logic: ``serve`` hands its config to :func:`shards.supervisor.run`, the
+commands that drive a server go through :class:`shards.client.Client`, and ``bench`` runs
+:mod:`shards.bench`.
 
 Adding a subcommand is one function: write ``_add_NAME(subparsers)`` that adds its parser and
 sets ``run=`` to its handler (``(argparse.Namespace) -> int``), and list it in ``SUBCOMMANDS``.
@@ -22,92 +27,29 @@ import os
 import stat
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any, TypeAlias
+from typing import Any
 
 from actors.wire import tokens
-from shards.client import Calls, Client, UccError
-from shards.config import (
-    DEFAULT_COMMAND,
-    DEFAULT_HOST,
-    DEFAULT_PORT,
-    ServeConfig,
-    check_redis_url,
-    resolve_secret,
+from shards.bench.args import add_bench
+from shards.cliargs import (
+    Subparsers,
+    add_command,
+    add_secret,
+    id_list,
+    id_number,
+    json_value,
+    port,
+    positive_int,
+    positive_number,
+    seconds,
+    serve_defaults,
 )
+from shards.client import Calls, Client, UccError
+from shards.config import ServeConfig, check_redis_url, resolve_secret
 
-Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 Handler = Callable[[argparse.Namespace], int]
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-
-
-# --- argument types ----------------------------------------------------------------------------
-
-
-def _id(text: str) -> int:
-    """An integer id; range checks are the server's (or the token minter's) job."""
-    try:
-        return int(text, 10)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer id, got {text!r}") from None
-
-
-def _id_list(text: str) -> list[int]:
-    """Comma-separated integer ids, e.g. ``1,2,3`` (the empty string is the empty list)."""
-    if not text.strip():
-        return []
-    return [_id(part.strip()) for part in text.split(",")]
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text, 10)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _port(text: str) -> int:
-    try:
-        value = int(text, 10)
-    except ValueError:
-        value = -1
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a TCP port (0-65535), got {text!r}")
-    return value
-
-
-def _positive_float(what: str) -> Callable[[str], float]:
-    """An argument type: a finite number above 0, described as ``what`` in the error."""
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            value = -1.0
-        if not 0 < value < float("inf"):
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
-        return value
-
-    return parse
-
-
-_positive_number = _positive_float("a positive number")
-_seconds = _positive_float("a positive number of seconds")
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _json_value(text: str) -> Any:
-    """Strict JSON text (no NaN/Infinity), as sent in a broadcast's ``data``."""
-    try:
-        return json.loads(text, parse_constant=_reject_constant)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"DATA is not valid JSON ({exc}): {text!r}") from None
 
 
 # --- output helpers ----------------------------------------------------------------------------
@@ -133,15 +75,10 @@ def _warn_missing(reply: dict[str, Any]) -> None:
 
 def _add_server_options(parser: argparse.ArgumentParser) -> None:
     """``--command`` and ``--timeout``, for every subcommand that talks to a server."""
-    parser.add_argument(
-        "--command",
-        metavar="ENDPOINT",
-        default=os.environ.get("UCC_COMMAND") or DEFAULT_COMMAND,
-        help="the server's ZeroMQ command endpoint (default: $UCC_COMMAND or %(default)s)",
-    )
+    add_command(parser, "the server's ZeroMQ command endpoint")
     parser.add_argument(
         "--timeout",
-        type=_seconds,
+        type=seconds,
         default=5.0,
         metavar="SECONDS",
         help="give up when the server has not answered within this time (default: %(default)s)",
@@ -166,95 +103,88 @@ def _talk(args: argparse.Namespace, action: Callable[[Client], int]) -> int:
 # --- serve -------------------------------------------------------------------------------------
 
 
+# the plain flags of ``serve``: (flag, type, metavar, help); the flag ``--max-frame`` sets the
+# ServeConfig field ``max_frame``, and that field's default is the flag's
+Flag = tuple[str, Callable[[str], Any], str | None, str]
+SERVE_ADDRESS: list[Flag] = [
+    ("--host", str, None, "WebSocket host"),
+    ("--port", port, None, "WebSocket port"),
+]
+SERVE_TUNING: list[Flag] = [
+    ("--heartbeat", seconds, "SECONDS", "ping a silent connection after this long"),
+    ("--heartbeat-timeout", seconds, "SECONDS", "close a connection silent for this long"),
+    ("--handshake-timeout", seconds, "SECONDS", "deadline for a client's upgrade request"),
+    ("--max-frame", positive_int, "BYTES", "largest client frame accepted"),
+    ("--max-command", positive_int, "BYTES", "largest backend command accepted"),
+    ("--write-buffer-limit", positive_int, "BYTES", "per-connection buffer before 4000"),
+    ("--send-buffer", positive_int, "BYTES", "kernel send buffer per connection"),
+    ("--slow-consumer-timeout", seconds, "SECONDS", "behind with writes this long: 4000"),
+    ("--gather-timeout", seconds, "SECONDS", "how long a query waits for the shards"),
+    ("--shutdown-timeout", seconds, "SECONDS", "SIGTERM: kill shards still alive after"),
+    ("--drain-window", seconds, "SECONDS", "SIGTERM: spread client closes over this"),
+    ("--hang-timeout", seconds, "SECONDS", "a shard silent this long is killed"),
+    ("--max-pending", positive_int, "N", "connections in handshake at most (503 beyond)"),
+    ("--max-pending-per-address", positive_int, "N", "the same, per client address"),
+    ("--client-frame-rate", positive_number, "FRAMES", "frames/s a client may send"),
+    ("--client-frame-burst", positive_int, "FRAMES", "frames a client may send at once"),
+    ("--client-byte-rate", positive_number, "BYTES", "bytes/s a client may send"),
+    ("--client-byte-burst", positive_int, "BYTES", "bytes a client may send at once"),
+    ("--shard-queue-messages", positive_int, "N", "deliveries in flight per shard"),
+    ("--shard-queue-bytes", positive_int, "BYTES", "delivery bytes in flight per shard"),
+    ("--shard-queue-delay", seconds, "SECONDS", "refuse when a shard is this far behind"),
+    ("--max-queries", positive_int, "N", "queries in flight at most (overloaded beyond)"),
+    ("--backend-queue", positive_int, "N", "commands/replies queued per backend"),
+]
+
+
+def _field(flag: str) -> str:
+    """The ServeConfig field a flag sets: ``--max-frame`` -> ``max_frame``."""
+    return flag.removeprefix("--").replace("-", "_")
+
+
+def _add_flags(parser: argparse.ArgumentParser, rows: list[Flag], defaults: dict[str, Any]) -> None:
+    for flag, kind, metavar, text in rows:
+        default = defaults[_field(flag)]
+        parser.add_argument(
+            flag, type=kind, default=default, metavar=metavar, help=f"{text} (default: {default})"
+        )
+
+
 def _add_serve(subparsers: Subparsers) -> None:
     parser = subparsers.add_parser(
         "serve",
         help="run the server (supervisor, WebSocket acceptor, shards)",
         description="Run the ucc server until SIGINT/SIGTERM.",
     )
+    defaults = serve_defaults()
     parser.add_argument(
         "--shards",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         metavar="N",
         help="number of shard processes (default: number of CPUs)",
     )
-    parser.add_argument(
-        "--host", default=DEFAULT_HOST, help="WebSocket host (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--port", type=_port, default=DEFAULT_PORT, help="WebSocket port (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--command",
-        metavar="ENDPOINT",
-        default=os.environ.get("UCC_COMMAND") or DEFAULT_COMMAND,
-        help="ZeroMQ command endpoint to bind (default: $UCC_COMMAND or %(default)s)",
-    )
-    parser.add_argument(
-        "--secret",
-        default=None,
-        help="token secret (default: $UCC_SECRET, else the secret file, created if missing)",
-    )
+    _add_flags(parser, SERVE_ADDRESS, defaults)
+    add_command(parser, "ZeroMQ command endpoint to bind")
+    add_secret(parser, "token secret", "the secret file, created if missing")
     parser.add_argument(
         "--redis",
         metavar="URL",
-        default=os.environ.get("UCC_REDIS_URL") or None,
+        default=os.environ.get("UCC_REDIS_URL") or defaults["redis"],
         help="Redis URL for cross-host fan-out; redis+cluster://HOST:PORT (or rediss+cluster://)"
         " for a Redis Cluster (default: $UCC_REDIS_URL; none)",
     )
     parser.add_argument(
         "--cluster-name",
-        default=os.environ.get("UCC_CLUSTER") or "default",
+        default=os.environ.get("UCC_CLUSTER") or defaults["cluster_name"],
         help="with --redis: the cluster this host joins (default: $UCC_CLUSTER or %(default)s)",
     )
-    parser.add_argument(
-        "--heartbeat",
-        type=_seconds,
-        default=25.0,
-        metavar="SECONDS",
-        help="ping a silent connection after this long (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--heartbeat-timeout",
-        type=_seconds,
-        default=60.0,
-        metavar="SECONDS",
-        help="close a connection silent for this long (default: %(default)s)",
-    )
-    tuning: list[tuple[str, Callable[[str], Any], str, str]] = [
-        ("--handshake-timeout", _seconds, "SECONDS", "deadline for a client's upgrade request"),
-        ("--max-frame", _positive_int, "BYTES", "largest client frame accepted"),
-        ("--max-command", _positive_int, "BYTES", "largest backend command accepted"),
-        ("--write-buffer-limit", _positive_int, "BYTES", "per-connection buffer before 4000"),
-        ("--send-buffer", _positive_int, "BYTES", "kernel send buffer per connection"),
-        ("--slow-consumer-timeout", _seconds, "SECONDS", "behind with writes this long: 4000"),
-        ("--gather-timeout", _seconds, "SECONDS", "how long a query waits for the shards"),
-        ("--shutdown-timeout", _seconds, "SECONDS", "SIGTERM: kill shards still alive after"),
-        ("--drain-window", _seconds, "SECONDS", "SIGTERM: spread client closes over this"),
-        ("--hang-timeout", _seconds, "SECONDS", "a shard silent this long is killed"),
-        ("--max-pending", _positive_int, "N", "connections in handshake at most (503 beyond)"),
-        ("--max-pending-per-address", _positive_int, "N", "the same, per client address"),
-        ("--client-frame-rate", _positive_number, "FRAMES", "frames/s a client may send"),
-        ("--client-frame-burst", _positive_int, "FRAMES", "frames a client may send at once"),
-        ("--client-byte-rate", _positive_number, "BYTES", "bytes/s a client may send"),
-        ("--client-byte-burst", _positive_int, "BYTES", "bytes a client may send at once"),
-        ("--shard-queue-messages", _positive_int, "N", "deliveries in flight per shard"),
-        ("--shard-queue-bytes", _positive_int, "BYTES", "delivery bytes in flight per shard"),
-        ("--shard-queue-delay", _seconds, "SECONDS", "refuse when a shard is this far behind"),
-        ("--max-queries", _positive_int, "N", "queries in flight at most (overloaded beyond)"),
-        ("--backend-queue", _positive_int, "N", "commands/replies queued per backend"),
-    ]
-    for flag, kind, metavar, text in tuning:
-        default = getattr(ServeConfig, flag.removeprefix("--").replace("-", "_"))
-        parser.add_argument(
-            flag, type=kind, default=default, metavar=metavar, help=f"{text} (default: {default})"
-        )
+    _add_flags(parser, SERVE_TUNING, defaults)
     parser.add_argument(
         "--log-level",
         type=str.upper,
         choices=LOG_LEVELS,
-        default="INFO",
+        default=defaults["log_level"],
         help="logging level (default: %(default)s)",
     )
     parser.set_defaults(run=_run_serve)
@@ -281,7 +211,8 @@ def _run_serve(args: argparse.Namespace) -> int:
         except ValueError as exc:
             _error(str(exc))
             return 2
-    # every ServeConfig field has a flag of the same name (``--max-frame`` -> ``max_frame``)
+    # every ServeConfig field has a flag of the same name (``--max-frame`` -> ``max_frame``);
+    # the secret is the one resolved above, and no --shards means the field's default (CPUs)
     names = {f.name for f in dataclasses.fields(ServeConfig)} - {"secret", "shards"}
     fields: dict[str, Any] = {name: getattr(args, name) for name in names}
     fields["secret"] = secret
@@ -289,7 +220,8 @@ def _run_serve(args: argparse.Namespace) -> int:
         fields["shards"] = args.shards
     config = ServeConfig(**fields)
 
-    from shards.supervisor import run  # noqa: PLC0415 - written in parallel; import when used
+    # imported here, not at the top: the other subcommands need none of the server's modules
+    from shards.supervisor import run  # noqa: PLC0415
 
     code: int = run(config)
     return code
@@ -304,24 +236,22 @@ def _add_token(subparsers: Subparsers) -> None:
         help="mint a connection token (JWT) for a user",
         description="Print a signed connection token for USER_ID on stdout.",
     )
-    parser.add_argument("user", type=_id, metavar="USER_ID")
+    parser.add_argument("user", type=id_number, metavar="USER_ID")
     parser.add_argument(
         "--channels",
-        type=_id_list,
+        type=id_list,
         default=None,
         metavar="C1,C2",
         help="channel ids the connection joins at connect and may subscribe to",
     )
     parser.add_argument(
         "--ttl",
-        type=_seconds,
+        type=seconds,
         default=3600.0,
         metavar="SECONDS",
         help="validity (default: %(default)s)",
     )
-    parser.add_argument(
-        "--secret", default=None, help="token secret (default: $UCC_SECRET, else the secret file)"
-    )
+    add_secret(parser, "token secret", "the secret file")
     parser.set_defaults(run=_run_token)
 
 
@@ -359,12 +289,12 @@ def _add_broadcast(subparsers: Subparsers) -> None:
         description="Broadcast DATA (JSON text) to the WebSocket connections of the target.",
     )
     target = parser.add_mutually_exclusive_group(required=True)
-    target.add_argument("--channel", type=_id, metavar="C", help="every subscriber of channel C")
-    target.add_argument("--user", type=_id, metavar="U", help="every connection of user U")
-    target.add_argument("--users", type=_id_list, metavar="U1,U2", help="several users")
-    parser.add_argument(
-        "data", type=_json_value, metavar="DATA", help="JSON text, e.g. '{\"a\":1}'"
+    target.add_argument(
+        "--channel", type=id_number, metavar="C", help="every subscriber of channel C"
     )
+    target.add_argument("--user", type=id_number, metavar="U", help="every connection of user U")
+    target.add_argument("--users", type=id_list, metavar="U1,U2", help="several users")
+    parser.add_argument("data", type=json_value, metavar="DATA", help="JSON text, e.g. '{\"a\":1}'")
     _add_server_options(parser)
     parser.set_defaults(run=_run_broadcast)
 
@@ -390,8 +320,12 @@ def _add_online(subparsers: Subparsers) -> None:
         description="Print online users as a JSON list, or true/false with --user.",
     )
     target = parser.add_mutually_exclusive_group()
-    target.add_argument("--channel", type=_id, metavar="C", help="users subscribed to channel C")
-    target.add_argument("--user", type=_id, metavar="U", help="print whether user U is online")
+    target.add_argument(
+        "--channel", type=id_number, metavar="C", help="users subscribed to channel C"
+    )
+    target.add_argument(
+        "--user", type=id_number, metavar="U", help="print whether user U is online"
+    )
     _add_server_options(parser)
     parser.set_defaults(run=_run_online)
 
@@ -423,8 +357,8 @@ def _add_subscribe(subparsers: Subparsers) -> None:
             help=f"{name} all of a user's connections {verb} a channel",
             description=f"{name.capitalize()} every connection of USER {verb} CHANNEL.",
         )
-        parser.add_argument("user", type=_id, metavar="USER")
-        parser.add_argument("channel", type=_id, metavar="CHANNEL")
+        parser.add_argument("user", type=id_number, metavar="USER")
+        parser.add_argument("channel", type=id_number, metavar="CHANNEL")
         _add_server_options(parser)
         parser.set_defaults(run=_run_subscribe, subscribe=name == "subscribe")
 
@@ -446,7 +380,7 @@ def _add_disconnect(subparsers: Subparsers) -> None:
         help="close all of a user's connections (close code 4001)",
         description="Close every connection of USER with close code 4001.",
     )
-    parser.add_argument("user", type=_id, metavar="USER")
+    parser.add_argument("user", type=id_number, metavar="USER")
     _add_server_options(parser)
     parser.set_defaults(run=_run_disconnect)
 
@@ -503,147 +437,6 @@ def _run_status(args: argparse.Namespace) -> int:
     return _talk(args, action)
 
 
-# --- bench -------------------------------------------------------------------------------------
-
-BENCH_SCENARIOS = ("idle", "fanout", "rooms", "direct", "connect")
-
-
-def _rate(text: str) -> str:
-    """Messages per second, or ``max`` (as fast as the server absorbs)."""
-    if text == "max":
-        return text
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive rate or 'max', got {text!r}")
-    return text
-
-
-def _count_list(text: str) -> list[int]:
-    """Comma-separated positive integers, e.g. ``1000,5000,10000``."""
-    return [_positive_int(part.strip()) for part in text.split(",") if part.strip()]
-
-
-def _add_bench(subparsers: Subparsers) -> None:
-    parser = subparsers.add_parser(
-        "bench",
-        help="measure a ucc server (started for the run, or --target) under load",
-        description=(
-            "Run a load scenario against ucc (and with --reference, against a plain websockets"
-            " server too) and print the figures: a table, or one JSON object with --json."
-        ),
-    )
-    parser.add_argument(
-        "scenario",
-        choices=BENCH_SCENARIOS,
-        metavar="SCENARIO",
-        help="one of: " + ", ".join(BENCH_SCENARIOS),
-    )
-    parser.add_argument(
-        "--connections", type=_positive_int, metavar="N", help="WebSocket connections to open"
-    )
-    parser.add_argument(
-        "--members",
-        type=_positive_int,
-        metavar="M",
-        help="members per channel (fanout: of the one channel)",
-    )
-    parser.add_argument("--rate", type=_rate, metavar="R", help="commands per second, or 'max'")
-    parser.add_argument(
-        "--messages",
-        type=_positive_int,
-        metavar="K",
-        help="commands to publish (default: rate x duration)",
-    )
-    parser.add_argument(
-        "--duration",
-        type=_seconds,
-        metavar="S",
-        help="publishing time with --rate max; hold time for idle",
-    )
-    parser.add_argument(
-        "--sweep",
-        type=_count_list,
-        metavar="M1,M2",
-        help="repeat for these members (fanout, rooms) or connections",
-    )
-    parser.add_argument(
-        "--reference",
-        action="store_true",
-        help="also run it against a plain websockets server; report ratios",
-    )
-    parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    parser.add_argument(
-        "--target",
-        metavar="ws://HOST:PORT",
-        help="measure this running server instead of starting one",
-    )
-    parser.add_argument(
-        "--command",
-        metavar="ENDPOINT",
-        default=os.environ.get("UCC_COMMAND") or DEFAULT_COMMAND,
-        help="with --target: its command endpoint (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--secret",
-        default=None,
-        help="with --target: its token secret (default: $UCC_SECRET or file)",
-    )
-    parser.add_argument(
-        "--shards",
-        type=_positive_int,
-        metavar="N",
-        help="shards of the server the bench starts (default: CPUs)",
-    )
-    parser.add_argument(
-        "--write-buffer-limit",
-        type=_positive_int,
-        metavar="BYTES",
-        default=ServeConfig.write_buffer_limit,
-        help="of the server the bench starts (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--serve-arg",
-        action="append",
-        metavar="ARG",
-        help="pass ARG to the `ucc serve` the bench starts (repeatable)",
-    )
-    parser.add_argument(
-        "--payload",
-        type=_positive_int,
-        default=100,
-        metavar="BYTES",
-        help="size of each message's JSON data (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--concurrency",
-        type=_positive_int,
-        default=256,
-        metavar="C",
-        help="connection attempts in flight per client process",
-    )
-    parser.add_argument(
-        "--client-procs",
-        type=_positive_int,
-        metavar="P",
-        help="client processes (default: 1, or N/12,500 up to 4)",
-    )
-    parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
-    parser.set_defaults(run=_run_bench)
-
-
-def _run_bench(args: argparse.Namespace) -> int:
-    if args.target and not args.target.startswith("ws://"):
-        _error("--target must be a ws:// URL")
-        return 2
-    from shards.bench.runner import run  # noqa: PLC0415 - the bench is heavy; load it when used
-
-    code: int = run(args)
-    return code
-
-
 # --- entry point -------------------------------------------------------------------------------
 
 SUBCOMMANDS: list[Callable[[Subparsers], None]] = [
@@ -654,12 +447,13 @@ SUBCOMMANDS: list[Callable[[Subparsers], None]] = [
     _add_subscribe,
     _add_disconnect,
     _add_status,
-    _add_bench,
+    add_bench,
 ]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``ucc`` parser; reads ``UCC_COMMAND``/``UCC_REDIS_URL`` for defaults when called."""
+    """The ``ucc`` parser; reads ``UCC_COMMAND``, ``UCC_REDIS_URL`` and ``UCC_CLUSTER`` (the
+    defaults of their flags) when called."""
     parser = argparse.ArgumentParser(
         prog="ucc",
         description="ucc: a sharded WebSocket connection cache driven over ZeroMQ.",

@@ -23,6 +23,7 @@ from shards.bench.fleet import Fleet
 from shards.bench.report import Progress, emit
 from shards.bench.scenarios import Options, Run, layout
 from shards.bench.servers import Server, ServerError, attach, start_reference, start_ucc
+from shards.config import resolve_secret
 
 # scenario -> (connections, members, rate (None: max), duration)
 DEFAULTS: dict[str, tuple[int | None, int, float | None, float]] = {
@@ -127,11 +128,7 @@ def _server(args: argparse.Namespace, kind: str) -> Server:
     if kind == "reference":
         return start_reference(secrets.token_hex(32))
     if args.target:
-        secret = args.secret or os.environ.get("UCC_SECRET")
-        if not secret:
-            from shards.config import resolve_secret  # noqa: PLC0415
-
-            secret, _ = resolve_secret(None, create=False)
+        secret, _ = resolve_secret(args.secret, create=False)  # --secret, $UCC_SECRET, file
         return attach(args.target, args.command, secret)
     extra = ["--write-buffer-limit", str(args.write_buffer_limit), *(args.serve_arg or [])]
     return start_ucc(secrets.token_hex(32), args.shards or (os.cpu_count() or 1), extra)
