@@ -11,16 +11,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 from urllib.parse import parse_qs, urlsplit
 
+from actors.wire.errors import PeerError
+
 MAX_HEAD = 8 * 1024
 
 
-class HeadError(Exception):
+class HeadError(PeerError):
     """The request cannot be served; ``status`` is the HTTP status to answer with."""
 
     def __init__(self, status: int, reason: str) -> None:
-        super().__init__(f"{status} {reason}")
+        super().__init__(f"http_{status}", reason)
         self.status = status
         self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.reason}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import jwt
 
 from actors.ids import MAX_ID, ChannelId, UserId, parse_id
+from actors.wire.errors import PeerError
 
 ALGORITHM = "HS256"
 MAX_TOKEN_CHANNELS = 1024
@@ -26,8 +27,15 @@ MAX_ID_DIGITS = len(str(MAX_ID))  # 19: a longer sub (leading zeros aside) is ou
 _DECODE_ERRORS = (ValueError, TypeError, ArithmeticError, RecursionError)
 
 
-class TokenError(Exception):
-    """The token is missing, malformed, badly signed, expired or carries bad claims."""
+class TokenError(PeerError):
+    """The token is missing, malformed, badly signed, expired or carries bad claims: 401, with
+    ``str(error)`` (the message alone) as the body."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("unauthorized", message)
+
+    def __str__(self) -> str:
+        return self.message
 
 
 @dataclass(frozen=True, slots=True)
