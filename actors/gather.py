@@ -1,37 +1,85 @@
 """Scatter/gather: a query in flight to some shards (and the Redis link), and how the answers
 combine into one reply.
 
-Owns: :class:`Gather` and the combiners, pure functions from the answers received to the reply's
-fields. Must never send anything or read a clock: the RouterCore starts, feeds and finishes
-gathers.
+Owns: :class:`GatherSpec` (what a command asks, and of whom), :class:`Gather` (one query in
+flight), the participant :data:`REDIS`, and the combiners, pure functions from the answers
+received to the reply's fields. Must never send anything or read a clock: the RouterCore starts,
+feeds and finishes gathers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
+from actors.hostlink import RedisOp
 from actors.ids import ShardIndex
 
 Combiner = Callable[["Gather"], dict[str, Any]]
-REDIS = ShardIndex(-1)  # the Redis link, as a participant in gathers
-RedisOp = tuple[Any, ...]  # (operation, gather id or 0, arguments...)
+
+
+class Redis(Enum):
+    """The Redis link as a participant in gathers: it brings the other hosts' part of an answer.
+    An enum member, so that it can never be mistaken for a shard's index."""
+
+    LINK = "redis"
+
+
+REDIS = Redis.LINK
+Participant = ShardIndex | Redis  # who a gather waits for
+
+
+@dataclass(frozen=True, slots=True)
+class GatherSpec:
+    """What a command asks, and of whom: built by a command's handler, started by the core.
+
+    ``query(index)`` is the body sent to shard ``index`` (same ``{"op": ...}`` JSON as ever);
+    ``args`` are the command's arguments the combiner needs; ``remote(qid)``, in a cluster of
+    hosts, is the operation that asks the other hosts (through the Redis link) for their part.
+    """
+
+    shards: Collection[ShardIndex]
+    combine: Combiner
+    query: Callable[[ShardIndex], dict[str, Any]]
+    args: Mapping[str, Any] = field(default_factory=dict)
+    remote: Callable[[int], RedisOp] | None = None
 
 
 @dataclass(slots=True)
 class Gather:
-    """A query sent to some shards, waiting for their answers until ``deadline``."""
+    """A query sent to some participants, waiting for their answers until ``deadline``."""
 
     envelope: list[bytes] | None  # None: an internal gather (a presence snapshot)
     request: Any
     combine: Combiner
     deadline: float
-    waiting: set[ShardIndex]
-    answers: dict[ShardIndex, Any] = field(default_factory=dict)
-    missing: set[ShardIndex] = field(default_factory=set)
-    args: dict[str, Any] = field(default_factory=dict)
-    redis: bool = False  # the Redis link takes part
+    waiting: set[Participant]
+    answers: dict[Participant, Any] = field(default_factory=dict)
+    missing: set[Participant] = field(default_factory=set)
+    args: Mapping[str, Any] = field(default_factory=dict)
+    redis: bool = False  # the Redis link takes part (the reply says whether it answered)
+
+    def answered(self, who: Participant, body: Any) -> None:
+        """``who``'s answer (ignored if it was not waited for: late or unknown)."""
+        if who in self.waiting:
+            self.waiting.discard(who)
+            self.answers[who] = body
+
+    def gave_up(self, who: Participant) -> None:
+        """``who`` will not answer (down, unreachable): the reply names it missing."""
+        if who in self.waiting:
+            self.waiting.discard(who)
+            self.missing.add(who)
+
+    def expire(self) -> None:
+        """The deadline passed (or the router stops): whoever has not answered is missing."""
+        self.missing |= self.waiting
+        self.waiting.clear()
+
+    def missing_shards(self) -> list[int]:
+        return sorted(i for i in self.missing if not isinstance(i, Redis))
 
 
 def union_users(gather: Gather) -> dict[str, Any]:
@@ -72,7 +120,7 @@ def presence_snapshot(gather: Gather) -> dict[str, Any]:
 
 
 def sum_connections(gather: Gather) -> dict[str, Any]:
-    local = sum(a["connections"] for i, a in gather.answers.items() if i != REDIS)
+    local = sum(a["connections"] for i, a in gather.answers.items() if i is not REDIS)
     result: dict[str, Any] = {"connections": local}
     if REDIS in gather.answers:  # how many other hosts have the user and were told
         result["hosts"] = gather.answers[REDIS]["value"]

@@ -1,11 +1,12 @@
 """A pykka actor that also owns ZeroMQ sockets: its inbox waits on both.
 
 Owns: :class:`PollingInbox` (pykka's inbox protocol over a deque plus a ``zmq.Poller`` that also
-watches an eventfd rung by ``put``) and :class:`SocketActor`, the base of the RouterActor (the
-CacheActor runs on its shard's event loop instead: see ``loopactor``). The actor's own thread
-reads its sockets and its mailbox in turn, so every socket has exactly one owning thread and a
-message from a socket never takes an extra hop. Must never process messages itself: readiness
-and timers become ordinary messages to the actor.
+watches an eventfd, opened here and rung by ``put``) and :class:`SocketActor`, the base of the
+RouterActor (the CacheActor runs on its shard's event loop instead: see ``loopactor``). The
+actor's own thread reads its sockets and its mailbox in turn, so every socket has exactly one
+owning thread and a message from a socket never takes an extra hop. Must never process messages
+itself, nor read from the sockets it watches: readiness and timers become ordinary messages to
+the actor (:class:`SocketsReady`, :class:`Tick`), and a due timer goes before anything else.
 """
 
 from __future__ import annotations
@@ -31,9 +32,8 @@ class SocketsReady:
 
 @dataclass(frozen=True, slots=True)
 class Tick:
-    """Delivered to the actor when its timer (``next_timer``) comes due."""
-
-    now: float
+    """Delivered to the actor when its timer (``next_timer``) comes due. It carries no time:
+    the actor reads the clock when it handles it (the only time that matters then)."""
 
 
 class PollingInbox:
@@ -56,6 +56,14 @@ class PollingInbox:
             self._poller.unregister(sock)
         self._sockets.clear()
 
+    def close(self) -> None:
+        """Close the eventfd. Only once no thread can ``put`` any more (pykka may still hand
+        a dead actor's inbox a message), so the RouterActor never does: its one inbox lives as
+        long as its process. Tests, which make many, do."""
+        self.unregister_all()
+        self._poller.unregister(self._wake)
+        os.close(self._wake)
+
     def put(self, envelope: Envelope[Any], /) -> None:
         self._queue.append(envelope)
         os.eventfd_write(self._wake, 1)
@@ -71,7 +79,7 @@ class PollingInbox:
                 now = time.monotonic()
                 if now >= self.next_timer:
                     self.next_timer = None
-                    return Envelope(Tick(now))
+                    return Envelope(Tick())
                 timeout_ms = max(1, int((self.next_timer - now) * 1000) + 1)
             if self._queue:
                 return self._queue.popleft()

@@ -1,11 +1,12 @@
 """The router's logic: the channel → shards index, shard liveness, routing and scatter/gather.
 
 Owns: which shards are up (and in which incarnation, the *epoch*), which shards hold members of
-which channel, and the queries in flight. Every method appends what must be sent to
-``self.outbox`` (to shards), ``self.replies`` (to backends) and, in a cluster of hosts,
-``self.to_redis`` (operations for the Redis link, which answers through :meth:`redis_result`);
-the RouterActor moves the bytes. In a gather, the Redis link is one more participant
-(``REDIS``): it brings the other hosts' part of an answer, or the news that they were not reached.
+which channel, the credit window to each shard, and the queries in flight. Commands are handled
+by one method each (:attr:`RouterCore.handlers`). What must be sent is queued inside and taken
+by the RouterActor (as websockets' ``data_to_send()``): :meth:`RouterCore.take_outbox` (to
+shards), :meth:`RouterCore.take_replies` (to backends), :meth:`RouterCore.take_events` (to the
+supervisor). In a cluster of hosts, the Redis half (:class:`actors.hosts.OtherHosts`,
+``core.hosts``) adds the other hosts to gathers and queues the Redis link's operations.
 Must never do I/O, read a clock (``now`` is a parameter) or block: a shard that is down or slow
 only ever costs a missing answer in a reply, never a wait.
 
@@ -23,23 +24,30 @@ from __future__ import annotations
 import json
 import logging
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
 from actors.gather import (
-    REDIS,
-    Combiner,
     Gather,
-    RedisOp,
+    GatherSpec,
+    Participant,
     are_online,
     broadcast,
     is_online,
-    presence_snapshot,
     sum_connections,
     union_users,
 )
+from actors.hostlink import (
+    AreOnline,
+    OnlineInChannel,
+    OnlineUsers,
+    PublishChannel,
+    PublishUsers,
+    RedisOp,
+)
+from actors.hosts import OtherHosts
 from actors.ids import ChannelId, ShardIndex, stable_hash
 from actors.wire import commands, frames, shardwire
 from actors.wire.commands import Command, CommandError
@@ -47,6 +55,8 @@ from actors.wire.commands import Command, CommandError
 log = logging.getLogger("ucc.router")
 
 MARK_SPAN = 0.01  # seconds of sending one backlog age mark covers (see ShardSlot.marks)
+
+Handler = Callable[[list[bytes], Command, float], None]
 
 
 class ShardState(Enum):
@@ -108,12 +118,27 @@ class ShardSlot:
 
 @dataclass(frozen=True, slots=True)
 class ShardEvent:
-    """A change of a shard's state, for the supervisor."""
+    """For the supervisor: a shard's incarnation came up (its hello reached the router, which
+    indexed its channels). The core only reports ``state`` UP this way; a shard it declares
+    hung is a :class:`ShardHung`."""
 
     index: ShardIndex
     state: ShardState
     epoch: int
     pid: int
+
+
+@dataclass(frozen=True, slots=True)
+class ShardHung:
+    """For the supervisor: the router declared incarnation ``epoch`` of shard ``index`` down
+    because its heartbeats stopped; the supervisor kills it (and restarts it)."""
+
+    index: ShardIndex
+    epoch: int
+    pid: int
+
+
+RouterEvent = ShardEvent | ShardHung
 
 
 class RouterCore:
@@ -122,12 +147,13 @@ class RouterCore:
         shards: int,
         gather_timeout: float = 1.0,
         max_command: int = 1 << 20,
-        cluster: bool = False,
+        redis: bool = False,
         queue_messages: int = 20_000,
         queue_bytes: int = 64 << 20,
         queue_delay: float = 0.1,
         max_queries: int = 10_000,
     ) -> None:
+        """``redis``: this host has a Redis link to other hosts (``self.hosts`` is its half)."""
         self.queue_messages = queue_messages
         self.queue_bytes = queue_bytes
         self.queue_delay = queue_delay
@@ -138,13 +164,10 @@ class RouterCore:
         self.max_command = max_command
         self.pending: dict[int, Gather] = {}
         self._next_qid = 1
-        self.outbox: list[tuple[bytes, list[bytes]]] = []
-        self.replies: list[tuple[list[bytes], bytes]] = []
-        self.events: list[ShardEvent] = []
-        self.cluster = cluster  # a Redis link exists
-        self.cluster_up = False  # ...and is connected
-        self.to_redis: list[RedisOp] = []
-        self.link_counters: dict[str, int] | None = None  # the Redis link's, shown in stats
+        self._outbox: list[tuple[bytes, list[bytes]]] = []
+        self._replies: list[tuple[list[bytes], bytes]] = []
+        self._events: list[RouterEvent] = []
+        self.hosts = OtherHosts(self) if redis else None
         self.counters = {
             "commands": 0,
             "errors": 0,
@@ -155,6 +178,38 @@ class RouterCore:
             "remote_dropped": 0,  # deliveries from other hosts that found no room
             "internal_errors": 0,  # a bug met while handling a command (logged)
         }
+        # one handler per command (commands.COMMANDS names them; a test keeps both in step)
+        self.handlers: dict[str, Handler] = {
+            "broadcast_to_channel": self._broadcast_to_channel,
+            "broadcast_to_user": self._broadcast_to_users,
+            "broadcast_to_users": self._broadcast_to_users,
+            "get_online_users_in_channel": self._online_in_channel,
+            "get_online_users": self._online,
+            "is_user_online": self._are_online,
+            "are_users_online": self._are_online,
+            "subscribe": self._user_control,
+            "unsubscribe": self._user_control,
+            "disconnect": self._user_control,
+            "router_stats": self._router_stats,
+            "status": self._status,
+        }
+
+    # -- outputs, taken by the RouterActor -------------------------------------------------
+
+    def take_outbox(self) -> list[tuple[bytes, list[bytes]]]:
+        """Messages to shards queued since the last call: (shard identity, frames), in order."""
+        outbox, self._outbox = self._outbox, []
+        return outbox
+
+    def take_replies(self) -> list[tuple[list[bytes], bytes]]:
+        """Replies to backends queued since the last call: (envelope, payload), in order."""
+        replies, self._replies = self._replies, []
+        return replies
+
+    def take_events(self) -> list[RouterEvent]:
+        """News for the supervisor since the last call."""
+        events, self._events = self._events, []
+        return events
 
     # -- shard lifecycle -------------------------------------------------------------------
 
@@ -162,41 +217,44 @@ class RouterCore:
         """The supervisor started incarnation ``epoch`` of shard ``index``."""
         slot = self.slots[index]
         if epoch > slot.epoch:
-            self._drop(slot, now=None)
+            self._drop(slot)
             slot.epoch, slot.pid, slot.state = epoch, pid, ShardState.STARTING
 
     def shard_down(self, index: int, epoch: int, now: float) -> None:
         """Incarnation ``epoch`` of shard ``index`` died or was killed."""
         slot = self.slots[index]
         if slot.epoch == epoch and slot.state is not ShardState.DOWN:
-            self._drop(slot, now)
+            self._drop(slot)
             slot.state = ShardState.DOWN
 
     def check_hung(self, now: float, timeout: float) -> list[ShardSlot]:
         """Declare down the up shards silent for ``timeout`` seconds, and report them to the
-        supervisor, which kills them. A shard's heartbeat is a timer on its event loop, so it
-        stops when the loop stops turning (SIGSTOP, an endless callback); a busy loop still
-        turns (every turn's work is bounded: connections' reads by their budget, deliveries by
-        the shard's work cap, and the router never queues more than the credit window), so
-        load alone does not look hung."""
+        supervisor (:class:`ShardHung`), which kills them. A shard's heartbeat is a timer on its
+        event loop, so it stops when the loop stops turning (SIGSTOP, an endless callback); a
+        busy loop still turns (every turn's work is bounded: connections' reads by their budget,
+        deliveries by the shard's work cap, and the router never queues more than the credit
+        window), so load alone does not look hung."""
         hung = [s for s in self.up_shards() if now - s.last_seen > timeout]
         for slot in hung:
             self.shard_down(slot.index, slot.epoch, now)
-            self.events.append(ShardEvent(slot.index, ShardState.DOWN, slot.epoch, slot.pid))
+            self._events.append(ShardHung(slot.index, slot.epoch, slot.pid))
         return hung
 
-    def _drop(self, slot: ShardSlot, now: float | None) -> None:
+    def _drop(self, slot: ShardSlot) -> None:
         """Forget a shard's memberships and stop waiting for it."""
         for channel in slot.channels:
             self._unindex(channel, slot.index)
         slot.channels = set()
         slot.reset_credit()
+        self._give_up(slot.index)
+
+    def _give_up(self, who: Participant) -> None:
+        """``who`` will answer none of the gathers in flight: finish those it completes."""
         for qid, gather in list(self.pending.items()):
-            if slot.index in gather.waiting:
-                gather.waiting.discard(slot.index)
-                gather.missing.add(slot.index)
+            if who in gather.waiting:
+                gather.gave_up(who)
                 if not gather.waiting:
-                    self._finish(qid)
+                    self.finish(qid)
 
     def up_shards(self) -> list[ShardSlot]:
         return [slot for slot in self.slots if slot.state is ShardState.UP]
@@ -235,17 +293,17 @@ class RouterCore:
         """Confirm a numbered membership change: the shard holds its clients' hello and
         subscribed frames until then (see shardwire)."""
         if seq:
-            self._send(slot.index, shardwire.indexed(shardwire.unpack_id(seq[0])), now)
+            self.send(slot.index, shardwire.indexed(shardwire.unpack_id(seq[0])), now)
 
     def _hello(self, slot: ShardSlot, epoch: int, msg: list[bytes], now: float) -> None:
         body = json.loads(msg[1])
         if epoch < slot.epoch or (epoch == slot.epoch and slot.state is ShardState.DOWN):
             self.counters["stale_messages"] += 1  # an old or already-dead incarnation
             return
-        self._drop(slot, now)
+        self._drop(slot)
         slot.epoch, slot.pid, slot.state, slot.last_seen = epoch, body["pid"], ShardState.UP, now
         self._delta(slot, body["channels"], [])
-        self.events.append(ShardEvent(slot.index, ShardState.UP, epoch, slot.pid))
+        self._events.append(ShardEvent(slot.index, ShardState.UP, epoch, slot.pid))
 
     def _delta(self, slot: ShardSlot, gained: list[int], lost: list[int]) -> None:
         for raw in gained:
@@ -254,8 +312,8 @@ class RouterCore:
             shards = self.index.get(channel)
             if shards is None:
                 shards = self.index[channel] = set()
-                if self.cluster:  # the host's first member: listen to the channel's topic
-                    self.to_redis.append(("subscribe", 0, channel))
+                if self.hosts is not None:  # the host's first member
+                    self.hosts.channel_gained(channel)
             shards.add(slot.index)
         for raw in lost:
             channel = ChannelId(raw)
@@ -268,17 +326,16 @@ class RouterCore:
             shards.discard(index)
             if not shards:
                 del self.index[channel]
-                if self.cluster:  # the host's last member left: stop listening
-                    self.to_redis.append(("unsubscribe", 0, channel))
+                if self.hosts is not None:  # the host's last member left
+                    self.hosts.channel_lost(channel)
 
     def _result(self, slot: ShardSlot, qid: int, body: Any) -> None:
         gather = self.pending.get(qid)
         if gather is None or slot.index not in gather.waiting:
             return  # answered after its deadline: already replied without it
-        gather.waiting.discard(slot.index)
-        gather.answers[slot.index] = body
+        gather.answered(slot.index, body)
         if not gather.waiting:
-            self._finish(qid)
+            self.finish(qid)
 
     # -- commands from backends ------------------------------------------------------------
 
@@ -286,11 +343,11 @@ class RouterCore:
         self.counters["commands"] += 1
         try:
             cmd = commands.decode(raw, self.max_command)
-            self._dispatch(envelope, cmd, now)
+            self.handlers[cmd.name](envelope, cmd, now)
         except CommandError as exc:
             self.counters["commands_refused" if exc.code == "overloaded" else "errors"] += 1
             request = commands.request_id(raw) if exc.code != "too_large" else None
-            self.replies.append((envelope, commands.error_reply(request, exc.code, exc.message)))
+            self._replies.append((envelope, commands.error_reply(request, exc.code, exc.message)))
         except (RecursionError, OverflowError, ValueError, TypeError, KeyError) as exc:
             # a hole in validation (a bug) must cost this command, never the router: said once
             # in the log with its traceback, counted, and answered
@@ -299,78 +356,112 @@ class RouterCore:
             reply = commands.error_reply(
                 commands.request_id(raw), "internal_error", f"cannot process: {exc!r}"[:200]
             )
-            self.replies.append((envelope, reply))
+            self._replies.append((envelope, reply))
 
-    def _dispatch(self, envelope: list[bytes], cmd: Command, now: float) -> None:
-        name, args = cmd.name, cmd.args
-        if name == "broadcast_to_channel":
-            channel = args["channel"]
-            frame = frames.channel_message(channel, cmd.data_json)
-            self._check_frame(frame)
-            shards = self.index.get(channel, ())
-            message = shardwire.channel_delivery(channel, frame)
-            self._admit(shards, message, now)
-            for index in shards:
-                self._send(index, message, now)
-            publish = ("publish_channel", channel, frame)
-            self._finish_broadcast(envelope, cmd, now, len(shards), publish)
-        elif name in ("broadcast_to_user", "broadcast_to_users"):
-            users = [args["user"]] if name == "broadcast_to_user" else args["users"]
-            frame = frames.direct_message(cmd.data_json)
-            self._check_frame(frame)
-            groups = self._up_groups(users)
-            self._admit(groups, shardwire.users_delivery((), frame), now)
-            sent = self._deliver(groups, frame, now)
-            self._finish_broadcast(envelope, cmd, now, sent, ("publish_users", users, frame))
-        elif name == "get_online_users_in_channel":
-            shards = set(self.index.get(args["channel"], ()))
-            query = {"op": "online_channel", **args}
-            remote = ("online_channel", args["channel"])
-            self._gather(envelope, cmd, shards, now, union_users, lambda _: query, None, remote)
-        elif name == "get_online_users":
-            everyone = self._all()
-            query = {"op": "online"}
-            self._gather(
-                envelope, cmd, everyone, now, union_users, lambda _: query, None, ("online",)
-            )
-        elif name in ("is_user_online", "are_users_online"):
-            users = [args["user"]] if name == "is_user_online" else args["users"]
-            groups = self._by_shard(users)
-            combine = is_online if name == "is_user_online" else are_online
-            self._gather(
-                envelope,
-                cmd,
-                set(groups),
-                now,
-                combine,
-                lambda i: {"op": "are_online", "users": groups[i]},
-                {"users": users},
-                ("are_online", users),
-            )
-        elif name in ("subscribe", "unsubscribe", "disconnect"):
-            index = self._shard_of(args["user"])
-            query = {"op": name, **args}
-            # in a cluster, the hosts that have the user apply it too (connections counts ours)
-            forward = ("publish_users", [args["user"]], b"", query)
-            self._gather(
-                envelope, cmd, {index}, now, sum_connections, lambda _: query, None, forward
-            )
-        elif name == "router_stats":
-            self._reply(envelope, cmd, self.statistics())
-        elif name == "status":
-            self._gather(envelope, cmd, self._all(), now, self._status, lambda _: {"op": "status"})
-        else:  # pragma: no cover - COMMANDS and this table are kept in step by tests
-            raise AssertionError(name)
+    def _broadcast_to_channel(self, envelope: list[bytes], cmd: Command, now: float) -> None:
+        channel = cmd.args["channel"]
+        frame = frames.channel_message(channel, cmd.data_json)
+        self._check_frame(frame)
+        shards = self.index.get(channel, ())
+        message = shardwire.channel_delivery(channel, frame)
+        self._admit(shards, message, now)
+        for index in shards:
+            self.send(index, message, now)
+        self._finish_broadcast(
+            envelope, cmd, now, len(shards), lambda qid: PublishChannel(qid, channel, frame)
+        )
 
-    def _up_groups(self, users: list[int]) -> dict[ShardIndex, list[int]]:
+    def _broadcast_to_users(self, envelope: list[bytes], cmd: Command, now: float) -> None:
+        args = cmd.args
+        users = [args["user"]] if cmd.name == "broadcast_to_user" else args["users"]
+        frame = frames.direct_message(cmd.data_json)
+        self._check_frame(frame)
+        groups = self.up_groups(users)
+        self._admit(groups, shardwire.users_delivery((), frame), now)
+        for index, group in groups.items():
+            self.send(index, shardwire.users_delivery(group, frame), now)
+        self._finish_broadcast(
+            envelope, cmd, now, len(groups), lambda qid: PublishUsers(qid, users, frame)
+        )
+
+    def _online_in_channel(self, envelope: list[bytes], cmd: Command, now: float) -> None:
+        channel = cmd.args["channel"]
+        query = {"op": "online_channel", **cmd.args}
+        spec = GatherSpec(
+            set(self.index.get(channel, ())),
+            union_users,
+            lambda _index: query,
+            remote=lambda qid: OnlineInChannel(qid, channel),
+        )
+        self.start_gather(envelope, cmd.id, spec, now)
+
+    def _online(self, envelope: list[bytes], cmd: Command, now: float) -> None:
+        query = {"op": "online"}
+        spec = GatherSpec(self._all(), union_users, lambda _index: query, remote=OnlineUsers)
+        self.start_gather(envelope, cmd.id, spec, now)
+
+    def _are_online(self, envelope: list[bytes], cmd: Command, now: float) -> None:
+        one = cmd.name == "is_user_online"
+        users = [cmd.args["user"]] if one else cmd.args["users"]
+        groups = self._by_shard(users)
+        spec = GatherSpec(
+            set(groups),
+            is_online if one else are_online,
+            lambda index: {"op": "are_online", "users": groups[index]},
+            {"users": users},
+            lambda qid: AreOnline(qid, users),
+        )
+        self.start_gather(envelope, cmd.id, spec, now)
+
+    def _user_control(self, envelope: list[bytes], cmd: Command, now: float) -> None:
+        """subscribe, unsubscribe, disconnect: to the user's shard and, in a cluster, to the
+        hosts that have the user (``connections`` counts ours, ``hosts`` how many others)."""
+        user = cmd.args["user"]
+        query = {"op": cmd.name, **cmd.args}
+        spec = GatherSpec(
+            {self._shard_of(user)},
+            sum_connections,
+            lambda _index: query,
+            remote=lambda qid: PublishUsers(qid, [user], b"", query),
+        )
+        self.start_gather(envelope, cmd.id, spec, now)
+
+    def _router_stats(self, envelope: list[bytes], cmd: Command, now: float) -> None:
+        self._reply(envelope, cmd, self.statistics())
+
+    def _status(self, envelope: list[bytes], cmd: Command, now: float) -> None:
+        spec = GatherSpec(self._all(), self._status_rows, lambda _index: {"op": "status"})
+        self.start_gather(envelope, cmd.id, spec, now)
+
+    def _finish_broadcast(
+        self,
+        envelope: list[bytes],
+        cmd: Command,
+        now: float,
+        shards: int,
+        publish: Callable[[int], RedisOp],
+    ) -> None:
+        """Reply at once on one host; in a cluster, once Redis has taken the message."""
+        if self.hosts is None:
+            self._reply(envelope, cmd, {"shards": shards})
+            return
+        spec = GatherSpec((), broadcast, lambda _index: {}, {"shards": shards}, publish)
+        self.start_gather(envelope, cmd.id, spec, now)
+
+    def _check_frame(self, frame: bytes) -> None:
+        if len(frame) > self.max_command:
+            raise CommandError("too_large", "the message exceeds the frame size limit")
+
+    # -- services: to shards, with the credit window ---------------------------------------
+
+    def members(self, channel: ChannelId) -> Collection[ShardIndex]:
+        """The shards that hold members of ``channel``."""
+        return self.index.get(channel, ())
+
+    def up_groups(self, users: list[int]) -> dict[ShardIndex, list[int]]:
         """``users`` by shard, for the shards that are up."""
         groups = self._by_shard(users)
         return {i: g for i, g in groups.items() if self.slots[i].state is ShardState.UP}
-
-    def _deliver(self, groups: dict[ShardIndex, list[int]], frame: bytes, now: float) -> int:
-        for index, group in groups.items():
-            self._send(index, shardwire.users_delivery(group, frame), now)
-        return len(groups)
 
     def _room(self, index: ShardIndex, size: int, now: float) -> str | None:
         """Why one more message of ``size`` bytes does not fit in shard ``index``'s window,
@@ -396,20 +487,18 @@ class RouterCore:
             if reason is not None:
                 raise CommandError("overloaded", f"{reason}; nothing was sent, retry later")
 
-    def _finish_broadcast(
-        self, envelope: list[bytes], cmd: Command, now: float, shards: int, publish: RedisOp
-    ) -> None:
-        """Reply at once on one host; in a cluster, once Redis has taken the message."""
-        if not self.cluster:
-            self._reply(envelope, cmd, {"shards": shards})
-            return
-        self._gather(
-            envelope, cmd, set(), now, broadcast, lambda _: {}, {"shards": shards}, publish
-        )
+    def offer(self, index: ShardIndex, msg: list[bytes], now: float) -> bool:
+        """Queue ``msg`` to shard ``index`` if its window has room; False if not (not sent)."""
+        if self._room(index, shardwire.size(msg[1], msg[2]), now) is not None:
+            return False
+        self.send(index, msg, now)
+        return True
 
-    def _check_frame(self, frame: bytes) -> None:
-        if len(frame) > self.max_command:
-            raise CommandError("too_large", "the message exceeds the frame size limit")
+    def send(self, index: ShardIndex, msg: list[bytes], now: float) -> None:
+        """Queue ``msg`` to shard ``index``, counted in its window."""
+        slot = self.slots[index]
+        slot.queued(shardwire.size(msg[1], msg[2]), now)
+        self._outbox.append((slot.identity, msg))
 
     def _shard_of(self, user: int) -> ShardIndex:
         return stable_hash(user, len(self.slots))
@@ -423,27 +512,17 @@ class RouterCore:
     def _all(self) -> set[ShardIndex]:
         return {slot.index for slot in self.slots}
 
-    def _send(self, index: ShardIndex, msg: list[bytes], now: float) -> None:
-        slot = self.slots[index]
-        slot.queued(shardwire.size(msg[1], msg[2]), now)
-        self.outbox.append((slot.identity, msg))
-
     def _reply(self, envelope: list[bytes], cmd: Command, result: dict[str, Any]) -> None:
-        self.replies.append((envelope, commands.reply(cmd.id, result)))
+        self._replies.append((envelope, commands.reply(cmd.id, result)))
 
-    def _gather(
-        self,
-        envelope: list[bytes],
-        cmd: Command,
-        shards: set[ShardIndex],
-        now: float,
-        combine: Combiner,
-        query: Callable[[ShardIndex], dict[str, Any]],
-        args: dict[str, Any] | None = None,
-        remote: RedisOp | None = None,
+    # -- gathers ---------------------------------------------------------------------------
+
+    def start_gather(
+        self, envelope: list[bytes] | None, request: Any, spec: GatherSpec, now: float
     ) -> None:
-        """Ask ``shards`` (and, in a cluster, the Redis link with ``remote``); reply when all
-        have answered or at the deadline, with what came back."""
+        """Ask ``spec.shards`` (and, in a cluster, the other hosts with ``spec.remote``); reply
+        to ``envelope`` (None: hand the result to ``hosts``) when all have answered or at the
+        deadline, with what came back. Refused ``overloaded`` beyond ``max_queries``."""
         if len(self.pending) >= self.max_queries:
             raise CommandError(
                 "overloaded", f"{len(self.pending)} queries in flight (limit {self.max_queries})"
@@ -451,115 +530,43 @@ class RouterCore:
         qid = self._next_qid
         self._next_qid += 1
         deadline = now + self.gather_timeout
-        redis = self.cluster and remote is not None
-        gather = Gather(envelope, cmd.id, combine, deadline, set(), args=args or {}, redis=redis)
+        gather = Gather(envelope, request, spec.combine, deadline, set(), args=spec.args)
         self.pending[qid] = gather
-        if redis and remote is not None:
-            if self.cluster_up:
-                self.to_redis.append((remote[0], qid, *remote[1:]))
-                gather.waiting.add(REDIS)
-            else:
-                gather.missing.add(REDIS)
-        for index in sorted(shards):
+        if self.hosts is not None and spec.remote is not None:
+            self.hosts.join(qid, gather, spec.remote)
+        for index in sorted(spec.shards):
             if self.slots[index].state is not ShardState.UP:
                 gather.missing.add(index)
                 continue
-            self._send(index, shardwire.query(qid, query(index)), now)
+            self.send(index, shardwire.query(qid, spec.query(index)), now)
             gather.waiting.add(index)
         if not gather.waiting:
-            self._finish(qid)
+            self.finish(qid)
 
     def tick(self, now: float) -> None:
         """Answer the queries whose deadline has passed with what they have."""
         for qid, gather in list(self.pending.items()):
             if now >= gather.deadline:
-                gather.missing |= gather.waiting
-                gather.waiting.clear()
-                self._finish(qid)
+                gather.expire()
+                self.finish(qid)
 
     def next_deadline(self) -> float | None:
         return min((g.deadline for g in self.pending.values()), default=None)
 
-    def _finish(self, qid: int) -> None:
+    def finish(self, qid: int) -> None:
+        """Gather ``qid`` is over: combine what came back into its reply."""
         gather = self.pending.pop(qid)
         result = gather.combine(gather)
-        if gather.envelope is None:  # a presence snapshot for the Redis link
-            if not gather.missing:  # a partial one would hide a slow shard's users: skip it
-                self.to_redis.append(("snapshot", 0, result))
+        if gather.envelope is None:  # a presence snapshot, for the other hosts: no reply
+            if self.hosts is not None:
+                self.hosts.snapshot_done(gather, result)
             return
-        result["missing_shards"] = sorted(i for i in gather.missing if i >= 0)
-        if gather.redis:
-            result["cluster"] = REDIS in gather.answers
-            if not result["cluster"]:
-                result["cluster_error"] = "redis unavailable: other hosts were not reached"
-        self.replies.append((gather.envelope, commands.reply(gather.request, result)))
+        result["missing_shards"] = gather.missing_shards()
+        if self.hosts is not None:
+            self.hosts.annotate(gather, result)
+        self._replies.append((gather.envelope, commands.reply(gather.request, result)))
 
-    # -- the Redis link --------------------------------------------------------------------
-
-    def redis_result(self, qid: int, ok: bool, body: Any) -> None:
-        """The Redis link's answer to operation ``qid`` (``ok`` false: Redis failed it)."""
-        gather = self.pending.get(qid)
-        if gather is None or REDIS not in gather.waiting:
-            return
-        gather.waiting.discard(REDIS)
-        if ok:
-            gather.answers[REDIS] = body
-        else:
-            gather.missing.add(REDIS)
-        if not gather.waiting:
-            self._finish(qid)
-
-    def redis_state(self, up: bool) -> None:
-        """The link (re)connected, or lost Redis: stop waiting for it."""
-        self.cluster_up = up
-        if not up:
-            for qid, gather in list(self.pending.items()):
-                if REDIS in gather.waiting:
-                    self.redis_result(qid, False, None)
-
-    def remote_delivery(
-        self, channel: int | None, users: list[int], frame: bytes, now: float
-    ) -> None:
-        """A broadcast from another host: to a channel's local members, or to users. Its
-        publisher has had its answer already: where there is no room, it is dropped, counted."""
-        if channel is not None:
-            message = shardwire.channel_delivery(channel, frame)
-            targets: dict[ShardIndex, list[bytes]] = {
-                index: message for index in self.index.get(ChannelId(channel), ())
-            }
-        else:
-            targets = {
-                index: shardwire.users_delivery(group, frame)
-                for index, group in self._up_groups(users).items()
-            }
-        for index, msg in targets.items():
-            if self._room(index, shardwire.size(msg[1], msg[2]), now) is None:
-                self._send(index, msg, now)
-            else:
-                self.counters["remote_dropped"] += 1
-
-    def remote_control(self, users: list[int], control: dict[str, Any], now: float) -> None:
-        """A backend command from another host for users we have: apply it, answer nobody."""
-        for index, group in self._up_groups(users).items():
-            for user in group:
-                body = {**control, "user": user}
-                self._send(index, shardwire.query(0, body), now)  # qid 0: no gather waits
-
-    def snapshot(self, now: float) -> None:
-        """Gather this host's presence from its shards, for the Redis link to publish."""
-        if len(self.pending) >= self.max_queries:
-            return  # the next one, when there is room
-        qid = self._next_qid
-        self._next_qid += 1
-        gather = Gather(None, None, presence_snapshot, now + self.gather_timeout, set())
-        self.pending[qid] = gather
-        for slot in self.up_shards():
-            self._send(slot.index, shardwire.query(qid, {"op": "snapshot"}), now)
-            gather.waiting.add(slot.index)
-        if not gather.waiting:
-            self._finish(qid)
-
-    def _status(self, gather: Gather) -> dict[str, Any]:
+    def _status_rows(self, gather: Gather) -> dict[str, Any]:
         rows = []
         for slot in self.slots:
             row: dict[str, Any] = {
@@ -584,13 +591,11 @@ class RouterCore:
             "shards": {slot.index: slot.state.value for slot in self.slots},
             # [messages, bytes] queued to each shard and not yet consumed (its credit window)
             "queued_to_shards": {slot.index: list(slot.in_flight()) for slot in self.slots},
-            **({"redis": dict(self.link_counters)} if self.link_counters is not None else {}),
+            **(self.hosts.statistics() if self.hosts is not None else {}),
         }
 
     def close_all(self) -> None:
         """Shutting down: answer every query in flight with what it has."""
         for qid in list(self.pending):
-            gather = self.pending[qid]
-            gather.missing |= gather.waiting
-            gather.waiting.clear()
-            self._finish(qid)
+            self.pending[qid].expire()
+            self.finish(qid)

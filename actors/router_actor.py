@@ -1,9 +1,13 @@
 """RouterActor: owns the command endpoint, the shard endpoint and the :class:`RouterCore`.
 
-Owns: two ZeroMQ ROUTER sockets (backends' commands on ``command``, shards on ``shards``) and the
-router's state. It reads commands and shard messages in batches, lets the core decide, and sends
-what the core queued — always with ``NOBLOCK``: a full or missing shard costs a dropped message
-(counted), never a wait. Must never block on a shard or call back into another actor with ``ask``.
+Owns: two ZeroMQ ROUTER sockets (backends' commands on ``command``, shards on ``shards``), the
+router's state (the core, and in a cluster of hosts the Redis link), and the router's timers
+(gather deadlines, hang checks, presence snapshots). It reads commands and shard messages in
+batches, lets the core decide, and sends what the core queued (``take_outbox``,
+``take_replies``, ``take_events``, ``hosts.take_ops``) — always with ``NOBLOCK``: a full or
+missing shard costs a dropped message (counted), never a wait. The Redis link reports to it with
+ordinary actor messages (:mod:`actors.hostlink` events). Must never block on a shard or the
+link, decide anything itself (the core does), or call back into another actor with ``ask``.
 """
 
 from __future__ import annotations
@@ -16,21 +20,22 @@ from typing import Any, Protocol
 
 import zmq
 
-from actors.ids import ShardIndex
+from actors.hostlink import Deliveries, LinkEvent, LinkState, RedisOp, Results
+from actors.hosts import OtherHosts
 from actors.inbox import SocketActor, SocketsReady, Tick
-from actors.router import RouterCore, ShardEvent, ShardState
+from actors.router import RouterCore, RouterEvent
 from actors.wire import shardwire
 
 log = logging.getLogger("ucc.router")
 
-FATAL = ShardEvent(ShardIndex(-1), ShardState.DOWN, -1, 0)  # "the router is dead"
-
-BATCH = 1024
+READ_BATCH = 1024  # messages read from one socket per turn at most
 ROUND = 0.05  # seconds of draining one socket before timers and the other socket get a turn
 
 
 @dataclass(frozen=True, slots=True)
 class ShardStarting:
+    """From the supervisor: it started incarnation ``epoch`` of shard ``index``."""
+
     index: int
     epoch: int
     pid: int
@@ -38,26 +43,36 @@ class ShardStarting:
 
 @dataclass(frozen=True, slots=True)
 class ShardDown:
+    """From the supervisor: incarnation ``epoch`` of shard ``index`` exited."""
+
     index: int
     epoch: int
 
 
 @dataclass(frozen=True, slots=True)
-class RedisEvent:
-    """Something the Redis link reports (see ``shards.redislink.Event``)."""
+class RouterFailed:
+    """For the supervisor: a bug killed the router (``reason``: the exception); the host must
+    stop (exit 1) and be restarted rather than stay up and deaf."""
 
-    event: tuple[Any, ...]
+    reason: str
+
+
+SupervisorEvent = RouterEvent | RouterFailed  # what ``on_event`` receives
+
+LINK_EVENTS = (LinkState, Results, Deliveries)
 
 
 class Link(Protocol):
     """The Redis link as the router sees it: it takes operations and never blocks."""
 
-    host: str
-    counters: dict[str, int]  # published, received, malformed, reconnects
-
     def start(self) -> None: ...
 
-    def submit(self, op: tuple[Any, ...]) -> None: ...
+    def submit(self, op: RedisOp) -> None: ...
+
+    def stats(self) -> dict[str, int]:
+        """A copy of the link's counters (published, received, malformed, reconnects),
+        taken safely from any thread."""
+        ...
 
     def close(self) -> None: ...
 
@@ -70,15 +85,17 @@ class RouterActor(SocketActor):
         core: RouterCore,
         command_endpoint: str,
         shard_endpoint: str,
-        on_event: Callable[[ShardEvent], None],
+        on_event: Callable[[SupervisorEvent], None],
         hang_timeout: float,
-        link: Callable[[Callable[[tuple[Any, ...]], None]], Link] | None = None,
+        link: Callable[[Callable[[LinkEvent], None]], Link] | None = None,
         snapshot_interval: float = 1.0,
         context: zmq.Context[Any] | None = None,
         backend_queue: int = 1000,
     ) -> None:
-        """``link``, in a cluster of hosts, makes the Redis link given a function to report to.
-        ``backend_queue``: commands read ahead from, and replies held for, each backend."""
+        """``on_event`` is called on the actor's thread (the supervisor hops to its loop).
+        ``link``, in a cluster of hosts (``core.hosts`` set), makes the Redis link given a
+        function to report to (any thread). ``backend_queue``: commands read ahead from, and
+        replies held for, each backend."""
         super().__init__()
         self.core = core
         self.on_event = on_event
@@ -99,7 +116,7 @@ class RouterActor(SocketActor):
         # (replies: room for a backend's whole queue twice over, plus one round's worth, as
         # ZeroMQ counts what its I/O thread has not yet written: a backend that reads never
         # loses one)
-        self.frontend.setsockopt(zmq.SNDHWM, 2 * backend_queue + BATCH)
+        self.frontend.setsockopt(zmq.SNDHWM, 2 * backend_queue + READ_BATCH)
         self.frontend.setsockopt(zmq.RCVHWM, backend_queue)
         self.frontend.setsockopt(zmq.MAXMSGSIZE, core.max_command * 2)
         # the credit window bounds what is queued to a shard; this only has to be above it
@@ -113,10 +130,10 @@ class RouterActor(SocketActor):
             self.backend.close()
             raise
         self.command_endpoint = self.frontend.getsockopt_string(zmq.LAST_ENDPOINT)
-        ref = self.actor_ref
-        self.link = link(lambda event: ref.tell(RedisEvent(event))) if link else None
-        if self.link is not None:
-            core.link_counters = self.link.counters
+        self.hosts: OtherHosts | None = core.hosts
+        self.link = link(self.actor_ref.tell) if link and self.hosts is not None else None
+        if self.hosts is not None and self.link is not None:
+            self.hosts.link_stats = self.link.stats
         self.snapshot_interval = snapshot_interval
         self.next_snapshot = 0.0
 
@@ -149,11 +166,12 @@ class RouterActor(SocketActor):
             now = time.monotonic()
             for slot in self.core.check_hung(now, self.hang_timeout):
                 log.warning("shard %d (pid %d) stopped answering", slot.index, slot.pid)
-            if self.link is not None and now >= self.next_snapshot:
+            if self.hosts is not None and self.link is not None and now >= self.next_snapshot:
                 self.next_snapshot = now + self.snapshot_interval
-                self.core.snapshot(now)
-        elif isinstance(message, RedisEvent):
-            self._redis_event(message.event, now)
+                self.hosts.snapshot(now)
+        elif isinstance(message, LINK_EVENTS):
+            if self.hosts is not None:
+                self.hosts.link_event(message, now)
         elif isinstance(message, ShardStarting):
             self.core.shard_starting(message.index, message.epoch, message.pid)
         elif isinstance(message, ShardDown):
@@ -166,26 +184,12 @@ class RouterActor(SocketActor):
         """A bug killed the router: take the host down (exit 1) so that it gets restarted,
         rather than leave it up and deaf."""
         log.critical("router failed: the host stops", exc_info=exc_info)
-        self.on_event(FATAL)
-
-    def _redis_event(self, event: tuple[Any, ...], now: float) -> None:
-        kind = event[0]
-        if kind == "state":
-            self.core.redis_state(event[1])
-        elif kind == "results":
-            for _, qid, ok, body in event[1]:
-                self.core.redis_result(qid, ok, body)
-        elif kind == "deliver":
-            for channel, users, frame, control in event[1]:
-                if control is not None:
-                    self.core.remote_control(users, control, now)
-                else:
-                    self.core.remote_delivery(channel, users, frame, now)
+        self.on_event(RouterFailed(repr(exc_info[1]) if len(exc_info) > 1 else "unknown"))
 
     def _drain(self, sock: zmq.Socket[bytes], now: float) -> None:
-        """Up to BATCH messages or ROUND seconds, whichever comes first."""
+        """Up to READ_BATCH messages or ROUND seconds, whichever comes first."""
         deadline = now + ROUND
-        for count in range(BATCH):
+        for count in range(READ_BATCH):
             if count % 64 == 63:
                 now = time.monotonic()
                 if now > deadline:
@@ -202,26 +206,24 @@ class RouterActor(SocketActor):
     def _flush(self) -> None:
         core = self.core
         per_shard: dict[bytes, list[list[bytes]]] = {}
-        for identity, msg in core.outbox:
+        for identity, msg in core.take_outbox():
             per_shard.setdefault(identity, []).append(msg)
-        core.outbox.clear()
         for identity, msgs in per_shard.items():
             frames = [identity, *msgs[0]] if len(msgs) == 1 else [
                 identity, shardwire.BATCH, shardwire.pack_batch(msgs)
             ]  # fmt: skip
             if not _send(self.backend, frames):  # the shard is gone: it misses them
                 core.counters["dropped_to_shards"] += len(msgs)
-        for envelope, payload in core.replies:
+        for envelope, payload in core.take_replies():
             if not _send(self.frontend, [*envelope, payload]):  # the backend went away
                 core.counters["dropped_replies"] += 1
-        core.replies.clear()
-        if self.link is not None:
-            for op in core.to_redis:
-                self.link.submit(op)
-        core.to_redis.clear()
-        for event in core.events:
+        if self.hosts is not None:
+            ops = self.hosts.take_ops()
+            if self.link is not None:
+                for op in ops:
+                    self.link.submit(op)
+        for event in core.take_events():
             self.on_event(event)
-        core.events.clear()
 
     def _arm_timer(self) -> None:
         deadline = self.core.next_deadline()

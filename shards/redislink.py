@@ -13,6 +13,11 @@ node: redis-py's ``RedisCluster``, sharded pub/sub with SPUBLISH and SSUBSCRIBE,
 Valkey). All keys and topics of a cluster of hosts share one hash tag, so in a Redis Cluster they
 live in one slot, on one node, and every script names a key (``KEYS[1]``) to be routed there.
 
+The router talks to the link in the types of :mod:`actors.hostlink`: it submits operations
+(:data:`~actors.hostlink.RedisOp`) and is told events (:data:`~actors.hostlink.LinkEvent`:
+``LinkState``, ``Results``, ``Deliveries``) through ``notify``, called from the link's threads.
+Its counters are written by both threads under a lock; the router reads a copy (:meth:`stats`).
+
 Must never block the router (``submit`` never waits, and fails fast with a bounded queue) and
 never crash on what Redis sends: a malformed message is counted and dropped.
 """
@@ -29,7 +34,8 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import redis
 from redis.backoff import ExponentialWithJitterBackoff
@@ -37,13 +43,32 @@ from redis.cluster import RedisCluster
 from redis.exceptions import ClusterError, RedisClusterException
 from redis.retry import Retry
 
+from actors.hostlink import (
+    AreOnline,
+    Deliveries,
+    Delivery,
+    LinkEvent,
+    LinkState,
+    OnlineInChannel,
+    OnlineUsers,
+    OpResult,
+    PublishChannel,
+    PublishPresence,
+    PublishUsers,
+    RedisOp,
+    RedisRequest,
+    Results,
+    Subscribe,
+    Unsubscribe,
+)
+from actors.ids import ChannelId
 from actors.wire import cluster
 from actors.wire.cluster import Layout, Message
 
 log = logging.getLogger("ucc.redis")
 
 QUEUE_LIMIT = 10_000
-BATCH = 256
+BATCH = 256  # operations run in one pipeline, or messages received per notify, at most
 PRESENCE_TTL = 5.0  # a host that stops refreshing leaves presence after this long
 PROBE_INTERVAL = 1.0
 PROBE_TIMEOUT = 3.0
@@ -59,12 +84,16 @@ ERRORS = (
 CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 Client = redis.Redis | RedisCluster
 
-# what the link tells its owner (from its own threads):
-#   ("state", up)                       connected or not
-#   ("result", qid, ok, body)           the answer to an operation
-#   ("deliver", [(channel|None, users, frame, control|None), ...])   from other hosts
-Event = tuple[Any, ...]
-Delivery = tuple[int | None, list[int], bytes, dict[str, Any] | None]
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """The worker's own operation: a message to this host's inbox, that the listener must see
+    within PROBE_TIMEOUT (else its subscription silently stopped receiving)."""
+
+    qid: ClassVar[int] = 0  # nobody waits for it
+
+
+Work = RedisRequest | Probe  # what the worker runs (topic changes go to the listener)
 
 
 class Backoff:
@@ -97,7 +126,7 @@ def cluster_seed(url: str) -> str | None:
 
 
 class RedisLink:
-    def __init__(self, url: str, name: str, notify: Callable[[Event], None]) -> None:
+    def __init__(self, url: str, name: str, notify: Callable[[LinkEvent], None]) -> None:
         self.url = url
         seed = cluster_seed(url)
         self.sharded = seed is not None  # a Redis Cluster: sharded pub/sub
@@ -107,13 +136,15 @@ class RedisLink:
         self.layout = Layout(name)
         self.host = host_id()
         self.notify = notify
-        self.ops: queue.Queue[tuple[Any, ...] | None] = queue.Queue(QUEUE_LIMIT)
+        self.ops: queue.Queue[Work | None] = queue.Queue(QUEUE_LIMIT)
         self.topics: set[str] = {self.layout.host_topic(self.host)}
         self._topic_changes: queue.SimpleQueue[tuple[bool, str]] = queue.SimpleQueue()
         self.stopping = threading.Event()
         self.up = False
         self.last_probe_seen = time.monotonic()
-        self.counters = {"published": 0, "received": 0, "malformed": 0, "reconnects": 0}
+        # written by both threads: only through _count; read by others only through stats()
+        self._counters = {"published": 0, "received": 0, "malformed": 0, "reconnects": 0}
+        self._counters_lock = threading.Lock()
         self.listen_backoff = Backoff()  # the listener's (the worker keeps its own)
         self._threads = [
             threading.Thread(target=self._work, name="ucc-redis-worker", daemon=True),
@@ -145,11 +176,21 @@ class RedisLink:
         for thread in self._threads:
             thread.start()
 
-    def submit(self, op: tuple[Any, ...]) -> None:
+    def stats(self) -> dict[str, int]:
+        """A copy of the counters (``published``, ``received``, ``malformed``, ``reconnects``),
+        safe to take from any thread."""
+        with self._counters_lock:
+            return dict(self._counters)
+
+    def _count(self, name: str, amount: int = 1) -> None:
+        with self._counters_lock:
+            self._counters[name] += amount
+
+    def submit(self, op: RedisOp) -> None:
         """Queue an operation (from the router's thread); never blocks."""
-        name = op[0]
-        if name in ("subscribe", "unsubscribe"):
-            self._topic_changes.put((name == "subscribe", self.layout.channel_topic(op[2])))
+        if isinstance(op, Subscribe | Unsubscribe):
+            topic = self.layout.channel_topic(op.channel)
+            self._topic_changes.put((isinstance(op, Subscribe), topic))
             return
         try:
             self.ops.put_nowait(op)
@@ -184,14 +225,14 @@ class RedisLink:
                     self.stopping.wait(backoff.next_delay())
                     continue
                 if backoff.failures:
-                    self.counters["reconnects"] += 1
+                    self._count("reconnects")
                 backoff.reset()
                 self.last_probe_seen = time.monotonic()
                 self._set_state(True)
             batch = self._drain(PROBE_INTERVAL / 2)
             now = time.monotonic()
             if now >= next_probe:
-                batch.append(("probe", 0))
+                batch.append(Probe())
                 next_probe = now + PROBE_INTERVAL
             try:
                 self._run(client, batch)
@@ -218,8 +259,8 @@ class RedisLink:
             return None
         return client
 
-    def _drain(self, wait: float) -> list[tuple[Any, ...]]:
-        batch: list[tuple[Any, ...]] = []
+    def _drain(self, wait: float) -> list[Work]:
+        batch: list[Work] = []
         try:
             op = self.ops.get(timeout=wait) if wait else self.ops.get_nowait()
             while op is not None:
@@ -231,7 +272,7 @@ class RedisLink:
             pass
         return batch
 
-    def _run(self, client: Client, batch: list[tuple[Any, ...]]) -> None:
+    def _run(self, client: Client, batch: list[Work]) -> None:
         if not batch:
             return
         layout, host = self.layout, self.host
@@ -245,50 +286,49 @@ class RedisLink:
             )
 
         for op in batch:
-            name = op[0]
-            if name == "publish_channel":
-                payload = cluster.encode(Message(host, None, op[3]))
-                pipe.execute_command(self._publish, layout.channel_topic(op[2]), payload)
-            elif name == "publish_users":  # (name, qid, users, frame, control or None)
-                control = json.dumps(op[4]) if len(op) > 4 and op[4] is not None else ""
-                script(self._publish_users, op[3], control, *op[2])
-            elif name == "online":
+            if isinstance(op, PublishChannel):
+                payload = cluster.encode(Message(host, None, op.frame))
+                pipe.execute_command(self._publish, layout.channel_topic(op.channel), payload)
+            elif isinstance(op, PublishUsers):
+                control = json.dumps(op.control) if op.control is not None else ""
+                script(self._publish_users, op.frame, control, *op.users)
+            elif isinstance(op, OnlineUsers):
                 script(cluster.ONLINE)
-            elif name == "online_channel":
-                script(cluster.ONLINE_IN_CHANNEL, op[2])
-            elif name == "are_online":
-                script(cluster.ARE_ONLINE, *op[2])
-            elif name == "snapshot":
-                body = cluster.snapshot_json(op[2])
+            elif isinstance(op, OnlineInChannel):
+                script(cluster.ONLINE_IN_CHANNEL, op.channel)
+            elif isinstance(op, AreOnline):
+                script(cluster.ARE_ONLINE, *op.users)
+            elif isinstance(op, PublishPresence):
+                body = cluster.snapshot_json(op.presence)
                 ttl = int(PRESENCE_TTL * 1000)
                 script(cluster.SNAPSHOT, now_ms + ttl, ttl, body)
-            elif name == "probe":
+            else:  # the probe
                 probe = cluster.encode(Message(host, None, b"", probe=True))
                 pipe.execute_command(self._publish, layout.host_topic(host), probe)
         results = pipe.execute(raise_on_error=False)
-        events: list[Event] = []
+        events: list[OpResult] = []
         for op, value in zip(batch, results, strict=True):
             if isinstance(value, Exception):
                 if isinstance(value, ERRORS):
                     raise value
-                log.error("redis: %s failed: %s", op[0], value)
-                events.append(("result", op[1], False, None))
-            elif op[1]:
-                events.append(("result", op[1], True, _answer(op[0], value)))
-        self.counters["published"] += sum(op[0].startswith("publish") for op in batch)
+                log.error("redis: %s failed: %s", type(op).__name__, value)
+                events.append(OpResult(op.qid, False, None))
+            elif op.qid:
+                events.append(OpResult(op.qid, True, _answer(op, value)))
+        self._count("published", sum(isinstance(op, PublishChannel | PublishUsers) for op in batch))
         if events:
-            self.notify(("results", events))
+            self.notify(Results(events))
 
-    def _fail(self, batch: list[tuple[Any, ...]]) -> None:
-        events = [("result", op[1], False, None) for op in batch if op[1]]
+    def _fail(self, batch: list[Work]) -> None:
+        events = [OpResult(op.qid, False, None) for op in batch if op.qid]
         if events:
-            self.notify(("results", events))
+            self.notify(Results(events))
 
     def _set_state(self, up: bool) -> None:
         if up != self.up:
             self.up = up
             log.warning("redis link %s", "up" if up else "down")
-            self.notify(("state", up))
+            self.notify(LinkState(up))
 
     # -- the listener ------------------------------------------------------------------------
 
@@ -321,7 +361,7 @@ class RedisLink:
                         deliveries.append(delivery)
                     message = self._next_message(pubsub, 0)
                 if deliveries:
-                    self.notify(("deliver", deliveries))
+                    self.notify(Deliveries(deliveries))
                 if self.up and time.monotonic() - self.last_probe_seen > PROBE_TIMEOUT:
                     log.warning("redis pub/sub: probes stopped arriving; resubscribing")
                     return
@@ -358,11 +398,11 @@ class RedisLink:
         return message
 
     def _decode(self, message: dict[str, Any]) -> Delivery | None:
-        self.counters["received"] += 1
+        self._count("received")
         topic = message["channel"].decode(errors="replace")
         decoded = cluster.decode(message["data"])
         if decoded is None:
-            self.counters["malformed"] += 1
+            self._count("malformed")
             return None
         if decoded.probe:
             if decoded.origin == self.host:
@@ -372,15 +412,16 @@ class RedisLink:
             return None  # our own broadcast: already delivered on this host
         channel = self.layout.channel_of_topic(topic)
         if channel is None and decoded.users is None:
-            self.counters["malformed"] += 1
+            self._count("malformed")
             return None
-        return channel, decoded.users or [], decoded.frame, decoded.control
+        target = None if channel is None else ChannelId(channel)
+        return Delivery(target, decoded.users or [], decoded.frame, decoded.control)
 
 
-def _answer(name: str, value: Any) -> dict[str, Any]:
+def _answer(op: Work, value: Any) -> dict[str, Any]:
     """An operation's Redis reply, in the shape of the shards' answers."""
-    if name in ("online", "online_channel"):
+    if isinstance(op, OnlineUsers | OnlineInChannel):
         return {"users": [int(v) for v in value]}
-    if name == "are_online":
+    if isinstance(op, AreOnline):
         return {"online": [int(v) for v in value]}
     return {"value": value}

@@ -28,8 +28,14 @@ import zmq
 
 from actors.ids import stable_hash
 from actors.policy import RestartPolicy
-from actors.router import RouterCore, ShardEvent, ShardState
-from actors.router_actor import RouterActor, ShardDown, ShardStarting
+from actors.router import RouterCore, ShardEvent, ShardHung, ShardState
+from actors.router_actor import (
+    RouterActor,
+    RouterFailed,
+    ShardDown,
+    ShardStarting,
+    SupervisorEvent,
+)
 from actors.wire.tokens import Claims
 from shards import limits, ready
 from shards.acceptor import Acceptor
@@ -209,7 +215,7 @@ class Supervisor:
             config.shards,
             config.gather_timeout,
             config.max_command,
-            cluster=bool(redis_url),
+            redis=bool(redis_url),
             queue_messages=config.shard_queue_messages,
             queue_bytes=config.shard_queue_bytes,
             queue_delay=config.shard_queue_delay,
@@ -384,15 +390,16 @@ class Supervisor:
                     data[:100],
                 )
 
-    def _shard_event(self, event: ShardEvent) -> None:
-        if event.index < 0:  # the router died (a bug): stop, so that systemd restarts us
-            log.critical("the router failed; shutting down")
+    def _shard_event(self, event: SupervisorEvent) -> None:
+        """News from the router (on the loop): a shard is up or hung, or the router died."""
+        if isinstance(event, RouterFailed):  # a bug: stop, so that systemd restarts us
+            log.critical("the router failed (%s); shutting down", event.reason)
             self.shutdown(exit_code=1)
             return
         shard = self.shards[event.index]
         if not shard.current(event.epoch):
             return
-        if event.state is ShardState.UP:
+        if isinstance(event, ShardEvent) and event.state is ShardState.UP:
             shard.ready = True
             if shard.start_timer is not None:
                 shard.start_timer.cancel()
@@ -401,7 +408,7 @@ class Supervisor:
                 self._release(shard, entry)
             if not self.announced and all(s.ready for s in self.shards):
                 self._announce()
-        elif event.state is ShardState.DOWN and not self.stopping:
+        elif isinstance(event, ShardHung) and not self.stopping:
             log.error("shard %d (pid %d): hung, killing it", shard.index, event.pid)
             self._kill(shard)
 

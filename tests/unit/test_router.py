@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from actors.ids import stable_hash
-from actors.router import RouterCore, ShardEvent, ShardState
+from actors.router import RouterCore, ShardEvent, ShardHung, ShardState
 from actors.wire import frames, shardwire
 from actors.wire.commands import COMMANDS, Field
 
@@ -32,11 +32,12 @@ def hello(core: RouterCore, index: int, epoch: int, channels=(), now: float = 0.
 
 
 def delta(core, index, epoch, gained=(), lost=(), now=0.0, seq=1) -> None:
-    """A shard's membership change; the router's confirmation (INDEXED) is taken out of the
-    outbox (test_a_membership_change_is_confirmed_to_its_shard checks it)."""
+    """A shard's membership change; the router's confirmation (INDEXED, if any: a stale
+    delta has none) is taken from the outbox (test_a_membership_change_is_confirmed_to_its_shard
+    checks it): call it only with nothing else there."""
     msg = shardwire.delta(gained, lost, seq)
     core.shard_message(shardwire.identity(index, epoch), msg, now)
-    core.outbox = [(who, m) for who, m in core.outbox if m[0] != shardwire.INDEXED]
+    assert {m[0] for _who, m in core.take_outbox()} <= {shardwire.INDEXED}
 
 
 def heartbeat(core, index, epoch, now) -> None:
@@ -53,9 +54,7 @@ def command(core: RouterCore, body: Any, now: float = 0.0, envelope=ENV) -> None
 
 
 def take_replies(core: RouterCore) -> list[dict[str, Any]]:
-    replies = [json.loads(payload) for _envelope, payload in core.replies]
-    core.replies.clear()
-    return replies
+    return [json.loads(payload) for _envelope, payload in core.take_replies()]
 
 
 def take_reply(core: RouterCore) -> dict[str, Any]:
@@ -67,12 +66,11 @@ def take_reply(core: RouterCore) -> dict[str, Any]:
 def take_queries(core: RouterCore) -> dict[int, tuple[int, dict[str, Any]]]:
     """Queries in the outbox: shard index -> (query id, body)."""
     queries = {}
-    for identity, msg in core.outbox:
+    for identity, msg in core.take_outbox():
         assert msg[0] == shardwire.QUERY
         index, _epoch = shardwire.parse_identity(identity)
         assert index not in queries
         queries[index] = (shardwire.unpack_id(msg[1]), json.loads(msg[2]))
-    core.outbox.clear()
     return queries
 
 
@@ -81,7 +79,8 @@ def core() -> RouterCore:
     core = RouterCore(N, gather_timeout=1.0)
     for index in range(N):
         start(core, index)
-    core.events.clear()
+    core.take_outbox()
+    core.take_events()
     return core
 
 
@@ -108,7 +107,7 @@ def test_starting_then_hello_brings_a_shard_up():
     assert (slot.state, slot.epoch, slot.pid, slot.last_seen) == (ShardState.UP, 4, 556, 3.0)
     assert core.up_shards() == [slot]
     assert core.index == {8: {1}, 9: {1}}
-    assert core.events == [ShardEvent(1, ShardState.UP, 4, 556)]
+    assert core.take_events() == [ShardEvent(1, ShardState.UP, 4, 556)]
     assert slot.identity == b"shard-1-4"
 
 
@@ -128,7 +127,7 @@ def test_shard_down_of_another_epoch_is_ignored(core):
     core.shard_down(0, 0, now=1.0)
     core.shard_down(0, 2, now=1.0)
     assert core.slots[0].state is ShardState.UP
-    assert core.events == []
+    assert core.take_events() == []
 
 
 def test_shard_starting_an_older_epoch_is_ignored(core):
@@ -203,7 +202,7 @@ def test_hello_of_an_incarnation_already_reported_dead_is_ignored():
     assert core.index == {}
     command(core, {"id": 1, "cmd": "broadcast_to_channel", "channel": 4, "data": 1})
     assert take_reply(core)["shards"] == 0
-    assert core.outbox == []
+    assert core.take_outbox() == []
 
 
 def test_result_from_an_old_epoch_is_ignored(core):
@@ -242,7 +241,7 @@ def test_channel_broadcast_goes_only_to_shards_holding_members(core):
     command(core, {"id": 1, "cmd": "broadcast_to_channel", "channel": 5, "data": {"t": "hi"}})
     assert take_reply(core) == {"id": 1, "ok": True, "shards": 2}
     frame = frames.channel_message(5, b'{"t":"hi"}')
-    assert sorted(core.outbox) == [
+    assert sorted(core.take_outbox()) == [
         (b"shard-0-1", [shardwire.CHANNEL, shardwire.pack_id(5), frame]),
         (b"shard-2-1", [shardwire.CHANNEL, shardwire.pack_id(5), frame]),
     ]
@@ -251,7 +250,7 @@ def test_channel_broadcast_goes_only_to_shards_holding_members(core):
 def test_channel_broadcast_to_an_empty_channel(core):
     command(core, {"id": 2, "cmd": "broadcast_to_channel", "channel": 42, "data": None})
     assert take_reply(core) == {"id": 2, "ok": True, "shards": 0}
-    assert core.outbox == []
+    assert core.take_outbox() == []
 
 
 def test_channel_broadcast_skips_a_shard_that_went_down(core):
@@ -260,7 +259,7 @@ def test_channel_broadcast_skips_a_shard_that_went_down(core):
     core.shard_down(0, 1, now=1.0)
     command(core, {"cmd": "broadcast_to_channel", "channel": 5, "data": 1})
     assert take_reply(core)["shards"] == 1
-    assert [identity for identity, _msg in core.outbox] == [b"shard-1-1"]
+    assert [identity for identity, _msg in core.take_outbox()] == [b"shard-1-1"]
 
 
 @pytest.mark.parametrize("shard", range(N))
@@ -269,7 +268,7 @@ def test_user_broadcast_goes_to_the_users_shard(core, shard):
     command(core, {"id": 3, "cmd": "broadcast_to_user", "user": user, "data": [1, "é"]})
     assert take_reply(core) == {"id": 3, "ok": True, "shards": 1}
     frame = frames.direct_message('[1,"é"]'.encode())
-    assert core.outbox == [
+    assert core.take_outbox() == [
         (shardwire.identity(shard, 1), [shardwire.USERS, shardwire.pack_ids([user]), frame])
     ]
 
@@ -279,7 +278,7 @@ def test_user_broadcast_to_a_down_shard_is_not_sent(core):
     core.shard_down(1, 1, now=0.0)
     command(core, {"id": 4, "cmd": "broadcast_to_user", "user": user, "data": 1})
     assert take_reply(core) == {"id": 4, "ok": True, "shards": 0}
-    assert core.outbox == []
+    assert core.take_outbox() == []
 
 
 def test_users_broadcast_is_grouped_by_shard(core):
@@ -288,20 +287,21 @@ def test_users_broadcast_is_grouped_by_shard(core):
     a2 = user_on(2)
     command(core, {"cmd": "broadcast_to_users", "users": [a0, a2, b0, a0], "data": "x"})
     assert take_reply(core)["shards"] == 2
+    outbox = core.take_outbox()
     sent = {
         shardwire.parse_identity(identity)[0]: shardwire.unpack_ids(msg[1])
-        for identity, msg in core.outbox
+        for identity, msg in outbox
     }
     assert sent == {0: [a0, b0], 2: [a2]}
-    assert all(msg[0] == shardwire.USERS for _identity, msg in core.outbox)
-    assert all(msg[2] == frames.direct_message(b'"x"') for _identity, msg in core.outbox)
+    assert all(msg[0] == shardwire.USERS for _identity, msg in outbox)
+    assert all(msg[2] == frames.direct_message(b'"x"') for _identity, msg in outbox)
 
 
 def test_broadcast_to_users_counts_only_up_shards(core):
     core.shard_down(2, 1, now=0.0)
     command(core, {"cmd": "broadcast_to_users", "users": [user_on(0), user_on(2)], "data": 0})
     assert take_reply(core)["shards"] == 1
-    assert [shardwire.parse_identity(i)[0] for i, _m in core.outbox] == [0]
+    assert [shardwire.parse_identity(i)[0] for i, _m in core.take_outbox()] == [0]
 
 
 # -- scatter / gather -------------------------------------------------------------------------
@@ -315,7 +315,7 @@ def test_gather_completes_when_all_shards_answer(core):
     assert core.next_deadline() == 11.0
     answer(core, 0, 1, queries[0][0], {"users": [5, 1]})
     answer(core, 2, 1, queries[2][0], {"users": [9]})
-    assert core.replies == []
+    assert core.take_replies() == []
     answer(core, 1, 1, queries[1][0], {"users": []})
     assert take_reply(core) == {"id": "q", "ok": True, "users": [1, 5, 9], "missing_shards": []}
     assert core.pending == {}
@@ -327,12 +327,12 @@ def test_gather_deadline_gives_a_partial_result(core):
     queries = take_queries(core)
     answer(core, 1, 1, queries[1][0], {"users": [4]})
     core.tick(10.5)
-    assert core.replies == []
+    assert core.take_replies() == []
     core.tick(11.0)
     assert take_reply(core) == {"id": 1, "ok": True, "users": [4], "missing_shards": [0, 2]}
     # a late answer is dropped: no second reply
     answer(core, 0, 1, queries[0][0], {"users": [1]})
-    assert core.replies == []
+    assert core.take_replies() == []
     assert core.pending == {}
 
 
@@ -349,7 +349,7 @@ def test_gather_with_every_shard_down_answers_at_once():
     core = RouterCore(2)
     command(core, {"id": 1, "cmd": "get_online_users"}, now=0.0)
     assert take_reply(core) == {"id": 1, "ok": True, "users": [], "missing_shards": [0, 1]}
-    assert core.outbox == []
+    assert core.take_outbox() == []
     assert core.pending == {}
 
 
@@ -367,7 +367,7 @@ def test_online_users_in_channel_asks_only_member_shards(core):
 
 def test_online_users_in_an_empty_channel(core):
     command(core, {"id": 1, "cmd": "get_online_users_in_channel", "channel": 5})
-    assert core.outbox == []
+    assert core.take_outbox() == []
     assert take_reply(core) == {"id": 1, "ok": True, "users": [], "missing_shards": []}
 
 
@@ -391,7 +391,7 @@ def test_user_of_a_down_shard_is_offline_not_an_error(core):
     user = user_on(1)
     core.shard_down(1, 1, now=0.0)
     command(core, {"id": 1, "cmd": "is_user_online", "user": user})
-    assert core.outbox == []
+    assert core.take_outbox() == []
     assert take_reply(core) == {"id": 1, "ok": True, "online": False, "missing_shards": [1]}
 
 
@@ -458,7 +458,7 @@ def test_gather_reply_keeps_the_envelope(core):
     for qid, _body in take_queries(core).values():
         for index in range(N):
             answer(core, index, 1, qid, {"users": []})
-    assert [envelope for envelope, _payload in core.replies] == [[b"peer", b""]]
+    assert [envelope for envelope, _payload in core.take_replies()] == [[b"peer", b""]]
 
 
 def test_close_all_answers_everything_in_flight(core):
@@ -517,14 +517,14 @@ def test_check_hung_declares_silent_shards_down(core):
     heartbeat(core, 1, 1, now=8.0)
     assert core.slots[1].last_seen == 8.0
     assert core.check_hung(now=10.0, timeout=10.0) == []
-    assert core.events == []
+    assert core.take_events() == []
     hung = core.check_hung(now=10.5, timeout=10.0)
     assert [s.index for s in hung] == [0]
     assert core.slots[0].state is ShardState.DOWN
-    assert core.events == [ShardEvent(0, ShardState.DOWN, 1, pid_of(0, 1))]
+    assert core.take_events() == [ShardHung(0, 1, pid_of(0, 1))]
     assert [s.index for s in core.check_hung(now=18.5, timeout=10.0)] == [1]
     assert core.check_hung(now=100.0, timeout=10.0) == []  # already down: reported once
-    assert [e.index for e in core.events] == [0, 1]
+    assert core.take_events() == [ShardHung(1, 1, pid_of(1, 1))]
 
 
 def test_a_hung_shard_is_missing_from_gathers_in_flight(core):
@@ -563,7 +563,7 @@ def test_bad_json_reply(core, data):
 def test_unknown_command_reply_carries_the_id(core):
     command(core, {"id": 12, "cmd": "frobnicate"})
     assert error_code(core) == (12, "unknown_command")
-    assert core.outbox == []
+    assert core.take_outbox() == []
 
 
 @pytest.mark.parametrize(
@@ -580,7 +580,7 @@ def test_unknown_command_reply_carries_the_id(core):
 def test_wrong_types_reply_bad_request(core, body):
     command(core, body)
     assert error_code(core) == (5, "bad_request")
-    assert core.outbox == []
+    assert core.take_outbox() == []
     assert core.pending == {}
 
 
@@ -589,7 +589,7 @@ def test_too_large_reply():
     start(core, 0)
     command(core, {"id": 1, "cmd": "broadcast_to_channel", "channel": 1, "data": "x" * 100})
     assert error_code(core) == (None, "too_large")
-    assert core.outbox == []
+    assert core.take_outbox() == []
 
 
 def test_frame_over_the_limit_is_refused():
@@ -601,7 +601,7 @@ def test_frame_over_the_limit_is_refused():
     assert len(body) <= 200
     command(core, body)
     assert error_code(core)[1] == "too_large"
-    assert core.outbox == []
+    assert core.take_outbox() == []
 
 
 def test_commands_are_counted(core):
@@ -626,10 +626,10 @@ def test_router_stats_answers_at_once(core):
     core.shard_down(1, 1, now=0.0)
     delta(core, 0, 1, gained=[3, 4])
     command(core, {"id": 1, "cmd": "get_online_users"})
-    core.outbox.clear()
+    core.take_outbox()
     command(core, {"id": 2, "cmd": "router_stats"})
     stats = take_reply(core)
-    assert core.outbox == []
+    assert core.take_outbox() == []
     assert stats["ok"] is True
     assert stats["id"] == 2
     assert stats["commands"] == 2
@@ -680,12 +680,12 @@ def test_a_broadcast_that_does_not_fit_is_refused_whole_and_nothing_is_sent():
     delta(core, 2, 1, gained=[8])
     settle(core)
     assert broadcast(core)["ok"] and broadcast(core)["ok"]
-    core.outbox.clear()
+    core.take_outbox()
     refused = broadcast(core, request=3)
     assert refused["ok"] is False and refused["id"] == 3
     assert refused["error"]["code"] == "overloaded"
     assert "nothing was sent" in refused["error"]["message"]
-    assert core.outbox == []  # neither shard got it: all or nothing
+    assert core.take_outbox() == []  # neither shard got it: all or nothing
     assert core.counters["commands_refused"] == 1
     assert broadcast(core, channel=8)["ok"]  # shard 2 has room: other channels are unaffected
 
@@ -765,10 +765,10 @@ def test_direct_messages_are_refused_when_the_users_shard_is_full():
     body = {"cmd": "broadcast_to_users", "users": [user, other], "data": 1}
     command(core, {"id": 1, **body})
     assert take_reply(core)["ok"]
-    core.outbox.clear()
+    core.take_outbox()
     command(core, {"id": 2, **body})
     assert take_reply(core)["error"]["code"] == "overloaded"
-    assert core.outbox == []
+    assert core.take_outbox() == []
     command(core, {"id": 3, "cmd": "broadcast_to_user", "user": user + 0, "data": 1})
     assert take_reply(core)["error"]["code"] == "overloaded"
 
@@ -784,16 +784,6 @@ def test_queries_are_not_refused_by_the_window_but_by_their_own_limit():
     command(core, {"id": 3, "cmd": "get_online_users"})
     refused = take_reply(core)
     assert refused["id"] == 3 and refused["error"]["code"] == "overloaded"
-
-
-def test_deliveries_from_other_hosts_that_find_no_room_are_dropped_and_counted():
-    core = small_window(queue_messages=1)
-    delta(core, 0, 1, gained=[7])
-    settle(core)
-    core.remote_delivery(7, [], frames.channel_message(7, b"1"), now=0.0)
-    core.remote_delivery(7, [], frames.channel_message(7, b"2"), now=0.0)
-    assert len(core.outbox) == 1
-    assert core.counters["remote_dropped"] == 1
 
 
 def test_a_bug_in_a_handler_is_logged_counted_and_answered(core, monkeypatch, caplog):
@@ -812,7 +802,7 @@ def test_a_membership_change_is_confirmed_to_its_shard(core):
     ident = shardwire.identity(1, 1)
     core.shard_message(ident, shardwire.delta([1], [], seq=4), now=1.0)
     core.shard_message(ident, shardwire.sync([1, 2], seq=5), now=1.1)
-    assert core.outbox == [(ident, shardwire.indexed(4)), (ident, shardwire.indexed(5))]
+    assert core.take_outbox() == [(ident, shardwire.indexed(4)), (ident, shardwire.indexed(5))]
     assert core.index[2] == {1}  # indexed before it is confirmed
 
 
@@ -823,3 +813,27 @@ def test_a_sync_replaces_what_the_router_knows_of_a_shard(core):
     assert core.slots[0].channels == {2, 4}
     assert 0 not in core.index.get(1, set()) and 0 not in core.index.get(3, set())
     assert 0 in core.index[2] and 0 in core.index[4]
+
+
+def test_every_command_has_one_handler(core):
+    assert set(core.handlers) == set(COMMANDS)
+
+
+def test_outputs_are_taken_once(core):
+    delta(core, 0, 1, gained=[5])
+    command(core, {"id": 1, "cmd": "broadcast_to_channel", "channel": 5, "data": 1})
+    core.check_hung(now=10.0, timeout=1.0)
+    assert len(core.take_outbox()) == 1
+    assert len(core.take_replies()) == 1
+    assert [type(e) for e in core.take_events()] == [ShardHung] * N
+    assert (core.take_outbox(), core.take_replies(), core.take_events()) == ([], [], [])
+
+
+def test_a_single_host_router_has_no_redis_half(core):
+    assert core.hosts is None
+    command(core, {"id": 1, "cmd": "get_online_users"})
+    for qid, _body in take_queries(core).values():
+        for index in range(N):
+            answer(core, index, 1, qid, {"users": []})
+    assert "cluster" not in take_reply(core)
+    assert "redis" not in core.statistics()

@@ -1,0 +1,145 @@
+"""The messages between the router and the Redis link (this host's link to the other hosts).
+
+Owns: the operations the router's Redis half (:class:`actors.hosts.OtherHosts`) submits to the
+link, and the events the link reports back, as frozen slotted dataclasses (h11's events are the
+model). Must never do anything: no I/O, no logic beyond the types. The link itself
+(``shards.redislink``) runs the operations against Redis; this module is the contract between
+the two, so that ``actors/`` needs nothing from ``shards/``.
+
+Each operation that someone waits for carries ``qid``, the id of the gather waiting for its
+result; ``qid`` 0 means nobody waits (the link reports a failure of such an operation to nobody).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from actors.ids import ChannelId
+
+# -- operations: router -> link (submitted from the router's thread; never block it) -----------
+
+
+@dataclass(frozen=True, slots=True)
+class Subscribe:
+    """Listen to ``channel``'s topic: this host has gained its first member of it."""
+
+    channel: ChannelId
+
+
+@dataclass(frozen=True, slots=True)
+class Unsubscribe:
+    """Stop listening to ``channel``'s topic: this host has lost its last member of it."""
+
+    channel: ChannelId
+
+
+@dataclass(frozen=True, slots=True)
+class PublishChannel:
+    """Publish a channel broadcast's client frame on the channel's topic."""
+
+    qid: int
+    channel: ChannelId
+    frame: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class PublishUsers:
+    """Publish to the inboxes of the hosts that have any of ``users``: a client frame, or (with
+    ``control``, and an empty ``frame``) a backend command for them to apply (subscribe,
+    unsubscribe, disconnect). The result is how many hosts were told (``{"value": n}``)."""
+
+    qid: int
+    users: list[int]
+    frame: bytes
+    control: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OnlineUsers:
+    """Every user online on the other hosts (``{"users": [...]}``)."""
+
+    qid: int
+
+
+@dataclass(frozen=True, slots=True)
+class OnlineInChannel:
+    """The users online in ``channel`` on the other hosts (``{"users": [...]}``)."""
+
+    qid: int
+    channel: ChannelId
+
+
+@dataclass(frozen=True, slots=True)
+class AreOnline:
+    """Which of ``users`` are online on the other hosts (``{"online": [...]}``)."""
+
+    qid: int
+    users: list[int]
+
+
+@dataclass(frozen=True, slots=True)
+class PublishPresence:
+    """Store this host's presence (``{"users": [...], "channels": {...}}``) for the other hosts'
+    queries, for a few seconds (a host that stops refreshing it fades out)."""
+
+    presence: dict[str, Any]
+    qid: ClassVar[int] = 0  # nobody waits for it
+
+
+# what the link's worker runs against Redis (and reports the result of, if ``qid``)
+RedisRequest = (
+    PublishChannel | PublishUsers | OnlineUsers | OnlineInChannel | AreOnline | PublishPresence
+)
+# everything the router submits: requests, and topic changes (for the link's listener)
+RedisOp = Subscribe | Unsubscribe | RedisRequest
+
+
+# -- events: link -> router (sent from the link's threads, as messages to the RouterActor) ------
+
+
+@dataclass(frozen=True, slots=True)
+class LinkState:
+    """The link (re)connected to Redis (``up``), or lost it."""
+
+    up: bool
+
+
+@dataclass(frozen=True, slots=True)
+class OpResult:
+    """The result of operation ``qid``: ``ok`` false if Redis failed it or was unreachable
+    (``body`` is then None); else ``body`` has the shape of a shard's answer to the same query
+    (``{"users": [...]}``, ``{"online": [...]}``, or ``{"value": ...}`` for a publication)."""
+
+    qid: int
+    ok: bool
+    body: dict[str, Any] | None
+
+
+@dataclass(frozen=True, slots=True)
+class Results:
+    """The results of one batch of operations (only those someone waits for: ``qid`` != 0)."""
+
+    results: list[OpResult]
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """A message from another host: a client ``frame`` for ``channel``'s members (``channel``
+    set, ``users`` empty) or for ``users`` (``channel`` None); or, with ``control``, a backend
+    command to apply to ``users`` (``frame`` empty)."""
+
+    channel: ChannelId | None
+    users: list[int]
+    frame: bytes
+    control: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Deliveries:
+    """The messages received from other hosts in one batch."""
+
+    deliveries: list[Delivery]
+
+
+LinkEvent = LinkState | Results | Deliveries

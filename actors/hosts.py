@@ -1,0 +1,178 @@
+"""The router's Redis half: what this host exchanges with the other hosts through the Redis link.
+
+Owns: whether the link is connected, the operations queued for it (taken by the RouterActor with
+:meth:`OtherHosts.take_ops`), a copy of the link's counters for ``router_stats``, and the
+translation both ways: which channel topics to listen to, the other hosts' part of a gather
+(the :data:`~actors.gather.REDIS` participant), this host's presence snapshot, and broadcasts and
+backend commands arriving from other hosts. Must never do I/O, read a clock (``now`` is a
+parameter) or block, and never touch the link's own state: it only queues operations and is
+told events (:mod:`actors.hostlink`), from the router's thread.
+
+It is part of its :class:`~actors.router.RouterCore` (which creates it when the host has a Redis
+link) and uses the core's shard-side services: the channel index, the credit windows, the
+gathers in flight.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from actors.gather import REDIS, Gather, GatherSpec, presence_snapshot
+from actors.hostlink import (
+    Deliveries,
+    Delivery,
+    LinkEvent,
+    LinkState,
+    PublishPresence,
+    RedisOp,
+    Results,
+    Subscribe,
+    Unsubscribe,
+)
+from actors.ids import ChannelId, ShardIndex
+from actors.wire import shardwire
+from actors.wire.commands import CommandError
+
+if TYPE_CHECKING:
+    from actors.router import RouterCore
+
+UNREACHED = "redis unavailable: other hosts were not reached"
+
+
+class OtherHosts:
+    """The other hosts of a cluster, as the router sees them through its Redis link."""
+
+    def __init__(self, core: RouterCore) -> None:
+        self._core = core
+        self.up = False  # the link is connected to Redis
+        self._ops: list[RedisOp] = []
+        # a function returning a copy of the link's counters (taken under the link's lock):
+        # the router never holds the dict the link's threads write
+        self.link_stats: Callable[[], Mapping[str, int]] | None = None
+
+    def take_ops(self) -> list[RedisOp]:
+        """The operations for the link queued since the last call, oldest first."""
+        ops, self._ops = self._ops, []
+        return ops
+
+    # -- called by the core ----------------------------------------------------------------
+
+    def channel_gained(self, channel: ChannelId) -> None:
+        """The host's first member of ``channel``: listen to its topic."""
+        self._ops.append(Subscribe(channel))
+
+    def channel_lost(self, channel: ChannelId) -> None:
+        """The host's last member of ``channel`` left: stop listening."""
+        self._ops.append(Unsubscribe(channel))
+
+    def join(self, qid: int, gather: Gather, remote: Callable[[int], RedisOp]) -> None:
+        """Add the other hosts to gather ``qid``: ask them if the link is up, else count them
+        missing at once (the reply then says ``"cluster": false``)."""
+        gather.redis = True
+        if self.up:
+            self._ops.append(remote(qid))
+            gather.waiting.add(REDIS)
+        else:
+            gather.missing.add(REDIS)
+
+    def snapshot_done(self, gather: Gather, presence: dict[str, Any]) -> None:
+        """A presence snapshot (:meth:`snapshot`) is complete: queue it for the link, unless
+        a shard failed to answer (a partial one would hide its users: the next one will do)."""
+        if not gather.missing:
+            self._ops.append(PublishPresence(presence))
+
+    def annotate(self, gather: Gather, result: dict[str, Any]) -> None:
+        """A reply is ready: say whether the other hosts took part (``cluster``)."""
+        if gather.redis:
+            result["cluster"] = REDIS in gather.answers
+            if not result["cluster"]:
+                result["cluster_error"] = UNREACHED
+
+    def statistics(self) -> dict[str, Any]:
+        """The link's counters, for ``router_stats`` (``redis``), if the link gave a source."""
+        return {} if self.link_stats is None else {"redis": dict(self.link_stats())}
+
+    # -- events from the link --------------------------------------------------------------
+
+    def link_event(self, event: LinkEvent, now: float) -> None:
+        """Something the link reported (see :mod:`actors.hostlink`)."""
+        if isinstance(event, LinkState):
+            self.link_state(event.up)
+        elif isinstance(event, Results):
+            for result in event.results:
+                self.result(result.qid, result.ok, result.body)
+        elif isinstance(event, Deliveries):
+            for delivery in event.deliveries:
+                self.deliver(delivery, now)
+
+    def link_state(self, up: bool) -> None:
+        """The link (re)connected, or lost Redis: stop waiting for it."""
+        self.up = up
+        if not up:
+            for qid, gather in list(self._core.pending.items()):
+                if REDIS in gather.waiting:
+                    self.result(qid, False, None)
+
+    def result(self, qid: int, ok: bool, body: Any) -> None:
+        """The link's answer to operation ``qid`` (``ok`` false: Redis failed it)."""
+        gather = self._core.pending.get(qid)
+        if gather is None or REDIS not in gather.waiting:
+            return
+        if ok:
+            gather.answered(REDIS, body)
+        else:
+            gather.gave_up(REDIS)
+        if not gather.waiting:
+            self._core.finish(qid)
+
+    def deliver(self, delivery: Delivery, now: float) -> None:
+        """A broadcast or a backend command from another host."""
+        if delivery.control is not None:
+            self._control(delivery.users, delivery.control, now)
+        else:
+            self._broadcast(delivery.channel, delivery.users, delivery.frame, now)
+
+    def _broadcast(
+        self, channel: ChannelId | None, users: list[int], frame: bytes, now: float
+    ) -> None:
+        """To a channel's local members, or to users. Its publisher has had its answer already:
+        where there is no room, it is dropped, counted (``remote_dropped``)."""
+        core = self._core
+        if channel is not None:
+            message = shardwire.channel_delivery(channel, frame)
+            targets: dict[ShardIndex, list[bytes]] = {
+                index: message for index in core.members(channel)
+            }
+        else:
+            targets = {
+                index: shardwire.users_delivery(group, frame)
+                for index, group in core.up_groups(users).items()
+            }
+        for index, msg in targets.items():
+            if not core.offer(index, msg, now):
+                core.counters["remote_dropped"] += 1
+
+    def _control(self, users: list[int], control: dict[str, Any], now: float) -> None:
+        """A backend command from another host for users we have: apply it, answer nobody."""
+        core = self._core
+        for index, group in core.up_groups(users).items():
+            for user in group:
+                body = {**control, "user": user}
+                core.send(index, shardwire.query(0, body), now)  # qid 0: no gather waits
+
+    # -- the presence snapshot -------------------------------------------------------------
+
+    def snapshot(self, now: float) -> None:
+        """Gather this host's presence from its up shards; :meth:`snapshot_done` queues it for
+        the link to publish. Skipped while ``max_queries`` are in flight (the next one will do)."""
+        core = self._core
+        spec = GatherSpec(
+            {slot.index for slot in core.up_shards()},
+            presence_snapshot,
+            lambda _index: {"op": "snapshot"},
+        )
+        try:
+            core.start_gather(None, None, spec, now)
+        except CommandError:
+            return
