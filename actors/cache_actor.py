@@ -1,11 +1,14 @@
 """CacheActor: the single owner of a shard's :class:`UserConnectionCache`.
 
-Owns: the cache and the shard's DEALER socket to the router. It applies connection events from
-the shard's connections, resolves deliveries (channel or users → connection ids) and answers the
-router's queries. It is a :class:`LoopActor`: it runs on the shard's event loop, one message at a
-time, so a broadcast goes from the router's socket to the connections' writes without a thread
-hop; what the connections must do (write a frame, send hello, close) goes out in one batch per
-round through ``post``. Must never touch a connection itself, nor ``ask`` anyone.
+Owns: the cache, the shard's DEALER socket to the router (its heartbeat, credit and membership
+deltas), and the messages between the actor and its shard: what the shard tells it
+(:class:`Opened`, :class:`Closed`, :class:`Subscribe`, ...) and what it asks of the shard's
+connections (:data:`LoopAction`: :class:`Deliver`, :class:`Registered`, :class:`Subscribed`,
+:class:`CloseConnections`). It applies connection events, resolves deliveries (channel or users
+→ connection ids) and answers the router's queries. It is a :class:`LoopActor`: it runs on the
+shard's event loop, one message at a time, so a broadcast goes from the router's socket to the
+connections' writes without a thread hop; its actions go out in one batch per round through
+``post``. Must never touch a connection itself, nor ``ask`` anyone, nor block the loop.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,16 +31,61 @@ from actors.wire import shardwire
 
 log = logging.getLogger("ucc.cache")
 
-BATCH = 512
-WORK = 20_000  # recipients per round at most, so that the event loop's turns stay short
-HEARTBEAT = 0.25  # seconds between heartbeats to the router
+READ_BATCH = 512  # router messages read from the socket per round at most
+WORK_PER_TURN = 20_000  # recipients per round at most, so that the event loop's turns stay short
+BEAT_INTERVAL = 0.25  # seconds between two heartbeats (with credit) to the router
 
-# What the actor asks of the event loop (one list per round):
-#   ("deliver", frame, conn_ids)       write frame to these connections
-#   ("registered", conn_id)            the connection is in the cache: send hello
-#   ("subscribed", conn_id, channel, on)  a client's (un)subscribe is in effect: confirm it
-#   ("close", conn_ids, code, reason)  close these connections
-LoopAction = tuple[Any, ...]
+# -- what the actor asks of its shard's connections (one list per round, through ``post``) ------
+#
+# Deliver is on the broadcast hot path, so it was measured against the tuple it replaced:
+# creating and dispatching 1e6 actions takes 0.34 s as frozen slotted dataclasses, 0.11 s as
+# tuples (0.25 us more per action, one action per shard per broadcast), while a broadcast costs
+# the server some 340 us of CPU. ``ucc bench rooms --connections 2000 --members 10 --rate 1000
+# --messages 5000``: 34.2 us of server CPU per delivered frame with tuples, 34.0 with
+# dataclasses (means of 3 and 2 runs, each within 32.6-36.1): noise. So a dataclass, like the rest.
+
+
+@dataclass(frozen=True, slots=True)
+class Deliver:
+    """Write ``frame`` (one or more complete, pre-encoded server frames) to these connections.
+
+    ``conns`` is not copied: for a channel it is the cache's own tuple (see
+    :meth:`UserConnectionCache.recipients`), which ``coalesce`` in the shard compares by
+    identity."""
+
+    frame: bytes
+    conns: Sequence[ConnId]
+
+
+@dataclass(frozen=True, slots=True)
+class Registered:
+    """The connection is in the cache and the router has indexed it: send it hello."""
+
+    conn: ConnId
+
+
+@dataclass(frozen=True, slots=True)
+class Subscribed:
+    """A client's subscribe (``subscribed`` true) or unsubscribe is in effect: confirm it."""
+
+    conn: ConnId
+    channel: ChannelId
+    subscribed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class CloseConnections:
+    """Close these connections with this WebSocket close code and reason."""
+
+    conns: Sequence[ConnId]
+    code: int
+    reason: str
+
+
+LoopAction = Deliver | Registered | Subscribed | CloseConnections
+
+
+# -- what the shard tells the actor ---------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,7 +178,7 @@ class CacheActor(LoopActor):
     def on_start(self) -> None:
         self.loop.add_reader(self.sock.getsockopt(zmq.FD), self._readable)
         self._send(shardwire.hello(self.index, self.epoch, os.getpid(), self.cache.channels()))
-        self._beat_handle = self.loop.call_later(HEARTBEAT, self._beat)
+        self._beat_handle = self.loop.call_later(BEAT_INTERVAL, self._beat)
 
     def on_stop(self) -> None:
         if self._beat_handle is not None:
@@ -155,8 +203,7 @@ class CacheActor(LoopActor):
             self._drain()
             self._flush()
         except Exception:  # a bug: fail as pykka does for a message, and take the shard down
-            self._handle_failure(*sys.exc_info())
-            self.on_failure(*sys.exc_info())
+            self._actor_failed(*sys.exc_info())
 
     def _beat(self) -> None:
         """Heartbeat to the router: it runs on the loop, so it stops if the loop is stuck."""
@@ -167,7 +214,7 @@ class CacheActor(LoopActor):
             self._seq += 1
             if self._send(shardwire.sync(self.cache.channels(), self._seq)):
                 self._resync = False
-        self._beat_handle = self.loop.call_later(HEARTBEAT, self._beat)
+        self._beat_handle = self.loop.call_later(BEAT_INTERVAL, self._beat)
         self._recheck()
 
     def _recheck(self) -> None:
@@ -180,15 +227,15 @@ class CacheActor(LoopActor):
         if isinstance(message, Opened):
             delta = cache.connect(message.conn, message.user, message.channels, message.now)
             self._delta.merge(delta)
-            self._unconfirmed.append(("registered", message.conn))
+            self._unconfirmed.append(Registered(message.conn))
         elif isinstance(message, Closed):
             self._delta.merge(cache.disconnect(message.conn))
         elif isinstance(message, Subscribe):
             self._delta.merge(cache.subscribe(message.conn, message.channel))
-            self._unconfirmed.append(("subscribed", message.conn, message.channel, True))
+            self._unconfirmed.append(Subscribed(message.conn, message.channel, True))
         elif isinstance(message, Unsubscribe):
             self._delta.merge(cache.unsubscribe(message.conn, message.channel))
-            self._unconfirmed.append(("subscribed", message.conn, message.channel, False))
+            self._unconfirmed.append(Subscribed(message.conn, message.channel, False))
         elif isinstance(message, CaughtUp):
             pass  # _flush rechecks the socket
         elif isinstance(message, Activity):
@@ -198,14 +245,14 @@ class CacheActor(LoopActor):
                 self._last_sweep = message.now
                 stale = cache.stale(message.now, self.stale_timeout)
                 if stale:
-                    self._actions.append(("close", stale, 4002, "heartbeat timeout"))
+                    self._actions.append(CloseConnections(stale, 4002, "heartbeat timeout"))
         self._flush()
         return None
 
     def _drain(self) -> None:
         work = 0
-        for _ in range(BATCH):
-            if work > WORK:
+        for _ in range(READ_BATCH):
+            if work > WORK_PER_TURN:
                 return  # the rest next turn (_flush's recheck schedules it): connections first
             try:
                 msg = self.sock.recv_multipart(zmq.NOBLOCK)
@@ -231,12 +278,12 @@ class CacheActor(LoopActor):
         if kind == shardwire.CHANNEL:
             conns = self.cache.recipients(ChannelId(shardwire.unpack_id(argument)))
             if conns:
-                self._actions.append(("deliver", payload, conns))
+                self._actions.append(Deliver(payload, conns))
             return len(conns)
         if kind == shardwire.USERS:
             targets = self.cache.recipients_of_users(shardwire.unpack_ids(argument))
             if targets:
-                self._actions.append(("deliver", payload, targets))
+                self._actions.append(Deliver(payload, targets))
             return len(targets)
         if kind == shardwire.QUERY:
             answer = self._answer(json.loads(payload))
@@ -260,7 +307,7 @@ class CacheActor(LoopActor):
         if op == "disconnect":
             conns = sorted(cache.connections_of(query["user"]))
             if conns:
-                self._actions.append(("close", conns, 4001, "disconnected by the backend"))
+                self._actions.append(CloseConnections(conns, 4001, "disconnected by the backend"))
             return {"connections": len(conns)}
         if op == "snapshot":
             return cache.snapshot()

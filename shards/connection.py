@@ -2,9 +2,10 @@
 
 Owns: the handshake (on bytes the supervisor only peeked at), parsing client frames (websockets'
 ``ServerProtocol``), the client commands (subscribe, unsubscribe, ping), writes (including
-pre-encoded broadcast frames, written as they are), the client's inbound budget and the
-slow-consumer cap. Must never touch the cache: it reports to its :class:`Shard`, which tells the
-CacheActor.
+pre-encoded broadcast frames, written as they are), the client's inbound budget, the
+slow-consumer cap, and :class:`ShardSide`: what a connection needs of the shard that holds it.
+Must never touch the cache: it reports to its shard (``shards.worker.Shard``, which it does not
+import), which tells the CacheActor.
 
 A connection can only ever hurt itself. Whatever goes wrong while handling its bytes or its
 writes closes *it* (1011, counted, one WARNING line naming its user), never the shard; a write
@@ -21,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import TYPE_CHECKING, cast
+from typing import Protocol, cast
 
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request
@@ -32,14 +33,52 @@ from actors.ids import ChannelId, ConnId, UserId
 from actors.ratelimit import TokenBucket
 from actors.wire import frames
 from actors.wire.clientwire import ClientFrameError, parse_client_frame
-
-if TYPE_CHECKING:
-    from shards.worker import Shard
+from shards.handoff import ShardConfig
 
 log = logging.getLogger("ucc.connection")
 
-CLOSE_TIMEOUT = 2.0
+CLOSE_TIMEOUT = 2.0  # seconds a closing handshake may take before the connection is aborted
 FEED = 16 * 1024  # bytes handed to the parser between two budget checks
+
+
+class ShardSide(Protocol):
+    """What a :class:`Connection` needs of the shard that holds it (``shards.worker.Shard``)."""
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop: ...
+
+    @property
+    def now(self) -> float:
+        """The shard's coarse monotonic clock (refreshed every 0.25 s)."""
+        ...
+
+    @property
+    def config(self) -> ShardConfig: ...
+
+    @property
+    def write_high(self) -> int:
+        """The write buffer size past which a connection pauses writing (client behind)."""
+        ...
+
+    def count(self, what: str) -> None:
+        """Count one ``what`` (closed for cause, failed) in the shard's status counters."""
+
+    def mark_active(self, conn: Connection) -> None:
+        """The client sent something (it is alive)."""
+
+    def connection_opened(self, conn: Connection) -> None:
+        """Handshake done: register it (the shard calls :meth:`Connection.registered` then)."""
+
+    def connection_lost(self, conn: Connection) -> None: ...
+
+    def subscribe(self, conn: Connection, channel: ChannelId) -> None:
+        """The client asks for ``channel`` (the shard calls :meth:`Connection.confirm` then)."""
+
+    def unsubscribe(self, conn: Connection, channel: ChannelId) -> None: ...
+
+    def writing_paused(self, conn: Connection) -> None: ...
+
+    def writing_resumed(self, conn: Connection) -> None: ...
 
 
 class Connection(asyncio.Protocol):
@@ -64,7 +103,7 @@ class Connection(asyncio.Protocol):
 
     def __init__(
         self,
-        shard: Shard,
+        shard: ShardSide,
         conn_id: ConnId,
         user: UserId,
         channels: tuple[ChannelId, ...],
@@ -77,14 +116,14 @@ class Connection(asyncio.Protocol):
         self.channels = channels  # the token's channels: subscribed at connect, allowed later
         self.allowed = frozenset(channels)
         self.transport: asyncio.Transport | None = None
-        self.proto = ServerProtocol(max_size=shard.max_frame)
+        self.proto = ServerProtocol(max_size=shard.config.max_frame)
         self.is_open = False  # handshake done and registered in the cache
         self.last_inbound = 0.0
         self.timer: asyncio.TimerHandle | None = None
         self.fragments: list[bytes] | None = None  # a text message arriving in pieces
-        now = shard.loop.time()
-        self.frame_budget = TokenBucket(shard.frame_rate, shard.frame_burst, now)
-        self.byte_budget = TokenBucket(shard.byte_rate, shard.byte_burst, now)
+        now, config = shard.loop.time(), shard.config
+        self.frame_budget = TokenBucket(config.client_frame_rate, config.client_frame_burst, now)
+        self.byte_budget = TokenBucket(config.client_byte_rate, config.client_byte_burst, now)
         self.backlog: memoryview | None = None  # bytes received, not parsed yet (over FEED)
         self.shut = False  # no more reads, no more writes (closed for cause, or EOF written)
 
@@ -95,7 +134,7 @@ class Connection(asyncio.Protocol):
         self.transport.set_write_buffer_limits(high=self.shard.write_high)
         self.last_inbound = self.shard.now
         self.timer = self.shard.loop.call_later(
-            self.shard.handshake_timeout, self._abort, "handshake timeout"
+            self.shard.config.handshake_timeout, self._abort, "handshake timeout"
         )
 
     def data_received(self, data: bytes) -> None:
@@ -231,6 +270,14 @@ class Connection(asyncio.Protocol):
         else:
             self.shard.unsubscribe(self, channel)
 
+    def registered(self) -> None:
+        """The cache has this connection and the router has indexed it: open it to deliveries,
+        starting with hello (unless it closed meanwhile)."""
+        if self.shut or self.proto.state is not State.OPEN:
+            return
+        self.is_open = True
+        self.send(frames.hello(self.user, list(self.channels), self.shard.config.heartbeat))
+
     def confirm(self, channel: ChannelId, subscribed: bool) -> None:
         kind = b"subscribed" if subscribed else b"unsubscribed"
         self.send(frames.text_frame(b'{"type":"%b","channel":%d}' % (kind, channel)))
@@ -245,7 +292,7 @@ class Connection(asyncio.Protocol):
             return
         try:
             transport.write(frame)
-            if transport.get_write_buffer_size() > self.shard.write_buffer_limit:
+            if transport.get_write_buffer_size() > self.shard.config.write_buffer_limit:
                 self.shard.count("closed_slow_consumer")
                 log.debug("connection %d: slow consumer, closing", self.conn_id)
                 self.close(4000, "slow consumer")

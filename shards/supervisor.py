@@ -1,17 +1,18 @@
 """The supervisor: ``ucc serve`` itself. Spawns the shards, runs the acceptor and the RouterActor,
 restarts shards that die, and shuts everything down on SIGTERM/SIGINT.
 
-Owns: the shard processes (their pids, pidfds, control sockets and incarnation numbers), the
-public listening socket and the RouterActor's lifetime. The decisions live in plain classes
-(:class:`RestartPolicy`, :class:`RouterCore`); this module carries them out. Must never touch a
-WebSocket's bytes nor the router's state.
+Owns: the shard processes (their pids, pidfds, control sockets, incarnation numbers and
+configuration), the public listening socket, the connections on their way to a shard (held
+while it restarts, handed over, not yet acknowledged: :class:`Handoffs`) and the RouterActor's
+lifetime. The decisions live in plain classes (:class:`RestartPolicy`, :class:`RouterCore`,
+:class:`Handoffs`); this module carries them out. Must never read a client's bytes (it only
+peeks, to see whether a request is still unread) nor touch the router's state.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import shutil
@@ -40,7 +41,17 @@ from actors.wire.tokens import Claims
 from shards import limits, ready
 from shards.acceptor import Acceptor
 from shards.config import ServeConfig
-from shards.handoff import MAX_HEADER, control_pair, send_connection, send_message
+from shards.handoff import (
+    MAX_HEADER,
+    ControlError,
+    Handoff,
+    ShardConfig,
+    Shutdown,
+    control_pair,
+    decode_ack,
+    send_connection,
+    send_message,
+)
 from shards.redislink import RedisLink
 
 log = logging.getLogger("ucc.supervisor")
@@ -70,20 +81,6 @@ def request_unread(sock: socket.socket) -> bool:
         return sock.recv(4, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"GET "
     except OSError:  # nothing to read (it was read), reset, or closed
         return False
-
-
-def ack_ids(data: bytes) -> list[int] | None:
-    """The hand-off ids in a shard's ack (``{"op": "ack", "ids": [...]}``); None if malformed."""
-    try:
-        message = json.loads(data)
-    except (ValueError, RecursionError):  # not JSON, not UTF-8, truncated, absurdly nested
-        return None
-    if not isinstance(message, dict) or message.get("op") != "ack":
-        return None
-    ids = message.get("ids")
-    if not isinstance(ids, list) or not all(type(i) is int for i in ids):
-        return None
-    return ids
 
 
 @dataclass(eq=False, slots=True)
@@ -122,11 +119,12 @@ class Handoffs:
     def ack(self, data: bytes) -> bool:
         """The shard's ack: release the connections it names. False (counted) if malformed;
         then its connections are released by :meth:`reconcile` or :meth:`orphaned`."""
-        ids = ack_ids(data)
-        if ids is None:
+        try:
+            ack = decode_ack(data)  # defensive: whatever the bytes, a ControlError at worst
+        except ControlError:
             self.counters["malformed_acks"] += 1
             return False
-        for handoff in ids:
+        for handoff in ack.ids:
             entry = self.entries.pop(handoff, None)
             if entry is None:
                 self.counters["unknown_ids"] += 1
@@ -237,23 +235,7 @@ class Supervisor:
             raise OSError(f"command endpoint {config.command}: {exc}") from None
         self.command_endpoint: str = self.router.proxy().command_endpoint.get()
         self.acceptor: Acceptor | None = None
-        self.shard_config = json.dumps(
-            {
-                "heartbeat": config.heartbeat,
-                "heartbeat_timeout": config.heartbeat_timeout,
-                "handshake_timeout": config.handshake_timeout,
-                "max_frame": config.max_frame,
-                "write_buffer_limit": config.write_buffer_limit,
-                "slow_consumer_timeout": config.slow_consumer_timeout,
-                "send_buffer": config.send_buffer,
-                "client_frame_rate": config.client_frame_rate,
-                "client_frame_burst": config.client_frame_burst,
-                "client_byte_rate": config.client_byte_rate,
-                "client_byte_burst": config.client_byte_burst,
-                "log_level": config.log_level,
-                "close_grace": 2.0,
-            }
-        )
+        self.shard_config = ShardConfig.of(config)  # on each shard's command line, as JSON
 
     def _listen(self) -> socket.socket:
         infos = socket.getaddrinfo(
@@ -285,7 +267,7 @@ class Supervisor:
             str(shard.epoch),
             str(theirs.fileno()),
             self.shard_endpoint,
-            self.shard_config,
+            self.shard_config.to_json(),
         ]
         shard.proc = subprocess.Popen(args, pass_fds=(theirs.fileno(),))
         shard.running = True
@@ -452,14 +434,9 @@ class Supervisor:
         """Send the connection to its shard; False if the shard cannot take it now."""
         assert shard.control is not None
         self._handoffs += 1
-        header = {
-            "id": self._handoffs,
-            "user": claims.user,
-            "channels": list(claims.channels),
-            "exp": claims.exp,
-        }
+        handoff = Handoff(self._handoffs, claims.user, claims.channels, claims.exp)
         try:
-            send_connection(shard.control, header, sock)
+            send_connection(shard.control, handoff, sock)
         except OSError:  # the shard is not keeping up (or just died)
             return False
         shard.handoffs.sent(self._handoffs, claims, sock, time.monotonic())
@@ -511,10 +488,7 @@ class Supervisor:
                 self._release(shard, entry)  # stopping: a 503 each
             if shard.control is not None:
                 with contextlib.suppress(OSError):
-                    send_message(
-                        shard.control,
-                        {"op": "shutdown", "drain_window": self.config.drain_window},
-                    )
+                    send_message(shard.control, Shutdown(self.config.drain_window))
         self.loop.call_later(self.config.shutdown_timeout, self._kill_stragglers)
         self._maybe_done()
 

@@ -1,13 +1,15 @@
 """A shard process: an asyncio loop holding WebSocket connections, and the shard's CacheActor.
 
 Owns: the connections handed over by the supervisor (file descriptors over a Unix socket), the
-heartbeat clock (pings to idle clients, liveness reports to the actor), and carrying out what the
-CacheActor decides (deliveries, hello, closes). The CacheActor runs on this same loop (a
-:class:`LoopActor`), so its decisions arrive as plain calls, with no thread in between. Must
-never read or change the cache itself (only tell the actor), and never block the loop: no
-``ask``.
+shard's clock (pings to idle clients, token expiry, liveness reports to the actor), the
+slow-consumer and "behind" bookkeeping, the drain on shutdown, and carrying out what the
+CacheActor decides (its :data:`LoopAction` list: deliveries, hello, confirmations, closes). The
+CacheActor runs on this same loop (a :class:`LoopActor`), so its decisions arrive as plain
+calls, with no thread in between. Must never read or change the cache itself (only tell the
+actor), and never block the loop: no ``ask``.
 
-Run by the supervisor as ``python -m shards.worker INDEX EPOCH CONTROL_FD ROUTER CONFIG_JSON``.
+Run by the supervisor as ``python -m shards.worker INDEX EPOCH CONTROL_FD ROUTER CONFIG_JSON``
+(``CONFIG_JSON``: a :class:`ShardConfig`).
 """
 
 from __future__ import annotations
@@ -15,37 +17,46 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import json
 import logging
-import math
 import os
 import signal
 import socket
 import sys
 import time
-from typing import Any
+from typing import assert_never
 
 import pykka
-from websockets.protocol import State
 
 from actors.cache_actor import (
     Activity,
     CacheActor,
     CaughtUp,
+    CloseConnections,
     Closed,
+    Deliver,
     LoopAction,
     Opened,
+    Registered,
     Subscribe,
+    Subscribed,
     Unsubscribe,
 )
-from actors.ids import ChannelId, ConnId, UserId
+from actors.ids import ChannelId, ConnId
 from actors.wire import frames
-from shards.connection import Connection
-from shards.handoff import recv_connection, send_message
+from shards.connection import CLOSE_TIMEOUT, Connection
+from shards.handoff import (
+    Ack,
+    ControlError,
+    Handoff,
+    ShardConfig,
+    Shutdown,
+    recv_connection,
+    send_message,
+)
 
 log = logging.getLogger("ucc.shard")
 
-TICK = 0.25  # liveness report to the actor (and through it, to the router)
+TICK = 0.25  # seconds: liveness report to the actor (and through it, to the router); Shard.now
 DRAIN_BATCHES = 10
 # behind: more than this many connections (and this share of them) have a full write buffer
 BEHIND_MIN = 8
@@ -61,29 +72,25 @@ class Shard:
         epoch: int,
         control: socket.socket,
         router: str,
-        config: dict[str, Any],
+        config: ShardConfig,
     ) -> None:
         self.loop = loop
         self.index, self.epoch = index, epoch
         self.control = control
-        self.heartbeat = float(config["heartbeat"])
-        self.handshake_timeout = float(config["handshake_timeout"])
-        self.max_frame = int(config["max_frame"])
-        self.write_buffer_limit = int(config["write_buffer_limit"])
-        self.frame_rate = float(config["client_frame_rate"])
-        self.frame_burst = int(config["client_frame_burst"])
-        self.byte_rate = float(config["client_byte_rate"])
-        self.byte_burst = int(config["client_byte_burst"])
-        self.slow_timeout = float(config["slow_consumer_timeout"])
-        self.send_buffer = int(config["send_buffer"])
+        self.config = config
         # a connection whose write buffer is over this pauses writing (see ``behind``)
-        self.write_high = max(1, min(16 * 1024, self.write_buffer_limit // 4))
+        self.write_high = max(1, min(16 * 1024, config.write_buffer_limit // 4))
         self.paused: dict[ConnId, float] = {}  # connections paused writing, since when
         # what connections went through: closed for cause, failed (see ``count``)
         self.counters: dict[str, int] = {}
         self._reported: dict[str, int] = {}  # the counters at the last summary line
         self._last_report = time.monotonic()
         self.conns: dict[ConnId, Connection] = {}
+        # Coarse: refreshed once per TICK (0.25 s), not per event. Fine for what is measured in
+        # seconds against it: when a client was last heard from (pings after --heartbeat, 25 s;
+        # the stale sweep after --heartbeat-timeout, 60 s) and since when a client is behind
+        # (--slow-consumer-timeout, 10 s). Whatever needs precision reads ``loop.time()`` (the
+        # inbound budgets, the handshake and close deadlines) or ``time.monotonic()``.
         self.now = time.monotonic()
         self._next_conn = 1
         self._active: dict[ConnId, float] = {}
@@ -95,7 +102,7 @@ class Shard:
             epoch,
             router,
             self.apply,
-            float(config["heartbeat_timeout"]),
+            config.heartbeat_timeout,
             lambda: self.stop(None),  # the actor failed: exit, and be restarted
             counters=lambda: dict(self.counters),
             behind=self.behind,
@@ -114,7 +121,7 @@ class Shard:
         finally:
             if acks:  # the supervisor keeps its copy of each socket until we have it
                 with contextlib.suppress(OSError):
-                    send_message(self.control, {"op": "ack", "ids": acks})
+                    send_message(self.control, Ack(tuple(acks)))
 
     def _control_message(self, acks: list[int]) -> bool:
         """Handle one message from the supervisor; False when there is nothing more to read."""
@@ -122,6 +129,9 @@ class Shard:
             received = recv_connection(self.control)
         except BlockingIOError:
             return False
+        except ControlError as exc:  # a bug in the supervisor: never fatal to our clients
+            log.error("shard %d: malformed control message: %s", self.index, exc)
+            return True
         except OSError as exc:
             log.error("shard %d: control socket failed: %s", self.index, exc)
             received = None
@@ -129,27 +139,27 @@ class Shard:
             log.warning("shard %d: supervisor gone, exiting", self.index)
             self.stop(None)
             return False
-        header, sock = received
-        if header.get("op") == "shutdown":
-            self.stop(float(header.get("drain_window", 0.0)))
+        message, sock = received
+        if isinstance(message, Shutdown):
+            if sock is not None:
+                sock.close()
+            self.stop(message.drain_window)
             return False
         if sock is None:
             return True
-        acks.append(int(header["id"]))
-        self._accept(header, sock)
+        acks.append(message.id)
+        self._accept(message, sock)
         return True
 
-    def _accept(self, header: dict[str, Any], sock: socket.socket) -> None:
+    def _accept(self, handoff: Handoff, sock: socket.socket) -> None:
         conn_id = ConnId(self._next_conn)
         self._next_conn += 1
-        user = UserId(int(header["user"]))
-        channels = tuple(ChannelId(int(c)) for c in header["channels"])
-        expires = float(header.get("exp", math.inf))
         # what the kernel may hold for a client on top of our write buffer: small, so that a
         # client that falls behind shows it (pause_writing) before seconds of data pile up
         with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.send_buffer)
-        self.loop.create_task(self._adopt(sock, Connection(self, conn_id, user, channels, expires)))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.config.send_buffer)
+        conn = Connection(self, conn_id, handoff.user, handoff.channels, handoff.exp)
+        self.loop.create_task(self._adopt(sock, conn))
 
     async def _adopt(self, sock: socket.socket, conn: Connection) -> None:
         try:
@@ -206,27 +216,27 @@ class Shard:
     def apply(self, actions: list[LoopAction]) -> None:
         conns = self.conns
         for action in coalesce(actions):
-            kind = action[0]
-            if kind == "deliver":
-                frame = action[1]
-                for conn_id in action[2]:
+            if isinstance(action, Deliver):  # the hot path: first
+                frame = action.frame
+                for conn_id in action.conns:
                     conn = conns.get(conn_id)
                     if conn is not None:
                         conn.send(frame)
-            elif kind == "registered":
-                conn = conns.get(action[1])
-                if conn is not None and not conn.shut and conn.proto.state is State.OPEN:
-                    conn.is_open = True
-                    conn.send(frames.hello(conn.user, list(conn.channels), self.heartbeat))
-            elif kind == "subscribed":
-                conn = conns.get(action[1])
+            elif isinstance(action, Registered):
+                conn = conns.get(action.conn)
                 if conn is not None:
-                    conn.confirm(action[2], action[3])
-            elif kind == "close":
-                for conn_id in action[1]:
+                    conn.registered()
+            elif isinstance(action, Subscribed):
+                conn = conns.get(action.conn)
+                if conn is not None:
+                    conn.confirm(action.channel, action.subscribed)
+            elif isinstance(action, CloseConnections):
+                for conn_id in action.conns:
                     conn = conns.get(conn_id)
                     if conn is not None:
-                        conn.close(action[2], action[3])
+                        conn.close(action.code, action.reason)
+            else:
+                assert_never(action)  # mypy: a new kind of action must be handled here
 
     # -- clock -------------------------------------------------------------------------------
 
@@ -243,13 +253,13 @@ class Shard:
             self._close_slow(now)
         if now - self._last_report >= REPORT_INTERVAL:
             self._report(now)
-        if now - self._last_ping >= self.heartbeat:
+        if now - self._last_ping >= self.config.heartbeat:
             self._last_ping = now
             for conn in list(self.conns.values()):
                 # a token that ran out: the client must come back with a fresh one
                 if conn.expires <= wall:
                     conn.close(4003, "token expired")
-                elif now - conn.last_inbound >= self.heartbeat:
+                elif now - conn.last_inbound >= self.config.heartbeat:
                     conn.ping()
         self._tick_handle = self.loop.call_later(TICK, self._tick)
 
@@ -267,7 +277,7 @@ class Shard:
 
     def _close_slow(self, now: float) -> None:
         """Close the connections that have not taken their writes for ``slow_timeout``."""
-        limit = now - self.slow_timeout
+        limit = now - self.config.slow_consumer_timeout
         for conn_id in [c for c, since in self.paused.items() if since < limit]:
             conn = self.conns.get(conn_id)
             del self.paused[conn_id]
@@ -285,10 +295,11 @@ class Shard:
         self.loop.remove_reader(self.control.fileno())
         self.stopped.set_result(drain_window)
 
-    async def drain(self, window: float, grace: float) -> None:
+    async def drain(self, window: float, grace: float = CLOSE_TIMEOUT) -> None:
         """Tell every client to reconnect (a drain frame, then close 1001), in batches spread
         over ``window`` seconds so that they do not all come back at once; then wait up to
-        ``grace`` seconds for the closing handshakes."""
+        ``grace`` seconds for the closing handshakes (by then each connection has aborted its
+        own, after the same ``CLOSE_TIMEOUT``)."""
         conns = list(self.conns.values())
         batches = max(1, min(DRAIN_BATCHES, len(conns)))
         size = max(1, -(-len(conns) // batches))
@@ -304,18 +315,27 @@ class Shard:
 
 
 def coalesce(actions: list[LoopAction]) -> list[LoopAction]:
-    """Merge consecutive deliveries to the very same recipients (the cache hands out one tuple
-    per channel until it changes) into one: one ``write()`` per connection carries them all."""
+    """Merge consecutive deliveries to the very same recipients into one: one ``write()`` per
+    connection carries them all.
+
+    "The very same" is identity (``is``), not equality: it relies on
+    :meth:`UserConnectionCache.recipients` returning the same tuple object for a channel until
+    that channel's membership changes (it caches one per channel). Comparing by identity costs
+    nothing per delivery, and a run of broadcasts to one channel is what it is for; equal
+    recipients in a new tuple (the channel changed in between, or a list of users) are simply
+    not merged, which is correct, only less thrifty."""
     merged: list[LoopAction] = []
-    frames_of: dict[int, list[bytes]] = {}  # position in merged -> frames of its run
+    runs: dict[int, list[bytes]] = {}  # position in merged of a run's first -> its frames
     for action in actions:
         last = merged[-1] if merged else None
-        if last is not None and action[0] == "deliver" == last[0] and action[2] is last[2]:
-            frames_of.setdefault(len(merged) - 1, [last[1]]).append(action[1])
+        if isinstance(action, Deliver) and isinstance(last, Deliver) and action.conns is last.conns:
+            runs.setdefault(len(merged) - 1, [last.frame]).append(action.frame)
         else:
             merged.append(action)
-    for position, run in frames_of.items():
-        merged[position] = ("deliver", b"".join(run), merged[position][2])
+    for position, run in runs.items():
+        first = merged[position]
+        assert isinstance(first, Deliver)  # a run starts with a delivery
+        merged[position] = Deliver(b"".join(run), first.conns)
     return merged
 
 
@@ -333,9 +353,7 @@ def _crash_requested(index: int, epoch: int, switch: str) -> bool:
     return target == str(index) and epoch >= int(from_epoch or 1)
 
 
-async def serve(
-    index: int, epoch: int, control_fd: int, router: str, config: dict[str, Any]
-) -> int:
+async def serve(index: int, epoch: int, control_fd: int, router: str, config: ShardConfig) -> int:
     if _crash_requested(index, epoch, os.environ.get("UCC_TEST_CRASH_SHARD", "")):
         raise SystemExit(f"shard {index}: crashing on start (UCC_TEST_CRASH_SHARD)")
     loop = asyncio.get_running_loop()
@@ -345,7 +363,7 @@ async def serve(
     loop.add_signal_handler(signal.SIGTERM, shard.stop, 0.0)
     drain_window = await shard.stopped
     if drain_window is not None:
-        await shard.drain(drain_window, float(config["close_grace"]))
+        await shard.drain(drain_window)
     shard.actor.stop(block=False)  # it runs on this loop: let it finish its turn
     await asyncio.sleep(0)
     return 0 if drain_window is not None else 1  # 1: the supervisor is gone, or the actor failed
@@ -354,11 +372,11 @@ async def serve(
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     index, epoch, control_fd, router, raw_config = args
-    config = json.loads(raw_config)
+    config = ShardConfig.from_json(raw_config)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we stop
     _die_with_parent()
     logging.basicConfig(
-        level=config.get("log_level", "INFO"),
+        level=config.log_level,
         format=f"%(asctime)s shard-{index} %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import zmq
 
-from actors.cache_actor import CacheActor, Opened
+from actors.cache_actor import CacheActor, Deliver, LoopAction, Opened, Registered
 from actors.ids import ChannelId, ConnId, UserId
 from actors.wire import frames, shardwire
 
@@ -18,10 +18,10 @@ class FakeShard:
     """What the actor posts to its shard, and whether it asked the shard to exit."""
 
     def __init__(self) -> None:
-        self.actions: list[Any] = []
+        self.actions: list[LoopAction] = []
         self.failed = asyncio.Event()
 
-    def post(self, actions: list[Any]) -> None:
+    def post(self, actions: list[LoopAction]) -> None:
         self.actions.extend(actions)
 
     def fail(self) -> None:
@@ -82,7 +82,7 @@ def test_deliveries_queries_and_a_fatal_bug(router):
         sock.send_multipart([identity, *query])
         result = await receive(sock, shardwire.RESULT)
         assert json.loads(result[3]) == {"users": [7]}
-        assert ("deliver", frame, (1,)) in shard.actions
+        assert Deliver(frame, (ConnId(1),)) in shard.actions
 
         # a query no router sends: a bug; the actor fails, stops beating, asks to exit
         sock.send_multipart([identity, *shardwire.query(6, {"op": "explode"})])
@@ -145,16 +145,16 @@ def test_hello_waits_until_the_router_has_indexed_the_membership(router):
         # a query round trip proves the actor has handled everything before it
         sock.send_multipart([identity, *shardwire.query(1, {"op": "online"})])
         await receive(sock, shardwire.RESULT)
-        assert ("registered", 1) not in shard.actions  # the router has not confirmed yet
+        assert Registered(ConnId(1)) not in shard.actions  # the router has not confirmed yet
         sock.send_multipart([identity, *shardwire.indexed(seq)])
         sock.send_multipart([identity, *shardwire.query(2, {"op": "online"})])
         await receive(sock, shardwire.RESULT)
-        assert ("registered", 1) in shard.actions
+        assert Registered(ConnId(1)) in shard.actions
         # a second connection in a channel already indexed and confirmed: no wait
         ref.tell(Opened(ConnId(2), UserId(8), (ChannelId(3),), 0.0))
         sock.send_multipart([identity, *shardwire.query(3, {"op": "online"})])
         await receive(sock, shardwire.RESULT)
-        assert ("registered", 2) in shard.actions
+        assert Registered(ConnId(2)) in shard.actions
         ref.stop(block=False)
 
     asyncio.run(scenario())

@@ -1,30 +1,39 @@
 """The shard's pure helpers."""
 
+from actors.cache_actor import CloseConnections, Deliver, Registered
+from actors.ids import ConnId
 from shards.worker import _crash_requested, coalesce
 
 
+def conns(*ids: int) -> tuple[ConnId, ...]:
+    return tuple(ConnId(i) for i in ids)
+
+
 def test_coalesce_merges_runs_to_the_same_recipients_in_order():
-    channel_a, channel_b = (1, 2), (3,)
+    # the cache hands out one tuple per channel until the channel changes: runs share it
+    channel_a, channel_b = conns(1, 2), conns(3)
     actions = [
-        ("deliver", b"a", channel_a),
-        ("deliver", b"b", channel_a),
-        ("deliver", b"c", channel_a),
-        ("deliver", b"d", channel_b),
-        ("registered", 5),
-        ("deliver", b"e", channel_b),
-        ("deliver", b"f", tuple([3])),  # equal, not the same: the cache changed in between
+        Deliver(b"a", channel_a),
+        Deliver(b"b", channel_a),
+        Deliver(b"c", channel_a),
+        Deliver(b"d", channel_b),
+        Registered(ConnId(5)),
+        Deliver(b"e", channel_b),
+        Deliver(b"f", conns(3)),  # equal, not the same: the cache changed in between
     ]
-    assert coalesce(actions) == [
-        ("deliver", b"abc", channel_a),
-        ("deliver", b"d", channel_b),
-        ("registered", 5),
-        ("deliver", b"e", channel_b),
-        ("deliver", b"f", (3,)),
+    merged = coalesce(actions)
+    assert merged == [
+        Deliver(b"abc", channel_a),
+        Deliver(b"d", channel_b),
+        Registered(ConnId(5)),
+        Deliver(b"e", channel_b),
+        Deliver(b"f", conns(3)),
     ]
+    assert isinstance(merged[0], Deliver) and merged[0].conns is channel_a
 
 
 def test_coalesce_leaves_single_actions_alone():
-    actions = [("deliver", b"x", (1,)), ("close", [1], 4001, "bye")]
+    actions = [Deliver(b"x", conns(1)), CloseConnections([ConnId(1)], 4001, "bye")]
     assert coalesce(actions) == actions
 
 
