@@ -1,0 +1,363 @@
+"""actors.hosts: the router's Redis half (OtherHosts), driven message by message like RouterCore.
+
+No Redis and no link here: the tests play the link, taking the operations the core queued
+(``hosts.take_ops()``) and telling it events (:mod:`actors.hostlink`).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from actors.gather import REDIS
+from actors.hostlink import (
+    AreOnline,
+    Deliveries,
+    Delivery,
+    LinkState,
+    OnlineInChannel,
+    OnlineUsers,
+    OpResult,
+    PublishChannel,
+    PublishPresence,
+    PublishUsers,
+    Results,
+    Subscribe,
+    Unsubscribe,
+)
+from actors.hosts import UNREACHED, OtherHosts
+from actors.ids import ChannelId, stable_hash
+from actors.router import RouterCore
+from actors.wire import frames, shardwire
+
+N = 3
+ENV = [b"backend"]
+
+
+def user_on(shard: int, exclude=()) -> int:
+    return next(u for u in range(1, 10_000) if stable_hash(u, N) == shard and u not in exclude)
+
+
+def identity(index: int) -> bytes:
+    return shardwire.identity(index, 1)
+
+
+def delta(core: RouterCore, index: int, gained=(), lost=()) -> None:
+    core.shard_message(identity(index), shardwire.delta(list(gained), list(lost), 1), 0.0)
+    core.take_outbox()  # the INDEXED confirmation
+
+
+def command(core: RouterCore, body: dict[str, Any], now: float = 0.0) -> None:
+    core.command(ENV, json.dumps(body).encode(), now)
+
+
+def replies(core: RouterCore) -> list[dict[str, Any]]:
+    return [json.loads(payload) for _envelope, payload in core.take_replies()]
+
+
+def reply(core: RouterCore) -> dict[str, Any]:
+    (only,) = replies(core)
+    return only
+
+
+def queries(core: RouterCore) -> dict[int, tuple[int, dict[str, Any]]]:
+    """Queries to shards in the outbox: shard index -> (query id, body)."""
+    found = {}
+    for who, msg in core.take_outbox():
+        assert msg[0] == shardwire.QUERY
+        found[shardwire.parse_identity(who)[0]] = (shardwire.unpack_id(msg[1]), json.loads(msg[2]))
+    return found
+
+
+def answer(core: RouterCore, index: int, qid: int, body: Any) -> None:
+    core.shard_message(identity(index), shardwire.result(qid, body), 0.0)
+
+
+def make(up: bool = True, **limits: Any) -> tuple[RouterCore, OtherHosts]:
+    core = RouterCore(N, gather_timeout=1.0, redis=True, **limits)
+    for index in range(N):
+        core.shard_starting(index, 1, 100 + index)
+        core.shard_message(identity(index), shardwire.hello(index, 1, 100 + index, []), 0.0)
+    core.take_events()
+    assert core.hosts is not None
+    hosts = core.hosts
+    if up:
+        hosts.link_event(LinkState(True), 0.0)
+    return core, hosts
+
+
+@pytest.fixture
+def linked() -> tuple[RouterCore, OtherHosts]:
+    return make()
+
+
+# -- topics -----------------------------------------------------------------------------------
+
+
+def test_the_host_listens_to_a_channel_while_it_has_members(linked):
+    core, hosts = linked
+    delta(core, 0, gained=[5])
+    assert hosts.take_ops() == [Subscribe(ChannelId(5))]
+    delta(core, 1, gained=[5])  # not the host's first member
+    delta(core, 0, lost=[5])
+    assert hosts.take_ops() == []
+    delta(core, 1, lost=[5])  # the last one
+    assert hosts.take_ops() == [Unsubscribe(ChannelId(5))]
+
+
+def test_a_dead_shard_s_channels_are_unsubscribed(linked):
+    core, hosts = linked
+    delta(core, 2, gained=[7, 8])
+    hosts.take_ops()
+    core.shard_down(2, 1, now=1.0)
+    assert sorted(op.channel for op in hosts.take_ops() if isinstance(op, Unsubscribe)) == [7, 8]
+
+
+# -- gathers with the other hosts -------------------------------------------------------------
+
+
+def test_a_query_waits_for_the_other_hosts_and_merges_their_part(linked):
+    core, hosts = linked
+    command(core, {"id": 1, "cmd": "get_online_users"})
+    asked = queries(core)
+    (op,) = hosts.take_ops()
+    assert isinstance(op, OnlineUsers)
+    for index, (qid, body) in asked.items():
+        assert qid == op.qid and body == {"op": "online"}
+        answer(core, index, qid, {"users": [index + 10]})
+    assert replies(core) == []  # Redis has not answered yet
+    hosts.link_event(Results([OpResult(op.qid, True, {"users": [99, 10]})]), 0.0)
+    assert reply(core) == {
+        "id": 1,
+        "ok": True,
+        "users": [10, 11, 12, 99],
+        "missing_shards": [],
+        "cluster": True,
+    }
+
+
+def test_while_the_link_is_down_replies_say_the_other_hosts_were_not_reached():
+    core, hosts = make(up=False)
+    command(core, {"id": 1, "cmd": "get_online_users_in_channel", "channel": 3})
+    assert hosts.take_ops() == []
+    assert reply(core) == {
+        "id": 1,
+        "ok": True,
+        "users": [],
+        "missing_shards": [],  # the Redis participant is never a shard
+        "cluster": False,
+        "cluster_error": UNREACHED,
+    }
+
+
+def test_the_link_going_down_ends_the_wait_for_it(linked):
+    core, hosts = linked
+    command(core, {"id": 1, "cmd": "get_online_users_in_channel", "channel": 3})
+    (op,) = hosts.take_ops()
+    assert isinstance(op, OnlineInChannel) and op.channel == 3
+    hosts.link_event(LinkState(False), 0.0)
+    result = reply(core)
+    assert (result["cluster"], result["cluster_error"]) == (False, UNREACHED)
+    assert core.pending == {}
+    hosts.link_event(Results([OpResult(op.qid, True, {"users": [1]})]), 0.0)  # too late
+    assert replies(core) == []
+
+
+def test_an_operation_redis_failed_counts_the_other_hosts_missing(linked):
+    core, hosts = linked
+    command(core, {"id": 1, "cmd": "broadcast_to_channel", "channel": 4, "data": "x"})
+    (op,) = hosts.take_ops()
+    assert op == PublishChannel(op.qid, ChannelId(4), frames.channel_message(4, b'"x"'))
+    hosts.link_event(Results([OpResult(op.qid, False, None)]), 0.0)
+    assert reply(core)["cluster"] is False
+
+
+def test_the_deadline_counts_a_silent_link_missing(linked):
+    core, hosts = linked
+    command(core, {"id": 1, "cmd": "broadcast_to_user", "user": 5, "data": 1}, now=2.0)
+    hosts.take_ops()
+    core.tick(2.9)
+    assert replies(core) == []
+    core.tick(3.0)
+    assert reply(core)["cluster"] is False
+
+
+def test_a_result_nobody_waits_for_is_ignored(linked):
+    core, hosts = linked
+    hosts.result(12345, True, {"users": []})
+    hosts.result(0, False, None)
+    assert replies(core) == [] and core.pending == {}
+
+
+def test_a_broadcast_is_acknowledged_once_redis_has_taken_it(linked):
+    core, hosts = linked
+    delta(core, 1, gained=[4])
+    hosts.take_ops()
+    command(core, {"id": 7, "cmd": "broadcast_to_channel", "channel": 4, "data": 1})
+    assert [who for who, _msg in core.take_outbox()] == [identity(1)]  # local: at once
+    (op,) = hosts.take_ops()
+    assert replies(core) == []
+    hosts.result(op.qid, True, {"value": 0})
+    assert reply(core) == {"id": 7, "ok": True, "shards": 1, "missing_shards": [], "cluster": True}
+
+
+def test_a_users_broadcast_is_published_to_the_other_hosts(linked):
+    core, hosts = linked
+    users = [user_on(0), user_on(2)]
+    command(core, {"id": 1, "cmd": "broadcast_to_users", "users": users, "data": "hi"})
+    (op,) = hosts.take_ops()
+    assert op == PublishUsers(op.qid, users, frames.direct_message(b'"hi"'))
+    assert op.control is None
+
+
+@pytest.mark.parametrize("name", ["subscribe", "unsubscribe", "disconnect"])
+def test_a_user_command_is_forwarded_to_the_hosts_that_have_the_user(linked, name):
+    core, hosts = linked
+    user = user_on(1)
+    args = {"user": user} if name == "disconnect" else {"user": user, "channel": 8}
+    command(core, {"id": 1, "cmd": name, **args})
+    (op,) = hosts.take_ops()
+    assert op == PublishUsers(op.qid, [user], b"", {"op": name, **args})
+    ((qid, body),) = queries(core).values()
+    assert body == {"op": name, **args}  # the same body as the local shard's
+    answer(core, 1, qid, {"connections": 2})
+    hosts.result(op.qid, True, {"value": 3})
+    assert reply(core) == {
+        "id": 1,
+        "ok": True,
+        "connections": 2,
+        "hosts": 3,
+        "missing_shards": [],
+        "cluster": True,
+    }
+
+
+def test_are_users_online_asks_the_other_hosts_about_every_user(linked):
+    core, hosts = linked
+    a, b = user_on(0), user_on(1)
+    command(core, {"id": 1, "cmd": "are_users_online", "users": [a, b]})
+    (op,) = hosts.take_ops()
+    assert op == AreOnline(op.qid, [a, b])
+    for index, (qid, _body) in queries(core).items():
+        answer(core, index, qid, {"online": []})
+    hosts.result(op.qid, True, {"online": [b]})
+    assert reply(core)["online"] == {str(a): False, str(b): True}
+
+
+def test_status_and_router_stats_do_not_involve_the_other_hosts(linked):
+    core, hosts = linked
+    command(core, {"id": 1, "cmd": "router_stats"})
+    command(core, {"id": 2, "cmd": "status"})
+    core.close_all()
+    assert hosts.take_ops() == []
+    assert all("cluster" not in r for r in replies(core))
+
+
+# -- deliveries from other hosts --------------------------------------------------------------
+
+
+def test_a_channel_broadcast_from_another_host_reaches_the_local_members(linked):
+    core, hosts = linked
+    delta(core, 0, gained=[6])
+    delta(core, 2, gained=[6])
+    frame = frames.channel_message(6, b"1")
+    hosts.link_event(Deliveries([Delivery(ChannelId(6), [], frame)]), 0.0)
+    message = shardwire.channel_delivery(6, frame)
+    assert sorted(core.take_outbox()) == [(identity(0), message), (identity(2), message)]
+    assert replies(core) == []  # its publisher had its answer on its own host
+
+
+def test_a_users_broadcast_from_another_host_goes_to_the_up_shards_of_the_users(linked):
+    core, hosts = linked
+    a0, b0, c1, d2 = user_on(0), user_on(0, exclude=[user_on(0)]), user_on(1), user_on(2)
+    core.shard_down(2, 1, now=0.0)
+    frame = frames.direct_message(b"2")
+    hosts.deliver(Delivery(None, [a0, c1, b0, d2], frame), 0.0)
+    sent = {shardwire.parse_identity(who)[0]: msg for who, msg in core.take_outbox()}
+    assert sent == {
+        0: shardwire.users_delivery([a0, b0], frame),
+        1: shardwire.users_delivery([c1], frame),
+    }
+
+
+def test_deliveries_from_other_hosts_that_find_no_room_are_dropped_and_counted():
+    core, hosts = make(queue_messages=1)
+    delta(core, 0, gained=[7])
+    slot = core.slots[0]
+    credit = shardwire.heartbeat(slot.sent_messages, slot.sent_bytes)
+    core.shard_message(identity(0), credit, 0.0)  # the INDEXED consumed
+    hosts.deliver(Delivery(ChannelId(7), [], frames.channel_message(7, b"1")), 0.0)
+    hosts.deliver(Delivery(ChannelId(7), [], frames.channel_message(7, b"2")), 0.0)
+    assert len(core.take_outbox()) == 1
+    assert core.counters["remote_dropped"] == 1
+
+
+def test_a_user_command_from_another_host_is_applied_and_answered_to_nobody(linked):
+    core, hosts = linked
+    a, b = user_on(1), user_on(1, exclude=[user_on(1)])
+    control = {"op": "subscribe", "channel": 9}
+    hosts.link_event(Deliveries([Delivery(None, [a, b], b"", control)]), 0.0)
+    sent = [(who, shardwire.unpack_id(m[1]), json.loads(m[2])) for who, m in core.take_outbox()]
+    assert sent == [
+        (identity(1), 0, {"op": "subscribe", "channel": 9, "user": a}),  # qid 0: no gather
+        (identity(1), 0, {"op": "subscribe", "channel": 9, "user": b}),
+    ]
+    assert core.pending == {} and replies(core) == []
+
+
+# -- presence snapshots -----------------------------------------------------------------------
+
+
+def test_a_snapshot_gathers_the_up_shards_presence_and_queues_it_for_the_link(linked):
+    core, hosts = linked
+    core.shard_down(1, 1, now=0.0)
+    hosts.snapshot(now=5.0)
+    asked = queries(core)
+    assert sorted(asked) == [0, 2]
+    assert all(body == {"op": "snapshot"} for _qid, body in asked.values())
+    answer(core, 0, asked[0][0], {"users": [1], "channels": {"4": [1]}})
+    answer(core, 2, asked[2][0], {"users": [2], "channels": {"4": [2], "5": [2]}})
+    assert hosts.take_ops() == [
+        PublishPresence({"users": [1, 2], "channels": {"4": [1, 2], "5": [2]}})
+    ]
+    assert replies(core) == []  # nobody asked: no reply
+
+
+def test_a_partial_snapshot_is_not_published(linked):
+    core, hosts = linked
+    hosts.snapshot(now=5.0)
+    asked = queries(core)
+    answer(core, 0, asked[0][0], {"users": [1], "channels": {}})
+    core.tick(6.0)  # shards 1 and 2 stay silent
+    assert hosts.take_ops() == []
+    assert core.pending == {}
+
+
+def test_a_snapshot_waits_for_room_among_the_queries_in_flight():
+    core, hosts = make(max_queries=1)
+    command(core, {"id": 1, "cmd": "status"})
+    core.take_outbox()
+    hosts.snapshot(now=0.0)
+    assert core.take_outbox() == [] and len(core.pending) == 1
+
+
+def test_a_snapshot_never_involves_the_link_as_a_participant(linked):
+    core, hosts = linked
+    hosts.snapshot(now=0.0)
+    (gather,) = core.pending.values()
+    assert REDIS not in gather.waiting and not gather.redis
+
+
+# -- statistics -------------------------------------------------------------------------------
+
+
+def test_router_stats_show_a_copy_of_the_link_s_counters(linked):
+    core, hosts = linked
+    assert "redis" not in core.statistics()  # no link has given a source yet
+    counters = {"published": 1, "received": 2, "malformed": 0, "reconnects": 0}
+    hosts.link_stats = lambda: counters
+    stats = core.statistics()
+    assert stats["redis"] == counters
+    assert stats["redis"] is not counters
