@@ -8,6 +8,11 @@ one at a time, in order, on the loop thread, with pykka's semantics (``on_start`
 keeps a single owner, and the event loop reaches it without a thread hop or a GIL hand-off.
 Must never be asked (``ask``, ``stop(block=True)``) from the loop's own thread: that would wait
 for itself.
+
+It plugs into pykka below its public API. Every private name of pykka that it relies on is
+named in this module only (the imports and :data:`PYKKA_ACTOR_HOOKS` below; pykka is pinned
+below 5 in setup.cfg), and ``tests/unit/test_loopactor.py`` fails with a clear message if pykka
+renames or drops one.
 """
 
 from __future__ import annotations
@@ -18,8 +23,27 @@ import threading
 from typing import Any
 
 import pykka
-from pykka import ActorDeadError, messages
-from pykka._envelope import Envelope
+from pykka import ActorDeadError
+
+# -- pykka's private names: all of them, here --------------------------------------------------
+try:
+    from pykka._envelope import Envelope  # what an inbox holds: ``.message``, ``.reply_to``
+    from pykka.messages import _ActorStop as ActorStop  # what ``ActorRef.stop()`` sends
+except ImportError as exc:  # pragma: no cover - only with a pykka this code was not written for
+    raise ImportError(
+        f"actors.loopactor relies on pykka 4's private names and this pykka lacks one ({exc});"
+        " setup.cfg pins pykka<5"
+    ) from exc
+
+# pykka.Actor's private methods that LoopActor overrides or calls
+PYKKA_ACTOR_HOOKS = (
+    "_create_actor_inbox",  # overridden: the inbox is the event loop's queue
+    "_create_future",  # overridden: a ThreadingFuture (askers are on other threads)
+    "_start_actor_loop",  # overridden: run on the loop instead of starting a thread
+    "_actor_loop_setup",  # overridden: a failed ``on_start`` calls ``on_failure`` too
+    "_handle_receive",  # called: pykka's dispatch (stop, proxy calls, ``on_receive``)
+    "_handle_failure",  # called: log the failure, unregister the actor, mark it stopped
+)
 
 
 class LoopInbox:
@@ -76,7 +100,8 @@ class LoopActor(pykka.Actor):
 
     def _actor_failed(self, *exc_info: Any) -> None:
         """The actor failed (nobody asked, so nobody else can hear it): log it, stop it and call
-        ``on_failure``, as pykka does for a message. A failing ``on_failure`` is logged too."""
+        ``on_failure``, as pykka does for a message. A failing ``on_failure`` is logged too.
+        Subclasses call it for a failure outside a message (a reader callback, a timer)."""
         self._handle_failure(*exc_info)
         try:
             self.on_failure(*exc_info)
@@ -86,10 +111,7 @@ class LoopActor(pykka.Actor):
     def deliver(self, envelope: Envelope[Any]) -> None:
         """Handle one message, as pykka's thread loop would."""
         if self.actor_stopped.is_set():
-            if envelope.reply_to is not None and not isinstance(
-                envelope.message,
-                messages._ActorStop,
-            ):
+            if envelope.reply_to is not None and not isinstance(envelope.message, ActorStop):
                 dead = ActorDeadError(f"{self.actor_ref} stopped before handling the message")
                 envelope.reply_to.set_exception(exc_info=(ActorDeadError, dead, None))
             elif envelope.reply_to is not None:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
+import inspect
 from typing import Any
 
 import pykka
 import pytest
 
+from actors import loopactor
 from actors.loopactor import LoopActor
 
 
@@ -143,3 +146,62 @@ def test_a_failing_on_failure_is_logged_and_stays_off_the_loop(caplog):
 
     with caplog.at_level("ERROR", logger="pykka"):
         asyncio.run(scenario())
+
+
+# -- pykka's private names ---------------------------------------------------------------------
+# LoopActor (actors/loopactor.py) and PollingInbox/SocketActor (actors/inbox.py) plug into pykka
+# below its public API. If pykka renames or drops one of these, these tests say which, and where
+# it is used, before anything else fails in a stranger way. (A private name missing at import
+# makes actors/loopactor.py itself raise an ImportError that says so.) What actors/inbox.py
+# uses: pykka._envelope.Envelope, and it overrides Actor._create_actor_inbox.
+
+PYKKA = f"pykka {importlib.metadata.version('pykka')}"
+PYKKA_PIN = "setup.cfg pins pykka<5"
+
+
+def test_every_private_pykka_hook_loopactor_relies_on_exists():
+    missing = [name for name in loopactor.PYKKA_ACTOR_HOOKS if not hasattr(pykka.Actor, name)]
+    assert not missing, (
+        f"{PYKKA} no longer has pykka.Actor.{', '.join(missing)}: "
+        f"actors/loopactor.py (PYKKA_ACTOR_HOOKS) relies on them; {PYKKA_PIN}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("module", "name", "used_by"),
+    [
+        ("pykka._envelope", "Envelope", "actors/loopactor.py, actors/inbox.py"),
+        ("pykka.messages", "_ActorStop", "actors/loopactor.py"),
+    ],
+)
+def test_every_private_pykka_name_imported_exists(module, name, used_by):
+    try:
+        found = hasattr(importlib.import_module(module), name)
+    except ImportError:
+        found = False
+    assert found, f"{PYKKA} no longer has {module}.{name}: {used_by}; {PYKKA_PIN}"
+
+
+def test_pykka_envelopes_and_hooks_have_the_shape_we_use():
+    # LoopInbox.put and LoopActor.deliver read .message and .reply_to; inbox.py builds
+    # Envelope(message) with no reply
+    envelope = loopactor.Envelope("message")
+    assert (envelope.message, envelope.reply_to) == ("message", None), (
+        f"{PYKKA} changed Envelope; actors/loopactor.py and actors/inbox.py "
+        f"read .message and .reply_to; {PYKKA_PIN}"
+    )
+    # LoopActor._actor_failed calls _handle_failure(exception_type, exception_value, traceback)
+    handle_failure = getattr(pykka.Actor, "_handle_failure", None)
+    assert handle_failure is not None, f"{PYKKA} has no Actor._handle_failure; {PYKKA_PIN}"
+    parameters = list(inspect.signature(handle_failure).parameters)
+    assert parameters == ["self", "exception_type", "exception_value", "traceback"], (
+        f"{PYKKA} changed Actor._handle_failure{parameters}: "
+        f"actors/loopactor.py calls it with sys.exc_info(); {PYKKA_PIN}"
+    )
+    # pykka's start() calls these to build and run the actor; LoopActor overrides them
+    for hook in ("_create_actor_inbox", "_create_future", "_start_actor_loop"):
+        theirs = getattr(pykka.Actor, hook, None)
+        assert theirs is not None and theirs.__qualname__ == f"Actor.{hook}", (
+            f"{PYKKA}: Actor.{hook} is gone or moved, so the override in actors/loopactor.py"
+            f" (and, for _create_actor_inbox, actors/inbox.py) is never called; {PYKKA_PIN}"
+        )
