@@ -1,8 +1,11 @@
 """The shard's pure helpers."""
 
+import inspect
+
 from actors.cache_actor import CloseConnections, Deliver, Registered
 from actors.ids import ConnId
-from shards.worker import _crash_requested, coalesce
+from shards.connection import CLOSE_TIMEOUT
+from shards.worker import Shard, _crash_requested, coalesce
 
 
 def conns(*ids: int) -> tuple[ConnId, ...]:
@@ -43,3 +46,8 @@ def test_crash_switch():
     assert not _crash_requested(1, 1, "1:2")
     assert _crash_requested(1, 2, "1:2")
     assert not _crash_requested(1, 5, "")
+
+
+def test_the_drain_waits_for_closing_handshakes_as_long_as_a_connection_does():
+    # one source: the connection's own close deadline, not a second constant in the config
+    assert inspect.signature(Shard.drain).parameters["grace"].default == CLOSE_TIMEOUT
