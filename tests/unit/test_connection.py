@@ -1,0 +1,339 @@
+"""Connection (shards/connection.py) over a real socket pair on a real event loop.
+
+The server end of ``socket.socketpair()`` is adopted with ``loop.connect_accepted_socket``, as
+the shard adopts a handed-over connection; the client end speaks WebSocket through websockets'
+Sans-I/O ``ClientProtocol``. Only the shard is a stand-in (:class:`StandInShard`, implementing
+``ShardSide``); the transport, the socket and the parser are real. Every wait is for bytes on
+the client's socket, under a deadline: no sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import socket
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import pytest
+import uvloop
+from websockets.client import ClientProtocol
+from websockets.frames import Close, Frame, Opcode
+from websockets.http11 import Response
+from websockets.uri import parse_uri
+
+from actors.ids import ChannelId, ConnId, UserId
+from actors.wire import frames
+from shards.config import ServeConfig
+from shards.connection import Connection
+from shards.handoff import ShardConfig
+
+DEADLINE = 5.0  # seconds: a wait that takes this long is a failure, not a synchronisation
+CONFIG = ShardConfig.of(ServeConfig(secret="s"))
+FAILING_USER = UserId(666)  # the stand-in shard raises on this user's subscribe
+
+
+class StandInShard:
+    """What a Connection needs of its shard (``shards.connection.ShardSide``), recording what
+    it is told. It
+    answers as the real shard does, a turn of the loop later: ``registered`` after
+    ``connection_opened``, ``confirm`` after ``subscribe``."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, config: ShardConfig) -> None:
+        self.loop = loop
+        self.config = config
+        self.now = time.monotonic()
+        self.write_high = 16 * 1024
+        self.counters: Counter[str] = Counter()
+        self.opened: list[Connection] = []
+        self.lost: list[Connection] = []
+        self.subscriptions: list[tuple[UserId, ChannelId, bool]] = []
+        self.active = 0
+        self.pairs: list[tuple[Connection, Client]] = []  # made by ``connected``, closed by ``run``
+
+    def count(self, what: str) -> None:
+        self.counters[what] += 1
+
+    def mark_active(self, conn: Connection) -> None:
+        self.active += 1
+
+    def connection_opened(self, conn: Connection) -> None:
+        self.opened.append(conn)
+        self.loop.call_soon(conn.registered)
+
+    def connection_lost(self, conn: Connection) -> None:
+        self.lost.append(conn)
+
+    def subscribe(self, conn: Connection, channel: ChannelId) -> None:
+        if conn.user == FAILING_USER:
+            raise RuntimeError("a bug met on this connection's bytes")
+        self.subscriptions.append((conn.user, channel, True))
+        self.loop.call_soon(conn.confirm, channel, True)
+
+    def unsubscribe(self, conn: Connection, channel: ChannelId) -> None:
+        self.subscriptions.append((conn.user, channel, False))
+        self.loop.call_soon(conn.confirm, channel, False)
+
+    def writing_paused(self, conn: Connection) -> None:
+        pass
+
+    def writing_resumed(self, conn: Connection) -> None:
+        pass
+
+
+class Client:
+    """The client end of the pair: a WebSocket client over a real, non-blocking socket."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.proto = ClientProtocol(parse_uri("ws://ucc.test/?token=t"))
+        self.events: deque[Response | Frame] = deque()
+        self.eof = False
+        self.raw = bytearray()  # every byte the server sent (the parser stops at a close frame)
+
+    async def flush(self) -> None:
+        loop = asyncio.get_running_loop()
+        for data in self.proto.data_to_send():
+            # the server may have ended the connection already (after a close, or failing it)
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                if data:
+                    await loop.sock_sendall(self.sock, data)
+                else:
+                    self.sock.shutdown(socket.SHUT_WR)
+
+    async def send_raw(self, data: bytes) -> None:
+        await asyncio.get_running_loop().sock_sendall(self.sock, data)
+
+    async def receive(self, reply: bool = True) -> Response | Frame | None:
+        """The next event from the server; None once the server has ended the TCP stream.
+        ``reply``: answer as a client does (a close frame, our EOF after the server's)."""
+        loop = asyncio.get_running_loop()
+        while not self.events and not self.eof:
+            try:
+                data = await asyncio.wait_for(loop.sock_recv(self.sock, 65536), DEADLINE)
+            except ConnectionResetError:  # closed with our bytes unread: an end all the same
+                data = b""
+            self.raw += data
+            if data:
+                self.proto.receive_data(data)
+            else:
+                self.eof = True
+                self.proto.receive_eof()
+            self.events.extend(self.proto.events_received())
+            if reply:
+                await self.flush()
+        return self.events.popleft() if self.events else None
+
+    async def handshake(self) -> Response:
+        self.proto.send_request(self.proto.connect())
+        await self.flush()
+        response = await self.receive()
+        assert isinstance(response, Response)
+        return response
+
+    async def text(self) -> dict[str, Any]:
+        """The next frame, which must be a text frame: its JSON."""
+        frame = await self.receive()
+        assert isinstance(frame, Frame) and frame.opcode is Opcode.TEXT, frame
+        body: dict[str, Any] = json.loads(frame.data)
+        return body
+
+    async def close_code(self, reply: bool = True) -> int:
+        """Skip to the server's close frame: its code."""
+        while True:
+            frame = await self.receive(reply)
+            assert frame is not None, "the stream ended without a close frame"
+            if isinstance(frame, Frame) and frame.opcode is Opcode.CLOSE:
+                return Close.parse(frame.data).code
+
+    async def until_eof(self, reply: bool = True) -> list[Response | Frame]:
+        """Everything the server still sends before it ends the stream."""
+        seen = []
+        while (event := await self.receive(reply)) is not None:
+            seen.append(event)
+        return seen
+
+
+async def connected(
+    shard: StandInShard, user: int = 7, channels: tuple[int, ...] = (1, 2)
+) -> tuple[Connection, Client]:
+    """A Connection adopted on the server end of a fresh socket pair, and its client."""
+    loop = asyncio.get_running_loop()
+    server_end, client_end = socket.socketpair()
+    client_end.setblocking(False)
+    ids = tuple(ChannelId(c) for c in channels)
+    conn = Connection(shard, ConnId(len(shard.opened) + 1), UserId(user), ids, float("inf"))
+    client = Client(client_end)
+    shard.pairs.append((conn, client))
+    await loop.connect_accepted_socket(lambda: conn, server_end)
+    return conn, client
+
+
+async def opened(
+    shard: StandInShard, user: int = 7, channels: tuple[int, ...] = (1, 2)
+) -> tuple[Connection, Client]:
+    """As :func:`connected`, past the handshake and hello."""
+    conn, client = await connected(shard, user, channels)
+    assert (await client.handshake()).status_code == 101
+    assert (await client.text())["type"] == "hello"
+    return conn, client
+
+
+LOOPS = {"asyncio": asyncio.run, "uvloop": uvloop.run}  # the shards run uvloop
+
+
+@pytest.fixture(params=sorted(LOOPS))
+def run(request: pytest.FixtureRequest) -> Callable[..., None]:
+    """Run ``scenario(shard)`` on a fresh loop of each kind, with a stand-in shard configured
+    with ``config``; nothing may reach the loop's exception handler."""
+
+    def runner(
+        scenario: Callable[[StandInShard], Coroutine[Any, Any, None]],
+        config: ShardConfig = CONFIG,
+    ) -> None:
+        async def main() -> None:
+            loop = asyncio.get_running_loop()
+            escaped: list[dict[str, Any]] = []
+            loop.set_exception_handler(lambda _loop, context: escaped.append(context))
+            shard = StandInShard(loop, config)
+            try:
+                await asyncio.wait_for(scenario(shard), 4 * DEADLINE)
+            finally:
+                for conn, client in shard.pairs:
+                    client.sock.close()
+                    if conn.transport is not None:
+                        conn.transport.abort()
+                while len(shard.lost) < len(shard.pairs):  # connection_lost: a turn later
+                    await asyncio.sleep(0)
+            assert escaped == []
+
+        LOOPS[request.param](main())
+
+    return runner
+
+
+def test_the_handshake_opens_it_and_hello_follows(run):
+    async def scenario(shard: StandInShard) -> None:
+        conn, client = await connected(shard, user=42, channels=(3, 4))
+        response = await client.handshake()
+        assert response.status_code == 101
+        assert shard.opened == [conn]
+        assert await client.text() == {
+            "type": "hello",
+            "user": 42,
+            "channels": [3, 4],
+            "heartbeat": CONFIG.heartbeat,
+        }
+        assert conn.is_open
+
+    run(scenario)
+
+
+def test_text_commands_are_answered(run):
+    async def scenario(shard: StandInShard) -> None:
+        _conn, client = await opened(shard, user=7, channels=(1, 2))
+        for command in ({"type": "ping"}, {"type": "subscribe", "channel": 2}):
+            client.proto.send_text(json.dumps(command).encode())
+        client.proto.send_text(b'{"type": "subscribe", "channel": 9}')
+        client.proto.send_text(b'{"type": "unsubscribe", "channel": 1}')
+        client.proto.send_text(b"not json")
+        await client.flush()
+        assert await client.text() == {"type": "pong"}
+        assert (await client.text())["code"] == "forbidden"  # 9: not in the token
+        assert (await client.text())["code"] == "bad_json"
+        # confirmations come a turn later, once the shard has them
+        assert await client.text() == {"type": "subscribed", "channel": 2}
+        assert await client.text() == {"type": "unsubscribed", "channel": 1}
+        assert shard.subscriptions == [(7, 2, True), (7, 1, False)]
+        assert shard.active > 0
+
+    run(scenario)
+
+
+def test_invalid_utf8_in_a_text_frame_closes_it_1007(run):
+    async def scenario(shard: StandInShard) -> None:
+        _conn, client = await opened(shard)
+        client.proto.send_text(b'{"type": "ping", "x": "\xff\xfe"}')  # not UTF-8
+        await client.flush()
+        assert await client.close_code() == 1007
+        assert shard.counters["closed_invalid_utf8"] == 1
+
+    run(scenario)
+
+
+def test_over_the_frame_budget_it_is_closed_1008_and_the_rest_is_not_read(run):
+    config = dataclasses.replace(CONFIG, client_frame_burst=3, client_frame_rate=0.001)
+
+    async def scenario(shard: StandInShard) -> None:
+        _conn, client = await opened(shard)
+        for _ in range(6):
+            client.proto.send_text(b'{"type": "ping"}')
+        await client.flush()  # all six in one write: the budget decides, not the timing
+        for _ in range(3):
+            assert await client.text() == {"type": "pong"}
+        assert await client.close_code() == 1008
+        assert await client.until_eof() == []  # no pong for the rest: never parsed
+        assert shard.counters["closed_rate_limit"] == 1
+
+    run(scenario, config)
+
+
+def test_a_write_after_eof_is_a_no_op(run):
+    async def scenario(shard: StandInShard) -> None:
+        conn, client = await opened(shard)
+        client.proto.send_close(1000, "bye")
+        await client.flush()
+        # the server answers our close and ends its half of the stream (write_eof); we keep
+        # ours open, so its transport stays open, for reading only
+        assert await client.close_code(reply=False) == 1000
+        assert await client.until_eof(reply=False) == []
+        assert conn.shut and not conn.is_open
+        assert conn.transport is not None and not conn.transport.is_closing()
+        conn.send(frames.PONG)  # a broadcast that arrives late
+        conn.ping()
+        conn.confirm(ChannelId(1), True)
+        conn.registered()
+        conn.close(4001, "disconnected by the backend")
+        # a write after write_eof raises in the transport, and would have failed it (counted)
+        assert "connection_errors" not in shard.counters
+
+    run(scenario)
+
+
+def test_nothing_is_written_after_the_close_frame(run):
+    async def scenario(shard: StandInShard) -> None:
+        conn, client = await opened(shard)
+        conn.close(4001, "bye")  # the backend disconnected the user
+        conn.send(frames.PONG)  # a broadcast in the same batch of actions
+        conn.ping()
+        conn.confirm(ChannelId(1), True)
+        assert await client.close_code() == 4001  # we answer it: the server ends the stream
+        assert await client.until_eof() == []
+        close = Frame(Opcode.CLOSE, Close(4001, "bye").serialize())
+        assert client.raw.endswith(close.serialize(mask=False))
+        assert "connection_errors" not in shard.counters
+
+    run(scenario)
+
+
+def test_an_exception_handling_bytes_closes_that_connection_only_1011(run):
+    async def scenario(shard: StandInShard) -> None:
+        failing, doomed = await opened(shard, user=FAILING_USER)
+        healthy, client = await opened(shard, user=8)
+        doomed.proto.send_text(b'{"type": "subscribe", "channel": 1}')  # raises in the shard
+        await doomed.flush()
+        assert await doomed.close_code() == 1011
+        await doomed.until_eof()
+        assert shard.counters["connection_errors"] == 1
+        assert failing.shut and not failing.is_open
+        # the other connection on the same shard and loop goes on
+        client.proto.send_text(b'{"type": "ping"}')
+        await client.flush()
+        assert await client.text() == {"type": "pong"}
+        assert healthy.is_open
+
+    run(scenario)
