@@ -5,8 +5,8 @@ Owns: whether the link is connected, the operations queued for it (taken by the 
 translation both ways: which channel topics to listen to, the other hosts' part of a gather
 (the :data:`~actors.gather.REDIS` participant), this host's presence snapshot, and broadcasts and
 backend commands arriving from other hosts. Must never do I/O, read a clock (``now`` is a
-parameter) or block, and never touch the link's own state: it only queues operations and is
-told events (:mod:`actors.hostlink`), from the router's thread.
+parameter) or block, and never hold the link's own state: it queues operations, is told events
+(:mod:`actors.hostlink`), and reads a copy of the link's counters, all on the router's thread.
 
 It is part of its :class:`~actors.router.RouterCore` (which creates it when the host has a Redis
 link) and uses the core's shard-side services: the channel index, the credit windows, the
