@@ -31,7 +31,7 @@ from actors.wire import shardwire
 
 log = logging.getLogger("ucc.cache")
 
-READ_BATCH = 512  # router messages read from the socket per round at most
+READ_BATCH = 512  # ZeroMQ messages read per round at most (a shardwire batch is one)
 WORK_PER_TURN = 20_000  # recipients per round at most, so that the event loop's turns stay short
 BEAT_INTERVAL = 0.25  # seconds between two heartbeats (with credit) to the router
 

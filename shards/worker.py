@@ -65,6 +65,9 @@ REPORT_INTERVAL = 5.0  # seconds between two summaries of connections closed for
 
 
 class Shard:
+    """One shard process's connections and clock, on its event loop; the ``ShardSide`` of
+    each of its connections, and the carrier of its CacheActor's :data:`LoopAction` lists."""
+
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,

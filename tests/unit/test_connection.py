@@ -9,6 +9,7 @@ the client's socket, under a deadline: no sleeps.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import contextlib
 import dataclasses
@@ -17,6 +18,7 @@ import socket
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -28,6 +30,7 @@ from websockets.uri import parse_uri
 
 from actors.ids import ChannelId, ConnId, UserId
 from actors.wire import frames
+from shards import connection
 from shards.config import ServeConfig
 from shards.connection import Connection
 from shards.handoff import ShardConfig
@@ -337,3 +340,16 @@ def test_an_exception_handling_bytes_closes_that_connection_only_1011(run):
         assert healthy.is_open
 
     run(scenario)
+
+
+def test_connection_does_not_import_the_shard():
+    # no cycle, not even for the type checker: it names what it needs of a shard (ShardSide)
+    tree = ast.parse(Path(connection.__file__).read_text())
+    imported: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported |= {node.module, *(f"{node.module}.{alias.name}" for alias in node.names)}
+    assert "shards.worker" not in imported
+    assert "shards.handoff.ShardConfig" in imported  # the walk does see its imports
