@@ -258,8 +258,8 @@ class CacheActor(LoopActor):
                 msg = self.sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            if msg[0] == shardwire.BATCH:
-                for kind, argument, payload in shardwire.unpack_batch(msg[1]):
+            if msg[0] == shardwire.PACKED:
+                for kind, argument, payload in shardwire.unpack_messages(msg[1]):
                     work += self._handle(kind, argument, payload)
             else:
                 work += self._handle(msg[0], msg[1], msg[2])
@@ -286,35 +286,33 @@ class CacheActor(LoopActor):
                 self._actions.append(Deliver(payload, targets))
             return len(targets)
         if kind == shardwire.QUERY:
-            answer = self._answer(json.loads(payload))
+            answer = self._answer(shardwire.decode_query(payload))
             self._send_delta()  # the router must know a membership before its answer
             self._send([shardwire.RESULT, argument, json.dumps(answer).encode()])
         return 1
 
-    def _answer(self, query: dict[str, Any]) -> dict[str, Any]:
-        cache, op = self.cache, query["op"]
-        if op == "online":
+    def _answer(self, query: shardwire.Query) -> dict[str, Any]:
+        cache = self.cache
+        if isinstance(query, shardwire.QueryOnline):
             return {"users": cache.online_users()}
-        if op == "online_channel":
-            return {"users": cache.online_users_in_channel(query["channel"])}
-        if op == "are_online":
-            return {"online": [u for u in query["users"] if cache.is_online(u)]}
-        if op in ("subscribe", "unsubscribe"):
-            apply = cache.subscribe_user if op == "subscribe" else cache.unsubscribe_user
-            delta, count = apply(query["user"], query["channel"])
+        if isinstance(query, shardwire.QueryOnlineIn):
+            return {"users": cache.online_users_in_channel(ChannelId(query.channel))}
+        if isinstance(query, shardwire.QueryAreOnline):
+            return {"online": [u for u in query.users if cache.is_online(UserId(u))]}
+        if isinstance(query, shardwire.UserSubscription):
+            apply = cache.subscribe_user if query.subscribe else cache.unsubscribe_user
+            delta, count = apply(UserId(query.user), ChannelId(query.channel))
             self._delta.merge(delta)
             return {"connections": count}
-        if op == "disconnect":
-            conns = sorted(cache.connections_of(query["user"]))
+        if isinstance(query, shardwire.UserDisconnect):
+            conns = sorted(cache.connections_of(UserId(query.user)))
             if conns:
                 self._actions.append(CloseConnections(conns, 4001, "disconnected by the backend"))
             return {"connections": len(conns)}
-        if op == "snapshot":
+        if isinstance(query, shardwire.QuerySnapshot):
             return cache.snapshot()
-        if op == "status":
-            extra = self.counters() if self.counters is not None else {}
-            return {"pid": os.getpid(), **cache.stats(), **extra}
-        raise ValueError(f"unknown query {op!r}")  # a router bug: crash, get restarted
+        extra = self.counters() if self.counters is not None else {}
+        return {"pid": os.getpid(), **cache.stats(), **extra}  # QueryStatus
 
     def _send_delta(self) -> None:
         if self._delta:
@@ -345,7 +343,7 @@ class CacheActor(LoopActor):
 
     def _report(self) -> None:
         """Heartbeat and credit: what this shard has consumed so far."""
-        if self._send(shardwire.heartbeat(self.consumed_messages, self.consumed_bytes)):
+        if self._send(shardwire.pulse(self.consumed_messages, self.consumed_bytes)):
             self._reported = (self.consumed_messages, self.consumed_bytes)
 
     def _send(self, msg: list[bytes]) -> bool:

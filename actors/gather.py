@@ -16,6 +16,7 @@ from typing import Any
 
 from actors.hostlink import RedisOp
 from actors.ids import ShardIndex
+from actors.wire import shardwire
 
 Combiner = Callable[["Gather"], dict[str, Any]]
 
@@ -35,14 +36,14 @@ Participant = ShardIndex | Redis  # who a gather waits for
 class GatherSpec:
     """What a command asks, and of whom: built by a command's handler, started by the core.
 
-    ``query(index)`` is the body sent to shard ``index`` (same ``{"op": ...}`` JSON as ever);
+    ``query(index)`` is the query sent to shard ``index`` (a ``shardwire.Query``);
     ``args`` are the command's arguments the combiner needs; ``remote(qid)``, in a cluster of
     hosts, is the operation that asks the other hosts (through the Redis link) for their part.
     """
 
     shards: Collection[ShardIndex]
     combine: Combiner
-    query: Callable[[ShardIndex], dict[str, Any]]
+    query: Callable[[ShardIndex], shardwire.Query] | None  # None: no shard is asked
     args: Mapping[str, Any] = field(default_factory=dict)
     remote: Callable[[int], RedisOp] | None = None
 

@@ -158,7 +158,7 @@ class OtherHosts:
         core = self._core
         for index, group in core.up_groups(users).items():
             for user in group:
-                body = {**control, "user": user}
+                body = shardwire.user_control(control["op"], user, control.get("channel"))
                 core.send(index, shardwire.query(0, body), now)  # qid 0: no gather waits
 
     # -- the presence snapshot -------------------------------------------------------------
@@ -170,7 +170,7 @@ class OtherHosts:
         spec = GatherSpec(
             {slot.index for slot in core.up_shards()},
             presence_snapshot,
-            lambda _index: {"op": "snapshot"},
+            lambda _index: shardwire.QuerySnapshot(),
         )
         try:
             core.start_gather(None, None, spec, now)

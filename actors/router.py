@@ -283,7 +283,7 @@ class RouterCore:
             self.counters["stale_messages"] += 1  # an old incarnation's last words
             return
         slot.last_seen = now
-        if kind == shardwire.HEARTBEAT and len(msg) > 1:
+        if kind == shardwire.PULSE and len(msg) > 1:
             consumed = shardwire.unpack_ids(msg[1])
             if len(consumed) == 2:
                 slot.credit(consumed[0], consumed[1])
@@ -394,7 +394,7 @@ class RouterCore:
 
     def _online_in_channel(self, envelope: list[bytes], cmd: Command, now: float) -> None:
         channel = cmd.args["channel"]
-        query = {"op": "online_channel", **cmd.args}
+        query = shardwire.QueryOnlineIn(channel)
         spec = GatherSpec(
             set(self.index.get(channel, ())),
             union_users,
@@ -404,7 +404,7 @@ class RouterCore:
         self.start_gather(envelope, cmd.id, spec, now)
 
     def _online(self, envelope: list[bytes], cmd: Command, now: float) -> None:
-        query = {"op": "online"}
+        query = shardwire.QueryOnline()
         spec = GatherSpec(self._all(), union_users, lambda _index: query, remote=OnlineUsers)
         self.start_gather(envelope, cmd.id, spec, now)
 
@@ -415,7 +415,7 @@ class RouterCore:
         spec = GatherSpec(
             set(groups),
             is_online if one else are_online,
-            lambda index: {"op": "are_online", "users": groups[index]},
+            lambda index: shardwire.QueryAreOnline(tuple(groups[index])),
             {"users": users},
             lambda qid: AreOnline(qid, users),
         )
@@ -425,12 +425,13 @@ class RouterCore:
         """subscribe, unsubscribe, disconnect: to the user's shard and, in a cluster, to the
         hosts that have the user (``connections`` counts ours, ``hosts`` how many others)."""
         user = cmd.args["user"]
-        query = {"op": cmd.name, **cmd.args}
+        query = shardwire.user_control(cmd.name, user, cmd.args.get("channel"))
+        control = {"op": cmd.name, **cmd.args}  # as the other hosts read it (wire.cluster)
         spec = GatherSpec(
             {self._shard_of(user)},
             sum_connections,
             lambda _index: query,
-            remote=lambda qid: PublishUsers(qid, [user], b"", query),
+            remote=lambda qid: PublishUsers(qid, [user], b"", control),
         )
         self.start_gather(envelope, cmd.id, spec, now)
 
@@ -438,7 +439,7 @@ class RouterCore:
         self._reply(envelope, cmd, self.statistics())
 
     def _status(self, envelope: list[bytes], cmd: Command, now: float) -> None:
-        spec = GatherSpec(self._all(), self._status_rows, lambda _index: {"op": "status"})
+        spec = GatherSpec(self._all(), self._status_rows, lambda _index: shardwire.QueryStatus())
         self.start_gather(envelope, cmd.id, spec, now)
 
     def _finish_broadcast(
@@ -453,7 +454,7 @@ class RouterCore:
         if self.hosts is None:
             self._reply(envelope, cmd, {"shards": shards})
             return
-        spec = GatherSpec((), broadcast, lambda _index: {}, {"shards": shards}, publish)
+        spec = GatherSpec((), broadcast, None, {"shards": shards}, publish)
         self.start_gather(envelope, cmd.id, spec, now)
 
     def _check_frame(self, frame: bytes) -> None:
@@ -546,6 +547,7 @@ class RouterCore:
             if self.slots[index].state is not ShardState.UP:
                 gather.missing.add(index)
                 continue
+            assert spec.query is not None, "a gather that asks shards needs a query"
             self.send(index, shardwire.query(qid, spec.query(index)), now)
             gather.waiting.add(index)
         if not gather.waiting:

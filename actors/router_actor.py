@@ -210,7 +210,7 @@ class RouterActor(SocketActor):
             per_shard.setdefault(identity, []).append(msg)
         for identity, msgs in per_shard.items():
             frames = [identity, *msgs[0]] if len(msgs) == 1 else [
-                identity, shardwire.BATCH, shardwire.pack_batch(msgs)
+                identity, shardwire.PACKED, shardwire.pack_messages(msgs)
             ]  # fmt: skip
             if not _send(self.backend, frames):  # the shard is gone: it misses them
                 core.counters["dropped_to_shards"] += len(msgs)

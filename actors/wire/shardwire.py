@@ -9,7 +9,7 @@ Not a public contract. Must never do I/O. Router → shard (after the ROUTER ide
 | ``U``, users (8 bytes each), frame | write ``frame`` to every connection of these users |
 | ``Q``, query id (8 bytes), JSON | a query; the shard answers with ``R`` |
 | ``I``, sequence number, empty | the router's index has the shard's ``D``/``S`` of that number |
-| ``M``, packed messages | several of the above in one frame (``pack_batch``) |
+| ``M``, packed messages | several of the above in one frame (``pack_messages``) |
 
 Shard → router (DEALER, identity ``shard-<index>-<epoch>``):
 
@@ -19,12 +19,13 @@ Shard → router (DEALER, identity ``shard-<index>-<epoch>``):
 | ``D``, gained ids, lost ids, seq | channels gained / lost (8 bytes per id); numbered |
 | ``S``, ids, seq | every channel the shard has members of (after a ``D`` was dropped) |
 | ``R``, query id, JSON | the answer to query ``Q`` |
-| ``P``, two counters (8 bytes each) | heartbeat and credit: messages and bytes consumed so far |
+| ``P``, two counters (8 bytes each) | pulse: alive, and messages and bytes consumed so far |
 
 Flow control is by credit. The router counts what it queues to each shard incarnation (one per
 delivery or query, and the bytes of its argument and payload); the shard counts the same as it
-reads them, and reports both totals in every ``P``: on its heartbeat timer, and as soon as it has
-consumed ``CREDIT_MESSAGES`` messages or ``CREDIT_BYTES`` bytes since its last report. What is
+reads them, and reports both totals in every ``P``: on its pulse timer (every 0.25 s), and as
+soon as it has consumed ``CREDIT_MESSAGES`` messages or ``CREDIT_BYTES`` bytes since its last
+report. What is
 in flight to a shard is the difference; the router refuses a broadcast that would take it past
 its limits instead of queueing it (see ``RouterCore``).
 
@@ -41,6 +42,7 @@ import re
 import struct
 from array import array
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 CHANNEL = b"C"
@@ -49,10 +51,10 @@ QUERY = b"Q"
 HELLO = b"H"
 DELTA = b"D"
 RESULT = b"R"
-HEARTBEAT = b"P"
+PULSE = b"P"  # liveness and credit
 SYNC = b"S"
 INDEXED = b"I"
-BATCH = b"M"
+PACKED = b"M"
 
 CREDIT_MESSAGES = 64  # report consumption at least this often under load...
 CREDIT_BYTES = 256 * 1024  # ...or after this many bytes
@@ -100,15 +102,122 @@ def users_delivery(users: Sequence[int], frame: bytes) -> list[bytes]:
     return [USERS, pack_ids(users), frame]
 
 
-def query(qid: int, body: dict[str, Any]) -> list[bytes]:
-    return [QUERY, pack_id(qid), json.dumps(body).encode()]
+# -- queries: what the router asks a shard (``Q``), typed; JSON ``{"op": ...}`` on the wire --
+
+
+@dataclass(frozen=True, slots=True)
+class QueryOnline:
+    """Every user with a connection on the shard: ``{"users": [...]}``."""
+
+
+@dataclass(frozen=True, slots=True)
+class QueryOnlineIn:
+    """The users in ``channel``: ``{"users": [...]}``."""
+
+    channel: int
+
+
+@dataclass(frozen=True, slots=True)
+class QueryAreOnline:
+    """Which of ``users`` are online: ``{"online": [...]}``."""
+
+    users: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class UserSubscription:
+    """(Un)subscribe every connection of ``user`` to ``channel``: ``{"connections": n}``."""
+
+    user: int
+    channel: int
+    subscribe: bool
+
+
+@dataclass(frozen=True, slots=True)
+class UserDisconnect:
+    """Close every connection of ``user`` (4001): ``{"connections": n}``."""
+
+    user: int
+
+
+@dataclass(frozen=True, slots=True)
+class QuerySnapshot:
+    """The shard's presence, for the other hosts: ``{"users": [...], "channels": {...}}``."""
+
+
+@dataclass(frozen=True, slots=True)
+class QueryStatus:
+    """The shard's pid, sizes and counters."""
+
+
+Query = (
+    QueryOnline
+    | QueryOnlineIn
+    | QueryAreOnline
+    | UserSubscription
+    | UserDisconnect
+    | QuerySnapshot
+    | QueryStatus
+)
+
+
+def query(qid: int, body: Query) -> list[bytes]:
+    return [QUERY, pack_id(qid), json.dumps(encode_query(body)).encode()]
+
+
+def encode_query(body: Query) -> dict[str, Any]:
+    if isinstance(body, QueryOnline):
+        return {"op": "online"}
+    if isinstance(body, QueryOnlineIn):
+        return {"op": "online_channel", "channel": body.channel}
+    if isinstance(body, QueryAreOnline):
+        return {"op": "are_online", "users": list(body.users)}
+    if isinstance(body, UserSubscription):
+        op = "subscribe" if body.subscribe else "unsubscribe"
+        return {"op": op, "user": body.user, "channel": body.channel}
+    if isinstance(body, UserDisconnect):
+        return {"op": "disconnect", "user": body.user}
+    if isinstance(body, QuerySnapshot):
+        return {"op": "snapshot"}
+    if isinstance(body, QueryStatus):
+        return {"op": "status"}
+    raise TypeError(f"not a query: {body!r}")
+
+
+def user_control(op: str, user: int, channel: int | None) -> Query:
+    """A backend's subscribe/unsubscribe/disconnect of ``user`` (``op`` as in the commands)."""
+    if op == "disconnect":
+        return UserDisconnect(user)
+    if op in ("subscribe", "unsubscribe") and channel is not None:
+        return UserSubscription(user, channel, op == "subscribe")
+    raise ValueError(f"not a user control: {op!r}")
+
+
+def decode_query(payload: bytes) -> Query:
+    """The query in a ``Q`` message. Only the router sends them: anything else is a bug
+    (ValueError, KeyError), and the shard lets it crash."""
+    body = json.loads(payload)
+    op = body["op"]
+    if op == "online":
+        return QueryOnline()
+    if op == "online_channel":
+        return QueryOnlineIn(int(body["channel"]))
+    if op == "are_online":
+        return QueryAreOnline(tuple(int(u) for u in body["users"]))
+    if op in ("subscribe", "unsubscribe", "disconnect"):
+        return user_control(op, int(body["user"]), body.get("channel"))
+    if op == "snapshot":
+        return QuerySnapshot()
+    if op == "status":
+        return QueryStatus()
+    raise ValueError(f"unknown query {op!r}")
 
 
 def result(qid: int, body: Any) -> list[bytes]:
     return [RESULT, pack_id(qid), json.dumps(body).encode()]
 
 
-def pack_batch(messages: Sequence[Sequence[bytes]]) -> bytes:
+def pack_messages(messages: Sequence[Sequence[bytes]]) -> bytes:
     """Router → shard messages (each: kind, argument, payload) in one frame."""
     parts: list[bytes] = []
     for kind, argument, payload in messages:
@@ -116,7 +225,7 @@ def pack_batch(messages: Sequence[Sequence[bytes]]) -> bytes:
     return b"".join(parts)
 
 
-def unpack_batch(raw: bytes) -> list[tuple[bytes, bytes, bytes]]:
+def unpack_messages(raw: bytes) -> list[tuple[bytes, bytes, bytes]]:
     view, offset, out = memoryview(raw), 0, []
     while offset < len(raw):
         kind, size_a, size_b = _PART.unpack_from(raw, offset)
@@ -133,8 +242,8 @@ def hello(index: int, epoch: int, pid: int, channels: Sequence[int]) -> list[byt
     return [HELLO, json.dumps(body).encode()]
 
 
-def heartbeat(consumed_messages: int, consumed_bytes: int) -> list[bytes]:
-    return [HEARTBEAT, pack_ids((consumed_messages, consumed_bytes))]
+def pulse(consumed_messages: int, consumed_bytes: int) -> list[bytes]:
+    return [PULSE, pack_ids((consumed_messages, consumed_bytes))]
 
 
 def size(argument: bytes, payload: bytes) -> int:

@@ -78,14 +78,15 @@ def test_deliveries_queries_and_a_fatal_bug(router):
         assert shardwire.unpack_ids(delta[2]) == [3]  # the shard's first member of channel 3
         frame = frames.channel_message(3, b'"hi"')
         sock.send_multipart([identity, *shardwire.channel_delivery(3, frame)])
-        query = shardwire.query(5, {"op": "online_channel", "channel": 3})
+        query = shardwire.query(5, shardwire.QueryOnlineIn(3))
         sock.send_multipart([identity, *query])
         result = await receive(sock, shardwire.RESULT)
         assert json.loads(result[3]) == {"users": [7]}
         assert Deliver(frame, (ConnId(1),)) in shard.actions
 
         # a query no router sends: a bug; the actor fails, stops beating, asks to exit
-        sock.send_multipart([identity, *shardwire.query(6, {"op": "explode"})])
+        explode = [shardwire.QUERY, shardwire.pack_id(6), b'{"op": "explode"}']
+        sock.send_multipart([identity, *explode])
         await asyncio.wait_for(shard.failed.wait(), 5)
         assert not ref.is_alive()
         # what it sent before failing is in flight for a moment; after that, silence (a
@@ -93,7 +94,7 @@ def test_deliveries_queries_and_a_fatal_bug(router):
         with pytest.raises(AssertionError):
             await receive(sock, b"nothing", timeout=0.3)  # drains what was in flight
         with pytest.raises(AssertionError):  # no heartbeat any more: the router will notice
-            await receive(sock, shardwire.HEARTBEAT, timeout=1.0)
+            await receive(sock, shardwire.PULSE, timeout=1.0)
 
     asyncio.run(scenario())
 
@@ -122,11 +123,11 @@ def test_credit_counts_what_the_shard_consumed(router):
         _shard, ref, identity = await started(sock, endpoint)
         messages = [shardwire.channel_delivery(3, frames.channel_message(3, b"1"))] * 100
         size = sum(shardwire.size(m[1], m[2]) for m in messages)
-        sock.send_multipart([identity, shardwire.BATCH, shardwire.pack_batch(messages)])
+        sock.send_multipart([identity, shardwire.PACKED, shardwire.pack_messages(messages)])
         # past CREDIT_MESSAGES, credit goes back at once (and with every heartbeat anyway)
         reported = [0, 0]
         while reported != [100, size]:
-            beat = await receive(sock, shardwire.HEARTBEAT, timeout=2.0)
+            beat = await receive(sock, shardwire.PULSE, timeout=2.0)
             reported = shardwire.unpack_ids(beat[2])
             assert reported in ([0, 0], [100, size]), reported
         ref.stop(block=False)
@@ -143,16 +144,16 @@ def test_hello_waits_until_the_router_has_indexed_the_membership(router):
         delta = await receive(sock, shardwire.DELTA)
         seq = shardwire.unpack_id(delta[4])
         # a query round trip proves the actor has handled everything before it
-        sock.send_multipart([identity, *shardwire.query(1, {"op": "online"})])
+        sock.send_multipart([identity, *shardwire.query(1, shardwire.QueryOnline())])
         await receive(sock, shardwire.RESULT)
         assert Registered(ConnId(1)) not in shard.actions  # the router has not confirmed yet
         sock.send_multipart([identity, *shardwire.indexed(seq)])
-        sock.send_multipart([identity, *shardwire.query(2, {"op": "online"})])
+        sock.send_multipart([identity, *shardwire.query(2, shardwire.QueryOnline())])
         await receive(sock, shardwire.RESULT)
         assert Registered(ConnId(1)) in shard.actions
         # a second connection in a channel already indexed and confirmed: no wait
         ref.tell(Opened(ConnId(2), UserId(8), (ChannelId(3),), 0.0))
-        sock.send_multipart([identity, *shardwire.query(3, {"op": "online"})])
+        sock.send_multipart([identity, *shardwire.query(3, shardwire.QueryOnline())])
         await receive(sock, shardwire.RESULT)
         assert Registered(ConnId(2)) in shard.actions
         ref.stop(block=False)

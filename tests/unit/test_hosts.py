@@ -286,7 +286,7 @@ def test_deliveries_from_other_hosts_that_find_no_room_are_dropped_and_counted()
     core, hosts = make(queue_messages=1)
     delta(core, 0, gained=[7])
     slot = core.slots[0]
-    credit = shardwire.heartbeat(slot.sent_messages, slot.sent_bytes)
+    credit = shardwire.pulse(slot.sent_messages, slot.sent_bytes)
     core.shard_message(identity(0), credit, 0.0)  # the INDEXED consumed
     hosts.deliver(Delivery(ChannelId(7), [], frames.channel_message(7, b"1")), 0.0)
     hosts.deliver(Delivery(ChannelId(7), [], frames.channel_message(7, b"2")), 0.0)

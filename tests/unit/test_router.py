@@ -41,7 +41,7 @@ def delta(core, index, epoch, gained=(), lost=(), now=0.0, seq=1) -> None:
 
 
 def heartbeat(core, index, epoch, now) -> None:
-    core.shard_message(shardwire.identity(index, epoch), [shardwire.HEARTBEAT], now)
+    core.shard_message(shardwire.identity(index, epoch), [shardwire.PULSE], now)
 
 
 def answer(core, index, epoch, qid, body, now=0.0) -> None:
@@ -181,8 +181,8 @@ def test_messages_before_hello_are_ignored():
 @pytest.mark.parametrize(
     ("sender", "msg"),
     [
-        (b"backend", [shardwire.HEARTBEAT]),
-        (b"shard-7-1", [shardwire.HEARTBEAT]),  # no such shard
+        (b"backend", [shardwire.PULSE]),
+        (b"shard-7-1", [shardwire.PULSE]),  # no such shard
         (b"shard-0-1", []),
     ],
 )
@@ -649,7 +649,7 @@ def test_a_busy_shard_is_not_hung_while_it_beats_and_a_silent_one_is(core):
 
 
 def credit(core, index, epoch, messages, size, now=0.0) -> None:
-    msg = shardwire.heartbeat(messages, size)
+    msg = shardwire.pulse(messages, size)
     core.shard_message(shardwire.identity(index, epoch), msg, now)
 
 

@@ -94,8 +94,39 @@ def test_users_delivery():
     assert msg[2] == b"frame"
 
 
+@pytest.mark.parametrize(
+    ("body", "wire"),
+    [
+        (shardwire.QueryOnline(), {"op": "online"}),
+        (shardwire.QueryOnlineIn(3), {"op": "online_channel", "channel": 3}),
+        (shardwire.QueryAreOnline((1, 2)), {"op": "are_online", "users": [1, 2]}),
+        (
+            shardwire.UserSubscription(4, 5, True),
+            {"op": "subscribe", "user": 4, "channel": 5},
+        ),
+        (
+            shardwire.UserSubscription(4, 5, False),
+            {"op": "unsubscribe", "user": 4, "channel": 5},
+        ),
+        (shardwire.UserDisconnect(6), {"op": "disconnect", "user": 6}),
+        (shardwire.QuerySnapshot(), {"op": "snapshot"}),
+        (shardwire.QueryStatus(), {"op": "status"}),
+    ],
+)
+def test_every_query_has_its_json_and_comes_back_the_same(body, wire):
+    msg = shardwire.query(7, body)
+    assert json.loads(msg[2]) == wire
+    assert shardwire.decode_query(msg[2]) == body
+
+
+@pytest.mark.parametrize("payload", [b'{"op":"explode"}', b'{"op":"subscribe","user":1}', b"[]"])
+def test_a_query_no_router_sends_is_a_bug(payload):
+    with pytest.raises((ValueError, KeyError, TypeError)):
+        shardwire.decode_query(payload)
+
+
 def test_query_and_result_round_trip():
-    query = shardwire.query(12, {"op": "are_online", "users": [1, 2]})
+    query = shardwire.query(12, shardwire.QueryAreOnline((1, 2)))
     assert query[0] == shardwire.QUERY
     assert shardwire.unpack_id(query[1]) == 12
     assert json.loads(query[2]) == {"op": "are_online", "users": [1, 2]}
@@ -138,7 +169,7 @@ def test_message_kinds_are_distinct_single_bytes():
         shardwire.HELLO,
         shardwire.DELTA,
         shardwire.RESULT,
-        shardwire.HEARTBEAT,
+        shardwire.PULSE,
     ]
     assert all(len(kind) == 1 for kind in kinds)
     assert len(set(kinds)) == len(kinds)
@@ -148,8 +179,8 @@ def test_batches_round_trip_in_order():
     messages = [
         shardwire.channel_delivery(7, b"frame one"),
         shardwire.users_delivery([1, 2, 3], b""),
-        shardwire.query(9, {"op": "status"}),
+        shardwire.query(9, shardwire.QueryStatus()),
     ]
-    unpacked = shardwire.unpack_batch(shardwire.pack_batch(messages))
+    unpacked = shardwire.unpack_messages(shardwire.pack_messages(messages))
     assert [list(m) for m in unpacked] == messages
-    assert shardwire.unpack_batch(shardwire.pack_batch([])) == []
+    assert shardwire.unpack_messages(shardwire.pack_messages([])) == []

@@ -1,0 +1,192 @@
+"""The pure half of the backend client: :class:`shards.client.Wire` (request ids, encoding,
+reply matching) and the result parsers of :class:`shards.client.Calls`. No socket."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from shards.client import Calls, CommandTimeout, Overloaded, UccError, Wire
+
+
+def frame(reply: object) -> list[bytes]:
+    return [json.dumps(reply).encode()]
+
+
+# -- encoding ---------------------------------------------------------------------------------
+
+
+def test_each_request_gets_the_next_id_and_one_compact_json_frame():
+    wire = Wire()
+    first_id, first = wire.encode("broadcast_to_channel", {"channel": 5, "data": {"a": [1]}})
+    second_id, _ = wire.encode("status", {})
+    assert (first_id, second_id) == (1, 2)
+    assert first == b'{"id":1,"cmd":"broadcast_to_channel","channel":5,"data":{"a":[1]}}'
+
+
+def test_text_is_sent_as_utf8_not_escaped():
+    _, encoded = Wire().encode("broadcast_to_user", {"user": 1, "data": "héllo ✓"})
+    assert "héllo ✓".encode() in encoded
+    assert json.loads(encoded)["data"] == "héllo ✓"
+
+
+@pytest.mark.parametrize(
+    "data",
+    [math.nan, math.inf, -math.inf, {1, 2}, b"bytes", object()],
+    ids=["nan", "inf", "-inf", "set", "bytes", "object"],
+)
+def test_what_is_not_strict_json_is_refused_before_sending(data):
+    wire = Wire()
+    with pytest.raises(UccError) as refused:
+        wire.encode("broadcast_to_channel", {"channel": 1, "data": data})
+    assert refused.value.code == "bad_request"
+    assert "'broadcast_to_channel'" in refused.value.message
+
+
+def test_too_deep_data_is_refused_not_a_crash():
+    deep: list = []
+    for _ in range(100_000):
+        deep = [deep]
+    with pytest.raises(UccError) as refused:
+        Wire().encode("broadcast_to_channel", {"channel": 1, "data": deep})
+    assert refused.value.code == "bad_request"
+
+
+@pytest.mark.parametrize("key", ["cmd", "id"])
+def test_cmd_and_id_are_the_clients_own_fields(key):
+    with pytest.raises(ValueError, match="set by the client"):
+        Wire().encode("status", {key: 1})
+
+
+def test_a_refused_request_does_not_use_up_an_id():
+    wire = Wire()
+    with pytest.raises(UccError):
+        wire.encode("broadcast_to_channel", {"channel": 1, "data": math.nan})
+    assert wire.encode("status", {})[0] == 2  # the id was taken before encoding failed
+
+
+@given(st.recursive(st.none() | st.booleans() | st.integers() | st.text(), lambda inner: (
+    st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4)
+), max_leaves=20))  # fmt: skip
+def test_any_json_value_round_trips(data):
+    request_id, encoded = Wire().encode("broadcast_to_user", {"user": 7, "data": data})
+    assert json.loads(encoded) == {"id": request_id, "cmd": "broadcast_to_user", "user": 7,
+                                   "data": data}  # fmt: skip
+
+
+# -- matching replies -------------------------------------------------------------------------
+
+
+def test_the_reply_with_our_id_is_ours():
+    reply = {"id": 3, "ok": True, "shards": 2}
+    assert Wire.match(frame(reply), 3) == reply
+
+
+def test_the_last_frame_is_the_reply():
+    # a DEALER may see envelope frames before the reply
+    assert Wire.match([b"", json.dumps({"id": 1, "ok": True}).encode()], 1) == {
+        "id": 1,
+        "ok": True,
+    }
+
+
+@pytest.mark.parametrize("stale_id", [2, 0, "3", 3.0, True, None])
+def test_a_reply_to_another_request_is_stale(stale_id):
+    assert Wire.match(frame({"id": stale_id, "ok": True}), 3) is None
+
+
+def test_an_error_reply_without_an_id_answers_the_pending_request():
+    reply = {"ok": False, "error": {"code": "too_large", "message": "over 1 MiB"}}
+    with pytest.raises(UccError) as failed:
+        Wire.match(frame(reply), 9)
+    assert (failed.value.code, failed.value.message) == ("too_large", "over 1 MiB")
+
+
+def test_an_error_reply_to_another_request_is_stale_not_raised():
+    reply = {"id": 2, "ok": False, "error": {"code": "bad_request", "message": "no"}}
+    assert Wire.match(frame(reply), 3) is None
+
+
+def test_overloaded_is_its_own_error():
+    reply = {"id": 1, "ok": False, "error": {"code": "overloaded", "message": "shard 0 behind"}}
+    with pytest.raises(Overloaded) as refused:
+        Wire.match(frame(reply), 1)
+    assert refused.value.code == "overloaded"
+    assert refused.value.message == "shard 0 behind"
+
+
+@pytest.mark.parametrize(
+    ("error", "code", "message"),
+    [
+        (None, "error", "the server gave no message"),
+        ("text", "error", "the server gave no message"),
+        ({"code": 5, "message": 6}, "error", "the server gave no message"),
+        ({"code": "unknown_command"}, "unknown_command", "the server gave no message"),
+    ],
+)
+def test_a_malformed_error_is_still_an_error(error, code, message):
+    with pytest.raises(UccError) as failed:
+        Wire.match(frame({"id": 1, "ok": False, "error": error}), 1)
+    assert (failed.value.code, failed.value.message) == (code, message)
+    assert not isinstance(failed.value, Overloaded)
+
+
+@pytest.mark.parametrize(
+    "frames",
+    [[b"not json"], [b"\xff"], [], [b"[1, 2]"], [b'{"id": 1}'], [b'{"id": 1, "ok": "yes"}']],
+    ids=["text", "bytes", "no frame", "a list", "no ok", "ok not a bool"],
+)
+def test_what_is_not_a_reply_is_a_bad_reply(frames):
+    with pytest.raises(UccError) as failed:
+        Wire.match(frames, 1)
+    assert failed.value.code == "bad_reply"
+
+
+def test_errors_survive_pickling_with_their_code():
+    import pickle  # noqa: PLC0415
+
+    for error in (UccError("bad_request", "x"), Overloaded("y"), CommandTimeout("z")):
+        again = pickle.loads(pickle.dumps(error))
+        assert type(again) is type(error)
+        assert (again.code, again.message) == (error.code, error.message)
+
+
+# -- reading results --------------------------------------------------------------------------
+
+
+def test_user_lists_are_sorted_and_checked():
+    call = Calls.get_online_users()
+    assert (call.cmd, call.fields) == ("get_online_users", {})
+    assert call.result({"ok": True, "users": [3, 1, 2]}) == [1, 2, 3]
+    for bad in ([1, "2"], [True], "1,2", None):
+        with pytest.raises(UccError) as failed:
+            call.result({"ok": True, "users": bad})
+        assert failed.value.code == "bad_reply"
+
+
+def test_online_maps_have_integer_keys():
+    call = Calls.are_users_online([1, 2])
+    assert call.fields == {"users": [1, 2]}
+    assert call.result({"ok": True, "online": {"1": True, "2": False}}) == {1: True, 2: False}
+    for bad in ({"x": True}, {"1": 1}, [True]):
+        with pytest.raises(UccError):
+            call.result({"ok": True, "online": bad})
+
+
+def test_is_user_online_wants_a_boolean():
+    call = Calls.is_user_online(4)
+    assert call.result({"ok": True, "online": False}) is False
+    with pytest.raises(UccError):
+        call.result({"ok": True, "online": 0})
+
+
+def test_status_wants_a_list_of_shards():
+    call = Calls.status()
+    reply = {"ok": True, "shards": [], "missing_shards": []}
+    assert call.result(reply) is reply
+    with pytest.raises(UccError):
+        call.result({"ok": True, "shards": {}})
