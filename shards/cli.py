@@ -100,6 +100,16 @@ def _talk(args: argparse.Namespace, action: Callable[[Client], int]) -> int:
             return 1
 
 
+def _printed(action: Callable[[Client], Any]) -> Callable[[Client], int]:
+    """An action for :func:`_talk` that prints what ``action`` returns as JSON (exit 0)."""
+
+    def run(client: Client) -> int:
+        _print_json(action(client))
+        return 0
+
+    return run
+
+
 # --- serve -------------------------------------------------------------------------------------
 
 
@@ -300,17 +310,14 @@ def _add_broadcast(subparsers: Subparsers) -> None:
 
 
 def _run_broadcast(args: argparse.Namespace) -> int:
-    def action(client: Client) -> int:
+    def action(client: Client) -> Any:
         if args.channel is not None:
-            reply = client.broadcast_to_channel(args.channel, args.data)
-        elif args.user is not None:
-            reply = client.broadcast_to_user(args.user, args.data)
-        else:
-            reply = client.broadcast_to_users(args.users, args.data)
-        _print_json(reply)
-        return 0
+            return client.broadcast_to_channel(args.channel, args.data)
+        if args.user is not None:
+            return client.broadcast_to_user(args.user, args.data)
+        return client.broadcast_to_users(args.users, args.data)
 
-    return _talk(args, action)
+    return _talk(args, _printed(action))
 
 
 def _add_online(subparsers: Subparsers) -> None:
@@ -364,14 +371,12 @@ def _add_subscribe(subparsers: Subparsers) -> None:
 
 
 def _run_subscribe(args: argparse.Namespace) -> int:
-    def action(client: Client) -> int:
+    def action(client: Client) -> Any:
         if args.subscribe:
-            _print_json(client.subscribe(args.user, args.channel))
-        else:
-            _print_json(client.unsubscribe(args.user, args.channel))
-        return 0
+            return client.subscribe(args.user, args.channel)
+        return client.unsubscribe(args.user, args.channel)
 
-    return _talk(args, action)
+    return _talk(args, _printed(action))
 
 
 def _add_disconnect(subparsers: Subparsers) -> None:
@@ -386,11 +391,7 @@ def _add_disconnect(subparsers: Subparsers) -> None:
 
 
 def _run_disconnect(args: argparse.Namespace) -> int:
-    def action(client: Client) -> int:
-        _print_json(client.disconnect(args.user))
-        return 0
-
-    return _talk(args, action)
+    return _talk(args, _printed(lambda client: client.disconnect(args.user)))
 
 
 STATUS_COLUMNS = ("index", "pid", "epoch", "state", "connections", "users", "channels")

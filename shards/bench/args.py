@@ -10,22 +10,26 @@ from __future__ import annotations
 import argparse
 import sys
 
-from shards.cliargs import Subparsers, add_command, add_secret, positive_int, seconds
+from shards.cliargs import (
+    Subparsers,
+    add_command,
+    add_secret,
+    positive_float,
+    positive_int,
+    seconds,
+)
 from shards.config import ServeConfig
 
 SCENARIOS = ("idle", "fanout", "rooms", "direct", "connect")
 
 
+_positive_rate = positive_float("a positive rate or 'max'")
+
+
 def rate(text: str) -> str:
     """Messages per second, or ``max`` (as fast as the server absorbs)."""
-    if text == "max":
-        return text
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive rate or 'max', got {text!r}")
+    if text != "max":
+        _positive_rate(text)
     return text
 
 

@@ -6,7 +6,7 @@ A public, documented API: applications use it to test themselves against ucc. Mo
   free loopback ports, with a private secret; formerly ``Cluster``, still an alias) and its
   coroutine twin ``host.aio`` (:class:`AsyncHost`).
 - :mod:`~shards.testing.peer`: :class:`Peer`, a WebSocket client that records every frame it
-  receives, and :func:`connect_peer`.
+  receives, :func:`connect_peer`, and :func:`upgrade_request` for raw sockets.
 - :mod:`~shards.testing.redis`: :class:`RedisServer` and :class:`RedisClusterServer` (a Redis
   Cluster), real servers that link hosts.
 - :mod:`~shards.testing.waiting`: :data:`TIME_FACTOR`, :func:`wait_until` and
@@ -28,7 +28,7 @@ Example::
 """
 
 from shards.testing.host import AsyncHost, Cluster, Host
-from shards.testing.peer import Peer, connect_peer
+from shards.testing.peer import Peer, connect_peer, upgrade_request
 from shards.testing.redis import (
     RedisClusterServer,
     RedisServer,
@@ -50,6 +50,7 @@ __all__ = [
     "free_port",
     "redis_cli_binary",
     "redis_server_binary",
+    "upgrade_request",
     "wait_until",
     "wait_until_async",
 ]

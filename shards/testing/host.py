@@ -217,6 +217,25 @@ class AsyncHost:
         what = f"for shard {index} to be replaced"
         return int(await wait_until_async(replaced, timeout, what=what))
 
+    async def wait_online(
+        self, users: list[int], channel: int | None = None, timeout: float = 10.0
+    ) -> None:
+        """Wait until the online users (of ``channel``, if given) are exactly ``users``.
+
+        Once a channel lists its members, the router has indexed them all: a broadcast sent
+        after that reaches each of them (a hello alone does not promise it).
+        """
+        wanted = sorted(users)
+        async with AsyncClient(self.host.command, timeout=5.0 * TIME_FACTOR) as client:
+
+            async def online() -> bool:
+                if channel is None:
+                    return await client.get_online_users() == wanted
+                return await client.get_online_users_in_channel(channel) == wanted
+
+            where = "" if channel is None else f" in channel {channel}"
+            await wait_until_async(online, timeout, what=f"for users {wanted[:20]} online{where}")
+
     async def wait_exit(self, timeout: float = 15.0) -> int:
         """Wait for the supervisor's exit code (polling: a child has no awaitable exit)."""
         deadline = time.monotonic() + timeout * TIME_FACTOR

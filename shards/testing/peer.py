@@ -1,8 +1,9 @@
 """WebSocket clients for tests: connect as a user, record every frame, wait for one.
 
 Owns: :class:`Peer` (a ``websockets`` client whose reader task keeps every JSON frame it
-receives) and :func:`connect_peer`. Everything here is a coroutine or runs on the caller's
-event loop: nothing blocks it.
+receives), :func:`connect_peer`, and :func:`upgrade_request` (the bytes of an upgrade request,
+for tests that speak to the server on a raw socket). Everything here that waits is a coroutine
+or runs on the caller's event loop: nothing blocks it.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from shards.testing.host import Host
 from shards.testing.waiting import TIME_FACTOR
 
-__all__ = ["Peer", "connect_peer"]
+__all__ = ["Peer", "connect_peer", "upgrade_request"]
 
 
 class Peer:
@@ -83,3 +84,12 @@ async def connect_peer(
     if wait_hello:
         await peer.wait_for(lambda frames: any(f["type"] == "hello" for f in frames))
     return peer
+
+
+def upgrade_request(target: str, extra: str = "") -> bytes:
+    """A WebSocket upgrade request for ``target`` (e.g. ``/?token=…``) with the header lines
+    ``extra`` (each ending in CRLF), as a raw socket sends it."""
+    return (
+        f"GET {target} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
+    ).encode()

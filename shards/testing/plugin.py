@@ -8,32 +8,33 @@ a fixture starts is killed when the test ends, whatever its outcome.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
 from shards.testing.host import Host
 from shards.testing.redis import RedisClusterServer, RedisServer
 
+Server = TypeVar("Server", RedisServer, RedisClusterServer)
 
-@pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    """A fresh Redis-protocol server on a free port, killed when the test ends."""
-    server = RedisServer()
+
+def _closed_at_the_end(server: Server) -> Iterator[Server]:
     try:
         yield server
     finally:
         server.close()
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A fresh Redis-protocol server on a free port, killed when the test ends."""
+    yield from _closed_at_the_end(RedisServer())
 
 
 @pytest.fixture
 def redis_cluster_server() -> Iterator[RedisClusterServer]:
     """A fresh 3-node Redis Cluster (``url``: ``redis+cluster://…``), killed when the test ends."""
-    server = RedisClusterServer()
-    try:
-        yield server
-    finally:
-        server.close()
+    yield from _closed_at_the_end(RedisClusterServer())
 
 
 @pytest.fixture
