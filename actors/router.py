@@ -12,23 +12,24 @@ only ever costs a missing answer in a reply, never a wait.
 
 Flow control: the core counts what it queues to each shard and what the shard reports it has
 consumed (``shardwire``'s credit). A broadcast whose target shards have no room (more than
-``queue_messages`` messages or ``queue_bytes`` bytes in flight, or a backlog whose oldest
-message is older than ``queue_delay``) is refused whole with ``overloaded``, and nothing of it is
-queued: an ``ok: true`` means the message was queued to every shard holding members. Queries
-count in the window but are never refused by it (they are small, and at most ``max_queries``
-are in flight); deliveries from other hosts that find no room are dropped and counted.
+``window.messages`` messages or ``window.size`` bytes in flight, or a backlog whose oldest
+message is older than ``window.delay``: :mod:`actors.credit`) is refused whole with
+``overloaded``, and nothing of it is queued: an ``ok: true`` means the message was queued to
+every shard holding members. Queries count in the window but are never refused by it (they are
+small, and at most ``max_queries`` are in flight); deliveries from other hosts that find no room
+are dropped and counted.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections import deque
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from actors.credit import CreditWindow, WindowLimits
 from actors.gather import (
     Gather,
     GatherSpec,
@@ -54,7 +55,8 @@ from actors.wire.commands import Command, CommandError
 
 log = logging.getLogger("ucc.router")
 
-MARK_SPAN = 0.01  # seconds of sending one backlog age mark covers (see ShardSlot.marks)
+DEFAULT_WINDOW = WindowLimits()
+
 
 Handler = Callable[[list[bytes], Command, float], None]
 
@@ -73,47 +75,11 @@ class ShardSlot:
     pid: int = 0
     last_seen: float = 0.0
     channels: set[ChannelId] = field(default_factory=set)
-    # credit (see shardwire): totals queued to this incarnation and consumed by it
-    sent_messages: int = 0
-    sent_bytes: int = 0
-    acked_messages: int = 0
-    acked_bytes: int = 0
-    # (sent_messages after the mark's last message, when its first was sent): the oldest
-    # unconsumed mark dates the backlog; one mark per MARK_SPAN keeps this short
-    marks: deque[tuple[int, float]] = field(default_factory=deque)
+    window: CreditWindow = field(default_factory=CreditWindow)  # this incarnation's
 
     @property
     def identity(self) -> bytes:
         return shardwire.identity(self.index, self.epoch)
-
-    def reset_credit(self) -> None:
-        """A new incarnation (or none): nothing is in flight to it."""
-        self.sent_messages = self.sent_bytes = self.acked_messages = self.acked_bytes = 0
-        self.marks.clear()
-
-    def queued(self, size: int, now: float) -> None:
-        self.sent_messages += 1
-        self.sent_bytes += size
-        marks = self.marks
-        if marks and now - marks[-1][1] < MARK_SPAN:
-            marks[-1] = (self.sent_messages, marks[-1][1])
-        else:
-            marks.append((self.sent_messages, now))
-
-    def credit(self, messages: int, size: int) -> None:
-        """The shard has consumed ``messages`` messages and ``size`` bytes in all."""
-        self.acked_messages = max(self.acked_messages, min(messages, self.sent_messages))
-        self.acked_bytes = max(self.acked_bytes, min(size, self.sent_bytes))
-        marks = self.marks
-        while marks and marks[0][0] <= self.acked_messages:
-            marks.popleft()
-
-    def in_flight(self) -> tuple[int, int]:
-        return self.sent_messages - self.acked_messages, self.sent_bytes - self.acked_bytes
-
-    def backlog_age(self, now: float) -> float:
-        """How long the oldest message not yet consumed has waited (0 if none)."""
-        return now - self.marks[0][1] if self.marks else 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,15 +119,11 @@ class RouterCore:
         gather_timeout: float = 1.0,
         max_command: int = 1 << 20,
         redis: bool = False,
-        queue_messages: int = 20_000,
-        queue_bytes: int = 64 << 20,
-        queue_delay: float = 0.1,
+        window: WindowLimits = DEFAULT_WINDOW,
         max_queries: int = 10_000,
     ) -> None:
         """``redis``: this host has a Redis link to other hosts (``self.hosts`` is its half)."""
-        self.queue_messages = queue_messages
-        self.queue_bytes = queue_bytes
-        self.queue_delay = queue_delay
+        self.window = window
         self.max_queries = max_queries
         self.slots = [ShardSlot(ShardIndex(i)) for i in range(shards)]
         self.index: dict[ChannelId, set[ShardIndex]] = {}
@@ -253,7 +215,7 @@ class RouterCore:
         for channel in slot.channels:
             self._unindex(channel, slot.index)
         slot.channels = set()
-        slot.reset_credit()
+        slot.window = CreditWindow()
         self._give_up(slot.index)
 
     def _give_up(self, who: Participant) -> None:
@@ -286,7 +248,7 @@ class RouterCore:
         if kind == shardwire.PULSE and len(msg) > 1:
             consumed = shardwire.unpack_ids(msg[1])
             if len(consumed) == 2:
-                slot.credit(consumed[0], consumed[1])
+                slot.window.credit(consumed[0], consumed[1])
         elif kind == shardwire.DELTA:
             self._delta(slot, shardwire.unpack_ids(msg[1]), shardwire.unpack_ids(msg[2]))
             self._indexed(slot, msg[3:], now)
@@ -475,17 +437,8 @@ class RouterCore:
     def _room(self, index: ShardIndex, size: int, now: float) -> str | None:
         """Why one more message of ``size`` bytes does not fit in shard ``index``'s window,
         or None if it does."""
-        slot = self.slots[index]
-        messages, queued = slot.in_flight()
-        if messages >= self.queue_messages:
-            return f"shard {index} has {messages} deliveries queued (limit {self.queue_messages})"
-        if queued + size > self.queue_bytes:
-            return f"shard {index} has {queued} bytes queued (limit {self.queue_bytes})"
-        if messages > shardwire.CREDIT_MESSAGES or queued > shardwire.CREDIT_BYTES:
-            age = slot.backlog_age(now)
-            if age > self.queue_delay:
-                return f"shard {index} is {age:.2f} s behind (limit {self.queue_delay} s)"
-        return None
+        reason = self.slots[index].window.refusal(size, now, self.window)
+        return None if reason is None else f"shard {index}: {reason}"
 
     def _admit(self, shards: Iterable[ShardIndex], message: list[bytes], now: float) -> None:
         """Refuse (CommandError ``overloaded``) unless every shard has room for ``message``
@@ -506,7 +459,7 @@ class RouterCore:
     def send(self, index: ShardIndex, msg: list[bytes], now: float) -> None:
         """Queue ``msg`` to shard ``index``, counted in its window."""
         slot = self.slots[index]
-        slot.queued(shardwire.size(msg[1], msg[2]), now)
+        slot.window.queued(shardwire.size(msg[1], msg[2]), now)
         self._outbox.append((slot.identity, msg))
 
     def _shard_of(self, user: int) -> ShardIndex:
@@ -600,7 +553,7 @@ class RouterCore:
             "channels_indexed": len(self.index),
             "shards": {slot.index: slot.state.value for slot in self.slots},
             # [messages, bytes] queued to each shard and not yet consumed (its credit window)
-            "queued_to_shards": {slot.index: list(slot.in_flight()) for slot in self.slots},
+            "queued_to_shards": {s.index: list(s.window.in_flight()) for s in self.slots},
             **(self.hosts.statistics() if self.hosts is not None else {}),
         }
 

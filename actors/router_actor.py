@@ -120,7 +120,7 @@ class RouterActor(SocketActor):
         self.frontend.setsockopt(zmq.RCVHWM, backend_queue)
         self.frontend.setsockopt(zmq.MAXMSGSIZE, core.max_command * 2)
         # the credit window bounds what is queued to a shard; this only has to be above it
-        self.backend.setsockopt(zmq.SNDHWM, core.queue_messages + core.max_queries + 1024)
+        self.backend.setsockopt(zmq.SNDHWM, core.window.messages + core.max_queries + 1024)
         self.backend.setsockopt(zmq.RCVHWM, 100_000)
         try:
             self.frontend.bind(command_endpoint)

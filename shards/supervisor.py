@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import pykka
 import zmq
 
+from actors.credit import WindowLimits
 from actors.ids import stable_hash
 from actors.policy import RestartPolicy
 from actors.router import RouterCore, ShardEvent, ShardHung, ShardState
@@ -214,9 +215,9 @@ class Supervisor:
             config.gather_timeout,
             config.max_command,
             redis=bool(redis_url),
-            queue_messages=config.shard_queue_messages,
-            queue_bytes=config.shard_queue_bytes,
-            queue_delay=config.shard_queue_delay,
+            window=WindowLimits(
+                config.shard_queue_messages, config.shard_queue_bytes, config.shard_queue_delay
+            ),
             max_queries=config.max_queries,
         )
         try:

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from actors.credit import WindowLimits
 from actors.gather import REDIS
 from actors.hostlink import (
     AreOnline,
@@ -75,8 +76,12 @@ def answer(core: RouterCore, index: int, qid: int, body: Any) -> None:
     core.shard_message(identity(index), shardwire.result(qid, body), 0.0)
 
 
-def make(up: bool = True, **limits: Any) -> tuple[RouterCore, OtherHosts]:
-    core = RouterCore(N, gather_timeout=1.0, redis=True, **limits)
+def make(
+    up: bool = True, max_queries: int = 10_000, **window: Any
+) -> tuple[RouterCore, OtherHosts]:
+    core = RouterCore(
+        N, gather_timeout=1.0, redis=True, window=WindowLimits(**window), max_queries=max_queries
+    )
     for index in range(N):
         core.shard_starting(index, 1, 100 + index)
         core.shard_message(identity(index), shardwire.hello(index, 1, 100 + index, []), 0.0)
@@ -283,10 +288,10 @@ def test_a_users_broadcast_from_another_host_goes_to_the_up_shards_of_the_users(
 
 
 def test_deliveries_from_other_hosts_that_find_no_room_are_dropped_and_counted():
-    core, hosts = make(queue_messages=1)
+    core, hosts = make(messages=1)
     delta(core, 0, gained=[7])
     slot = core.slots[0]
-    credit = shardwire.pulse(slot.sent_messages, slot.sent_bytes)
+    credit = shardwire.pulse(slot.window.sent_messages, slot.window.sent_bytes)
     core.shard_message(identity(0), credit, 0.0)  # the INDEXED consumed
     hosts.deliver(Delivery(ChannelId(7), [], frames.channel_message(7, b"1")), 0.0)
     hosts.deliver(Delivery(ChannelId(7), [], frames.channel_message(7, b"2")), 0.0)

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from actors.credit import WindowLimits
 from actors.ids import stable_hash
 from actors.router import RouterCore, ShardEvent, ShardHung, ShardState
 from actors.wire import frames, shardwire
@@ -663,18 +664,18 @@ def broadcast(core, channel=7, data="x", now=0.0, request=1) -> dict[str, Any]:
 def settle(core: RouterCore, now: float = 0.0) -> None:
     """Every shard reports it has consumed all it was sent (the INDEXED confirmations)."""
     for slot in core.up_shards():
-        credit(core, slot.index, slot.epoch, slot.sent_messages, slot.sent_bytes, now)
+        credit(core, slot.index, slot.epoch, slot.window.sent_messages, slot.window.sent_bytes, now)
 
 
-def small_window(**limits) -> RouterCore:
-    core = RouterCore(N, **limits)
+def small_window(max_queries: int = 10_000, **window) -> RouterCore:
+    core = RouterCore(N, window=WindowLimits(**window), max_queries=max_queries)
     for index in range(N):
         start(core, index)
     return core
 
 
 def test_a_broadcast_that_does_not_fit_is_refused_whole_and_nothing_is_sent():
-    core = small_window(queue_messages=2)
+    core = small_window(messages=2)
     delta(core, 0, 1, gained=[7])
     delta(core, 1, 1, gained=[7])
     delta(core, 2, 1, gained=[8])
@@ -691,21 +692,23 @@ def test_a_broadcast_that_does_not_fit_is_refused_whole_and_nothing_is_sent():
 
 
 def test_credit_from_the_shard_makes_room_again():
-    core = small_window(queue_messages=2)
+    core = small_window(messages=2)
     delta(core, 0, 1, gained=[7])
     settle(core)
     broadcast(core), broadcast(core)
     assert broadcast(core)["error"]["code"] == "overloaded"
     slot = core.slots[0]
-    one = (slot.sent_bytes - slot.acked_bytes) // 2
-    credit(core, 0, 1, slot.acked_messages + 1, slot.acked_bytes + one)  # room for one more
+    one = (slot.window.sent_bytes - slot.window.acked_bytes) // 2
+    credit(
+        core, 0, 1, slot.window.acked_messages + 1, slot.window.acked_bytes + one
+    )  # room for one more
     assert broadcast(core)["ok"]
     assert broadcast(core)["error"]["code"] == "overloaded"
-    assert core.slots[0].in_flight()[0] == 2
+    assert core.slots[0].window.in_flight()[0] == 2
 
 
 def test_the_byte_window_counts_the_message_size():
-    core = small_window(queue_bytes=1000)
+    core = small_window(size=1000)
     delta(core, 0, 1, gained=[7])
     settle(core)
     assert broadcast(core, data="a" * 600)["ok"]
@@ -714,7 +717,7 @@ def test_the_byte_window_counts_the_message_size():
 
 
 def test_a_backlog_older_than_the_delay_limit_refuses_until_it_is_consumed():
-    core = small_window(queue_delay=0.25)
+    core = small_window(delay=0.25)
     delta(core, 0, 1, gained=[7])
     settle(core)
     for i in range(shardwire.CREDIT_MESSAGES + 1):
@@ -724,13 +727,13 @@ def test_a_backlog_older_than_the_delay_limit_refuses_until_it_is_consumed():
     assert refused["error"]["code"] == "overloaded"
     assert "behind" in refused["error"]["message"]
     slot = core.slots[0]
-    credit(core, 0, 1, slot.sent_messages, slot.sent_bytes, now=1.31)
+    credit(core, 0, 1, slot.window.sent_messages, slot.window.sent_bytes, now=1.31)
     assert broadcast(core, now=1.32)["ok"]
 
 
 def test_a_few_messages_in_flight_never_look_behind():
     # at low rates credit comes with the heartbeat (every 0.25 s): that is no backlog
-    core = small_window(queue_delay=0.25)
+    core = small_window(delay=0.25)
     delta(core, 0, 1, gained=[7])
     settle(core)
     for i in range(10):
@@ -738,7 +741,7 @@ def test_a_few_messages_in_flight_never_look_behind():
 
 
 def test_a_new_incarnation_starts_with_an_empty_window():
-    core = small_window(queue_messages=1)
+    core = small_window(messages=1)
     delta(core, 0, 1, gained=[7])
     settle(core)
     assert broadcast(core)["ok"]
@@ -749,17 +752,17 @@ def test_a_new_incarnation_starts_with_an_empty_window():
 
 
 def test_stale_credit_cannot_open_the_window_beyond_what_was_sent():
-    core = small_window(queue_messages=1)
+    core = small_window(messages=1)
     delta(core, 0, 1, gained=[7])
     settle(core)
     credit(core, 0, 1, 1000, 10**9)  # nonsense from a confused shard
-    assert core.slots[0].in_flight() == (0, 0)
+    assert core.slots[0].window.in_flight() == (0, 0)
     assert broadcast(core)["ok"]
     assert broadcast(core)["error"]["code"] == "overloaded"
 
 
 def test_direct_messages_are_refused_when_the_users_shard_is_full():
-    core = small_window(queue_messages=1)
+    core = small_window(messages=1)
     user = next(u for u in range(1, 100) if stable_hash(u, N) == 0)
     other = next(u for u in range(1, 100) if stable_hash(u, N) == 1)
     body = {"cmd": "broadcast_to_users", "users": [user, other], "data": 1}
@@ -774,7 +777,7 @@ def test_direct_messages_are_refused_when_the_users_shard_is_full():
 
 
 def test_queries_are_not_refused_by_the_window_but_by_their_own_limit():
-    core = small_window(queue_messages=1, max_queries=2)
+    core = small_window(messages=1, max_queries=2)
     delta(core, 0, 1, gained=[7])
     settle(core)
     broadcast(core)

@@ -1,0 +1,82 @@
+"""Flow control towards one shard: what the router has queued to it and what it has consumed.
+
+Owns: :class:`CreditWindow` (totals sent and acknowledged, in messages and bytes, and the age of
+the oldest message not yet consumed) and :class:`WindowLimits`. The shard reports what it has
+consumed in every pulse (``shardwire.PULSE``); the difference is what is in flight, and
+:meth:`CreditWindow.refusal` says why one more message must not be queued. Must never do I/O or
+read a clock (``now`` is a parameter): the :class:`~actors.router.RouterCore` decides.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from actors.wire import shardwire
+
+MARK_SPAN = 0.01  # seconds of sending that one backlog age mark covers (see CreditWindow)
+
+
+@dataclass(frozen=True, slots=True)
+class WindowLimits:
+    """A shard has no room when ``messages`` or ``size`` bytes are in flight to it, or when its
+    oldest message in flight has waited more than ``delay`` seconds (``--shard-queue-*``)."""
+
+    messages: int = 20_000
+    size: int = 64 << 20
+    delay: float = 0.1
+
+
+class CreditWindow:
+    """One shard incarnation's window. Totals only grow; a new incarnation starts a new one."""
+
+    __slots__ = ("acked_bytes", "acked_messages", "marks", "sent_bytes", "sent_messages")
+
+    def __init__(self) -> None:
+        self.sent_messages = self.sent_bytes = 0
+        self.acked_messages = self.acked_bytes = 0
+        # (sent_messages after the mark's last message, when its first was sent): the oldest
+        # mark not yet consumed dates the backlog; one mark per MARK_SPAN keeps this short
+        self.marks: deque[tuple[int, float]] = deque()
+
+    def queued(self, size: int, now: float) -> None:
+        """One message of ``size`` bytes was queued to the shard."""
+        self.sent_messages += 1
+        self.sent_bytes += size
+        marks = self.marks
+        if marks and now - marks[-1][1] < MARK_SPAN:
+            marks[-1] = (self.sent_messages, marks[-1][1])
+        else:
+            marks.append((self.sent_messages, now))
+
+    def credit(self, messages: int, size: int) -> None:
+        """The shard has consumed ``messages`` messages and ``size`` bytes in all (a report
+        that is stale, or claims more than was sent, cannot open the window further)."""
+        self.acked_messages = max(self.acked_messages, min(messages, self.sent_messages))
+        self.acked_bytes = max(self.acked_bytes, min(size, self.sent_bytes))
+        marks = self.marks
+        while marks and marks[0][0] <= self.acked_messages:
+            marks.popleft()
+
+    def in_flight(self) -> tuple[int, int]:
+        """Messages and bytes queued and not yet consumed."""
+        return self.sent_messages - self.acked_messages, self.sent_bytes - self.acked_bytes
+
+    def backlog_age(self, now: float) -> float:
+        """How long the oldest message not yet consumed has waited (0 if none)."""
+        return now - self.marks[0][1] if self.marks else 0.0
+
+    def refusal(self, size: int, now: float, limits: WindowLimits) -> str | None:
+        """Why one more message of ``size`` bytes must not be queued, or None if it fits. A
+        backlog of a few messages is never "behind": at low rates credit comes back only with
+        the pulse (every 0.25 s), and that is no backlog."""
+        messages, queued = self.in_flight()
+        if messages >= limits.messages:
+            return f"{messages} deliveries queued (limit {limits.messages})"
+        if queued + size > limits.size:
+            return f"{queued} bytes queued (limit {limits.size})"
+        if messages > shardwire.CREDIT_MESSAGES or queued > shardwire.CREDIT_BYTES:
+            age = self.backlog_age(now)
+            if age > limits.delay:
+                return f"{age:.2f} s behind (limit {limits.delay} s)"
+        return None

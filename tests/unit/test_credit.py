@@ -1,0 +1,71 @@
+"""A shard's credit window, driven directly (the router's use of it is in test_router.py)."""
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from actors.credit import MARK_SPAN, CreditWindow, WindowLimits
+from actors.wire import shardwire
+
+LIMITS = WindowLimits(messages=100, size=10_000, delay=0.1)
+
+
+def test_in_flight_is_what_was_queued_less_what_was_consumed():
+    window = CreditWindow()
+    for _ in range(3):
+        window.queued(10, now=0.0)
+    assert window.in_flight() == (3, 30)
+    window.credit(2, 20)
+    assert window.in_flight() == (1, 10)
+
+
+def test_stale_or_excessive_credit_cannot_open_the_window():
+    window = CreditWindow()
+    window.queued(10, now=0.0)
+    window.credit(5, 500)  # more than was sent
+    assert window.in_flight() == (0, 0)
+    window.queued(10, now=0.0)
+    window.credit(0, 0)  # an old report, overtaken
+    assert window.in_flight() == (1, 10)
+
+
+def test_the_backlog_is_dated_by_its_oldest_unconsumed_message():
+    window = CreditWindow()
+    window.queued(1, now=1.0)
+    window.queued(1, now=1.0 + MARK_SPAN / 2)  # same mark
+    window.queued(1, now=2.0)
+    assert window.backlog_age(now=2.5) == 1.5
+    window.credit(2, 2)
+    assert window.backlog_age(now=2.5) == 0.5
+    window.credit(3, 3)
+    assert window.backlog_age(now=2.5) == 0.0
+
+
+def test_refusals_name_the_limit_that_was_hit():
+    window = CreditWindow()
+    assert window.refusal(20_000, 0.0, LIMITS) is not None  # bigger than the byte window
+    for _ in range(100):
+        window.queued(1, now=0.0)
+    assert "100 deliveries queued" in (window.refusal(1, 0.0, LIMITS) or "")
+
+
+def test_a_few_messages_in_flight_are_never_behind():
+    window = CreditWindow()
+    for _ in range(shardwire.CREDIT_MESSAGES):
+        window.queued(1, now=0.0)
+    assert window.refusal(1, 10.0, LIMITS) is None
+    window.queued(1, now=0.0)
+    assert "behind" in (window.refusal(1, 10.0, LIMITS) or "")
+
+
+@given(st.lists(st.tuples(st.booleans(), st.integers(1, 500)), max_size=200))
+def test_in_flight_never_goes_negative_nor_above_what_was_sent(steps):
+    window, sent, consumed = CreditWindow(), 0, 0
+    for is_send, size in steps:
+        if is_send:
+            window.queued(size, now=0.0)
+            sent += 1
+        else:
+            consumed = min(sent, consumed + 1)
+            window.credit(consumed, 10**9)
+        messages, _size = window.in_flight()
+        assert 0 <= messages <= sent
