@@ -10,7 +10,8 @@ import pytest
 
 from actors.wire.tokens import Claims
 from shards.handoff import Ack, encode
-from shards.supervisor import Handoffs, ShardProcess, request_unread
+from shards.inflight import Handoffs, request_unread
+from shards.supervisor import ShardProcess
 
 REQUEST = b"GET /?token=t HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\n"
 CLAIMS = Claims(1, (), 0.0)
