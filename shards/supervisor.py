@@ -3,10 +3,10 @@ restarts shards that die, and shuts everything down on SIGTERM/SIGINT.
 
 Owns: the shard processes (their pids, pidfds, control sockets, incarnation numbers and
 configuration), the public listening socket, the connections on their way to a shard (held
-while it restarts, handed over, not yet acknowledged: :class:`Handoffs`) and the RouterActor's
-lifetime. The decisions live in plain classes (:class:`RestartPolicy`, :class:`RouterCore`,
-:class:`Handoffs`); this module carries them out. Must never read a client's bytes (it only
-peeks, to see whether a request is still unread) nor touch the router's state.
+while it restarts, handed over and not yet acknowledged, in :class:`~shards.inflight.Handoffs`)
+and the RouterActor's lifetime. The decisions live in plain classes (:class:`RestartPolicy`,
+:class:`RouterCore`, :class:`Handoffs`); this module carries them out. Must never read a
+client's bytes nor touch the router's state.
 """
 
 from __future__ import annotations
