@@ -14,12 +14,11 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from shards.client import Client, CommandTimeout, UccError
-from shards.testing import TIME_FACTOR, Cluster, connect_peer, wait_until
+from shards.testing import TIME_FACTOR, Host, connect_peer, upgrade_request
 
 
-def http_status(cluster: Cluster, request: bytes, timeout: float = 10.0) -> tuple[int, bytes]:
-    host, port = cluster.url.removeprefix("ws://").split(":")
-    with socket.create_connection((host, int(port)), timeout=timeout * TIME_FACTOR) as sock:
+def http_status(host: Host, request: bytes, timeout: float = 10.0) -> tuple[int, bytes]:
+    with socket.create_connection(host.address, timeout=timeout * TIME_FACTOR) as sock:
         sock.sendall(request)
         data = b""
         while chunk := sock.recv(65536):
@@ -28,73 +27,63 @@ def http_status(cluster: Cluster, request: bytes, timeout: float = 10.0) -> tupl
     return status, data.split(b"\r\n\r\n", 1)[1]
 
 
-def upgrade_request(target: str, extra: str = "") -> bytes:
-    return (
-        f"GET {target} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
-    ).encode()
-
-
-def test_bad_tokens_get_401_before_the_upgrade(ucc_cluster):
-    cluster: Cluster = ucc_cluster(shards=2)
+def test_bad_tokens_get_401_before_the_upgrade(ucc_host):
+    host: Host = ucc_host(shards=2)
     now = int(time.time())
     bad = {
         "missing": "",
         "garbage": "not-a-jwt",
         "wrong secret": jwt.encode({"sub": "1", "exp": now + 60}, "x" * 32, algorithm="HS256"),
-        "expired": jwt.encode({"sub": "1", "exp": now - 5}, cluster.secret, algorithm="HS256"),
-        "no exp": jwt.encode({"sub": "1"}, cluster.secret, algorithm="HS256"),
-        "HS512": jwt.encode({"sub": "1", "exp": now + 60}, cluster.secret, algorithm="HS512"),
-        "sub not digits": jwt.encode({"sub": "bob", "exp": now + 60}, cluster.secret),
-        "sub zero": jwt.encode({"sub": "0", "exp": now + 60}, cluster.secret),
+        "expired": jwt.encode({"sub": "1", "exp": now - 5}, host.secret, algorithm="HS256"),
+        "no exp": jwt.encode({"sub": "1"}, host.secret, algorithm="HS256"),
+        "HS512": jwt.encode({"sub": "1", "exp": now + 60}, host.secret, algorithm="HS512"),
+        "sub not digits": jwt.encode({"sub": "bob", "exp": now + 60}, host.secret),
+        "sub zero": jwt.encode({"sub": "0", "exp": now + 60}, host.secret),
         "channels not ints": jwt.encode(
-            {"sub": "1", "exp": now + 60, "channels": ["a"]}, cluster.secret
+            {"sub": "1", "exp": now + 60, "channels": ["a"]}, host.secret
         ),
     }
     for name, token in bad.items():
-        status, body = http_status(cluster, upgrade_request(f"/?token={token}"))
+        status, body = http_status(host, upgrade_request(f"/?token={token}"))
         assert status == 401, name
         assert body.strip(), name  # the reason is given
-    good = cluster.token(5)
+    good = host.token(5)
 
     async def scenario() -> None:
-        async with connect(
-            cluster.url, additional_headers={"Authorization": f"Bearer {good}"}
-        ) as ws:
+        async with connect(host.url, additional_headers={"Authorization": f"Bearer {good}"}) as ws:
             assert json.loads(await ws.recv())["user"] == 5
         with pytest.raises(InvalidStatus) as info:
-            async with connect(f"{cluster.url}/?token=nope"):
+            async with connect(f"{host.url}/?token=nope"):
                 pass
         assert info.value.response.status_code == 401
 
     asyncio.run(scenario())
 
 
-def test_oversized_and_slow_handshakes_are_refused(ucc_cluster):
-    cluster: Cluster = ucc_cluster(shards=2, args=("--handshake-timeout", "1"))
+def test_oversized_and_slow_handshakes_are_refused(ucc_host):
+    host: Host = ucc_host(shards=2, args=("--handshake-timeout", "1"))
     big = upgrade_request("/?token=x", "X-Pad: " + "a" * 9000 + "\r\n")
-    assert http_status(cluster, big)[0] == 431
-    host, port = cluster.url.removeprefix("ws://").split(":")
-    with socket.create_connection((host, int(port)), timeout=10 * TIME_FACTOR) as slow:
+    assert http_status(host, big)[0] == 431
+    with socket.create_connection(host.address, timeout=10 * TIME_FACTOR) as slow:
         slow.sendall(b"GET /?token=")  # and never finishes
         assert slow.recv(1024).startswith(b"HTTP/1.1 408")
-    assert http_status(cluster, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n") == (200, b"ok\n")
-    assert http_status(cluster, b"NOT HTTP\r\n\r\n")[0] == 400
+    assert http_status(host, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n") == (200, b"ok\n")
+    assert http_status(host, b"NOT HTTP\r\n\r\n")[0] == 400
 
     async def still_serving() -> None:
-        peer = await connect_peer(cluster, 9)
+        peer = await connect_peer(host, 9)
         await peer.close()
 
     asyncio.run(still_serving())
 
 
-def test_bad_frames_get_error_frames_and_the_connection_stays(ucc_cluster):
-    cluster: Cluster = ucc_cluster(shards=2, args=("--max-frame", "4096"))
-    client = cluster.client()
+def test_bad_frames_get_error_frames_and_the_connection_stays(ucc_host):
+    host: Host = ucc_host(shards=2, args=("--max-frame", "4096"))
 
     async def scenario() -> None:
-        peer = await connect_peer(cluster, 11, [1, 2])
-        bystander = await connect_peer(cluster, 12, [1])
+        client = host.aio.client()
+        peer = await connect_peer(host, 11, [1, 2])
+        bystander = await connect_peer(host, 12, [1])
         cases = [
             ("{", "bad_json"),
             ('"just a string"', "bad_frame"),
@@ -120,27 +109,28 @@ def test_bad_frames_get_error_frames_and_the_connection_stays(ucc_cluster):
         await peer.wait_for(lambda f: f[-1] == {"type": "pong"})
         await peer.ws.send(['{"type":', ' "ping"}'])  # a fragmented message (RFC 6455 §5.4)
         await peer.wait_for(lambda f: f[-2:] == [{"type": "pong"}] * 2)
-        client.broadcast_to_channel(2, "after errors")
+        await client.broadcast_to_channel(2, "after errors")
         await peer.wait_for(lambda f: f[-1].get("data") == "after errors")
 
         # a frame over the size limit closes that connection with 1009, nobody else's
         await peer.ws.send("x" * 10_000)
         await asyncio.wait_for(peer.closed.wait(), 5 * TIME_FACTOR)
         assert peer.ws.close_code == 1009
-        client.broadcast_to_channel(1, "bystander")
+        await client.broadcast_to_channel(1, "bystander")
         await bystander.wait_for(lambda f: f[-1].get("data") == "bystander")
         await bystander.close()
+        await peer.close()
 
     asyncio.run(scenario())
 
 
-def test_bad_commands_get_error_replies(ucc_cluster):
-    cluster: Cluster = ucc_cluster(shards=2)
+def test_bad_commands_get_error_replies(ucc_host):
+    host: Host = ucc_host(shards=2)
     context = zmq.Context.instance()
     sock = context.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RCVTIMEO, int(5000 * TIME_FACTOR))
-    sock.connect(cluster.command)
+    sock.connect(host.command)
 
     def ask(raw: bytes) -> dict:
         sock.send(raw)
@@ -180,7 +170,7 @@ def test_bad_commands_get_error_replies(ucc_cluster):
     finally:
         sock.close()
 
-    client = cluster.client()
+    client = host.client()
     with pytest.raises(UccError) as info:
         client.request("frobnicate")
     assert info.value.code == "unknown_command"
@@ -199,54 +189,42 @@ def test_client_times_out_instead_of_hanging():
         assert time.monotonic() - started < 5
 
 
-def test_silent_connection_is_dropped_by_the_heartbeat(ucc_cluster):
-    cluster: Cluster = ucc_cluster(
-        shards=2, args=("--heartbeat", "0.3", "--heartbeat-timeout", "1")
-    )
-    client = cluster.client()
-    host, port = cluster.url.removeprefix("ws://").split(":")
+def test_silent_connection_is_dropped_by_the_heartbeat(ucc_host):
+    host: Host = ucc_host(shards=2, args=("--heartbeat", "0.3", "--heartbeat-timeout", "1"))
     # a client that completes the handshake and then never answers a ping
-    with socket.create_connection((host, int(port)), timeout=10 * TIME_FACTOR) as mute:
-        mute.sendall(upgrade_request(f"/?token={cluster.token(31)}"))
+    with socket.create_connection(host.address, timeout=10 * TIME_FACTOR) as mute:
+        mute.sendall(upgrade_request(f"/?token={host.token(31)}"))
         assert mute.recv(4096).startswith(b"HTTP/1.1 101")
 
         async def scenario() -> None:
-            lively = await connect_peer(cluster, 32)  # websockets answers pings
-            deadline = time.monotonic() + 10 * TIME_FACTOR
-            while client.is_user_online(31):
-                assert time.monotonic() < deadline, "the mute connection was never dropped"
-                await asyncio.sleep(0.05)
-            assert client.get_online_users() == [32]
+            lively = await connect_peer(host, 32)  # websockets answers pings
+            await host.aio.wait_online([32])  # the mute connection was dropped
             await lively.close()
 
         asyncio.run(scenario())
 
 
-def test_a_slow_consumer_is_cut_off_and_holds_nobody_back(ucc_cluster):
-    cluster: Cluster = ucc_cluster(shards=2, args=("--write-buffer-limit", "1048576"))
-    client = cluster.client()
-    host, port = cluster.url.removeprefix("ws://").split(":")
+def test_a_slow_consumer_is_cut_off_and_holds_nobody_back(ucc_host):
+    host: Host = ucc_host(shards=2, args=("--write-buffer-limit", "1048576"))
     slow = socket.socket()
     slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # and it never reads
     try:
         slow.settimeout(10 * TIME_FACTOR)
-        slow.connect((host, int(port)))
-        slow.sendall(upgrade_request(f"/?token={cluster.token(21, [1])}"))
+        slow.connect(host.address)
+        slow.sendall(upgrade_request(f"/?token={host.token(21, [1])}"))
         assert slow.recv(12).startswith(b"HTTP/1.1 101")
 
         async def scenario() -> None:
-            fast = await connect_peer(cluster, 22, [1])
-            wait_until(lambda: client.get_online_users_in_channel(1) == [21, 22], 5, what="both")
+            fast = await connect_peer(host, 22, [1])
+            await host.aio.wait_online([21, 22], channel=1, timeout=5)
             payload = "x" * 50_000
-
-            def publish() -> None:  # from a thread: this loop must keep reading for `fast`
-                for n in range(200):  # 10 MB: more than the kernel buffers hold for `slow`
-                    client.broadcast_to_channel(1, {"n": n, "pad": payload})
-
-            await asyncio.get_running_loop().run_in_executor(None, publish)
+            client = host.aio.client()
+            # the loop goes on reading for `fast` while each command awaits its reply
+            for n in range(200):  # 10 MB: more than the kernel buffers hold for `slow`
+                await client.broadcast_to_channel(1, {"n": n, "pad": payload})
             await fast.wait_for(lambda f: len(f) >= 201, 30)  # hello + every message
             assert [m["data"]["n"] for m in fast.messages] == list(range(200))
-            wait_until(lambda: not client.is_user_online(21), 10, what="the slow one to go")
+            await host.aio.wait_online([22])  # the slow one was cut off
             await fast.close()
 
         asyncio.run(scenario())

@@ -106,11 +106,11 @@ def test_sweep_reports_every_point_and_a_line():
     assert set(result["fit"]) == {"per_recipient_us", "per_broadcast_us"}
 
 
-def test_a_running_server_can_be_the_target(ucc_cluster):
-    cluster = ucc_cluster(shards=2)
+def test_a_running_server_can_be_the_target(ucc_host):
+    host = ucc_host(shards=2)
     result = bench(
         "fanout", "--members", "20", "--messages", "5", "--rate", "50",
-        "--target", cluster.url, "--command", cluster.command, "--secret", cluster.secret,
+        "--target", host.url, "--command", host.command, "--secret", host.secret,
     )  # fmt: skip
     assert_delivered_everything(result, 20)
     assert result["server_cpu_us_per_frame"] is not None  # found the server's processes

@@ -13,7 +13,6 @@ import os
 import re
 import resource
 import selectors
-import signal
 import socket
 import statistics
 import subprocess
@@ -23,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from shards import ready
-from shards.testing import TIME_FACTOR, Cluster, connect_peer, wait_until
+from shards import procgroup, ready
+from shards.testing import TIME_FACTOR, Host, connect_peer, upgrade_request, wait_until
 
 PER_ADDRESS = 64  # the default --max-pending-per-address
 ATTACKER = "127.0.0.2"
@@ -46,22 +45,9 @@ def open_files(soft: int | None = None) -> Iterator[int]:
         resource.setrlimit(resource.RLIMIT_NOFILE, (before, hard))
 
 
-def address(cluster: Cluster) -> tuple[str, int]:
-    host, port = cluster.url.removeprefix("ws://").split(":")
-    return host, int(port)
-
-
-def upgrade_request(token: str) -> bytes:
-    return (
-        f"GET /?token={token} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
-        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-        "Sec-WebSocket-Version: 13\r\n\r\n"
-    ).encode()
-
-
-def exchange(cluster: Cluster, request: bytes, timeout: float = 10.0) -> bytes:
+def exchange(host: Host, request: bytes, timeout: float = 10.0) -> bytes:
     """Send ``request``, return everything the server answers until it closes."""
-    with socket.create_connection(address(cluster), timeout=timeout * TIME_FACTOR) as sock:
+    with socket.create_connection(host.address, timeout=timeout * TIME_FACTOR) as sock:
         sock.sendall(request)
         data = b""
         while chunk := sock.recv(65536):
@@ -120,7 +106,7 @@ class Answers:
         self.selector.close()
 
 
-def test_idle_sockets_from_one_address_do_not_starve_the_others(ucc_cluster, capfd):
+def test_idle_sockets_from_one_address_do_not_starve_the_others(ucc_host, capfd):
     """5,000 idle sockets from 127.0.0.2 (no request, no token): 64 are held until the
     handshake deadline (408), the others get 503 at once; meanwhile 20 clients from 127.0.0.1
     connect and get their hello, promptly."""
@@ -130,7 +116,7 @@ def test_idle_sockets_from_one_address_do_not_starve_the_others(ucc_cluster, cap
         # a global cap below the attack's size: one address alone could fill it, were it not
         # for the per-address cap
         args = ("--handshake-timeout", str(handshake_timeout), "--max-pending", "1000")
-        cluster: Cluster = ucc_cluster(shards=2, args=args)
+        host: Host = ucc_host(shards=2, args=args)
         attackers: list[socket.socket] = []
         answers: Answers | None = None
         try:
@@ -140,7 +126,7 @@ def test_idle_sockets_from_one_address_do_not_starve_the_others(ucc_cluster, cap
                 attackers.append(sock)
                 sock.settimeout(10 * TIME_FACTOR)
                 sock.bind((ATTACKER, 0))
-                sock.connect(address(cluster))
+                sock.connect(host.address)
             answers = Answers(attackers)
             refused = attack_size - PER_ADDRESS
 
@@ -152,7 +138,7 @@ def test_idle_sockets_from_one_address_do_not_starve_the_others(ucc_cluster, cap
             wait_until(all_but_the_cap_refused, 30, interval=0, what="for the 503s")
             attack_seconds = time.monotonic() - started
 
-            latencies = asyncio.run(connect_twenty(cluster))
+            latencies = asyncio.run(connect_twenty(host))
             good_done = time.monotonic() - started
 
             answers.poll()
@@ -197,20 +183,20 @@ def test_idle_sockets_from_one_address_do_not_starve_the_others(ucc_cluster, cap
         print("\n".join(storm))
 
 
-async def connect_twenty(cluster: Cluster) -> list[float]:
+async def connect_twenty(host: Host) -> list[float]:
     """Connect 20 users one after the other, each until its hello; their latencies."""
     latencies = []
     for user in range(1, 21):
         begun = time.monotonic()
-        peer = await connect_peer(cluster, user)
+        peer = await connect_peer(host, user)
         latencies.append(time.monotonic() - begun)
         assert peer.frames[0]["user"] == user
         await peer.close()
     return latencies
 
 
-def test_out_of_range_numbers_in_a_token_get_401_and_no_traceback(ucc_cluster, capfd):
-    cluster: Cluster = ucc_cluster(shards=2)
+def test_out_of_range_numbers_in_a_token_get_401_and_no_traceback(ucc_host, capfd):
+    host: Host = ucc_host(shards=2)
     hostile = {
         "sub of 5,000 digits": ('{"sub":"' + "9" * 5_000 + '","exp":4000000000}', "sub"),
         "sub beyond 64 bits": ('{"sub":"' + str(2**64) + '","exp":4000000000}', "sub"),
@@ -231,7 +217,7 @@ def test_out_of_range_numbers_in_a_token_get_401_and_no_traceback(ucc_cluster, c
         "channels nested": ('{"sub":"1","exp":4000000000,"channels":[[1]]}', "channels"),
     }
     for name, (payload, word) in hostile.items():
-        response = exchange(cluster, upgrade_request(sign_text(cluster.secret, payload)))
+        response = exchange(host, upgrade_request(f"/?token={sign_text(host.secret, payload)}"))
         head, _, body = response.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 401 Unauthorized\r\n"), name
         assert body.strip(), name  # a reason
@@ -239,7 +225,7 @@ def test_out_of_range_numbers_in_a_token_get_401_and_no_traceback(ucc_cluster, c
         assert word.encode() in body, (name, body)
 
     async def still_serving() -> None:
-        peer = await connect_peer(cluster, 9)
+        peer = await connect_peer(host, 9)
         await peer.close()
 
     asyncio.run(still_serving())
@@ -248,10 +234,10 @@ def test_out_of_range_numbers_in_a_token_get_401_and_no_traceback(ucc_cluster, c
     assert "unauthorized=" in log  # summed up in the acceptor's report
 
 
-def test_the_open_files_limit_is_raised_at_start_and_shards_inherit_it(ucc_cluster, capfd):
+def test_the_open_files_limit_is_raised_at_start_and_shards_inherit_it(ucc_host, capfd):
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     with open_files(512):  # the server starts with a low soft limit
-        cluster: Cluster = ucc_cluster(shards=2)
+        host: Host = ucc_host(shards=2)
     shown = "unlimited" if hard == resource.RLIM_INFINITY else str(hard)
     log = capfd.readouterr().err
     match = re.search(r"open files limit: 512 -> (\d+|unlimited)", log)
@@ -259,7 +245,7 @@ def test_the_open_files_limit_is_raised_at_start_and_shards_inherit_it(ucc_clust
     if hard != resource.RLIM_INFINITY:
         assert match[1] == shown
     for index in range(2):
-        limits = Path(f"/proc/{cluster.shard_pid(index)}/limits").read_text()
+        limits = Path(f"/proc/{host.shard_pid(index)}/limits").read_text()
         row = next(line for line in limits.splitlines() if line.startswith("Max open files"))
         assert row.split()[3] == match[1], row
 
@@ -268,19 +254,13 @@ def test_the_open_files_limit_is_raised_at_start_and_shards_inherit_it(ucc_clust
 def test_an_unusable_redis_url_exits_2_before_the_ready_line(url, tmp_path):
     env = {**os.environ, "UCC_SECRET": "s" * 32, "TMPDIR": str(tmp_path)}
     env.pop("UCC_REDIS_URL", None)
-    proc = subprocess.Popen(
-        ready.serve_argv(1, "--redis", url),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env,
-        start_new_session=True,  # its own process group: killed below, whatever happens
-    )
+    argv = ready.serve_argv(1, "--redis", url)
+    # in its own process group: killed below, whatever happens
+    proc = procgroup.start(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     try:
         out, err = proc.communicate(timeout=30 * TIME_FACTOR)
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
+        procgroup.kill(proc)
     assert proc.returncode == 2
     assert out == b""  # no ready line
     lines = err.decode().splitlines()

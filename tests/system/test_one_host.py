@@ -14,60 +14,60 @@ from collections import Counter
 import psutil
 from websockets.asyncio.client import connect
 
-from shards.testing import Cluster, Peer, connect_peer, wait_until
+from shards.testing import Host, Peer, connect_peer
 
 
-def test_ready_line_and_status_list_every_shard(ucc_cluster):
-    cluster: Cluster = ucc_cluster(shards=3)
-    assert cluster.ready_line.endswith(" shards=3")
-    assert cluster.url.startswith("ws://127.0.0.1:")
-    rows = cluster.status()["shards"]
+def test_ready_line_and_status_list_every_shard(ucc_host):
+    host: Host = ucc_host(shards=3)
+    assert host.ready_line.endswith(" shards=3")
+    assert host.url.startswith("ws://127.0.0.1:")
+    rows = host.status()["shards"]
     assert [row["index"] for row in rows] == [0, 1, 2]
     assert all(row["state"] == "up" for row in rows)
-    children = {p.pid for p in psutil.Process(cluster.proc.pid).children(recursive=True)}
+    children = {p.pid for p in psutil.Process(host.proc.pid).children(recursive=True)}
     assert {row["pid"] for row in rows} <= children
 
 
-def test_broadcasts_and_presence_match_the_truth(ucc_cluster):
-    cluster: Cluster = ucc_cluster(shards=3)
-    client = cluster.client()
+def test_broadcasts_and_presence_match_the_truth(ucc_host):
+    host: Host = ucc_host(shards=3)
     rng = random.Random(7)
     users = list(range(1, 151))
     devices = {user: 2 if user % 5 == 0 else 1 for user in users}  # 180 connections
 
     async def scenario() -> None:
+        client = host.aio.client()
         peers: list[Peer] = []
         channels_of: dict[int, set[int]] = {}
         for user in users:
             channels = rng.sample(range(1, 21), rng.randint(0, 4))
             channels_of[user] = set(channels)
             for _ in range(devices[user]):
-                peers.append(await connect_peer(cluster, user, channels))
+                peers.append(await connect_peer(host, user, channels))
 
         # each user's connections sit on stable_hash(user) mod N
-        expected = Counter(cluster.shard_of(p.user) for p in peers)
-        rows = cluster.status()["shards"]
+        expected = Counter(host.shard_of(p.user) for p in peers)
+        rows = (await host.aio.status())["shards"]
         assert {row["index"]: row["connections"] for row in rows} == {
             i: expected.get(i, 0) for i in range(3)
         }
 
         # presence
-        assert client.get_online_users() == users
+        assert await client.get_online_users() == users
         for channel in range(1, 22):
             members = sorted(u for u in users if channel in channels_of[u])
-            assert client.get_online_users_in_channel(channel) == members
-        assert client.is_user_online(5) is True
-        assert client.is_user_online(999) is False
-        assert client.are_users_online([1, 2, 999]) == {1: True, 2: True, 999: False}
+            assert await client.get_online_users_in_channel(channel) == members
+        assert await client.is_user_online(5) is True
+        assert await client.is_user_online(999) is False
+        assert await client.are_users_online([1, 2, 999]) == {1: True, 2: True, 999: False}
 
         # a channel broadcast reaches exactly its online members, once each
         for channel in range(1, 21):
-            reply = client.broadcast_to_channel(channel, {"n": channel})
+            reply = await client.broadcast_to_channel(channel, {"n": channel})
             assert reply["ok"] is True
-        assert client.broadcast_to_channel(21, "nobody")["shards"] == 0
+        assert (await client.broadcast_to_channel(21, "nobody"))["shards"] == 0
         # a direct marker follows the same router → shard → connection path, in order: once a
         # peer has it, every channel message meant for it has arrived (and no extra one)
-        client.broadcast_to_users(users, "marker")
+        await client.broadcast_to_users(users, "marker")
         for peer in peers:
             await peer.wait_for(lambda f: any(x.get("data") == "marker" for x in f))
         for peer in peers:
@@ -79,8 +79,8 @@ def test_broadcasts_and_presence_match_the_truth(ucc_cluster):
         # a user broadcast reaches every device of that user, without a channel key
         for peer in peers:
             peer.frames.clear()
-        client.broadcast_to_user(10, {"to": 10})
-        client.broadcast_to_users([15, 20, 999], [1, "two", None])
+        await client.broadcast_to_user(10, {"to": 10})
+        await client.broadcast_to_users([15, 20, 999], [1, "two", None])
         targets = [p for p in peers if p.user in (10, 15, 20)]
         assert len(targets) == 6
         for peer in targets:
@@ -95,11 +95,11 @@ def test_broadcasts_and_presence_match_the_truth(ucc_cluster):
         for peer in leaving:
             await peer.close()
         remaining = [u for u in users if u > 30]
-        wait_until(lambda: client.get_online_users() == remaining, what="for presence")
-        assert client.is_user_online(1) is False
+        await host.aio.wait_online(remaining)
+        assert await client.is_user_online(1) is False
         for channel in range(1, 21):
             members = sorted(u for u in remaining if channel in channels_of[u])
-            assert client.get_online_users_in_channel(channel) == members
+            assert await client.get_online_users_in_channel(channel) == members
         for peer in peers:
             if peer not in leaving:
                 await peer.close()
@@ -107,46 +107,46 @@ def test_broadcasts_and_presence_match_the_truth(ucc_cluster):
     asyncio.run(scenario())
 
 
-def test_backend_subscribe_unsubscribe_and_disconnect(ucc_cluster):
-    cluster: Cluster = ucc_cluster(shards=2)
-    client = cluster.client()
+def test_backend_subscribe_unsubscribe_and_disconnect(ucc_host):
+    host: Host = ucc_host(shards=2)
 
     async def scenario() -> None:
-        phone = await connect_peer(cluster, 42, [1])
-        laptop = await connect_peer(cluster, 42)
-        other = await connect_peer(cluster, 43, [1])
-        assert client.subscribe(42, 9)["connections"] == 2  # not limited by token claims
-        assert client.get_online_users_in_channel(9) == [42]
-        client.broadcast_to_channel(9, "nine")
+        client = host.aio.client()
+        phone = await connect_peer(host, 42, [1])
+        laptop = await connect_peer(host, 42)
+        other = await connect_peer(host, 43, [1])
+        assert (await client.subscribe(42, 9))["connections"] == 2  # not limited by token claims
+        assert await client.get_online_users_in_channel(9) == [42]
+        await client.broadcast_to_channel(9, "nine")
         for peer in (phone, laptop):
             await peer.wait_for(lambda f: any(x.get("data") == "nine" for x in f))
-        assert client.unsubscribe(42, 9)["connections"] == 2
-        assert client.get_online_users_in_channel(9) == []
-        assert client.subscribe(7777, 9)["connections"] == 0  # offline: not an error
+        assert (await client.unsubscribe(42, 9))["connections"] == 2
+        assert await client.get_online_users_in_channel(9) == []
+        assert (await client.subscribe(7777, 9))["connections"] == 0  # offline: not an error
 
-        assert client.disconnect(42)["connections"] == 2
+        assert (await client.disconnect(42))["connections"] == 2
         for peer in (phone, laptop):
             await asyncio.wait_for(peer.closed.wait(), 5)
             assert peer.ws.close_code == 4001
-        wait_until(lambda: client.get_online_users() == [43], what="for user 42 to leave")
-        client.broadcast_to_channel(1, "still here")
+        await host.aio.wait_online([43])
+        await client.broadcast_to_channel(1, "still here")
         await other.wait_for(lambda f: any(x.get("data") == "still here" for x in f))
-        await other.close()
+        for peer in (phone, laptop, other):
+            await peer.close()
 
     asyncio.run(scenario())
 
 
-def test_sigterm_drains_clients_with_1001_and_exits_zero(ucc_cluster):
-    cluster: Cluster = ucc_cluster(shards=2, args=("--drain-window", "0.5"))
+def test_sigterm_drains_clients_with_1001_and_exits_zero(ucc_host):
+    host: Host = ucc_host(shards=2, args=("--drain-window", "0.5"))
 
     async def scenario() -> list[Peer]:
-        peers = [await connect_peer(cluster, user, [1]) for user in range(1, 41)]
-        pids = [row["pid"] for row in cluster.status()["shards"]]
-        loop = asyncio.get_running_loop()
-        code = await loop.run_in_executor(None, cluster.stop, signal.SIGTERM, 10.0)
-        assert code == 0
+        peers = [await connect_peer(host, user, [1]) for user in range(1, 41)]
+        pids = [row["pid"] for row in (await host.aio.status())["shards"]]
+        assert await host.aio.stop(signal.SIGTERM, 10.0) == 0
         for peer in peers:
             await asyncio.wait_for(peer.closed.wait(), 5)
+            await peer.close()
         assert not any(
             psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie" for pid in pids
         )
@@ -158,28 +158,28 @@ def test_sigterm_drains_clients_with_1001_and_exits_zero(ucc_cluster):
         assert peer.frames[-1]["type"] == "drain"
 
 
-def test_cli_token_broadcast_and_online(ucc_cluster):
-    cluster: Cluster = ucc_cluster(shards=2)
-    env = {**os.environ, "UCC_SECRET": cluster.secret, "UCC_COMMAND": cluster.command}
+def test_cli_token_broadcast_and_online(ucc_host):
+    host: Host = ucc_host(shards=2)
+    env = {**os.environ, "UCC_SECRET": host.secret, "UCC_COMMAND": host.command}
 
-    def ucc(*args: str) -> str:
-        done = subprocess.run(
-            [sys.executable, "-m", "shards.cli", *args],
-            env=env, capture_output=True, text=True, timeout=30, check=True,
+    async def ucc(*args: str) -> str:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "shards.cli", *args,
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         )  # fmt: skip
-        return done.stdout.strip()
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == 0, err.decode()
+        return out.decode().strip()
 
-    token = ucc("token", "77", "--channels", "3,4")
+    token = asyncio.run(ucc("token", "77", "--channels", "3,4"))
 
     async def scenario() -> None:
-        async with connect(f"{cluster.url}/?token={token}") as ws:
+        async with connect(f"{host.url}/?token={token}") as ws:
             hello = json.loads(await ws.recv())
             assert hello["user"] == 77
             assert hello["channels"] == [3, 4]
-            loop = asyncio.get_running_loop()
-            online = await loop.run_in_executor(None, ucc, "online", "--channel", "3")
-            assert json.loads(online) == [77]
-            await loop.run_in_executor(None, ucc, "broadcast", "--channel", "4", '{"a": [1]}')
+            assert json.loads(await ucc("online", "--channel", "3")) == [77]
+            await ucc("broadcast", "--channel", "4", '{"a": [1]}')
             assert json.loads(await ws.recv()) == {
                 "type": "message",
                 "channel": 4,
@@ -189,27 +189,28 @@ def test_cli_token_broadcast_and_online(ucc_cluster):
     asyncio.run(scenario())
 
 
-def test_a_connection_does_not_outlive_its_token(ucc_cluster):
-    cluster: Cluster = ucc_cluster(shards=2, args=("--heartbeat", "0.3"))
+def test_a_connection_does_not_outlive_its_token(ucc_host):
+    host: Host = ucc_host(shards=2, args=("--heartbeat", "0.3"))
 
     async def scenario() -> None:
-        ws = await connect(f"{cluster.url}/?token={cluster.token(5, ttl=2)}")
+        ws = await connect(f"{host.url}/?token={host.token(5, ttl=2)}")
         assert json.loads(await ws.recv())["type"] == "hello"
         await asyncio.wait_for(ws.wait_closed(), 10)
         assert ws.close_code == 4003
+        await ws.close()
 
     asyncio.run(scenario())
 
 
-def test_a_taken_endpoint_is_a_clear_error(ucc_cluster):
-    cluster: Cluster = ucc_cluster(shards=1)
-    env = {**os.environ, "UCC_SECRET": cluster.secret}
+def test_a_taken_endpoint_is_a_clear_error(ucc_host):
+    host: Host = ucc_host(shards=1)
+    env = {**os.environ, "UCC_SECRET": host.secret}
     done = subprocess.run(
         [sys.executable, "-m", "shards.cli", "serve", "--shards", "1", "--port", "0",
-         "--command", cluster.command],
+         "--command", host.command],
         env=env, capture_output=True, text=True, timeout=30, check=False,
     )  # fmt: skip
     assert done.returncode == 2
-    assert f"command endpoint {cluster.command}" in done.stderr
+    assert f"command endpoint {host.command}" in done.stderr
     assert "Traceback" not in done.stderr
     assert done.stdout == ""  # no ready line

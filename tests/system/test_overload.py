@@ -29,33 +29,24 @@ from hypothesis import strategies as st
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as connect_sync
 
+from shards import procgroup
 from shards.client import AsyncClient, Client, Overloaded
-from shards.testing import TIME_FACTOR, Cluster, connect_peer, wait_until
+from shards.testing import TIME_FACTOR, Host, connect_peer, upgrade_request, wait_until
 
 CHANNEL = 1
 
 
-def epochs(cluster: Cluster) -> list[int]:
+def epochs(host: Host) -> list[int]:
     """Each shard's incarnation: unchanged means no shard was restarted."""
-    return [row["epoch"] for row in cluster.status()["shards"]]
+    return [row["epoch"] for row in host.status()["shards"]]
 
 
-def users_on(cluster: Cluster, shard: int, count: int, start: int = 1) -> list[int]:
-    return [u for u in range(start, start + 1000) if cluster.shard_of(u) == shard][:count]
+def users_on(host: Host, shard: int, count: int, start: int = 1) -> list[int]:
+    return [u for u in range(start, start + 1000) if host.shard_of(u) == shard][:count]
 
 
-def upgrade(cluster: Cluster, user: int, channels: list[int] | None = None) -> bytes:
-    token = cluster.token(user, channels)
-    return (
-        f"GET /?token={token} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
-        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-        "Sec-WebSocket-Version: 13\r\n\r\n"
-    ).encode()
-
-
-def address(cluster: Cluster) -> tuple[str, int]:
-    host, port = cluster.url.removeprefix("ws://").split(":")
-    return host, int(port)
+def upgrade(host: Host, user: int, channels: list[int] | None = None) -> bytes:
+    return upgrade_request(f"/?token={host.token(user, channels)}")
 
 
 def masked_text(payload: bytes) -> bytes:
@@ -97,19 +88,19 @@ async def latency_probe(
 CLOSE_FRAME = bytes([0x88, 0x82]) + b"\0\0\0\0" + (1000).to_bytes(2, "big")
 
 
-def pipelined_tails(cluster: Cluster) -> list[bytes]:
+def pipelined_tails(host: Host) -> list[bytes]:
     return [
         b"\0" * 10,  # not a frame at all
-        upgrade(cluster, 999),  # a second GET
+        upgrade(host, 999),  # a second GET
         CLOSE_FRAME,  # a close frame in the same write as the request
         b"\xff" * 64,
         masked_text(b'{"type":"ping"}') + b"\0\0",
     ]
 
 
-async def send_raw(cluster: Cluster, data: bytes, timeout: float = 5.0) -> bytes:
+async def send_raw(host: Host, data: bytes, timeout: float = 5.0) -> bytes:
     """Write ``data`` in one go; what the server answers until it closes (or the deadline)."""
-    reader, writer = await asyncio.open_connection(*address(cluster))
+    reader, writer = await asyncio.open_connection(*host.address)
     try:
         writer.write(data)
         await writer.drain()
@@ -123,18 +114,18 @@ async def send_raw(cluster: Cluster, data: bytes, timeout: float = 5.0) -> bytes
         writer.close()
 
 
-def test_bytes_pipelined_after_the_upgrade_cost_only_that_connection(ucc_cluster):
-    cluster: Cluster = ucc_cluster(shards=2)
-    before = epochs(cluster)
-    tails = pipelined_tails(cluster)
+def test_bytes_pipelined_after_the_upgrade_cost_only_that_connection(ucc_host):
+    host: Host = ucc_host(shards=2)
+    before = epochs(host)
+    tails = pipelined_tails(host)
 
     async def scenario() -> None:
-        peers = [await connect_peer(cluster, u, [CHANNEL]) for u in (*users_on(cluster, 0, 1),)]
-        peers += [await connect_peer(cluster, users_on(cluster, 1, 1)[0], [CHANNEL])]
-        async with AsyncClient(cluster.command, timeout=5 * TIME_FACTOR) as client:
+        peers = [await connect_peer(host, u, [CHANNEL]) for u in (*users_on(host, 0, 1),)]
+        peers += [await connect_peer(host, users_on(host, 1, 1)[0], [CHANNEL])]
+        async with AsyncClient(host.command, timeout=5 * TIME_FACTOR) as client:
             for attempt in range(20):
                 user = 100 + attempt  # both shards get some
-                answer = await send_raw(cluster, upgrade(cluster, user) + tails[attempt % 5], 1)
+                answer = await send_raw(host, upgrade(host, user) + tails[attempt % 5], 1)
                 # the connection is failed (often before its 101 is written) or served
                 assert answer == b"" or answer.startswith(b"HTTP/1.1 "), answer[:100]
                 await client.broadcast_to_channel(CHANNEL, {"after": attempt})
@@ -150,20 +141,20 @@ def test_bytes_pipelined_after_the_upgrade_cost_only_that_connection(ucc_cluster
             await peer.close()
 
     asyncio.run(scenario())
-    assert cluster.proc.poll() is None
-    assert epochs(cluster) == before
+    assert host.proc.poll() is None
+    assert epochs(host) == before
 
 
-def test_random_bytes_after_the_upgrade_never_hurt_a_bystander(ucc_cluster):
+def test_random_bytes_after_the_upgrade_never_hurt_a_bystander(ucc_host):
     """Fuzz: request + arbitrary tail, written in arbitrary pieces, to the shard a bystander
     shares; the shard survives every one and the bystander receives throughout."""
-    cluster: Cluster = ucc_cluster(shards=1)
-    before = epochs(cluster)
-    token = cluster.token(1, [CHANNEL])
+    host: Host = ucc_host(shards=1)
+    before = epochs(host)
+    token = host.token(1, [CHANNEL])
     timeout = 10 * TIME_FACTOR
     with (
-        connect_sync(f"{cluster.url}/?token={token}", open_timeout=timeout) as bystander,
-        Client(cluster.command, timeout=5 * TIME_FACTOR) as client,
+        connect_sync(f"{host.url}/?token={token}", open_timeout=timeout) as bystander,
+        Client(host.command, timeout=5 * TIME_FACTOR) as client,
     ):
         assert json.loads(bystander.recv(timeout))["type"] == "hello"
         rounds = [0]
@@ -177,15 +168,15 @@ def test_random_bytes_after_the_upgrade_never_hurt_a_bystander(ucc_cluster):
         @given(
             tail=st.one_of(
                 st.binary(max_size=200),
-                st.lists(st.sampled_from(pipelined_tails(cluster)), max_size=3).map(b"".join),
+                st.lists(st.sampled_from(pipelined_tails(host)), max_size=3).map(b"".join),
             ),
             cuts=st.lists(st.integers(0, 1200), max_size=4),
         )
         def attempt(tail: bytes, cuts: list[int]) -> None:
             rounds[0] += 1
-            data = upgrade(cluster, 2 + rounds[0] % 50) + tail
+            data = upgrade(host, 2 + rounds[0] % 50) + tail
             edges = [0, *sorted(c for c in cuts if c < len(data)), len(data)]
-            with socket.create_connection(address(cluster), timeout=timeout) as sock:
+            with socket.create_connection(host.address, timeout=timeout) as sock:
                 for start, end in itertools.pairwise(edges):
                     sock.sendall(data[start:end])
                 sock.shutdown(socket.SHUT_WR)
@@ -197,8 +188,8 @@ def test_random_bytes_after_the_upgrade_never_hurt_a_bystander(ucc_cluster):
             assert frame["data"] == {"round": rounds[0]}
 
         attempt()
-    assert cluster.proc.poll() is None
-    assert epochs(cluster) == before
+    assert host.proc.poll() is None
+    assert epochs(host) == before
 
 
 # -- a frame flood from clients --------------------------------------------------------------
@@ -241,22 +232,11 @@ print(connects, policy_closes, flush=True)
 """
 
 
-def start_flooder(cluster: Cluster, users: list[int], seconds: float) -> subprocess.Popen[bytes]:
-    host, port = address(cluster)
-    requests = [upgrade(cluster, u, [CHANNEL]).decode() for u in users]
-    return subprocess.Popen(
-        [sys.executable, "-c", FLOODER, host, str(port), str(seconds), *requests],
-        stdout=subprocess.PIPE,
-        start_new_session=True,
-    )
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(10)
-    if proc.stdout is not None:
-        proc.stdout.close()
+def start_flooder(host: Host, users: list[int], seconds: float) -> subprocess.Popen[bytes]:
+    ip, port = host.address
+    requests = [upgrade(host, u, [CHANNEL]).decode() for u in users]
+    argv = [sys.executable, "-c", FLOODER, ip, str(port), str(seconds), *requests]
+    return procgroup.start(argv, stdout=subprocess.PIPE)
 
 
 UNLIMITED = (
@@ -272,18 +252,16 @@ UNLIMITED = (
     [((), 20.0), (UNLIMITED, 10.0)],
     ids=["default-budget", "no-budget-busy-shard"],
 )
-def test_a_frame_flood_does_not_restart_the_shard_nor_delay_a_bystander(
-    ucc_cluster, limits, seconds
-):
-    cluster: Cluster = ucc_cluster(shards=2, args=limits)
-    before = epochs(cluster)
-    flooders, (bystander_user,) = users_on(cluster, 0, 3), users_on(cluster, 0, 1, start=500)
-    flood = start_flooder(cluster, flooders, seconds)
+def test_a_frame_flood_does_not_restart_the_shard_nor_delay_a_bystander(ucc_host, limits, seconds):
+    host: Host = ucc_host(shards=2, args=limits)
+    before = epochs(host)
+    flooders, (bystander_user,) = users_on(host, 0, 3), users_on(host, 0, 1, start=500)
+    flood = start_flooder(host, flooders, seconds)
     try:
 
         async def scenario() -> list[float]:
-            peer = await connect_peer(cluster, bystander_user, [CHANNEL])
-            async with AsyncClient(cluster.command, timeout=10 * TIME_FACTOR) as client:
+            peer = await connect_peer(host, bystander_user, [CHANNEL])
+            async with AsyncClient(host.command, timeout=10 * TIME_FACTOR) as client:
                 latencies = await latency_probe(client, peer, seconds - 2)
             await peer.close()
             return latencies
@@ -292,16 +270,16 @@ def test_a_frame_flood_does_not_restart_the_shard_nor_delay_a_bystander(
         out, _ = flood.communicate(timeout=seconds + 30)
         connects, policy_closes = map(int, out.split())
     finally:
-        stop(flood)
+        procgroup.kill(flood)
     p50, p99 = percentile(latencies, 0.5), percentile(latencies, 0.99)
     print(
         f"\nflood {limits or 'default budget'}: {len(latencies)} probes, bystander latency"
         f" p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms; flooder connects {connects},"
         f" closed 1008 {policy_closes}"
     )
-    assert epochs(cluster) == before  # busy, never hung: no restart
+    assert epochs(host) == before  # busy, never hung: no restart
     assert p99 < 1.0 * TIME_FACTOR  # the goal is ~100 ms; loose here, see ucc bench
-    status = cluster.status()["shards"][0]
+    status = host.status()["shards"][0]
     if limits:
         assert policy_closes == 0 and "closed_rate_limit" not in status
     else:
@@ -312,14 +290,14 @@ def test_a_frame_flood_does_not_restart_the_shard_nor_delay_a_bystander(
 # -- backends -----------------------------------------------------------------------------------
 
 
-def test_a_backend_that_never_reads_cannot_delay_another(ucc_cluster):
-    cluster: Cluster = ucc_cluster(shards=2)
-    supervisor = psutil.Process(cluster.proc.pid)
+def test_a_backend_that_never_reads_cannot_delay_another(ucc_host):
+    host: Host = ucc_host(shards=2)
+    supervisor = psutil.Process(host.proc.pid)
     rss_before = supervisor.memory_info().rss
     context = zmq.Context.instance()
     deaf = context.socket(zmq.DEALER)
     deaf.setsockopt(zmq.LINGER, 0)
-    deaf.connect(cluster.command)
+    deaf.connect(host.command)
     command = b'{"cmd":"broadcast_to_channel","channel":5,"data":"x"}'
     stop_flag = asyncio.Event()
 
@@ -339,7 +317,7 @@ def test_a_backend_that_never_reads_cannot_delay_another(ucc_cluster):
 
     async def measure() -> list[float]:
         rtts = []
-        async with AsyncClient(cluster.command, timeout=10 * TIME_FACTOR) as client:
+        async with AsyncClient(host.command, timeout=10 * TIME_FACTOR) as client:
             while not stop_flag.is_set():
                 start = time.monotonic()
                 await client.request("router_stats")
@@ -353,7 +331,7 @@ def test_a_backend_that_never_reads_cannot_delay_another(ucc_cluster):
 
     try:
         sent, rtts = asyncio.run(scenario())
-        with Client(cluster.command, timeout=5 * TIME_FACTOR) as client:
+        with Client(host.command, timeout=5 * TIME_FACTOR) as client:
             stats = wait_until(
                 lambda: (s := client.request("router_stats"))["dropped_replies"] and s,
                 10,
@@ -373,24 +351,22 @@ def test_a_backend_that_never_reads_cannot_delay_another(ucc_cluster):
     assert growth < 200 << 20
 
 
-def test_an_ok_is_delivered_and_an_overloaded_is_not(ucc_cluster):
+def test_an_ok_is_delivered_and_an_overloaded_is_not(ucc_host):
     """A stopped shard takes no credit back: the router acks exactly its window, then refuses;
     once the shard runs again, exactly the acknowledged messages arrive."""
     window = 5
-    cluster: Cluster = ucc_cluster(
-        shards=2, args=(f"--shard-queue-messages={window}", "--hang-timeout=60")
-    )
-    (member,) = users_on(cluster, 0, 1)
+    host: Host = ucc_host(shards=2, args=(f"--shard-queue-messages={window}", "--hang-timeout=60"))
+    (member,) = users_on(host, 0, 1)
 
     async def scenario() -> None:
-        peer = await connect_peer(cluster, member, [CHANNEL])
-        pid = cluster.shard_pid(0)
-        async with AsyncClient(cluster.command, timeout=5 * TIME_FACTOR) as client:
+        peer = await connect_peer(host, member, [CHANNEL])
+        pid = await host.aio.shard_pid(0)
+        async with AsyncClient(host.command, timeout=5 * TIME_FACTOR) as client:
             await settled(client)  # the status query above is credited back
         os.kill(pid, signal.SIGSTOP)
         try:
             outcomes = []
-            async with AsyncClient(cluster.command, timeout=5 * TIME_FACTOR) as client:
+            async with AsyncClient(host.command, timeout=5 * TIME_FACTOR) as client:
                 for i in range(20):
                     try:
                         await client.broadcast_to_channel(CHANNEL, {"i": i})
@@ -400,10 +376,10 @@ def test_an_ok_is_delivered_and_an_overloaded_is_not(ucc_cluster):
                         outcomes.append("overloaded")
                 stats = await client.request("router_stats")
         finally:
-            cluster.resume(pid)
+            host.resume(pid)
         assert outcomes == ["ok"] * window + ["overloaded"] * (20 - window)
         assert stats["commands_refused"] == 20 - window
-        async with AsyncClient(cluster.command, timeout=5 * TIME_FACTOR) as client:
+        async with AsyncClient(host.command, timeout=5 * TIME_FACTOR) as client:
             await wait_for_ok(client)
         await peer.wait_for(lambda frames: any(f.get("data") == "last" for f in frames), timeout=10)
         assert [m["data"] for m in peer.messages] == [{"i": i} for i in range(window)] + ["last"]
@@ -428,13 +404,13 @@ def test_an_ok_is_delivered_and_an_overloaded_is_not(ucc_cluster):
     asyncio.run(scenario())
 
 
-def test_invalid_utf8_in_a_text_frame_closes_1007(ucc_cluster):
-    cluster: Cluster = ucc_cluster(shards=1)
+def test_invalid_utf8_in_a_text_frame_closes_1007(ucc_host):
+    host: Host = ucc_host(shards=1)
     timeout = 10 * TIME_FACTOR
-    with connect_sync(f"{cluster.url}/?token={cluster.token(3)}", open_timeout=timeout) as ws:
+    with connect_sync(f"{host.url}/?token={host.token(3)}", open_timeout=timeout) as ws:
         assert json.loads(ws.recv(timeout))["type"] == "hello"
         ws.send(b'{"type":"ping","x":"\xc3("}', text=True)
         with pytest.raises(ConnectionClosed) as closed:
             ws.recv(timeout)
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 1007
-    assert cluster.status()["shards"][0]["closed_invalid_utf8"] == 1
+    assert host.status()["shards"][0]["closed_invalid_utf8"] == 1

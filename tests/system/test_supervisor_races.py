@@ -9,28 +9,19 @@ import os
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import psutil
-from test_bad_input import upgrade_request
 
 from actors.ids import ShardIndex, stable_hash
 from actors.router import ShardEvent, ShardState
 from actors.wire.tokens import Claims, mint, verify
 from shards.config import ServeConfig
 from shards.supervisor import Supervisor
-from shards.testing import TIME_FACTOR
+from shards.testing import TIME_FACTOR, upgrade_request, wait_until_async
 
 SECRET = "race-secret-" + "x" * 32
-
-
-async def until(condition: Callable[[], Any], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout * TIME_FACTOR
-    while not condition():
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out waiting {what}")
-        await asyncio.sleep(0.01)
 
 
 @contextlib.asynccontextmanager
@@ -49,14 +40,16 @@ async def running_supervisor(**options: Any) -> AsyncIterator[Supervisor]:
     supervisor = Supervisor(config, loop)
     try:
         supervisor.start()
-        await until(lambda: supervisor.announced, 30, "for every shard to be ready")
+        await wait_until_async(
+            lambda: supervisor.announced, 30, 0.01, what="for every shard to be ready"
+        )
         yield supervisor
     finally:
         supervisor.stopping = True  # no more restarts
         for shard in supervisor.shards:
             supervisor._kill(shard)
             if shard.proc is not None:
-                shard.proc.wait(10)
+                await asyncio.to_thread(shard.proc.wait, 10)  # SIGKILLed: a child to reap
             if shard.pidfd >= 0:
                 loop.remove_reader(shard.pidfd)
                 os.close(shard.pidfd)
@@ -115,6 +108,8 @@ def test_an_up_handled_after_its_incarnation_exited_is_ignored():
                 # connection arrives for it and is held; then the router's UP for that same
                 # incarnation (sent when its hello arrived) is handled, last
                 os.kill(pid, signal.SIGKILL)
+                # a blocking wait on purpose: awaiting would let the loop run between these
+                # steps, and the interleaving under test would not happen
                 shard.proc.wait(10)
                 supervisor._exited(shard, epoch)
                 supervisor._route(claims, ours)
@@ -184,7 +179,9 @@ def test_a_connection_taken_without_an_ack_is_released_while_the_shard_lives():
                 supervisor._route(claims, ours)
                 await lose_the_next_ack(supervisor, index, client)
                 # the supervisor finds out that the shard has it, and closes its own copy
-                await until(lambda: ours.fileno() == -1, 10, "for the supervisor's copy to go")
+                await wait_until_async(
+                    lambda: ours.fileno() == -1, 10, 0.01, what="for the supervisor's copy to go"
+                )
                 # while the shard goes on serving it: a ping gets its pong
                 client.sendall(b"\x89\x80\x00\x00\x00\x00")  # masked (key 0), no payload
                 assert await received(client, b"\x8a\x00", 5)
@@ -214,7 +211,9 @@ def test_a_connection_taken_without_an_ack_is_not_handed_to_the_next_incarnation
                 await lose_the_next_ack(supervisor, index, client)
                 pid, epoch = shard.proc.pid, shard.epoch
                 os.kill(pid, signal.SIGSTOP)
-                await until(lambda: psutil.Process(pid).status() == "stopped", 5, "for SIGSTOP")
+                await wait_until_async(
+                    lambda: psutil.Process(pid).status() == "stopped", 5, 0.01, what="for SIGSTOP"
+                )
                 assert supervisor._hand(shard, late_claims, late_ours)  # it will never read it
                 os.kill(pid, signal.SIGKILL)
                 # it died with the connection: its client is cut off at once, like its others
