@@ -218,10 +218,15 @@ def test_a_slow_consumer_is_cut_off_and_holds_nobody_back(ucc_host):
             fast = await connect_peer(host, 22, [1])
             await host.aio.wait_online([21, 22], channel=1, timeout=5)
             payload = "x" * 50_000
-            client = host.aio.client()
-            # the loop goes on reading for `fast` while each command awaits its reply
-            for n in range(200):  # 10 MB: more than the kernel buffers hold for `slow`
-                await client.broadcast_to_channel(1, {"n": n, "pad": payload})
+            client = host.client()
+
+            def publish() -> None:
+                for n in range(200):  # 10 MB: more than the kernel buffers hold for `slow`
+                    client.broadcast_to_channel(1, {"n": n, "pad": payload})
+
+            # from a thread, not from this loop: the loop must keep reading for `fast` (sharing
+            # it with the publisher, `fast` falls 1 MiB behind and is cut off as slow, too)
+            await asyncio.to_thread(publish)
             await fast.wait_for(lambda f: len(f) >= 201, 30)  # hello + every message
             assert [m["data"]["n"] for m in fast.messages] == list(range(200))
             await host.aio.wait_online([22])  # the slow one was cut off
