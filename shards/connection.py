@@ -159,16 +159,16 @@ class Connection(asyncio.Protocol):
             self.backlog = None
             return
         self.backlog = backlog[FEED:] if len(backlog) > FEED else None
-        self._feed(bytes(backlog[:FEED]))
-        if self.shut:
+        if not self._feed(bytes(backlog[:FEED])):
             self.backlog = None
         elif self.backlog is not None:
             self.shard.loop.call_soon(self._feed_backlog)
         elif not transport.is_closing():
             transport.resume_reading()
 
-    def _feed(self, data: bytes) -> None:
-        """Parse ``data`` and act on it; whatever goes wrong costs this connection only."""
+    def _feed(self, data: bytes) -> bool:
+        """Parse ``data`` and act on it; whatever goes wrong costs this connection only.
+        False once the connection is shut (closed for cause, or failed)."""
         try:
             self.proto.receive_data(data)
             self._events(self.shard.loop.time())
@@ -176,6 +176,7 @@ class Connection(asyncio.Protocol):
                 self._flush()
         except Exception as exc:  # a bug, met on this connection's bytes
             self.fail(exc)
+        return not self.shut
 
     def _events(self, now: float) -> None:
         for event in self.proto.events_received():
