@@ -26,7 +26,9 @@ class RestartPolicy:
     _history: dict[int, deque[float]] = field(default_factory=dict)
 
     def on_exit(self, index: int, now: float) -> Decision:
-        """A shard died at ``now``: restart it (after ``delay``) or give up on the host."""
+        """A shard died at ``now``: restart it (after ``delay``: none for the first death in
+        the period, then ``backoff`` doubled per earlier death, 100 ms, 200 ms, ... up to
+        ``max_backoff``) or give up on the host."""
         history = self._history.setdefault(index, deque())
         while history and now - history[0] > self.period:
             history.popleft()

@@ -35,7 +35,7 @@ RETRY_AFTER = {"Retry-After": "1"}
 # what ``Acceptor.counters`` counts, each from 0
 COUNTERS = (
     "accepted",  # TCP connections accepted
-    "routed",  # valid upgrade requests handed to the router
+    "routed",  # valid upgrade requests placed with their shard (see Place)
     "health_checks",  # GET /healthz answered 200
     "closed_by_client",  # the client went away before sending its request
     "refused_per_address",  # 503: its address already has max_pending_per_address pending
@@ -44,7 +44,7 @@ COUNTERS = (
     "bad_requests",  # 400 (malformed head) and 431 (head larger than 8 KiB)
     "not_websocket",  # 426: a request that is not a WebSocket upgrade
     "unauthorized",  # 401: no token, or a bad one
-    "unavailable",  # 503: the user's shard is restarting (answered for the router)
+    "unavailable",  # 503: the user's shard is restarting (answered for the supervisor)
     "internal_errors",  # an unexpected error while handling one connection: closed
     "accept_errors",  # accept() failed (e.g. EMFILE): accepts paused for ACCEPT_PAUSE
 )
@@ -53,9 +53,9 @@ _PRESSURE = frozenset(
     {"refused_per_address", "refused_pending", "internal_errors", "accept_errors"}
 )
 
-# route(claims, socket): the router takes the socket over (hands it to a shard, holds it for a
-# restarting one, or answers 503 itself)
-Router = Callable[[Claims, socket.socket], None]
+# place(claims, socket): the supervisor takes the socket over and places it with the user's
+# shard (hands it over, holds it for a restarting shard, or answers 503 itself)
+Place = Callable[[Claims, socket.socket], None]
 
 
 def address_key(address: object) -> str:
@@ -182,7 +182,7 @@ class Acceptor:
         loop: asyncio.AbstractEventLoop,
         listener: socket.socket,
         secret: str,
-        route: Router,
+        place: Place,
         handshake_timeout: float,
         max_pending: int = 10_000,
         max_pending_per_address: int = 64,
@@ -190,7 +190,7 @@ class Acceptor:
         self.loop = loop
         self.listener = listener
         self.secret = secret
-        self.route = route
+        self.place = place
         self.handshake_timeout = handshake_timeout
         self.limits = PendingLimits(max_pending, max_pending_per_address)
         self.pending: dict[int, _Pending] = {}
@@ -327,9 +327,9 @@ class Acceptor:
             return
         self.counters["routed"] += 1
         try:
-            self.route(claims, sock)
+            self.place(claims, sock)
         except Exception as exc:
-            # the router may already have handed the socket on: close our copy, write nothing
+            # the supervisor may already have handed the socket on: close our copy, write nothing
             self._failed(sock, entry.peer, exc, key=entry.key, answer=False)
 
     def _expire(self, fd: int) -> None:

@@ -308,14 +308,14 @@ class Supervisor:
             self.loop,
             self.listener,
             self.config.secret,
-            self._route,
+            self._place,
             self.config.handshake_timeout,
             max_pending=self.config.max_pending,
             max_pending_per_address=self.config.max_pending_per_address,
         )
         print(ready.format_line(host, port, self.command_endpoint, len(self.shards)), flush=True)
 
-    def _route(self, claims: Claims, sock: socket.socket) -> None:
+    def _place(self, claims: Claims, sock: socket.socket) -> None:
         shard = self.shards[stable_hash(claims.user, len(self.shards))]
         if not (shard.ready and shard.control is not None and self._hand(shard, claims, sock)):
             self._hold(shard, claims, sock)
