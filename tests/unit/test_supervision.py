@@ -87,22 +87,8 @@ def test_an_acknowledged_connection_is_released_exactly_once(pairs):
     assert handoffs.counters["unknown_ids"] == 2
 
 
-@pytest.mark.parametrize(
-    "data",
-    [
-        b"garbage",
-        b'{"op": "ack", "ids": [1',  # truncated
-        b"\xff\xfe\x00",
-        b"[1, 2]",
-        b"null",
-        b'{"ids": [1]}',
-        b'{"op": "ack", "ids": "1"}',
-        b'{"op": "ack", "ids": [true]}',
-        b'{"op": "ack", "ids": [[1]]}',
-        b'{"op": "ack", "ids": [1.0]}',
-        b"[" * 100_000,
-    ],
-)
+# every malformed shape decode_ack refuses is in test_handoff.py; here, what Handoffs does then
+@pytest.mark.parametrize("data", [b"garbage", b'{"op": "ack", "ids": [true]}', b"[" * 100_000])
 def test_a_malformed_ack_is_counted_and_releases_nothing(pairs, data):
     handoffs = Handoffs()
     _, ours = connection(pairs)
