@@ -112,7 +112,7 @@ def test_an_up_handled_after_its_incarnation_exited_is_ignored():
                 # steps, and the interleaving under test would not happen
                 shard.proc.wait(10)
                 supervisor._exited(shard, epoch)
-                supervisor._route(claims, ours)
+                supervisor._place(claims, ours)
                 supervisor._shard_event(ShardEvent(ShardIndex(index), ShardState.UP, epoch, pid))
                 assert not shard.ready
                 assert [entry.sock for entry in shard.held] == [ours]  # still held: no 503
@@ -176,7 +176,7 @@ def test_a_connection_taken_without_an_ack_is_released_while_the_shard_lives():
             asyncio.get_running_loop().remove_reader(control.fileno())
             client, ours, claims = accepted_connection(user_of(index))
             try:
-                supervisor._route(claims, ours)
+                supervisor._place(claims, ours)
                 await lose_the_next_ack(supervisor, index, client)
                 # the supervisor finds out that the shard has it, and closes its own copy
                 await wait_until_async(
@@ -207,7 +207,7 @@ def test_a_connection_taken_without_an_ack_is_not_handed_to_the_next_incarnation
             # and one the shard never reads: it is handed over after the shard has died
             late, late_ours, late_claims = accepted_connection(user_of(index))
             try:
-                supervisor._route(claims, ours)
+                supervisor._place(claims, ours)
                 await lose_the_next_ack(supervisor, index, client)
                 pid, epoch = shard.proc.pid, shard.epoch
                 os.kill(pid, signal.SIGSTOP)
