@@ -38,6 +38,7 @@ from shards.cliargs import (
     id_list,
     id_number,
     json_value,
+    non_negative,
     port,
     positive_int,
     positive_number,
@@ -45,7 +46,7 @@ from shards.cliargs import (
     serve_defaults,
 )
 from shards.client import Calls, Client, UccError
-from shards.config import ServeConfig, check_redis_url, resolve_secret
+from shards.config import ServeConfig, check_redis_url, check_secret, resolve_secret
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -144,6 +145,10 @@ SERVE_TUNING: list[Flag] = [
     ("--shard-queue-delay", seconds, "SECONDS", "refuse when a shard is this far behind"),
     ("--max-queries", positive_int, "N", "queries in flight at most (overloaded beyond)"),
     ("--backend-queue", positive_int, "N", "commands/replies queued per backend"),
+    ("--max-connections-per-user", positive_int, "N", "connections per user on this host (429)"),
+    ("--max-channels-per-connection", positive_int, "N", "channels per connection (limit)"),
+    ("--connect-rate", positive_number, "R", "upgrades/s per source address, burst 2R (429)"),
+    ("--token-leeway", non_negative, "SECONDS", "clock skew allowed on a token's exp"),
 ]
 
 
@@ -191,6 +196,33 @@ def _add_serve(subparsers: Subparsers) -> None:
     )
     _add_flags(parser, SERVE_TUNING, defaults)
     parser.add_argument(
+        "--allowed-origin",
+        dest="allowed_origins",
+        action="append",
+        metavar="ORIGIN",
+        default=None,
+        help="a browser origin allowed to connect, scheme://host[:port], '*.' for one sub-domain"
+        " label (repeatable; default: $UCC_ALLOWED_ORIGINS, comma-separated; none: any origin)",
+    )
+    for flag, env, text in (
+        ("--token-audience", "UCC_TOKEN_AUDIENCE", "tokens must carry this aud"),
+        ("--token-issuer", "UCC_TOKEN_ISSUER", "tokens must carry this iss"),
+        ("--command-key", "UCC_COMMAND_KEY", "the server's CURVE secret key file (enables CURVE)"),
+        ("--command-clients", "UCC_COMMAND_CLIENTS", "directory of admitted clients' *.pub keys"),
+        ("--cluster-secret", "UCC_CLUSTER_SECRET", "MAC key of cluster messages"),
+    ):
+        parser.add_argument(
+            flag,
+            metavar=flag.removeprefix("--").split("-")[-1].upper(),
+            default=os.environ.get(env) or None,
+            help=f"{text} (default: ${env}; none)",
+        )
+    parser.add_argument(
+        "--insecure-command",
+        action="store_true",
+        help="allow a command endpoint on a non-loopback address without CURVE",
+    )
+    parser.add_argument(
         "--log-level",
         type=str.upper,
         choices=LOG_LEVELS,
@@ -215,12 +247,17 @@ def _run_serve(args: argparse.Namespace) -> int:
         except OSError:
             mode = "unknown"
         print(f"ucc: using token secret from {path} (mode {mode})", file=sys.stderr)
-    if args.redis is not None:
-        try:
+    try:
+        check_secret(secret)
+        if args.redis is not None:
             check_redis_url(args.redis)
-        except ValueError as exc:
-            _error(str(exc))
-            return 2
+    except ValueError as exc:
+        _error(str(exc))
+        return 2
+    if args.allowed_origins is None:
+        listed = os.environ.get("UCC_ALLOWED_ORIGINS", "")
+        args.allowed_origins = [o.strip() for o in listed.split(",") if o.strip()]
+    args.allowed_origins = tuple(args.allowed_origins)
     # every ServeConfig field has a flag of the same name (``--max-frame`` -> ``max_frame``);
     # the secret is the one resolved above, and no --shards means the field's default (CPUs)
     names = {f.name for f in dataclasses.fields(ServeConfig)} - {"secret", "shards"}

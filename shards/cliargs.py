@@ -66,15 +66,16 @@ def port(text: str) -> int:
     return value
 
 
-def positive_float(what: str) -> Callable[[str], float]:
-    """An argument type: a finite number above 0, described as ``what`` in the error."""
+def positive_float(what: str, zero: bool = False) -> Callable[[str], float]:
+    """An argument type: a finite number above 0 (or 0 too, with ``zero``), described as
+    ``what`` in the error."""
 
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
             value = -1.0
-        if not 0 < value < float("inf"):
+        if not (value >= 0 if zero else value > 0) or value == float("inf"):
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
         return value
 
@@ -83,6 +84,7 @@ def positive_float(what: str) -> Callable[[str], float]:
 
 positive_number = positive_float("a positive number")
 seconds = positive_float("a positive number of seconds")
+non_negative = positive_float("a number of seconds, 0 or more", zero=True)
 
 
 def json_value(text: str) -> Any:

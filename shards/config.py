@@ -56,7 +56,34 @@ class ServeConfig:
     max_queries: int = 10_000  # presence/status queries in flight on the router
     # per backend on the command socket: commands read ahead and replies held for it
     backend_queue: int = 1_000
+    # the perimeter (issue 10): browsers by origin, users by token, backends by CURVE key,
+    # hosts by a MAC on every cluster message
+    allowed_origins: tuple[str, ...] = ()  # empty: any origin (logged once at start)
+    max_connections_per_user: int = 32  # per host; beyond: HTTP 429
+    max_channels_per_connection: int = 1024  # a token listing more: 401; a subscribe: `limit`
+    connect_rate: float = 200.0  # upgrades per second per source address (burst 2x): 429
+    token_audience: str | None = None  # when set, tokens must carry this `aud`
+    token_issuer: str | None = None  # when set, tokens must carry this `iss`
+    token_leeway: float = 0.0  # seconds of clock skew allowed on `exp`
+    command_key: str | None = None  # the server's CURVE secret key file (enables CURVE)
+    command_clients: str | None = None  # a directory of admitted client `*.pub` keys
+    insecure_command: bool = False  # allow a non-loopback command endpoint without CURVE
+    cluster_secret: str | None = None  # the MAC key of cluster messages (default: derived)
     log_level: str = "INFO"
+
+
+MIN_SECRET_BYTES = 32
+
+
+def check_secret(secret: str) -> str:
+    """``secret`` if it is long enough to sign tokens (HS256 wants 32 bytes at least)."""
+    if len(secret.encode()) < MIN_SECRET_BYTES:
+        raise ValueError(
+            f"the token secret is {len(secret.encode())} bytes; it must have at least"
+            f" {MIN_SECRET_BYTES} (HS256): use a longer --secret / UCC_SECRET, or delete the"
+            " secret file to have a new random one created"
+        )
+    return secret
 
 
 def secret_path() -> Path:
