@@ -1,9 +1,11 @@
 """Connection tokens: HS256 JWTs carrying the user id and the channels a connection may join.
 
 Owns: minting and checking tokens. Claims: ``sub`` (decimal digits, a positive user id),
-``exp`` (required), optional ``channels`` (list of positive integers). Must never accept any
-algorithm other than HS256, nor a token without ``exp``, and never raise anything but
-:class:`TokenError` from :func:`verify`, whatever the (signed or unsigned) token holds.
+``exp`` (required), optional ``channels`` (list of positive integers), and ``aud`` / ``iss``,
+checked only when the server is configured with an audience / issuer (``--token-audience``,
+``--token-issuer``). Must never accept any algorithm other than HS256, nor a token without
+``exp``, and never raise anything but :class:`TokenError` from :func:`verify`, whatever the
+(signed or unsigned) token holds.
 """
 
 from __future__ import annotations
@@ -45,8 +47,16 @@ class Claims:
     exp: float
 
 
-def mint(secret: str, user: int, channels: list[int] | None = None, ttl: float = 3600.0) -> str:
-    """A signed token for ``user`` valid for ``ttl`` seconds."""
+def mint(
+    secret: str,
+    user: int,
+    channels: list[int] | None = None,
+    ttl: float = 3600.0,
+    *,
+    audience: str | None = None,
+    issuer: str | None = None,
+) -> str:
+    """A signed token for ``user`` valid for ``ttl`` seconds (with ``aud`` / ``iss`` if given)."""
     if parse_id(user) is None:
         raise ValueError(f"user id must be a positive integer below 2**63, not {user!r}")
     payload: dict[str, object] = {"sub": str(user), "exp": int(time.time() + ttl)}
@@ -55,11 +65,30 @@ def mint(secret: str, user: int, channels: list[int] | None = None, ttl: float =
             if parse_id(channel) is None:
                 raise ValueError(f"channel ids must be positive integers, not {channel!r}")
         payload["channels"] = list(channels)
+    if audience is not None:
+        payload["aud"] = audience
+    if issuer is not None:
+        payload["iss"] = issuer
     return jwt.encode(payload, secret, algorithm=ALGORITHM)
 
 
-def verify(secret: str, token: str, now: float | None = None) -> Claims:
-    """The claims of a valid token, or TokenError saying what is wrong (never anything else)."""
+def verify(
+    secret: str,
+    token: str,
+    now: float | None = None,
+    *,
+    audience: str | None = None,
+    issuer: str | None = None,
+    leeway: float = 0.0,
+    max_channels: int = MAX_TOKEN_CHANNELS,
+) -> Claims:
+    """The claims of a valid token, or TokenError saying what is wrong (never anything else).
+
+    ``audience`` / ``issuer``: when given, the token's ``aud`` must be that string (or a list
+    of strings holding it, as RFC 7519 allows) and its ``iss`` exactly that string; when not,
+    those claims are not looked at. ``leeway``: seconds of clock skew allowed on ``exp`` (and
+    ``nbf``/``iat``). ``max_channels``: a token listing more channels is refused.
+    """
     if not token:
         raise TokenError("missing token")
     try:
@@ -70,14 +99,16 @@ def verify(secret: str, token: str, now: float | None = None) -> Claims:
         raise TokenError(f"malformed token: {type(exc).__name__}") from None
     if header.get("alg") != ALGORITHM:
         raise TokenError(f"algorithm must be {ALGORITHM}, not {_shown(header.get('alg'))}")
-    options = {"require": ["exp", "sub"], "verify_sub": False}
+    # aud and iss are checked below, with types an attacker cannot surprise
+    options = {"require": ["exp", "sub"], "verify_sub": False, "verify_aud": False}
+    options["verify_iss"] = False
     try:
         payload = jwt.decode(
             token,
             secret,
             algorithms=[ALGORITHM],
             options=options,  # type: ignore[arg-type]
-            leeway=0,
+            leeway=leeway,
         )
     except jwt.ExpiredSignatureError:
         raise TokenError("token expired") from None
@@ -85,12 +116,32 @@ def verify(secret: str, token: str, now: float | None = None) -> Claims:
         raise TokenError(f"invalid token: {_reason(exc)}") from None
     except _DECODE_ERRORS as exc:
         raise TokenError(f"invalid token: {type(exc).__name__}") from None
+    if not isinstance(payload, dict):  # PyJWT insists on an object; say so if it ever does not
+        raise TokenError("invalid token: its payload is not a JSON object")
     exp = _exp(payload["exp"])
-    if now is not None and exp <= now:
+    if now is not None and exp + leeway <= now:
         raise TokenError("token expired")
+    if audience is not None:
+        _audience(payload.get("aud"), audience)
+    if issuer is not None and _plain(payload.get("iss")) != issuer:
+        raise TokenError(f"claim 'iss' must be {issuer!r}")
     user = _user(payload["sub"])
-    channels = _channels(payload.get("channels", []))
+    channels = _channels(payload.get("channels", []), max_channels)
     return Claims(UserId(user), channels, exp)
+
+
+def _plain(value: object) -> str | None:
+    """``value`` if it is a str (a subclass or any other type is not compared)."""
+    return value if type(value) is str else None
+
+
+def _audience(aud: object, audience: str) -> None:
+    """``aud`` names ``audience``: the string itself, or a list of strings holding it."""
+    if _plain(aud) == audience:
+        return
+    if type(aud) is list and len(aud) <= 64 and any(_plain(item) == audience for item in aud):
+        return
+    raise TokenError(f"claim 'aud' must be {audience!r}")
 
 
 def _exp(value: object) -> float:
@@ -117,10 +168,12 @@ def _user(sub: object) -> int:
     return user
 
 
-def _channels(raw: object) -> tuple[ChannelId, ...]:
-    """``channels``: a list of at most MAX_TOKEN_CHANNELS ids, duplicates dropped in order."""
-    if not isinstance(raw, list) or len(raw) > MAX_TOKEN_CHANNELS:
-        raise TokenError(f"claim 'channels' must be a list of at most {MAX_TOKEN_CHANNELS} ids")
+def _channels(raw: object, limit: int) -> tuple[ChannelId, ...]:
+    """``channels``: a list of at most ``limit`` ids, duplicates dropped in order."""
+    if not isinstance(raw, list):
+        raise TokenError(f"claim 'channels' must be a list of at most {limit} ids")
+    if len(raw) > limit:
+        raise TokenError(f"claim 'channels' lists {len(raw)} channels; at most {limit} allowed")
     channels: dict[ChannelId, None] = {}
     for value in raw:
         channel = parse_id(value)
