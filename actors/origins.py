@@ -44,7 +44,7 @@ class OriginPattern:
         scheme, labels, port = origin
         if scheme != self.scheme or port != self.port or len(labels) != len(self.labels):
             return False
-        return all(p == "*" or p == label for p, label in zip(self.labels, labels, strict=True))
+        return all(p in ("*", label) for p, label in zip(self.labels, labels, strict=True))
 
 
 def parse_pattern(text: str) -> OriginPattern:

@@ -8,6 +8,11 @@ anything beyond its own small, bounded entry: pending handshakes are capped per 
 (:class:`PendingLimits`) besides the global cap, every refusal is counted (``counters``) and
 summed up in at most one log line every few seconds (:class:`RefusalReport`), and an unexpected
 error while handling one connection closes that connection only.
+
+Before an upgrade is placed, the perimeter (in this order): the source address's connect rate
+(:class:`ConnectRates`, 429 with ``Retry-After``), the page's ``Origin`` (:class:`Origins`,
+403), the token (401: signature, expiry, and ``aud``/``iss``/channel count when configured),
+and the user's ban (:class:`BanTable`, 403; see :meth:`Acceptor.ban`).
 """
 
 from __future__ import annotations
@@ -16,14 +21,18 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import math
 import socket
 import time
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from actors.origins import Origins
+from actors.ratelimit import TokenBucket
 from actors.wire import httphead
 from actors.wire.httphead import Head, HeadError
-from actors.wire.tokens import Claims, TokenError, verify
+from actors.wire.tokens import MAX_TOKEN_CHANNELS, Claims, TokenError, verify
 
 log = logging.getLogger("ucc.acceptor")
 
@@ -43,7 +52,10 @@ COUNTERS = (
     "handshake_timeouts",  # 408: no complete request head within the handshake deadline
     "bad_requests",  # 400 (malformed head) and 431 (head larger than 8 KiB)
     "not_websocket",  # 426: a request that is not a WebSocket upgrade
-    "unauthorized",  # 401: no token, or a bad one
+    "unauthorized",  # 401: no token, or a bad one (also a wrong aud/iss, too many channels)
+    "forbidden_origin",  # 403: an Origin header not among --allowed-origin (or `null`)
+    "rate_limited",  # 429: its address opened upgrades faster than --connect-rate (burst 2x)
+    "banned",  # 403: the token's user is banned on this host (Acceptor.ban)
     "unavailable",  # 503: the user's shard is restarting (answered for the supervisor)
     "internal_errors",  # an unexpected error while handling one connection: closed
     "accept_errors",  # accept() failed (e.g. EMFILE): accepts paused for ACCEPT_PAUSE
@@ -52,6 +64,9 @@ COUNTERS = (
 _PRESSURE = frozenset(
     {"refused_per_address", "refused_pending", "internal_errors", "accept_errors"}
 )
+
+MAX_RATE_ADDRESSES = 65_536  # source addresses whose connect rate is tracked at once
+MAX_BAN_SECONDS = 366 * 24 * 3600.0  # a longer ban is this long (a year is forever enough)
 
 # place(claims, socket): the supervisor takes the socket over and places it with the user's
 # shard (hands it over, holds it for a restarting shard, or answers 503 itself)
@@ -121,6 +136,95 @@ class PendingLimits:
         return len(self._by_address)
 
 
+class ConnectRates:
+    """How fast each source address may open upgrades: a :class:`TokenBucket` per address key,
+    ``rate`` per second with a burst of ``burst``. A plain class, time as a parameter.
+
+    Bounded: addresses are kept in least-recently-used order, and one whose bucket has had
+    time to fill up again (idle for ``burst / rate`` seconds) is forgotten, since a fresh
+    bucket is the same thing; so the table holds only the addresses seen in the last
+    ``burst / rate`` seconds (2 s with the default burst of 2R). An attacker with very many
+    addresses cannot grow it past ``max_addresses`` either: beyond it, the least recently
+    seen address is forgotten early (it starts again with a full bucket, so the cost of the
+    bound is that such an attacker's addresses get their burst again, never that an honest
+    address is refused). Each entry costs a few hundred bytes: ``max_addresses`` of 65,536
+    is some 20 MB at most.
+    """
+
+    def __init__(self, rate: float, burst: float, max_addresses: int = MAX_RATE_ADDRESSES) -> None:
+        if not (rate > 0 and burst >= 1 and max_addresses > 0) or math.isinf(rate):
+            raise ValueError("a connect rate needs a finite rate > 0, a burst >= 1, a bound > 0")
+        self.rate = rate
+        self.burst = burst
+        self.max_addresses = max_addresses
+        self.idle = burst / rate  # after this long without a connection, a bucket is full
+        self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
+
+    def admit(self, key: str, now: float) -> float | None:
+        """None if ``key`` may open one more upgrade now (it is counted), else the seconds
+        until it may (at least 1, whole: a ``Retry-After`` value)."""
+        self._forget_idle(now)
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            if len(self._buckets) >= self.max_addresses:
+                self._buckets.popitem(last=False)
+            bucket = self._buckets[key] = TokenBucket(self.rate, self.burst, now)
+        else:
+            self._buckets.move_to_end(key)
+        if bucket.take(1, now):
+            return None
+        return float(max(1, math.ceil((1 - bucket.tokens) / self.rate)))
+
+    def _forget_idle(self, now: float) -> None:
+        buckets = self._buckets
+        while buckets:
+            key, bucket = next(iter(buckets.items()))
+            if now - bucket.stamp < self.idle:
+                return  # the oldest is still refilling, so is everyone after it
+            del buckets[key]
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+
+class BanTable:
+    """Users whose new connections are refused until a time (monotonic seconds). A plain
+    class, time as a parameter. Bounded by the bans in force: an expired ban is dropped when
+    its user is looked up, and all expired ones are swept whenever the table has doubled
+    since the last sweep (amortised O(1) per ban)."""
+
+    def __init__(self) -> None:
+        self._until: dict[int, float] = {}
+        self._sweep_at = 64
+
+    def ban(self, user: int, until: float, now: float) -> None:
+        """Refuse ``user`` until ``until``; an ``until`` not after ``now`` lifts the ban."""
+        if until <= now:
+            self._until.pop(user, None)
+            return
+        self._until[user] = until
+        if len(self._until) >= self._sweep_at:
+            self.sweep(now)
+            self._sweep_at = max(64, 2 * len(self._until))
+
+    def banned(self, user: int, now: float) -> float | None:
+        """The seconds left of ``user``'s ban, or None if not banned."""
+        until = self._until.get(user)
+        if until is None:
+            return None
+        if until <= now:
+            del self._until[user]
+            return None
+        return until - now
+
+    def sweep(self, now: float) -> None:
+        """Drop every expired ban."""
+        self._until = {user: until for user, until in self._until.items() if until > now}
+
+    def __len__(self) -> int:
+        return len(self._until)
+
+
 @dataclass
 class RefusalReport:
     """Refusals since the last report, for one summary line per ``interval`` at most (a storm
@@ -186,7 +290,30 @@ class Acceptor:
         handshake_timeout: float,
         max_pending: int = 10_000,
         max_pending_per_address: int = 64,
+        *,
+        allowed_origins: Iterable[str] = (),
+        connect_rate: float | None = None,
+        token_audience: str | None = None,
+        token_issuer: str | None = None,
+        token_leeway: float = 0.0,
+        max_channels_per_connection: int = MAX_TOKEN_CHANNELS,
     ) -> None:
+        """``allowed_origins``: ``--allowed-origin`` patterns (ValueError if one is not valid;
+        none: any origin, logged once here). ``connect_rate``: upgrades per second per source
+        address, burst twice that (None: no limit). The ``token_*`` settings and
+        ``max_channels_per_connection`` go to :func:`~actors.wire.tokens.verify`."""
+        self.origins = Origins(allowed_origins)  # first: a bad pattern leaves nothing behind
+        self.rates = ConnectRates(connect_rate, 2 * connect_rate) if connect_rate else None
+        self.bans = BanTable()
+        self.token_audience = token_audience
+        self.token_issuer = token_issuer
+        self.token_leeway = token_leeway
+        self.max_channels = max_channels_per_connection
+        if self.origins.any:
+            log.info(
+                "any Origin is accepted: no --allowed-origin given (a web page on any site may"
+                " open a connection with a token it holds)"
+            )
         self.loop = loop
         self.listener = listener
         self.secret = secret
@@ -259,6 +386,19 @@ class Acceptor:
         if self.listener.fileno() >= 0:  # not closed meanwhile
             self.loop.add_reader(self.listener.fileno(), self._accept)
 
+    # -- bans ----------------------------------------------------------------------------------
+
+    def ban(self, user: int, seconds: float) -> None:
+        """Refuse ``user``'s new connections on this host with HTTP 403 for ``seconds`` from
+        now (counted as ``banned``); a later call replaces the ban, and ``seconds`` of 0 lifts
+        it. Connections already open are not touched (closing them is the ``disconnect``
+        command's business). ValueError if ``seconds`` is negative or not a number; a ban
+        longer than MAX_BAN_SECONDS lasts that long. The table holds only bans in force."""
+        if not seconds >= 0:  # also NaN
+            raise ValueError(f"a ban lasts 0 seconds or more, not {seconds!r}")
+        now = time.monotonic()
+        self.bans.ban(user, now + min(seconds, MAX_BAN_SECONDS), now)
+
     # -- one pending connection ----------------------------------------------------------------
 
     def _readable(self, fd: int) -> None:
@@ -319,11 +459,35 @@ class Acceptor:
                 self._count("not_websocket", entry.key)
                 self._refuse(sock, 426, "Upgrade Required", "this endpoint speaks WebSocket", head)
             return
+        if self.rates is not None:
+            wait = self.rates.admit(entry.key, time.monotonic())
+            if wait is not None:
+                self._count("rate_limited", entry.key)
+                body = "too many connections from this address: retry later"
+                extra = {"Retry-After": str(int(wait))}
+                self._refuse(sock, 429, "Too Many Requests", body, head, extra)
+                return
+        if not self.origins.allows(head.headers.get("origin")):
+            self._count("forbidden_origin", entry.key)
+            self._refuse(sock, 403, "Forbidden", "origin not allowed", head)
+            return
         try:
-            claims = verify(self.secret, head.token(), now=time.time())
+            claims = verify(
+                self.secret,
+                head.token(),
+                now=time.time(),
+                audience=self.token_audience,
+                issuer=self.token_issuer,
+                leeway=self.token_leeway,
+                max_channels=self.max_channels,
+            )
         except TokenError as exc:
             self._count("unauthorized", entry.key)
             self._refuse(sock, 401, "Unauthorized", str(exc), head)
+            return
+        if self.bans.banned(claims.user, time.monotonic()) is not None:
+            self._count("banned", entry.key)
+            self._refuse(sock, 403, "Forbidden", "this user is banned for now", head)
             return
         self.counters["routed"] += 1
         try:

@@ -312,6 +312,12 @@ class Supervisor:
             self.config.handshake_timeout,
             max_pending=self.config.max_pending,
             max_pending_per_address=self.config.max_pending_per_address,
+            allowed_origins=self.config.allowed_origins,  # checked by run() before the start
+            connect_rate=self.config.connect_rate,
+            token_audience=self.config.token_audience,
+            token_issuer=self.config.token_issuer,
+            token_leeway=self.config.token_leeway,
+            max_channels_per_connection=self.config.max_channels_per_connection,
         )
         print(ready.format_line(host, port, self.command_endpoint, len(self.shards)), flush=True)
 
@@ -435,6 +441,13 @@ def run(config: ServeConfig) -> int:
         format="%(asctime)s supervisor %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    from actors.origins import Origins  # noqa: PLC0415
+
+    try:  # the acceptor is made once the shards are up: check its settings before anything
+        Origins(config.allowed_origins)
+    except ValueError as exc:
+        log.error("cannot serve: %s", exc)
+        return 2
     # before anything opens a socket or starts a shard (shards inherit the limit)
     nofile = limits.raise_open_files_limit()
     log.info("%s", nofile.describe())
