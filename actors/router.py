@@ -138,6 +138,8 @@ class RouterCore:
         self._replies: list[tuple[list[bytes], bytes]] = []
         self._events: list[RouterEvent] = []
         self.hosts = OtherHosts(self) if redis else None
+        # counters kept elsewhere (the command endpoint's CURVE: "curve"), by key, in statistics
+        self.extra_stats: dict[str, Callable[[], Any]] = {}
         self.counters = {
             "commands": 0,
             "errors": 0,
@@ -555,6 +557,7 @@ class RouterCore:
             # [messages, bytes] queued to each shard and not yet consumed (its credit window)
             "queued_to_shards": {s.index: list(s.window.in_flight()) for s in self.slots},
             **(self.hosts.statistics() if self.hosts is not None else {}),
+            **{name: dict(source()) for name, source in self.extra_stats.items()},
         }
 
     def close_all(self) -> None:

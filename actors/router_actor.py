@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -77,6 +77,30 @@ class Link(Protocol):
     def close(self) -> None: ...
 
 
+class CommandAuth(Protocol):
+    """CURVE on the command endpoint as the router sees it: the server's secret key, and a ZAP
+    handler already answering on the context's ``inproc://zeromq.zap.01`` (it decides which
+    client keys get a session; requests carry the domain :data:`ZAP_DOMAIN`)."""
+
+    @property
+    def secret_key(self) -> bytes:
+        """The server's z85 secret key."""
+        ...
+
+    def stats(self) -> Mapping[str, int]:
+        """A copy of its counters (admitted, denied, ...), taken safely from any thread."""
+        ...
+
+    def reload(self) -> None:
+        """Re-read the admitted client keys."""
+        ...
+
+    def close(self) -> None: ...
+
+
+ZAP_DOMAIN = b"ucc-command"  # the command socket's ZAP domain
+
+
 class RouterActor(SocketActor):
     """Binds its sockets in the constructor (so a busy port fails the caller at once)."""
 
@@ -91,11 +115,14 @@ class RouterActor(SocketActor):
         snapshot_interval: float = 1.0,
         context: zmq.Context[Any] | None = None,
         backend_queue: int = 1000,
+        command_auth: CommandAuth | None = None,
     ) -> None:
         """``on_event`` is called on the actor's thread (the supervisor hops to its loop).
         ``link``, in a cluster of hosts (``core.hosts`` set), makes the Redis link given a
         function to report to (any thread). ``backend_queue``: commands read ahead from, and
-        replies held for, each backend."""
+        replies held for, each backend. ``command_auth``: the command endpoint is a CURVE
+        server (its counters appear in ``router_stats`` as ``curve``); the actor closes it
+        when it stops."""
         super().__init__()
         self.core = core
         self.on_event = on_event
@@ -119,6 +146,12 @@ class RouterActor(SocketActor):
         self.frontend.setsockopt(zmq.SNDHWM, 2 * backend_queue + READ_BATCH)
         self.frontend.setsockopt(zmq.RCVHWM, backend_queue)
         self.frontend.setsockopt(zmq.MAXMSGSIZE, core.max_command * 2)
+        self.command_auth = command_auth
+        if command_auth is not None:  # before bind: no peer ever gets a plain session
+            self.frontend.setsockopt(zmq.CURVE_SERVER, 1)
+            self.frontend.setsockopt(zmq.CURVE_SECRETKEY, command_auth.secret_key)
+            self.frontend.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN)
+            core.extra_stats["curve"] = command_auth.stats
         # the credit window bounds what is queued to a shard; this only has to be above it
         self.backend.setsockopt(zmq.SNDHWM, core.window.messages + core.max_queries + 1024)
         self.backend.setsockopt(zmq.RCVHWM, 100_000)
@@ -128,6 +161,8 @@ class RouterActor(SocketActor):
         except zmq.ZMQError:
             self.frontend.close()
             self.backend.close()
+            if command_auth is not None:
+                command_auth.close()
             raise
         self.command_endpoint = self.frontend.getsockopt_string(zmq.LAST_ENDPOINT)
         self.hosts: OtherHosts | None = core.hosts
@@ -154,6 +189,15 @@ class RouterActor(SocketActor):
         super().on_stop()
         self.frontend.close()
         self.backend.close()
+        if self.command_auth is not None:
+            self.command_auth.close()
+
+    def reload_command_clients(self) -> None:
+        """SIGHUP (through a proxy): re-read the admitted client keys, if CURVE is on."""
+        if self.command_auth is None:
+            log.info("SIGHUP: the command endpoint has no CURVE client keys to re-read")
+        else:
+            self.command_auth.reload()
 
     def on_receive(self, message: Any) -> Any:
         now = time.monotonic()
