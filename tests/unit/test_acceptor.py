@@ -11,10 +11,12 @@ import functools
 import hashlib
 import hmac
 import logging
+import math
 import resource
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
@@ -23,7 +25,10 @@ import pytest
 from actors.wire.tokens import Claims, mint
 from shards.acceptor import (
     COUNTERS,
+    MAX_BAN_SECONDS,
     Acceptor,
+    BanTable,
+    ConnectRates,
     PendingLimits,
     RefusalReport,
     address_key,
@@ -195,6 +200,7 @@ async def serving(
     handshake_timeout: float = 5.0,
     max_pending: int = 100,
     max_pending_per_address: int = 4,
+    **perimeter: Any,
 ) -> AsyncIterator[Served]:
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
@@ -204,15 +210,20 @@ async def serving(
     def keep(claims: Claims, sock: socket.socket) -> None:
         routed.append((claims, sock))
 
-    acceptor = Acceptor(
-        asyncio.get_running_loop(),
-        listener,
-        SECRET,
-        route or keep,
-        handshake_timeout,
-        max_pending=max_pending,
-        max_pending_per_address=max_pending_per_address,
-    )
+    try:
+        acceptor = Acceptor(
+            asyncio.get_running_loop(),
+            listener,
+            SECRET,
+            route or keep,
+            handshake_timeout,
+            max_pending=max_pending,
+            max_pending_per_address=max_pending_per_address,
+            **perimeter,
+        )
+    except BaseException:
+        listener.close()
+        raise
     try:
         yield Served(acceptor, routed)
     finally:
@@ -254,11 +265,11 @@ async def answer(sock: socket.socket, timeout: float = 5.0) -> bytes:
             data += chunk
 
 
-def upgrade_request(token: str) -> bytes:
+def upgrade_request(token: str, extra: str = "") -> bytes:
     return (
         f"GET /?token={token} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
         "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-        "Sec-WebSocket-Version: 13\r\n\r\n"
+        f"Sec-WebSocket-Version: 13\r\n{extra}\r\n"
     ).encode()
 
 
@@ -472,3 +483,222 @@ def test_whether_the_limit_allows_the_pending_cap():
     assert not OpenFilesLimit(1024, 1024, 1024).allows(10_000)
     infinity = resource.RLIM_INFINITY
     assert OpenFilesLimit(infinity, infinity, infinity).allows(10**9)
+
+
+# -- ConnectRates ---------------------------------------------------------------------------------
+
+
+def test_an_address_gets_its_burst_then_its_rate():
+    rates = ConnectRates(rate=10, burst=20)
+    assert all(rates.admit("a", 100.0) is None for _ in range(20))
+    assert rates.admit("a", 100.0) == 1.0  # Retry-After: whole seconds, at least 1
+    assert rates.admit("b", 100.0) is None  # another address is not affected
+    assert rates.admit("a", 100.25) is None  # 0.25 s at 10/s: two more
+    assert rates.admit("a", 100.25) is None
+    assert rates.admit("a", 100.25) is not None
+
+
+def test_retry_after_is_when_a_token_is_back():
+    rates = ConnectRates(rate=0.25, burst=1)
+    assert rates.admit("a", 0.0) is None
+    assert rates.admit("a", 0.0) == 4.0
+    assert rates.admit("a", 3.0) == 1.0
+    assert rates.admit("a", 4.0) is None
+
+
+def test_idle_addresses_are_forgotten():
+    rates = ConnectRates(rate=10, burst=20)  # a bucket is full again after 2 s
+    for n in range(1000):
+        rates.admit(f"10.0.{n // 256}.{n % 256}", 50.0)
+    assert len(rates) == 1000
+    rates.admit("10.9.9.9", 51.9)
+    assert len(rates) == 1001  # still refilling
+    rates.admit("10.9.9.9", 52.0)
+    assert len(rates) == 1  # the others are idle: a fresh bucket is the same as theirs
+
+
+def test_a_busy_address_is_remembered_while_it_is_busy():
+    rates = ConnectRates(rate=1, burst=2)
+    refused = 0
+    for step in range(50):  # 2 connections/s at 1/s: refused half the time once the burst is gone
+        refused += rates.admit("a", step / 2) is not None
+        assert len(rates) == 1
+    assert refused == 24
+
+
+def test_very_many_addresses_cannot_grow_the_table_past_its_bound():
+    rates = ConnectRates(rate=1, burst=2, max_addresses=100)
+    for n in range(10_000):  # all within one refill time: nothing is idle
+        assert rates.admit(f"addr-{n}", 10.0) is None
+    assert len(rates) == 100
+    # the most recently seen are the ones kept: the last address is still over its budget
+    assert rates.admit("addr-9999", 10.0) is None
+    assert rates.admit("addr-9999", 10.0) is not None
+
+
+@pytest.mark.parametrize(
+    ("rate", "burst", "bound"), [(0, 1, 1), (-1, 2, 1), (1, 0.5, 1), (1, 2, 0), (math.inf, 1, 1)]
+)
+def test_connect_rates_need_sane_settings(rate, burst, bound):
+    with pytest.raises(ValueError):
+        ConnectRates(rate, burst, bound)
+
+
+# -- BanTable -----------------------------------------------------------------------------------
+
+
+def test_a_ban_lasts_until_its_time():
+    bans = BanTable()
+    bans.ban(7, until=110.0, now=100.0)
+    assert bans.banned(7, 100.0) == 10.0
+    assert bans.banned(8, 100.0) is None
+    assert bans.banned(7, 109.9) is not None
+    assert bans.banned(7, 110.0) is None
+    assert len(bans) == 0  # dropped once found expired
+
+
+def test_a_ban_is_replaced_and_lifted():
+    bans = BanTable()
+    bans.ban(7, until=110.0, now=100.0)
+    bans.ban(7, until=200.0, now=100.0)
+    assert bans.banned(7, 150.0) is not None
+    bans.ban(7, until=150.0, now=150.0)  # no time left: lifted
+    assert bans.banned(7, 150.0) is None
+    assert len(bans) == 0
+
+
+def test_expired_bans_are_swept():
+    bans = BanTable()
+    for user in range(1, 10_001):  # each ban for 1 s, one new ban every 0.01 s
+        now = user / 100
+        bans.ban(user, until=now + 1.0, now=now)
+    assert len(bans) <= 2 * 101 + 64  # about 100 in force; the rest swept as it grew
+    bans.sweep(1000.0)
+    assert len(bans) == 0
+
+
+# -- Acceptor.ban -------------------------------------------------------------------------------
+
+
+@in_loop
+async def test_a_banned_user_gets_403_until_the_ban_is_lifted():
+    async with serving() as served:
+        served.acceptor.ban(7, 60.0)
+        sock = await open_from("127.0.0.1", served.port)
+        with sock:
+            await asyncio.get_running_loop().sock_sendall(sock, upgrade_request(mint(SECRET, 7)))
+            reply = await answer(sock)
+        assert reply.startswith(b"HTTP/1.1 403 Forbidden\r\n"), reply
+        assert b"banned" in reply
+        assert served.acceptor.counters["banned"] == 1
+        for user in (8, 7):  # another user, then the same one after the ban is lifted
+            if user == 7:
+                served.acceptor.ban(7, 0)
+            sock = await open_from("127.0.0.1", served.port)
+            with sock:
+                request = upgrade_request(mint(SECRET, user))
+                await asyncio.get_running_loop().sock_sendall(sock, request)
+                await until(lambda u=user: any(c.user == u for c, _ in served.routed))
+        assert served.acceptor.counters["banned"] == 1
+
+
+@pytest.mark.parametrize("seconds", [-1.0, math.nan])
+def test_a_ban_takes_a_number_of_seconds(seconds):
+    async def scenario() -> None:
+        async with serving() as served:
+            with pytest.raises(ValueError):
+                served.acceptor.ban(7, seconds)
+
+    asyncio.run(scenario())
+
+
+@in_loop
+async def test_an_endless_ban_lasts_a_year():
+    async with serving() as served:
+        served.acceptor.ban(7, math.inf)
+        left = served.acceptor.bans.banned(7, time.monotonic())
+        assert left is not None
+        assert MAX_BAN_SECONDS - 60 < left <= MAX_BAN_SECONDS
+
+
+# -- origins, connect rate, token settings on a real socket --------------------------------------
+
+
+async def exchange(port: int, request: bytes, source: str = "127.0.0.1") -> bytes:
+    sock = await open_from(source, port)
+    with sock:
+        await asyncio.get_running_loop().sock_sendall(sock, request)
+        return await answer(sock)
+
+
+@in_loop
+async def test_origins_are_checked_when_configured():
+    origins = ("https://app.example.com", "https://*.example.org")
+    async with serving(allowed_origins=origins) as served:
+        token = mint(SECRET, 7)
+        for origin in ("https://evil.example", "null", "https://example.org"):
+            reply = await exchange(served.port, upgrade_request(token, f"Origin: {origin}\r\n"))
+            assert reply.startswith(b"HTTP/1.1 403 Forbidden\r\n"), (origin, reply)
+            assert b"origin not allowed" in reply
+        assert served.acceptor.counters["forbidden_origin"] == 3
+        for origin in ("https://app.example.com", "https://eu.example.org", None):
+            extra = f"Origin: {origin}\r\n" if origin else ""
+            sock = await open_from("127.0.0.1", served.port)
+            with sock:
+                await asyncio.get_running_loop().sock_sendall(sock, upgrade_request(token, extra))
+                count = len(served.routed) + 1
+                await until(lambda n=count: len(served.routed) == n)
+        assert served.acceptor.counters["forbidden_origin"] == 3
+
+
+def test_a_bad_origin_pattern_is_refused_at_construction():
+    async def scenario() -> None:
+        with pytest.raises(ValueError, match=r"--allowed-origin 'app\.example\.com'"):
+            async with serving(allowed_origins=("app.example.com",)):
+                pass
+
+    asyncio.run(scenario())
+
+
+@in_loop
+async def test_over_the_connect_rate_an_address_gets_429_with_retry_after():
+    async with serving(connect_rate=2.0, max_pending_per_address=64) as served:
+        token = mint(SECRET, 7)
+        replies = [await exchange(served.port, upgrade_request("x")) for _ in range(5)]
+        # the burst (2 x 2) gets as far as the token check, then 429
+        assert [r.split(b"\r\n")[0] for r in replies] == [b"HTTP/1.1 401 Unauthorized"] * 4 + [
+            b"HTTP/1.1 429 Too Many Requests"
+        ]
+        assert b"\r\nRetry-After: 1\r\n" in replies[4]
+        assert served.acceptor.counters["rate_limited"] == 1
+        sock = await open_from("127.0.0.2", served.port)  # another address still gets in
+        with sock:
+            await asyncio.get_running_loop().sock_sendall(sock, upgrade_request(token))
+            await until(lambda: len(served.routed) == 1)
+        health = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+        assert (await exchange(served.port, health)).startswith(b"HTTP/1.1 200 OK")
+
+
+@in_loop
+async def test_token_settings_reach_verify():
+    settings = {
+        "token_audience": "ucc",
+        "token_issuer": "https://auth.example.com",
+        "max_channels_per_connection": 2,
+    }
+    async with serving(**settings) as served:
+        bad = [
+            mint(SECRET, 7, issuer="https://auth.example.com"),  # no aud
+            mint(SECRET, 7, audience="other", issuer="https://auth.example.com"),
+            mint(SECRET, 7, audience="ucc"),  # no iss
+            mint(SECRET, 7, [1, 2, 3], audience="ucc", issuer="https://auth.example.com"),
+        ]
+        for token in bad:
+            reply = await exchange(served.port, upgrade_request(token))
+            assert reply.startswith(b"HTTP/1.1 401 Unauthorized\r\n"), reply
+        assert served.acceptor.counters["unauthorized"] == 4
+        good = mint(SECRET, 7, [1, 2], audience="ucc", issuer="https://auth.example.com")
+        sock = await open_from("127.0.0.1", served.port)
+        with sock:
+            await asyncio.get_running_loop().sock_sendall(sock, upgrade_request(good))
+            await until(lambda: len(served.routed) == 1)
