@@ -1,5 +1,5 @@
-"""The ``ucc`` console script: ``serve``, ``token``, the commands that drive a running server,
-and ``bench``.
+"""The ``ucc`` console script: ``serve``, ``token``, ``keygen``, the commands that drive a
+running server, and ``bench``.
 
 Owns: each subcommand's parser and handler, turning ``serve``'s flags into a
 :class:`shards.config.ServeConfig` (every field has a flag of the same name, whose default is the
@@ -34,6 +34,7 @@ from shards.bench.args import add_bench
 from shards.cliargs import (
     Subparsers,
     add_command,
+    add_command_auth,
     add_secret,
     id_list,
     id_number,
@@ -47,6 +48,7 @@ from shards.cliargs import (
 )
 from shards.client import Calls, Client, UccError
 from shards.config import ServeConfig, check_redis_url, check_secret, resolve_secret
+from shards.curve import check_command_security, is_local_endpoint, write_keypair
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -75,8 +77,10 @@ def _warn_missing(reply: dict[str, Any]) -> None:
 
 
 def _add_server_options(parser: argparse.ArgumentParser) -> None:
-    """``--command`` and ``--timeout``, for every subcommand that talks to a server."""
+    """``--command``, ``--server-key``/``--client-key`` (CURVE) and ``--timeout``, for every
+    subcommand that talks to a server."""
     add_command(parser, "the server's ZeroMQ command endpoint")
+    add_command_auth(parser)
     parser.add_argument(
         "--timeout",
         type=seconds,
@@ -89,7 +93,12 @@ def _add_server_options(parser: argparse.ArgumentParser) -> None:
 def _talk(args: argparse.Namespace, action: Callable[[Client], int]) -> int:
     """Run ``action`` with a client for ``args.command``, reporting failures as exit 1."""
     try:
-        client = Client(args.command, timeout=args.timeout)
+        client = Client(
+            args.command,
+            timeout=args.timeout,
+            server_key=args.server_key,
+            client_key_file=args.client_key,
+        )
     except ValueError as exc:
         _error(str(exc))
         return 2
@@ -254,6 +263,19 @@ def _run_serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         _error(str(exc))
         return 2
+    refusal = check_command_security(
+        args.command, args.command_key, args.command_clients, args.insecure_command
+    )
+    if refusal is not None:
+        _error(refusal)
+        return 2
+    if args.command_key is None and not is_local_endpoint(args.command):
+        print(
+            f"ucc: WARNING: the command endpoint {args.command} is not on a loopback address"
+            " and has no authentication (--insecure-command): anyone who reaches it can"
+            " broadcast or disconnect any user",
+            file=sys.stderr,
+        )
     if args.allowed_origins is None:
         listed = os.environ.get("UCC_ALLOWED_ORIGINS", "")
         args.allowed_origins = [o.strip() for o in listed.split(",") if o.strip()]
@@ -323,6 +345,37 @@ def _run_token(args: argparse.Namespace) -> int:
         _error(str(exc))
         return 2
     print(token)
+    return 0
+
+
+# --- keygen ------------------------------------------------------------------------------------
+
+
+def _add_keygen(subparsers: Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "keygen",
+        help="write a CURVE keypair for the command endpoint (server or client)",
+        description="Write a new CURVE keypair: PATH (the secret key, mode 0600) and PATH.pub"
+        " (the public key), each one z85 line. Refuses to overwrite either. The server takes"
+        " its secret file with --command-key and its clients' .pub files in --command-clients;"
+        " a client takes its secret file with --client-key and the server's .pub (or the z85"
+        " text printed here) with --server-key.",
+    )
+    parser.add_argument("path", metavar="PATH", help="the secret key file to create")
+    parser.set_defaults(run=_run_keygen)
+
+
+def _run_keygen(args: argparse.Namespace) -> int:
+    try:
+        public = write_keypair(args.path)
+    except FileExistsError as exc:
+        _error(f"{exc.filename} exists; refusing to overwrite a key (remove it first)")
+        return 2
+    except OSError as exc:
+        _error(f"cannot write the key files: {exc}")
+        return 2
+    print(f"ucc: wrote secret key {args.path} and public key {args.path}.pub", file=sys.stderr)
+    print(public.decode("ascii"))
     return 0
 
 
@@ -480,6 +533,7 @@ def _run_status(args: argparse.Namespace) -> int:
 SUBCOMMANDS: list[Callable[[Subparsers], None]] = [
     _add_serve,
     _add_token,
+    _add_keygen,
     _add_broadcast,
     _add_online,
     _add_subscribe,

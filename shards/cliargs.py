@@ -2,7 +2,8 @@
 
 Owns: parsing ids, ports, positive numbers and JSON data from the command line (each failure an
 ``argparse`` error naming what was expected), and the ``--command`` and ``--secret`` options,
-defined once for ``serve``, the commands that drive a server and ``bench``. Reads
+defined once for ``serve``, the commands that drive a server and ``bench`` (and
+``--server-key``/``--client-key`` for the commands that drive a server). Reads
 ``UCC_COMMAND`` when a parser is built. Must never read the secret itself: ``--secret`` only
 says where it comes from (:func:`shards.config.resolve_secret` does the reading).
 """
@@ -103,6 +104,26 @@ def add_command(parser: argparse.ArgumentParser, what: str) -> None:
         metavar="ENDPOINT",
         default=os.environ.get("UCC_COMMAND") or ServeConfig.command,
         help=f"{what} (default: $UCC_COMMAND or %(default)s)",
+    )
+
+
+def add_command_auth(parser: argparse.ArgumentParser) -> None:
+    """``--server-key KEY`` and ``--client-key FILE``: talk to a CURVE command endpoint (the
+    defaults, ``$UCC_COMMAND_SERVER_KEY`` and ``$UCC_COMMAND_CLIENT_KEY``, are read by
+    :class:`shards.client.Client`)."""
+    parser.add_argument(
+        "--server-key",
+        metavar="KEY",
+        default=None,
+        help="the server's CURVE public key: z85 text or a .pub file"
+        " (default: $UCC_COMMAND_SERVER_KEY; none: plain)",
+    )
+    parser.add_argument(
+        "--client-key",
+        metavar="FILE",
+        default=None,
+        help="this client's CURVE secret key file, from `ucc keygen`"
+        " (default: $UCC_COMMAND_CLIENT_KEY)",
     )
 
 

@@ -16,6 +16,13 @@ Delivery note: a request that timed out may still have reached the server (its l
 discarded). Requests are only queued on a completed connection (``ZMQ_IMMEDIATE``), so one sent
 while the server is unreachable is dropped rather than delivered after a restart.
 
+CURVE: with ``server_key`` (the server's public key: z85 text of 40 characters, or else the
+path of its ``.pub`` file) the socket is a CURVE client using the keypair of
+``client_key_file`` (the secret file written by ``ucc keygen``; its public half is derived from
+it). Without the arguments, ``$UCC_COMMAND_SERVER_KEY`` and ``$UCC_COMMAND_CLIENT_KEY`` are the
+defaults; pass ``server_key=""`` for a plain client whatever the environment says. A client
+whose key the server does not list gets no session: its requests time out.
+
 Neither class is thread-safe. Concurrent coroutines may share one :class:`AsyncClient`: their
 requests are serialised (use several clients for parallel round trips).
 """
@@ -25,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass
@@ -35,6 +43,7 @@ import zmq
 import zmq.asyncio
 
 from shards.config import DEFAULT_COMMAND
+from shards.curve import KeyFileError, read_secret_key, server_public_key
 
 __all__ = ["AsyncClient", "Call", "Calls", "Client", "CommandTimeout", "UccError", "Wire"]
 
@@ -246,11 +255,53 @@ class Wire:
 
 SocketT = TypeVar("SocketT", bound="zmq.Socket[Any]")
 
+SERVER_KEY_ENV = "UCC_COMMAND_SERVER_KEY"
+CLIENT_KEY_ENV = "UCC_COMMAND_CLIENT_KEY"
 
-def _connect(socket: SocketT, endpoint: str) -> SocketT:
-    """Configure a fresh DEALER socket (LINGER 0, IMMEDIATE) and connect it to ``endpoint``."""
+
+@dataclass(frozen=True, slots=True)
+class CurveKeys:
+    """What a CURVE client needs (z85): the server's public key and this client's keypair."""
+
+    server: bytes
+    public: bytes
+    secret: bytes
+
+
+def curve_keys(server_key: str | None, client_key_file: str | None) -> CurveKeys | None:
+    """The CURVE keys from the arguments, each defaulting to its environment variable
+    (``server_key=""``: plain, whatever the environment); None for a plain client. Raises
+    ValueError for a key without the other or an unusable key."""
+    if server_key is None:
+        server_key = os.environ.get(SERVER_KEY_ENV, "")
+    if not server_key:
+        if client_key_file:
+            raise ValueError("a client key file needs the server's key (server_key)")
+        return None
+    if client_key_file is None:
+        client_key_file = os.environ.get(CLIENT_KEY_ENV, "")
+    if not client_key_file:
+        raise ValueError(
+            f"the server's key needs a client key file (client_key_file or ${CLIENT_KEY_ENV};"
+            " `ucc keygen` writes one)"
+        )
+    try:
+        server = server_public_key(server_key)
+        public, secret = read_secret_key(client_key_file)
+    except KeyFileError as exc:
+        raise ValueError(str(exc)) from None
+    return CurveKeys(server, public, secret)
+
+
+def _connect(socket: SocketT, endpoint: str, keys: CurveKeys | None = None) -> SocketT:
+    """Configure a fresh DEALER socket (LINGER 0, IMMEDIATE, CURVE with ``keys``) and connect
+    it to ``endpoint``."""
     socket.setsockopt(zmq.LINGER, 0)
     socket.setsockopt(zmq.IMMEDIATE, 1)
+    if keys is not None:
+        socket.setsockopt(zmq.CURVE_SERVERKEY, keys.server)
+        socket.setsockopt(zmq.CURVE_PUBLICKEY, keys.public)
+        socket.setsockopt(zmq.CURVE_SECRETKEY, keys.secret)
     try:
         socket.connect(endpoint)
     except zmq.ZMQError as exc:
@@ -272,19 +323,36 @@ def _millis(seconds: float) -> int:
 class _Base:
     """Shared state and repr of both clients."""
 
-    def __init__(self, endpoint: str, timeout: float) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        timeout: float,
+        server_key: str | None = None,
+        client_key_file: str | None = None,
+    ) -> None:
         self.endpoint = endpoint
         self.timeout = _check_timeout(timeout)
+        self._keys = curve_keys(server_key, client_key_file)
         self._wire = Wire()
 
     def _timeout_error(self, cmd: str) -> CommandTimeout:
+        hint = (
+            "is `ucc serve` running, with this server key, and does it list this client's key?"
+            if self._keys is not None
+            else "is `ucc serve` running? a server with CURVE needs a server key and client key"
+        )
         return CommandTimeout(
-            f"no reply to {cmd!r} from {self.endpoint} within {self.timeout:g}s"
-            " (is `ucc serve` running?)"
+            f"no reply to {cmd!r} from {self.endpoint} within {self.timeout:g}s ({hint})"
         )
 
+    @property
+    def curve(self) -> bool:
+        """Whether the socket is a CURVE client."""
+        return self._keys is not None
+
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.endpoint!r}, timeout={self.timeout!r})"
+        curve = ", curve=True" if self._keys is not None else ""
+        return f"{type(self).__name__}({self.endpoint!r}, timeout={self.timeout!r}{curve})"
 
 
 # --- blocking client ---------------------------------------------------------------------------
@@ -293,10 +361,18 @@ class _Base:
 class Client(_Base):
     """Blocking client; one DEALER socket, one request at a time. Not thread-safe."""
 
-    def __init__(self, endpoint: str = DEFAULT_COMMAND, timeout: float = 5.0) -> None:
-        super().__init__(endpoint, timeout)
+    def __init__(
+        self,
+        endpoint: str = DEFAULT_COMMAND,
+        timeout: float = 5.0,
+        server_key: str | None = None,
+        client_key_file: str | None = None,
+    ) -> None:
+        """``server_key``/``client_key_file``: CURVE (see the module's docstring); ValueError
+        for a bad endpoint, timeout or key."""
+        super().__init__(endpoint, timeout, server_key, client_key_file)
         socket: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
-        self._socket: zmq.Socket[bytes] | None = _connect(socket, endpoint)
+        self._socket: zmq.Socket[bytes] | None = _connect(socket, endpoint, self._keys)
 
     def request(self, cmd: str, **fields: Any) -> Reply:
         """Send ``cmd`` with ``fields`` and return the whole ``ok: true`` reply."""
@@ -411,10 +487,18 @@ class AsyncClient(_Base):
     Coroutines may share one client; their round trips are serialised by a lock.
     """
 
-    def __init__(self, endpoint: str = DEFAULT_COMMAND, timeout: float = 5.0) -> None:
-        super().__init__(endpoint, timeout)
+    def __init__(
+        self,
+        endpoint: str = DEFAULT_COMMAND,
+        timeout: float = 5.0,
+        server_key: str | None = None,
+        client_key_file: str | None = None,
+    ) -> None:
+        """``server_key``/``client_key_file``: CURVE (see the module's docstring); ValueError
+        for a bad endpoint, timeout or key."""
+        super().__init__(endpoint, timeout, server_key, client_key_file)
         socket = zmq.asyncio.Context.instance().socket(zmq.DEALER)
-        self._socket: zmq.asyncio.Socket | None = _connect(socket, endpoint)
+        self._socket: zmq.asyncio.Socket | None = _connect(socket, endpoint, self._keys)
         # Pollers rather than Socket.poll: pyzmq's stubs mistype the async Socket.poll.
         self._readable = zmq.asyncio.Poller()
         self._readable.register(socket, zmq.POLLIN)

@@ -35,11 +35,10 @@ from typing import Any
 import zmq
 from zmq.utils import z85
 
-from actors.router_actor import ZAP_DOMAIN
-
 log = logging.getLogger("ucc.curve")
 
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
+ZAP_DOMAIN = b"ucc-command"  # set on the command socket: only its requests are judged here
 Z85_KEY_LENGTH = 40  # a 32-byte key in z85
 PUBLIC_SUFFIX = ".pub"
 
@@ -223,6 +222,7 @@ class ZapHandler:
         """Raises KeyFileError for an unusable key file or directory, zmq.ZMQError when the
         context already has a ZAP handler."""
         self.public_key, self.secret_key = read_secret_key(secret_key_file)
+        self.domain = ZAP_DOMAIN
         self.clients_dir = Path(clients_dir)
         self._clients, _ = load_client_keys(self.clients_dir)
         self._lock = threading.Lock()
@@ -300,9 +300,9 @@ class ZapHandler:
             request_id = frames[1] if len(frames) > 1 else b""
             return [b"1.0", request_id, b"500", b"malformed ZAP request", b"", b""]
         _version, request_id, domain, address, _identity, mechanism, *credentials = frames
-        if mechanism == b"NULL" and domain != ZAP_DOMAIN:
+        if mechanism == b"NULL" and domain != self.domain:
             return [b"1.0", request_id, b"200", b"OK", b"", b""]
-        if mechanism == b"CURVE" and domain == ZAP_DOMAIN and credentials:
+        if mechanism == b"CURVE" and domain == self.domain and credentials:
             key = credentials[0]
             with self._lock:
                 admitted = key in self._clients

@@ -30,7 +30,7 @@ import zmq
 from actors.credit import WindowLimits
 from actors.ids import stable_hash
 from actors.policy import RestartPolicy
-from actors.router import RouterCore, ShardEvent, ShardHung, ShardState
+from actors.router import RouterCore, ShardEvent, ShardHung, ShardState, UserBanned
 from actors.router_actor import (
     RouterActor,
     RouterFailed,
@@ -38,10 +38,12 @@ from actors.router_actor import (
     ShardStarting,
     SupervisorEvent,
 )
+from actors.wire.cluster import ClusterKey
 from actors.wire.tokens import Claims
 from shards import limits, ready
 from shards.acceptor import Acceptor
 from shards.config import ServeConfig
+from shards.curve import command_auth
 from shards.handoff import (
     MAX_HEADER,
     Handoff,
@@ -116,6 +118,7 @@ class Supervisor:
             shutil.rmtree(self.rundir, ignore_errors=True)
             raise
         redis_url, name = config.redis, config.cluster_name
+        cluster_key = ClusterKey.of(config.secret, config.cluster_secret)
         core = RouterCore(
             config.shards,
             config.gather_timeout,
@@ -133,8 +136,13 @@ class Supervisor:
                 self.shard_endpoint,
                 lambda event: loop.call_soon_threadsafe(self._shard_event, event),
                 config.hang_timeout,
-                (lambda notify: RedisLink(redis_url, name, notify)) if redis_url else None,
+                (
+                    (lambda notify: RedisLink(redis_url, name, notify, cluster_key))
+                    if redis_url
+                    else None
+                ),
                 backend_queue=config.backend_queue,
+                command_auth=command_auth(config.command_key, config.command_clients),
             )
         except zmq.ZMQError as exc:  # the command endpoint is taken or malformed
             self.listener.close()
@@ -285,6 +293,12 @@ class Supervisor:
             log.critical("the router failed (%s); shutting down", event.reason)
             self.shutdown(exit_code=1)
             return
+        if isinstance(event, UserBanned):  # here or forwarded from another host
+            if self.acceptor is not None:
+                self.acceptor.ban(event.user, event.seconds)
+            else:  # not accepting yet: nothing to refuse, the ban is lost (logged)
+                log.warning("ban of user %d before the host accepts: not applied", event.user)
+            return
         shard = self.shards[event.index]
         if not shard.current(event.epoch):
             return
@@ -426,6 +440,10 @@ async def _run(config: ServeConfig) -> int:
     try:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, supervisor.shutdown)
+        # SIGHUP: re-read the admitted CURVE client keys (--command-clients)
+        loop.add_signal_handler(
+            signal.SIGHUP, lambda: supervisor.router.proxy().reload_command_clients()
+        )
         supervisor.start()
         return await supervisor.done
     finally:
@@ -435,7 +453,8 @@ async def _run(config: ServeConfig) -> int:
 
 
 def run(config: ServeConfig) -> int:
-    """Serve until SIGTERM/SIGINT; the exit code (non-zero when restarts were exhausted)."""
+    """Serve until SIGTERM/SIGINT (SIGHUP re-reads the admitted command client keys); the exit
+    code (non-zero when restarts were exhausted)."""
     logging.basicConfig(
         level=config.log_level,
         format="%(asctime)s supervisor %(levelname)s %(name)s: %(message)s",
