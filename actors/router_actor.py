@@ -80,11 +80,16 @@ class Link(Protocol):
 class CommandAuth(Protocol):
     """CURVE on the command endpoint as the router sees it: the server's secret key, and a ZAP
     handler already answering on the context's ``inproc://zeromq.zap.01`` (it decides which
-    client keys get a session; requests carry the domain :data:`ZAP_DOMAIN`)."""
+    client keys get a session; the command socket's requests carry the domain ``domain``)."""
 
     @property
     def secret_key(self) -> bytes:
         """The server's z85 secret key."""
+        ...
+
+    @property
+    def domain(self) -> bytes:
+        """The ZAP domain of the command socket."""
         ...
 
     def stats(self) -> Mapping[str, int]:
@@ -96,9 +101,6 @@ class CommandAuth(Protocol):
         ...
 
     def close(self) -> None: ...
-
-
-ZAP_DOMAIN = b"ucc-command"  # the command socket's ZAP domain
 
 
 class RouterActor(SocketActor):
@@ -150,7 +152,7 @@ class RouterActor(SocketActor):
         if command_auth is not None:  # before bind: no peer ever gets a plain session
             self.frontend.setsockopt(zmq.CURVE_SERVER, 1)
             self.frontend.setsockopt(zmq.CURVE_SECRETKEY, command_auth.secret_key)
-            self.frontend.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN)
+            self.frontend.setsockopt(zmq.ZAP_DOMAIN, command_auth.domain)
             core.extra_stats["curve"] = command_auth.stats
         # the credit window bounds what is queued to a shard; this only has to be above it
         self.backend.setsockopt(zmq.SNDHWM, core.window.messages + core.max_queries + 1024)
