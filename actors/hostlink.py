@@ -56,6 +56,17 @@ class PublishUsers:
 
 
 @dataclass(frozen=True, slots=True)
+class PublishHosts:
+    """Publish a backend command for ``users`` to the inbox of every other live host, whether
+    it has the users or not (a ``disconnect`` with a ``ban``: a banned user must not connect
+    anywhere). The result is how many hosts were told (``{"value": n}``)."""
+
+    qid: int
+    users: list[int]
+    control: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
 class OnlineUsers:
     """Every user online on the other hosts (``{"users": [...]}``)."""
 
@@ -89,7 +100,13 @@ class PublishPresence:
 
 # what the link's worker runs against Redis (and reports the result of, if ``qid``)
 RedisRequest = (
-    PublishChannel | PublishUsers | OnlineUsers | OnlineInChannel | AreOnline | PublishPresence
+    PublishChannel
+    | PublishUsers
+    | PublishHosts
+    | OnlineUsers
+    | OnlineInChannel
+    | AreOnline
+    | PublishPresence
 )
 # everything the router submits: requests, and topic changes (for the link's listener)
 RedisOp = Subscribe | Unsubscribe | RedisRequest

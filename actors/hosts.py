@@ -154,8 +154,13 @@ class OtherHosts:
                 core.counters["remote_dropped"] += 1
 
     def _control(self, users: list[int], control: dict[str, Any], now: float) -> None:
-        """A backend command from another host for users we have: apply it, answer nobody."""
+        """A backend command from another host for users we have: apply it, answer nobody. A
+        ``disconnect`` with ``ban`` (what is left of it) bans the users here too."""
         core = self._core
+        ban = control.get("ban")
+        if control["op"] == "disconnect" and ban is not None:
+            for user in users:
+                core.ban(user, ban)
         for index, group in core.up_groups(users).items():
             for user in group:
                 body = shardwire.user_control(control["op"], user, control.get("channel"))

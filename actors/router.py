@@ -31,6 +31,7 @@ from typing import Any
 
 from actors.credit import CreditWindow, WindowLimits
 from actors.gather import (
+    Combiner,
     Gather,
     GatherSpec,
     Participant,
@@ -45,6 +46,7 @@ from actors.hostlink import (
     OnlineInChannel,
     OnlineUsers,
     PublishChannel,
+    PublishHosts,
     PublishUsers,
     RedisOp,
 )
@@ -104,7 +106,25 @@ class ShardHung:
     pid: int
 
 
-RouterEvent = ShardEvent | ShardHung
+@dataclass(frozen=True, slots=True)
+class UserBanned:
+    """For the supervisor: ``user``'s new connections are refused for ``seconds`` (a
+    ``disconnect`` with ``ban``, on this host or forwarded from another); the acceptor does it."""
+
+    user: int
+    seconds: float
+
+
+RouterEvent = ShardEvent | ShardHung | UserBanned
+
+
+def _banned(seconds: float) -> Combiner:
+    """The reply of a ``disconnect`` with ``ban``: ``sum_connections``'s, and ``banned``."""
+
+    def combine(gather: Gather) -> dict[str, Any]:
+        return {**sum_connections(gather), "banned": seconds}
+
+    return combine
 
 
 class RouterCore:
@@ -387,17 +407,31 @@ class RouterCore:
 
     def _user_control(self, envelope: list[bytes], cmd: Command, now: float) -> None:
         """subscribe, unsubscribe, disconnect: to the user's shard and, in a cluster, to the
-        hosts that have the user (``connections`` counts ours, ``hosts`` how many others)."""
+        hosts that have the user (``connections`` counts ours, ``hosts`` how many others).
+        A ``disconnect`` with ``ban`` also bans the user here (:class:`UserBanned`) and goes to
+        every other host, whether it has the user or not; its reply says ``banned``."""
         user = cmd.args["user"]
         query = shardwire.user_control(cmd.name, user, cmd.args.get("channel"))
         control = {"op": cmd.name, **cmd.args}  # as the other hosts read it (wire.cluster)
+        ban = cmd.args.get("ban")
+        if ban is not None:
+            self.ban(user, ban)
         spec = GatherSpec(
             {self._shard_of(user)},
-            sum_connections,
+            sum_connections if ban is None else _banned(ban),
             lambda _index: query,
-            remote=lambda qid: PublishUsers(qid, [user], b"", control),
+            remote=lambda qid: (
+                PublishUsers(qid, [user], b"", control)
+                if ban is None
+                else PublishHosts(qid, [user], control)
+            ),
         )
         self.start_gather(envelope, cmd.id, spec, now)
+
+    def ban(self, user: int, seconds: float) -> None:
+        """Refuse ``user``'s new connections on this host for ``seconds`` (the supervisor's
+        acceptor does it)."""
+        self._events.append(UserBanned(user, seconds))
 
     def _router_stats(self, envelope: list[bytes], cmd: Command, now: float) -> None:
         self._reply(envelope, cmd, self.statistics())

@@ -19,13 +19,14 @@ The router talks to the link in the types of :mod:`actors.hostlink`: it submits 
 Its counters are written by both threads under a lock; the router reads a copy (:meth:`stats`).
 
 Must never block the router (``submit`` never waits, and fails fast with a bounded queue) and
-never crash on what Redis sends: a malformed message is counted and dropped.
+never crash on what Redis sends: a malformed message is counted and dropped, and so is a forged
+one (every message and presence snapshot is sealed under the cluster key, see
+:mod:`actors.wire.cluster`; ``forged`` counts those without a valid seal).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import queue
@@ -53,6 +54,7 @@ from actors.hostlink import (
     OnlineUsers,
     OpResult,
     PublishChannel,
+    PublishHosts,
     PublishPresence,
     PublishUsers,
     RedisOp,
@@ -63,7 +65,7 @@ from actors.hostlink import (
 )
 from actors.ids import ChannelId
 from actors.wire import cluster
-from actors.wire.cluster import Layout, Message
+from actors.wire.cluster import ClusterKey, Layout, Message, Presence, Rejected
 
 log = logging.getLogger("ucc.redis")
 
@@ -126,13 +128,17 @@ def cluster_seed(url: str) -> str | None:
 
 
 class RedisLink:
-    def __init__(self, url: str, name: str, notify: Callable[[LinkEvent], None]) -> None:
+    def __init__(
+        self, url: str, name: str, notify: Callable[[LinkEvent], None], key: ClusterKey
+    ) -> None:
         self.url = url
+        self.key = key
         seed = cluster_seed(url)
         self.sharded = seed is not None  # a Redis Cluster: sharded pub/sub
         self._target = seed or url
         self._publish = "SPUBLISH" if self.sharded else "PUBLISH"
         self._publish_users = cluster.SPUBLISH_USERS if self.sharded else cluster.PUBLISH_USERS
+        self._publish_hosts = cluster.SPUBLISH_HOSTS if self.sharded else cluster.PUBLISH_HOSTS
         self.layout = Layout(name)
         self.host = host_id()
         self.notify = notify
@@ -143,7 +149,13 @@ class RedisLink:
         self.up = False
         self.last_probe_seen = time.monotonic()
         # written by both threads: only through _count; read by others only through stats()
-        self._counters = {"published": 0, "received": 0, "malformed": 0, "reconnects": 0}
+        self._counters = {
+            "published": 0,
+            "received": 0,
+            "malformed": 0,
+            "forged": 0,
+            "reconnects": 0,
+        }
         self._counters_lock = threading.Lock()
         self.listen_backoff = Backoff()  # the listener's (the worker keeps its own)
         self._threads = [
@@ -177,8 +189,8 @@ class RedisLink:
             thread.start()
 
     def stats(self) -> dict[str, int]:
-        """A copy of the counters (``published``, ``received``, ``malformed``, ``reconnects``),
-        safe to take from any thread."""
+        """A copy of the counters (``published``, ``received``, ``malformed``, ``forged``,
+        ``reconnects``), safe to take from any thread."""
         with self._counters_lock:
             return dict(self._counters)
 
@@ -275,7 +287,7 @@ class RedisLink:
     def _run(self, client: Client, batch: list[Work]) -> None:
         if not batch:
             return
-        layout, host = self.layout, self.host
+        layout, host, key = self.layout, self.host, self.key
         now_ms = int(time.time() * 1000)
         pipe = client.pipeline(transaction=False)
 
@@ -287,23 +299,27 @@ class RedisLink:
 
         for op in batch:
             if isinstance(op, PublishChannel):
-                payload = cluster.encode(Message(host, None, op.frame))
+                message = Message(host, None, op.frame, channel=op.channel)
+                payload = cluster.encode(message, key)
                 pipe.execute_command(self._publish, layout.channel_topic(op.channel), payload)
             elif isinstance(op, PublishUsers):
-                control = json.dumps(op.control) if op.control is not None else ""
-                script(self._publish_users, op.frame, control, *op.users)
-            elif isinstance(op, OnlineUsers):
-                script(cluster.ONLINE)
-            elif isinstance(op, OnlineInChannel):
-                script(cluster.ONLINE_IN_CHANNEL, op.channel)
-            elif isinstance(op, AreOnline):
-                script(cluster.ARE_ONLINE, *op.users)
+                payload = cluster.encode(Message(host, op.users, op.frame, control=op.control), key)
+                script(self._publish_users, payload, *op.users)
+            elif isinstance(op, PublishHosts):
+                control = dict(op.control)
+                if "ban" in control:  # its end, so that a replay later bans nobody
+                    control["until"] = now_ms + int(float(control["ban"]) * 1000)
+                payload = cluster.encode(Message(host, op.users, b"", control=control), key)
+                script(self._publish_hosts, payload)
+            elif isinstance(op, OnlineUsers | OnlineInChannel | AreOnline):
+                script(cluster.PRESENCE)
             elif isinstance(op, PublishPresence):
                 body = cluster.snapshot_json(op.presence)
                 ttl = int(PRESENCE_TTL * 1000)
-                script(cluster.SNAPSHOT, now_ms + ttl, ttl, body)
+                sealed = cluster.seal_presence(key, host, now_ms + ttl, op.presence)
+                script(cluster.SNAPSHOT, now_ms + ttl, ttl, body, sealed)
             else:  # the probe
-                probe = cluster.encode(Message(host, None, b"", probe=True))
+                probe = cluster.encode(Message(host, None, b"", probe=True), key)
                 pipe.execute_command(self._publish, layout.host_topic(host), probe)
         results = pipe.execute(raise_on_error=False)
         events: list[OpResult] = []
@@ -314,8 +330,11 @@ class RedisLink:
                 log.error("redis: %s failed: %s", type(op).__name__, value)
                 events.append(OpResult(op.qid, False, None))
             elif op.qid:
-                events.append(OpResult(op.qid, True, _answer(op, value)))
-        self._count("published", sum(isinstance(op, PublishChannel | PublishUsers) for op in batch))
+                events.append(OpResult(op.qid, True, self._answer(op, value, now_ms)))
+        published = sum(
+            isinstance(op, PublishChannel | PublishUsers | PublishHosts) for op in batch
+        )
+        self._count("published", published)
         if events:
             self.notify(Results(events))
 
@@ -400,9 +419,9 @@ class RedisLink:
     def _decode(self, message: dict[str, Any]) -> Delivery | None:
         self._count("received")
         topic = message["channel"].decode(errors="replace")
-        decoded = cluster.decode(message["data"])
-        if decoded is None:
-            self._count("malformed")
+        decoded = cluster.decode(message["data"], self.key)
+        if isinstance(decoded, Rejected):
+            self._count(decoded.value)
             return None
         if decoded.probe:
             if decoded.origin == self.host:
@@ -411,17 +430,51 @@ class RedisLink:
         if decoded.origin == self.host:
             return None  # our own broadcast: already delivered on this host
         channel = self.layout.channel_of_topic(topic)
+        if channel != decoded.channel:
+            # sealed for another channel (or for users): replayed onto this topic
+            self._count("forged")
+            return None
         if channel is None and decoded.users is None:
             self._count("malformed")
             return None
         target = None if channel is None else ChannelId(channel)
-        return Delivery(target, decoded.users or [], decoded.frame, decoded.control)
+        control = decoded.control
+        if control is not None and "ban" in control:
+            left = cluster.ban_remaining(control, _now_ms())
+            control = {k: v for k, v in control.items() if k not in ("until", "ban")}
+            if left is not None:  # else it has passed: a plain disconnect
+                control["ban"] = left
+        return Delivery(target, decoded.users or [], decoded.frame, control)
+
+    def _answer(self, op: Work, value: Any, now_ms: int) -> dict[str, Any]:
+        """An operation's Redis reply, in the shape of the shards' answers."""
+        if not isinstance(op, OnlineUsers | OnlineInChannel | AreOnline):
+            return {"value": value}
+        hosts = self._presence(value, now_ms)
+        if isinstance(op, OnlineUsers):
+            return {"users": sorted(set().union(*(p.users for p in hosts)))}
+        if isinstance(op, OnlineInChannel):
+            empty: frozenset[int] = frozenset()
+            return {
+                "users": sorted(set().union(*(p.channels.get(op.channel, empty) for p in hosts)))
+            }
+        wanted = set(op.users)
+        return {"online": sorted(set().union(*(p.users & wanted for p in hosts)))}
+
+    def _presence(self, value: list[Any], now_ms: int) -> list[Presence]:
+        """The other hosts' sealed snapshots (the PRESENCE script's answer), checked: one without
+        a valid seal is counted (``forged``) and left out, as is an expired one."""
+        found: list[Presence] = []
+        for i in range(0, len(value) - 1, 2):
+            host = value[i].decode(errors="replace") if isinstance(value[i], bytes) else ""
+            raw = value[i + 1] if isinstance(value[i + 1], bytes) else None
+            presence = cluster.read_presence(self.key, host, raw, now_ms)
+            if isinstance(presence, Rejected):
+                self._count(presence.value)
+            elif presence is not None:
+                found.append(presence)
+        return found
 
 
-def _answer(op: Work, value: Any) -> dict[str, Any]:
-    """An operation's Redis reply, in the shape of the shards' answers."""
-    if isinstance(op, OnlineUsers | OnlineInChannel):
-        return {"users": [int(v) for v in value]}
-    if isinstance(op, AreOnline):
-        return {"online": [int(v) for v in value]}
-    return {"value": value}
+def _now_ms() -> int:
+    return int(time.time() * 1000)

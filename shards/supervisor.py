@@ -30,7 +30,7 @@ import zmq
 from actors.credit import WindowLimits
 from actors.ids import stable_hash
 from actors.policy import RestartPolicy
-from actors.router import RouterCore, ShardEvent, ShardHung, ShardState
+from actors.router import RouterCore, ShardEvent, ShardHung, ShardState, UserBanned
 from actors.router_actor import (
     RouterActor,
     RouterFailed,
@@ -38,6 +38,7 @@ from actors.router_actor import (
     ShardStarting,
     SupervisorEvent,
 )
+from actors.wire.cluster import ClusterKey
 from actors.wire.tokens import Claims
 from shards import limits, ready
 from shards.acceptor import Acceptor
@@ -117,6 +118,7 @@ class Supervisor:
             shutil.rmtree(self.rundir, ignore_errors=True)
             raise
         redis_url, name = config.redis, config.cluster_name
+        cluster_key = ClusterKey.of(config.secret, config.cluster_secret)
         core = RouterCore(
             config.shards,
             config.gather_timeout,
@@ -134,7 +136,11 @@ class Supervisor:
                 self.shard_endpoint,
                 lambda event: loop.call_soon_threadsafe(self._shard_event, event),
                 config.hang_timeout,
-                (lambda notify: RedisLink(redis_url, name, notify)) if redis_url else None,
+                (
+                    (lambda notify: RedisLink(redis_url, name, notify, cluster_key))
+                    if redis_url
+                    else None
+                ),
                 backend_queue=config.backend_queue,
                 command_auth=command_auth(config.command_key, config.command_clients),
             )
@@ -286,6 +292,12 @@ class Supervisor:
         if isinstance(event, RouterFailed):  # a bug: stop, so that systemd restarts us
             log.critical("the router failed (%s); shutting down", event.reason)
             self.shutdown(exit_code=1)
+            return
+        if isinstance(event, UserBanned):  # here or forwarded from another host
+            if self.acceptor is not None:
+                self.acceptor.ban(event.user, event.seconds)
+            else:  # not accepting yet: nothing to refuse, the ban is lost (logged)
+                log.warning("ban of user %d before the host accepts: not applied", event.user)
             return
         shard = self.shards[event.index]
         if not shard.current(event.epoch):

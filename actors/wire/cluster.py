@@ -12,20 +12,74 @@ hosts set), which is how a Redis Cluster client routes it to the node that owns 
 | ``{P}:h:<host>:users`` | set | users online on that host |
 | ``{P}:h:<host>:chans`` | set | channels with members on that host |
 | ``{P}:h:<host>:c:<channel>`` | set | that channel's members on that host |
+| ``{P}:h:<host>:snap`` | string | the host's presence, sealed: what other hosts' queries read |
 | ``{P}:c:<channel>`` | topic | broadcasts to the channel (hosts with members listen) |
 | ``{P}:h:<host>`` | topic | the host's inbox: user broadcasts for its users, its own probes |
+
+Every message and every presence snapshot is *sealed*: a 32-byte HMAC-SHA256 under the cluster
+key, then the body. :func:`decode` and :func:`read_presence` check the seal first (in constant
+time) and tell a forged message (:attr:`Rejected.FORGED`: no seal, or a wrong one) from a
+malformed one (:attr:`Rejected.MALFORMED`: sealed, but not a valid body). A sealed message can be
+replayed (the seal says who made it, not when); presence snapshots carry their expiry, so a
+replayed one is worth nothing past it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
 from actors.ids import parse_id
 from actors.wire import frames
 
 MAX_FRAME = 16 * 1024 * 1024
+MAX_BAN = 1e9  # seconds, as commands.MAX_SECONDS
+MAC_SIZE = 32  # HMAC-SHA256
+MAC_LABEL = b"ucc cluster mac v1"  # derives the default cluster key from the token secret
+
+
+class ClusterKey:
+    """The key that seals cluster messages: ``--cluster-secret``, or else derived from the token
+    secret (HMAC-SHA256(token secret, :data:`MAC_LABEL`)), so that hosts sharing the token secret
+    agree. Holds a keyed HMAC state, copied per message (cheaper than keying it each time)."""
+
+    __slots__ = ("_state",)
+
+    def __init__(self, key: bytes) -> None:
+        self._state = hmac.new(key, digestmod=hashlib.sha256)
+
+    @classmethod
+    def of(cls, token_secret: str, cluster_secret: str | None = None) -> ClusterKey:
+        if cluster_secret:
+            return cls(cluster_secret.encode())
+        return cls(hmac.new(token_secret.encode(), MAC_LABEL, hashlib.sha256).digest())
+
+    def mac(self, body: bytes) -> bytes:
+        state = self._state.copy()
+        state.update(body)
+        return state.digest()
+
+    def seal(self, body: bytes) -> bytes:
+        """``body`` with its MAC in front."""
+        return self.mac(body) + body
+
+    def open(self, raw: bytes) -> bytes | None:
+        """The body of a sealed ``raw``; None if its MAC is missing or wrong (forged)."""
+        if len(raw) < MAC_SIZE:
+            return None
+        body = raw[MAC_SIZE:]
+        return body if hmac.compare_digest(raw[:MAC_SIZE], self.mac(body)) else None
+
+
+class Rejected(Enum):
+    """Why :func:`decode` or :func:`read_presence` refused something (each counted apart)."""
+
+    MALFORMED = "malformed"  # a valid seal on a bad body (a bug or a version mismatch)
+    FORGED = "forged"  # no valid seal: not made by a host of this cluster
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +104,9 @@ class Layout:
         """The host's users set and its channels set."""
         return f"{self.prefix}:h:{host}:users", f"{self.prefix}:h:{host}:chans"
 
+    def snapshot_key(self, host: str) -> str:
+        return f"{self.prefix}:h:{host}:snap"
+
     def member_key(self, host: str, channel: int | str) -> str:
         return f"{self.prefix}:h:{host}:c:{channel}"
 
@@ -62,25 +119,30 @@ class Layout:
 
 @dataclass(frozen=True, slots=True)
 class Message:
-    """A broadcast between hosts: from ``origin``, to ``users`` (or a channel), this frame; or,
-    with ``control``, a backend command for those users (subscribe, unsubscribe, disconnect)."""
+    """A broadcast between hosts: from ``origin``, to ``users`` (or to ``channel``, whose topic
+    it must arrive on), this frame; or, with ``control``, a backend command for those users
+    (subscribe, unsubscribe, disconnect, the latter with an optional ``ban``)."""
 
     origin: str
     users: list[int] | None
     frame: bytes
     probe: bool = False
     control: dict[str, Any] | None = None
+    channel: int | None = None
 
 
 CONTROL_OPS = ("subscribe", "unsubscribe", "disconnect")
 
 
-def encode(message: Message) -> bytes:
+def encode(message: Message, key: ClusterKey) -> bytes:
+    """The message, sealed under ``key``."""
     fields: dict[str, Any] = {"o": message.origin, "u": message.users, "p": message.probe}
     if message.control is not None:
         fields["c"] = message.control
+    if message.channel is not None:
+        fields["ch"] = message.channel
     header = json.dumps(fields).encode()
-    return len(header).to_bytes(4, "big") + header + message.frame
+    return key.seal(len(header).to_bytes(4, "big") + header + message.frame)
 
 
 def _control(value: Any) -> dict[str, Any] | None:
@@ -91,29 +153,57 @@ def _control(value: Any) -> dict[str, Any] | None:
         raise ValueError("bad control")
     if value["op"] != "disconnect" and parse_id(value.get("channel")) is None:
         raise ValueError("bad control channel")
+    if "ban" in value and not valid_seconds(value["ban"]):
+        raise ValueError("bad ban")
+    if "until" in value and (type(value["until"]) is not int or value["until"] < 0):
+        raise ValueError("bad ban expiry")
     return value
 
 
-def decode(raw: bytes, max_frame: int = MAX_FRAME) -> Message | None:
-    """The message, or None if it is malformed (counted and dropped by the caller): anything
-    on Redis may come from a buggy or hostile publisher, and its frame goes to our clients."""
+def valid_seconds(value: Any) -> bool:
+    """A duration: a number (not a bool) from 0 to :data:`MAX_BAN` (NaN is not)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= MAX_BAN
+
+
+def ban_remaining(control: dict[str, Any], now_ms: int) -> float | None:
+    """What is left of a forwarded ban (``ban`` seconds, ``until`` ms since the epoch set by the
+    publisher): None once it has passed (a replay later bans nobody, nor lifts a newer ban), and
+    a clock ahead of ours adds nothing to its length. A ban of 0 (lift it) stays 0."""
+    seconds = float(control.get("ban", 0))
+    until = control.get("until")
+    if until is None or seconds == 0:
+        return seconds
+    left = min(seconds, (until - now_ms) / 1000)
+    return left if left > 0 else None
+
+
+def decode(raw: bytes, key: ClusterKey, max_frame: int = MAX_FRAME) -> Message | Rejected:
+    """The message, or why it is refused (counted and dropped by the caller): anything on Redis
+    may come from a buggy or hostile publisher, and its frame goes to our clients. The seal is
+    checked first: without a valid one the message is :attr:`Rejected.FORGED`."""
+    body = key.open(raw)
+    if body is None:
+        return Rejected.FORGED
     try:
-        size = int.from_bytes(raw[:4], "big")
-        header = json.loads(raw[4 : 4 + size].decode("utf-8"))
+        size = int.from_bytes(body[:4], "big")
+        header = json.loads(body[4 : 4 + size].decode("utf-8"))
         origin, users, probe = header["o"], header["u"], bool(header.get("p"))
         control = _control(header.get("c"))
+        channel = header.get("ch")
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
-        return None
+        return Rejected.MALFORMED
     if not isinstance(origin, str):
-        return None
+        return Rejected.MALFORMED
+    if channel is not None and parse_id(channel) is None:
+        return Rejected.MALFORMED
     if users is not None and (
         not isinstance(users, list) or not all(parse_id(u) is not None for u in users)
     ):
-        return None
-    frame = raw[4 + size :]
+        return Rejected.MALFORMED
+    frame = body[4 + size :]
     if not probe and control is None and not frames.is_text_frame(frame, max_frame):
-        return None
-    return Message(origin, users, frame, probe, control)
+        return Rejected.MALFORMED
+    return Message(origin, users, frame, probe, control, channel)
 
 
 def snapshot_json(snapshot: dict[str, Any]) -> str:
@@ -127,6 +217,62 @@ def snapshot_json(snapshot: dict[str, Any]) -> str:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Presence:
+    """Another host's presence, as its sealed snapshot says."""
+
+    users: frozenset[int]
+    channels: dict[int, frozenset[int]]
+
+
+def seal_presence(key: ClusterKey, host: str, expires_ms: int, snapshot: dict[str, Any]) -> bytes:
+    """This host's snapshot as the other hosts read it: sealed, naming the host and its expiry
+    (so that it can be neither moved to another host nor replayed past its expiry)."""
+    body = {
+        "h": host,
+        "x": expires_ms,
+        "u": sorted(snapshot["users"]),
+        "c": {str(c): sorted(m) for c, m in snapshot["channels"].items()},
+    }
+    return key.seal(json.dumps(body, separators=(",", ":")).encode())
+
+
+def read_presence(
+    key: ClusterKey, host: str, raw: bytes | None, now_ms: int
+) -> Presence | Rejected | None:
+    """Host ``host``'s sealed snapshot: :attr:`Rejected.FORGED` if it is missing or its seal is
+    wrong or it names another host, None if it expired, else its presence."""
+    body = None if raw is None else key.open(raw)
+    if body is None:
+        return Rejected.FORGED
+    try:
+        data = json.loads(body.decode("utf-8"))
+        if data["h"] != host:
+            return Rejected.FORGED  # another host's snapshot, copied
+        if type(data["x"]) is not int:
+            return Rejected.MALFORMED
+        if data["x"] <= now_ms:
+            return None
+        users = frozenset(_ids(data["u"]))
+        channels = {_id(c): frozenset(_ids(m)) for c, m in data["c"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        return Rejected.MALFORMED
+    return Presence(users, channels)
+
+
+def _id(value: Any) -> int:
+    parsed = parse_id(int(value) if isinstance(value, str) and value.isdigit() else value)
+    if parsed is None:
+        raise ValueError("bad id")
+    return parsed
+
+
+def _ids(values: Any) -> list[int]:
+    if not isinstance(values, list):
+        raise ValueError("not a list")
+    return [_id(v) for v in values]
+
+
 # Scripts: KEYS[1] is the hosts sorted set; ARGV[1] the prefix, ARGV[2] this host, ARGV[3] now
 # (ms). Only hosts whose expiry is in the future count; this host's own entries never do (its
 # part of every answer comes from its shards directly).
@@ -136,76 +282,59 @@ local others = {}
 for _, h in ipairs(live) do if h ~= ARGV[2] then others[#others + 1] = h end end
 """
 
-ONLINE = (
-    _LIVE_OTHERS
-    + """
-local keys = {}
-for _, h in ipairs(others) do keys[#keys + 1] = ARGV[1] .. ':h:' .. h .. ':users' end
-if #keys == 0 then return {} end
-return redis.call('SUNION', unpack(keys))
-"""
-)
-
-ONLINE_IN_CHANNEL = (
-    _LIVE_OTHERS
-    + """
-local keys = {}
-for _, h in ipairs(others) do keys[#keys + 1] = ARGV[1] .. ':h:' .. h .. ':c:' .. ARGV[4] end
-if #keys == 0 then return {} end
-return redis.call('SUNION', unpack(keys))
-"""
-)
-
-# ARGV[4..]: user ids. Returns those online on another host.
-ARE_ONLINE = (
-    _LIVE_OTHERS
-    + """
-local found = {}
-for _, h in ipairs(others) do
-  local key = ARGV[1] .. ':h:' .. h .. ':users'
-  for i = 4, #ARGV do
-    if redis.call('SISMEMBER', key, ARGV[i]) == 1 then found[#found + 1] = ARGV[i] end
-  end
-end
-return found
-"""
-)
-
-# ARGV[4]: the encoded frame; ARGV[5]: a control command as JSON, or ''; ARGV[6..]: user ids.
-# Publishes to each other host that has some of the users, only their ids. Returns the number of
-# hosts published to. For a single Redis.
+# ARGV[4]: the sealed message (naming all the users); ARGV[5..]: user ids. Publishes it to each
+# other live host that has some of the users. Returns the number of hosts published to. For a
+# single Redis. (The message is sealed by its publisher, so the script cannot tailor it per host:
+# each host applies it to those of the users it has.)
 PUBLISH_USERS = (
     _LIVE_OTHERS
     + """
 local sent = 0
 for _, h in ipairs(others) do
   local key = ARGV[1] .. ':h:' .. h .. ':users'
-  local mine = {}
-  for i = 6, #ARGV do
-    if redis.call('SISMEMBER', key, ARGV[i]) == 1 then mine[#mine + 1] = ARGV[i] end
-  end
-  if #mine > 0 then
-    -- ids stay strings of digits: Lua numbers are doubles, and cjson prints 14 digits
-    local header = '{"o":' .. cjson.encode(ARGV[2]) .. ',"u":[' .. table.concat(mine, ',') .. ']'
-    if ARGV[5] ~= '' then header = header .. ',"c":' .. ARGV[5] end
-    header = header .. ',"p":false}'
-    local size = string.char(
-      math.floor(#header / 16777216) % 256, math.floor(#header / 65536) % 256,
-      math.floor(#header / 256) % 256, #header % 256)
-    redis.call('PUBLISH', ARGV[1] .. ':h:' .. h, size .. header .. ARGV[4])
-    sent = sent + 1
+  for i = 5, #ARGV do
+    if redis.call('SISMEMBER', key, ARGV[i]) == 1 then
+      redis.call('PUBLISH', ARGV[1] .. ':h:' .. h, ARGV[4])
+      sent = sent + 1
+      break
+    end
   end
 end
 return sent
 """
 )
 
+# ARGV[4]: the sealed message. Publishes it to every other live host (a ban). Returns how many.
+PUBLISH_HOSTS = (
+    _LIVE_OTHERS
+    + """
+for _, h in ipairs(others) do redis.call('PUBLISH', ARGV[1] .. ':h:' .. h, ARGV[4]) end
+return #others
+"""
+)
+
+# The other live hosts and their sealed snapshots: {host, snapshot or false, ...}.
+PRESENCE = (
+    _LIVE_OTHERS
+    + """
+local out = {}
+for _, h in ipairs(others) do
+  out[#out + 1] = h
+  out[#out + 1] = redis.call('GET', ARGV[1] .. ':h:' .. h .. ':snap')
+end
+return out
+"""
+)
+
 # The same for a Redis Cluster: sharded pub/sub. The inbox topics carry the scripts' hash tag, so
 # the script publishes within its own slot (KEYS[1]'s), as Redis Cluster requires of SPUBLISH.
 SPUBLISH_USERS = PUBLISH_USERS.replace("redis.call('PUBLISH',", "redis.call('SPUBLISH',")
+SPUBLISH_HOSTS = PUBLISH_HOSTS.replace("redis.call('PUBLISH',", "redis.call('SPUBLISH',")
 
 # Replace this host's presence. ARGV[4]: expiry (ms since the epoch); ARGV[5]: ttl (ms);
-# ARGV[6]: JSON {"users": [...], "channels": {"<id>": [...]}}. Also forgets expired hosts.
+# ARGV[6]: JSON {"users": [...], "channels": {"<id>": [...]}}; ARGV[7]: the same, sealed (what the
+# other hosts' queries read; the sets serve only to route user messages). Also forgets expired
+# hosts.
 SNAPSHOT = """
 local prefix, host, expires, ttl = ARGV[1], ARGV[2], ARGV[4], ARGV[5]
 local data = cjson.decode(ARGV[6])
@@ -228,6 +357,7 @@ for c, members in pairs(data.channels) do
   fill(base .. ':c:' .. c, members)
 end
 if #chans > 0 then fill(base .. ':chans', chans) end
+redis.call('SET', base .. ':snap', ARGV[7], 'PX', ttl + 1000)
 redis.call('ZADD', KEYS[1], expires, host)
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[3])
 return #data.users
@@ -239,6 +369,6 @@ local base = ARGV[1] .. ':h:' .. ARGV[2]
 for _, c in ipairs(redis.call('SMEMBERS', base .. ':chans')) do
   redis.call('DEL', base .. ':c:' .. c)
 end
-redis.call('DEL', base .. ':users', base .. ':chans')
+redis.call('DEL', base .. ':users', base .. ':chans', base .. ':snap')
 return redis.call('ZREM', KEYS[1], ARGV[2])
 """

@@ -16,12 +16,14 @@ from actors.ids import parse_id
 from actors.wire.errors import PeerError
 
 MAX_IDS_PER_COMMAND = 100_000
+MAX_SECONDS = 1e9  # about 31 years: longer is a mistake, and would overflow a float's use
 
 
 class Field(Enum):
     ID = "a positive integer"
     IDS = "a list of positive integers"
     DATA = "any JSON value"
+    SECONDS = f"a number of seconds from 0 to {MAX_SECONDS:.0e}"
 
 
 COMMANDS: dict[str, dict[str, Field]] = {
@@ -37,6 +39,10 @@ COMMANDS: dict[str, dict[str, Field]] = {
     "disconnect": {"user": Field.ID},
     "status": {},
     "router_stats": {},
+}
+# fields a command may carry, validated when present
+OPTIONAL: dict[str, dict[str, Field]] = {
+    "disconnect": {"ban": Field.SECONDS},
 }
 
 
@@ -89,7 +95,20 @@ def decode(raw: bytes, max_size: int) -> Command:
             data_json = _DATA.encode(value).encode()
             continue
         args[key] = value
+    for key in OPTIONAL.get(name, {}):
+        if key in body:
+            args[key] = _seconds(key, body[key])
     return Command(name, body.get("id"), args, data_json)
+
+
+def _seconds(key: str, value: Any) -> float | int:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not 0 <= value <= MAX_SECONDS  # NaN fails this too
+    ):
+        raise CommandError("bad_request", f"field {key!r} must be {Field.SECONDS.value}")
+    return value
 
 
 def _reject_constant(name: str) -> Any:

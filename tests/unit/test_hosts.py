@@ -22,6 +22,7 @@ from actors.hostlink import (
     OnlineUsers,
     OpResult,
     PublishChannel,
+    PublishHosts,
     PublishPresence,
     PublishUsers,
     Results,
@@ -30,7 +31,7 @@ from actors.hostlink import (
 )
 from actors.hosts import UNREACHED, OtherHosts
 from actors.ids import ChannelId, stable_hash
-from actors.router import RouterCore
+from actors.router import RouterCore, UserBanned
 from actors.wire import frames, shardwire
 
 N = 3
@@ -237,6 +238,52 @@ def test_a_user_command_is_forwarded_to_the_hosts_that_have_the_user(linked, nam
         "missing_shards": [],
         "cluster": True,
     }
+
+
+def test_a_ban_goes_to_every_other_host_not_only_those_with_the_user(linked):
+    core, hosts = linked
+    user = user_on(1)
+    command(core, {"id": 1, "cmd": "disconnect", "user": user, "ban": 3})
+    assert core.take_events() == [UserBanned(user, 3)]
+    (op,) = hosts.take_ops()
+    assert op == PublishHosts(op.qid, [user], {"op": "disconnect", "user": user, "ban": 3})
+    ((qid, _body),) = queries(core).values()
+    answer(core, 1, qid, {"connections": 1})
+    hosts.result(op.qid, True, {"value": 4})
+    assert reply(core) == {
+        "id": 1,
+        "ok": True,
+        "connections": 1,
+        "hosts": 4,
+        "banned": 3,
+        "missing_shards": [],
+        "cluster": True,
+    }
+
+
+def test_a_ban_while_the_link_is_down_still_bans_here_and_says_the_cluster_missed_it():
+    core, hosts = make(up=False)
+    user = user_on(1)
+    command(core, {"id": 1, "cmd": "disconnect", "user": user, "ban": 3})
+    assert core.take_events() == [UserBanned(user, 3)]
+    assert hosts.take_ops() == []
+    ((qid, _body),) = queries(core).values()
+    answer(core, 1, qid, {"connections": 0})
+    got = reply(core)
+    assert got["banned"] == 3 and got["cluster"] is False
+
+
+def test_a_ban_from_another_host_bans_here_and_disconnects(linked):
+    core, hosts = linked
+    a, b = user_on(1), user_on(2)
+    control = {"op": "disconnect", "user": a, "ban": 1.5}
+    hosts.link_event(Deliveries([Delivery(None, [a, b], b"", control)]), 0.0)
+    assert core.take_events() == [UserBanned(a, 1.5), UserBanned(b, 1.5)]
+    sent = sorted((who, json.loads(m[2])["user"]) for who, m in core.take_outbox())
+    assert sent == sorted([(identity(1), a), (identity(2), b)])
+    plain = {"op": "disconnect", "user": a}  # a ban that had passed on arrival
+    hosts.link_event(Deliveries([Delivery(None, [a], b"", plain)]), 0.0)
+    assert core.take_events() == []
 
 
 def test_are_users_online_asks_the_other_hosts_about_every_user(linked):

@@ -5,6 +5,7 @@ The link's threads are never started here; against real servers see tests/system
 from __future__ import annotations
 
 import queue
+import time
 from typing import Any
 
 import pytest
@@ -25,7 +26,10 @@ from actors.hostlink import (
 )
 from actors.ids import ChannelId
 from actors.wire import cluster, frames
-from shards.redislink import BACKOFF, Backoff, Probe, RedisLink, _answer
+from shards.redislink import BACKOFF, Backoff, Probe, RedisLink
+
+KEY = cluster.ClusterKey(b"unit cluster key")
+NOW_MS = 1_000_000
 
 
 def delays(backoff: Backoff, count: int) -> list[float]:
@@ -60,7 +64,7 @@ def test_the_link_default_starts_small_and_is_capped_at_one_second():
 @pytest.fixture
 def link() -> tuple[RedisLink, list[LinkEvent]]:
     events: list[LinkEvent] = []
-    return RedisLink("redis://127.0.0.1:1", "unit", events.append), events
+    return RedisLink("redis://127.0.0.1:1", "unit", events.append, KEY), events
 
 
 def pubsub_message(topic: str, payload: bytes) -> dict[str, Any]:
@@ -94,44 +98,108 @@ def test_a_full_queue_fails_the_operation_at_once_to_whoever_waits(link):
     assert events == [Results([OpResult(2, False, None)])]
 
 
-def test_answers_have_the_shape_of_the_shards_answers():
-    assert _answer(OnlineUsers(1), [b"3", b"4"]) == {"users": [3, 4]}
-    assert _answer(OnlineInChannel(1, ChannelId(2)), [b"5"]) == {"users": [5]}
-    assert _answer(AreOnline(1, [5, 6]), [b"6"]) == {"online": [6]}
-    assert _answer(PublishUsers(1, [5], b"f"), 2) == {"value": 2}
+def presence(host: str, users: list[int], channels: dict[int, list[int]]) -> list[bytes]:
+    snapshot = {"users": users, "channels": channels}
+    return [host.encode(), cluster.seal_presence(KEY, host, NOW_MS + 5000, snapshot)]
+
+
+def test_answers_have_the_shape_of_the_shards_answers(link):
+    link, _events = link
+    value = presence("h1", [3, 4], {2: [3]}) + presence("h2", [5, 6], {2: [5]})
+    assert link._answer(OnlineUsers(1), value, NOW_MS) == {"users": [3, 4, 5, 6]}
+    assert link._answer(OnlineInChannel(1, ChannelId(2)), value, NOW_MS) == {"users": [3, 5]}
+    assert link._answer(AreOnline(1, [5, 7]), value, NOW_MS) == {"online": [5]}
+    assert link._answer(PublishUsers(1, [5], b"f"), 2, NOW_MS) == {"value": 2}
     assert Probe().qid == PublishPresence({}).qid == 0  # nobody waits for these
+    assert link.stats()["forged"] == 0
+
+
+def test_presence_without_a_valid_seal_is_left_out_and_counted_forged(link):
+    link, _events = link
+    fake = cluster.ClusterKey(b"not the key")
+    forged = [
+        b"fake",
+        cluster.seal_presence(fake, "fake", NOW_MS + 10**9, {"users": [9], "channels": {}}),
+    ]
+    missing = [b"gone", None]
+    moved = [b"thief", presence("h1", [8], {})[1]]  # h1's snapshot under another host's name
+    expired = [
+        b"old",
+        cluster.seal_presence(KEY, "old", NOW_MS - 1, {"users": [7], "channels": {}}),
+    ]
+    value = presence("h1", [3], {}) + forged + missing + moved + expired
+    assert link._answer(OnlineUsers(1), value, NOW_MS) == {"users": [3]}
+    assert link.stats()["forged"] == 3  # an expired one is only old, not forged
 
 
 def test_a_channel_message_from_another_host_becomes_a_delivery(link):
     link, _events = link
     frame = frames.channel_message(6, b"1")
-    payload = cluster.encode(cluster.Message("other-host", None, frame))
+    payload = cluster.encode(cluster.Message("other-host", None, frame, channel=6), KEY)
     got = link._decode(pubsub_message(link.layout.channel_topic(6), payload))
     assert got == Delivery(ChannelId(6), [], frame, None)
+
+
+def test_forged_or_replayed_onto_another_topic_messages_are_counted_and_dropped(link):
+    link, _events = link
+    frame = frames.channel_message(6, b"1")
+    topic = link.layout.channel_topic(6)
+    unsealed = cluster.encode(cluster.Message("other-host", None, frame, channel=6), KEY)[32:]
+    wrong_key = cluster.encode(
+        cluster.Message("other-host", None, frame, channel=6), cluster.ClusterKey(b"guess")
+    )
+    for_channel_7 = cluster.encode(cluster.Message("other-host", None, frame, channel=7), KEY)
+    for_users = cluster.encode(cluster.Message("other-host", [1], frame), KEY)
+    for payload in (unsealed, wrong_key, for_channel_7, for_users):
+        assert link._decode(pubsub_message(topic, payload)) is None
+    assert link.stats()["forged"] == 4
+    assert link.stats()["malformed"] == 0
+
+
+def test_a_forwarded_ban_arrives_with_what_is_left_of_it(link):
+    link, _events = link
+    now = int(time.time() * 1000)
+    inbox = link.layout.host_topic(link.host)
+
+    def delivered(control: dict[str, Any]) -> dict[str, Any] | None:
+        payload = cluster.encode(cluster.Message("other-host", [1], b"", control=control), KEY)
+        got = link._decode(pubsub_message(inbox, payload))
+        assert got is not None
+        return got.control
+
+    ban = {"op": "disconnect", "user": 1, "ban": 60, "until": now + 30_000}
+    got = delivered(ban)
+    assert got is not None and 25 < got["ban"] <= 30 and "until" not in got
+    passed = delivered({**ban, "until": now - 1})  # a replay after its end: a plain disconnect
+    assert passed == {"op": "disconnect", "user": 1}
+    lift = delivered({**ban, "ban": 0, "until": now - 1})
+    assert lift == {"op": "disconnect", "user": 1, "ban": 0.0}
 
 
 def test_a_users_command_from_another_host_becomes_a_delivery_with_its_control(link):
     link, _events = link
     control = {"op": "disconnect"}
-    payload = cluster.encode(cluster.Message("other-host", [1, 2], b"", control=control))
+    payload = cluster.encode(cluster.Message("other-host", [1, 2], b"", control=control), KEY)
     got = link._decode(pubsub_message(link.layout.host_topic(link.host), payload))
     assert got == Delivery(None, [1, 2], b"", control)
 
 
 def test_our_own_messages_and_probes_are_not_delivered(link):
     link, _events = link
-    own = cluster.encode(cluster.Message(link.host, None, b"frame"))
+    own = cluster.encode(cluster.Message(link.host, None, b"frame", channel=6), KEY)
     assert link._decode(pubsub_message(link.layout.channel_topic(6), own)) is None
-    probe = cluster.encode(cluster.Message(link.host, None, b"", probe=True))
+    probe = cluster.encode(cluster.Message(link.host, None, b"", probe=True), KEY)
     assert link._decode(pubsub_message(link.layout.host_topic(link.host), probe)) is None
 
 
 def test_malformed_messages_are_counted_and_the_router_gets_a_copy_of_the_counters(link):
     link, _events = link
-    assert link._decode(pubsub_message(link.layout.channel_topic(6), b"\x00garbage")) is None
-    no_target = cluster.encode(cluster.Message("other-host", None, frames.direct_message(b"1")))
+    garbage = KEY.seal(b"\x00garbage")  # sealed, so not forged: malformed
+    assert link._decode(pubsub_message(link.layout.channel_topic(6), garbage)) is None
+    message = cluster.Message("other-host", None, frames.direct_message(b"1"))
+    no_target = cluster.encode(message, KEY)
     assert link._decode(pubsub_message("not-a-topic", no_target)) is None
     stats = link.stats()
-    assert stats == {"published": 0, "received": 2, "malformed": 2, "reconnects": 0}
+    assert stats == {"published": 0, "received": 2, "malformed": 2, "forged": 0, "reconnects": 0}
     stats["received"] = 100  # a copy: the link's own counters are untouched
     assert link.stats()["received"] == 2

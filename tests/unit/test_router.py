@@ -9,7 +9,7 @@ import pytest
 
 from actors.credit import WindowLimits
 from actors.ids import stable_hash
-from actors.router import RouterCore, ShardEvent, ShardHung, ShardState
+from actors.router import RouterCore, ShardEvent, ShardHung, ShardState, UserBanned
 from actors.wire import frames, shardwire
 from actors.wire.commands import COMMANDS, Field
 
@@ -433,6 +433,28 @@ def test_disconnect_goes_to_the_users_shard(core):
     assert body == {"op": "disconnect", "user": user}
     answer(core, 0, 1, qid, {"connections": 3})
     assert take_reply(core)["connections"] == 3
+
+
+def test_disconnect_with_a_ban_bans_the_user_here_and_says_so(core):
+    user = user_on(0)
+    command(core, {"id": 1, "cmd": "disconnect", "user": user, "ban": 2.5})
+    assert core.take_events() == [UserBanned(user, 2.5)]  # for the supervisor's acceptor
+    qid, body = take_queries(core)[0]
+    assert body == {"op": "disconnect", "user": user}  # the shard closes as without a ban
+    answer(core, 0, 1, qid, {"connections": 3})
+    assert take_reply(core) == {
+        "id": 1,
+        "ok": True,
+        "connections": 3,
+        "banned": 2.5,
+        "missing_shards": [],
+    }
+
+
+def test_a_bad_ban_bans_nobody(core):
+    command(core, {"id": 1, "cmd": "disconnect", "user": user_on(0), "ban": -1})
+    assert take_reply(core)["error"]["code"] == "bad_request"
+    assert core.take_events() == []
 
 
 def test_subscribe_for_a_down_shard(core):

@@ -5,10 +5,22 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from actors.wire import cluster, frames
-from actors.wire.cluster import Layout, Message, decode, encode
+from actors.wire.cluster import MAC_SIZE, ClusterKey, Layout, Message, Rejected
 from shards.redislink import cluster_seed
+
+KEY = ClusterKey(b"unit cluster key")
+
+
+def encode(message: Message, key: ClusterKey = KEY) -> bytes:
+    return cluster.encode(message, key)
+
+
+def decode(raw: bytes, key: ClusterKey = KEY) -> Message | Rejected:
+    return cluster.decode(raw, key)
 
 
 def test_every_name_shares_the_hash_tag():
@@ -19,6 +31,7 @@ def test_every_name_shares_the_hash_tag():
         layout.host_topic("h1"),
         *layout.host_keys("h1"),
         layout.member_key("h1", 7),
+        layout.snapshot_key("h1"),
     ]
     assert all(name.startswith("{ucc:blue}:") for name in names)
     assert layout.channel_of_topic(layout.channel_topic(7)) == 7
@@ -31,11 +44,15 @@ def test_a_message_survives_encoding_and_garbage_is_refused():
     assert decode(encode(Message("h1", None, b"", probe=True))) == Message("h1", None, b"", True)
     control = Message("h1", [7], b"", control={"op": "subscribe", "channel": 3, "user": 7})
     assert decode(encode(control)) == control
+    ban = Message("h1", [7], b"", control={"op": "disconnect", "user": 7, "ban": 2.5, "until": 9})
+    assert decode(encode(ban)) == ban
+    to_channel = Message("h1", None, message.frame, channel=5)
+    assert decode(encode(to_channel)) == to_channel
     deep = b"[" * 5000
     for raw in (
-        b"",
-        b"\x00\x00\x00\x05{bad}",
-        len(deep).to_bytes(4, "big") + deep,  # too deep for json: refused, not a crash
+        KEY.seal(b""),
+        KEY.seal(b"\x00\x00\x00\x05{bad}"),
+        KEY.seal(len(deep).to_bytes(4, "big") + deep),  # too deep for json: refused, no crash
         encode(Message("h1", [0], message.frame)),
         encode(Message("h1", [2**63], message.frame)),  # would not fit the shard wire
         encode(Message("h1", [1], b"raw bytes, not a frame")),
@@ -43,8 +60,79 @@ def test_a_message_survives_encoding_and_garbage_is_refused():
         encode(Message("h1", [1], b"\x81\xfe\x00")),  # truncated length
         encode(Message("h1", [1], b"\x82\x00")),  # binary
         encode(Message("h1", [1], b"", control={"op": "explode"})),
+        encode(Message("h1", [1], b"", control={"op": "disconnect", "ban": -1})),
+        encode(Message("h1", [1], b"", control={"op": "disconnect", "ban": True})),
+        encode(Message("h1", [1], b"", control={"op": "disconnect", "ban": 1, "until": 1.5})),
+        encode(Message("h1", None, message.frame, channel=0)),
     ):
-        assert decode(raw) is None, raw[:40]
+        assert decode(raw) is Rejected.MALFORMED, raw[:40]
+
+
+def test_a_message_without_a_valid_mac_is_forged_not_malformed():
+    message = Message("h1", [1, 2], frames.text_frame(b'{"type":"message"}'))
+    sealed = encode(message)
+    body = sealed[MAC_SIZE:]
+    tampered = sealed[:-1] + bytes([sealed[-1] ^ 1])  # one bit of the frame
+    retargeted = sealed.replace(b"[1, 2]", b"[1, 3]")  # the same MAC on other users
+    for raw in (
+        body,  # no MAC at all (what an old host, or a forger, publishes)
+        b"",
+        b"short",
+        tampered,
+        retargeted,
+        encode(message, ClusterKey(b"another cluster's key")),
+        bytes(MAC_SIZE) + body,
+    ):
+        assert decode(raw) is Rejected.FORGED, raw[:40]
+    assert decode(sealed) == message
+
+
+def test_the_default_key_is_derived_from_the_token_secret_with_a_fixed_label():
+    secret = "s" * 32
+    sealed = cluster.encode(Message("h1", None, b"", probe=True), ClusterKey.of(secret))
+    assert isinstance(cluster.decode(sealed, ClusterKey.of(secret)), Message)
+    assert cluster.decode(sealed, ClusterKey.of("t" * 32)) is Rejected.FORGED
+    # the derived key is not the token secret itself (a token signature is no cluster MAC)
+    assert cluster.decode(sealed, ClusterKey(secret.encode())) is Rejected.FORGED
+    explicit = ClusterKey.of(secret, "the cluster secret")
+    assert cluster.decode(sealed, explicit) is Rejected.FORGED
+    assert explicit.mac(b"x") == ClusterKey(b"the cluster secret").mac(b"x")
+
+
+@given(st.binary(max_size=600))
+def test_random_bytes_never_raise_from_decode(raw):
+    assert decode(raw) is Rejected.FORGED  # no MAC guessed by chance
+    assert isinstance(decode(KEY.seal(raw)), Message | Rejected)  # sealed garbage: no crash
+
+
+@given(st.binary(max_size=600))
+def test_random_bytes_never_raise_from_read_presence(raw):
+    assert cluster.read_presence(KEY, "h1", raw, 0) is Rejected.FORGED
+    assert cluster.read_presence(KEY, "h1", KEY.seal(raw), 0) in (
+        Rejected.MALFORMED,
+        Rejected.FORGED,
+    )
+
+
+def test_a_sealed_presence_names_its_host_and_expiry():
+    snapshot = {"users": [2**53 + 1, 4], "channels": {"5": [4]}}
+    raw = cluster.seal_presence(KEY, "h1", 2000, snapshot)
+    got = cluster.read_presence(KEY, "h1", raw, 1000)
+    assert got == cluster.Presence(frozenset({2**53 + 1, 4}), {5: frozenset({4})})
+    assert cluster.read_presence(KEY, "h1", raw, 2000) is None  # expired: a replay is worthless
+    assert cluster.read_presence(KEY, "h2", raw, 1000) is Rejected.FORGED  # moved to another host
+    assert cluster.read_presence(KEY, "h1", None, 1000) is Rejected.FORGED  # missing
+    assert cluster.read_presence(ClusterKey(b"k"), "h1", raw, 1000) is Rejected.FORGED
+    bad = KEY.seal(b'{"h": "h1", "x": 5000, "u": ["0"], "c": {}}')
+    assert cluster.read_presence(KEY, "h1", bad, 1000) is Rejected.MALFORMED
+
+
+def test_a_forwarded_ban_is_worth_what_is_left_of_it():
+    assert cluster.ban_remaining({"ban": 10}, 0) == 10
+    assert cluster.ban_remaining({"ban": 10, "until": 5000}, 1000) == 4
+    assert cluster.ban_remaining({"ban": 10, "until": 99_000}, 1000) == 10  # a clock ahead
+    assert cluster.ban_remaining({"ban": 10, "until": 5000}, 5000) is None  # passed
+    assert cluster.ban_remaining({"ban": 0, "until": 0}, 5000) == 0  # a lift stays a lift
 
 
 def test_is_text_frame_checks_lengths_exactly():
@@ -68,6 +156,8 @@ def test_the_cluster_variant_publishes_to_shard_channels_and_nothing_else_differ
     assert "'PUBLISH'" not in cluster.SPUBLISH_USERS
     assert "redis.call('SPUBLISH'," in cluster.SPUBLISH_USERS
     assert cluster.SPUBLISH_USERS.replace("SPUBLISH", "PUBLISH") == cluster.PUBLISH_USERS
+    assert "'PUBLISH'" not in cluster.SPUBLISH_HOSTS
+    assert cluster.SPUBLISH_HOSTS.replace("SPUBLISH", "PUBLISH") == cluster.PUBLISH_HOSTS
 
 
 @pytest.mark.parametrize(

@@ -279,3 +279,31 @@ def test_error_reply():
         "ok": False,
         "error": {"code": "unknown_command", "message": "unknown command 'f'"},
     }
+
+
+# -- disconnect's optional ban ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seconds", [0, 2, 2.5, 1e9])
+def test_disconnect_takes_an_optional_ban_in_seconds(seconds):
+    command = decode(raw({"cmd": "disconnect", "user": 7, "ban": seconds}), LIMIT)
+    assert command.args == {"user": 7, "ban": seconds}
+    assert decode(raw({"cmd": "disconnect", "user": 7}), LIMIT).args == {"user": 7}
+
+
+@pytest.mark.parametrize("value", [-1, -0.5, 1e9 + 1, 10**400, True, False, None, "5", [5], {}])
+def test_a_bad_ban_is_a_bad_request(value):
+    error = error_of(raw({"cmd": "disconnect", "user": 7, "ban": value}))
+    assert error.code == "bad_request"
+    assert "'ban'" in error.message
+
+
+@pytest.mark.parametrize("literal", [b"NaN", b"Infinity", b"1e400"])
+def test_a_ban_that_is_not_a_finite_number_is_refused(literal):
+    error = error_of(b'{"cmd": "disconnect", "user": 7, "ban": ' + literal + b"}")
+    assert error.code in ("bad_json", "bad_request")
+
+
+def test_only_disconnect_takes_a_ban():
+    command = decode(raw({"cmd": "subscribe", "user": 7, "channel": 3, "ban": 5}), LIMIT)
+    assert "ban" not in command.args  # an extra field, ignored as any other
