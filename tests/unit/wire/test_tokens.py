@@ -26,9 +26,9 @@ def sign(payload: dict[str, object], secret: str = SECRET, algorithm: str = "HS2
     return jwt.encode(payload, secret, algorithm=algorithm)
 
 
-def refused(token: str, now: float | None = NOW, secret: str = SECRET) -> str:
+def refused(token: str, now: float | None = NOW, secret: str = SECRET, **checks: object) -> str:
     with pytest.raises(TokenError) as info:
-        verify(secret, token, now=now)
+        verify(secret, token, now=now, **checks)  # type: ignore[arg-type]
     return str(info.value)
 
 
@@ -233,6 +233,76 @@ def test_bad_channels(channels):
     assert "channels" in refused(sign({"sub": "1", "exp": FAR, "channels": channels}))
 
 
+# -- audience, issuer, leeway, channel limit (issue 10) ------------------------------------------
+
+AUD = "ucc"
+ISS = "https://auth.example.com"
+
+
+@pytest.mark.parametrize(
+    "claims",
+    [
+        {"aud": AUD, "iss": ISS},
+        {"aud": [AUD], "iss": ISS},
+        {"aud": ["other", AUD], "iss": ISS},  # RFC 7519: a list naming this audience
+    ],
+)
+def test_aud_and_iss_when_configured(claims):
+    token = sign({"sub": "1", "exp": FAR, **claims})
+    assert verify(SECRET, token, now=NOW, audience=AUD, issuer=ISS).user == 1
+
+
+@pytest.mark.parametrize(
+    ("claims", "named"),
+    [
+        ({"iss": ISS}, "'aud'"),  # missing
+        ({"aud": "other", "iss": ISS}, "'aud'"),
+        ({"aud": "UCC", "iss": ISS}, "'aud'"),  # exact, not case-insensitive
+        ({"aud": ["other"], "iss": ISS}, "'aud'"),
+        ({"aud": [], "iss": ISS}, "'aud'"),
+        ({"aud": [[AUD]], "iss": ISS}, "'aud'"),
+        ({"aud": {"x": AUD}, "iss": ISS}, "'aud'"),
+        ({"aud": None, "iss": ISS}, "'aud'"),
+        ({"aud": AUD}, "'iss'"),  # missing
+        ({"aud": AUD, "iss": "https://evil.example"}, "'iss'"),
+        ({"aud": AUD, "iss": [ISS]}, "'iss'"),  # iss is one string
+        ({"aud": AUD, "iss": 1}, "'iss'"),
+    ],
+)
+def test_wrong_or_missing_aud_or_iss_is_refused(claims, named):
+    token = sign_text(json.dumps({"sub": "1", "exp": FAR, **claims}))  # PyJWT's encode checks
+    assert named in refused(token, audience=AUD, issuer=ISS)
+
+
+def test_aud_and_iss_are_not_looked_at_unless_configured():
+    token = sign_text(json.dumps({"sub": "1", "exp": FAR, "aud": "someone-else", "iss": ["odd"]}))
+    assert verify(SECRET, token, now=NOW).user == 1
+    assert verify(SECRET, token, now=NOW, issuer=None, audience=None).user == 1
+    assert "'aud'" in refused(token, audience=AUD)
+
+
+def test_mint_with_aud_and_iss():
+    token = mint(SECRET, 5, audience=AUD, issuer=ISS)
+    assert jwt.decode(token, options={"verify_signature": False})["aud"] == AUD
+    assert verify(SECRET, token, audience=AUD, issuer=ISS).user == 5
+
+
+def test_leeway_on_exp():
+    now = time.time()
+    token = sign({"sub": "1", "exp": int(now) - 5})  # checked against now and PyJWT's clock
+    assert "expired" in refused(token, now=now)
+    assert "expired" in refused(token, now=None)
+    assert "expired" in refused(token, now=now, leeway=4.0)
+    assert verify(SECRET, token, now=now, leeway=60.0).user == 1
+    assert verify(SECRET, token, leeway=60.0).user == 1
+
+
+def test_max_channels():
+    token = sign({"sub": "1", "exp": FAR, "channels": [1, 2, 3]})
+    assert verify(SECRET, token, now=NOW, max_channels=3).channels == (1, 2, 3)
+    assert "lists 3 channels; at most 2" in refused(token, max_channels=2)
+
+
 # -- numbers out of range: a 401, never a traceback ---------------------------------------------
 
 
@@ -371,7 +441,16 @@ _claim_choices = {
         _any_text,
     ),
 }
-_extra_name = st.one_of(st.sampled_from(["iat", "nbf", "aud", "iss", "jti"]), st.text(max_size=8))
+_aud_text = st.one_of(
+    st.just('"ucc"'),
+    st.lists(st.one_of(st.just('"ucc"'), _any_text), max_size=4).map(
+        lambda items: "[" + ",".join(items) + "]"
+    ),
+    _any_text,
+)
+_claim_choices["aud"] = _aud_text
+_claim_choices["iss"] = st.one_of(st.just('"https://auth.example.com"'), _any_text)
+_extra_name = st.one_of(st.sampled_from(["iat", "nbf", "jti"]), st.text(max_size=8))
 
 
 @st.composite
@@ -389,17 +468,32 @@ def _claim_sets(draw: st.DrawFn) -> str:
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(payload=_claim_sets(), now=st.sampled_from([None, NOW]))
-def test_fuzz_signed_claims_give_claims_or_token_error(payload, now):
+@given(
+    payload=_claim_sets(),
+    now=st.sampled_from([None, NOW]),
+    bound=st.booleans(),
+    leeway=st.sampled_from([0.0, 30.0]),
+    max_channels=st.sampled_from([1, MAX_TOKEN_CHANNELS]),
+)
+def test_fuzz_signed_claims_give_claims_or_token_error(payload, now, bound, leeway, max_channels):
     """Whatever a correctly signed token holds, verify() returns Claims or raises TokenError:
     the acceptor turns the one into a hand-off and the other into a 401, so anything else
-    would escape as a traceback (and a reset connection)."""
+    would escape as a traceback (and a reset connection). With ``bound``, the token must carry
+    aud "ucc" and iss "https://auth.example.com" (claims of random types in the fuzz)."""
     token = sign_text(payload)
+    checks: dict[str, object] = {"leeway": leeway, "max_channels": max_channels}
+    if bound:
+        checks.update(audience="ucc", issuer="https://auth.example.com")
     try:
-        claims = verify(SECRET, token, now=now)
+        claims = verify(SECRET, token, now=now, **checks)  # type: ignore[arg-type]
     except TokenError as exc:
         assert str(exc)
         return
+    if bound:
+        decoded = json.loads(payload)
+        assert decoded["iss"] == "https://auth.example.com"
+        assert decoded["aud"] == "ucc" or "ucc" in decoded["aud"]
+    assert len(claims.channels) <= max_channels
     assert 0 < claims.user <= MAX_ID
     assert math.isfinite(claims.exp)
     assert claims.exp <= MAX_EXP
