@@ -7,7 +7,11 @@ router. Must never do I/O, read a clock or use threads: time is a parameter, and
 (``CacheActor``) serialises access.
 
 Subscriptions are per connection (a token lists channels per connection); a user is a member of a
-channel while at least one of their connections is subscribed to it.
+channel while at least one of their connections is subscribed to it. A connection holds at most
+``max_channels`` channels (``--max-channels-per-connection``): a subscribe beyond it is refused
+(:meth:`UserConnectionCache.can_join`; :meth:`UserConnectionCache.subscribe_user` skips such a
+connection and says how many it skipped). The channels of a connection's token, at connect, are
+taken as they are: the acceptor refuses a token that lists more.
 """
 
 from __future__ import annotations
@@ -88,7 +92,9 @@ class Delta:
 class UserConnectionCache:
     """Indexes of one shard's connections. All ids are validated by the caller."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_channels: int | None = None) -> None:
+        """``max_channels``: channels per connection at most (None: no limit)."""
+        self.max_channels = max_channels
         self._conns: dict[ConnId, ConnectionMeta] = {}
         self._users: dict[UserId, Members] = {}
         # channel -> user -> that user's connections subscribed to the channel
@@ -124,10 +130,21 @@ class UserConnectionCache:
         return delta
 
     def subscribe(self, conn: ConnId, channel: ChannelId) -> Delta:
+        """Subscribe ``conn`` to ``channel`` unless that would take it over ``max_channels``
+        (ask :meth:`can_join` first to tell the two apart)."""
         delta = Delta()
-        if conn in self._conns:
+        if self.can_join(conn, channel):
             self._join(conn, channel, delta)
         return delta
+
+    def can_join(self, conn: ConnId, channel: ChannelId) -> bool:
+        """Whether ``conn`` is registered and may hold ``channel``: it has it already, or it
+        holds fewer than ``max_channels`` channels."""
+        meta = self._conns.get(conn)
+        if meta is None:
+            return False
+        limit = self.max_channels
+        return limit is None or len(meta.channels) < limit or channel in meta.channels
 
     def unsubscribe(self, conn: ConnId, channel: ChannelId) -> Delta:
         delta = Delta()
@@ -135,13 +152,19 @@ class UserConnectionCache:
             self._leave(conn, channel, delta)
         return delta
 
-    def subscribe_user(self, user: UserId, channel: ChannelId) -> tuple[Delta, int]:
-        """Subscribe every open connection of ``user``; returns the delta and how many."""
+    def subscribe_user(self, user: UserId, channel: ChannelId) -> tuple[Delta, int, int]:
+        """Subscribe every open connection of ``user`` that may hold one more channel; returns
+        the delta, how many connections have the channel now, and how many were left out
+        because they hold ``max_channels`` channels already."""
         delta = Delta()
-        conns = list(_each(self._users.get(user)))
-        for conn in conns:
-            self._join(conn, channel, delta)
-        return delta, len(conns)
+        applied = limited = 0
+        for conn in list(_each(self._users.get(user))):
+            if self.can_join(conn, channel):
+                self._join(conn, channel, delta)
+                applied += 1
+            else:
+                limited += 1
+        return delta, applied, limited
 
     def unsubscribe_user(self, user: UserId, channel: ChannelId) -> tuple[Delta, int]:
         delta = Delta()

@@ -4,7 +4,7 @@ Owns: the cache, the shard's DEALER socket to the router (its heartbeat, credit 
 deltas), and the messages between the actor and its shard: what the shard tells it
 (:class:`Opened`, :class:`Closed`, :class:`Subscribe`, ...) and what it asks of the shard's
 connections (:data:`LoopAction`: :class:`Deliver`, :class:`Registered`, :class:`Subscribed`,
-:class:`CloseConnections`). It applies connection events, resolves deliveries (channel or users
+:class:`Refused`, :class:`CloseConnections`). It applies connection events, resolves deliveries (channel or users
 → connection ids) and answers the router's queries. It is a :class:`LoopActor`: it runs on the
 shard's event loop, one message at a time, so a broadcast goes from the router's socket to the
 connections' writes without a thread hop; its actions go out in one batch per round through
@@ -74,6 +74,16 @@ class Subscribed:
 
 
 @dataclass(frozen=True, slots=True)
+class Refused:
+    """A client's request was not carried out: send it an error frame (``code``, ``message``),
+    the connection stays open."""
+
+    conn: ConnId
+    code: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
 class CloseConnections:
     """Close these connections with this WebSocket close code and reason."""
 
@@ -82,7 +92,7 @@ class CloseConnections:
     reason: str
 
 
-LoopAction = Deliver | Registered | Subscribed | CloseConnections
+LoopAction = Deliver | Registered | Subscribed | Refused | CloseConnections
 
 
 # -- what the shard tells the actor ---------------------------------------------------------------
@@ -141,14 +151,19 @@ class CacheActor(LoopActor):
         context: zmq.Context[Any] | None = None,
         counters: Callable[[], dict[str, int]] | None = None,
         behind: Callable[[], bool] | None = None,
+        max_channels: int | None = None,
     ) -> None:
         """``counters``: the shard's own counters, added to its ``status`` answer. ``behind``:
         whether too many of the shard's clients are behind with their writes; then the actor
         stops reading the router (whose credit window then refuses what would only queue up
-        in write buffers) until the shard tells it :class:`CaughtUp`."""
+        in write buffers) until the shard tells it :class:`CaughtUp`. ``max_channels``: the
+        channels a connection may hold (``--max-channels-per-connection``; None: no limit)."""
         super().__init__(loop)
         self.index, self.epoch = index, epoch
-        self.cache = UserConnectionCache()
+        self.cache = UserConnectionCache(max_channels)
+        # subscribes refused for the channel limit: a client's, and connections left out of a
+        # server-side subscribe (in the shard's ``status`` row)
+        self.limits = {"refused_channel_limit": 0, "limited_server_subscribe": 0}
         self.post = post
         self.fail = fail
         self.counters = counters
@@ -231,8 +246,16 @@ class CacheActor(LoopActor):
         elif isinstance(message, Closed):
             self._delta.merge(cache.disconnect(message.conn))
         elif isinstance(message, Subscribe):
-            self._delta.merge(cache.subscribe(message.conn, message.channel))
-            self._unconfirmed.append(Subscribed(message.conn, message.channel, True))
+            if cache.can_join(message.conn, message.channel):
+                self._delta.merge(cache.subscribe(message.conn, message.channel))
+                self._unconfirmed.append(Subscribed(message.conn, message.channel, True))
+            elif cache.meta(message.conn) is not None:  # at the limit (else: closed meanwhile)
+                self.limits["refused_channel_limit"] += 1
+                text = (
+                    f"cannot subscribe to channel {message.channel}: a connection holds at "
+                    f"most {cache.max_channels} channels"
+                )
+                self._actions.append(Refused(message.conn, "limit", text))
         elif isinstance(message, Unsubscribe):
             self._delta.merge(cache.unsubscribe(message.conn, message.channel))
             self._unconfirmed.append(Subscribed(message.conn, message.channel, False))
@@ -300,10 +323,19 @@ class CacheActor(LoopActor):
         if isinstance(query, shardwire.QueryAreOnline):
             return {"online": [u for u in query.users if cache.is_online(UserId(u))]}
         if isinstance(query, shardwire.UserSubscription):
-            apply = cache.subscribe_user if query.subscribe else cache.unsubscribe_user
-            delta, count = apply(UserId(query.user), ChannelId(query.channel))
+            user, channel = UserId(query.user), ChannelId(query.channel)
+            if not query.subscribe:
+                delta, count = cache.unsubscribe_user(user, channel)
+                self._delta.merge(delta)
+                return {"connections": count}
+            # applied where the limit allows; ``limited``: the connections left out (the
+            # router's sum_connections makes it an error ``limit`` when none took it)
+            delta, count, limited = cache.subscribe_user(user, channel)
             self._delta.merge(delta)
-            return {"connections": count}
+            if not limited:
+                return {"connections": count}
+            self.limits["limited_server_subscribe"] += limited
+            return {"connections": count, "limited": limited}
         if isinstance(query, shardwire.UserDisconnect):
             conns = sorted(cache.connections_of(UserId(query.user)))
             if conns:
@@ -312,7 +344,7 @@ class CacheActor(LoopActor):
         if isinstance(query, shardwire.QuerySnapshot):
             return cache.snapshot()
         extra = self.counters() if self.counters is not None else {}
-        return {"pid": os.getpid(), **cache.stats(), **extra}  # QueryStatus
+        return {"pid": os.getpid(), **cache.stats(), **self.limits, **extra}  # QueryStatus
 
     def _send_delta(self) -> None:
         if self._delta:

@@ -121,8 +121,26 @@ def presence_snapshot(gather: Gather) -> dict[str, Any]:
 
 
 def sum_connections(gather: Gather) -> dict[str, Any]:
-    local = sum(a["connections"] for i, a in gather.answers.items() if i is not REDIS)
+    """subscribe, unsubscribe, disconnect: ``connections`` the command reached here, ``hosts``
+    the other hosts told. A subscribe is applied to each connection that may hold one more
+    channel (``--max-channels-per-connection``); ``limited`` counts those it was not (present
+    only when some were). When it reached no connection at all because of the limit (none
+    here took it, and no other host was told), the reply is an error ``limit`` (``ok: false``:
+    its keys override the reply's)."""
+    local = limited = 0
+    for who, answer in gather.answers.items():
+        if who is not REDIS:
+            local += answer["connections"]
+            limited += answer.get("limited", 0)
     result: dict[str, Any] = {"connections": local}
+    if limited:
+        result["limited"] = limited
     if REDIS in gather.answers:  # how many other hosts have the user and were told
         result["hosts"] = gather.answers[REDIS]["value"]
+    if limited and not local and not result.get("hosts"):
+        message = (
+            f"not subscribed: each of the user's {limited} connection(s) holds the most "
+            "channels a connection may (--max-channels-per-connection)"
+        )
+        return {"ok": False, "error": {"code": "limit", "message": message}, **result}
     return result

@@ -40,6 +40,14 @@ class ShardConfig:
     client_frame_burst: int
     client_byte_rate: float
     client_byte_burst: int
+    # the perimeter (issue 10): connections per user here, channels per connection, and what a
+    # token sent to refresh a live connection must carry (the secret is not here: it reaches
+    # the shard through its environment, never its command line)
+    max_connections_per_user: int
+    max_channels_per_connection: int
+    token_audience: str | None
+    token_issuer: str | None
+    token_leeway: float
     log_level: str
 
     @classmethod
@@ -67,7 +75,13 @@ class ShardConfig:
             raise ValueError(f"shard configuration: {exc}") from None
 
 
-_CAST: dict[str, Any] = {"float": float, "int": int, "str": str}
+def _optional_str(value: object) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    raise TypeError(f"not a string or null: {value!r}")
+
+
+_CAST: dict[str, Any] = {"float": float, "int": int, "str": str, "str | None": _optional_str}
 
 
 # -- the control socket ---------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Frames a WebSocket client sends (subscribe, unsubscribe, ping), decoded by a pure function.
+"""Frames a WebSocket client sends (subscribe, unsubscribe, ping, refresh), decoded by a pure
+function.
 
 Owns: validation of client frames and their error codes (docs/protocol.md). Must never do I/O
 or decide policy (whether the token allows a channel is the connection's business).
@@ -11,15 +12,18 @@ import json
 from actors.ids import ChannelId, parse_id
 from actors.wire.errors import PeerError
 
-KINDS = ("subscribe", "unsubscribe", "ping")
+KINDS = ("subscribe", "unsubscribe", "ping", "refresh")
+MAX_TOKEN = 16 * 1024  # characters: a longer ``refresh`` token is refused as a bad frame
 
 
 class ClientFrameError(PeerError):
     """A client frame the connection answers with an error frame."""
 
 
-def parse_client_frame(payload: bytes) -> tuple[str, ChannelId | None]:
-    """The frame's type and channel (None for ping), or ClientFrameError."""
+def parse_client_frame(payload: bytes) -> tuple[str, ChannelId | str | None]:
+    """The frame's type and its argument, or ClientFrameError. The argument is the channel for
+    ``subscribe``/``unsubscribe``, the token (a non-empty string, not checked here) for
+    ``refresh``, None for ``ping``."""
     try:
         text = payload.decode("utf-8")  # UTF-8 only (json.loads would sniff UTF-16)
     except UnicodeDecodeError:
@@ -38,6 +42,13 @@ def parse_client_frame(payload: bytes) -> tuple[str, ChannelId | None]:
         raise ClientFrameError("unknown_type", f"unknown frame type {kind[:64]!r}")
     if kind == "ping":
         return kind, None
+    if kind == "refresh":
+        token = body.get("token")
+        if not isinstance(token, str) or not 0 < len(token) <= MAX_TOKEN:
+            raise ClientFrameError(
+                "bad_frame", f"field 'token' must be a non-empty string of at most {MAX_TOKEN}"
+            )
+        return kind, token
     channel = parse_id(body.get("channel"))
     if channel is None:
         raise ClientFrameError("bad_frame", "field 'channel' must be a positive integer")

@@ -64,6 +64,12 @@ def hello(user: int, channels: list[int], heartbeat: float) -> bytes:
     )
 
 
+def refreshed(exp: float) -> bytes:
+    """The answer to a client's accepted ``refresh``: the connection's new expiry."""
+    shown: float = int(exp) if exp == int(exp) else exp  # a JWT's exp is usually whole seconds
+    return text_frame(dumps({"type": "refreshed", "exp": shown}))
+
+
 def error(code: str, message: str) -> bytes:
     return text_frame(dumps({"type": "error", "code": code, "message": message}))
 

@@ -9,7 +9,15 @@ from typing import Any
 import pytest
 import zmq
 
-from actors.cache_actor import CacheActor, Deliver, LoopAction, Opened, Registered
+from actors.cache_actor import (
+    CacheActor,
+    Deliver,
+    LoopAction,
+    Opened,
+    Refused,
+    Registered,
+    Subscribe,
+)
 from actors.ids import ChannelId, ConnId, UserId
 from actors.wire import frames, shardwire
 
@@ -157,5 +165,67 @@ def test_hello_waits_until_the_router_has_indexed_the_membership(router):
         await receive(sock, shardwire.RESULT)
         assert Registered(ConnId(2)) in shard.actions
         ref.stop(block=False)
+
+    asyncio.run(scenario())
+
+
+async def until(condition: Any, timeout: float = 5.0) -> None:
+    """Wait (polling the loop, under a deadline) until ``condition()`` holds."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"not true within {timeout} s")
+        await asyncio.sleep(0.005)
+
+
+def test_the_channel_limit_refuses_a_client_subscribe_and_trims_a_server_side_one(router):
+    sock, endpoint = router
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        shard = FakeShard()
+        ref = CacheActor.start(
+            loop, 0, 1, endpoint, shard.post, 60.0, shard.fail, max_channels=2
+        )
+        identity = shardwire.identity(0, 1)
+        await receive(sock, shardwire.HELLO)
+        ref.tell(Opened(ConnId(1), UserId(7), (ChannelId(3),), 0.0))
+        ref.tell(Opened(ConnId(2), UserId(7), (ChannelId(4), ChannelId(5)), 0.0))
+
+        async def ask(qid: int, query: shardwire.Query) -> dict[str, Any]:
+            sock.send_multipart([identity, *shardwire.query(qid, query)])
+            while True:
+                result = await receive(sock, shardwire.RESULT)
+                if shardwire.unpack_id(result[2]) == qid:
+                    return dict(json.loads(result[3]))
+
+        # connection 2 is full: the server-side subscribe reaches connection 1 only
+        answer = await ask(1, shardwire.UserSubscription(7, 8, True))
+        assert answer == {"connections": 1, "limited": 1}
+        # now both are full: none takes it (the router replies error `limit`)
+        assert await ask(2, shardwire.UserSubscription(7, 9, True)) == {
+            "connections": 0,
+            "limited": 2,
+        }
+        assert await ask(3, shardwire.QueryOnlineIn(9)) == {"users": []}
+        # a channel a connection holds already is never refused; unsubscribing knows no limit
+        assert await ask(4, shardwire.UserSubscription(7, 8, True)) == {
+            "connections": 1,
+            "limited": 1,
+        }
+        assert await ask(5, shardwire.UserSubscription(7, 8, False)) == {"connections": 2}
+
+        # a client's subscribe beyond the limit: an error frame for it, and nothing changes
+        ref.tell(Subscribe(ConnId(2), ChannelId(6)))
+        await until(lambda: any(isinstance(a, Refused) for a in shard.actions))
+        refused = next(a for a in shard.actions if isinstance(a, Refused))
+        assert (refused.conn, refused.code) == (2, "limit")
+        assert "at most 2 channels" in refused.message
+        status = await ask(6, shardwire.QueryStatus())
+        assert status["refused_channel_limit"] == 1
+        assert status["limited_server_subscribe"] == 4
+        assert status["channels"] == 3  # 3, 4, 5: neither 6 nor 9
+        ref.stop(block=False)
+        await asyncio.sleep(0)  # its on_stop runs on this loop
 
     asyncio.run(scenario())

@@ -14,6 +14,7 @@ USERS = st.integers(min_value=1, max_value=3)
 CHANNELS = st.integers(min_value=1, max_value=4)
 ALL_CHANNELS = range(1, 5)
 ALL_USERS = range(1, 4)
+LIMIT = 2  # channels per connection in the state machine (fewer than CHANNELS: it is reached)
 
 
 def _check_delta(delta: Delta, before: set[int], after: set[int]) -> None:
@@ -30,7 +31,7 @@ class CacheMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.cache = UserConnectionCache()
+        self.cache = UserConnectionCache(max_channels=LIMIT)
         self.model: dict[int, tuple[int, set[int]]] = {}
         # what the CacheActor does: merge every delta until the next flush to the router
         self.pending = Delta()
@@ -43,6 +44,10 @@ class CacheMachine(RuleBasedStateMachine):
 
     def conns_of(self, user: int) -> set[int]:
         return {conn for conn, (u, _chans) in self.model.items() if u == user}
+
+    def may_join(self, conn: int, channel: int) -> bool:
+        chans = self.model[conn][1]
+        return channel in chans or len(chans) < LIMIT
 
     def apply(self, delta: Delta, before: set[int]) -> None:
         _check_delta(delta, before, self.active())
@@ -71,8 +76,10 @@ class CacheMachine(RuleBasedStateMachine):
     @rule(conn=CONNS, channel=CHANNELS)
     def subscribe(self, conn, channel):
         before = self.active()
+        allowed = conn in self.model and self.may_join(conn, channel)
+        assert self.cache.can_join(conn, channel) == allowed
         delta = self.cache.subscribe(conn, channel)
-        if conn in self.model:
+        if allowed:
             self.model[conn][1].add(channel)
         self.apply(delta, before)
 
@@ -87,9 +94,9 @@ class CacheMachine(RuleBasedStateMachine):
     @rule(user=USERS, channel=CHANNELS)
     def subscribe_user(self, user, channel):
         before = self.active()
-        delta, count = self.cache.subscribe_user(user, channel)
-        conns = self.conns_of(user)
-        assert count == len(conns)
+        delta, count, limited = self.cache.subscribe_user(user, channel)
+        conns = {conn for conn in self.conns_of(user) if self.may_join(conn, channel)}
+        assert (count, limited) == (len(conns), len(self.conns_of(user)) - len(conns))
         for conn in conns:
             self.model[conn][1].add(channel)
         self.apply(delta, before)
@@ -205,8 +212,8 @@ def test_operations_on_unknown_connections_and_users_are_no_ops():
     assert not cache.disconnect(99)
     assert not cache.subscribe(99, 1)
     assert not cache.unsubscribe(99, 1)
-    delta, count = cache.subscribe_user(7, 1)
-    assert (bool(delta), count) == (False, 0)
+    delta, count, limited = cache.subscribe_user(7, 1)
+    assert (bool(delta), count, limited) == (False, 0, 0)
     delta, count = cache.unsubscribe_user(7, 1)
     assert (bool(delta), count) == (False, 0)
     cache.touch(99, now=5.0)
@@ -219,13 +226,50 @@ def test_subscribe_user_applies_to_every_connection_of_the_user():
     cache.connect(1, 10, [], now=0.0)
     cache.connect(2, 10, [3], now=0.0)
     cache.connect(3, 11, [], now=0.0)
-    delta, count = cache.subscribe_user(10, 3)
-    assert count == 2
+    delta, count, limited = cache.subscribe_user(10, 3)
+    assert (count, limited) == (2, 0)
     assert not delta  # the shard already had a member of 3
     assert sorted(cache.recipients(3)) == [1, 2]
     delta, count = cache.unsubscribe_user(10, 3)
     assert count == 2
     assert delta.lost == [3]
+
+
+def test_a_connection_holds_at_most_max_channels():
+    cache = UserConnectionCache(max_channels=2)
+    cache.connect(1, 10, [1], now=0.0)
+    assert cache.can_join(1, 2)
+    assert cache.subscribe(1, 2).gained == [2]
+    assert not cache.can_join(1, 3)
+    assert not cache.subscribe(1, 3)  # refused: nothing changes
+    assert cache.meta(1).channels == (1, 2)
+    assert cache.recipients(3) == ()
+    assert cache.can_join(1, 2)  # one it holds already: a no-op, never refused
+    cache.unsubscribe(1, 1)
+    assert cache.can_join(1, 3)  # room again
+    assert not cache.can_join(99, 3)  # unknown connection
+
+
+def test_subscribe_user_skips_the_connections_at_the_limit_and_counts_them():
+    cache = UserConnectionCache(max_channels=1)
+    cache.connect(1, 10, [5], now=0.0)  # full
+    cache.connect(2, 10, [], now=0.0)
+    cache.connect(3, 10, [7], now=0.0)  # full, but holds 7 already
+    delta, count, limited = cache.subscribe_user(10, 7)
+    assert (count, limited) == (2, 1)
+    assert sorted(cache.recipients(7)) == [2, 3]
+    assert not delta  # 7 had a member already
+    delta, count, limited = cache.subscribe_user(10, 9)
+    assert (count, limited, delta.gained) == (0, 3, [])
+    assert cache.recipients(9) == ()
+
+
+def test_without_a_limit_a_connection_takes_any_number_of_channels():
+    cache = UserConnectionCache()
+    cache.connect(1, 10, [], now=0.0)
+    for channel in range(1, 2001):
+        cache.subscribe(1, channel)
+    assert len(cache.meta(1).channels) == 2000
 
 
 def test_recipients_cache_is_invalidated_by_changes():

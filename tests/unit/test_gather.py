@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from actors.gather import (
@@ -17,6 +18,7 @@ from actors.gather import (
 )
 from actors.hostlink import OnlineUsers
 from actors.ids import ShardIndex
+from actors.wire import commands
 
 S0, S1, S2 = ShardIndex(0), ShardIndex(1), ShardIndex(2)
 
@@ -87,6 +89,35 @@ def test_sum_connections_counts_local_connections_and_the_hosts_told():
     assert sum_connections(g) == {"connections": 2}
     g.answered(REDIS, {"value": 3})
     assert sum_connections(g) == {"connections": 2, "hosts": 3}
+
+
+def test_sum_connections_reports_the_connections_a_subscribe_left_out_for_the_limit():
+    g = gather(S0)
+    g.answered(S0, {"connections": 1, "limited": 2})
+    assert sum_connections(g) == {"connections": 1, "limited": 2}  # applied where it could be
+
+
+def test_sum_connections_is_an_error_limit_when_no_connection_could_take_the_channel():
+    g = gather(S0)
+    g.answered(S0, {"connections": 0, "limited": 2})
+    result = sum_connections(g)
+    assert result["ok"] is False
+    assert result["error"]["code"] == "limit"
+    assert "2 connection" in result["error"]["message"]
+    assert result["limited"] == 2
+    # as the router sends it: its keys override the reply's ``ok: true``
+    reply = json.loads(commands.reply(9, result))
+    assert (reply["id"], reply["ok"], reply["error"]["code"]) == (9, False, "limit")
+
+
+def test_sum_connections_is_no_error_when_another_host_was_told_or_nobody_is_online():
+    g = gather(S0, REDIS)
+    g.answered(S0, {"connections": 0, "limited": 1})
+    g.answered(REDIS, {"value": 1})  # the other host may have applied it
+    assert sum_connections(g) == {"connections": 0, "limited": 1, "hosts": 1}
+    g = gather(S0)
+    g.answered(S0, {"connections": 0})  # the user is not online here: nothing was limited
+    assert sum_connections(g) == {"connections": 0}
 
 
 def test_broadcast_and_presence_snapshot():

@@ -53,6 +53,24 @@ def test_shard_config_from_json_coerces_numbers_and_refuses_what_it_does_not_kno
         ShardConfig.from_json("[]")
 
 
+def test_shard_config_carries_the_perimeter_but_never_the_secret():
+    serve = dataclasses.replace(
+        SERVE,
+        secret="a-secret-of-32-bytes-or-more-0123456789",
+        max_connections_per_user=3,
+        token_audience="app",
+        token_leeway=1.5,
+    )
+    config = ShardConfig.of(serve)
+    assert (config.max_connections_per_user, config.max_channels_per_connection) == (3, 1024)
+    assert (config.token_audience, config.token_issuer, config.token_leeway) == ("app", None, 1.5)
+    assert ShardConfig.from_json(config.to_json()) == config
+    assert serve.secret not in config.to_json()  # the command line is world-readable
+    raw = json.loads(config.to_json())
+    with pytest.raises(ValueError, match="shard configuration"):
+        ShardConfig.from_json(json.dumps({**raw, "token_issuer": 7}))
+
+
 HANDOFF = Handoff(3, UserId(42), (ChannelId(1), ChannelId(2)), 1.7e9)
 
 

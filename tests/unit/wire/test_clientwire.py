@@ -7,7 +7,7 @@ import json
 import pytest
 
 from actors.ids import MAX_ID
-from actors.wire.clientwire import KINDS, ClientFrameError, parse_client_frame
+from actors.wire.clientwire import KINDS, MAX_TOKEN, ClientFrameError, parse_client_frame
 
 
 def frame(body: object) -> bytes:
@@ -22,7 +22,7 @@ def error_code(payload: bytes) -> str:
 
 
 def test_kinds_are_the_documented_ones():
-    assert set(KINDS) == {"subscribe", "unsubscribe", "ping"}
+    assert set(KINDS) == {"subscribe", "unsubscribe", "ping", "refresh"}
 
 
 def test_ping():
@@ -96,3 +96,34 @@ def test_error_str_carries_the_code():
     exc = ClientFrameError("forbidden", "no")
     assert (exc.code, exc.message) == ("forbidden", "no")
     assert str(exc) == "forbidden: no"
+
+
+def test_refresh_carries_its_token_unchecked():
+    assert parse_client_frame(frame({"type": "refresh", "token": "a.b.c"})) == ("refresh", "a.b.c")
+    # the token is checked by the connection (signature, sub, exp), not by the codec
+    assert parse_client_frame(frame({"type": "refresh", "token": "x", "channel": 3})) == (
+        "refresh",
+        "x",
+    )
+
+
+@pytest.mark.parametrize(
+    "token", [None, "", 7, 1.5, True, ["a.b.c"], {"t": "a.b.c"}, "x" * (MAX_TOKEN + 1)]
+)
+def test_refresh_with_a_bad_token_field_is_bad_frame(token):
+    assert error_code(frame({"type": "refresh", "token": token})) == "bad_frame"
+
+
+def test_refresh_without_a_token_is_bad_frame():
+    assert error_code(frame({"type": "refresh"})) == "bad_frame"
+
+
+@pytest.mark.parametrize(
+    "payload", [b'{"type":"refresh","token":', b'{"type":"refresh" "token":"a"}', b"refresh"]
+)
+def test_refresh_garbage_is_bad_json(payload):
+    assert error_code(payload) == "bad_json"
+
+
+def test_refresh_with_invalid_utf8_is_its_own_error():
+    assert error_code(b'{"type":"refresh","token":"\xff\xfe"}') == "invalid_utf8"

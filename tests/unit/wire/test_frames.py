@@ -107,6 +107,13 @@ def test_hello():
     assert body == {"type": "hello", "user": 42, "channels": [1, 2], "heartbeat": 25.0}
 
 
+@pytest.mark.parametrize(("exp", "shown"), [(1_900_000_000.0, 1_900_000_000), (12.5, 12.5)])
+def test_refreshed(exp, shown):
+    body = json.loads(only_text(frames.refreshed(exp)))
+    assert body == {"type": "refreshed", "exp": shown}
+    assert type(body["exp"]) is type(shown)
+
+
 def test_error():
     body = json.loads(only_text(frames.error("forbidden", "channel 7 is not in your token")))
     assert body == {
