@@ -10,7 +10,17 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shards.client import Calls, CommandTimeout, Overloaded, UccError, Wire
+from shards.client import (
+    AsyncClient,
+    Calls,
+    Client,
+    CommandTimeout,
+    Overloaded,
+    UccError,
+    Wire,
+    curve_keys,
+)
+from shards.curve import write_keypair
 
 
 def frame(reply: object) -> list[bytes]:
@@ -190,3 +200,78 @@ def test_status_wants_a_list_of_shards():
     assert call.result(reply) is reply
     with pytest.raises(UccError):
         call.result({"ok": True, "shards": {}})
+
+
+# -- CURVE keys: arguments, environment defaults, z85 text or a .pub file -----------------------
+
+
+@pytest.fixture
+def curve_files(tmp_path, monkeypatch):
+    """A server keypair and a client keypair on disk; no CURVE variables in the environment."""
+    monkeypatch.delenv("UCC_COMMAND_SERVER_KEY", raising=False)
+    monkeypatch.delenv("UCC_COMMAND_CLIENT_KEY", raising=False)
+    server = write_keypair(tmp_path / "server")
+    client = write_keypair(tmp_path / "client")
+    return tmp_path, server, client
+
+
+def test_no_keys_is_a_plain_client(curve_files):
+    assert curve_keys(None, None) is None
+    with Client("tcp://127.0.0.1:1", timeout=1) as client:
+        assert client.curve is False
+
+
+def test_server_key_as_z85_text_or_pub_file(curve_files):
+    path, server, client = curve_files
+    by_text = curve_keys(server.decode(), str(path / "client"))
+    by_file = curve_keys(str(path / "server.pub"), str(path / "client"))
+    assert by_text == by_file
+    assert by_text is not None
+    assert (by_text.server, by_text.public) == (server, client)
+    assert by_text.secret == (path / "client").read_bytes().strip()
+
+
+def test_environment_gives_the_defaults_and_an_empty_server_key_means_plain(
+    curve_files, monkeypatch
+):
+    path, server, _client = curve_files
+    monkeypatch.setenv("UCC_COMMAND_SERVER_KEY", str(path / "server.pub"))
+    monkeypatch.setenv("UCC_COMMAND_CLIENT_KEY", str(path / "client"))
+    keys = curve_keys(None, None)
+    assert keys is not None
+    assert keys.server == server
+    assert curve_keys("", None) is None
+    with Client("tcp://127.0.0.1:1", timeout=1) as client:
+        assert client.curve
+        assert "curve=True" in repr(client)
+    with Client("tcp://127.0.0.1:1", timeout=1, server_key="") as plain:
+        assert not plain.curve
+
+
+def test_one_key_without_the_other_or_a_bad_key_is_a_value_error(curve_files):
+    path, server, _client = curve_files
+    with pytest.raises(ValueError, match="client key file"):
+        curve_keys(server.decode(), None)
+    with pytest.raises(ValueError, match="server"):
+        curve_keys(None, str(path / "client"))
+    with pytest.raises(ValueError, match="cannot read"):
+        curve_keys(server.decode(), str(path / "missing"))
+    with pytest.raises(ValueError, match="cannot read"):
+        Client(
+            "tcp://127.0.0.1:1",
+            timeout=1,
+            server_key=str(path / "nope.pub"),
+            client_key_file=str(path / "client"),
+        )
+
+
+def test_async_client_takes_the_same_keys(curve_files):
+    path, server, _client = curve_files
+    client = AsyncClient(
+        "tcp://127.0.0.1:1",
+        timeout=1,
+        server_key=server.decode(),
+        client_key_file=str(path / "client"),
+    )
+    assert client.curve
+    client.close()
