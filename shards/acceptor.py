@@ -300,10 +300,12 @@ class Acceptor:
     ) -> None:
         """``allowed_origins``: ``--allowed-origin`` patterns (ValueError if one is not valid;
         none: any origin, logged once here). ``connect_rate``: upgrades per second per source
-        address, burst twice that (None: no limit). The ``token_*`` settings and
+        address, burst twice that but at least 1 (None: no limit). The ``token_*`` settings and
         ``max_channels_per_connection`` go to :func:`~actors.wire.tokens.verify`."""
         self.origins = Origins(allowed_origins)  # first: a bad pattern leaves nothing behind
-        self.rates = ConnectRates(connect_rate, 2 * connect_rate) if connect_rate else None
+        self.rates = None  # a burst of 2R, and at least one connection whatever R is
+        if connect_rate is not None:
+            self.rates = ConnectRates(connect_rate, max(1.0, 2 * connect_rate))
         self.bans = BanTable()
         self.token_audience = token_audience
         self.token_issuer = token_issuer

@@ -680,6 +680,17 @@ async def test_over_the_connect_rate_an_address_gets_429_with_retry_after():
 
 
 @in_loop
+async def test_a_slow_connect_rate_still_lets_one_connection_in():
+    async with serving(connect_rate=0.1) as served:
+        assert served.acceptor.rates is not None
+        assert served.acceptor.rates.burst == 1.0
+        replies = [await exchange(served.port, upgrade_request("x")) for _ in range(2)]
+        assert replies[0].startswith(b"HTTP/1.1 401 ")
+        assert replies[1].startswith(b"HTTP/1.1 429 ")
+        assert b"\r\nRetry-After: 10\r\n" in replies[1]
+
+
+@in_loop
 async def test_token_settings_reach_verify():
     settings = {
         "token_audience": "ucc",
