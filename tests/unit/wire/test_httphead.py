@@ -70,6 +70,13 @@ def test_first_of_repeated_headers_wins():
     assert head.headers == {"x-a": "1"}
 
 
+def test_the_origin_header_is_where_the_acceptor_looks_for_it():
+    head = parse_head(UPGRADE[:-2] + b"ORIGIN:  https://App.example.com \r\n\r\n")
+    assert head is not None
+    assert head.headers["origin"] == "https://App.example.com"  # matched by actors.origins
+    assert "origin" not in parse_head(UPGRADE).headers  # none: not a browser
+
+
 def test_not_an_upgrade():
     head = parse_head(b"GET /healthz HTTP/1.1\r\nHost: h\r\n\r\n")
     assert head.path == "/healthz"
