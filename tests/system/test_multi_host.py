@@ -84,6 +84,7 @@ def test_broadcasts_reach_exactly_the_right_connections_on_every_host(redis_serv
         assert link["published"] >= 3
         assert link["received"] >= 1
         assert link["malformed"] == 0
+        assert link["forged"] == 0  # hosts sharing the token secret share the cluster key
         for peer in peers:
             await peer.close()
 
