@@ -4,11 +4,12 @@ Owns: the cache, the shard's DEALER socket to the router (its heartbeat, credit 
 deltas), and the messages between the actor and its shard: what the shard tells it
 (:class:`Opened`, :class:`Closed`, :class:`Subscribe`, ...) and what it asks of the shard's
 connections (:data:`LoopAction`: :class:`Deliver`, :class:`Registered`, :class:`Subscribed`,
-:class:`Refused`, :class:`CloseConnections`). It applies connection events, resolves deliveries (channel or users
-→ connection ids) and answers the router's queries. It is a :class:`LoopActor`: it runs on the
-shard's event loop, one message at a time, so a broadcast goes from the router's socket to the
-connections' writes without a thread hop; its actions go out in one batch per round through
-``post``. Must never touch a connection itself, nor ``ask`` anyone, nor block the loop.
+:class:`Refused`, :class:`CloseConnections`). It applies connection events (a subscribe beyond
+``--max-channels-per-connection`` is refused, error ``limit``), resolves deliveries (channel or
+users → connection ids) and answers the router's queries. It is a :class:`LoopActor`: it runs
+on the shard's event loop, one message at a time, so a broadcast goes from the router's socket
+to the connections' writes without a thread hop; its actions go out in one batch per round
+through ``post``. Must never touch a connection itself, nor ``ask`` anyone, nor block the loop.
 """
 
 from __future__ import annotations

@@ -1,7 +1,10 @@
 """One WebSocket connection inside a shard: a lean ``asyncio.Protocol`` over websockets' Sans-I/O.
 
-Owns: the handshake (on bytes the supervisor only peeked at), parsing client frames (websockets'
-``ServerProtocol``), the client commands (subscribe, unsubscribe, ping), writes (including
+Owns: the handshake (on bytes the supervisor only peeked at; HTTP 429 when the shard has as many
+of the user's connections as ``--max-connections-per-user`` allows), parsing client frames
+(websockets' ``ServerProtocol``), the client commands (subscribe, unsubscribe, ping, and refresh:
+a new token for the same user, checked here, that moves the connection's expiry and allowed
+channels), writes (including
 pre-encoded broadcast frames, written as they are), the client's inbound budget, the
 slow-consumer cap, and :class:`ShardSide`: what a connection needs of the shard that holds it.
 Must never touch the cache: it reports to its shard (``shards.worker.Shard``, which it does not
@@ -22,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import Protocol, cast
 
 from websockets.frames import Frame, Opcode
@@ -31,7 +35,7 @@ from websockets.server import ServerProtocol
 
 from actors.ids import ChannelId, ConnId, UserId
 from actors.ratelimit import TokenBucket
-from actors.wire import frames
+from actors.wire import frames, tokens
 from actors.wire.clientwire import ClientFrameError, parse_client_frame
 from shards.handoff import ShardConfig
 
@@ -39,6 +43,7 @@ log = logging.getLogger("ucc.connection")
 
 CLOSE_TIMEOUT = 2.0  # seconds a closing handshake may take before the connection is aborted
 FEED = 16 * 1024  # bytes handed to the parser between two budget checks
+RETRY_AFTER_PER_USER = 5  # seconds, in the 429 for one connection too many of a user
 
 
 class ShardSide(Protocol):
@@ -56,6 +61,11 @@ class ShardSide(Protocol):
     def config(self) -> ShardConfig: ...
 
     @property
+    def secret(self) -> str:
+        """The token secret (a ``refresh`` is checked against it)."""
+        ...
+
+    @property
     def write_high(self) -> int:
         """The write buffer size past which a connection pauses writing (client behind)."""
         ...
@@ -65,6 +75,11 @@ class ShardSide(Protocol):
 
     def mark_active(self, conn: Connection) -> None:
         """The client sent something (it is alive)."""
+
+    def admit(self, conn: Connection) -> bool:
+        """A connection arrived (its handshake not read yet): count it as one of its user's;
+        False when the user has as many as allowed here already (it is refused 429, and not
+        counted). Every admitted connection is given back by ``connection_lost``."""
 
     def connection_opened(self, conn: Connection) -> None:
         """Handshake done: register it (the shard calls :meth:`Connection.registered` then)."""
@@ -83,6 +98,7 @@ class ShardSide(Protocol):
 
 class Connection(asyncio.Protocol):
     __slots__ = (
+        "admitted",
         "allowed",
         "backlog",
         "byte_budget",
@@ -126,6 +142,7 @@ class Connection(asyncio.Protocol):
         self.byte_budget = TokenBucket(config.client_byte_rate, config.client_byte_burst, now)
         self.backlog: memoryview | None = None  # bytes received, not parsed yet (over FEED)
         self.shut = False  # no more reads, no more writes (closed for cause, or EOF written)
+        self.admitted = False  # counted as one of its user's (else refused 429 at the handshake)
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -133,6 +150,7 @@ class Connection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         self.transport.set_write_buffer_limits(high=self.shard.write_high)
         self.last_inbound = self.shard.now
+        self.admitted = self.shard.admit(self)
         self.timer = self.shard.loop.call_later(
             self.shard.config.handshake_timeout, self._abort, "handshake timeout"
         )
@@ -221,7 +239,15 @@ class Connection(asyncio.Protocol):
             self.shard.count("closed_protocol_error")
             self._close_soon()
             return
-        response = self.proto.accept(request)
+        if self.admitted:
+            response = self.proto.accept(request)
+        else:  # one connection too many for this user: refused before the upgrade
+            self.shard.count("refused_per_user")
+            limit = self.shard.config.max_connections_per_user
+            response = self.proto.reject(
+                429, f"too many connections for this user (at most {limit} per host)\n"
+            )
+            response.headers["Retry-After"] = str(RETRY_AFTER_PER_USER)
         self.proto.send_response(response)
         if self.timer is not None:
             self.timer.cancel()
@@ -261,6 +287,8 @@ class Connection(asyncio.Protocol):
             return
         if kind == "ping":
             self.send(frames.PONG)
+        elif isinstance(channel, str):  # refresh: the argument is the token
+            self._refresh(channel)
         elif channel is None:  # pragma: no cover - parse_client_frame guarantees a channel
             raise AssertionError(kind)
         elif kind == "subscribe":
@@ -270,6 +298,44 @@ class Connection(asyncio.Protocol):
             self.shard.subscribe(self, channel)  # confirmed once the cache has it
         else:
             self.shard.unsubscribe(self, channel)
+
+    def _refresh(self, token: str) -> None:
+        """A new token for this connection: valid and for the same user, it replaces the old
+        one's expiry and allowed channels (those no longer allowed are unsubscribed, as the
+        client's own unsubscribe would be); otherwise ``bad_token`` and nothing changes."""
+        config, secret = self.shard.config, self.shard.secret
+        if not secret:  # never check a signature against an empty key
+            self._bad_token("this server cannot check tokens")
+            return
+        try:
+            claims = tokens.verify(
+                secret,
+                token,
+                time.time(),
+                audience=config.token_audience,
+                issuer=config.token_issuer,
+                leeway=config.token_leeway,
+                max_channels=config.max_channels_per_connection,
+            )
+        except tokens.TokenError as exc:
+            self._bad_token(str(exc))
+            return
+        if claims.user != self.user:
+            self._bad_token("the token is for another user")
+            return
+        kept = frozenset(claims.channels)
+        revoked = [c for c in self.channels if c not in kept]  # ``allowed``, in token order
+        self.expires = claims.exp
+        self.channels = claims.channels
+        self.allowed = kept
+        self.shard.count("refreshed")
+        self.send(frames.refreshed(claims.exp))
+        for channel in revoked:
+            self.shard.unsubscribe(self, channel)
+
+    def _bad_token(self, why: str) -> None:
+        self.shard.count("refresh_refused")
+        self.send(frames.error("bad_token", f"refresh refused: {why}"))
 
     def registered(self) -> None:
         """The cache has this connection and the router has indexed it: open it to deliveries,

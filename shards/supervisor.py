@@ -184,7 +184,10 @@ class Supervisor:
             self.shard_endpoint,
             self.shard_config.to_json(),
         ]
-        shard.proc = subprocess.Popen(args, pass_fds=(theirs.fileno(),))
+        # the token secret (a client's refresh is checked in its shard) goes in the shard's
+        # environment, readable by its owner only: the command line is anyone's to read
+        env = {**os.environ, "UCC_SECRET": self.config.secret}
+        shard.proc = subprocess.Popen(args, pass_fds=(theirs.fileno(),), env=env)
         shard.running = True
         theirs.close()
         ours.setblocking(False)

@@ -1,6 +1,8 @@
 """A shard process: an asyncio loop holding WebSocket connections, and the shard's CacheActor.
 
-Owns: the connections handed over by the supervisor (file descriptors over a Unix socket), the
+Owns: the connections handed over by the supervisor (file descriptors over a Unix socket), how
+many connections each user has here (``--max-connections-per-user``: counted from the moment a
+connection arrives, its handshake unread, so that a burst cannot slip past the limit), the
 shard's clock (pings to idle clients, token expiry, liveness reports to the actor), the
 slow-consumer and "behind" bookkeeping, the drain on shutdown, and carrying out what the
 CacheActor decides (its :data:`LoopAction` list: deliveries, hello, confirmations, closes). The
@@ -9,7 +11,9 @@ calls, with no thread in between. Must never read or change the cache itself (on
 actor), and never block the loop: no ``ask``.
 
 Run by the supervisor as ``python -m shards.worker INDEX EPOCH CONTROL_FD ROUTER CONFIG_JSON``
-(``CONFIG_JSON``: a :class:`ShardConfig`).
+(``CONFIG_JSON``: a :class:`ShardConfig`), with the token secret (which checks a client's
+``refresh``) in the environment variable ``UCC_SECRET``, read once at start and removed from the
+environment: never on the command line, which any local user can read.
 """
 
 from __future__ import annotations
@@ -36,12 +40,13 @@ from actors.cache_actor import (
     Deliver,
     LoopAction,
     Opened,
+    Refused,
     Registered,
     Subscribe,
     Subscribed,
     Unsubscribe,
 )
-from actors.ids import ChannelId, ConnId
+from actors.ids import ChannelId, ConnId, UserId
 from actors.wire import frames
 from shards.connection import CLOSE_TIMEOUT, Connection
 from shards.handoff import (
@@ -62,6 +67,7 @@ DRAIN_BATCHES = 10
 BEHIND_MIN = 8
 BEHIND_SHARE = 8  # one in eight
 REPORT_INTERVAL = 5.0  # seconds between two summaries of connections closed for cause
+SECRET_ENV = "UCC_SECRET"  # how the supervisor passes the token secret to a shard
 
 
 class Shard:
@@ -76,11 +82,17 @@ class Shard:
         control: socket.socket,
         router: str,
         config: ShardConfig,
+        secret: str = "",
     ) -> None:
+        """``secret``: the token secret, to check a client's ``refresh`` ("": every refresh
+        is refused)."""
         self.loop = loop
         self.index, self.epoch = index, epoch
         self.control = control
         self.config = config
+        self.secret = secret
+        # each user's connections here, from their arrival (handshake unread) to their end
+        self.per_user: dict[UserId, int] = {}
         # a connection whose write buffer is over this pauses writing (see ``behind``)
         self.write_high = max(1, min(16 * 1024, config.write_buffer_limit // 4))
         self.paused: dict[ConnId, float] = {}  # connections paused writing, since when
@@ -109,6 +121,7 @@ class Shard:
             lambda: self.stop(None),  # the actor failed: exit, and be restarted
             counters=lambda: dict(self.counters),
             behind=self.behind,
+            max_channels=config.max_channels_per_connection,
         )
         loop.add_reader(control.fileno(), self._on_control)
         self._tick_handle = loop.call_later(TICK, self._tick)
@@ -181,6 +194,13 @@ class Shard:
         with contextlib.suppress(pykka.ActorDeadError):
             self.actor.tell(message)
 
+    def admit(self, conn: Connection) -> bool:
+        held = self.per_user.get(conn.user, 0)
+        if held >= self.config.max_connections_per_user:
+            return False  # the connection answers 429 and counts it
+        self.per_user[conn.user] = held + 1
+        return True
+
     def connection_opened(self, conn: Connection) -> None:
         self.conns[conn.conn_id] = conn
         self._tell(Opened(conn.conn_id, conn.user, conn.channels, time.monotonic()))
@@ -203,6 +223,10 @@ class Shard:
         return paused > BEHIND_MIN and paused * BEHIND_SHARE > len(self.conns)
 
     def connection_lost(self, conn: Connection) -> None:
+        if conn.admitted:
+            held = self.per_user.pop(conn.user, 0) - 1
+            if held > 0:
+                self.per_user[conn.user] = held
         self.paused.pop(conn.conn_id, None)
         if self.conns.pop(conn.conn_id, None) is not None:
             self._active.pop(conn.conn_id, None)
@@ -233,6 +257,10 @@ class Shard:
                 conn = conns.get(action.conn)
                 if conn is not None:
                     conn.confirm(action.channel, action.subscribed)
+            elif isinstance(action, Refused):
+                conn = conns.get(action.conn)
+                if conn is not None:
+                    conn.send(frames.error(action.code, action.message))
             elif isinstance(action, CloseConnections):
                 for conn_id in action.conns:
                     conn = conns.get(conn_id)
@@ -356,13 +384,15 @@ def _crash_requested(index: int, epoch: int, switch: str) -> bool:
     return target == str(index) and epoch >= int(from_epoch or 1)
 
 
-async def serve(index: int, epoch: int, control_fd: int, router: str, config: ShardConfig) -> int:
+async def serve(
+    index: int, epoch: int, control_fd: int, router: str, config: ShardConfig, secret: str = ""
+) -> int:
     if _crash_requested(index, epoch, os.environ.get("UCC_TEST_CRASH_SHARD", "")):
         raise SystemExit(f"shard {index}: crashing on start (UCC_TEST_CRASH_SHARD)")
     loop = asyncio.get_running_loop()
     control = socket.socket(fileno=control_fd)
     control.setblocking(False)
-    shard = Shard(loop, index, epoch, control, router, config)
+    shard = Shard(loop, index, epoch, control, router, config, secret)
     loop.add_signal_handler(signal.SIGTERM, shard.stop, 0.0)
     drain_window = await shard.stopped
     if drain_window is not None:
@@ -376,6 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     index, epoch, control_fd, router, raw_config = args
     config = ShardConfig.from_json(raw_config)
+    secret = os.environ.pop(SECRET_ENV, "")  # once; our children (none) would not inherit it
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we stop
     _die_with_parent()
     logging.basicConfig(
@@ -386,7 +417,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("websockets").setLevel(logging.WARNING)  # one line per connection is noise
     import uvloop  # noqa: PLC0415 - a dependency; imported only in the shard process
 
-    return uvloop.run(serve(int(index), int(epoch), int(control_fd), router, config))
+    if not secret:
+        log.warning(
+            "shard %s: no %s in the environment: every refresh is refused", index, SECRET_ENV
+        )
+    return uvloop.run(serve(int(index), int(epoch), int(control_fd), router, config, secret))
 
 
 if __name__ == "__main__":

@@ -184,9 +184,7 @@ def test_the_channel_limit_refuses_a_client_subscribe_and_trims_a_server_side_on
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
         shard = FakeShard()
-        ref = CacheActor.start(
-            loop, 0, 1, endpoint, shard.post, 60.0, shard.fail, max_channels=2
-        )
+        ref = CacheActor.start(loop, 0, 1, endpoint, shard.post, 60.0, shard.fail, max_channels=2)
         identity = shardwire.identity(0, 1)
         await receive(sock, shardwire.HELLO)
         ref.tell(Opened(ConnId(1), UserId(7), (ChannelId(3),), 0.0))

@@ -28,8 +28,9 @@ from websockets.frames import Close, Frame, Opcode
 from websockets.http11 import Response
 from websockets.uri import parse_uri
 
+from actors.cache import UserConnectionCache
 from actors.ids import ChannelId, ConnId, UserId
-from actors.wire import frames
+from actors.wire import frames, tokens
 from shards import connection
 from shards.config import ServeConfig
 from shards.connection import Connection
@@ -38,17 +39,23 @@ from shards.handoff import ShardConfig
 DEADLINE = 5.0  # seconds: a wait that takes this long is a failure, not a synchronisation
 CONFIG = ShardConfig.of(ServeConfig(secret="s"))
 FAILING_USER = UserId(666)  # the stand-in shard raises on this user's subscribe
+SECRET = "a-token-secret-of-at-least-32-bytes!"
 
 
 class StandInShard:
     """What a Connection needs of its shard (``shards.connection.ShardSide``), recording what
     it is told. It
     answers as the real shard does, a turn of the loop later: ``registered`` after
-    ``connection_opened``, ``confirm`` after ``subscribe``."""
+    ``connection_opened``, ``confirm`` after ``subscribe`` (or the ``limit`` error, decided by
+    a real cache as the CacheActor does); it counts each user's connections as the shard does
+    (``admit``)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, config: ShardConfig) -> None:
         self.loop = loop
         self.config = config
+        self.secret = SECRET
+        self.per_user: Counter[UserId] = Counter()
+        self.cache = UserConnectionCache(config.max_channels_per_connection)
         self.now = time.monotonic()
         self.write_high = 16 * 1024
         self.counters: Counter[str] = Counter()
@@ -64,20 +71,36 @@ class StandInShard:
     def mark_active(self, conn: Connection) -> None:
         self.active += 1
 
+    def admit(self, conn: Connection) -> bool:
+        if self.per_user[conn.user] >= self.config.max_connections_per_user:
+            return False
+        self.per_user[conn.user] += 1
+        return True
+
     def connection_opened(self, conn: Connection) -> None:
         self.opened.append(conn)
+        self.cache.connect(conn.conn_id, conn.user, conn.channels, 0.0)
         self.loop.call_soon(conn.registered)
 
     def connection_lost(self, conn: Connection) -> None:
+        if conn.admitted:
+            self.per_user[conn.user] -= 1
+        self.cache.disconnect(conn.conn_id)
         self.lost.append(conn)
 
     def subscribe(self, conn: Connection, channel: ChannelId) -> None:
         if conn.user == FAILING_USER:
             raise RuntimeError("a bug met on this connection's bytes")
+        if not self.cache.can_join(conn.conn_id, channel):
+            refused = frames.error("limit", "too many channels")
+            self.loop.call_soon(conn.send, refused)
+            return
+        self.cache.subscribe(conn.conn_id, channel)
         self.subscriptions.append((conn.user, channel, True))
         self.loop.call_soon(conn.confirm, channel, True)
 
     def unsubscribe(self, conn: Connection, channel: ChannelId) -> None:
+        self.cache.unsubscribe(conn.conn_id, channel)
         self.subscriptions.append((conn.user, channel, False))
         self.loop.call_soon(conn.confirm, channel, False)
 
@@ -162,14 +185,17 @@ class Client:
 
 
 async def connected(
-    shard: StandInShard, user: int = 7, channels: tuple[int, ...] = (1, 2)
+    shard: StandInShard,
+    user: int = 7,
+    channels: tuple[int, ...] = (1, 2),
+    expires: float = float("inf"),
 ) -> tuple[Connection, Client]:
     """A Connection adopted on the server end of a fresh socket pair, and its client."""
     loop = asyncio.get_running_loop()
     server_end, client_end = socket.socketpair()
     client_end.setblocking(False)
     ids = tuple(ChannelId(c) for c in channels)
-    conn = Connection(shard, ConnId(len(shard.opened) + 1), UserId(user), ids, float("inf"))
+    conn = Connection(shard, ConnId(len(shard.pairs) + 1), UserId(user), ids, expires)
     client = Client(client_end)
     shard.pairs.append((conn, client))
     await loop.connect_accepted_socket(lambda: conn, server_end)
@@ -177,10 +203,13 @@ async def connected(
 
 
 async def opened(
-    shard: StandInShard, user: int = 7, channels: tuple[int, ...] = (1, 2)
+    shard: StandInShard,
+    user: int = 7,
+    channels: tuple[int, ...] = (1, 2),
+    expires: float = float("inf"),
 ) -> tuple[Connection, Client]:
     """As :func:`connected`, past the handshake and hello."""
-    conn, client = await connected(shard, user, channels)
+    conn, client = await connected(shard, user, channels, expires)
     assert (await client.handshake()).status_code == 101
     assert (await client.text())["type"] == "hello"
     return conn, client
@@ -338,6 +367,129 @@ def test_an_exception_handling_bytes_closes_that_connection_only_1011(run):
         await client.flush()
         assert await client.text() == {"type": "pong"}
         assert healthy.is_open
+
+    run(scenario)
+
+
+def test_one_connection_too_many_for_a_user_gets_429_before_the_upgrade(run):
+    config = dataclasses.replace(CONFIG, max_connections_per_user=2)
+
+    async def scenario(shard: StandInShard) -> None:
+        first, _ = await opened(shard, user=7)
+        # the second is counted from its arrival, before its handshake: a burst cannot pass
+        _second, pending = await connected(shard, user=7)
+        _third, refused = await connected(shard, user=7)
+        _other, client = await connected(shard, user=8)  # another user: its own count
+        response = await refused.handshake()
+        assert response.status_code == 429
+        assert response.headers["Retry-After"] == str(connection.RETRY_AFTER_PER_USER)
+        assert b"too many connections for this user" in response.body
+        assert await refused.until_eof() == []  # no upgrade: the stream ends
+        assert shard.counters["refused_per_user"] == 1
+        assert (await pending.handshake()).status_code == 101
+        assert (await client.handshake()).status_code == 101
+        assert first.is_open and len(shard.opened) == 3
+        # one of the user's connections ends: room for another
+        first.close(1000, "bye")
+        assert await shard.pairs[0][1].close_code() == 1000
+        await shard.pairs[0][1].until_eof()
+        while first not in shard.lost:
+            await asyncio.sleep(0)  # connection_lost: the loop's next turns
+        _fourth, again = await connected(shard, user=7)
+        assert (await again.handshake()).status_code == 101
+
+    run(scenario, config)
+
+
+def test_a_subscribe_beyond_the_channel_limit_gets_error_limit_and_it_stays_open(run):
+    config = dataclasses.replace(CONFIG, max_channels_per_connection=2)
+
+    async def scenario(shard: StandInShard) -> None:
+        conn, client = await opened(shard, channels=(1, 2, 3))
+        client.proto.send_text(b'{"type": "unsubscribe", "channel": 1}')
+        client.proto.send_text(b'{"type": "subscribe", "channel": 3}')  # holds 2, 3 already
+        client.proto.send_text(b'{"type": "subscribe", "channel": 1}')  # a third: refused
+        client.proto.send_text(b'{"type": "ping"}')
+        await client.flush()
+        assert await client.text() == {"type": "pong"}
+        assert await client.text() == {"type": "unsubscribed", "channel": 1}
+        assert await client.text() == {"type": "subscribed", "channel": 3}
+        refused = await client.text()
+        assert (refused["type"], refused["code"]) == ("error", "limit")
+        assert conn.is_open
+
+    run(scenario, config)
+
+
+def refresh(token: str) -> bytes:
+    return json.dumps({"type": "refresh", "token": token}).encode()
+
+
+def test_a_refresh_moves_the_expiry_and_the_allowed_channels(run):
+    async def scenario(shard: StandInShard) -> None:
+        conn, client = await opened(shard, user=7, channels=(1, 2, 3), expires=time.time() + 3)
+        token = tokens.mint(SECRET, 7, [2, 3, 4], ttl=3600)
+        exp = tokens.verify(SECRET, token).exp
+        client.proto.send_text(refresh(token))
+        client.proto.send_text(b'{"type": "subscribe", "channel": 4}')  # allowed now
+        client.proto.send_text(b'{"type": "subscribe", "channel": 1}')  # not any more
+        await client.flush()
+        assert await client.text() == {"type": "refreshed", "exp": int(exp)}
+        assert (await client.text())["code"] == "forbidden"  # 1
+        # 1 is no longer allowed: unsubscribed as the client's own unsubscribe would be
+        assert await client.text() == {"type": "unsubscribed", "channel": 1}
+        assert await client.text() == {"type": "subscribed", "channel": 4}
+        assert conn.expires == exp
+        assert conn.allowed == {2, 3, 4}
+        assert shard.subscriptions == [(7, 1, False), (7, 4, True)]
+        assert shard.counters["refreshed"] == 1
+
+    run(scenario)
+
+
+def test_a_bad_refresh_is_bad_token_and_the_old_expiry_stands(run):
+    config = dataclasses.replace(CONFIG, token_audience="app", max_channels_per_connection=2)
+
+    async def scenario(shard: StandInShard) -> None:
+        expires = time.time() + 60
+        conn, client = await opened(shard, user=7, channels=(1,), expires=expires)
+        bad = [
+            tokens.mint(SECRET, 8, [1], audience="app"),  # another user's
+            tokens.mint("another-secret-of-at-least-32-bytes", 7, [1], audience="app"),
+            tokens.mint(SECRET, 7, [1], ttl=-10, audience="app"),  # expired
+            tokens.mint(SECRET, 7, [1]),  # no aud, and one is configured
+            tokens.mint(SECRET, 7, [1], audience="other"),
+            tokens.mint(SECRET, 7, [1, 2, 3], audience="app"),  # over the channel limit
+            "not.a.token",
+        ]
+        for token in bad:
+            client.proto.send_text(refresh(token))
+        await client.flush()
+        for _ in bad:
+            body = await client.text()
+            assert (body["type"], body["code"]) == ("error", "bad_token"), body
+            assert body["message"].startswith("refresh refused: ")
+        assert conn.expires == expires and conn.allowed == {1}
+        assert conn.is_open
+        assert shard.counters["refresh_refused"] == len(bad)
+        assert shard.subscriptions == []
+        # a good one still works afterwards
+        client.proto.send_text(refresh(tokens.mint(SECRET, 7, [1], audience="app")))
+        await client.flush()
+        assert (await client.text())["type"] == "refreshed"
+        assert conn.expires > expires
+
+    run(scenario, config)
+
+
+def test_without_a_secret_every_refresh_is_refused(run):
+    async def scenario(shard: StandInShard) -> None:
+        shard.secret = ""
+        conn, client = await opened(shard, user=7)
+        client.proto.send_text(refresh(tokens.mint(SECRET, 7, [1])))  # valid, but uncheckable
+        await client.flush()
+        assert (await client.text())["code"] == "bad_token"
+        assert conn.expires == float("inf")
 
     run(scenario)
 
