@@ -108,10 +108,18 @@ def _start(name: str, argv: list[str], secret: str, timeout: float) -> tuple[Ser
 
 def start_ucc(secret: str, shards: int, args: list[str], timeout: float = 30.0) -> Server:
     """``ucc serve`` on free loopback ports. The load comes from a few loopback addresses,
-    opening hundreds of connections at once each: the per-address handshake cap (a defence
-    against one address hoarding handshakes) is lifted; ``args`` may set it again."""
+    opening hundreds of connections at once each: the per-address handshake cap and connect
+    rate (defences against one address hoarding handshakes) are lifted; ``args`` may set them
+    again."""
     argv = ready.serve_argv(
-        shards, "--log-level", "WARNING", "--max-pending-per-address", "100000", *args
+        shards,
+        "--log-level",
+        "WARNING",
+        "--max-pending-per-address",
+        "100000",
+        "--connect-rate",
+        "1000000",
+        *args,
     )
     server, match = _start("ucc", argv, secret, timeout)
     server.shards = int(match[3])
