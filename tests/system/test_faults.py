@@ -294,7 +294,10 @@ def test_a_busy_router_does_not_mistake_healthy_shards_for_hung_ones(ucc_host):
 def test_hundreds_of_connections_wait_out_a_restart(ucc_host):
     # more than the hand-off socket's buffer takes at once: the rest wait their turn, not a 503
     # all from one address, all at once: lift the per-address cap on pending handshakes
-    host: Host = ucc_host(shards=2, args=("--max-pending-per-address", "1000"))
+    # 600 connections from one address at once: lift the per-address defences against that
+    host: Host = ucc_host(
+        shards=2, args=("--max-pending-per-address", "1000", "--connect-rate", "10000")
+    )
     victim = 0
     users = [u for u in range(1, 3000) if host.shard_of(u) == victim][:600]
     sockets = [socket.create_connection(host.address, timeout=20) for _ in users]

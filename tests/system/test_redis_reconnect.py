@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import redis
 
+from actors.wire.cluster import ClusterKey
 from shards.redislink import RedisLink
 from shards.testing import RedisServer, wait_until
 
@@ -17,7 +18,8 @@ def subscribers(server: RedisServer, topic: str) -> int:
 def test_the_listener_backoff_starts_again_from_the_smallest_delay_after_a_reconnect(
     redis_server,
 ):
-    link = RedisLink(redis_server.url, "backoff-test", lambda _event: None)
+    key = ClusterKey(b"k" * 32)
+    link = RedisLink(redis_server.url, "backoff-test", lambda _event: None, key)
     inbox = link.layout.host_topic(link.host)
     link.start()
     try:
