@@ -35,8 +35,7 @@ from websockets.server import ServerProtocol
 
 from actors.ids import ChannelId, ConnId, UserId
 from actors.ratelimit import TokenBucket
-from actors.wire import frames, tokens
-from actors.wire.clientwire import ClientFrameError, parse_client_frame
+from actors.wire import clientwire, frames, tokens
 from shards.handoff import ShardConfig
 
 log = logging.getLogger("ucc.connection")
@@ -277,27 +276,26 @@ class Connection(asyncio.Protocol):
 
     def _command(self, payload: bytes) -> None:
         try:
-            kind, channel = parse_client_frame(payload)
-        except ClientFrameError as exc:
+            frame = clientwire.parse_client_frame(payload)
+        except clientwire.ClientFrameError as exc:
             if exc.code == "invalid_utf8":  # RFC 6455 §8.1: fail the connection, 1007
                 self.shard.count("closed_invalid_utf8")
                 self.close(1007, "invalid UTF-8 in a text frame")
             else:
                 self.send(frames.error(exc.code, exc.message))
             return
-        if kind == "ping":
+        if isinstance(frame, clientwire.Ping):
             self.send(frames.PONG)
-        elif isinstance(channel, str):  # refresh: the argument is the token
-            self._refresh(channel)
-        elif channel is None:  # pragma: no cover - parse_client_frame guarantees a channel
-            raise AssertionError(kind)
-        elif kind == "subscribe":
+        elif isinstance(frame, clientwire.Refresh):
+            self._refresh(frame.token)
+        elif isinstance(frame, clientwire.Subscribe):
+            channel = frame.channel
             if channel not in self.allowed:
                 self.send(frames.error("forbidden", f"the token does not allow channel {channel}"))
                 return
             self.shard.subscribe(self, channel)  # confirmed once the cache has it
         else:
-            self.shard.unsubscribe(self, channel)
+            self.shard.unsubscribe(self, frame.channel)
 
     def _refresh(self, token: str) -> None:
         """A new token for this connection: valid and for the same user, it replaces the old

@@ -8,6 +8,7 @@ or decide policy (whether the token allows a channel is the connection's busines
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 from actors.ids import ChannelId, parse_id
 from actors.wire.errors import PeerError
@@ -20,10 +21,33 @@ class ClientFrameError(PeerError):
     """A client frame the connection answers with an error frame."""
 
 
-def parse_client_frame(payload: bytes) -> tuple[str, ChannelId | str | None]:
-    """The frame's type and its argument, or ClientFrameError. The argument is the channel for
-    ``subscribe``/``unsubscribe``, the token (a non-empty string, not checked here) for
-    ``refresh``, None for ``ping``."""
+@dataclass(frozen=True, slots=True)
+class Ping:
+    """``{"type":"ping"}``: answered ``{"type":"pong"}``."""
+
+
+@dataclass(frozen=True, slots=True)
+class Subscribe:
+    channel: ChannelId
+
+
+@dataclass(frozen=True, slots=True)
+class Unsubscribe:
+    channel: ChannelId
+
+
+@dataclass(frozen=True, slots=True)
+class Refresh:
+    """A new token for the connection (a non-empty string, not checked here)."""
+
+    token: str
+
+
+ClientFrame = Ping | Subscribe | Unsubscribe | Refresh
+
+
+def parse_client_frame(payload: bytes) -> ClientFrame:
+    """The client frame in ``payload``, or ClientFrameError."""
     try:
         text = payload.decode("utf-8")  # UTF-8 only (json.loads would sniff UTF-16)
     except UnicodeDecodeError:
@@ -41,15 +65,15 @@ def parse_client_frame(payload: bytes) -> tuple[str, ChannelId | str | None]:
     if kind not in KINDS:
         raise ClientFrameError("unknown_type", f"unknown frame type {kind[:64]!r}")
     if kind == "ping":
-        return kind, None
+        return Ping()
     if kind == "refresh":
         token = body.get("token")
         if not isinstance(token, str) or not 0 < len(token) <= MAX_TOKEN:
             raise ClientFrameError(
                 "bad_frame", f"field 'token' must be a non-empty string of at most {MAX_TOKEN}"
             )
-        return kind, token
+        return Refresh(token)
     channel = parse_id(body.get("channel"))
     if channel is None:
         raise ClientFrameError("bad_frame", "field 'channel' must be a positive integer")
-    return kind, ChannelId(channel)
+    return Subscribe(ChannelId(channel)) if kind == "subscribe" else Unsubscribe(ChannelId(channel))

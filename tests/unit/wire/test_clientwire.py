@@ -7,7 +7,16 @@ import json
 import pytest
 
 from actors.ids import MAX_ID
-from actors.wire.clientwire import KINDS, MAX_TOKEN, ClientFrameError, parse_client_frame
+from actors.wire.clientwire import (
+    KINDS,
+    MAX_TOKEN,
+    ClientFrameError,
+    Ping,
+    Refresh,
+    Subscribe,
+    Unsubscribe,
+    parse_client_frame,
+)
 
 
 def frame(body: object) -> bytes:
@@ -26,23 +35,24 @@ def test_kinds_are_the_documented_ones():
 
 
 def test_ping():
-    assert parse_client_frame(b'{"type":"ping"}') == ("ping", None)
+    assert parse_client_frame(b'{"type":"ping"}') == Ping()
 
 
 def test_ping_ignores_other_fields():
-    assert parse_client_frame(frame({"type": "ping", "channel": "x", "n": 1})) == ("ping", None)
+    assert parse_client_frame(frame({"type": "ping", "channel": "x", "n": 1})) == Ping()
 
 
-@pytest.mark.parametrize("kind", ["subscribe", "unsubscribe"])
+@pytest.mark.parametrize(
+    ("kind", "event"), [("subscribe", Subscribe), ("unsubscribe", Unsubscribe)]
+)
 @pytest.mark.parametrize("channel", [1, 7, MAX_ID])
-def test_subscribe_and_unsubscribe(kind, channel):
-    assert parse_client_frame(frame({"type": kind, "channel": channel})) == (kind, channel)
+def test_subscribe_and_unsubscribe(kind, event, channel):
+    assert parse_client_frame(frame({"type": kind, "channel": channel})) == event(channel)
 
 
 def test_utf8_payload_is_accepted():
-    assert parse_client_frame('{"type":"subscribe","channel":3,"note":"é"}'.encode()) == (
-        "subscribe",
-        3,
+    assert parse_client_frame('{"type":"subscribe","channel":3,"note":"é"}'.encode()) == Subscribe(
+        3
     )
 
 
@@ -99,11 +109,10 @@ def test_error_str_carries_the_code():
 
 
 def test_refresh_carries_its_token_unchecked():
-    assert parse_client_frame(frame({"type": "refresh", "token": "a.b.c"})) == ("refresh", "a.b.c")
+    assert parse_client_frame(frame({"type": "refresh", "token": "a.b.c"})) == Refresh("a.b.c")
     # the token is checked by the connection (signature, sub, exp), not by the codec
-    assert parse_client_frame(frame({"type": "refresh", "token": "x", "channel": 3})) == (
-        "refresh",
-        "x",
+    assert parse_client_frame(frame({"type": "refresh", "token": "x", "channel": 3})) == Refresh(
+        "x"
     )
 
 
