@@ -130,3 +130,18 @@ def test_a_bad_allowed_origin_exits_2_before_the_ready_line(pattern, tmp_path):
     assert proc.returncode == 2, err.decode()[-2000:]
     assert out == b""  # no ready line
     assert f"--allowed-origin {pattern!r}" in err.decode(), err.decode()[-2000:]
+
+
+@pytest.mark.parametrize("secret", ["a", "s" * 31, "ü" * 15])  # "ü" is 2 bytes: 30 bytes
+def test_a_secret_shorter_than_32_bytes_exits_2_before_the_ready_line(secret, tmp_path):
+    env = {**os.environ, "UCC_SECRET": secret, "TMPDIR": str(tmp_path)}
+    proc = procgroup.start(
+        ready.serve_argv(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+    )
+    try:
+        out, err = proc.communicate(timeout=30 * TIME_FACTOR)
+    finally:
+        procgroup.kill(proc)
+    assert proc.returncode == 2, err.decode()[-2000:]
+    assert out == b""  # no ready line
+    assert "at least 32" in err.decode(), err.decode()[-2000:]
