@@ -27,7 +27,7 @@ Example::
         host.wait_shard_replaced(0, old)
 """
 
-from shards.testing.host import AsyncHost, Cluster, Host
+from shards.testing.host import AsyncHost, Cluster, Host, refused_start
 from shards.testing.peer import Peer, connect_peer, upgrade_request
 from shards.testing.redis import (
     RedisClusterServer,
@@ -50,6 +50,7 @@ __all__ = [
     "free_port",
     "redis_cli_binary",
     "redis_server_binary",
+    "refused_start",
     "upgrade_request",
     "wait_until",
     "wait_until_async",

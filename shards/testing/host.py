@@ -26,7 +26,28 @@ from shards import procgroup, ready
 from shards.client import AsyncClient, Client
 from shards.testing.waiting import TIME_FACTOR, wait_until, wait_until_async
 
-__all__ = ["AsyncHost", "Cluster", "Host"]
+__all__ = ["AsyncHost", "Cluster", "Host", "refused_start"]
+
+
+def refused_start(
+    *args: str, env: dict[str, str] | None = None, secret: str = "s" * 32, timeout: float = 30.0
+) -> str:
+    """Run ``ucc serve ARGS`` (one shard, free ports), which must refuse to start: exit 2, no
+    ready line. Returns what it wrote on stderr. ``env`` replaces the environment (default:
+    this one, less the ``UCC_*`` settings a developer may have set, plus ``secret``)."""
+    if env is None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("UCC_")}
+        env["UCC_SECRET"] = secret
+    proc = procgroup.start(
+        ready.serve_argv(1, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout * TIME_FACTOR)
+    finally:
+        procgroup.kill(proc)
+    assert proc.returncode == 2, err.decode()[-2000:]
+    assert out == b"", out  # no ready line
+    return err.decode()
 
 
 class Host:

@@ -17,7 +17,7 @@ import pytest
 
 from shards import procgroup, ready
 from shards.client import AsyncClient, Client, CommandTimeout
-from shards.testing import TIME_FACTOR, Host, wait_until
+from shards.testing import TIME_FACTOR, Host, refused_start, wait_until
 
 NOTHING_WITHIN = 2.0  # seconds: "gets nothing" is a bounded wait for a reply that never comes
 SECRET = "s" * 40
@@ -183,14 +183,7 @@ def serve(*args: str, stderr: Any = subprocess.PIPE) -> procgroup.Process:
 
 def refused(*args: str) -> str:
     """``ucc serve ARGS`` exits 2 before its ready line; its stderr."""
-    proc = serve(*args)
-    try:
-        out, err = proc.communicate(timeout=30 * TIME_FACTOR)
-    finally:
-        procgroup.kill(proc)
-    assert proc.returncode == 2, err
-    assert b"ucc ready" not in out
-    return err.decode()
+    return refused_start(*args, secret=SECRET)
 
 
 def test_a_command_endpoint_off_loopback_needs_curve():

@@ -9,21 +9,25 @@ import base64
 import contextlib
 import hashlib
 import hmac
-import os
 import re
 import resource
 import selectors
 import socket
 import statistics
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from shards import procgroup, ready
-from shards.testing import TIME_FACTOR, Host, connect_peer, upgrade_request, wait_until
+from shards.testing import (
+    TIME_FACTOR,
+    Host,
+    connect_peer,
+    refused_start,
+    upgrade_request,
+    wait_until,
+)
 
 PER_ADDRESS = 64  # the default --max-pending-per-address
 ATTACKER = "127.0.0.2"
@@ -251,18 +255,7 @@ def test_the_open_files_limit_is_raised_at_start_and_shards_inherit_it(ucc_host,
 
 
 @pytest.mark.parametrize("url", ["http://x", "redis://h:99999", "garbage"])
-def test_an_unusable_redis_url_exits_2_before_the_ready_line(url, tmp_path):
-    env = {**os.environ, "UCC_SECRET": "s" * 32, "TMPDIR": str(tmp_path)}
-    env.pop("UCC_REDIS_URL", None)
-    argv = ready.serve_argv(1, "--redis", url)
-    # in its own process group: killed below, whatever happens
-    proc = procgroup.start(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    try:
-        out, err = proc.communicate(timeout=30 * TIME_FACTOR)
-    finally:
-        procgroup.kill(proc)
-    assert proc.returncode == 2
-    assert out == b""  # no ready line
-    lines = err.decode().splitlines()
+def test_an_unusable_redis_url_exits_2_before_the_ready_line(url):
+    lines = refused_start("--redis", url).splitlines()
     assert len(lines) == 1, lines
     assert lines[0].startswith(f"ucc: error: --redis {url!r}: "), lines[0]
