@@ -258,6 +258,8 @@ def _run_serve(args: argparse.Namespace) -> int:
         print(f"ucc: using token secret from {path} (mode {mode})", file=sys.stderr)
     try:
         check_secret(secret)
+        if args.cluster_secret is not None:
+            check_secret(args.cluster_secret, "--cluster-secret / UCC_CLUSTER_SECRET")
         if args.redis is not None:
             check_redis_url(args.redis)
     except ValueError as exc:

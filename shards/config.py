@@ -75,15 +75,19 @@ class ServeConfig:
 MIN_SECRET_BYTES = 32
 
 
-def check_secret(secret: str) -> str:
-    """``secret`` if it is long enough to sign tokens (HS256 wants 32 bytes at least)."""
-    if len(secret.encode()) < MIN_SECRET_BYTES:
-        raise ValueError(
-            f"the token secret is {len(secret.encode())} bytes; it must have at least"
-            f" {MIN_SECRET_BYTES} (HS256): use a longer --secret / UCC_SECRET, or delete the"
-            " secret file to have a new random one created"
-        )
-    return secret
+def check_secret(secret: str, what: str = "") -> str:
+    """``secret`` if it is long enough to key HMAC-SHA256 (32 bytes at least): the token
+    secret, or ``what`` names another (the cluster secret)."""
+    size = len(secret.encode())
+    if size >= MIN_SECRET_BYTES:
+        return secret
+    if what:
+        raise ValueError(f"{what} is {size} bytes; it must have at least {MIN_SECRET_BYTES}")
+    raise ValueError(
+        f"the token secret is {size} bytes; it must have at least {MIN_SECRET_BYTES} (HS256):"
+        " use a longer --secret / UCC_SECRET, or delete the secret file to have a new random"
+        " one created"
+    )
 
 
 def secret_path() -> Path:

@@ -154,6 +154,7 @@ class RedisLink:
             "received": 0,
             "malformed": 0,
             "forged": 0,
+            "replayed": 0,
             "reconnects": 0,
         }
         self._counters_lock = threading.Lock()
@@ -299,17 +300,19 @@ class RedisLink:
 
         for op in batch:
             if isinstance(op, PublishChannel):
-                message = Message(host, None, op.frame, channel=op.channel)
+                message = Message(host, None, op.frame, channel=op.channel, sent_ms=now_ms)
                 payload = cluster.encode(message, key)
                 pipe.execute_command(self._publish, layout.channel_topic(op.channel), payload)
             elif isinstance(op, PublishUsers):
-                payload = cluster.encode(Message(host, op.users, op.frame, control=op.control), key)
+                message = Message(host, op.users, op.frame, control=op.control, sent_ms=now_ms)
+                payload = cluster.encode(message, key)
                 script(self._publish_users, payload, *op.users)
             elif isinstance(op, PublishHosts):
                 control = dict(op.control)
                 if "ban" in control:  # its end, so that a replay later bans nobody
                     control["until"] = now_ms + int(float(control["ban"]) * 1000)
-                payload = cluster.encode(Message(host, op.users, b"", control=control), key)
+                message = Message(host, op.users, b"", control=control, sent_ms=now_ms)
+                payload = cluster.encode(message, key)
                 script(self._publish_hosts, payload)
             elif isinstance(op, OnlineUsers | OnlineInChannel | AreOnline):
                 script(cluster.PRESENCE)
@@ -319,7 +322,8 @@ class RedisLink:
                 sealed = cluster.seal_presence(key, host, now_ms + ttl, op.presence)
                 script(cluster.SNAPSHOT, now_ms + ttl, ttl, body, sealed)
             else:  # the probe
-                probe = cluster.encode(Message(host, None, b"", probe=True), key)
+                message = Message(host, None, b"", probe=True, sent_ms=now_ms)
+                probe = cluster.encode(message, key)
                 pipe.execute_command(self._publish, layout.host_topic(host), probe)
         results = pipe.execute(raise_on_error=False)
         events: list[OpResult] = []
@@ -419,7 +423,7 @@ class RedisLink:
     def _decode(self, message: dict[str, Any]) -> Delivery | None:
         self._count("received")
         topic = message["channel"].decode(errors="replace")
-        decoded = cluster.decode(message["data"], self.key)
+        decoded = cluster.decode(message["data"], self.key, _now_ms())
         if isinstance(decoded, Rejected):
             self._count(decoded.value)
             return None
@@ -442,8 +446,9 @@ class RedisLink:
         if control is not None and "ban" in control:
             left = cluster.ban_remaining(control, _now_ms())
             control = {k: v for k, v in control.items() if k not in ("until", "ban")}
-            if left is not None:  # else it has passed: a plain disconnect
-                control["ban"] = left
+            if left is None:  # it has passed (a late copy): nothing more to do
+                return None
+            control["ban"] = left
         return Delivery(target, decoded.users or [], decoded.frame, control)
 
     def _answer(self, op: Work, value: Any, now_ms: int) -> dict[str, Any]:

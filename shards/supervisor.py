@@ -458,6 +458,7 @@ async def _run(config: ServeConfig) -> int:
 def run(config: ServeConfig) -> int:
     """Serve until SIGTERM/SIGINT (SIGHUP re-reads the admitted command client keys); the exit
     code (non-zero when restarts were exhausted)."""
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the loop handles it: never fatal
     logging.basicConfig(
         level=config.log_level,
         format="%(asctime)s supervisor %(levelname)s %(name)s: %(message)s",

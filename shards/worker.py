@@ -288,7 +288,7 @@ class Shard:
             self._last_ping = now
             for conn in list(self.conns.values()):
                 # a token that ran out: the client must come back with a fresh one
-                if conn.expires <= wall:
+                if conn.expires + self.config.token_leeway <= wall:
                     conn.close(4003, "token expired")
                 elif now - conn.last_inbound >= self.config.heartbeat:
                     conn.ping()
@@ -407,7 +407,10 @@ def main(argv: list[str] | None = None) -> int:
     index, epoch, control_fd, router, raw_config = args
     config = ShardConfig.from_json(raw_config)
     secret = os.environ.pop(SECRET_ENV, "")  # once; our children (none) would not inherit it
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we stop
+    # the supervisor decides when we stop; a SIGHUP to the whole process group (a terminal
+    # closing, `kill -HUP -PGID`) is the supervisor's to handle (it re-reads the client keys)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     _die_with_parent()
     logging.basicConfig(
         level=config.log_level,

@@ -19,9 +19,10 @@ hosts set), which is how a Redis Cluster client routes it to the node that owns 
 Every message and every presence snapshot is *sealed*: a 32-byte HMAC-SHA256 under the cluster
 key, then the body. :func:`decode` and :func:`read_presence` check the seal first (in constant
 time) and tell a forged message (:attr:`Rejected.FORGED`: no seal, or a wrong one) from a
-malformed one (:attr:`Rejected.MALFORMED`: sealed, but not a valid body). A sealed message can be
-replayed (the seal says who made it, not when); presence snapshots carry their expiry, so a
-replayed one is worth nothing past it.
+malformed one (:attr:`Rejected.MALFORMED`: sealed, but not a valid body). Every message carries
+its publisher's time under the seal, and is taken only within :data:`REPLAY_WINDOW_MS` of it
+(:attr:`Rejected.REPLAYED` otherwise); presence snapshots carry their expiry, so a replayed one
+is worth nothing past it.
 """
 
 from __future__ import annotations
@@ -39,6 +40,10 @@ from actors.wire import frames
 MAX_FRAME = 16 * 1024 * 1024
 MAX_BAN = 1e9  # seconds, as commands.MAX_SECONDS
 MAC_SIZE = 32  # HMAC-SHA256
+# a sealed message is taken only within this long of the time its publisher stamped on it
+# (either way: hosts' clocks must agree within it, as NTP keeps them); an older copy replayed
+# onto Redis is dropped and counted ``replayed``. The same as the presence expiry.
+REPLAY_WINDOW_MS = 5_000
 MAC_LABEL = b"ucc cluster mac v1"  # derives the default cluster key from the token secret
 
 
@@ -80,6 +85,7 @@ class Rejected(Enum):
 
     MALFORMED = "malformed"  # a valid seal on a bad body (a bug or a version mismatch)
     FORGED = "forged"  # no valid seal: not made by a host of this cluster
+    REPLAYED = "replayed"  # a valid seal, but sent longer ago than REPLAY_WINDOW_MS
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +135,7 @@ class Message:
     probe: bool = False
     control: dict[str, Any] | None = None
     channel: int | None = None
+    sent_ms: int = 0  # the publisher's clock (ms since the epoch) when it sealed it
 
 
 CONTROL_OPS = ("subscribe", "unsubscribe", "disconnect")
@@ -136,7 +143,12 @@ CONTROL_OPS = ("subscribe", "unsubscribe", "disconnect")
 
 def encode(message: Message, key: ClusterKey) -> bytes:
     """The message, sealed under ``key``."""
-    fields: dict[str, Any] = {"o": message.origin, "u": message.users, "p": message.probe}
+    fields: dict[str, Any] = {
+        "o": message.origin,
+        "u": message.users,
+        "p": message.probe,
+        "t": message.sent_ms,
+    }
     if message.control is not None:
         fields["c"] = message.control
     if message.channel is not None:
@@ -167,8 +179,9 @@ def valid_seconds(value: Any) -> bool:
 
 def ban_remaining(control: dict[str, Any], now_ms: int) -> float | None:
     """What is left of a forwarded ban (``ban`` seconds, ``until`` ms since the epoch set by the
-    publisher): None once it has passed (a replay later bans nobody, nor lifts a newer ban), and
-    a clock ahead of ours adds nothing to its length. A ban of 0 (lift it) stays 0."""
+    publisher): None once it has passed, and a clock ahead of ours adds nothing to its length. A
+    ban of 0 (lift it) stays 0. A copy replayed later never reaches this: :func:`decode` drops
+    whatever is older than the replay window, so an old "lift" cannot undo a newer ban."""
     seconds = float(control.get("ban", 0))
     until = control.get("until")
     if until is None or seconds == 0:
@@ -177,10 +190,14 @@ def ban_remaining(control: dict[str, Any], now_ms: int) -> float | None:
     return left if left > 0 else None
 
 
-def decode(raw: bytes, key: ClusterKey, max_frame: int = MAX_FRAME) -> Message | Rejected:
+def decode(
+    raw: bytes, key: ClusterKey, now_ms: int, max_frame: int = MAX_FRAME
+) -> Message | Rejected:
     """The message, or why it is refused (counted and dropped by the caller): anything on Redis
     may come from a buggy or hostile publisher, and its frame goes to our clients. The seal is
-    checked first: without a valid one the message is :attr:`Rejected.FORGED`."""
+    checked first: without a valid one the message is :attr:`Rejected.FORGED`; with one, but
+    stamped more than :data:`REPLAY_WINDOW_MS` away from ``now_ms``, it is
+    :attr:`Rejected.REPLAYED` (a copy someone kept and published again)."""
     body = key.open(raw)
     if body is None:
         return Rejected.FORGED
@@ -190,8 +207,13 @@ def decode(raw: bytes, key: ClusterKey, max_frame: int = MAX_FRAME) -> Message |
         origin, users, probe = header["o"], header["u"], bool(header.get("p"))
         control = _control(header.get("c"))
         channel = header.get("ch")
+        sent_ms = header["t"]
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return Rejected.MALFORMED
+    if type(sent_ms) is not int:
+        return Rejected.MALFORMED
+    if abs(now_ms - sent_ms) > REPLAY_WINDOW_MS:
+        return Rejected.REPLAYED
     if not isinstance(origin, str):
         return Rejected.MALFORMED
     if channel is not None and parse_id(channel) is None:
@@ -203,7 +225,7 @@ def decode(raw: bytes, key: ClusterKey, max_frame: int = MAX_FRAME) -> Message |
     frame = body[4 + size :]
     if not probe and control is None and not frames.is_text_frame(frame, max_frame):
         return Rejected.MALFORMED
-    return Message(origin, users, frame, probe, control, channel)
+    return Message(origin, users, frame, probe, control, channel, sent_ms)
 
 
 def snapshot_json(snapshot: dict[str, Any]) -> str:

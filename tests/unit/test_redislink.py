@@ -67,6 +67,11 @@ def link() -> tuple[RedisLink, list[LinkEvent]]:
     return RedisLink("redis://127.0.0.1:1", "unit", events.append, KEY), events
 
 
+def message(*args: Any, **kwargs: Any) -> cluster.Message:
+    """A cluster message stamped now (an older stamp is a replay)."""
+    return cluster.Message(*args, sent_ms=int(time.time() * 1000), **kwargs)
+
+
 def pubsub_message(topic: str, payload: bytes) -> dict[str, Any]:
     return {"channel": topic.encode(), "data": payload}
 
@@ -135,7 +140,7 @@ def test_presence_without_a_valid_seal_is_left_out_and_counted_forged(link):
 def test_a_channel_message_from_another_host_becomes_a_delivery(link):
     link, _events = link
     frame = frames.channel_message(6, b"1")
-    payload = cluster.encode(cluster.Message("other-host", None, frame, channel=6), KEY)
+    payload = cluster.encode(message("other-host", None, frame, channel=6), KEY)
     got = link._decode(pubsub_message(link.layout.channel_topic(6), payload))
     assert got == Delivery(ChannelId(6), [], frame, None)
 
@@ -144,12 +149,12 @@ def test_forged_or_replayed_onto_another_topic_messages_are_counted_and_dropped(
     link, _events = link
     frame = frames.channel_message(6, b"1")
     topic = link.layout.channel_topic(6)
-    unsealed = cluster.encode(cluster.Message("other-host", None, frame, channel=6), KEY)[32:]
+    unsealed = cluster.encode(message("other-host", None, frame, channel=6), KEY)[32:]
     wrong_key = cluster.encode(
-        cluster.Message("other-host", None, frame, channel=6), cluster.ClusterKey(b"guess")
+        message("other-host", None, frame, channel=6), cluster.ClusterKey(b"guess")
     )
-    for_channel_7 = cluster.encode(cluster.Message("other-host", None, frame, channel=7), KEY)
-    for_users = cluster.encode(cluster.Message("other-host", [1], frame), KEY)
+    for_channel_7 = cluster.encode(message("other-host", None, frame, channel=7), KEY)
+    for_users = cluster.encode(message("other-host", [1], frame), KEY)
     for payload in (unsealed, wrong_key, for_channel_7, for_users):
         assert link._decode(pubsub_message(topic, payload)) is None
     assert link.stats()["forged"] == 4
@@ -162,16 +167,14 @@ def test_a_forwarded_ban_arrives_with_what_is_left_of_it(link):
     inbox = link.layout.host_topic(link.host)
 
     def delivered(control: dict[str, Any]) -> dict[str, Any] | None:
-        payload = cluster.encode(cluster.Message("other-host", [1], b"", control=control), KEY)
+        payload = cluster.encode(message("other-host", [1], b"", control=control), KEY)
         got = link._decode(pubsub_message(inbox, payload))
-        assert got is not None
-        return got.control
+        return None if got is None else got.control
 
     ban = {"op": "disconnect", "user": 1, "ban": 60, "until": now + 30_000}
     got = delivered(ban)
     assert got is not None and 25 < got["ban"] <= 30 and "until" not in got
-    passed = delivered({**ban, "until": now - 1})  # a replay after its end: a plain disconnect
-    assert passed == {"op": "disconnect", "user": 1}
+    assert delivered({**ban, "until": now - 1}) is None  # it has passed: nothing to do
     lift = delivered({**ban, "ban": 0, "until": now - 1})
     assert lift == {"op": "disconnect", "user": 1, "ban": 0.0}
 
@@ -179,16 +182,16 @@ def test_a_forwarded_ban_arrives_with_what_is_left_of_it(link):
 def test_a_users_command_from_another_host_becomes_a_delivery_with_its_control(link):
     link, _events = link
     control = {"op": "disconnect"}
-    payload = cluster.encode(cluster.Message("other-host", [1, 2], b"", control=control), KEY)
+    payload = cluster.encode(message("other-host", [1, 2], b"", control=control), KEY)
     got = link._decode(pubsub_message(link.layout.host_topic(link.host), payload))
     assert got == Delivery(None, [1, 2], b"", control)
 
 
 def test_our_own_messages_and_probes_are_not_delivered(link):
     link, _events = link
-    own = cluster.encode(cluster.Message(link.host, None, b"frame", channel=6), KEY)
+    own = cluster.encode(message(link.host, None, b"frame", channel=6), KEY)
     assert link._decode(pubsub_message(link.layout.channel_topic(6), own)) is None
-    probe = cluster.encode(cluster.Message(link.host, None, b"", probe=True), KEY)
+    probe = cluster.encode(message(link.host, None, b"", probe=True), KEY)
     assert link._decode(pubsub_message(link.layout.host_topic(link.host), probe)) is None
 
 
@@ -196,10 +199,31 @@ def test_malformed_messages_are_counted_and_the_router_gets_a_copy_of_the_counte
     link, _events = link
     garbage = KEY.seal(b"\x00garbage")  # sealed, so not forged: malformed
     assert link._decode(pubsub_message(link.layout.channel_topic(6), garbage)) is None
-    message = cluster.Message("other-host", None, frames.direct_message(b"1"))
-    no_target = cluster.encode(message, KEY)
+    untargeted = message("other-host", None, frames.direct_message(b"1"))
+    no_target = cluster.encode(untargeted, KEY)
     assert link._decode(pubsub_message("not-a-topic", no_target)) is None
     stats = link.stats()
-    assert stats == {"published": 0, "received": 2, "malformed": 2, "forged": 0, "reconnects": 0}
+    assert stats == {
+        "published": 0,
+        "received": 2,
+        "malformed": 2,
+        "forged": 0,
+        "replayed": 0,
+        "reconnects": 0,
+    }
     stats["received"] = 100  # a copy: the link's own counters are untouched
     assert link.stats()["received"] == 2
+
+
+def test_a_sealed_message_kept_and_published_again_later_is_counted_replayed(link):
+    link, _events = link
+    control = {"op": "disconnect", "user": 1, "ban": 0}  # e.g. a copy of a "lift the ban"
+    old = cluster.Message("other-host", [1], b"", control=control, sent_ms=_stale_ms())
+    payload = cluster.encode(old, KEY)
+    assert link._decode(pubsub_message(link.layout.host_topic(link.host), payload)) is None
+    assert link.stats()["replayed"] == 1
+    assert link.stats()["forged"] == 0
+
+
+def _stale_ms() -> int:
+    return int(time.time() * 1000) - cluster.REPLAY_WINDOW_MS - 1000

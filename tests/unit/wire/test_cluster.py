@@ -19,8 +19,9 @@ def encode(message: Message, key: ClusterKey = KEY) -> bytes:
     return cluster.encode(message, key)
 
 
-def decode(raw: bytes, key: ClusterKey = KEY) -> Message | Rejected:
-    return cluster.decode(raw, key)
+def decode(raw: bytes, key: ClusterKey = KEY, now_ms: int = 0) -> Message | Rejected:
+    """Decoded at ``now_ms`` (the messages here are stamped 0 unless they say otherwise)."""
+    return cluster.decode(raw, key, now_ms)
 
 
 def test_every_name_shares_the_hash_tag():
@@ -90,12 +91,12 @@ def test_a_message_without_a_valid_mac_is_forged_not_malformed():
 def test_the_default_key_is_derived_from_the_token_secret_with_a_fixed_label():
     secret = "s" * 32
     sealed = cluster.encode(Message("h1", None, b"", probe=True), ClusterKey.of(secret))
-    assert isinstance(cluster.decode(sealed, ClusterKey.of(secret)), Message)
-    assert cluster.decode(sealed, ClusterKey.of("t" * 32)) is Rejected.FORGED
+    assert isinstance(cluster.decode(sealed, ClusterKey.of(secret), 0), Message)
+    assert cluster.decode(sealed, ClusterKey.of("t" * 32), 0) is Rejected.FORGED
     # the derived key is not the token secret itself (a token signature is no cluster MAC)
-    assert cluster.decode(sealed, ClusterKey(secret.encode())) is Rejected.FORGED
+    assert cluster.decode(sealed, ClusterKey(secret.encode()), 0) is Rejected.FORGED
     explicit = ClusterKey.of(secret, "the cluster secret")
-    assert cluster.decode(sealed, explicit) is Rejected.FORGED
+    assert cluster.decode(sealed, explicit, 0) is Rejected.FORGED
     assert explicit.mac(b"x") == ClusterKey(b"the cluster secret").mac(b"x")
 
 
@@ -174,3 +175,20 @@ def test_the_cluster_variant_publishes_to_shard_channels_and_nothing_else_differ
 )
 def test_a_cluster_url_names_a_seed_node(url, seed):
     assert cluster_seed(url) == seed
+
+
+def test_a_sealed_message_is_taken_only_within_the_replay_window():
+    message = Message("h1", [7], b"", control={"op": "disconnect", "user": 7}, sent_ms=100_000)
+    sealed = encode(message)
+    window = cluster.REPLAY_WINDOW_MS
+    assert decode(sealed, now_ms=100_000) == message
+    assert decode(sealed, now_ms=100_000 + window) == message
+    assert decode(sealed, now_ms=100_000 + window + 1) is Rejected.REPLAYED  # kept and replayed
+    assert decode(sealed, now_ms=100_000 - window - 1) is Rejected.REPLAYED  # from the future
+
+
+def test_a_message_without_a_proper_stamp_is_malformed():
+    for stamp in (None, "1", 1.5, True):
+        header = json.dumps({"o": "h1", "u": [1], "p": False, "t": stamp}).encode()
+        raw = KEY.seal(len(header).to_bytes(4, "big") + header)
+        assert decode(raw) is Rejected.MALFORMED, stamp
