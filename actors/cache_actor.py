@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import sys
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -134,11 +135,6 @@ class Activity:
     now: float
 
 
-@dataclass(frozen=True, slots=True)
-class CaughtUp:
-    """The shard's clients have caught up with their writes: read the router again."""
-
-
 class CacheActor(LoopActor):
     def __init__(
         self,
@@ -151,14 +147,11 @@ class CacheActor(LoopActor):
         fail: Callable[[], None],
         context: zmq.Context[Any] | None = None,
         counters: Callable[[], dict[str, int]] | None = None,
-        behind: Callable[[], bool] | None = None,
         max_channels: int | None = None,
     ) -> None:
-        """``counters``: the shard's own counters, added to its ``status`` answer. ``behind``:
-        whether too many of the shard's clients are behind with their writes; then the actor
-        stops reading the router (whose credit window then refuses what would only queue up
-        in write buffers) until the shard tells it :class:`CaughtUp`. ``max_channels``: the
-        channels a connection may hold (``--max-channels-per-connection``; None: no limit)."""
+        """``counters``: the shard's own counters, added to its ``status`` answer.
+        ``max_channels``: the channels a connection may hold (``--max-channels-per-connection``;
+        None: no limit)."""
         super().__init__(loop)
         self.index, self.epoch = index, epoch
         self.cache = UserConnectionCache(max_channels)
@@ -168,7 +161,9 @@ class CacheActor(LoopActor):
         self.post = post
         self.fail = fail
         self.counters = counters
-        self.behind = behind
+        # messages unpacked from a PACKED frame and not handled yet: a frame may carry a whole
+        # round of the router's (1,024 commands); they are handled WORK_PER_TURN at a time
+        self._unpacked: deque[tuple[bytes, bytes, bytes]] = deque()
         self.stale_timeout = stale_timeout
         self.context = context or zmq.Context.instance()
         self.sock = self.context.socket(zmq.DEALER)
@@ -213,8 +208,6 @@ class CacheActor(LoopActor):
         """The socket has news (ZeroMQ's descriptor is edge-triggered: drain, then re-check)."""
         if self.actor_stopped.is_set():
             return
-        if self.behind is not None and self.behind():
-            return  # CaughtUp (or the next heartbeat) brings us back
         try:
             self._drain()
             self._flush()
@@ -234,8 +227,9 @@ class CacheActor(LoopActor):
         self._recheck()
 
     def _recheck(self) -> None:
-        # after any send or receive, ZeroMQ may have news it will not signal again
-        if self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        # after any send or receive, ZeroMQ may have news it will not signal again; and what
+        # was unpacked but not handled waits for the next turn
+        if self._unpacked or self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             self.loop.call_soon(self._readable)
 
     def on_receive(self, message: Any) -> Any:
@@ -260,8 +254,6 @@ class CacheActor(LoopActor):
         elif isinstance(message, Unsubscribe):
             self._delta.merge(cache.unsubscribe(message.conn, message.channel))
             self._unconfirmed.append(Subscribed(message.conn, message.channel, False))
-        elif isinstance(message, CaughtUp):
-            pass  # _flush rechecks the socket
         elif isinstance(message, Activity):
             for conn, seen in message.last_seen.items():
                 cache.touch(conn, seen)
@@ -274,17 +266,23 @@ class CacheActor(LoopActor):
         return None
 
     def _drain(self) -> None:
+        """Handle what the router sent, WORK_PER_TURN recipients at most per turn of the loop
+        (the rest next turn: _flush's recheck schedules it), so that connections get theirs."""
         work = 0
+        unpacked = self._unpacked
         for _ in range(READ_BATCH):
+            while unpacked:
+                if work > WORK_PER_TURN:
+                    return
+                work += self._handle(*unpacked.popleft())
             if work > WORK_PER_TURN:
-                return  # the rest next turn (_flush's recheck schedules it): connections first
+                return
             try:
                 msg = self.sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
             if msg[0] == shardwire.PACKED:
-                for kind, argument, payload in shardwire.unpack_messages(msg[1]):
-                    work += self._handle(kind, argument, payload)
+                unpacked.extend(shardwire.unpack_messages(msg[1]))
             else:
                 work += self._handle(msg[0], msg[1], msg[2])
 

@@ -49,6 +49,19 @@ class CreditWindow:
         else:
             marks.append((self.sent_messages, now))
 
+    def dropped(self, messages: int, size: int) -> None:
+        """The last ``messages`` messages queued (``size`` bytes) never left: the shard will
+        never report them consumed, so they are taken back out of the window."""
+        self.sent_messages -= messages
+        self.sent_bytes -= size
+        marks = self.marks
+        while marks and marks[-1][0] > self.sent_messages:
+            first_sent = marks.pop()[1]
+            if self.sent_messages > self.acked_messages and (
+                not marks or marks[-1][0] < self.sent_messages
+            ):
+                marks.append((self.sent_messages, first_sent))
+
     def credit(self, messages: int, size: int) -> None:
         """The shard has consumed ``messages`` messages and ``size`` bytes in all (a report
         that is stale, or claims more than was sent, cannot open the window further)."""

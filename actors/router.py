@@ -193,6 +193,23 @@ class RouterCore:
         outbox, self._outbox = self._outbox, []
         return outbox
 
+    def unsent(self, identity: bytes, messages: list[list[bytes]], now: float) -> None:
+        """The actor could not queue ``messages`` (the last taken for ``identity``) to that
+        shard: counted, taken back out of its credit window (else the window would wait
+        forever for them), and a confirmation of its index among them is queued again."""
+        self.counters["dropped_to_shards"] += len(messages)
+        parsed = shardwire.parse_identity(identity)
+        if parsed is None or not 0 <= parsed[0] < len(self.slots):
+            return
+        slot = self.slots[parsed[0]]
+        if slot.epoch != parsed[1]:
+            return  # an old incarnation's: its window is gone already
+        size = sum(shardwire.size(m[1], m[2]) for m in messages)
+        slot.window.dropped(len(messages), size)
+        confirmations = [m for m in messages if m[0] == shardwire.INDEXED]
+        if confirmations:  # without it, the shard would hold its clients' hello
+            self.send(slot.index, confirmations[-1], now)
+
     def take_replies(self) -> list[tuple[list[bytes], bytes]]:
         """Replies to backends queued since the last call: (envelope, payload), in order."""
         replies, self._replies = self._replies, []

@@ -258,8 +258,8 @@ class RouterActor(SocketActor):
             frames = [identity, *msgs[0]] if len(msgs) == 1 else [
                 identity, shardwire.PACKED, shardwire.pack_messages(msgs)
             ]  # fmt: skip
-            if not _send(self.backend, frames):  # the shard is gone: it misses them
-                core.counters["dropped_to_shards"] += len(msgs)
+            if not _send(self.backend, frames):  # the shard is gone, or its queue is full
+                core.unsent(identity, msgs, time.monotonic())
         for envelope, payload in core.take_replies():
             if not _send(self.frontend, [*envelope, payload]):  # the backend went away
                 core.counters["dropped_replies"] += 1

@@ -4,7 +4,7 @@ Owns: the connections handed over by the supervisor (file descriptors over a Uni
 many connections each user has here (``--max-connections-per-user``: counted from the moment a
 connection arrives, its handshake unread, so that a burst cannot slip past the limit), the
 shard's clock (pings to idle clients, token expiry, liveness reports to the actor), the
-slow-consumer and "behind" bookkeeping, the drain on shutdown, and carrying out what the
+slow-consumer bookkeeping (clients behind with their writes), the drain on shutdown, and carrying out what the
 CacheActor decides (its :data:`LoopAction` list: deliveries, hello, confirmations, closes). The
 CacheActor runs on this same loop (a :class:`LoopActor`), so its decisions arrive as plain
 calls, with no thread in between. Must never read or change the cache itself (only tell the
@@ -34,7 +34,6 @@ import pykka
 from actors.cache_actor import (
     Activity,
     CacheActor,
-    CaughtUp,
     CloseConnections,
     Closed,
     Deliver,
@@ -63,9 +62,6 @@ log = logging.getLogger("ucc.shard")
 
 TICK = 0.25  # seconds: liveness report to the actor (and through it, to the router); Shard.now
 DRAIN_BATCHES = 10
-# behind: more than this many connections (and this share of them) have a full write buffer
-BEHIND_MIN = 8
-BEHIND_SHARE = 8  # one in eight
 REPORT_INTERVAL = 5.0  # seconds between two summaries of connections closed for cause
 SECRET_ENV = "UCC_SECRET"  # how the supervisor passes the token secret to a shard
 
@@ -93,7 +89,8 @@ class Shard:
         self.secret = secret
         # each user's connections here, from their arrival (handshake unread) to their end
         self.per_user: dict[UserId, int] = {}
-        # a connection whose write buffer is over this pauses writing (see ``behind``)
+        # a connection whose write buffer is over this pauses writing: it is behind, and is
+        # closed 4000 if it stays so for --slow-consumer-timeout (see ``_close_slow``)
         self.write_high = max(1, min(16 * 1024, config.write_buffer_limit // 4))
         self.paused: dict[ConnId, float] = {}  # connections paused writing, since when
         # what connections went through: closed for cause, failed (see ``count``)
@@ -120,7 +117,6 @@ class Shard:
             config.heartbeat_timeout,
             lambda: self.stop(None),  # the actor failed: exit, and be restarted
             counters=lambda: dict(self.counters),
-            behind=self.behind,
             max_channels=config.max_channels_per_connection,
         )
         loop.add_reader(control.fileno(), self._on_control)
@@ -209,18 +205,7 @@ class Shard:
         self.paused[conn.conn_id] = self.now
 
     def writing_resumed(self, conn: Connection) -> None:
-        was_behind = self.behind()
         self.paused.pop(conn.conn_id, None)
-        if was_behind and not self.behind():
-            self._tell(CaughtUp())
-
-    def behind(self) -> bool:
-        """Whether so many clients are behind with their writes that taking more deliveries
-        would only queue them in write buffers: the CacheActor holds off reading the router,
-        whose credit window then refuses broadcasts (``overloaded``) instead of queueing them.
-        A few slow clients do not count (they are closed by the slow-consumer rules)."""
-        paused = len(self.paused)
-        return paused > BEHIND_MIN and paused * BEHIND_SHARE > len(self.conns)
 
     def connection_lost(self, conn: Connection) -> None:
         if conn.admitted:

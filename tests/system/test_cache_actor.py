@@ -10,6 +10,7 @@ import pytest
 import zmq
 
 from actors.cache_actor import (
+    WORK_PER_TURN,
     CacheActor,
     Deliver,
     LoopAction,
@@ -27,10 +28,12 @@ class FakeShard:
 
     def __init__(self) -> None:
         self.actions: list[LoopAction] = []
+        self.posts: list[list[LoopAction]] = []  # each post: one turn of the loop's work
         self.failed = asyncio.Event()
 
     def post(self, actions: list[LoopAction]) -> None:
         self.actions.extend(actions)
+        self.posts.append(actions)
 
     def fail(self) -> None:
         self.failed.set()
@@ -225,5 +228,30 @@ def test_the_channel_limit_refuses_a_client_subscribe_and_trims_a_server_side_on
         assert status["channels"] == 3  # 3, 4, 5: neither 6 nor 9
         ref.stop(block=False)
         await asyncio.sleep(0)  # its on_stop runs on this loop
+
+    asyncio.run(scenario())
+
+
+def test_a_packed_round_of_deliveries_is_handled_a_bounded_amount_per_turn(router):
+    sock, endpoint = router
+
+    async def scenario() -> None:
+        shard, ref, identity = await started(sock, endpoint)
+        for conn in range(1, 31):
+            ref.tell(Opened(ConnId(conn), UserId(conn), (ChannelId(3),), 0.0))
+        await receive(sock, shardwire.DELTA)
+        # one PACKED frame: a whole router round, 1,024 deliveries to 30 recipients each
+        frame = frames.channel_message(3, b"1")
+        packed = shardwire.pack_messages([shardwire.channel_delivery(3, frame)] * 1024)
+        shard.posts.clear()
+        sock.send_multipart([identity, shardwire.PACKED, packed])
+        deadline = asyncio.get_running_loop().time() + 10
+        while sum(len(a.conns) for a in shard.actions if isinstance(a, Deliver)) < 30 * 1024:
+            assert asyncio.get_running_loop().time() < deadline, "not all delivered"
+            await asyncio.sleep(0.01)  # polling what the actor posted, with a deadline
+        per_turn = [sum(len(a.conns) for a in p if isinstance(a, Deliver)) for p in shard.posts]
+        assert len([n for n in per_turn if n]) >= 2  # split over several turns
+        assert max(per_turn) <= WORK_PER_TURN + 30  # one message past the cap at most
+        ref.stop(block=False)
 
     asyncio.run(scenario())

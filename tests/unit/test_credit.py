@@ -69,3 +69,28 @@ def test_in_flight_never_goes_negative_nor_above_what_was_sent(steps):
             window.credit(consumed, 10**9)
         messages, _size = window.in_flight()
         assert 0 <= messages <= sent
+
+
+def test_messages_that_never_left_are_taken_back_out_of_the_window():
+    window = CreditWindow()
+    window.queued(10, now=1.0)
+    window.queued(10, now=2.0)
+    window.queued(10, now=2.0 + MARK_SPAN / 2)
+    window.dropped(2, 20)  # the last two were never sent
+    assert window.in_flight() == (1, 10)
+    assert window.backlog_age(now=5.0) == 4.0  # dated by the one still in flight
+    window.credit(1, 10)
+    assert window.in_flight() == (0, 0)
+    assert window.backlog_age(now=5.0) == 0.0
+    window.queued(10, now=6.0)  # and the window goes on counting from there
+    assert window.in_flight() == (1, 10)
+
+
+def test_dropping_everything_in_flight_leaves_no_backlog():
+    window = CreditWindow()
+    for i in range(100):
+        window.queued(1, now=float(i))
+    window.dropped(100, 100)
+    assert window.in_flight() == (0, 0)
+    assert window.backlog_age(now=1000.0) == 0.0
+    assert window.refusal(1, 1000.0, LIMITS) is None

@@ -862,3 +862,20 @@ def test_a_single_host_router_has_no_redis_half(core):
             answer(core, index, 1, qid, {"users": []})
     assert "cluster" not in take_reply(core)
     assert "redis" not in core.statistics()
+
+
+def test_messages_a_shard_never_got_do_not_wedge_its_window_and_its_confirmation_is_resent():
+    core = small_window(messages=100)
+    delta(core, 0, 1, gained=[7])
+    settle(core)
+    for i in range(70):
+        broadcast(core, now=0.001 * i)
+    ident = shardwire.identity(0, 1)
+    core.shard_message(ident, shardwire.delta([8], [], seq=2), now=0.1)
+    lost = [msg for who, msg in core.take_outbox() if who == ident]
+    core.unsent(ident, lost, now=0.2)  # the queue to the shard was full: none of it left
+    assert core.counters["dropped_to_shards"] == len(lost)
+    assert core.take_outbox() == [(ident, shardwire.indexed(2))]  # confirmed again
+    slot = core.slots[0]
+    credit(core, 0, 1, slot.window.sent_messages, slot.window.sent_bytes, now=5.0)
+    assert broadcast(core, now=5.0)["ok"]  # not "behind" forever
