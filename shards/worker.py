@@ -4,9 +4,9 @@ Owns: the connections handed over by the supervisor (file descriptors over a Uni
 many connections each user has here (``--max-connections-per-user``: counted from the moment a
 connection arrives, its handshake unread, so that a burst cannot slip past the limit), the
 shard's clock (pings to idle clients, token expiry, liveness reports to the actor), the
-slow-consumer bookkeeping (clients behind with their writes), the drain on shutdown, and carrying out what the
-CacheActor decides (its :data:`LoopAction` list: deliveries, hello, confirmations, closes). The
-CacheActor runs on this same loop (a :class:`LoopActor`), so its decisions arrive as plain
+slow-consumer bookkeeping (clients behind with their writes), the drain on shutdown, and
+carrying out what the CacheActor decides (its :data:`LoopAction` list: deliveries, hello,
+confirmations, closes). The CacheActor runs on this same loop (a :class:`LoopActor`), so its decisions arrive as plain
 calls, with no thread in between. Must never read or change the cache itself (only tell the
 actor), and never block the loop: no ``ask``.
 
