@@ -6,9 +6,9 @@ connection arrives, its handshake unread, so that a burst cannot slip past the l
 shard's clock (pings to idle clients, token expiry, liveness reports to the actor), the
 slow-consumer bookkeeping (clients behind with their writes), the drain on shutdown, and
 carrying out what the CacheActor decides (its :data:`LoopAction` list: deliveries, hello,
-confirmations, closes). The CacheActor runs on this same loop (a :class:`LoopActor`), so its decisions arrive as plain
-calls, with no thread in between. Must never read or change the cache itself (only tell the
-actor), and never block the loop: no ``ask``.
+confirmations, closes). The CacheActor runs on this same loop (a :class:`LoopActor`), so its
+decisions arrive as plain calls, with no thread in between. Must never read or change the cache
+itself (only tell the actor), and never block the loop: no ``ask``.
 
 Run by the supervisor as ``python -m shards.worker INDEX EPOCH CONTROL_FD ROUTER CONFIG_JSON``
 (``CONFIG_JSON``: a :class:`ShardConfig`), with the token secret (which checks a client's
