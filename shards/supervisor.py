@@ -129,6 +129,9 @@ class Supervisor:
             ),
             max_queries=config.max_queries,
         )
+        # the acceptor's counters in router_stats (read on the router's thread: a copy of a dict
+        # of ints, which the GIL keeps whole; empty until the acceptor exists)
+        core.extra_stats["acceptor"] = self._acceptor_counters
         try:
             self.router = RouterActor.start(
                 core,
@@ -151,6 +154,10 @@ class Supervisor:
         self.command_endpoint: str = self.router.proxy().command_endpoint.get()
         self.acceptor: Acceptor | None = None
         self.shard_config = ShardConfig.of(config)  # on each shard's command line, as JSON
+
+    def _acceptor_counters(self) -> dict[str, int]:
+        acceptor = getattr(self, "acceptor", None)
+        return dict(acceptor.counters) if acceptor is not None else {}
 
     def _listen(self) -> socket.socket:
         infos = socket.getaddrinfo(

@@ -54,6 +54,10 @@ def test_only_listed_origins_get_an_upgrade(ucc_host):
     for origin in (APP, "HTTPS://APP.example.com:443", "https://eu.example.org", None):
         head = upgrade(host, token, origin)
         assert status_of(head) == 101, (origin, head)
+    # every refusal is counted where an operator looks: router_stats shows the acceptor's
+    counters = host.client().request("router_stats")["acceptor"]
+    assert counters["forbidden_origin"] == 4
+    assert counters["routed"] == 4
 
 
 def test_the_allowed_origins_come_from_the_environment_too(ucc_host):
