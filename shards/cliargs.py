@@ -47,6 +47,17 @@ def id_list(text: str) -> list[int]:
     return [id_number(part.strip()) for part in text.split(",")]
 
 
+def byte_count(text: str) -> int:
+    """A number of bytes, 0 or more (0: leave it to the kernel, where a flag says so)."""
+    try:
+        value = int(text, 10)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of bytes, 0 or more, got {text!r}")
+    return value
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text, 10)

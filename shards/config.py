@@ -35,7 +35,7 @@ class ServeConfig:
     max_frame: int = 64 * 1024
     max_command: int = 1024 * 1024
     write_buffer_limit: int = 4 * 1024 * 1024
-    send_buffer: int = 32 * 1024  # the kernel's send buffer per connection (SO_SNDBUF)
+    send_buffer: int = 0  # the kernel's send buffer per connection (SO_SNDBUF); 0: autotuned
     slow_consumer_timeout: float = 10.0  # a client this long behind with its writes: 4000
     gather_timeout: float = 1.0
     shutdown_timeout: float = 8.0

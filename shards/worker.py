@@ -166,10 +166,12 @@ class Shard:
     def _accept(self, handoff: Handoff, sock: socket.socket) -> None:
         conn_id = ConnId(self._next_conn)
         self._next_conn += 1
-        # what the kernel may hold for a client on top of our write buffer: small, so that a
-        # client that falls behind shows it (pause_writing) before seconds of data pile up
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.config.send_buffer)
+        # what the kernel may hold for a client on top of our write buffer: by default its own
+        # (autotuned) size; a small one (--send-buffer) makes a client that falls behind show it
+        # (pause_writing, then the slow-consumer rules) before seconds of data pile up there
+        if self.config.send_buffer:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.config.send_buffer)
         conn = Connection(self, conn_id, handoff.user, handoff.channels, handoff.exp)
         self.loop.create_task(self._adopt(sock, conn))
 

@@ -206,7 +206,7 @@ def test_silent_connection_is_dropped_by_the_heartbeat(ucc_host):
 
 def test_a_slow_consumer_is_cut_off_and_holds_nobody_back(ucc_host):
     # the default limit (4 MiB): `fast`, sharing its process with the publisher, must not fall
-    # that far behind; `slow` reaches it (10 MB are sent: more than it and the kernel's 64 KiB)
+    # that far behind; `slow` reaches it (10 MB are sent: more than that and its kernel buffers)
     host: Host = ucc_host(shards=2)
     slow = socket.socket()
     slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # and it never reads
