@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -372,10 +372,8 @@ class RouterCore:
         frame = frames.channel_message(channel, cmd.data_json)
         self._check_frame(frame)
         shards = self.index.get(channel, ())
-        message = shardwire.channel_delivery(channel, frame)
-        self._admit(shards, message, now)
-        for index in shards:
-            self.send(index, message, now)
+        message = shardwire.channel_delivery(channel, frame)  # encoded once, for every shard
+        self._queue_all(dict.fromkeys(shards, message), now)
         self._finish_broadcast(
             envelope, cmd, now, len(shards), lambda qid: PublishChannel(qid, channel, frame)
         )
@@ -386,9 +384,7 @@ class RouterCore:
         frame = frames.direct_message(cmd.data_json)
         self._check_frame(frame)
         groups = self.up_groups(users)
-        self._admit(groups, shardwire.users_delivery((), frame), now)
-        for index, group in groups.items():
-            self.send(index, shardwire.users_delivery(group, frame), now)
+        self._queue_all({i: shardwire.users_delivery(g, frame) for i, g in groups.items()}, now)
         self._finish_broadcast(
             envelope, cmd, now, len(groups), lambda qid: PublishUsers(qid, users, frame)
         )
@@ -493,14 +489,15 @@ class RouterCore:
         reason = self.slots[index].window.refusal(size, now, self.window)
         return None if reason is None else f"shard {index}: {reason}"
 
-    def _admit(self, shards: Iterable[ShardIndex], message: list[bytes], now: float) -> None:
-        """Refuse (CommandError ``overloaded``) unless every shard has room for ``message``
-        (its users list aside, which is small): all or nothing."""
-        size = shardwire.size(message[1], message[2])
-        for index in shards:
-            reason = self._room(index, size, now)
+    def _queue_all(self, messages: Mapping[ShardIndex, list[bytes]], now: float) -> None:
+        """Queue each shard its message, or refuse (CommandError ``overloaded``) unless every
+        one of them has room for its own: all or nothing."""
+        for index, msg in messages.items():
+            reason = self._room(index, shardwire.size(msg[1], msg[2]), now)
             if reason is not None:
                 raise CommandError("overloaded", f"{reason}; nothing was sent, retry later")
+        for index, msg in messages.items():
+            self.send(index, msg, now)
 
     def offer(self, index: ShardIndex, msg: list[bytes], now: float) -> bool:
         """Queue ``msg`` to shard ``index`` if its window has room; False if not (not sent)."""
