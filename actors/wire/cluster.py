@@ -245,6 +245,7 @@ class Presence:
 
     users: frozenset[int]
     channels: dict[int, frozenset[int]]
+    expires_ms: int = 0  # when it stops counting (ms since the epoch)
 
 
 def seal_presence(key: ClusterKey, host: str, expires_ms: int, snapshot: dict[str, Any]) -> bytes:
@@ -279,7 +280,7 @@ def read_presence(
         channels = {_id(c): frozenset(_ids(m)) for c, m in data["c"].items()}
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return Rejected.MALFORMED
-    return Presence(users, channels)
+    return Presence(users, channels, data["x"])
 
 
 def _id(value: Any) -> int:

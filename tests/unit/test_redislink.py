@@ -227,3 +227,15 @@ def test_a_sealed_message_kept_and_published_again_later_is_counted_replayed(lin
 
 def _stale_ms() -> int:
     return int(time.time() * 1000) - cluster.REPLAY_WINDOW_MS - 1000
+
+
+def test_a_snapshot_seen_again_is_reused_until_it_expires_and_others_are_forgotten(link):
+    link, _events = link
+    h1, h2 = presence("h1", [3], {}), presence("h2", [4], {})
+    assert link._answer(OnlineUsers(1), h1 + h2, NOW_MS) == {"users": [3, 4]}
+    assert set(link._snapshots) == {"h1", "h2"}  # opened and parsed once each
+    assert link._answer(OnlineUsers(2), h1, NOW_MS + 1000) == {"users": [3]}  # the same bytes
+    assert set(link._snapshots) == {"h1"}  # h2 left: forgotten, the cache stays bounded
+    assert link._answer(OnlineUsers(3), h1, NOW_MS + 5000) == {"users": []}  # expired
+    assert link._snapshots == {}
+    assert link.stats()["forged"] == 0

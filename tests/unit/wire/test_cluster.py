@@ -119,7 +119,7 @@ def test_a_sealed_presence_names_its_host_and_expiry():
     snapshot = {"users": [2**53 + 1, 4], "channels": {"5": [4]}}
     raw = cluster.seal_presence(KEY, "h1", 2000, snapshot)
     got = cluster.read_presence(KEY, "h1", raw, 1000)
-    assert got == cluster.Presence(frozenset({2**53 + 1, 4}), {5: frozenset({4})})
+    assert got == cluster.Presence(frozenset({2**53 + 1, 4}), {5: frozenset({4})}, 2000)
     assert cluster.read_presence(KEY, "h1", raw, 2000) is None  # expired: a replay is worthless
     assert cluster.read_presence(KEY, "h2", raw, 1000) is Rejected.FORGED  # moved to another host
     assert cluster.read_presence(KEY, "h1", None, 1000) is Rejected.FORGED  # missing
