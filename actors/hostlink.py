@@ -98,6 +98,76 @@ class PublishPresence:
     qid: ClassVar[int] = 0  # nobody waits for it
 
 
+# -- history and critical messages (issue 11): kept in Redis, cluster-wide ---------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AppendChannel:
+    """A channel broadcast with history: in one step, Redis assigns the channel's next offset
+    (creating its state with a new epoch if it has none), keeps ``data`` (the data JSON) in the
+    channel's stream (at most ``size`` messages), makes the channel's state live ``ttl_ms`` more,
+    and publishes the message with its offset and epoch on the channel's topic. Every host
+    listening to the topic, THIS ONE INCLUDED, is told it as a :class:`Delivery` with ``offset``
+    set (the origin does not deliver locally: everyone sees Redis's order). The result is
+    ``{"offset": n, "epoch": "<epoch>"}``."""
+
+    qid: int
+    channel: ChannelId
+    data: bytes
+    size: int
+    ttl_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReadHistory:
+    """The channel's kept messages with an offset above ``since``, oldest first, at most
+    ``limit``: ``{"epoch": e, "offset": latest, "first": first kept offset (latest + 1 if none),
+    "messages": [[offset, "<data json>"], ...]}``. A channel with no state gets one (a new epoch,
+    offset 0, living ``ttl_ms``), so that its epoch is stable from then on."""
+
+    qid: int
+    channel: ChannelId
+    since: int
+    limit: int
+    ttl_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoreCritical:
+    """Keep critical message ``id`` (``data``: the data JSON) for each of ``users`` for
+    ``ttl_ms``, all or nothing: if any user already holds ``per_user`` unexpired ones, nothing is
+    stored and the result is ``{"limit": user}``. Else the other live hosts that have any of the
+    users are told it (a :class:`Delivery` with ``critical_id``), and the result is
+    ``{"value": hosts_told}``."""
+
+    qid: int
+    users: list[int]
+    id: str
+    data: bytes
+    ttl_ms: int
+    per_user: int
+
+
+@dataclass(frozen=True, slots=True)
+class FetchCritical:
+    """``user``'s unexpired critical messages, in the order they were stored:
+    ``{"messages": [["<id>", "<data json>"], ...]}``."""
+
+    qid: int
+    user: int
+
+
+@dataclass(frozen=True, slots=True)
+class AckCritical:
+    """``user`` acknowledged critical message ``id`` here: forget it, and tell the other live
+    hosts that have the user (a :class:`Delivery` with control ``{"op": "acked", "id": id}``),
+    so that they stop re-sending it."""
+
+    user: int
+    id: str
+    qid: ClassVar[int] = 0  # nobody waits for it
+
+
 # what the link's worker runs against Redis (and reports the result of, if ``qid``)
 RedisRequest = (
     PublishChannel
@@ -107,6 +177,11 @@ RedisRequest = (
     | OnlineInChannel
     | AreOnline
     | PublishPresence
+    | AppendChannel
+    | ReadHistory
+    | StoreCritical
+    | FetchCritical
+    | AckCritical
 )
 # everything the router submits: requests, and topic changes (for the link's listener)
 RedisOp = Subscribe | Unsubscribe | RedisRequest
@@ -126,7 +201,8 @@ class LinkState:
 class OpResult:
     """The result of operation ``qid``: ``ok`` false if Redis failed it or was unreachable
     (``body`` is then None); else ``body`` has the shape of a shard's answer to the same query
-    (``{"users": [...]}``, ``{"online": [...]}``, or ``{"value": ...}`` for a publication)."""
+    (``{"users": [...]}``, ``{"online": [...]}``, or ``{"value": ...}`` for a publication; the
+    history and critical operations say theirs)."""
 
     qid: int
     ok: bool
@@ -144,12 +220,18 @@ class Results:
 class Delivery:
     """A message from another host: a client ``frame`` for ``channel``'s members (``channel``
     set, ``users`` empty) or for ``users`` (``channel`` None); or, with ``control``, a backend
-    command to apply to ``users`` (``frame`` empty)."""
+    command to apply to ``users`` (``frame`` empty; ``{"op": "acked", "id": id}``: another host
+    got the ack of critical message ``id``).
+
+    ``offset`` > 0: a channel message with history (from any host, this one included), at that
+    offset. ``critical_id``: a critical message for ``users`` (to track until acknowledged)."""
 
     channel: ChannelId | None
     users: list[int]
     frame: bytes
     control: dict[str, Any] | None = None
+    offset: int = 0
+    critical_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
