@@ -37,6 +37,7 @@ from shards.cliargs import (
     add_command_auth,
     add_secret,
     byte_count,
+    count,
     id_list,
     id_number,
     json_value,
@@ -159,6 +160,13 @@ SERVE_TUNING: list[Flag] = [
     ("--max-channels-per-connection", positive_int, "N", "channels per connection (limit)"),
     ("--connect-rate", positive_number, "R", "upgrades/s per source address, burst 2R (429)"),
     ("--token-leeway", non_negative, "SECONDS", "clock skew allowed on a token's exp"),
+    ("--history-size", count, "N", "messages kept per channel for resume (0: off)"),
+    ("--history-ttl", seconds, "SECONDS", "a channel's history lives this long after its last"),
+    ("--history-memory", positive_int, "BYTES", "all histories; beyond, the oldest are evicted"),
+    ("--ack-timeout", seconds, "SECONDS", "re-send an unacknowledged critical message after"),
+    ("--ack-retries", count, "N", "re-sends of a critical message per connection, at most"),
+    ("--critical-per-user", positive_int, "N", "unacknowledged critical messages per user"),
+    ("--critical-memory", positive_int, "BYTES", "all critical messages kept, at most"),
 ]
 
 

@@ -69,6 +69,15 @@ class ServeConfig:
     command_clients: str | None = None  # a directory of admitted client `*.pub` keys
     insecure_command: bool = False  # allow a non-loopback command endpoint without CURVE
     cluster_secret: str | None = None  # the MAC key of cluster messages (default: derived)
+    # nothing lost across a reconnect (issue 11): channel history (0 messages: off, no offsets),
+    # kept in the router (or Redis), and critical messages kept per user until acknowledged
+    history_size: int = 64  # messages kept per channel
+    history_ttl: float = 300.0  # a channel's history lives this long after its last message
+    history_memory: int = 64 * 1024 * 1024  # all channels' history, beyond: evict the oldest
+    ack_timeout: float = 10.0  # re-send an unacknowledged critical message after this long
+    ack_retries: int = 5  # ...at most this many times on one connection
+    critical_per_user: int = 100  # unacknowledged critical messages per user (beyond: `limit`)
+    critical_memory: int = 64 * 1024 * 1024  # all users' critical messages (beyond: `limit`)
     log_level: str = "INFO"
 
 

@@ -48,6 +48,10 @@ class ShardConfig:
     token_audience: str | None
     token_issuer: str | None
     token_leeway: float
+    # critical messages (issue 11): a shard re-sends one unacknowledged on a live connection
+    # every ack_timeout seconds, at most ack_retries times
+    ack_timeout: float
+    ack_retries: int
     log_level: str
 
     @classmethod

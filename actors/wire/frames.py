@@ -48,14 +48,45 @@ def dumps(value: object) -> bytes:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def channel_message(channel: int, data_json: bytes) -> bytes:
-    """The frame for a broadcast to ``channel``; ``data_json`` is the data, already JSON."""
-    return text_frame(b'{"type":"message","channel":%d,"data":%b}' % (channel, data_json))
+def channel_message(channel: int, data_json: bytes, offset: int = 0, epoch: str = "") -> bytes:
+    """The frame for a broadcast to ``channel``; ``data_json`` is the data, already JSON.
+
+    With an ``offset`` (1 or more: the channel keeps a history), the frame carries the
+    channel's position, ``"offset"`` and ``"epoch"``; without (0), it is the frame of a server
+    with no history, byte for byte."""
+    if offset <= 0:
+        return text_frame(b'{"type":"message","channel":%d,"data":%b}' % (channel, data_json))
+    return text_frame(
+        b'{"type":"message","channel":%d,"offset":%d,"epoch":%b,"data":%b}'
+        % (channel, offset, dumps(epoch), data_json)
+    )
 
 
 def direct_message(data_json: bytes) -> bytes:
     """The frame for a broadcast to a user (no ``channel`` key)."""
     return text_frame(b'{"type":"message","data":%b}' % data_json)
+
+
+def critical_message(id: str, data_json: bytes) -> bytes:
+    """The frame of a critical message to a user: a direct message with the ``id`` the client
+    acknowledges (``{"type":"ack","id":…}``)."""
+    return text_frame(b'{"type":"message","id":%b,"data":%b}' % (dumps(id), data_json))
+
+
+def resumed(channel: int, offset: int, epoch: str, recovered: bool) -> bytes:
+    """The answer to a client's ``resume``, after the messages it recovered: the channel's
+    latest ``offset`` and ``epoch``, and whether nothing was missed (``recovered``)."""
+    return text_frame(
+        dumps(
+            {
+                "type": "resumed",
+                "channel": channel,
+                "offset": offset,
+                "epoch": epoch,
+                "recovered": recovered,
+            }
+        )
+    )
 
 
 def hello(user: int, channels: list[int], heartbeat: float) -> bytes:

@@ -71,6 +71,14 @@ def test_shard_config_carries_the_perimeter_but_never_the_secret():
         ShardConfig.from_json(json.dumps({**raw, "token_issuer": 7}))
 
 
+def test_shard_config_carries_the_critical_message_retries():
+    serve = dataclasses.replace(SERVE, ack_timeout=2.5, ack_retries=0)
+    config = ShardConfig.of(serve)
+    assert (config.ack_timeout, config.ack_retries) == (2.5, 0)
+    assert ShardConfig.from_json(config.to_json()) == config
+    assert (ShardConfig.of(ServeConfig(secret="s")).ack_timeout, SERVE.ack_retries) == (10.0, 5)
+
+
 HANDOFF = Handoff(3, UserId(42), (ChannelId(1), ChannelId(2)), 1.7e9)
 
 

@@ -90,6 +90,49 @@ def test_channel_message():
     }
 
 
+def test_channel_message_without_offset_is_todays_bytes():
+    today = frames.text_frame(b'{"type":"message","channel":5,"data":{"a":1}}')
+    assert frames.channel_message(5, b'{"a":1}') == today
+    assert frames.channel_message(5, b'{"a":1}', 0, "") == today
+
+
+def test_channel_message_with_a_position():
+    frame = frames.channel_message(5, b'{"text":"hi"}', 17, "0a1b2c3d4e5f")
+    assert only_text(frame) == (
+        '{"type":"message","channel":5,"offset":17,"epoch":"0a1b2c3d4e5f","data":{"text":"hi"}}'
+    )
+
+
+@given(st.integers(1, 2**63 - 1), st.text(max_size=64), st.integers(1, 2**63 - 1))
+def test_channel_message_position_round_trips(offset, epoch, channel):
+    body = json.loads(only_text(frames.channel_message(channel, b"[1]", offset, epoch)))
+    assert body == {
+        "type": "message",
+        "channel": channel,
+        "offset": offset,
+        "epoch": epoch,
+        "data": [1],
+    }
+
+
+@given(st.text(min_size=1, max_size=128))
+def test_critical_message(id):
+    body = json.loads(only_text(frames.critical_message(id, '{"t":"é"}'.encode())))
+    assert body == {"type": "message", "id": id, "data": {"t": "é"}}
+
+
+@pytest.mark.parametrize("recovered", [True, False])
+def test_resumed(recovered):
+    body = json.loads(only_text(frames.resumed(3, 1000, "ab12", recovered)))
+    assert body == {
+        "type": "resumed",
+        "channel": 3,
+        "offset": 1000,
+        "epoch": "ab12",
+        "recovered": recovered,
+    }
+
+
 def test_direct_message_has_no_channel():
     body = json.loads(only_text(frames.direct_message('["a","é"]'.encode())))
     assert body == {"type": "message", "data": ["a", "é"]}
