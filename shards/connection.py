@@ -2,9 +2,10 @@
 
 Owns: the handshake (on bytes the supervisor only peeked at; HTTP 429 when the shard has as many
 of the user's connections as ``--max-connections-per-user`` allows), parsing client frames
-(websockets' ``ServerProtocol``), the client commands (subscribe, unsubscribe, ping, and refresh:
+(websockets' ``ServerProtocol``), the client commands (subscribe, unsubscribe, ping, refresh:
 a new token for the same user, checked here, that moves the connection's expiry and allowed
-channels), writes (including
+channels; resume of a channel the token allows, and ack of a critical message, both passed on
+to the shard), writes (including
 pre-encoded broadcast frames, written as they are), the client's inbound budget, the
 slow-consumer cap, and :class:`ShardSide`: what a connection needs of the shard that holds it.
 Must never touch the cache: it reports to its shard (``shards.worker.Shard``, which it does not
@@ -89,6 +90,13 @@ class ShardSide(Protocol):
         """The client asks for ``channel`` (the shard calls :meth:`Connection.confirm` then)."""
 
     def unsubscribe(self, conn: Connection, channel: ChannelId) -> None: ...
+
+    def resume(self, conn: Connection, channel: ChannelId, offset: int, epoch: str) -> None:
+        """The client asks for ``channel``'s messages after ``offset`` of ``epoch``, then live
+        ones (it is subscribed if it is not yet); the token allows ``channel``."""
+
+    def ack(self, conn: Connection, id: str) -> None:
+        """The client has the critical message ``id``."""
 
     def writing_paused(self, conn: Connection) -> None: ...
 
@@ -288,12 +296,17 @@ class Connection(asyncio.Protocol):
             self.send(frames.PONG)
         elif isinstance(frame, clientwire.Refresh):
             self._refresh(frame.token)
-        elif isinstance(frame, clientwire.Subscribe):
+        elif isinstance(frame, clientwire.Ack):
+            self.shard.ack(self, frame.id)
+        elif isinstance(frame, clientwire.Subscribe | clientwire.Resume):
             channel = frame.channel
             if channel not in self.allowed:
                 self.send(frames.error("forbidden", f"the token does not allow channel {channel}"))
                 return
-            self.shard.subscribe(self, channel)  # confirmed once the cache has it
+            if isinstance(frame, clientwire.Resume):
+                self.shard.resume(self, channel, frame.offset, frame.epoch)
+            else:
+                self.shard.subscribe(self, channel)  # confirmed once the cache has it
         else:
             self.shard.unsubscribe(self, frame.channel)
 

@@ -1,5 +1,5 @@
-"""Frames a WebSocket client sends (subscribe, unsubscribe, ping, refresh), decoded by a pure
-function.
+"""Frames a WebSocket client sends (subscribe, unsubscribe, ping, refresh, resume, ack), decoded
+by a pure function.
 
 Owns: validation of client frames and their error codes (docs/protocol.md). Must never do I/O
 or decide policy (whether the token allows a channel is the connection's business).
@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from actors.ids import ChannelId, parse_id
+from actors.ids import MAX_ID, ChannelId, parse_id
 from actors.wire.errors import PeerError
 
-KINDS = ("subscribe", "unsubscribe", "ping", "refresh")
+KINDS = ("subscribe", "unsubscribe", "ping", "refresh", "resume", "ack")
 MAX_TOKEN = 16 * 1024  # characters: a longer ``refresh`` token is refused as a bad frame
+MAX_EPOCH = 64  # characters of a ``resume``'s epoch (the server's are 12)
+MAX_ACK_ID = 128  # characters of an ``ack``'s id
 
 
 class ClientFrameError(PeerError):
@@ -43,7 +45,25 @@ class Refresh:
     token: str
 
 
-ClientFrame = Ping | Subscribe | Unsubscribe | Refresh
+@dataclass(frozen=True, slots=True)
+class Resume:
+    """``{"type":"resume","channel":C,"offset":N,"epoch":"E"}``: send ``channel``'s messages
+    after ``offset`` of ``epoch`` (the last position the client saw; ``offset`` 0 and ``epoch``
+    "" when it saw none: a missing ``epoch`` is ""), then live ones."""
+
+    channel: ChannelId
+    offset: int
+    epoch: str
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """``{"type":"ack","id":"…"}``: the client has the critical message ``id``."""
+
+    id: str
+
+
+ClientFrame = Ping | Subscribe | Unsubscribe | Refresh | Resume | Ack
 
 
 def parse_client_frame(payload: bytes) -> ClientFrame:
@@ -73,7 +93,32 @@ def parse_client_frame(payload: bytes) -> ClientFrame:
                 "bad_frame", f"field 'token' must be a non-empty string of at most {MAX_TOKEN}"
             )
         return Refresh(token)
+    if kind == "ack":
+        return _ack(body)
     channel = parse_id(body.get("channel"))
     if channel is None:
         raise ClientFrameError("bad_frame", "field 'channel' must be a positive integer")
+    if kind == "resume":
+        return _resume(ChannelId(channel), body)
     return Subscribe(ChannelId(channel)) if kind == "subscribe" else Unsubscribe(ChannelId(channel))
+
+
+def _resume(channel: ChannelId, body: dict[str, object]) -> Resume:
+    offset = body.get("offset")
+    if type(offset) is not int or not 0 <= offset <= MAX_ID:  # neither a bool nor a float
+        raise ClientFrameError("bad_frame", f"field 'offset' must be an integer from 0 to {MAX_ID}")
+    epoch = body.get("epoch", "")
+    if not isinstance(epoch, str) or len(epoch) > MAX_EPOCH:
+        raise ClientFrameError(
+            "bad_frame", f"field 'epoch' must be a string of at most {MAX_EPOCH} characters"
+        )
+    return Resume(channel, offset, epoch)
+
+
+def _ack(body: dict[str, object]) -> Ack:
+    id = body.get("id")
+    if not isinstance(id, str) or not 0 < len(id) <= MAX_ACK_ID:
+        raise ClientFrameError(
+            "bad_frame", f"field 'id' must be a non-empty string of at most {MAX_ACK_ID}"
+        )
+    return Ack(id)

@@ -62,6 +62,8 @@ class StandInShard:
         self.opened: list[Connection] = []
         self.lost: list[Connection] = []
         self.subscriptions: list[tuple[UserId, ChannelId, bool]] = []
+        self.resumes: list[tuple[UserId, ChannelId, int, str]] = []
+        self.acks: list[tuple[UserId, str]] = []
         self.active = 0
         self.pairs: list[tuple[Connection, Client]] = []  # made by ``connected``, closed by ``run``
 
@@ -103,6 +105,12 @@ class StandInShard:
         self.cache.unsubscribe(conn.conn_id, channel)
         self.subscriptions.append((conn.user, channel, False))
         self.loop.call_soon(conn.confirm, channel, False)
+
+    def resume(self, conn: Connection, channel: ChannelId, offset: int, epoch: str) -> None:
+        self.resumes.append((conn.user, channel, offset, epoch))
+
+    def ack(self, conn: Connection, id: str) -> None:
+        self.acks.append((conn.user, id))
 
     def writing_paused(self, conn: Connection) -> None:
         pass
@@ -419,6 +427,35 @@ def test_a_subscribe_beyond_the_channel_limit_gets_error_limit_and_it_stays_open
         assert conn.is_open
 
     run(scenario, config)
+
+
+def test_resume_and_ack_are_passed_to_the_shard_and_a_forbidden_resume_is_refused(run):
+    async def scenario(shard: StandInShard) -> None:
+        conn, client = await opened(shard, user=7, channels=(1, 2))
+        for command in (
+            {"type": "resume", "channel": 2, "offset": 41, "epoch": "0a1b2c3d4e5f"},
+            {"type": "resume", "channel": 9, "offset": 1, "epoch": "e"},  # not in the token
+            {"type": "resume", "channel": 1, "offset": -1, "epoch": "e"},
+            {"type": "resume", "channel": 1, "offset": 0},
+            {"type": "ack", "id": "h1-7"},
+            {"type": "ack", "id": 7},
+            {"type": "ping"},
+        ):
+            client.proto.send_text(json.dumps(command).encode())
+        await client.flush()
+        forbidden = await client.text()
+        assert (forbidden["code"], forbidden["message"]) == (
+            "forbidden",
+            "the token does not allow channel 9",
+        )
+        assert (await client.text())["code"] == "bad_frame"  # offset -1
+        assert (await client.text())["code"] == "bad_frame"  # id 7
+        assert await client.text() == {"type": "pong"}
+        assert shard.resumes == [(7, 2, 41, "0a1b2c3d4e5f"), (7, 1, 0, "")]
+        assert shard.acks == [(7, "h1-7")]
+        assert conn.is_open
+
+    run(scenario)
 
 
 def refresh(token: str) -> bytes:
