@@ -1,6 +1,9 @@
 """The public ZeroMQ command protocol: decoding requests and encoding replies (pure functions).
 
-Owns: the table of commands and their fields, validation, error codes. See docs/protocol.md.
+Owns: the table of commands and their fields (required, and optional ones with their
+defaults), validation, error codes. See docs/protocol.md. A broadcast to users carries
+``"critical"`` and ``"ttl"`` in its args only when it is critical (``ttl`` then defaults to
+:data:`CRITICAL_TTL`); a ``ttl`` without ``"critical": true`` is checked, then dropped.
 Must never do I/O or touch router state: it turns bytes into a :class:`Command` or a
 :class:`CommandError`, and results into reply bytes.
 """
@@ -12,11 +15,13 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from actors.ids import parse_id
+from actors.ids import MAX_ID, parse_id
 from actors.wire.errors import PeerError
 
 MAX_IDS_PER_COMMAND = 100_000
 MAX_SECONDS = 1e9  # about 31 years: longer is a mistake, and would overflow a float's use
+MAX_HISTORY_LIMIT = 1_000  # messages in one ``history`` reply, at most
+CRITICAL_TTL = 86_400.0  # seconds a critical message is kept when its command names no ttl
 
 
 class Field(Enum):
@@ -24,6 +29,10 @@ class Field(Enum):
     IDS = "a list of positive integers"
     DATA = "any JSON value"
     SECONDS = f"a number of seconds from 0 to {MAX_SECONDS:.0e}"
+    TTL = f"a number of seconds above 0, at most {MAX_SECONDS:.0e}"
+    OFFSET = f"an integer from 0 to {MAX_ID}"
+    LIMIT = f"an integer from 1 to {MAX_HISTORY_LIMIT}"
+    FLAG = "true or false"
 
 
 COMMANDS: dict[str, dict[str, Field]] = {
@@ -39,10 +48,19 @@ COMMANDS: dict[str, dict[str, Field]] = {
     "disconnect": {"user": Field.ID},
     "status": {},
     "router_stats": {},
+    "history": {"channel": Field.ID},
 }
 # fields a command may carry, validated when present
+_CRITICAL = {"critical": Field.FLAG, "ttl": Field.TTL}
 OPTIONAL: dict[str, dict[str, Field]] = {
     "disconnect": {"ban": Field.SECONDS},
+    "history": {"since": Field.OFFSET, "limit": Field.LIMIT},
+    "broadcast_to_user": _CRITICAL,
+    "broadcast_to_users": _CRITICAL,
+}
+# the values of optional fields a command did not carry (in its args all the same)
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "history": {"since": 0, "limit": 100},
 }
 
 
@@ -95,19 +113,38 @@ def decode(raw: bytes, max_size: int) -> Command:
             data_json = _DATA.encode(value).encode()
             continue
         args[key] = value
-    for key in OPTIONAL.get(name, {}):
-        if key in body:
-            args[key] = _seconds(key, body[key])
+    optional = OPTIONAL.get(name)
+    if optional is not None:
+        for key, kind in optional.items():
+            if key in body:
+                args[key] = _optional(key, kind, body[key])
+        for key, value in DEFAULTS.get(name, {}).items():
+            args.setdefault(key, value)
+        if optional is _CRITICAL:
+            if args.pop("critical", False):
+                args["critical"] = True
+                args.setdefault("ttl", CRITICAL_TTL)
+            else:
+                args.pop("ttl", None)
     return Command(name, body.get("id"), args, data_json)
 
 
-def _seconds(key: str, value: Any) -> float | int:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not 0 <= value <= MAX_SECONDS  # NaN fails this too
-    ):
-        raise CommandError("bad_request", f"field {key!r} must be {Field.SECONDS.value}")
+def _optional(key: str, kind: Field, value: Any) -> Any:
+    """``value`` if it is a valid ``kind``; CommandError ``bad_request`` if not."""
+    if kind is Field.FLAG:
+        valid = isinstance(value, bool)
+    elif kind is Field.OFFSET or kind is Field.LIMIT:
+        top = MAX_ID if kind is Field.OFFSET else MAX_HISTORY_LIMIT
+        valid = type(value) is int and (0 if kind is Field.OFFSET else 1) <= value <= top
+    else:  # SECONDS, TTL: numbers (NaN fails the range check too)
+        valid = (
+            not isinstance(value, bool)
+            and isinstance(value, int | float)
+            and 0 <= value <= MAX_SECONDS
+            and (kind is Field.SECONDS or value > 0)
+        )
+    if not valid:
+        raise CommandError("bad_request", f"field {key!r} must be {kind.value}")
     return value
 
 

@@ -9,7 +9,11 @@ import pytest
 from actors.ids import MAX_ID
 from actors.wire.commands import (
     COMMANDS,
+    CRITICAL_TTL,
+    DEFAULTS,
+    MAX_HISTORY_LIMIT,
     MAX_IDS_PER_COMMAND,
+    OPTIONAL,
     CommandError,
     Field,
     decode,
@@ -56,7 +60,16 @@ def test_every_documented_command_is_in_the_table():
         "unsubscribe",
         "disconnect",
         "status",
+        "history",
     }
+
+
+def test_optional_fields_and_defaults_name_known_commands():
+    assert set(OPTIONAL) <= set(COMMANDS)
+    assert set(DEFAULTS) <= set(OPTIONAL)
+    for name, defaults in DEFAULTS.items():
+        assert set(defaults) <= set(OPTIONAL[name])
+        assert not set(OPTIONAL[name]) & set(COMMANDS[name])
 
 
 @pytest.mark.parametrize("name", sorted(COMMANDS))
@@ -65,7 +78,8 @@ def test_every_command_decodes_with_valid_fields(name):
     assert cmd.name == name
     assert cmd.id == 99
     spec = COMMANDS[name]
-    assert set(cmd.args) == {key for key, kind in spec.items() if kind is not Field.DATA}
+    required = {key for key, kind in spec.items() if kind is not Field.DATA}
+    assert set(cmd.args) == required | set(DEFAULTS.get(name, {}))
     for key, kind in spec.items():
         if kind is Field.ID:
             assert cmd.args[key] == 7
@@ -307,3 +321,89 @@ def test_a_ban_that_is_not_a_finite_number_is_refused(literal):
 def test_only_disconnect_takes_a_ban():
     command = decode(raw({"cmd": "subscribe", "user": 7, "channel": 3, "ban": 5}), LIMIT)
     assert "ban" not in command.args  # an extra field, ignored as any other
+
+
+# -- history (issue 11) -----------------------------------------------------------------------
+
+
+def test_history_defaults_since_0_and_limit_100():
+    command = decode(raw({"cmd": "history", "channel": 5}), LIMIT)
+    assert command.args == {"channel": 5, "since": 0, "limit": 100}
+
+
+@pytest.mark.parametrize(("since", "limit"), [(0, 1), (41, 100), (MAX_ID, MAX_HISTORY_LIMIT)])
+def test_history_takes_since_and_limit(since, limit):
+    command = decode(raw({"cmd": "history", "channel": 5, "since": since, "limit": limit}), LIMIT)
+    assert command.args == {"channel": 5, "since": since, "limit": limit}
+
+
+@pytest.mark.parametrize("value", [-1, MAX_ID + 1, 1.0, 2.5, True, False, None, "3", [3]])
+def test_a_bad_since_is_a_bad_request(value):
+    error = error_of(raw({"cmd": "history", "channel": 5, "since": value}))
+    assert (error.code, error.message) == (
+        "bad_request",
+        f"field 'since' must be an integer from 0 to {MAX_ID}",
+    )
+
+
+@pytest.mark.parametrize("value", [0, -1, MAX_HISTORY_LIMIT + 1, 10.0, True, None, "100"])
+def test_a_bad_limit_is_a_bad_request(value):
+    error = error_of(raw({"cmd": "history", "channel": 5, "limit": value}))
+    assert error.code == "bad_request"
+    assert "'limit'" in error.message and "1 to 1000" in error.message
+
+
+def test_history_needs_a_channel():
+    assert error_of(raw({"cmd": "history", "since": 3})).code == "bad_request"
+    assert error_of(raw({"cmd": "history", "channel": 0})).code == "bad_request"
+
+
+# -- critical broadcasts (issue 11) -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "target"), [("broadcast_to_user", {"user": 7}), ("broadcast_to_users", {"users": [7]})]
+)
+def test_a_critical_broadcast_has_a_ttl_by_default(name, target):
+    body = {"cmd": name, **target, "data": 1, "critical": True}
+    assert decode(raw(body), LIMIT).args == {**target, "critical": True, "ttl": CRITICAL_TTL}
+    body["ttl"] = 2.5
+    assert decode(raw(body), LIMIT).args == {**target, "critical": True, "ttl": 2.5}
+    body["ttl"] = 1e9
+    assert decode(raw(body), LIMIT).args["ttl"] == 1e9
+
+
+@pytest.mark.parametrize("name", ["broadcast_to_user", "broadcast_to_users"])
+def test_a_broadcast_that_is_not_critical_has_neither_field(name):
+    target = {"user": 7} if name == "broadcast_to_user" else {"users": [7]}
+    plain = decode(raw({"cmd": name, **target, "data": 1}), LIMIT)
+    assert plain.args == target
+    for extra in ({"critical": False}, {"critical": False, "ttl": 5}, {"ttl": 5}):
+        assert decode(raw({"cmd": name, **target, "data": 1, **extra}), LIMIT).args == target
+
+
+@pytest.mark.parametrize("value", [1, 0, None, "true", [True], {}])
+def test_critical_must_be_a_boolean(value):
+    error = error_of(raw({"cmd": "broadcast_to_user", "user": 7, "data": 1, "critical": value}))
+    assert (error.code, error.message) == ("bad_request", "field 'critical' must be true or false")
+
+
+@pytest.mark.parametrize("value", [0, -1, 0.0, 1e9 + 1, 10**400, True, None, "5", [5]])
+def test_a_bad_ttl_is_a_bad_request_even_when_not_critical(value):
+    for critical in (True, False):
+        body = {"cmd": "broadcast_to_users", "users": [7], "data": 1, "critical": critical}
+        error = error_of(raw({**body, "ttl": value}))
+        assert error.code == "bad_request"
+        assert "'ttl'" in error.message and "above 0" in error.message
+
+
+def test_a_ttl_that_is_not_a_finite_number_is_refused():
+    error = error_of(b'{"cmd":"broadcast_to_user","user":7,"data":1,"critical":true,"ttl":NaN}')
+    assert error.code in ("bad_json", "bad_request")
+
+
+def test_only_broadcasts_to_users_are_critical():
+    command = decode(
+        raw({"cmd": "broadcast_to_channel", "channel": 1, "data": 1, "critical": True}), LIMIT
+    )
+    assert command.args == {"channel": 1}
