@@ -406,19 +406,80 @@ def _add_broadcast(subparsers: Subparsers) -> None:
     target.add_argument("--user", type=id_number, metavar="U", help="every connection of user U")
     target.add_argument("--users", type=id_list, metavar="U1,U2", help="several users")
     parser.add_argument("data", type=json_value, metavar="DATA", help="JSON text, e.g. '{\"a\":1}'")
+    parser.add_argument(
+        "--critical",
+        action="store_true",
+        help="with --user/--users: keep it until acknowledged, and deliver it to every new"
+        " connection of the user until then (the reply's message_id is its id)",
+    )
+    parser.add_argument(
+        "--ttl",
+        type=seconds,
+        default=None,
+        metavar="SECONDS",
+        help="with --critical: drop it unacknowledged after this long (default: one day)",
+    )
     _add_server_options(parser)
     parser.set_defaults(run=_run_broadcast)
 
 
 def _run_broadcast(args: argparse.Namespace) -> int:
+    if args.channel is not None and args.critical:
+        _error("--critical is for --user or --users: channel messages are kept as history")
+        return 2
+    if args.ttl is not None and not args.critical:
+        _error("--ttl is the lifetime of a --critical message")
+        return 2
+
     def action(client: Client) -> Any:
         if args.channel is not None:
             return client.broadcast_to_channel(args.channel, args.data)
         if args.user is not None:
-            return client.broadcast_to_user(args.user, args.data)
-        return client.broadcast_to_users(args.users, args.data)
+            return client.broadcast_to_user(args.user, args.data, args.critical, args.ttl)
+        return client.broadcast_to_users(args.users, args.data, args.critical, args.ttl)
 
     return _talk(args, _printed(action))
+
+
+def _add_history(subparsers: Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "history",
+        help="print a channel's kept messages (one JSON line each)",
+        description="Print the messages CHANNEL keeps (--history-size), oldest first, one JSON"
+        ' line each: {"offset": N, "data": ...}. With --json, the whole reply (its "epoch"'
+        ' and "offset", the latest, besides the messages).',
+    )
+    parser.add_argument("channel", type=id_number, metavar="CHANNEL")
+    parser.add_argument(
+        "--since",
+        type=count,
+        default=0,
+        metavar="N",
+        help="only the messages after offset N (default: %(default)s, all kept)",
+    )
+    parser.add_argument(
+        "--limit",
+        type=positive_int,
+        default=100,
+        metavar="L",
+        help="at most L messages, the oldest after N (default: %(default)s, at most 1000)",
+    )
+    parser.add_argument("--json", action="store_true", help="print the raw reply as JSON")
+    _add_server_options(parser)
+    parser.set_defaults(run=_run_history)
+
+
+def _run_history(args: argparse.Namespace) -> int:
+    def action(client: Client) -> int:
+        reply = client.history(args.channel, args.since, args.limit)
+        if args.json:
+            _print_json(reply)
+            return 0
+        for message in reply["messages"]:
+            _print_json(message)
+        return 0
+
+    return _talk(args, action)
 
 
 def _add_online(subparsers: Subparsers) -> None:
@@ -546,6 +607,7 @@ SUBCOMMANDS: list[Callable[[Subparsers], None]] = [
     _add_token,
     _add_keygen,
     _add_broadcast,
+    _add_history,
     _add_online,
     _add_subscribe,
     _add_disconnect,

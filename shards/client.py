@@ -136,6 +136,31 @@ def _as_online_map(reply: Reply) -> dict[int, bool]:
     return result
 
 
+def _as_history(reply: Reply) -> Reply:
+    if not isinstance(reply.get("epoch"), str):
+        raise _bad_reply(reply, "'epoch' is not a string")
+    offset = reply.get("offset")
+    if not isinstance(offset, int) or isinstance(offset, bool):
+        raise _bad_reply(reply, "'offset' is not an integer")
+    messages = reply.get("messages")
+    if not isinstance(messages, list) or not all(
+        isinstance(m, dict) and "data" in m and type(m.get("offset")) is int for m in messages
+    ):
+        raise _bad_reply(reply, "'messages' is not a list of {offset, data}")
+    return reply
+
+
+def _users_fields(data: Any, critical: bool, ttl: float | None) -> dict[str, Any]:
+    """The fields of a broadcast to users: ``critical`` and ``ttl`` only when it is critical (a
+    plain broadcast is sent as it always was)."""
+    fields: dict[str, Any] = {"data": data}
+    if critical:
+        fields["critical"] = True
+        if ttl is not None:
+            fields["ttl"] = ttl
+    return fields
+
+
 def _as_status(reply: Reply) -> Reply:
     if not isinstance(reply.get("shards"), list):
         raise _bad_reply(reply, "'shards' is not a list")
@@ -154,12 +179,23 @@ class Calls:
         return Call("broadcast_to_channel", {"channel": channel_id, "data": data}, _as_reply)
 
     @staticmethod
-    def broadcast_to_user(user_id: int, data: Any) -> Call[Reply]:
-        return Call("broadcast_to_user", {"user": user_id, "data": data}, _as_reply)
+    def broadcast_to_user(
+        user_id: int, data: Any, critical: bool = False, ttl: float | None = None
+    ) -> Call[Reply]:
+        fields = {"user": user_id, **_users_fields(data, critical, ttl)}
+        return Call("broadcast_to_user", fields, _as_reply)
 
     @staticmethod
-    def broadcast_to_users(user_ids: Iterable[int], data: Any) -> Call[Reply]:
-        return Call("broadcast_to_users", {"users": list(user_ids), "data": data}, _as_reply)
+    def broadcast_to_users(
+        user_ids: Iterable[int], data: Any, critical: bool = False, ttl: float | None = None
+    ) -> Call[Reply]:
+        fields = {"users": list(user_ids), **_users_fields(data, critical, ttl)}
+        return Call("broadcast_to_users", fields, _as_reply)
+
+    @staticmethod
+    def history(channel: int, since: int = 0, limit: int = 100) -> Call[Reply]:
+        fields = {"channel": channel, "since": since, "limit": limit}
+        return Call("history", fields, _as_history)
 
     @staticmethod
     def get_online_users_in_channel(channel_id: int) -> Call[list[int]]:
@@ -406,13 +442,27 @@ class Client(_Base):
         """Send ``data`` to every connection subscribed to ``channel_id``."""
         return self._call(Calls.broadcast_to_channel(channel_id, data))
 
-    def broadcast_to_user(self, user_id: int, data: Any) -> Reply:
-        """Send ``data`` to every connection of ``user_id``."""
-        return self._call(Calls.broadcast_to_user(user_id, data))
+    def broadcast_to_user(
+        self, user_id: int, data: Any, critical: bool = False, ttl: float | None = None
+    ) -> Reply:
+        """Send ``data`` to every connection of ``user_id``. ``critical``: keep it until one of
+        the user's connections acknowledges it (or ``ttl`` seconds pass; default one day),
+        delivering it to each new one; the reply's ``message_id`` is its id."""
+        return self._call(Calls.broadcast_to_user(user_id, data, critical, ttl))
 
-    def broadcast_to_users(self, user_ids: Iterable[int], data: Any) -> Reply:
-        """Send ``data`` to every connection of each of ``user_ids``."""
-        return self._call(Calls.broadcast_to_users(user_ids, data))
+    def broadcast_to_users(
+        self, user_ids: Iterable[int], data: Any, critical: bool = False, ttl: float | None = None
+    ) -> Reply:
+        """Send ``data`` to every connection of each of ``user_ids`` (``critical``, ``ttl``: as
+        :meth:`broadcast_to_user`, for each user; refused whole, ``limit``, when one of them
+        has as many unacknowledged ones as the server keeps)."""
+        return self._call(Calls.broadcast_to_users(user_ids, data, critical, ttl))
+
+    def history(self, channel: int, since: int = 0, limit: int = 100) -> Reply:
+        """``channel``'s kept messages after offset ``since``, oldest first, at most ``limit``:
+        ``{"epoch", "offset" (the latest), "messages": [{"offset", "data"}, ...]}``
+        (UccError ``history_disabled`` when the server keeps none)."""
+        return self._call(Calls.history(channel, since, limit))
 
     def get_online_users_in_channel(self, channel_id: int) -> list[int]:
         """The sorted ids of the online users subscribed to ``channel_id``."""
@@ -546,13 +596,27 @@ class AsyncClient(_Base):
         """Send ``data`` to every connection subscribed to ``channel_id``."""
         return await self._call(Calls.broadcast_to_channel(channel_id, data))
 
-    async def broadcast_to_user(self, user_id: int, data: Any) -> Reply:
-        """Send ``data`` to every connection of ``user_id``."""
-        return await self._call(Calls.broadcast_to_user(user_id, data))
+    async def broadcast_to_user(
+        self, user_id: int, data: Any, critical: bool = False, ttl: float | None = None
+    ) -> Reply:
+        """Send ``data`` to every connection of ``user_id``. ``critical``: keep it until one of
+        the user's connections acknowledges it (or ``ttl`` seconds pass; default one day),
+        delivering it to each new one; the reply's ``message_id`` is its id."""
+        return await self._call(Calls.broadcast_to_user(user_id, data, critical, ttl))
 
-    async def broadcast_to_users(self, user_ids: Iterable[int], data: Any) -> Reply:
-        """Send ``data`` to every connection of each of ``user_ids``."""
-        return await self._call(Calls.broadcast_to_users(user_ids, data))
+    async def broadcast_to_users(
+        self, user_ids: Iterable[int], data: Any, critical: bool = False, ttl: float | None = None
+    ) -> Reply:
+        """Send ``data`` to every connection of each of ``user_ids`` (``critical``, ``ttl``: as
+        :meth:`broadcast_to_user`, for each user; refused whole, ``limit``, when one of them
+        has as many unacknowledged ones as the server keeps)."""
+        return await self._call(Calls.broadcast_to_users(user_ids, data, critical, ttl))
+
+    async def history(self, channel: int, since: int = 0, limit: int = 100) -> Reply:
+        """``channel``'s kept messages after offset ``since``, oldest first, at most ``limit``:
+        ``{"epoch", "offset" (the latest), "messages": [{"offset", "data"}, ...]}``
+        (UccError ``history_disabled`` when the server keeps none)."""
+        return await self._call(Calls.history(channel, since, limit))
 
     async def get_online_users_in_channel(self, channel_id: int) -> list[int]:
         """The sorted ids of the online users subscribed to ``channel_id``."""

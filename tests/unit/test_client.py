@@ -3,6 +3,7 @@ reply matching) and the result parsers of :class:`shards.client.Calls`. No socke
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 
@@ -200,6 +201,59 @@ def test_status_wants_a_list_of_shards():
     assert call.result(reply) is reply
     with pytest.raises(UccError):
         call.result({"ok": True, "shards": {}})
+
+
+def test_a_plain_broadcast_to_users_is_sent_as_before():
+    assert Calls.broadcast_to_user(4, {"a": 1}).fields == {"user": 4, "data": {"a": 1}}
+    assert Calls.broadcast_to_users([4, 5], 1, ttl=9).fields == {"users": [4, 5], "data": 1}
+    _, encoded = Wire().encode("broadcast_to_user", Calls.broadcast_to_user(4, "x").fields)
+    assert encoded == b'{"id":1,"cmd":"broadcast_to_user","user":4,"data":"x"}'
+
+
+def test_a_critical_broadcast_carries_critical_and_its_ttl():
+    call = Calls.broadcast_to_user(4, "x", critical=True)
+    assert (call.cmd, call.fields) == (
+        "broadcast_to_user",
+        {"user": 4, "data": "x", "critical": True},
+    )
+    reply = {"ok": True, "message_id": "h1-1", "shards": 1}
+    assert call.result(reply) is reply
+    call = Calls.broadcast_to_users((4, 5), "x", critical=True, ttl=60)
+    assert call.fields == {"users": [4, 5], "data": "x", "critical": True, "ttl": 60}
+
+
+def test_history_sends_since_and_limit_and_checks_the_reply():
+    call = Calls.history(7)
+    assert (call.cmd, call.fields) == ("history", {"channel": 7, "since": 0, "limit": 100})
+    assert Calls.history(7, since=40, limit=5).fields == {"channel": 7, "since": 40, "limit": 5}
+    reply = {
+        "ok": True,
+        "epoch": "0a1b2c3d4e5f",
+        "offset": 42,
+        "messages": [{"offset": 41, "data": {"a": 1}}, {"offset": 42, "data": None}],
+    }
+    assert call.result(reply) is reply
+    assert call.result({"ok": True, "epoch": "e", "offset": 0, "messages": []})["messages"] == []
+    for bad in (
+        {"epoch": 1, "offset": 0, "messages": []},
+        {"epoch": "e", "offset": "0", "messages": []},
+        {"epoch": "e", "offset": True, "messages": []},
+        {"epoch": "e", "offset": 0, "messages": {}},
+        {"epoch": "e", "offset": 0, "messages": [{"offset": 1}]},
+        {"epoch": "e", "offset": 0, "messages": [{"offset": "1", "data": 1}]},
+        {"epoch": "e", "offset": 0, "messages": [[1, 2]]},
+    ):
+        with pytest.raises(UccError) as failed:
+            call.result({"ok": True, **bad})
+        assert failed.value.code == "bad_reply"
+
+
+@pytest.mark.parametrize("name", ["history", "broadcast_to_user", "broadcast_to_users"])
+def test_both_clients_take_the_same_arguments(name):
+    blocking = inspect.signature(getattr(Client, name))
+    asynchronous = inspect.signature(getattr(AsyncClient, name))
+    assert blocking.parameters == asynchronous.parameters
+    assert list(blocking.parameters)[1:] == list(inspect.signature(getattr(Calls, name)).parameters)
 
 
 # -- CURVE keys: arguments, environment defaults, z85 text or a .pub file -----------------------
