@@ -27,6 +27,7 @@ from typing import Any
 import zmq
 
 from actors.cache import Delta, UserConnectionCache
+from actors.critical import CriticalTracker
 from actors.ids import ChannelId, ConnId, UserId
 from actors.loopactor import LoopActor
 from actors.wire import shardwire
@@ -36,6 +37,7 @@ log = logging.getLogger("ucc.cache")
 READ_BATCH = 512  # ZeroMQ messages read per round at most (a shardwire batch is one)
 WORK_PER_TURN = 20_000  # recipients per round at most, so that the event loop's turns stay short
 BEAT_INTERVAL = 0.25  # seconds between two heartbeats (with credit) to the router
+RESUME_FLOOR_LIFE = 5.0  # seconds a resumed connection's duplicate filter lasts at most
 
 # -- what the actor asks of its shard's connections (one list per round, through ``post``) ------
 #
@@ -126,6 +128,38 @@ class Unsubscribe:
 
 
 @dataclass(frozen=True, slots=True)
+class Resume:
+    """A client's resume of ``channel`` from ``offset`` in ``epoch`` (subscribing it if need
+    be)."""
+
+    conn: ConnId
+    channel: ChannelId
+    offset: int
+    epoch: str
+
+
+@dataclass(frozen=True, slots=True)
+class ClientAck:
+    """A client acknowledged critical message ``id``."""
+
+    conn: ConnId
+    id: str
+
+
+@dataclass(slots=True)
+class _Resuming:
+    """A connection's resume of one channel: while ``buffer`` is a list, the router's answer
+    (``V``) is awaited and the channel's live messages for it wait there; after it, until the
+    next live message or RESUME_FLOOR_LIFE, messages up to ``floor`` (replayed already) are
+    dropped, and one beyond ``floor + 1`` is a gap, filled by asking again."""
+
+    epoch: str
+    buffer: list[tuple[int, bytes]] | None
+    floor: int
+    since: float
+
+
+@dataclass(frozen=True, slots=True)
 class Activity:
     """Inbound activity since the last report: when each connection was last heard from, and
     the time of the report, all on the shard's monotonic clock (a wall-clock step must never
@@ -148,10 +182,13 @@ class CacheActor(LoopActor):
         context: zmq.Context[Any] | None = None,
         counters: Callable[[], dict[str, int]] | None = None,
         max_channels: int | None = None,
+        ack_timeout: float = 10.0,
+        ack_retries: int = 5,
     ) -> None:
         """``counters``: the shard's own counters, added to its ``status`` answer.
         ``max_channels``: the channels a connection may hold (``--max-channels-per-connection``;
-        None: no limit)."""
+        None: no limit). ``ack_timeout``, ``ack_retries``: a critical message not acknowledged
+        is sent again after ``ack_timeout`` seconds, ``ack_retries`` times at most."""
         super().__init__(loop)
         self.index, self.epoch = index, epoch
         self.cache = UserConnectionCache(max_channels)
@@ -185,6 +222,12 @@ class CacheActor(LoopActor):
         self._held: list[tuple[int, LoopAction]] = []  # (the change they wait for, action)
         self._resync = False  # a membership change was dropped on the way to the router
         self._last_sweep = 0.0
+        # issue 11: critical messages sent and not yet acknowledged (re-sent on the clock), and
+        # the resumes under way by channel; ``_notices`` go to the router after the next delta
+        self.tracker = CriticalTracker(ack_timeout, ack_retries)
+        self._resuming: dict[ChannelId, dict[ConnId, _Resuming]] = {}
+        self._notices: list[list[bytes]] = []
+        self._now = 0.0  # the shard's monotonic clock, as of its last Activity report
 
     def on_start(self) -> None:
         self.loop.add_reader(self.sock.getsockopt(zmq.FD), self._readable)
@@ -238,7 +281,15 @@ class CacheActor(LoopActor):
             delta = cache.connect(message.conn, message.user, message.channels, message.now)
             self._delta.merge(delta)
             self._unconfirmed.append(Registered(message.conn))
+            # its user's pending critical messages, after hello (the router answers after the
+            # delta's confirmation, which releases hello)
+            self._notices.append(shardwire.new_connection(message.conn, message.user))
         elif isinstance(message, Closed):
+            meta = cache.meta(message.conn)
+            if meta is not None:
+                for channel in meta.channels:
+                    self._end_resume(message.conn, channel)
+            self.tracker.closed(message.conn)
             self._delta.merge(cache.disconnect(message.conn))
         elif isinstance(message, Subscribe):
             if cache.can_join(message.conn, message.channel):
@@ -252,11 +303,21 @@ class CacheActor(LoopActor):
                 )
                 self._actions.append(Refused(message.conn, "limit", text))
         elif isinstance(message, Unsubscribe):
+            self._end_resume(message.conn, message.channel)
             self._delta.merge(cache.unsubscribe(message.conn, message.channel))
             self._unconfirmed.append(Subscribed(message.conn, message.channel, False))
+        elif isinstance(message, Resume):
+            self._resume(message)
+        elif isinstance(message, ClientAck):
+            self._ack(message)
         elif isinstance(message, Activity):
+            self._now = message.now
             for conn, seen in message.last_seen.items():
                 cache.touch(conn, seen)
+            for again, frame in self.tracker.due(message.now):  # not acknowledged in time
+                self._actions.append(Deliver(frame, (ConnId(again),)))
+            if self._resuming:
+                self._sweep_floors(message.now)
             if message.now - self._last_sweep >= 1.0:  # the stale sweep walks every connection
                 self._last_sweep = message.now
                 stale = cache.stale(message.now, self.stale_timeout)
@@ -298,7 +359,14 @@ class CacheActor(LoopActor):
                 self._held = [(seq, a) for seq, a in self._held if seq > self._indexed]
             return 1
         if kind == shardwire.CHANNEL:
-            conns = self.cache.recipients(ChannelId(shardwire.unpack_id(argument)))
+            if len(argument) == 8:  # no history: no offset
+                conns = self.cache.recipients(ChannelId(shardwire.unpack_id(argument)))
+            else:
+                channel, offset = shardwire.unpack_ids(argument)
+                conns = self.cache.recipients(ChannelId(channel))
+                resuming = self._resuming.get(ChannelId(channel)) if self._resuming else None
+                if resuming:
+                    conns = self._live(ChannelId(channel), offset, payload, conns, resuming)
             if conns:
                 self._actions.append(Deliver(payload, conns))
             return len(conns)
@@ -307,11 +375,150 @@ class CacheActor(LoopActor):
             if targets:
                 self._actions.append(Deliver(payload, targets))
             return len(targets)
+        if kind == shardwire.CRITICAL:
+            users = shardwire.unpack_ids(argument)
+            messages = shardwire.unpack_criticals(payload)
+            return self._critical(users, messages)
+        if kind == shardwire.PENDING:
+            meta = self.cache.meta(ConnId(shardwire.unpack_id(argument)))
+            if meta is not None:
+                conn = ConnId(shardwire.unpack_id(argument))
+                self._send_critical(conn, meta.user, shardwire.unpack_criticals(payload))
+            return 1
+        if kind == shardwire.ACKED:
+            self.tracker.forget(shardwire.unpack_id(argument), payload.decode(errors="replace"))
+            return 1
+        if kind == shardwire.RESUMED:
+            self._resumed(argument, payload)
+            return 1
         if kind == shardwire.QUERY:
             answer = self._answer(shardwire.decode_query(payload))
             self._send_delta()  # the router must know a membership before its answer
             self._send([shardwire.RESULT, argument, json.dumps(answer).encode()])
         return 1
+
+    # -- issue 11: resume and critical messages -------------------------------------------------
+
+    def _resume(self, message: Resume) -> None:
+        """Subscribe the connection if it is not yet, hold the channel's live messages for it,
+        and ask the router (after the membership, so that nothing falls between the two)."""
+        conn, channel = message.conn, message.channel
+        meta = self.cache.meta(conn)
+        if meta is None:
+            return  # closed meanwhile
+        held = self._resuming.get(channel, {}).get(conn)
+        if held is not None and held.buffer is not None:
+            text = f"a resume of channel {channel} is under way on this connection"
+            self._actions.append(Refused(conn, "bad_frame", text))
+            return
+        if channel not in meta.channels:
+            if not self.cache.can_join(conn, channel):
+                self.limits["refused_channel_limit"] += 1
+                text = (
+                    f"cannot resume channel {channel}: a connection holds at most "
+                    f"{self.cache.max_channels} channels"
+                )
+                self._actions.append(Refused(conn, "limit", text))
+                return
+            self._delta.merge(self.cache.subscribe(conn, channel))
+        state = _Resuming(message.epoch, [], 0, self._now)
+        self._resuming.setdefault(channel, {})[conn] = state
+        self._notices.append(shardwire.resume(conn, channel, message.offset, message.epoch))
+
+    def _live(
+        self,
+        channel: ChannelId,
+        offset: int,
+        frame: bytes,
+        conns: tuple[ConnId, ...],
+        resuming: dict[ConnId, _Resuming],
+    ) -> tuple[ConnId, ...]:
+        """The recipients of a live message at ``offset``, less the resuming connections that
+        must not have it now (held for after the replay, or replayed already)."""
+        if not any(conn in resuming for conn in conns):
+            return conns
+        out = []
+        for conn in conns:
+            state = resuming.get(conn)
+            if state is None:
+                out.append(conn)
+            elif state.buffer is not None:
+                state.buffer.append((offset, frame))
+            elif offset > state.floor + 1:  # a gap after the replay: fill it, quietly
+                state.buffer = [(offset, frame)]
+                self._send(shardwire.resume(conn, channel, state.floor, state.epoch, quiet=True))
+            elif offset == state.floor + 1:
+                out.append(conn)
+                self._end_resume(conn, channel)
+        return tuple(out)
+
+    def _resumed(self, argument: bytes, payload: bytes) -> None:
+        """The router's answer to a resume: the replay (and ``resumed``), then what was held
+        that comes after it, in order; a gap among those is asked for again."""
+        conn_id, channel_id, latest = shardwire.unpack_ids(argument)
+        conn, channel = ConnId(conn_id), ChannelId(channel_id)
+        state = self._resuming.get(channel, {}).get(conn)
+        if state is None or state.buffer is None:
+            return  # closed, unsubscribed, or a late duplicate
+        epoch, frames = shardwire.parse_resumed(payload)
+        chunks = [frames] if frames else []
+        top, held = latest, state.buffer
+        rest: list[tuple[int, bytes]] = []
+        for i, (offset, frame) in enumerate(held):
+            if offset <= top:
+                continue
+            if offset != top + 1:
+                rest = held[i:]
+                break
+            chunks.append(frame)
+            top = offset
+        if chunks:
+            self._actions.append(Deliver(b"".join(chunks), (conn,)))
+        if not epoch:  # no history here: nothing to filter
+            self._end_resume(conn, channel)
+        elif rest:
+            state.epoch, state.buffer, state.floor = epoch, rest, top
+            self._send(shardwire.resume(conn, channel, top, epoch, quiet=True))
+        else:
+            state.epoch, state.buffer, state.floor, state.since = epoch, None, top, self._now
+
+    def _end_resume(self, conn: ConnId, channel: ChannelId) -> None:
+        states = self._resuming.get(channel)
+        if states is not None and states.pop(conn, None) is not None and not states:
+            del self._resuming[channel]
+
+    def _sweep_floors(self, now: float) -> None:
+        """Forget the duplicate filters of resumes answered long ago (the channel went quiet)."""
+        for channel, states in list(self._resuming.items()):
+            for conn, state in list(states.items()):
+                if state.buffer is None and now - state.since > RESUME_FLOOR_LIFE:
+                    self._end_resume(conn, channel)
+
+    def _critical(self, users: list[int], messages: list[tuple[str, bytes]]) -> int:
+        sent = 0
+        for user in users:
+            for conn in self.cache.connections_of(UserId(user)):
+                self._send_critical(conn, UserId(user), messages)
+                sent += 1
+        return max(sent, 1)
+
+    def _send_critical(self, conn: ConnId, user: UserId, messages: list[tuple[str, bytes]]) -> None:
+        """Write the critical messages this connection does not have yet, and track them until
+        acknowledged."""
+        fresh = [f for i, f in messages if self.tracker.sent(conn, user, i, f, self._now)]
+        if fresh:
+            self._actions.append(Deliver(b"".join(fresh), (conn,)))
+
+    def _ack(self, message: ClientAck) -> None:
+        """Tell the router (which forgets the message, and tells the other hosts); the user's
+        other connections here stop re-sending it."""
+        user = self.tracker.acked(message.conn, message.id)
+        if user is None:
+            meta = self.cache.meta(message.conn)
+            if meta is None:
+                return
+            user = meta.user
+        self._send(shardwire.ack(user, message.id))
 
     def _answer(self, query: shardwire.Query) -> dict[str, Any]:
         cache = self.cache
@@ -343,7 +550,8 @@ class CacheActor(LoopActor):
         if isinstance(query, shardwire.QuerySnapshot):
             return cache.snapshot()
         extra = self.counters() if self.counters is not None else {}
-        return {"pid": os.getpid(), **cache.stats(), **self.limits, **extra}  # QueryStatus
+        critical = {f"critical_{k}": v for k, v in self.tracker.stats().items()}
+        return {"pid": os.getpid(), **cache.stats(), **self.limits, **critical, **extra}
 
     def _send_delta(self) -> None:
         if self._delta:
@@ -351,6 +559,10 @@ class CacheActor(LoopActor):
             if not self._send(shardwire.delta(self._delta.gained, self._delta.lost, self._seq)):
                 self._resync = True  # the router's index of us is wrong: send it whole soon
             self._delta = Delta()
+        if self._notices:  # after the membership they may depend on
+            notices, self._notices = self._notices, []
+            for notice in notices:
+                self._send(notice)
         if self._unconfirmed:  # they wait for every change sent so far
             if self._seq > self._indexed:
                 self._held += [(self._seq, action) for action in self._unconfirmed]

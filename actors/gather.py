@@ -107,7 +107,8 @@ def are_online(gather: Gather) -> dict[str, Any]:
 
 
 def broadcast(gather: Gather) -> dict[str, Any]:
-    return {"shards": gather.args["shards"]}
+    """A broadcast's reply: what its handler put in ``args`` (``shards``, and more)."""
+    return dict(gather.args)
 
 
 def presence_snapshot(gather: Gather) -> dict[str, Any]:

@@ -51,6 +51,10 @@ class OtherHosts:
         # the router never holds the dict the link's threads write
         self.link_stats: Callable[[], Mapping[str, int]] | None = None
 
+    def queue(self, op: RedisOp) -> None:
+        """Queue an operation for the link that nobody waits for."""
+        self._ops.append(op)
+
     def take_ops(self) -> list[RedisOp]:
         """The operations for the link queued since the last call, oldest first."""
         ops, self._ops = self._ops, []
@@ -131,18 +135,25 @@ class OtherHosts:
         if delivery.control is not None:
             self._control(delivery.users, delivery.control, now)
         else:
-            self._broadcast(delivery.channel, delivery.users, delivery.frame, now)
+            self._broadcast(delivery, now)
 
-    def _broadcast(
-        self, channel: ChannelId | None, users: list[int], frame: bytes, now: float
-    ) -> None:
+    def _broadcast(self, delivery: Delivery, now: float) -> None:
         """To a channel's local members, or to users. Its publisher has had its answer already:
-        where there is no room, it is dropped, counted (``remote_dropped``)."""
+        where there is no room, it is dropped, counted (``remote_dropped``): a channel message
+        with history leaves a gap in the offsets its clients see (they resume to fill it), a
+        critical one waits for the user's next connection."""
         core = self._core
+        channel, users, frame = delivery.channel, delivery.users, delivery.frame
         if channel is not None:
-            message = shardwire.channel_delivery(channel, frame)
+            message = shardwire.channel_delivery(channel, frame, delivery.offset)
             targets: dict[ShardIndex, list[bytes]] = {
                 index: message for index in core.members(channel)
+            }
+        elif delivery.critical_id is not None:
+            payload = shardwire.pack_criticals([(delivery.critical_id, frame)])
+            targets = {
+                index: [shardwire.CRITICAL, shardwire.pack_ids(group), payload]
+                for index, group in core.up_groups(users).items()
             }
         else:
             targets = {
@@ -157,6 +168,9 @@ class OtherHosts:
         """A backend command from another host for users we have: apply it, answer nobody. A
         ``disconnect`` with ``ban`` (what is left of it) bans the users here too."""
         core = self._core
+        if control["op"] == "acked":
+            core.guarantees.acked_elsewhere(users, str(control["id"]), now)
+            return
         ban = control.get("ban")
         if control["op"] == "disconnect" and ban is not None:
             for user in users:

@@ -30,6 +30,7 @@ from enum import Enum
 from typing import Any
 
 from actors.credit import CreditWindow, WindowLimits
+from actors.critical import CriticalStore
 from actors.gather import (
     Combiner,
     Gather,
@@ -41,6 +42,8 @@ from actors.gather import (
     sum_connections,
     union_users,
 )
+from actors.guarantees import INTERNAL, Guarantees
+from actors.history import HistoryStore
 from actors.hostlink import (
     AreOnline,
     OnlineInChannel,
@@ -141,8 +144,12 @@ class RouterCore:
         redis: bool = False,
         window: WindowLimits = DEFAULT_WINDOW,
         max_queries: int = 10_000,
+        history: HistoryStore | None = None,
+        critical: CriticalStore | None = None,
     ) -> None:
-        """``redis``: this host has a Redis link to other hosts (``self.hosts`` is its half)."""
+        """``redis``: this host has a Redis link to other hosts (``self.hosts`` is its half).
+        ``history``: the channels' history (None: none kept, frames carry no offset);
+        ``critical``: where critical messages wait for their acknowledgement."""
         self.window = window
         self.max_queries = max_queries
         self.slots = [ShardSlot(ShardIndex(i)) for i in range(shards)]
@@ -158,6 +165,11 @@ class RouterCore:
         self._replies: list[tuple[list[bytes], bytes]] = []
         self._events: list[RouterEvent] = []
         self.hosts = OtherHosts(self) if redis else None
+        self.guarantees = Guarantees(
+            self,
+            history or HistoryStore(0, 300.0, 0),
+            critical or CriticalStore(100, 64 * 1024 * 1024),
+        )
         # counters kept elsewhere (the command endpoint's CURVE: "curve"), by key, in statistics
         self.extra_stats: dict[str, Callable[[], Any]] = {}
         self.counters = {
@@ -184,6 +196,7 @@ class RouterCore:
             "disconnect": self._user_control,
             "router_stats": self._router_stats,
             "status": self._status,
+            "history": self.guarantees.history_command,
         }
 
     # -- outputs, taken by the RouterActor -------------------------------------------------
@@ -297,6 +310,12 @@ class RouterCore:
             channels = {ChannelId(c) for c in shardwire.unpack_ids(msg[1])}
             self._delta(slot, list(channels - slot.channels), list(slot.channels - channels))
             self._indexed(slot, msg[2:], now)
+        elif kind == shardwire.RESUME:
+            self.guarantees.resume(slot, msg[1], msg[2], now)
+        elif kind == shardwire.ACK:
+            self.guarantees.ack(msg[1], msg[2])
+        elif kind == shardwire.NEW_CONNECTION:
+            self.guarantees.new_connection(slot, msg[1], now)
 
     def _indexed(self, slot: ShardSlot, seq: list[bytes], now: float) -> None:
         """Confirm a numbered membership change: the shard holds its clients' hello and
@@ -368,24 +387,30 @@ class RouterCore:
             self._replies.append((envelope, reply))
 
     def _broadcast_to_channel(self, envelope: list[bytes], cmd: Command, now: float) -> None:
+        if self.guarantees.history.enabled:
+            self.guarantees.broadcast_to_channel(envelope, cmd, now)
+            return
         channel = cmd.args["channel"]
         frame = frames.channel_message(channel, cmd.data_json)
-        self._check_frame(frame)
+        self.check_frame(frame)
         shards = self.index.get(channel, ())
         message = shardwire.channel_delivery(channel, frame)  # encoded once, for every shard
         self._queue_all(dict.fromkeys(shards, message), now)
-        self._finish_broadcast(
+        self.finish_broadcast(
             envelope, cmd, now, len(shards), lambda qid: PublishChannel(qid, channel, frame)
         )
 
     def _broadcast_to_users(self, envelope: list[bytes], cmd: Command, now: float) -> None:
         args = cmd.args
         users = [args["user"]] if cmd.name == "broadcast_to_user" else args["users"]
+        if args.get("critical"):
+            self.guarantees.broadcast_critical(envelope, cmd, users, now)
+            return
         frame = frames.direct_message(cmd.data_json)
-        self._check_frame(frame)
+        self.check_frame(frame)
         groups = self.up_groups(users)
         self._queue_all({i: shardwire.users_delivery(g, frame) for i, g in groups.items()}, now)
-        self._finish_broadcast(
+        self.finish_broadcast(
             envelope, cmd, now, len(groups), lambda qid: PublishUsers(qid, users, frame)
         )
 
@@ -447,28 +472,31 @@ class RouterCore:
         self._events.append(UserBanned(user, seconds))
 
     def _router_stats(self, envelope: list[bytes], cmd: Command, now: float) -> None:
-        self._reply(envelope, cmd, self.statistics())
+        self.reply(envelope, cmd, self.statistics())
 
     def _status(self, envelope: list[bytes], cmd: Command, now: float) -> None:
         spec = GatherSpec(self._all(), self._status_rows, lambda _index: shardwire.QueryStatus())
         self.start_gather(envelope, cmd.id, spec, now)
 
-    def _finish_broadcast(
+    def finish_broadcast(
         self,
         envelope: list[bytes],
         cmd: Command,
         now: float,
         shards: int,
         publish: Callable[[int], RedisOp],
+        extra: Mapping[str, Any] | None = None,
     ) -> None:
-        """Reply at once on one host; in a cluster, once Redis has taken the message."""
+        """Reply at once on one host; in a cluster, once Redis has taken the message. The reply
+        says ``shards`` and whatever ``extra`` holds."""
+        result = {"shards": shards, **(extra or {})}
         if self.hosts is None:
-            self._reply(envelope, cmd, {"shards": shards})
+            self.reply(envelope, cmd, result)
             return
-        spec = GatherSpec((), broadcast, None, {"shards": shards}, publish)
+        spec = GatherSpec((), broadcast, None, result, publish)
         self.start_gather(envelope, cmd.id, spec, now)
 
-    def _check_frame(self, frame: bytes) -> None:
+    def check_frame(self, frame: bytes) -> None:
         if len(frame) > self.max_command:
             raise CommandError("too_large", "the message exceeds the frame size limit")
 
@@ -492,12 +520,18 @@ class RouterCore:
     def _queue_all(self, messages: Mapping[ShardIndex, list[bytes]], now: float) -> None:
         """Queue each shard its message, or refuse (CommandError ``overloaded``) unless every
         one of them has room for its own: all or nothing."""
-        for index, msg in messages.items():
-            reason = self._room(index, shardwire.size(msg[1], msg[2]), now)
-            if reason is not None:
-                raise CommandError("overloaded", f"{reason}; nothing was sent, retry later")
+        self.refuse_unless_room(
+            {index: shardwire.size(msg[1], msg[2]) for index, msg in messages.items()}, now
+        )
         for index, msg in messages.items():
             self.send(index, msg, now)
+
+    def refuse_unless_room(self, sizes: Mapping[ShardIndex, int], now: float) -> None:
+        """CommandError ``overloaded`` unless each shard has room for a message of its size."""
+        for index, size in sizes.items():
+            reason = self._room(index, size, now)
+            if reason is not None:
+                raise CommandError("overloaded", f"{reason}; nothing was sent, retry later")
 
     def offer(self, index: ShardIndex, msg: list[bytes], now: float) -> bool:
         """Queue ``msg`` to shard ``index`` if its window has room; False if not (not sent)."""
@@ -524,7 +558,7 @@ class RouterCore:
     def _all(self) -> set[ShardIndex]:
         return {slot.index for slot in self.slots}
 
-    def _reply(self, envelope: list[bytes], cmd: Command, result: dict[str, Any]) -> None:
+    def reply(self, envelope: list[bytes], cmd: Command, result: dict[str, Any]) -> None:
         self._replies.append((envelope, commands.reply(cmd.id, result)))
 
     # -- gathers ---------------------------------------------------------------------------
@@ -557,7 +591,9 @@ class RouterCore:
             self.finish(qid)
 
     def tick(self, now: float) -> None:
-        """Answer the queries whose deadline has passed with what they have."""
+        """Answer the queries whose deadline has passed with what they have; forget the history
+        and critical messages whose time is up."""
+        self.guarantees.tick(now)
         for qid, gather in list(self.pending.items()):
             if now >= gather.deadline:
                 gather.expire()
@@ -570,8 +606,8 @@ class RouterCore:
         """Gather ``qid`` is over: combine what came back into its reply."""
         gather = self.pending.pop(qid)
         result = gather.combine(gather)
-        if gather.envelope is None:  # a presence snapshot, for the other hosts: no reply
-            if self.hosts is not None:
+        if gather.envelope is None:  # no reply: the combiner did the work, or a snapshot
+            if self.hosts is not None and gather.request != INTERNAL:
                 self.hosts.snapshot_done(gather, result)
             return
         result["missing_shards"] = gather.missing_shards()
@@ -605,6 +641,7 @@ class RouterCore:
             # [messages, bytes] queued to each shard and not yet consumed (its credit window)
             "queued_to_shards": {s.index: list(s.window.in_flight()) for s in self.slots},
             **(self.hosts.statistics() if self.hosts is not None else {}),
+            **self.guarantees.statistics(),
             **{name: dict(source()) for name, source in self.extra_stats.items()},
         }
 

@@ -28,6 +28,8 @@ import pykka
 import zmq
 
 from actors.credit import WindowLimits
+from actors.critical import CriticalStore
+from actors.history import HistoryStore
 from actors.ids import stable_hash
 from actors.policy import RestartPolicy
 from actors.router import RouterCore, ShardEvent, ShardHung, ShardState, UserBanned
@@ -128,6 +130,8 @@ class Supervisor:
                 config.shard_queue_messages, config.shard_queue_bytes, config.shard_queue_delay
             ),
             max_queries=config.max_queries,
+            history=HistoryStore(config.history_size, config.history_ttl, config.history_memory),
+            critical=CriticalStore(config.critical_per_user, config.critical_memory),
         )
         # the acceptor's counters in router_stats (read on the router's thread: a copy of a dict
         # of ints, which the GIL keeps whole; empty until the acceptor exists)

@@ -34,6 +34,7 @@ import pykka
 from actors.cache_actor import (
     Activity,
     CacheActor,
+    ClientAck,
     CloseConnections,
     Closed,
     Deliver,
@@ -41,6 +42,7 @@ from actors.cache_actor import (
     Opened,
     Refused,
     Registered,
+    Resume,
     Subscribe,
     Subscribed,
     Unsubscribe,
@@ -118,6 +120,8 @@ class Shard:
             lambda: self.stop(None),  # the actor failed: exit, and be restarted
             counters=lambda: dict(self.counters),
             max_channels=config.max_channels_per_connection,
+            ack_timeout=config.ack_timeout,
+            ack_retries=config.ack_retries,
         )
         loop.add_reader(control.fileno(), self._on_control)
         self._tick_handle = loop.call_later(TICK, self._tick)
@@ -224,6 +228,12 @@ class Shard:
 
     def unsubscribe(self, conn: Connection, channel: ChannelId) -> None:
         self._tell(Unsubscribe(conn.conn_id, channel))
+
+    def resume(self, conn: Connection, channel: ChannelId, offset: int, epoch: str) -> None:
+        self._tell(Resume(conn.conn_id, channel, offset, epoch))
+
+    def ack(self, conn: Connection, message_id: str) -> None:
+        self._tell(ClientAck(conn.conn_id, message_id))
 
     # -- from the CacheActor -------------------------------------------------------------------
 

@@ -5,8 +5,12 @@ Not a public contract. Must never do I/O. Router → shard (after the ROUTER ide
 
 | frames | meaning |
 |---|---|
-| ``C``, channel (8 bytes), frame | write ``frame`` to the channel's connections |
+| ``C``, channel (8 bytes) [, offset], frame | write ``frame`` to the channel's connections |
 | ``U``, users (8 bytes each), frame | write ``frame`` to every connection of these users |
+| ``V``, conn, channel, latest; epoch, frames | a ``B``'s answer: the replay, ``resumed`` |
+| ``K``, users, criticals | critical messages for every connection of these users |
+| ``L``, connection, criticals | the user's pending critical messages, for its new connection |
+| ``X``, user, message id | the user acknowledged this critical message (on another host) |
 | ``Q``, query id (8 bytes), JSON | a query; the shard answers with ``R`` |
 | ``I``, sequence number, empty | the router's index has the shard's ``D``/``S`` of that number |
 | ``M``, packed messages | several of the above in one frame (``pack_messages``) |
@@ -20,6 +24,9 @@ Shard → router (DEALER, identity ``shard-<index>-<epoch>``):
 | ``S``, ids, seq | every channel the shard has members of (after a ``D`` was dropped) |
 | ``R``, query id, JSON | the answer to query ``Q`` |
 | ``P``, two counters (8 bytes each) | pulse: alive, and messages and bytes consumed so far |
+| ``B``, connection, channel, offset, quiet; epoch | a client's resume: replay what it missed |
+| ``A``, user; message id | a client acknowledged a critical message |
+| ``N``, connection, user | a new connection: send it the user's pending critical messages |
 
 Flow control is by credit. The router counts what it queues to each shard incarnation (one per
 delivery or query, and the bytes of its argument and payload); the shard counts the same as it
@@ -55,6 +62,15 @@ PULSE = b"P"  # liveness and credit
 SYNC = b"S"
 INDEXED = b"I"
 PACKED = b"M"
+RESUMED = b"V"  # router -> shard: a resume's replay
+CRITICAL = b"K"  # router -> shard: critical messages to users
+PENDING = b"L"  # router -> shard: pending critical messages for one new connection
+ACKED = b"X"  # router -> shard: acknowledged on another host
+RESUME = b"B"  # shard -> router
+ACK = b"A"  # shard -> router
+NEW_CONNECTION = b"N"  # shard -> router
+
+_CRITICAL = struct.Struct("<HI")  # length of the id, length of the frame
 
 CREDIT_MESSAGES = 64  # report consumption at least this often under load...
 CREDIT_BYTES = 256 * 1024  # ...or after this many bytes
@@ -94,8 +110,79 @@ def unpack_id(raw: bytes) -> int:
     return int.from_bytes(raw, "little", signed=True)
 
 
-def channel_delivery(channel: int, frame: bytes) -> list[bytes]:
-    return [CHANNEL, pack_id(channel), frame]
+def channel_delivery(channel: int, frame: bytes, offset: int = 0) -> list[bytes]:
+    """``offset``: the message's position in the channel's history (0: history is off)."""
+    argument = pack_ids((channel, offset)) if offset else pack_id(channel)
+    return [CHANNEL, argument, frame]
+
+
+def channel_target(argument: bytes) -> tuple[int, int]:
+    """The channel and offset (0 if none) of a ``C`` message's argument."""
+    if len(argument) == 16:
+        channel, offset = unpack_ids(argument)
+        return channel, offset
+    return unpack_id(argument), 0
+
+
+def resumed(conn: int, channel: int, latest: int, epoch: str, frames: bytes) -> list[bytes]:
+    """The answer to a client's resume: ``frames`` (the replayed messages, then ``resumed``)
+    and the channel's position: messages up to ``latest`` (in ``epoch``) are in them or gone,
+    later ones follow."""
+    raw = epoch.encode()[:255]
+    return [RESUMED, pack_ids((conn, channel, latest)), bytes((len(raw),)) + raw + frames]
+
+
+def parse_resumed(payload: bytes) -> tuple[str, bytes]:
+    """The epoch and the frames of a ``V`` message's payload."""
+    size = payload[0]
+    return payload[1 : 1 + size].decode(errors="replace"), payload[1 + size :]
+
+
+def pack_criticals(messages: Sequence[tuple[str, bytes]]) -> bytes:
+    """Critical messages, each (id, its complete frame), in one payload."""
+    parts: list[bytes] = []
+    for message_id, frame in messages:
+        raw = message_id.encode()
+        parts += (_CRITICAL.pack(len(raw), len(frame)), raw, frame)
+    return b"".join(parts)
+
+
+def unpack_criticals(raw: bytes) -> list[tuple[str, bytes]]:
+    out, offset = [], 0
+    while offset < len(raw):
+        size_id, size_frame = _CRITICAL.unpack_from(raw, offset)
+        offset += _CRITICAL.size
+        message_id = raw[offset : offset + size_id].decode()
+        offset += size_id
+        out.append((message_id, raw[offset : offset + size_frame]))
+        offset += size_frame
+    return out
+
+
+def criticals(users: Sequence[int], messages: Sequence[tuple[str, bytes]]) -> list[bytes]:
+    return [CRITICAL, pack_ids(users), pack_criticals(messages)]
+
+
+def pending(conn: int, messages: Sequence[tuple[str, bytes]]) -> list[bytes]:
+    return [PENDING, pack_id(conn), pack_criticals(messages)]
+
+
+def acked(user: int, message_id: str) -> list[bytes]:
+    return [ACKED, pack_id(user), message_id.encode()]
+
+
+def resume(conn: int, channel: int, offset: int, epoch: str, quiet: bool = False) -> list[bytes]:
+    """A resume from ``offset`` in ``epoch``; ``quiet``: the shard's own, to fill a gap it saw
+    (no ``resumed`` frame for the client, which asked for nothing)."""
+    return [RESUME, pack_ids((conn, channel, offset, int(quiet))), epoch.encode()]
+
+
+def ack(user: int, message_id: str) -> list[bytes]:
+    return [ACK, pack_id(user), message_id.encode()]
+
+
+def new_connection(conn: int, user: int) -> list[bytes]:
+    return [NEW_CONNECTION, pack_ids((conn, user))]
 
 
 def users_delivery(users: Sequence[int], frame: bytes) -> list[bytes]:

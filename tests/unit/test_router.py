@@ -9,6 +9,7 @@ import pytest
 
 from actors.credit import WindowLimits
 from actors.ids import stable_hash
+from actors.history import HistoryStore
 from actors.router import RouterCore, ShardEvent, ShardHung, ShardState, UserBanned
 from actors.wire import frames, shardwire
 from actors.wire.commands import COMMANDS, Field
@@ -634,7 +635,8 @@ def test_commands_are_counted(core):
     assert core.counters["errors"] == 1
 
 
-def test_every_command_is_dispatched(core):
+def test_every_command_is_dispatched():
+    core = RouterCore(N, history=HistoryStore(64, 300.0, 1 << 20))
     sample = {Field.ID: 1, Field.IDS: [1, 2], Field.DATA: None}
     for name, spec in COMMANDS.items():
         body = {"id": name, "cmd": name, **{key: sample[kind] for key, kind in spec.items()}}

@@ -1,0 +1,369 @@
+"""The router's delivery guarantees: channel history (offsets, resume) and critical messages.
+
+Owns: what the router does for issue 11's contract, as the part of its
+:class:`~actors.router.RouterCore` that the core hands these commands and shard messages to:
+a channel broadcast with history (its offset), a client's resume (the replay, then live with no
+gap and no duplicate), the ``history`` command, critical messages (kept until acknowledged or
+expired, sent to every new connection of their user), and acknowledgements. The history and the
+critical messages live here, in the router's process, never in a shard's: a shard that crashes
+takes none of them along. In a cluster of hosts they live in Redis instead (while the link is
+up; the local stores take over while it is down), through the Redis link's operations.
+
+Must never do I/O, read a clock or block (like the core): Redis's part goes through gathers and
+link operations.
+
+Ordering, on one host: the router assigns a channel's offsets and queues deliveries to a shard in
+that order, on the one pipe to the shard that also carries the resume's answer; a shard buffers a
+resuming connection's live messages until the answer and drops what it already holds
+(``CacheActor``). In a cluster, Redis assigns them (one script: offset, stream, publish) and
+every host, this one included, delivers from the channel's topic: one order for everyone. A
+shard that sees a gap after a resume (the host's topic subscription raced the replay) asks again,
+quietly, from where it is.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from actors.critical import Critical, CriticalLimit, CriticalStore
+from actors.gather import REDIS, Gather, GatherSpec
+from actors.history import REPLAY_BYTES, HistoryStore, Position, Recovery, recovery
+from actors.hostlink import (
+    AckCritical,
+    AppendChannel,
+    FetchCritical,
+    PublishChannel,
+    PublishUsers,
+    ReadHistory,
+    StoreCritical,
+)
+from actors.ids import ChannelId, ShardIndex
+from actors.wire import frames, shardwire
+from actors.wire.commands import Command, CommandError
+
+if TYPE_CHECKING:
+    from actors.router import RouterCore, ShardSlot
+
+DEFAULT_CRITICAL_TTL = 86_400.0
+# a frame with an offset and an epoch is at most this much longer than the same without
+POSITION_BYTES = 64
+INTERNAL = "internal"  # the request of a gather that no backend waits for
+
+
+class Guarantees:
+    """History and critical messages, for the core (``core.guarantees``)."""
+
+    def __init__(self, core: RouterCore, history: HistoryStore, critical: CriticalStore) -> None:
+        self._core = core
+        self.history = history
+        self.critical = critical
+        self.counters = {"resumes": 0, "recovered": 0, "not_recovered": 0}
+
+    def _linked(self) -> bool:
+        """Whether Redis holds the history and the critical messages right now."""
+        hosts = self._core.hosts
+        return hosts is not None and hosts.up
+
+    # -- channel broadcasts ----------------------------------------------------------------
+
+    def broadcast_to_channel(self, envelope: list[bytes], cmd: Command, now: float) -> None:
+        """With history: the message gets the channel's next offset. On one host (or while the
+        link is down), from the local store, delivered at once; in a cluster, from Redis, and
+        delivered here when it comes back on the channel's topic."""
+        core = self._core
+        channel: ChannelId = cmd.args["channel"]
+        data = cmd.data_json
+        plain = frames.channel_message(channel, data)
+        core.check_frame(plain)
+        shards = core.members(channel)
+        size = shardwire.size(b"", plain) + POSITION_BYTES + 16
+        core.refuse_unless_room(dict.fromkeys(shards, size), now)  # nothing appended if refused
+        if self._linked():
+            spec = GatherSpec(
+                (),
+                _appended,
+                None,
+                {"shards": len(shards)},
+                lambda qid: AppendChannel(
+                    qid, channel, data, self.history.size, int(self.history.ttl * 1000)
+                ),
+            )
+            core.start_gather(envelope, cmd.id, spec, now)
+            return
+        position = self.history.append(channel, data, now)
+        frame = frames.channel_message(channel, data, position.offset, position.epoch)
+        message = shardwire.channel_delivery(channel, frame, position.offset)
+        for index in shards:
+            core.send(index, message, now)
+        extra = {"offset": position.offset, "epoch": position.epoch}
+        core.finish_broadcast(
+            envelope, cmd, now, len(shards), lambda qid: PublishChannel(qid, channel, plain), extra
+        )
+
+    # -- resume ----------------------------------------------------------------------------
+
+    def resume(self, slot: ShardSlot, argument: bytes, payload: bytes, now: float) -> None:
+        """A client's resume (or a shard's quiet one, to fill a gap): answer its shard with
+        the messages after the client's offset, then ``resumed`` (see shardwire ``V``)."""
+        conn, raw_channel, offset, quiet = shardwire.unpack_ids(argument)
+        channel = ChannelId(raw_channel)
+        epoch = payload.decode(errors="replace")
+        self.counters["resumes"] += 1
+        incarnation = slot.epoch
+        if not self.history.enabled:
+            answer = Recovery(False, 0, "", [])
+            self._send_resumed(slot, incarnation, conn, channel, answer, bool(quiet), now)
+            return
+        if self._core.hosts is None:
+            answer = self.history.recover(channel, offset, epoch, now)
+            self._send_resumed(slot, incarnation, conn, channel, answer, bool(quiet), now)
+            return
+
+        def replay(gather: Gather) -> dict[str, Any]:
+            body = gather.answers.get(REDIS)
+            if body is None:  # Redis failed meanwhile: what this host has (a new epoch, likely)
+                answer = self.history.recover(channel, offset, epoch, now)
+            else:
+                answer = _from_redis(body, offset, epoch)
+            self._send_resumed(slot, incarnation, conn, channel, answer, bool(quiet), now)
+            return {}
+
+        size = self.history.size
+        ttl_ms = int(self.history.ttl * 1000)
+        spec = GatherSpec(
+            (), replay, None, remote=lambda qid: ReadHistory(qid, channel, offset, size, ttl_ms)
+        )
+        self._core.start_gather(None, INTERNAL, spec, now)
+
+    def _send_resumed(
+        self,
+        slot: ShardSlot,
+        incarnation: int,
+        conn: int,
+        channel: ChannelId,
+        answer: Recovery,
+        quiet: bool,
+        now: float,
+    ) -> None:
+        if slot.epoch != incarnation:
+            return  # the shard restarted meanwhile: its connections (and their ids) are gone
+        self.counters["recovered" if answer.recovered else "not_recovered"] += 1
+        parts = [
+            frames.channel_message(channel, data, offset, answer.epoch)
+            for offset, data in answer.messages
+        ]
+        if not quiet:
+            parts.append(frames.resumed(channel, answer.offset, answer.epoch, answer.recovered))
+        message = shardwire.resumed(conn, channel, answer.offset, answer.epoch, b"".join(parts))
+        self._core.send(slot.index, message, now)
+
+    # -- the history command ---------------------------------------------------------------
+
+    def history_command(self, envelope: list[bytes], cmd: Command, now: float) -> None:
+        if not self.history.enabled:
+            raise CommandError(
+                "history_disabled", "this server keeps no history (--history-size 0)"
+            )
+        channel: ChannelId = cmd.args["channel"]
+        since, limit = cmd.args.get("since", 0), cmd.args.get("limit", 100)
+        if self._core.hosts is None:
+            answer = self.history.read(channel, since, limit, now)
+            self._core.reply(envelope, cmd, _history_reply(answer))
+            return
+        history = self.history
+
+        def combine(gather: Gather) -> dict[str, Any]:
+            body = gather.answers.get(REDIS)
+            if body is None:
+                return _history_reply(history.read(channel, since, limit, now))
+            return _history_reply(_from_redis(body, since, str(body["epoch"]), limit))
+
+        ttl_ms = int(history.ttl * 1000)
+        spec = GatherSpec(
+            (), combine, None, remote=lambda qid: ReadHistory(qid, channel, since, limit, ttl_ms)
+        )
+        self._core.start_gather(envelope, cmd.id, spec, now)
+
+    # -- critical messages -----------------------------------------------------------------
+
+    def broadcast_critical(
+        self, envelope: list[bytes], cmd: Command, users: list[int], now: float
+    ) -> None:
+        """A critical message to ``users``: kept until one of each user's connections
+        acknowledges it or ``ttl`` passes, and delivered now to their connections here (and,
+        through Redis, on the other hosts)."""
+        core = self._core
+        data = cmd.data_json
+        ttl = float(cmd.args.get("ttl", DEFAULT_CRITICAL_TTL))
+        message_id = self.critical.new_id()
+        frame = frames.critical_message(message_id, data)
+        core.check_frame(frame)
+        payload = shardwire.pack_criticals([(message_id, frame)])
+        messages = {
+            index: [shardwire.CRITICAL, shardwire.pack_ids(group), payload]
+            for index, group in core.up_groups(users).items()
+        }
+        core.refuse_unless_room(
+            {index: shardwire.size(m[1], m[2]) for index, m in messages.items()}, now
+        )
+        if self._linked():
+            spec = GatherSpec(
+                (),
+                self._stored(messages, users, message_id, data, ttl, now),
+                None,
+                {"shards": len(messages), "message_id": message_id},
+                lambda qid: StoreCritical(
+                    qid, users, message_id, data, int(ttl * 1000), self.critical.per_user
+                ),
+            )
+            core.start_gather(envelope, cmd.id, spec, now)
+            return
+        self._keep_here(users, data, ttl, now, message_id)
+        for index, msg in messages.items():
+            core.send(index, msg, now)
+        core.finish_broadcast(
+            envelope,
+            cmd,
+            now,
+            len(messages),
+            lambda qid: PublishUsers(qid, users, frame),
+            {"message_id": message_id},
+        )
+
+    def _keep_here(self, users: list[int], data: bytes, ttl: float, now: float, mid: str) -> None:
+        try:
+            self.critical.add(users, data, ttl, now, mid)
+        except CriticalLimit as exc:
+            raise CommandError("limit", str(exc)) from None
+
+    def _stored(
+        self,
+        messages: Mapping[ShardIndex, list[bytes]],
+        users: list[int],
+        message_id: str,
+        data: bytes,
+        ttl: float,
+        now: float,
+    ) -> Callable[[Gather], dict[str, Any]]:
+        """The reply of a critical message stored in Redis, which also delivers it here once
+        Redis has taken it (its per-user bound is Redis's to check, across hosts)."""
+        core = self._core
+
+        def combine(gather: Gather) -> dict[str, Any]:
+            body = gather.answers.get(REDIS)
+            if body is not None and "limit" in body:
+                text = f"user {body['limit']} holds {self.critical.per_user} critical messages"
+                return {"ok": False, "error": {"code": "limit", "message": text}}
+            if body is None:  # Redis failed it: keep it here at least
+                try:
+                    self._keep_here(users, data, ttl, now, message_id)
+                except CommandError as exc:
+                    return {"ok": False, "error": {"code": exc.code, "message": exc.message}}
+            for index, msg in messages.items():
+                if not core.offer(index, msg, now):
+                    core.counters["dropped_to_shards"] += 1  # kept: it comes with the next hello
+            result = {**gather.args}
+            if body is not None:
+                result["hosts"] = body.get("value", 0)
+            return result
+
+        return combine
+
+    def new_connection(self, slot: ShardSlot, argument: bytes, now: float) -> None:
+        """A new connection of a user: send it the user's pending critical messages, in order
+        (the shard sends them right after ``hello``)."""
+        conn, user = shardwire.unpack_ids(argument)
+        here = self.critical.pending(user, now)
+        incarnation = slot.epoch
+        if self._core.hosts is None:
+            if here:
+                self._send_pending(slot, incarnation, conn, _entries(here), now)
+            return
+
+        def fetched(gather: Gather) -> dict[str, Any]:
+            body = gather.answers.get(REDIS) or {"messages": []}
+            entries = [(str(i), str(d).encode()) for i, d in body["messages"]]
+            seen = {i for i, _ in entries}
+            entries += [(i, d) for i, d in _entries(here) if i not in seen]
+            if entries:
+                self._send_pending(slot, incarnation, conn, entries, now)
+            return {}
+
+        spec = GatherSpec((), fetched, None, remote=lambda qid: FetchCritical(qid, user))
+        self._core.start_gather(None, INTERNAL, spec, now)
+
+    def _send_pending(
+        self,
+        slot: ShardSlot,
+        incarnation: int,
+        conn: int,
+        entries: list[tuple[str, bytes]],
+        now: float,
+    ) -> None:
+        if slot.epoch != incarnation:
+            return
+        criticals = [(i, frames.critical_message(i, data)) for i, data in entries]
+        self._core.send(slot.index, shardwire.pending(conn, criticals), now)
+
+    def ack(self, argument: bytes, payload: bytes) -> None:
+        """A client acknowledged critical message ``payload`` of user ``argument``."""
+        user = shardwire.unpack_id(argument)
+        message_id = payload.decode(errors="replace")
+        self.critical.ack(user, message_id)  # an unknown one is counted there
+        hosts = self._core.hosts
+        if hosts is not None and hosts.up:
+            hosts.queue(AckCritical(user, message_id))
+
+    def acked_elsewhere(self, users: list[int], message_id: str, now: float) -> None:
+        """Another host got the ack: the shard here stops re-sending it."""
+        core = self._core
+        for index, group in core.up_groups(users).items():
+            for user in group:
+                core.send(index, shardwire.acked(user, message_id), now)
+
+    # -- time and statistics ---------------------------------------------------------------
+
+    def tick(self, now: float) -> None:
+        self.history.expire(now)
+        self.critical.expire(now)
+
+    def statistics(self) -> dict[str, Any]:
+        return {
+            "history": self.history.stats(),
+            "critical": self.critical.stats(),
+            "resumes": dict(self.counters),
+        }
+
+
+def _entries(pending: list[Critical]) -> list[tuple[str, bytes]]:
+    return [(c.id, c.data) for c in pending]
+
+
+def _appended(gather: Gather) -> dict[str, Any]:
+    """The reply of a broadcast with history in a cluster: Redis's offset and epoch. If Redis
+    failed it, the message may or may not have been published (and so delivered, even here):
+    said so, as an error."""
+    body = gather.answers.get(REDIS)
+    if body is None:
+        text = "redis failed while publishing: the message may or may not have been delivered"
+        return {"ok": False, "error": {"code": "unavailable", "message": text}}
+    return {**gather.args, "offset": body["offset"], "epoch": body["epoch"]}
+
+
+def _from_redis(body: dict[str, Any], offset: int, epoch: str, limit: int = 0) -> Recovery:
+    """A :class:`Recovery` from a ReadHistory answer (see :func:`actors.history.recovery`)."""
+    messages = [(int(o), str(d).encode()) for o, d in body["messages"]]
+    position = Position(int(body["offset"]), str(body["epoch"]))
+    if limit:  # the history command: what is there, whatever the client's epoch
+        return Recovery(int(body["first"]) <= offset + 1, position.offset, position.epoch, messages)
+    return recovery(position, int(body["first"]), messages, offset, epoch, REPLAY_BYTES)
+
+
+def _history_reply(answer: Recovery) -> dict[str, Any]:
+    return {
+        "epoch": answer.epoch,
+        "offset": answer.offset,
+        "messages": [{"offset": o, "data": json.loads(d)} for o, d in answer.messages],
+    }
