@@ -18,6 +18,15 @@ The router talks to the link in the types of :mod:`actors.hostlink`: it submits 
 ``LinkState``, ``Results``, ``Deliveries``) through ``notify``, called from the link's threads.
 Its counters are written by both threads under a lock; the router reads a copy (:meth:`stats`).
 
+Channel history and critical messages (issue 11) live in Redis too, cluster-wide: the worker runs
+the scripts of :mod:`actors.wire.cluster` (APPEND assigns a channel message's offset, keeps it and
+publishes it in one step; READ_HISTORY, STORE_CRITICAL, FETCH_CRITICAL, ACK_CRITICAL), and the
+listener turns what they publish into deliveries: a channel message with history is delivered
+on every host that listens to the channel, *its publisher too* (so that every host delivers
+in Redis's order), with its offset; a critical message carries its id; an ``acked`` control
+tells the other hosts to stop re-sending a critical message. What is read back from Redis is
+sealed, and checked like a message (``forged``), but not against the replay window.
+
 Must never block the router (``submit`` never waits, and fails fast with a bounded queue) and
 never crash on what Redis sends: a malformed message is counted and dropped, and so is a forged
 one (every message and presence snapshot is sealed under the cluster key, see
@@ -45,9 +54,12 @@ from redis.exceptions import ClusterError, RedisClusterException
 from redis.retry import Retry
 
 from actors.hostlink import (
+    AckCritical,
+    AppendChannel,
     AreOnline,
     Deliveries,
     Delivery,
+    FetchCritical,
     LinkEvent,
     LinkState,
     OnlineInChannel,
@@ -57,14 +69,16 @@ from actors.hostlink import (
     PublishHosts,
     PublishPresence,
     PublishUsers,
+    ReadHistory,
     RedisOp,
     RedisRequest,
     Results,
+    StoreCritical,
     Subscribe,
     Unsubscribe,
 )
 from actors.ids import ChannelId
-from actors.wire import cluster
+from actors.wire import cluster, frames
 from actors.wire.cluster import ClusterKey, Layout, Message, Presence, Rejected
 
 log = logging.getLogger("ucc.redis")
@@ -139,6 +153,9 @@ class RedisLink:
         self._publish = "SPUBLISH" if self.sharded else "PUBLISH"
         self._publish_users = cluster.SPUBLISH_USERS if self.sharded else cluster.PUBLISH_USERS
         self._publish_hosts = cluster.SPUBLISH_HOSTS if self.sharded else cluster.PUBLISH_HOSTS
+        self._append = cluster.SAPPEND if self.sharded else cluster.APPEND
+        self._store_critical = cluster.SSTORE_CRITICAL if self.sharded else cluster.STORE_CRITICAL
+        self._ack_critical = cluster.SACK_CRITICAL if self.sharded else cluster.ACK_CRITICAL
         self.layout = Layout(name)
         self.host = host_id()
         self.notify = notify
@@ -156,6 +173,11 @@ class RedisLink:
             "forged": 0,
             "replayed": 0,
             "reconnects": 0,
+            "history_appended": 0,
+            "history_read": 0,
+            "critical_stored": 0,
+            "critical_refused": 0,
+            "acks": 0,
         }
         self._counters_lock = threading.Lock()
         # the worker's last good snapshot per other host (raw bytes, parsed): see _presence
@@ -193,7 +215,9 @@ class RedisLink:
 
     def stats(self) -> dict[str, int]:
         """A copy of the counters (``published``, ``received``, ``malformed``, ``forged``,
-        ``reconnects``), safe to take from any thread."""
+        ``replayed``, ``reconnects``; ``history_appended``, ``history_read``,
+        ``critical_stored``, ``critical_refused`` (over the per-user bound), ``acks``), safe to
+        take from any thread."""
         with self._counters_lock:
             return dict(self._counters)
 
@@ -323,6 +347,37 @@ class RedisLink:
                 ttl = int(PRESENCE_TTL * 1000)
                 sealed = cluster.seal_presence(key, host, now_ms + ttl, op.presence)
                 script(cluster.SNAPSHOT, now_ms + ttl, ttl, body, sealed)
+            elif isinstance(op, AppendChannel):
+                message = Message(
+                    host, None, op.data, channel=op.channel, sent_ms=now_ms, history=True
+                )
+                payload = cluster.encode(message, key)
+                size, ttl = max(1, op.size), max(1, op.ttl_ms)
+                script(self._append, op.channel, new_epoch(), size, ttl, payload)
+            elif isinstance(op, ReadHistory):
+                since, limit, ttl = max(0, op.since), max(1, op.limit), max(1, op.ttl_ms)
+                script(cluster.READ_HISTORY, op.channel, new_epoch(), since, limit, ttl)
+            elif isinstance(op, StoreCritical):
+                users = list(dict.fromkeys(op.users))
+                ttl = max(1, op.ttl_ms)
+                message = Message(
+                    host,
+                    users,
+                    op.data,
+                    critical=op.id,
+                    expires_ms=now_ms + ttl,
+                    sent_ms=now_ms,
+                )
+                payload = cluster.encode(message, key)
+                args = (op.id, now_ms + ttl, ttl, op.per_user, *users)
+                script(self._store_critical, payload, *args)
+            elif isinstance(op, FetchCritical):
+                script(cluster.FETCH_CRITICAL, op.user)
+            elif isinstance(op, AckCritical):
+                control = {"op": "acked", "id": op.id}
+                message = Message(host, [op.user], b"", control=control, sent_ms=now_ms)
+                payload = cluster.encode(message, key)
+                script(self._ack_critical, payload, op.user, op.id)
             else:  # the probe
                 message = Message(host, None, b"", probe=True, sent_ms=now_ms)
                 probe = cluster.encode(message, key)
@@ -335,10 +390,18 @@ class RedisLink:
                     raise value
                 log.error("redis: %s failed: %s", type(op).__name__, value)
                 events.append(OpResult(op.qid, False, None))
-            elif op.qid:
-                events.append(OpResult(op.qid, True, self._answer(op, value, now_ms)))
+            else:
+                try:
+                    answer: dict[str, Any] | None = self._answer(op, value, now_ms)
+                except (ValueError, TypeError, IndexError, AttributeError):
+                    log.error("redis: %s: unexpected reply %.200r", type(op).__name__, value)
+                    self._count("malformed")
+                    answer = None
+                if op.qid:
+                    events.append(OpResult(op.qid, answer is not None, answer))
         published = sum(
-            isinstance(op, PublishChannel | PublishUsers | PublishHosts) for op in batch
+            isinstance(op, PublishChannel | PublishUsers | PublishHosts | AppendChannel)
+            for op in batch
         )
         self._count("published", published)
         if events:
@@ -433,9 +496,24 @@ class RedisLink:
             if decoded.origin == self.host:
                 self.last_probe_seen = time.monotonic()
             return None
+        channel = self.layout.channel_of_topic(topic)
+        if decoded.history:  # every host delivers it, its publisher too: Redis's order
+            if channel is None or channel != decoded.channel:
+                self._count("forged")
+                return None
+            frame = history_frame(channel, decoded.frame, decoded.offset, decoded.epoch)
+            return Delivery(ChannelId(channel), [], frame, offset=decoded.offset)
         if decoded.origin == self.host:
             return None  # our own broadcast: already delivered on this host
-        channel = self.layout.channel_of_topic(topic)
+        if decoded.critical is not None:
+            if channel is not None or decoded.channel is not None:
+                self._count("forged")
+                return None
+            if decoded.expires_ms <= _now_ms():
+                return None  # a late copy: nothing to keep re-sending
+            frame = critical_frame(decoded.critical, decoded.frame)
+            users = decoded.users or []
+            return Delivery(None, users, frame, critical_id=decoded.critical)
         if channel != decoded.channel:
             # sealed for another channel (or for users): replayed onto this topic
             self._count("forged")
@@ -454,7 +532,26 @@ class RedisLink:
         return Delivery(target, decoded.users or [], decoded.frame, control)
 
     def _answer(self, op: Work, value: Any, now_ms: int) -> dict[str, Any]:
-        """An operation's Redis reply, in the shape of the shards' answers."""
+        """An operation's Redis reply, in the shape of the shards' answers (the history and
+        critical operations: the shapes their docstrings in :mod:`actors.hostlink` give)."""
+        if isinstance(op, AppendChannel):
+            self._count("history_appended")
+            return {"offset": int(value[0]), "epoch": _text(value[1])}
+        if isinstance(op, ReadHistory):
+            self._count("history_read")
+            return self._history(op.channel, value)
+        if isinstance(op, StoreCritical):
+            kind, amount = _text(value[0]), int(value[1])
+            if kind == "limit":
+                self._count("critical_refused")
+                return {"limit": amount}
+            self._count("critical_stored")
+            return {"value": amount}
+        if isinstance(op, FetchCritical):
+            return self._criticals(op.user, value, now_ms)
+        if isinstance(op, AckCritical):
+            self._count("acks")
+            return {"value": max(0, int(value))}
         if not isinstance(op, OnlineUsers | OnlineInChannel | AreOnline):
             return {"value": value}
         hosts = self._presence(value, now_ms)
@@ -467,6 +564,46 @@ class RedisLink:
             }
         wanted = set(op.users)
         return {"online": sorted(set().union(*(p.users & wanted for p in hosts)))}
+
+    def _history(self, channel: int, value: list[Any]) -> dict[str, Any]:
+        """The READ_HISTORY script's answer: its kept messages opened (seal checked, not age).
+        An entry that is not a message sealed for this channel (or not at an offset's place) is
+        counted (``forged`` or ``malformed``) and skipped, and so is everything kept before it:
+        ``first`` moves past it, so that the messages from ``first`` on stay gapless (a resume
+        from before the gap is then not recovered, rather than silently missing one)."""
+        epoch, latest = _text(value[0]), int(value[1])
+        first = latest + 1 if value[2] is None else (_entry_offset(value[2]) or latest + 1)
+        messages: list[tuple[int, bytes]] = []
+        for entry, fields in value[3]:
+            offset = _entry_offset(entry)
+            if offset is None:  # not an entry APPEND made
+                self._count("forged")
+                continue
+            raw = fields[1] if len(fields) == 2 and fields[0] == b"m" else None
+            opened = Rejected.FORGED if raw is None else cluster.open_stored(raw, self.key)
+            if isinstance(opened, Rejected) or not opened.history or opened.channel != channel:
+                self._count(opened.value if isinstance(opened, Rejected) else "forged")
+                first = max(first, offset + 1)
+                messages.clear()
+                continue
+            messages.append((offset, opened.frame))
+        return {"epoch": epoch, "offset": latest, "first": first, "messages": messages}
+
+    def _criticals(self, user: int, value: list[Any], now_ms: int) -> dict[str, Any]:
+        """The FETCH_CRITICAL script's answer: the user's messages opened (seal checked, not
+        age). One not sealed as this id for this user is counted ``forged`` and left out; one
+        whose sealed expiry has passed is left out."""
+        messages: list[tuple[str, bytes]] = []
+        for i in range(0, len(value) - 1, 2):
+            id, raw = _text(value[i]), value[i + 1]
+            opened = Rejected.FORGED if raw is None else cluster.open_stored(raw, self.key)
+            if isinstance(opened, Rejected):
+                self._count(opened.value)
+            elif opened.critical != id or user not in (opened.users or ()):
+                self._count("forged")
+            elif opened.expires_ms > now_ms:
+                messages.append((id, opened.frame))
+        return {"messages": messages}
 
     def _presence(self, value: list[Any], now_ms: int) -> list[Presence]:
         """The other hosts' sealed snapshots (the PRESENCE script's answer), checked: one without
@@ -496,3 +633,35 @@ class RedisLink:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def new_epoch() -> str:
+    """A channel state's epoch: 12 random hex characters (as actors.history's)."""
+    return secrets.token_hex(6)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _entry_offset(entry: Any) -> int | None:
+    """The offset of a stream entry id ``<offset>-1``; None for any other id."""
+    head, separator, tail = _text(entry).partition("-")
+    if separator != "-" or tail != "1" or not head.isdigit():
+        return None
+    return int(head)
+
+
+def history_frame(channel: int, data_json: bytes, offset: int, epoch: str) -> bytes:
+    """The client frame of a channel message with history (frames.channel_message's shape)."""
+    return frames.text_frame(
+        b'{"type":"message","channel":%d,"offset":%d,"epoch":%b,"data":%b}'
+        % (channel, offset, frames.dumps(epoch), data_json)
+    )
+
+
+def critical_frame(id: str, data_json: bytes) -> bytes:
+    """The client frame of a critical message (frames.critical_message's shape)."""
+    return frames.text_frame(
+        b'{"type":"message","id":%b,"data":%b}' % (frames.dumps(id), data_json)
+    )

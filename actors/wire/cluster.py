@@ -15,6 +15,14 @@ hosts set), which is how a Redis Cluster client routes it to the node that owns 
 | ``{P}:h:<host>:snap`` | string | the host's presence, sealed: what other hosts' queries read |
 | ``{P}:c:<channel>`` | topic | broadcasts to the channel (hosts with members listen) |
 | ``{P}:h:<host>`` | topic | the host's inbox: user broadcasts for its users, its own probes |
+| ``{P}:hist:<channel>`` | stream | kept messages: entry ``<offset>-1``, field ``m``: sealed |
+| ``{P}:hist:<channel>:meta`` | hash | the channel's ``epoch`` and ``offset`` (last assigned) |
+| ``{P}:crit:<user>`` | list | the user's critical message ids, in the order they were stored |
+| ``{P}:crit:<user>:d`` | hash | ``<id>`` → the critical message, sealed |
+| ``{P}:crit:<user>:x`` | sorted set | ``<id>`` → its expiry (ms since the epoch) |
+
+The history and critical keys share the hash tag too, for now (one slot: a script may publish
+where it writes); a later layout may spread channels over slots.
 
 Every message and every presence snapshot is *sealed*: a 32-byte HMAC-SHA256 under the cluster
 key, then the body. :func:`decode` and :func:`read_presence` check the seal first (in constant
@@ -23,6 +31,14 @@ malformed one (:attr:`Rejected.MALFORMED`: sealed, but not a valid body). Every 
 its publisher's time under the seal, and is taken only within :data:`REPLAY_WINDOW_MS` of it
 (:attr:`Rejected.REPLAYED` otherwise); presence snapshots carry their expiry, so a replayed one
 is worth nothing past it.
+
+A channel message with history is sealed by its publisher *before* Redis assigns its position:
+the APPEND script keeps the sealed message in the channel's stream and publishes it followed by
+``|<offset>|<epoch>`` (:func:`decode` reads that trailer, outside the seal). The seal binds the
+data to its channel, not to its offset: whoever can write to Redis could reorder or drop kept
+messages (not forge or move them). A kept message (stream) or critical message (hash) is read
+back with :func:`open_stored`: the seal is checked, not the replay window (they are old by
+design; a critical message carries its expiry under the seal instead).
 """
 
 from __future__ import annotations
@@ -30,7 +46,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Any
 
@@ -45,6 +62,10 @@ MAC_SIZE = 32  # HMAC-SHA256
 # onto Redis is dropped and counted ``replayed``. The same as the presence expiry.
 REPLAY_WINDOW_MS = 5_000
 MAC_LABEL = b"ucc cluster mac v1"  # derives the default cluster key from the token secret
+MAX_ID = 128  # characters of a critical message id
+# what the APPEND script adds after a sealed channel message with history: its position
+_POSITION = re.compile(rb"\|([0-9]{1,19})\|([0-9A-Za-z_-]{1,64})\Z")
+_POSITION_TAIL = 90  # bytes: the longest position trailer fits
 
 
 class ClusterKey:
@@ -116,6 +137,17 @@ class Layout:
     def member_key(self, host: str, channel: int | str) -> str:
         return f"{self.prefix}:h:{host}:c:{channel}"
 
+    def history_keys(self, channel: int) -> tuple[str, str]:
+        """The channel's stream of kept messages and its meta hash (epoch, offset)."""
+        stream = f"{self.prefix}:hist:{channel}"
+        return stream, f"{stream}:meta"
+
+    def critical_keys(self, user: int) -> tuple[str, str, str]:
+        """The user's critical ids (a list, in order), their sealed messages (a hash) and their
+        expiries (a sorted set)."""
+        ids = f"{self.prefix}:crit:{user}"
+        return ids, f"{ids}:d", f"{ids}:x"
+
     def channel_of_topic(self, topic: str) -> int | None:
         head = f"{self.prefix}:c:"
         if topic.startswith(head) and topic[len(head) :].isdigit():
@@ -127,7 +159,14 @@ class Layout:
 class Message:
     """A broadcast between hosts: from ``origin``, to ``users`` (or to ``channel``, whose topic
     it must arrive on), this frame; or, with ``control``, a backend command for those users
-    (subscribe, unsubscribe, disconnect, the latter with an optional ``ban``)."""
+    (subscribe, unsubscribe, disconnect, the latter with an optional ``ban``; ``acked``, with
+    the ``id`` of a critical message acknowledged on the origin).
+
+    With ``history``, a channel message whose ``frame`` is its data JSON (the receiver builds the
+    client frame with the position); ``offset`` and ``epoch`` are not sealed (Redis assigns them
+    after sealing) and are set only by :func:`decode` from the published trailer. With
+    ``critical`` (its id), a critical message for ``users`` whose ``frame`` is its data JSON,
+    kept until ``expires_ms``."""
 
     origin: str
     users: list[int] | None
@@ -136,9 +175,14 @@ class Message:
     control: dict[str, Any] | None = None
     channel: int | None = None
     sent_ms: int = 0  # the publisher's clock (ms since the epoch) when it sealed it
+    history: bool = False
+    critical: str | None = None
+    expires_ms: int = 0
+    offset: int = 0
+    epoch: str = ""
 
 
-CONTROL_OPS = ("subscribe", "unsubscribe", "disconnect")
+CONTROL_OPS = ("subscribe", "unsubscribe", "disconnect", "acked")
 
 
 def encode(message: Message, key: ClusterKey) -> bytes:
@@ -153,6 +197,11 @@ def encode(message: Message, key: ClusterKey) -> bytes:
         fields["c"] = message.control
     if message.channel is not None:
         fields["ch"] = message.channel
+    if message.history:
+        fields["k"] = "h"
+    if message.critical is not None:
+        fields["id"] = message.critical
+        fields["x"] = message.expires_ms
     header = json.dumps(fields).encode()
     return key.seal(len(header).to_bytes(4, "big") + header + message.frame)
 
@@ -163,13 +212,21 @@ def _control(value: Any) -> dict[str, Any] | None:
         return None
     if not isinstance(value, dict) or value.get("op") not in CONTROL_OPS:
         raise ValueError("bad control")
-    if value["op"] != "disconnect" and parse_id(value.get("channel")) is None:
+    if value["op"] == "acked":
+        if not valid_critical_id(value.get("id")):
+            raise ValueError("bad acked id")
+    elif value["op"] != "disconnect" and parse_id(value.get("channel")) is None:
         raise ValueError("bad control channel")
     if "ban" in value and not valid_seconds(value["ban"]):
         raise ValueError("bad ban")
     if "until" in value and (type(value["until"]) is not int or value["until"] < 0):
         raise ValueError("bad ban expiry")
     return value
+
+
+def valid_critical_id(value: Any) -> bool:
+    """A critical message id: a string of 1 to :data:`MAX_ID` characters."""
+    return isinstance(value, str) and 0 < len(value) <= MAX_ID
 
 
 def valid_seconds(value: Any) -> bool:
@@ -197,10 +254,44 @@ def decode(
     may come from a buggy or hostile publisher, and its frame goes to our clients. The seal is
     checked first: without a valid one the message is :attr:`Rejected.FORGED`; with one, but
     stamped more than :data:`REPLAY_WINDOW_MS` away from ``now_ms``, it is
-    :attr:`Rejected.REPLAYED` (a copy someone kept and published again)."""
+    :attr:`Rejected.REPLAYED` (a copy someone kept and published again).
+
+    A channel message with history arrives followed by its position (``|<offset>|<epoch>``,
+    added by the APPEND script): it is returned with ``offset`` and ``epoch`` set. A message
+    sealed as one, arriving without a position, is :attr:`Rejected.FORGED` (a kept copy
+    published again), and so is a plain message with a position appended."""
+    offset, epoch = 0, ""
+    position = _POSITION.search(raw, max(0, len(raw) - _POSITION_TAIL))
+    if position is not None:
+        offset, epoch = int(position[1]), position[2].decode()
+        raw = raw[: position.start()]
     body = key.open(raw)
     if body is None:
         return Rejected.FORGED
+    message = _parse(body, max_frame)
+    if isinstance(message, Rejected):
+        return message
+    if abs(now_ms - message.sent_ms) > REPLAY_WINDOW_MS:
+        return Rejected.REPLAYED
+    if message.history != (position is not None) or (message.history and offset < 1):
+        return Rejected.FORGED
+    if message.history:
+        return replace(message, offset=offset, epoch=epoch)
+    return message
+
+
+def open_stored(raw: bytes, key: ClusterKey, max_frame: int = MAX_FRAME) -> Message | Rejected:
+    """A kept message (a channel's stream entry, a user's critical message): its seal checked,
+    not its age (history is old by design). The caller checks that it is what it was looked up
+    as (the channel, the user and id)."""
+    body = key.open(raw)
+    if body is None:
+        return Rejected.FORGED
+    return _parse(body, max_frame)
+
+
+def _parse(body: bytes, max_frame: int) -> Message | Rejected:
+    """A sealed message's body (its seal already checked)."""
     try:
         size = int.from_bytes(body[:4], "big")
         header = json.loads(body[4 : 4 + size].decode("utf-8"))
@@ -208,12 +299,13 @@ def decode(
         control = _control(header.get("c"))
         channel = header.get("ch")
         sent_ms = header["t"]
+        history = header.get("k") == "h"
+        critical = header.get("id")
+        expires_ms = header.get("x", 0)
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return Rejected.MALFORMED
-    if type(sent_ms) is not int:
+    if type(sent_ms) is not int or type(expires_ms) is not int:
         return Rejected.MALFORMED
-    if abs(now_ms - sent_ms) > REPLAY_WINDOW_MS:
-        return Rejected.REPLAYED
     if not isinstance(origin, str):
         return Rejected.MALFORMED
     if channel is not None and parse_id(channel) is None:
@@ -223,9 +315,21 @@ def decode(
     ):
         return Rejected.MALFORMED
     frame = body[4 + size :]
-    if not probe and control is None and not frames.is_text_frame(frame, max_frame):
+    if history or critical is not None:
+        # the frame is data JSON: the receiver builds the client frame around it
+        if (
+            probe
+            or control is not None
+            or not 0 < len(frame) <= max_frame
+            or (history and (channel is None or users is not None or critical is not None))
+            or (critical is not None and (not valid_critical_id(critical) or not users))
+        ):
+            return Rejected.MALFORMED
+    elif not probe and control is None and not frames.is_text_frame(frame, max_frame):
         return Rejected.MALFORMED
-    return Message(origin, users, frame, probe, control, channel, sent_ms)
+    return Message(
+        origin, users, frame, probe, control, channel, sent_ms, history, critical, expires_ms
+    )
 
 
 def snapshot_json(snapshot: dict[str, Any]) -> str:
@@ -395,3 +499,153 @@ end
 redis.call('DEL', base .. ':users', base .. ':chans', base .. ':snap')
 return redis.call('ZREM', KEYS[1], ARGV[2])
 """
+
+# -- history: ARGV[4] is the channel id -------------------------------------------------------
+
+# Take the channel's state, creating it (epoch ARGV[5], offset 0) if it has none: a stream left
+# over from an expired state belongs to an old epoch and goes.
+_HISTORY_STATE = """
+local stream = ARGV[1] .. ':hist:' .. ARGV[4]
+local meta = stream .. ':meta'
+local epoch = redis.call('HGET', meta, 'epoch')
+local created = false
+if not epoch then
+  epoch = ARGV[5]
+  created = true
+  redis.call('DEL', stream)
+  redis.call('HSET', meta, 'epoch', epoch, 'offset', 0)
+end
+"""
+
+# A channel message with history. ARGV[6]: at most this many kept (>= 1); ARGV[7]: ttl (ms);
+# ARGV[8]: the sealed message. Assigns the next offset, keeps the message as stream entry
+# "<offset>-1", makes the state live ttl more, and publishes the message with its position on
+# the channel's topic (every listening host, its publisher too, delivers that copy). Returns
+# {offset, epoch}.
+APPEND = (
+    _HISTORY_STATE
+    + """
+local offset = redis.call('HINCRBY', meta, 'offset', 1)
+redis.call('XADD', stream, 'MAXLEN', ARGV[6], offset .. '-1', 'm', ARGV[8])
+redis.call('PEXPIRE', stream, ARGV[7])
+redis.call('PEXPIRE', meta, ARGV[7])
+redis.call('PUBLISH', ARGV[1] .. ':c:' .. ARGV[4], ARGV[8] .. '|' .. offset .. '|' .. epoch)
+return {offset, epoch}
+"""
+)
+
+# Read a channel's kept messages. ARGV[6]: since (a string: ids may exceed 2**53); ARGV[7]: at
+# most this many; ARGV[8]: ttl (ms) of a state created here. Returns {epoch, offset (a string),
+# the first kept entry's id or nil, {{id, {'m', sealed}}, ...} with offset > since}. Entries
+# are "<offset>-1": starting at "<since>-2" leaves out since's own.
+READ_HISTORY = (
+    _HISTORY_STATE
+    + """
+if created then redis.call('PEXPIRE', meta, ARGV[8]) end
+local head = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)
+local first = false
+if #head > 0 then first = head[1][1] end
+local entries = redis.call('XRANGE', stream, ARGV[6] .. '-2', '+', 'COUNT', ARGV[7])
+return {epoch, redis.call('HGET', meta, 'offset'), first, entries}
+"""
+)
+
+# -- critical messages --------------------------------------------------------------------------
+
+# Forget user `user`'s expired critical messages; `held` is how many are left.
+_CRITICAL_KEYS = """
+local function critical_keys(user)
+  local ids = ARGV[1] .. ':crit:' .. user
+  return ids, ids .. ':d', ids .. ':x'
+end
+local function drop_expired(user)
+  local ids, data, expiries = critical_keys(user)
+  local gone = redis.call('ZRANGEBYSCORE', expiries, '-inf', ARGV[3])
+  for _, id in ipairs(gone) do
+    redis.call('LREM', ids, 0, id)
+    redis.call('HDEL', data, id)
+  end
+  if #gone > 0 then redis.call('ZREMRANGEBYSCORE', expiries, '-inf', ARGV[3]) end
+  return redis.call('ZCARD', expiries)
+end
+"""
+
+# ARGV[4]: the sealed message (naming its id, users and expiry); ARGV[5]: its id; ARGV[6]: its
+# expiry (ms since the epoch); ARGV[7]: ttl (ms); ARGV[8]: at most this many per user;
+# ARGV[9..]: the users (strings, distinct). All or nothing: {'limit', user} if a user already
+# holds ARGV[8] unexpired ones; else stores it for every user (the keys live as long as their
+# longest-lived message), publishes it to every other live host that has some of the users,
+# and returns {'value', hosts told}.
+STORE_CRITICAL = (
+    _LIVE_OTHERS
+    + _CRITICAL_KEYS
+    + """
+local bound = tonumber(ARGV[8])
+for i = 9, #ARGV do
+  if drop_expired(ARGV[i]) >= bound then return {'limit', ARGV[i]} end
+end
+local ttl = tonumber(ARGV[7])
+for i = 9, #ARGV do
+  local ids, data, expiries = critical_keys(ARGV[i])
+  if redis.call('HSETNX', data, ARGV[5], ARGV[4]) == 1 then redis.call('RPUSH', ids, ARGV[5]) end
+  redis.call('ZADD', expiries, ARGV[6], ARGV[5])
+  for _, key in ipairs({ids, data, expiries}) do
+    if redis.call('PTTL', key) < ttl then redis.call('PEXPIRE', key, ttl) end
+  end
+end
+local sent = 0
+for _, h in ipairs(others) do
+  local key = ARGV[1] .. ':h:' .. h .. ':users'
+  for i = 9, #ARGV do
+    if redis.call('SISMEMBER', key, ARGV[i]) == 1 then
+      redis.call('PUBLISH', ARGV[1] .. ':h:' .. h, ARGV[4])
+      sent = sent + 1
+      break
+    end
+  end
+end
+return {'value', sent}
+"""
+)
+
+# ARGV[4]: the user. Their unexpired critical messages in order: {id, sealed or nil, ...}.
+FETCH_CRITICAL = (
+    _CRITICAL_KEYS
+    + """
+drop_expired(ARGV[4])
+local ids, data = critical_keys(ARGV[4])
+local out = {}
+for _, id in ipairs(redis.call('LRANGE', ids, 0, -1)) do
+  out[#out + 1] = id
+  out[#out + 1] = redis.call('HGET', data, id)
+end
+return out
+"""
+)
+
+# ARGV[4]: the sealed "acked" control; ARGV[5]: the user; ARGV[6]: the id. Forgets it; if it
+# was there, tells every other live host that has the user. Returns the hosts told (-1: it was
+# not there: already acknowledged, expired, or never stored).
+ACK_CRITICAL = (
+    _LIVE_OTHERS
+    + _CRITICAL_KEYS
+    + """
+local ids, data, expiries = critical_keys(ARGV[5])
+redis.call('HDEL', data, ARGV[6])
+redis.call('ZREM', expiries, ARGV[6])
+if redis.call('LREM', ids, 0, ARGV[6]) == 0 then return -1 end
+local sent = 0
+for _, h in ipairs(others) do
+  if redis.call('SISMEMBER', ARGV[1] .. ':h:' .. h .. ':users', ARGV[5]) == 1 then
+    redis.call('PUBLISH', ARGV[1] .. ':h:' .. h, ARGV[4])
+    sent = sent + 1
+  end
+end
+return sent
+"""
+)
+
+# The same for a Redis Cluster: sharded pub/sub (the topics share the scripts' hash tag).
+SAPPEND = APPEND.replace("redis.call('PUBLISH',", "redis.call('SPUBLISH',")
+SSTORE_CRITICAL = STORE_CRITICAL.replace("redis.call('PUBLISH',", "redis.call('SPUBLISH',")
+SACK_CRITICAL = ACK_CRITICAL.replace("redis.call('PUBLISH',", "redis.call('SPUBLISH',")

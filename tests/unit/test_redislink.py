@@ -210,6 +210,11 @@ def test_malformed_messages_are_counted_and_the_router_gets_a_copy_of_the_counte
         "forged": 0,
         "replayed": 0,
         "reconnects": 0,
+        "history_appended": 0,
+        "history_read": 0,
+        "critical_stored": 0,
+        "critical_refused": 0,
+        "acks": 0,
     }
     stats["received"] = 100  # a copy: the link's own counters are untouched
     assert link.stats()["received"] == 2
