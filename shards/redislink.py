@@ -501,7 +501,7 @@ class RedisLink:
             if channel is None or channel != decoded.channel:
                 self._count("forged")
                 return None
-            frame = history_frame(channel, decoded.frame, decoded.offset, decoded.epoch)
+            frame = frames.channel_message(channel, decoded.frame, decoded.offset, decoded.epoch)
             return Delivery(ChannelId(channel), [], frame, offset=decoded.offset)
         if decoded.origin == self.host:
             return None  # our own broadcast: already delivered on this host
@@ -511,7 +511,7 @@ class RedisLink:
                 return None
             if decoded.expires_ms <= _now_ms():
                 return None  # a late copy: nothing to keep re-sending
-            frame = critical_frame(decoded.critical, decoded.frame)
+            frame = frames.critical_message(decoded.critical, decoded.frame)
             users = decoded.users or []
             return Delivery(None, users, frame, critical_id=decoded.critical)
         if channel != decoded.channel:
@@ -573,7 +573,7 @@ class RedisLink:
         from before the gap is then not recovered, rather than silently missing one)."""
         epoch, latest = _text(value[0]), int(value[1])
         first = latest + 1 if value[2] is None else (_entry_offset(value[2]) or latest + 1)
-        messages: list[tuple[int, bytes]] = []
+        messages: list[list[Any]] = []  # [offset, "<data json>"]
         for entry, fields in value[3]:
             offset = _entry_offset(entry)
             if offset is None:  # not an entry APPEND made
@@ -581,19 +581,24 @@ class RedisLink:
                 continue
             raw = fields[1] if len(fields) == 2 and fields[0] == b"m" else None
             opened = Rejected.FORGED if raw is None else cluster.open_stored(raw, self.key)
-            if isinstance(opened, Rejected) or not opened.history or opened.channel != channel:
-                self._count(opened.value if isinstance(opened, Rejected) else "forged")
+            if not isinstance(opened, Rejected) and (
+                not opened.history or opened.channel != channel
+            ):
+                opened = Rejected.FORGED
+            data = None if isinstance(opened, Rejected) else _utf8(opened.frame)
+            if isinstance(opened, Rejected) or data is None:
+                self._count(opened.value if isinstance(opened, Rejected) else "malformed")
                 first = max(first, offset + 1)
                 messages.clear()
                 continue
-            messages.append((offset, opened.frame))
+            messages.append([offset, data])
         return {"epoch": epoch, "offset": latest, "first": first, "messages": messages}
 
     def _criticals(self, user: int, value: list[Any], now_ms: int) -> dict[str, Any]:
         """The FETCH_CRITICAL script's answer: the user's messages opened (seal checked, not
         age). One not sealed as this id for this user is counted ``forged`` and left out; one
         whose sealed expiry has passed is left out."""
-        messages: list[tuple[str, bytes]] = []
+        messages: list[list[str]] = []  # [id, "<data json>"]
         for i in range(0, len(value) - 1, 2):
             id, raw = _text(value[i]), value[i + 1]
             opened = Rejected.FORGED if raw is None else cluster.open_stored(raw, self.key)
@@ -601,8 +606,10 @@ class RedisLink:
                 self._count(opened.value)
             elif opened.critical != id or user not in (opened.users or ()):
                 self._count("forged")
+            elif (data := _utf8(opened.frame)) is None:
+                self._count("malformed")
             elif opened.expires_ms > now_ms:
-                messages.append((id, opened.frame))
+                messages.append([id, data])
         return {"messages": messages}
 
     def _presence(self, value: list[Any], now_ms: int) -> list[Presence]:
@@ -644,24 +651,16 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _utf8(data: bytes) -> str | None:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
 def _entry_offset(entry: Any) -> int | None:
     """The offset of a stream entry id ``<offset>-1``; None for any other id."""
     head, separator, tail = _text(entry).partition("-")
     if separator != "-" or tail != "1" or not head.isdigit():
         return None
     return int(head)
-
-
-def history_frame(channel: int, data_json: bytes, offset: int, epoch: str) -> bytes:
-    """The client frame of a channel message with history (frames.channel_message's shape)."""
-    return frames.text_frame(
-        b'{"type":"message","channel":%d,"offset":%d,"epoch":%b,"data":%b}'
-        % (channel, offset, frames.dumps(epoch), data_json)
-    )
-
-
-def critical_frame(id: str, data_json: bytes) -> bytes:
-    """The client frame of a critical message (frames.critical_message's shape)."""
-    return frames.text_frame(
-        b'{"type":"message","id":%b,"data":%b}' % (frames.dumps(id), data_json)
-    )

@@ -33,8 +33,8 @@ from actors.hostlink import (
     Subscribe,
 )
 from actors.ids import ChannelId
-from actors.wire import cluster
-from shards.redislink import RedisLink, cluster_seed, critical_frame, history_frame
+from actors.wire import cluster, frames
+from shards.redislink import RedisLink, cluster_seed
 from shards.testing import RedisClusterServer, RedisServer
 from shards.testing.waiting import TIME_FACTOR
 
@@ -124,8 +124,8 @@ class Host:
     ) -> dict[str, Any]:
         return self.run(lambda q: StoreCritical(q, users, id, data, ttl_ms, per_user))
 
-    def fetch(self, user: int) -> list[tuple[str, bytes]]:
-        messages: list[tuple[str, bytes]] = self.run(lambda q: FetchCritical(q, user))["messages"]
+    def fetch(self, user: int) -> list[list[str]]:
+        messages: list[list[str]] = self.run(lambda q: FetchCritical(q, user))["messages"]
         return messages
 
     def received(self, count: int, what: str = "") -> list[Delivery]:
@@ -187,8 +187,8 @@ def test_appends_get_offsets_and_every_host_delivers_them_the_origin_too(hosts):
         got = host.received(4, "for the 4 channel messages")
         assert [d.offset for d in got] == [1, 2, 3, 4]
         assert all(d.channel == 5 and d.users == [] and d.critical_id is None for d in got)
-        assert got[0].frame == history_frame(5, b'"m1"', 1, epoch)
-        assert got[3].frame == history_frame(5, b'"m4"', 4, epoch)
+        assert got[0].frame == frames.channel_message(5, b'"m1"', 1, epoch)
+        assert got[3].frame == frames.channel_message(5, b'"m4"', 4, epoch)
     stats = a.link.stats()
     assert stats["history_appended"] == 3 and stats["published"] >= 3
     assert stats["forged"] == stats["malformed"] == stats["replayed"] == 0
@@ -207,9 +207,9 @@ def test_reading_history_gives_the_kept_slice_and_the_first_kept_offset(hosts):
     everything = b.read(9)
     assert everything["epoch"] == empty["epoch"]
     assert everything["offset"] == 5 and everything["first"] == 3
-    assert everything["messages"] == [(3, b'{"n":3}'), (4, b'{"n":4}'), (5, b'{"n":5}')]
-    assert b.read(9, since=3)["messages"] == [(4, b'{"n":4}'), (5, b'{"n":5}')]
-    assert b.read(9, since=3, limit=1)["messages"] == [(4, b'{"n":4}')]
+    assert everything["messages"] == [[3, '{"n":3}'], [4, '{"n":4}'], [5, '{"n":5}']]
+    assert b.read(9, since=3)["messages"] == [[4, '{"n":4}'], [5, '{"n":5}']]
+    assert b.read(9, since=3, limit=1)["messages"] == [[4, '{"n":4}']]
     assert b.read(9, since=5)["messages"] == []
     assert b.read(9, since=2**63 - 1)["messages"] == []  # a huge offset: nothing, no error
     assert b.link.stats()["history_read"] == 6
@@ -225,7 +225,7 @@ def test_a_channel_state_lives_ttl_after_its_last_message_then_a_new_epoch_start
     again = a.append(3, b"3", ttl_ms=TTL_MS)
     assert again["offset"] == 1 and again["epoch"] != first["epoch"]
     read = a.read(3)
-    assert read["epoch"] == again["epoch"] and read["messages"] == [(1, b"3")]
+    assert read["epoch"] == again["epoch"] and read["messages"] == [[1, "3"]]
 
 
 def test_a_forged_or_moved_kept_message_is_skipped_counted_and_not_bridged(hosts):
@@ -245,7 +245,7 @@ def test_a_forged_or_moved_kept_message_is_skipped_counted_and_not_bridged(hosts
     read = a.read(4)
     # messages 1 and 2 are kept, but the forged 3 and 4 make a gap: nothing before it is given
     assert read["offset"] == 5 and read["first"] == 5
-    assert read["messages"] == [(5, b"5")]
+    assert read["messages"] == [[5, "5"]]
     assert a.link.stats()["forged"] == 2
 
 
@@ -257,8 +257,8 @@ def test_a_user_at_the_bound_refuses_the_whole_message(hosts):
     assert a.store([1, BIG_USER], "c-1", b'"one"', per_user=2) == {"value": 0}
     assert a.store([BIG_USER], "c-2", b'"two"', per_user=2) == {"value": 0}
     assert a.store([1, BIG_USER], "c-3", b'"three"', per_user=2) == {"limit": BIG_USER}
-    assert a.fetch(1) == [("c-1", b'"one"')]  # nothing stored for user 1 either
-    assert a.fetch(BIG_USER) == [("c-1", b'"one"'), ("c-2", b'"two"')]
+    assert a.fetch(1) == [["c-1", '"one"']]  # nothing stored for user 1 either
+    assert a.fetch(BIG_USER) == [["c-1", '"one"'], ["c-2", '"two"']]
     stats = a.link.stats()
     assert stats["critical_stored"] == 2 and stats["critical_refused"] == 1
 
@@ -269,9 +269,9 @@ def test_fetch_gives_a_users_unexpired_messages_in_order_and_expired_ones_free_r
     a.store([6], "x-2", b"2", ttl_ms=300)
     a.store([6], "x-3", b"3")
     assert [id for id, _ in a.fetch(6)] == ["x-1", "x-2", "x-3"]
-    assert a.wait(lambda: a.fetch(6) == [("x-1", b"1"), ("x-3", b"3")], what="for expiry")
+    assert a.wait(lambda: a.fetch(6) == [["x-1", "1"], ["x-3", "3"]], what="for expiry")
     assert a.store([6], "x-4", b"4", per_user=3) == {"value": 0}  # x-2 no longer counts
-    assert a.fetch(6)[-1] == ("x-4", b"4")
+    assert a.fetch(6)[-1] == ["x-4", "4"]
     assert a.fetch(7) == []
 
 
@@ -281,7 +281,7 @@ def test_a_critical_message_reaches_the_other_host_and_an_ack_there_stops_it(hos
     assert a.store([7, 8], "k-1", b'{"important":true}') == {"value": 1}  # b has user 7
     (got,) = b.received(1, "for the critical message")
     assert got == Delivery(
-        None, [7, 8], critical_frame("k-1", b'{"important":true}'), critical_id="k-1"
+        None, [7, 8], frames.critical_message("k-1", b'{"important":true}'), critical_id="k-1"
     )
     a.store([BIG_USER], "k-2", b'"big"')
     assert b.received(2)[1].users == [BIG_USER]
@@ -289,7 +289,7 @@ def test_a_critical_message_reaches_the_other_host_and_an_ack_there_stops_it(hos
     a.link.submit(AckCritical(7, "k-1"))
     deliveries = b.received(3, "for the ack")
     assert deliveries[2] == Delivery(None, [7], b"", control={"op": "acked", "id": "k-1"})
-    assert a.fetch(7) == [] and a.fetch(8) == [("k-1", b'{"important":true}')]
+    assert a.fetch(7) == [] and a.fetch(8) == [["k-1", '{"important":true}']]
     a.wait(lambda: a.link.stats()["acks"] == 2, what="for the acks to be counted")
     b.link.submit(AckCritical(BIG_USER, "k-2"))
     b.wait(lambda: b.fetch(BIG_USER) == [], what="for the ack on b")
@@ -306,5 +306,5 @@ def test_a_forged_critical_message_is_left_out_and_counted(hosts):
         client.rpush(ids, "f-2", "f-3")  # user 3's message, and one not sealed at all
         client.hset(data, mapping={"f-2": stolen, "f-3": b"x" * 40})
         client.zadd(expiries, {"f-2": 2**52, "f-3": 2**52})
-    assert a.fetch(2) == [("f-1", b"1")]
+    assert a.fetch(2) == [["f-1", "1"]]
     assert a.link.stats()["forged"] == 2
