@@ -38,6 +38,7 @@ READ_BATCH = 512  # ZeroMQ messages read per round at most (a shardwire batch is
 WORK_PER_TURN = 20_000  # recipients per round at most, so that the event loop's turns stay short
 BEAT_INTERVAL = 0.25  # seconds between two heartbeats (with credit) to the router
 RESUME_FLOOR_LIFE = 5.0  # seconds a resumed connection's duplicate filter lasts at most
+FRESH_LIFE = 30.0  # seconds after hello (or subscribed) that a late resume is still exact
 
 # -- what the actor asks of its shard's connections (one list per round, through ``post``) ------
 #
@@ -226,6 +227,14 @@ class CacheActor(LoopActor):
         # the resumes under way by channel; ``_notices`` go to the router after the next delta
         self.tracker = CriticalTracker(ack_timeout, ack_retries)
         self._resuming: dict[ChannelId, dict[ConnId, _Resuming]] = {}
+        # A resume that comes after live messages reached the connection must not repeat them:
+        # for FRESH_LIFE after a connection opens to a channel (hello, subscribed), the offset
+        # of the first live message it was written is kept (``_unseen``: none yet), and such a
+        # resume only back-fills what came before it (``_backfill``: awaiting the router)
+        self._unseen: dict[ChannelId, set[ConnId]] = {}
+        self._first: dict[tuple[ConnId, ChannelId], int] = {}
+        self._fresh: dict[tuple[ConnId, ChannelId], float] = {}  # since when, oldest first
+        self._backfill: set[tuple[ConnId, ChannelId]] = set()
         self._notices: list[list[bytes]] = []
         self._now = 0.0  # the shard's monotonic clock, as of its last Activity report
 
@@ -318,6 +327,8 @@ class CacheActor(LoopActor):
                 self._actions.append(Deliver(frame, (ConnId(again),)))
             if self._resuming:
                 self._sweep_floors(message.now)
+            if self._fresh:
+                self._sweep_fresh(message.now)
             if message.now - self._last_sweep >= 1.0:  # the stale sweep walks every connection
                 self._last_sweep = message.now
                 stale = cache.stale(message.now, self.stale_timeout)
@@ -355,7 +366,7 @@ class CacheActor(LoopActor):
             self._indexed = max(self._indexed, shardwire.unpack_id(argument))
             confirmed = [action for seq, action in self._held if seq <= self._indexed]
             if confirmed:
-                self._actions += confirmed
+                self._release(confirmed)
                 self._held = [(seq, a) for seq, a in self._held if seq > self._indexed]
             return 1
         if kind == shardwire.CHANNEL:
@@ -367,6 +378,8 @@ class CacheActor(LoopActor):
                 resuming = self._resuming.get(ChannelId(channel)) if self._resuming else None
                 if resuming:
                     conns = self._live(ChannelId(channel), offset, payload, conns, resuming)
+                if self._unseen:
+                    self._first_live(ChannelId(channel), offset)
             if conns:
                 self._actions.append(Deliver(payload, conns))
             return len(conns)
@@ -399,13 +412,65 @@ class CacheActor(LoopActor):
 
     # -- issue 11: resume and critical messages -------------------------------------------------
 
+    def _release(self, actions: list[LoopAction]) -> None:
+        """Hello and subscribed go out: from now on, the connection is written the channels'
+        live messages (before, it dropped them); the first one's offset is noted."""
+        self._actions += actions
+        for action in actions:
+            if isinstance(action, Registered):
+                meta = self.cache.meta(action.conn)
+                for channel in meta.channels if meta is not None else ():
+                    self._note_fresh(action.conn, channel)
+            elif isinstance(action, Subscribed) and action.subscribed:
+                self._note_fresh(action.conn, action.channel)
+
+    def _note_fresh(self, conn: ConnId, channel: ChannelId) -> None:
+        self._unseen.setdefault(channel, set()).add(conn)
+        self._fresh.pop((conn, channel), None)  # to the end: the dict stays oldest first
+        self._fresh[conn, channel] = self._now
+
+    def _first_live(self, channel: ChannelId, offset: int) -> None:
+        waiting = self._unseen.pop(channel, None)
+        for conn in waiting or ():
+            self._first[conn, channel] = offset
+
+    def _forget_fresh(self, conn: ConnId, channel: ChannelId) -> int | None:
+        """Stop noting for ``conn`` on ``channel``; the first live offset it was written, if
+        one was."""
+        self._fresh.pop((conn, channel), None)
+        waiting = self._unseen.get(channel)
+        if waiting is not None:
+            waiting.discard(conn)
+            if not waiting:
+                del self._unseen[channel]
+        return self._first.pop((conn, channel), None)
+
+    def _sweep_fresh(self, now: float) -> None:
+        for key, since in list(self._fresh.items()):
+            if now - since <= FRESH_LIFE:
+                break  # oldest first
+            self._forget_fresh(*key)
+
     def _resume(self, message: Resume) -> None:
         """Subscribe the connection if it is not yet, hold the channel's live messages for it,
-        and ask the router (after the membership, so that nothing falls between the two)."""
+        and ask the router (after the membership, so that nothing falls between the two). If
+        live messages of the channel were written to it already, ask only for those before
+        the first of them (a back-fill: they come after, but none twice)."""
         conn, channel = message.conn, message.channel
         meta = self.cache.meta(conn)
         if meta is None:
             return  # closed meanwhile
+        if (conn, channel) in self._backfill:
+            text = f"a resume of channel {channel} is under way on this connection"
+            self._actions.append(Refused(conn, "bad_frame", text))
+            return
+        first = self._forget_fresh(conn, channel)
+        if first is not None and channel in meta.channels:
+            self._backfill.add((conn, channel))
+            self._notices.append(
+                shardwire.resume(conn, channel, message.offset, message.epoch, upto=first - 1)
+            )
+            return
         held = self._resuming.get(channel, {}).get(conn)
         if held is not None and held.buffer is not None:
             text = f"a resume of channel {channel} is under way on this connection"
@@ -457,6 +522,12 @@ class CacheActor(LoopActor):
         that comes after it, in order; a gap among those is asked for again."""
         conn_id, channel_id, latest = shardwire.unpack_ids(argument)
         conn, channel = ConnId(conn_id), ChannelId(channel_id)
+        if (conn, channel) in self._backfill:  # live messages flow already: only the rest
+            self._backfill.discard((conn, channel))
+            _epoch, frames = shardwire.parse_resumed(payload)
+            if frames:
+                self._actions.append(Deliver(frames, (conn,)))
+            return
         state = self._resuming.get(channel, {}).get(conn)
         if state is None or state.buffer is None:
             return  # closed, unsubscribed, or a late duplicate
@@ -483,6 +554,8 @@ class CacheActor(LoopActor):
             state.epoch, state.buffer, state.floor, state.since = epoch, None, top, self._now
 
     def _end_resume(self, conn: ConnId, channel: ChannelId) -> None:
+        self._backfill.discard((conn, channel))
+        self._forget_fresh(conn, channel)
         states = self._resuming.get(channel)
         if states is not None and states.pop(conn, None) is not None and not states:
             del self._resuming[channel]
@@ -567,7 +640,7 @@ class CacheActor(LoopActor):
             if self._seq > self._indexed:
                 self._held += [(self._seq, action) for action in self._unconfirmed]
             else:
-                self._actions += self._unconfirmed
+                self._release(self._unconfirmed)
             self._unconfirmed = []
 
     def _flush(self) -> None:

@@ -83,7 +83,7 @@ class Guarantees:
         if self._linked():
             spec = GatherSpec(
                 (),
-                _appended,
+                self._appended(channel, data, now),
                 None,
                 {"shards": len(shards)},
                 lambda qid: AppendChannel(
@@ -92,33 +92,55 @@ class Guarantees:
             )
             core.start_gather(envelope, cmd.id, spec, now)
             return
-        position = self.history.append(channel, data, now)
-        frame = frames.channel_message(channel, data, position.offset, position.epoch)
-        message = shardwire.channel_delivery(channel, frame, position.offset)
-        for index in shards:
-            core.send(index, message, now)
-        extra = {"offset": position.offset, "epoch": position.epoch}
+        extra = self._append_here(channel, data, now)
         core.finish_broadcast(
             envelope, cmd, now, len(shards), lambda qid: PublishChannel(qid, channel, plain), extra
         )
+
+    def _append_here(self, channel: ChannelId, data: bytes, now: float) -> dict[str, Any]:
+        """Offset from the local store, delivered to this host's members at once."""
+        core = self._core
+        position = self.history.append(channel, data, now)
+        frame = frames.channel_message(channel, data, position.offset, position.epoch)
+        message = shardwire.channel_delivery(channel, frame, position.offset)
+        for index in core.members(channel):
+            core.send(index, message, now)
+        return {"offset": position.offset, "epoch": position.epoch}
+
+    def _appended(self, channel: ChannelId, data: bytes, now: float) -> Callable[[Gather], Any]:
+        """The reply of a broadcast with history in a cluster: Redis's offset and epoch. If
+        Redis failed it (the link went down meanwhile), this host's own history takes over, as
+        it does for the broadcasts that follow while the link is down: delivered here, with
+        this host's epoch (clients that resume later see the change), and the reply says
+        ``cluster: false``. (Had Redis run it after all, its copy reaches no listener of ours
+        on the dead link; one that reached another host's clients is what ``cluster: false``
+        warns of.)"""
+
+        def combine(gather: Gather) -> dict[str, Any]:
+            body = gather.answers.get(REDIS)
+            if body is None:
+                return {**gather.args, **self._append_here(channel, data, now)}
+            return {**gather.args, "offset": body["offset"], "epoch": body["epoch"]}
+
+        return combine
 
     # -- resume ----------------------------------------------------------------------------
 
     def resume(self, slot: ShardSlot, argument: bytes, payload: bytes, now: float) -> None:
         """A client's resume (or a shard's quiet one, to fill a gap): answer its shard with
         the messages after the client's offset, then ``resumed`` (see shardwire ``V``)."""
-        conn, raw_channel, offset, quiet = shardwire.unpack_ids(argument)
+        conn, raw_channel, offset, quiet, upto = shardwire.unpack_ids(argument)
         channel = ChannelId(raw_channel)
         epoch = payload.decode(errors="replace")
         self.counters["resumes"] += 1
         incarnation = slot.epoch
         if not self.history.enabled:
             answer = Recovery(False, 0, "", [])
-            self._send_resumed(slot, incarnation, conn, channel, answer, bool(quiet), now)
+            self._send_resumed(slot, incarnation, conn, channel, answer, bool(quiet), now, upto)
             return
         if self._core.hosts is None:
             answer = self.history.recover(channel, offset, epoch, now)
-            self._send_resumed(slot, incarnation, conn, channel, answer, bool(quiet), now)
+            self._send_resumed(slot, incarnation, conn, channel, answer, bool(quiet), now, upto)
             return
 
         def replay(gather: Gather) -> dict[str, Any]:
@@ -127,7 +149,7 @@ class Guarantees:
                 answer = self.history.recover(channel, offset, epoch, now)
             else:
                 answer = _from_redis(body, offset, epoch)
-            self._send_resumed(slot, incarnation, conn, channel, answer, bool(quiet), now)
+            self._send_resumed(slot, incarnation, conn, channel, answer, bool(quiet), now, upto)
             return {}
 
         size = self.history.size
@@ -146,6 +168,7 @@ class Guarantees:
         answer: Recovery,
         quiet: bool,
         now: float,
+        upto: int = 0,
     ) -> None:
         if slot.epoch != incarnation:
             return  # the shard restarted meanwhile: its connections (and their ids) are gone
@@ -153,6 +176,7 @@ class Guarantees:
         parts = [
             frames.channel_message(channel, data, offset, answer.epoch)
             for offset, data in answer.messages
+            if not upto or offset <= upto
         ]
         if not quiet:
             parts.append(frames.resumed(channel, answer.offset, answer.epoch, answer.recovered))
@@ -339,17 +363,6 @@ class Guarantees:
 
 def _entries(pending: list[Critical]) -> list[tuple[str, bytes]]:
     return [(c.id, c.data) for c in pending]
-
-
-def _appended(gather: Gather) -> dict[str, Any]:
-    """The reply of a broadcast with history in a cluster: Redis's offset and epoch. If Redis
-    failed it, the message may or may not have been published (and so delivered, even here):
-    said so, as an error."""
-    body = gather.answers.get(REDIS)
-    if body is None:
-        text = "redis failed while publishing: the message may or may not have been delivered"
-        return {"ok": False, "error": {"code": "unavailable", "message": text}}
-    return {**gather.args, "offset": body["offset"], "epoch": body["epoch"]}
 
 
 def _from_redis(body: dict[str, Any], offset: int, epoch: str, limit: int = 0) -> Recovery:

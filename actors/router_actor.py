@@ -276,7 +276,12 @@ class RouterActor(SocketActor):
         check = time.monotonic() + min(0.1, self.hang_timeout / 3)
         if self.link is not None:
             check = min(check, self.next_snapshot)
-        self.set_timer(check if deadline is None else min(deadline, check))
+        when = check if deadline is None else min(deadline, check)
+        # never later than the one already set: messages arriving more often than the check
+        # interval (pulses, a steady stream of commands) would otherwise push the Tick back
+        # for ever, and with it hang checks, presence snapshots and expiries
+        armed = self.actor_inbox.next_timer
+        self.set_timer(when if armed is None else min(armed, when))
 
 
 _MORE = int(zmq.NOBLOCK | zmq.SNDMORE)  # plain ints: pyzmq's enum arithmetic costs per frame

@@ -255,14 +255,18 @@ def test_in_a_cluster_redis_assigns_the_offset_and_delivery_comes_back_from_it()
     assert index == 0 and shardwire.channel_target(msg[1]) == (7, 4) and msg[2] == frame
 
 
-def test_in_a_cluster_a_failed_append_is_an_error_not_an_ok():
+def test_in_a_cluster_a_failed_append_falls_back_to_this_hosts_history():
     core = make(redis=True)
     assert core.hosts is not None
-    broadcast_cmd = {"cmd": "broadcast_to_channel", "channel": 7, "data": 1}
-    command(core, broadcast_cmd)
+    join(core, 1, 7)
+    core.hosts.take_ops()
+    command(core, {"cmd": "broadcast_to_channel", "channel": 7, "data": 1})
     (op,) = core.hosts.take_ops()
     core.hosts.link_event(Results([OpResult(op.qid, False, None)]), 0.0)
-    assert reply(core)["error"]["code"] == "unavailable"
+    body = reply(core)
+    assert (body["ok"], body["offset"], body["cluster"]) == (True, 1, False)
+    ((index, msg),) = outbox(core)
+    assert index == 1 and shardwire.channel_target(msg[1]) == (7, 1)
 
 
 def test_with_the_link_down_the_local_history_takes_over():
