@@ -198,15 +198,20 @@ async def reconnect_peer(
         host,
         peer.user,
         known if channels is None else channels,
+        wait_hello=False,
         auto_ack=peer.auto_ack,
         positions=peer.positions,
     )
     if resume:
+        # at once, before hello: the shard takes the resume before any live message of the
+        # channel reaches this connection (one sent after hello would race those: a live
+        # message ahead of the replay, and the same again in the replay)
         for channel in known:
             await new.resume(channel)
-        if wait_resumed:
-            for channel in known:
-                await new.wait_resumed(channel)
+    await new.wait_for(lambda frames: any(f.get("type") == "hello" for f in frames))
+    if resume and wait_resumed:
+        for channel in known:
+            await new.wait_resumed(channel)
     return new
 
 
