@@ -235,6 +235,8 @@ class CacheActor(LoopActor):
         self._first: dict[tuple[ConnId, ChannelId], int] = {}
         self._fresh: dict[tuple[ConnId, ChannelId], float] = {}  # since when, oldest first
         self._backfill: set[tuple[ConnId, ChannelId]] = set()
+        # connections whose hello waits for the router: what is for them waits behind it
+        self._unregistered: set[ConnId] = set()
         self._notices: list[list[bytes]] = []
         self._now = 0.0  # the shard's monotonic clock, as of its last Activity report
 
@@ -290,6 +292,7 @@ class CacheActor(LoopActor):
             delta = cache.connect(message.conn, message.user, message.channels, message.now)
             self._delta.merge(delta)
             self._unconfirmed.append(Registered(message.conn))
+            self._unregistered.add(message.conn)
             # its user's pending critical messages, after hello (the router answers after the
             # delta's confirmation, which releases hello)
             self._notices.append(shardwire.new_connection(message.conn, message.user))
@@ -299,6 +302,7 @@ class CacheActor(LoopActor):
                 for channel in meta.channels:
                     self._end_resume(message.conn, channel)
             self.tracker.closed(message.conn)
+            self._unregistered.discard(message.conn)
             self._delta.merge(cache.disconnect(message.conn))
         elif isinstance(message, Subscribe):
             if cache.can_join(message.conn, message.channel):
@@ -418,11 +422,21 @@ class CacheActor(LoopActor):
         self._actions += actions
         for action in actions:
             if isinstance(action, Registered):
+                self._unregistered.discard(action.conn)
                 meta = self.cache.meta(action.conn)
                 for channel in meta.channels if meta is not None else ():
                     self._note_fresh(action.conn, channel)
             elif isinstance(action, Subscribed) and action.subscribed:
                 self._note_fresh(action.conn, action.channel)
+
+    def _to_conn(self, conn: ConnId, frames: bytes) -> None:
+        """Write ``frames`` to one connection: after its hello, if that still waits (a resume
+        or pending critical messages can be answered before the router confirms it)."""
+        action = Deliver(frames, (conn,))
+        if conn in self._unregistered:
+            self._held.append((self._seq, action))
+        else:
+            self._actions.append(action)
 
     def _note_fresh(self, conn: ConnId, channel: ChannelId) -> None:
         self._unseen.setdefault(channel, set()).add(conn)
@@ -526,7 +540,7 @@ class CacheActor(LoopActor):
             self._backfill.discard((conn, channel))
             _epoch, frames = shardwire.parse_resumed(payload)
             if frames:
-                self._actions.append(Deliver(frames, (conn,)))
+                self._to_conn(conn, frames)
             return
         state = self._resuming.get(channel, {}).get(conn)
         if state is None or state.buffer is None:
@@ -544,7 +558,7 @@ class CacheActor(LoopActor):
             chunks.append(frame)
             top = offset
         if chunks:
-            self._actions.append(Deliver(b"".join(chunks), (conn,)))
+            self._to_conn(conn, b"".join(chunks))
         if not epoch:  # no history here: nothing to filter
             self._end_resume(conn, channel)
         elif rest:
@@ -580,7 +594,7 @@ class CacheActor(LoopActor):
         acknowledged."""
         fresh = [f for i, f in messages if self.tracker.sent(conn, user, i, f, self._now)]
         if fresh:
-            self._actions.append(Deliver(b"".join(fresh), (conn,)))
+            self._to_conn(conn, b"".join(fresh))
 
     def _ack(self, message: ClientAck) -> None:
         """Tell the router (which forgets the message, and tells the other hosts); the user's

@@ -368,10 +368,11 @@ def _entries(pending: list[Critical]) -> list[tuple[str, bytes]]:
 def _from_redis(body: dict[str, Any], offset: int, epoch: str, limit: int = 0) -> Recovery:
     """A :class:`Recovery` from a ReadHistory answer (see :func:`actors.history.recovery`)."""
     messages = [(int(o), str(d).encode()) for o, d in body["messages"]]
-    position = Position(int(body["offset"]), str(body["epoch"]))
+    latest, current = int(body["offset"]), str(body["epoch"])
     if limit:  # the history command: what is there, whatever the client's epoch
-        return Recovery(int(body["first"]) <= offset + 1, position.offset, position.epoch, messages)
-    return recovery(position, int(body["first"]), messages, offset, epoch, REPLAY_BYTES)
+        return Recovery(int(body["first"]) <= offset + 1, latest, current, messages)
+    asked = Position(offset, epoch)  # the client's
+    return recovery(asked, int(body["first"]), messages, latest, current, REPLAY_BYTES)
 
 
 def _history_reply(answer: Recovery) -> dict[str, Any]:

@@ -241,4 +241,13 @@ class Deliveries:
     deliveries: list[Delivery]
 
 
-LinkEvent = LinkState | Results | Deliveries
+@dataclass(frozen=True, slots=True)
+class TopicsReady:
+    """Redis confirmed the listener's subscription to these channels' topics: from now on,
+    whatever is published on them reaches this host (the router waits for this before it
+    confirms a new membership to a shard, which then sends its clients hello)."""
+
+    channels: list[ChannelId]
+
+
+LinkEvent = LinkState | Results | Deliveries | TopicsReady

@@ -15,7 +15,8 @@ gathers in flight.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from actors.gather import REDIS, Gather, GatherSpec, presence_snapshot
@@ -28,6 +29,7 @@ from actors.hostlink import (
     RedisOp,
     Results,
     Subscribe,
+    TopicsReady,
     Unsubscribe,
 )
 from actors.ids import ChannelId, ShardIndex
@@ -35,9 +37,22 @@ from actors.wire import shardwire
 from actors.wire.commands import CommandError
 
 if TYPE_CHECKING:
-    from actors.router import RouterCore
+    from actors.router import RouterCore, ShardSlot
 
 UNREACHED = "redis unavailable: other hosts were not reached"
+TOPIC_WAIT = 2.0  # seconds a membership's confirmation waits for its topic at most
+
+
+@dataclass(slots=True)
+class _Held:
+    """A membership confirmation (``INDEXED`` ``seq`` to shard ``index``, incarnation
+    ``epoch``) waiting for the topics of ``channels`` (until ``deadline``)."""
+
+    deadline: float
+    index: ShardIndex
+    epoch: int
+    seq: int
+    channels: set[ChannelId]
 
 
 class OtherHosts:
@@ -50,6 +65,10 @@ class OtherHosts:
         # a function returning a copy of the link's counters (taken under the link's lock):
         # the router never holds the dict the link's threads write
         self.link_stats: Callable[[], Mapping[str, int]] | None = None
+        # the channels whose topic Redis confirmed the listener is subscribed to, and the
+        # membership confirmations waiting for theirs (see :meth:`hold`)
+        self.ready: set[ChannelId] = set()
+        self._held: list[_Held] = []
 
     def queue(self, op: RedisOp) -> None:
         """Queue an operation for the link that nobody waits for."""
@@ -68,7 +87,41 @@ class OtherHosts:
 
     def channel_lost(self, channel: ChannelId) -> None:
         """The host's last member of ``channel`` left: stop listening."""
+        self.ready.discard(channel)
         self._ops.append(Unsubscribe(channel))
+
+    def hold(self, slot: ShardSlot, gained: Collection[ChannelId], seq: int, now: float) -> bool:
+        """Whether the confirmation of membership change ``seq`` must wait (True: it will be
+        sent when it may): until Redis has confirmed the topics of the channels it gained (a
+        client told hello must receive what is published from then on, from any host, this
+        one too: with history, this host delivers its own broadcasts from the topic), and
+        after those of the same shard held before it (the shard takes a confirmation for all
+        the earlier ones). At most TOPIC_WAIT; not at all while the link is down."""
+        if not self.up:
+            return False
+        waiting = {c for c in gained if c not in self.ready}
+        behind = any(h.index == slot.index and h.epoch == slot.epoch for h in self._held)
+        if not waiting and not behind:
+            return False
+        self._held.append(_Held(now + TOPIC_WAIT, slot.index, slot.epoch, seq, waiting))
+        return True
+
+    def release(self, now: float, everything: bool = False) -> None:
+        """Send the held confirmations whose topics are ready (or whose time is up), in order
+        per shard."""
+        core, keep = self._core, []
+        blocked: set[tuple[ShardIndex, int]] = set()
+        for held in self._held:
+            held.channels -= self.ready
+            key = (held.index, held.epoch)
+            if key not in blocked and (everything or not held.channels or now >= held.deadline):
+                slot = core.slots[held.index]
+                if slot.epoch == held.epoch and slot in core.up_shards():
+                    core.send(held.index, shardwire.indexed(held.seq), now)
+            else:
+                blocked.add(key)
+                keep.append(held)
+        self._held = keep
 
     def join(self, qid: int, gather: Gather, remote: Callable[[int], RedisOp]) -> None:
         """Add the other hosts to gather ``qid``: ask them if the link is up, else count them
@@ -109,11 +162,16 @@ class OtherHosts:
         elif isinstance(event, Deliveries):
             for delivery in event.deliveries:
                 self.deliver(delivery, now)
+        elif isinstance(event, TopicsReady):
+            self.ready.update(c for c in event.channels if c in self._core.index)
+            self.release(now)
 
     def link_state(self, up: bool) -> None:
         """The link (re)connected, or lost Redis: stop waiting for it."""
         self.up = up
         if not up:
+            self.ready.clear()  # the listener subscribes again, and Redis confirms again
+            self.release(0.0, everything=True)
             for qid, gather in list(self._core.pending.items()):
                 if REDIS in gather.waiting:
                     self.result(qid, False, None)

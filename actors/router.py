@@ -302,14 +302,16 @@ class RouterCore:
             if len(consumed) == 2:
                 slot.window.credit(consumed[0], consumed[1])
         elif kind == shardwire.DELTA:
-            self._delta(slot, shardwire.unpack_ids(msg[1]), shardwire.unpack_ids(msg[2]))
-            self._indexed(slot, msg[3:], now)
+            gained = shardwire.unpack_ids(msg[1])
+            self._delta(slot, gained, shardwire.unpack_ids(msg[2]))
+            self._indexed(slot, msg[3:], gained, now)
         elif kind == shardwire.RESULT:
             self._result(slot, shardwire.unpack_id(msg[1]), json.loads(msg[2]))
         elif kind == shardwire.SYNC:  # the whole truth, after the shard dropped a delta
             channels = {ChannelId(c) for c in shardwire.unpack_ids(msg[1])}
-            self._delta(slot, list(channels - slot.channels), list(slot.channels - channels))
-            self._indexed(slot, msg[2:], now)
+            gained = list(channels - slot.channels)
+            self._delta(slot, gained, list(slot.channels - channels))
+            self._indexed(slot, msg[2:], gained, now)
         elif kind == shardwire.RESUME:
             self.guarantees.resume(slot, msg[1], msg[2], now)
         elif kind == shardwire.ACK:
@@ -317,11 +319,17 @@ class RouterCore:
         elif kind == shardwire.NEW_CONNECTION:
             self.guarantees.new_connection(slot, msg[1], now)
 
-    def _indexed(self, slot: ShardSlot, seq: list[bytes], now: float) -> None:
+    def _indexed(self, slot: ShardSlot, seq: list[bytes], gained: list[int], now: float) -> None:
         """Confirm a numbered membership change: the shard holds its clients' hello and
-        subscribed frames until then (see shardwire)."""
-        if seq:
-            self.send(slot.index, shardwire.indexed(shardwire.unpack_id(seq[0])), now)
+        subscribed frames until then (see shardwire). In a cluster, once the host listens to
+        the topics of the channels it gained, too (:meth:`OtherHosts.hold`)."""
+        if not seq:
+            return
+        number = shardwire.unpack_id(seq[0])
+        channels = [ChannelId(c) for c in gained]
+        if self.hosts is not None and self.hosts.hold(slot, channels, number, now):
+            return
+        self.send(slot.index, shardwire.indexed(number), now)
 
     def _hello(self, slot: ShardSlot, epoch: int, msg: list[bytes], now: float) -> None:
         body = json.loads(msg[1])
@@ -594,6 +602,8 @@ class RouterCore:
         """Answer the queries whose deadline has passed with what they have; forget the history
         and critical messages whose time is up."""
         self.guarantees.tick(now)
+        if self.hosts is not None:
+            self.hosts.release(now)
         for qid, gather in list(self.pending.items()):
             if now >= gather.deadline:
                 gather.expire()

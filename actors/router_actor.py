@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import zmq
 
-from actors.hostlink import Deliveries, LinkEvent, LinkState, RedisOp, Results
+from actors.hostlink import Deliveries, LinkEvent, LinkState, RedisOp, Results, TopicsReady
 from actors.hosts import OtherHosts
 from actors.inbox import SocketActor, SocketsReady, Tick
 from actors.router import RouterCore, RouterEvent
@@ -59,7 +59,7 @@ class RouterFailed:
 
 SupervisorEvent = RouterEvent | RouterFailed  # what ``on_event`` receives
 
-LINK_EVENTS = (LinkState, Results, Deliveries)
+LINK_EVENTS = (LinkState, Results, Deliveries, TopicsReady)
 
 
 class Link(Protocol):

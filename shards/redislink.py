@@ -75,6 +75,7 @@ from actors.hostlink import (
     Results,
     StoreCritical,
     Subscribe,
+    TopicsReady,
     Unsubscribe,
 )
 from actors.ids import ChannelId
@@ -432,7 +433,8 @@ class RedisLink:
 
     def _subscribed_loop(self) -> None:
         client = self._client()
-        pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+        # subscription confirmations are kept: the router waits for its topics' (TopicsReady)
+        pubsub = client.pubsub()  # type: ignore[no-untyped-call]
         try:
             self._apply_topic_changes()
             self._subscribe(pubsub, True, *self.topics)
@@ -442,12 +444,22 @@ class RedisLink:
             while not self.stopping.is_set():
                 self._sync_topics(pubsub)
                 deliveries: list[Delivery] = []
+                ready: list[ChannelId] = []
                 message = self._next_message(pubsub, 0.05)
-                while message is not None and len(deliveries) < BATCH:
-                    delivery = self._decode(message)
-                    if delivery is not None:
-                        deliveries.append(delivery)
+                while message is not None and len(deliveries) + len(ready) < BATCH:
+                    kind = message.get("type")
+                    if kind in ("message", "smessage"):
+                        delivery = self._decode(message)
+                        if delivery is not None:
+                            deliveries.append(delivery)
+                    elif kind in ("subscribe", "ssubscribe"):
+                        topic = message["channel"].decode(errors="replace")
+                        channel = self.layout.channel_of_topic(topic)
+                        if channel is not None:
+                            ready.append(ChannelId(channel))
                     message = self._next_message(pubsub, 0)
+                if ready:
+                    self.notify(TopicsReady(ready))
                 if deliveries:
                     self.notify(Deliveries(deliveries))
                 if self.up and time.monotonic() - self.last_probe_seen > PROBE_TIMEOUT:

@@ -180,9 +180,12 @@ def test_cli_token_broadcast_and_online(ucc_host):
             assert hello["channels"] == [3, 4]
             assert json.loads(await ucc("online", "--channel", "3")) == [77]
             await ucc("broadcast", "--channel", "4", '{"a": [1]}')
-            assert json.loads(await ws.recv()) == {
+            message = json.loads(await ws.recv())
+            assert message == {
                 "type": "message",
                 "channel": 4,
+                "offset": 1,
+                "epoch": message["epoch"],
                 "data": {"a": [1]},
             }
 

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 
 from actors.credit import WindowLimits
-from actors.ids import stable_hash
 from actors.history import HistoryStore
+from actors.ids import stable_hash
 from actors.router import RouterCore, ShardEvent, ShardHung, ShardState, UserBanned
 from actors.wire import frames, shardwire
 from actors.wire.commands import COMMANDS, Field

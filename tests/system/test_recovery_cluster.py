@@ -1,0 +1,119 @@
+"""Nothing lost across a reconnect, across hosts (issue 11): with ``--redis``, offsets are the
+same for every recipient on every host, a client resumes on another host, and a critical message
+follows its user to another host until acknowledged there."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from shards.testing import Host, connect_peer, wait_until_async
+from shards.testing.peer import reconnect_peer
+
+SECRET = "s" * 64
+CHANNEL = 5
+
+
+@pytest.fixture(params=["redis", "cluster"])
+def redis_url(request) -> str:
+    """A single Redis, or a 3-primary Redis Cluster."""
+    if request.param == "redis":
+        return str(request.getfixturevalue("redis_server").url)
+    return str(request.getfixturevalue("redis_cluster_server").url)
+
+
+def two_hosts(ucc_host, url: str) -> tuple[Host, Host]:
+    args = ("--redis", url, "--history-size", "2000")
+    return (
+        ucc_host(shards=2, args=args, secret=SECRET),
+        ucc_host(shards=2, args=args, secret=SECRET),
+    )
+
+
+def test_offsets_are_the_same_on_every_host_and_resume_works_on_another(ucc_host, redis_url):
+    a, b = two_hosts(ucc_host, redis_url)
+
+    async def scenario() -> None:
+        on_a = await connect_peer(a, 1, [CHANNEL])
+        on_b = await connect_peer(b, 2, [CHANNEL])
+        await b.aio.wait_online([1, 2])
+        await a.aio.wait_online([1, 2])
+        client_a, client_b = a.aio.client(), b.aio.client()
+        replies = []
+        for n in range(10):  # from both hosts, interleaved: one order, Redis's
+            client = client_a if n % 2 else client_b
+            replies.append(await client.broadcast_to_channel(CHANNEL, {"n": n}))
+        assert [r["offset"] for r in replies] == list(range(1, 11))
+        assert len({r["epoch"] for r in replies}) == 1 and all(r["cluster"] for r in replies)
+        for peer in (on_a, on_b):
+            await peer.wait_for(lambda _f, p=peer: p.position(CHANNEL)[0] == 10)
+        assert on_a.channel_messages(CHANNEL) == on_b.channel_messages(CHANNEL)
+        assert on_a.offsets(CHANNEL) == list(range(1, 11))
+
+        # user 1 leaves host a; 500 messages go out meanwhile (from both hosts); it comes back
+        # on host b and resumes there
+        await on_a.close()
+        for n in range(500):
+            client = client_a if n % 2 else client_b
+            await client.broadcast_to_channel(CHANNEL, {"m": n})
+        again = await reconnect_peer(b, on_a)
+        (resumed,) = again.resumed_of(CHANNEL)
+        assert resumed["recovered"] is True and resumed["offset"] == 510, (resumed, on_a.positions)
+        assert again.offsets(CHANNEL) == list(range(11, 511))
+        assert [m["data"] for m in again.channel_messages(CHANNEL)] == [
+            {"m": n} for n in range(500)
+        ]
+        history = await client_a.history(CHANNEL, since=505)
+        assert [m["offset"] for m in history["messages"]] == [506, 507, 508, 509, 510]
+        assert history["epoch"] == replies[0]["epoch"]
+        await again.close()
+        await on_b.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_critical_message_follows_its_user_to_another_host(ucc_host, redis_url):
+    a, b = two_hosts(ucc_host, redis_url)
+    user = 9
+
+    async def scenario() -> None:
+        client_a = a.aio.client()
+        reply = await client_a.broadcast_to_user(user, {"important": 1}, critical=True)
+        message_id = reply["message_id"]
+        # offline everywhere: it waits in Redis; the user comes on host b
+        peer = await connect_peer(b, user, auto_ack=False)
+        await peer.wait_for(lambda _f: len(peer.critical) == 1)
+        assert peer.critical == [{"type": "message", "id": message_id, "data": {"important": 1}}]
+        await peer.ack(message_id)
+
+        async def acked() -> bool:
+            stats = await b.aio.client().request("router_stats")
+            return bool(stats["redis"]["acks"] >= 1)
+
+        await wait_until_async(acked, 10.0)
+        await peer.close()
+        # acknowledged on b: a connection on a gets it no more
+        again = await connect_peer(a, user)
+        await client_a.broadcast_to_user(user, "marker")
+        await again.wait_for(lambda f: any(x.get("data") == "marker" for x in f))
+        assert again.critical == []
+        await again.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_critical_message_reaches_a_user_online_on_another_host(ucc_host, redis_url):
+    a, b = two_hosts(ucc_host, redis_url)
+    user = 10
+
+    async def scenario() -> None:
+        peer = await connect_peer(b, user)
+        await a.aio.wait_online([user])
+        reply = await a.aio.client().broadcast_to_user(user, "now", critical=True)
+        assert reply["hosts"] == 1
+        await peer.wait_for(lambda _f: len(peer.critical) == 1)
+        assert peer.critical[0]["id"] == reply["message_id"]
+        await peer.close()
+
+    asyncio.run(scenario())
