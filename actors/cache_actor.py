@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from actors.cache import Delta, UserConnectionCache
 from actors.critical import CriticalTracker
 from actors.ids import ChannelId, ConnId, UserId
 from actors.loopactor import LoopActor
+from actors.resume import Ask, Resumes
 from actors.wire import shardwire
 
 log = logging.getLogger("ucc.cache")
@@ -37,8 +39,6 @@ log = logging.getLogger("ucc.cache")
 READ_BATCH = 512  # ZeroMQ messages read per round at most (a shardwire batch is one)
 WORK_PER_TURN = 20_000  # recipients per round at most, so that the event loop's turns stay short
 BEAT_INTERVAL = 0.25  # seconds between two heartbeats (with credit) to the router
-RESUME_FLOOR_LIFE = 5.0  # seconds a resumed connection's duplicate filter lasts at most
-FRESH_LIFE = 30.0  # seconds after hello (or subscribed) that a late resume is still exact
 
 # -- what the actor asks of its shard's connections (one list per round, through ``post``) ------
 #
@@ -147,19 +147,6 @@ class ClientAck:
     id: str
 
 
-@dataclass(slots=True)
-class _Resuming:
-    """A connection's resume of one channel: while ``buffer`` is a list, the router's answer
-    (``V``) is awaited and the channel's live messages for it wait there; after it, until the
-    next live message or RESUME_FLOOR_LIFE, messages up to ``floor`` (replayed already) are
-    dropped, and one beyond ``floor + 1`` is a gap, filled by asking again."""
-
-    epoch: str
-    buffer: list[tuple[int, bytes]] | None
-    floor: int
-    since: float
-
-
 @dataclass(frozen=True, slots=True)
 class Activity:
     """Inbound activity since the last report: when each connection was last heard from, and
@@ -226,19 +213,11 @@ class CacheActor(LoopActor):
         # issue 11: critical messages sent and not yet acknowledged (re-sent on the clock), and
         # the resumes under way by channel; ``_notices`` go to the router after the next delta
         self.tracker = CriticalTracker(ack_timeout, ack_retries)
-        self._resuming: dict[ChannelId, dict[ConnId, _Resuming]] = {}
-        # A resume that comes after live messages reached the connection must not repeat them:
-        # for FRESH_LIFE after a connection opens to a channel (hello, subscribed), the offset
-        # of the first live message it was written is kept (``_unseen``: none yet), and such a
-        # resume only back-fills what came before it (``_backfill``: awaiting the router)
-        self._unseen: dict[ChannelId, set[ConnId]] = {}
-        self._first: dict[tuple[ConnId, ChannelId], int] = {}
-        self._fresh: dict[tuple[ConnId, ChannelId], float] = {}  # since when, oldest first
-        self._backfill: set[tuple[ConnId, ChannelId]] = set()
+        self.resumes = Resumes()
         # connections whose hello waits for the router: what is for them waits behind it
         self._unregistered: set[ConnId] = set()
         self._notices: list[list[bytes]] = []
-        self._now = 0.0  # the shard's monotonic clock, as of its last Activity report
+        self._now = time.monotonic()  # the shard's clock, as of its last Activity report
 
     def on_start(self) -> None:
         self.loop.add_reader(self.sock.getsockopt(zmq.FD), self._readable)
@@ -300,7 +279,7 @@ class CacheActor(LoopActor):
             meta = cache.meta(message.conn)
             if meta is not None:
                 for channel in meta.channels:
-                    self._end_resume(message.conn, channel)
+                    self.resumes.ended(message.conn, channel)
             self.tracker.closed(message.conn)
             self._unregistered.discard(message.conn)
             self._delta.merge(cache.disconnect(message.conn))
@@ -316,7 +295,7 @@ class CacheActor(LoopActor):
                 )
                 self._actions.append(Refused(message.conn, "limit", text))
         elif isinstance(message, Unsubscribe):
-            self._end_resume(message.conn, message.channel)
+            self.resumes.ended(message.conn, message.channel)
             self._delta.merge(cache.unsubscribe(message.conn, message.channel))
             self._unconfirmed.append(Subscribed(message.conn, message.channel, False))
         elif isinstance(message, Resume):
@@ -329,10 +308,7 @@ class CacheActor(LoopActor):
                 cache.touch(conn, seen)
             for again, frame in self.tracker.due(message.now):  # not acknowledged in time
                 self._actions.append(Deliver(frame, (ConnId(again),)))
-            if self._resuming:
-                self._sweep_floors(message.now)
-            if self._fresh:
-                self._sweep_fresh(message.now)
+            self.resumes.sweep(message.now)
             if message.now - self._last_sweep >= 1.0:  # the stale sweep walks every connection
                 self._last_sweep = message.now
                 stale = cache.stale(message.now, self.stale_timeout)
@@ -379,11 +355,11 @@ class CacheActor(LoopActor):
             else:
                 channel, offset = shardwire.unpack_ids(argument)
                 conns = self.cache.recipients(ChannelId(channel))
-                resuming = self._resuming.get(ChannelId(channel)) if self._resuming else None
-                if resuming:
-                    conns = self._live(ChannelId(channel), offset, payload, conns, resuming)
-                if self._unseen:
-                    self._first_live(ChannelId(channel), offset)
+                resumes = self.resumes
+                if resumes.resuming or resumes.unseen:  # else: nothing to decide
+                    conns, asks = resumes.live(ChannelId(channel), offset, payload, conns)
+                    for ask in asks:
+                        self._ask(ask)
             if conns:
                 self._actions.append(Deliver(payload, conns))
             return len(conns)
@@ -425,9 +401,9 @@ class CacheActor(LoopActor):
                 self._unregistered.discard(action.conn)
                 meta = self.cache.meta(action.conn)
                 for channel in meta.channels if meta is not None else ():
-                    self._note_fresh(action.conn, channel)
+                    self.resumes.opened(action.conn, channel, self._now)
             elif isinstance(action, Subscribed) and action.subscribed:
-                self._note_fresh(action.conn, action.channel)
+                self.resumes.opened(action.conn, action.channel, self._now)
 
     def _to_conn(self, conn: ConnId, frames: bytes) -> None:
         """Write ``frames`` to one connection: after its hello, if that still waits (a resume
@@ -438,55 +414,14 @@ class CacheActor(LoopActor):
         else:
             self._actions.append(action)
 
-    def _note_fresh(self, conn: ConnId, channel: ChannelId) -> None:
-        self._unseen.setdefault(channel, set()).add(conn)
-        self._fresh.pop((conn, channel), None)  # to the end: the dict stays oldest first
-        self._fresh[conn, channel] = self._now
-
-    def _first_live(self, channel: ChannelId, offset: int) -> None:
-        waiting = self._unseen.pop(channel, None)
-        for conn in waiting or ():
-            self._first[conn, channel] = offset
-
-    def _forget_fresh(self, conn: ConnId, channel: ChannelId) -> int | None:
-        """Stop noting for ``conn`` on ``channel``; the first live offset it was written, if
-        one was."""
-        self._fresh.pop((conn, channel), None)
-        waiting = self._unseen.get(channel)
-        if waiting is not None:
-            waiting.discard(conn)
-            if not waiting:
-                del self._unseen[channel]
-        return self._first.pop((conn, channel), None)
-
-    def _sweep_fresh(self, now: float) -> None:
-        for key, since in list(self._fresh.items()):
-            if now - since <= FRESH_LIFE:
-                break  # oldest first
-            self._forget_fresh(*key)
-
     def _resume(self, message: Resume) -> None:
-        """Subscribe the connection if it is not yet, hold the channel's live messages for it,
-        and ask the router (after the membership, so that nothing falls between the two). If
-        live messages of the channel were written to it already, ask only for those before
-        the first of them (a back-fill: they come after, but none twice)."""
+        """Subscribe the connection if it is not yet, and ask the router (after the membership,
+        so that nothing falls between the two): see :mod:`actors.resume`."""
         conn, channel = message.conn, message.channel
         meta = self.cache.meta(conn)
         if meta is None:
             return  # closed meanwhile
-        if (conn, channel) in self._backfill:
-            text = f"a resume of channel {channel} is under way on this connection"
-            self._actions.append(Refused(conn, "bad_frame", text))
-            return
-        first = self._forget_fresh(conn, channel)
-        if first is not None and channel in meta.channels:
-            self._backfill.add((conn, channel))
-            self._notices.append(
-                shardwire.resume(conn, channel, message.offset, message.epoch, upto=first - 1)
-            )
-            return
-        held = self._resuming.get(channel, {}).get(conn)
-        if held is not None and held.buffer is not None:
+        if self.resumes.busy(conn, channel):
             text = f"a resume of channel {channel} is under way on this connection"
             self._actions.append(Refused(conn, "bad_frame", text))
             return
@@ -500,86 +435,23 @@ class CacheActor(LoopActor):
                 self._actions.append(Refused(conn, "limit", text))
                 return
             self._delta.merge(self.cache.subscribe(conn, channel))
-        state = _Resuming(message.epoch, [], 0, self._now)
-        self._resuming.setdefault(channel, {})[conn] = state
-        self._notices.append(shardwire.resume(conn, channel, message.offset, message.epoch))
-
-    def _live(
-        self,
-        channel: ChannelId,
-        offset: int,
-        frame: bytes,
-        conns: tuple[ConnId, ...],
-        resuming: dict[ConnId, _Resuming],
-    ) -> tuple[ConnId, ...]:
-        """The recipients of a live message at ``offset``, less the resuming connections that
-        must not have it now (held for after the replay, or replayed already)."""
-        if not any(conn in resuming for conn in conns):
-            return conns
-        out = []
-        for conn in conns:
-            state = resuming.get(conn)
-            if state is None:
-                out.append(conn)
-            elif state.buffer is not None:
-                state.buffer.append((offset, frame))
-            elif offset > state.floor + 1:  # a gap after the replay: fill it, quietly
-                state.buffer = [(offset, frame)]
-                self._send(shardwire.resume(conn, channel, state.floor, state.epoch, quiet=True))
-            elif offset == state.floor + 1:
-                out.append(conn)
-                self._end_resume(conn, channel)
-        return tuple(out)
+        ask = self.resumes.start(conn, channel, message.offset, message.epoch, self._now)
+        self._notices.append(_resume_message(ask))
 
     def _resumed(self, argument: bytes, payload: bytes) -> None:
-        """The router's answer to a resume: the replay (and ``resumed``), then what was held
-        that comes after it, in order; a gap among those is asked for again."""
+        """The router's answer to a resume: write what :class:`Resumes` says, ask again if
+        it says so."""
         conn_id, channel_id, latest = shardwire.unpack_ids(argument)
-        conn, channel = ConnId(conn_id), ChannelId(channel_id)
-        if (conn, channel) in self._backfill:  # live messages flow already: only the rest
-            self._backfill.discard((conn, channel))
-            _epoch, frames = shardwire.parse_resumed(payload)
-            if frames:
-                self._to_conn(conn, frames)
-            return
-        state = self._resuming.get(channel, {}).get(conn)
-        if state is None or state.buffer is None:
-            return  # closed, unsubscribed, or a late duplicate
         epoch, frames = shardwire.parse_resumed(payload)
-        chunks = [frames] if frames else []
-        top, held = latest, state.buffer
-        rest: list[tuple[int, bytes]] = []
-        for i, (offset, frame) in enumerate(held):
-            if offset <= top:
-                continue
-            if offset != top + 1:
-                rest = held[i:]
-                break
-            chunks.append(frame)
-            top = offset
-        if chunks:
-            self._to_conn(conn, b"".join(chunks))
-        if not epoch:  # no history here: nothing to filter
-            self._end_resume(conn, channel)
-        elif rest:
-            state.epoch, state.buffer, state.floor = epoch, rest, top
-            self._send(shardwire.resume(conn, channel, top, epoch, quiet=True))
-        else:
-            state.epoch, state.buffer, state.floor, state.since = epoch, None, top, self._now
+        conn, channel = ConnId(conn_id), ChannelId(channel_id)
+        out, ask = self.resumes.answered(conn, channel, latest, epoch, frames, self._now)
+        if out:
+            self._to_conn(conn, out)
+        if ask is not None:
+            self._ask(ask)
 
-    def _end_resume(self, conn: ConnId, channel: ChannelId) -> None:
-        self._backfill.discard((conn, channel))
-        self._forget_fresh(conn, channel)
-        states = self._resuming.get(channel)
-        if states is not None and states.pop(conn, None) is not None and not states:
-            del self._resuming[channel]
-
-    def _sweep_floors(self, now: float) -> None:
-        """Forget the duplicate filters of resumes answered long ago (the channel went quiet)."""
-        for channel, states in list(self._resuming.items()):
-            for conn, state in list(states.items()):
-                if state.buffer is None and now - state.since > RESUME_FLOOR_LIFE:
-                    self._end_resume(conn, channel)
+    def _ask(self, ask: Ask) -> None:
+        self._send(_resume_message(ask))
 
     def _critical(self, users: list[int], messages: list[tuple[str, bytes]]) -> int:
         sent = 0
@@ -683,3 +555,7 @@ class CacheActor(LoopActor):
             log.warning("router not reading: dropped a %r message", msg[0])
             return False
         return True
+
+
+def _resume_message(ask: Ask) -> list[bytes]:
+    return shardwire.resume(ask.conn, ask.channel, ask.offset, ask.epoch, ask.quiet, ask.upto)

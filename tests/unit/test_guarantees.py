@@ -21,6 +21,7 @@ from actors.hostlink import (
     ReadHistory,
     Results,
     StoreCritical,
+    TopicsReady,
 )
 from actors.ids import ChannelId, stable_hash
 from actors.router import RouterCore
@@ -395,3 +396,65 @@ def test_router_stats_show_history_and_critical_counters(redis):
     assert stats["resumes"] == {"resumes": 1, "recovered": 0, "not_recovered": 1}
     assert {"channels", "messages"} <= set(stats["history"])
     assert "unknown_acks" in stats["critical"]
+
+
+def test_in_a_cluster_a_resume_is_answered_from_redis():
+    core = make(redis=True)
+    assert core.hosts is not None
+    from_shard(core, 1, shardwire.resume(4, 3, 2, "E"))
+    (op,) = core.hosts.take_ops()
+    assert isinstance(op, ReadHistory) and (op.channel, op.since, op.limit) == (3, 2, 64)
+    body = {"epoch": "E", "offset": 4, "first": 1, "messages": [[3, '"c"'], [4, '"d"']]}
+    core.hosts.link_event(Results([OpResult(op.qid, True, body)]), 0.0)
+    ((to, msg),) = outbox(core)
+    assert to == 1 and shardwire.unpack_ids(msg[1]) == [4, 3, 4]
+    _epoch, raw = shardwire.parse_resumed(msg[2])
+    sent = payloads(raw)
+    assert [(f.get("offset"), f.get("data")) for f in sent[:-1]] == [(3, "c"), (4, "d")]
+    assert sent[-1]["recovered"] is True
+
+
+def test_a_back_fill_replays_only_what_came_before_the_first_live_message():
+    core = make()
+    epoch = broadcast(core, 3, 1)["epoch"]
+    for n in range(2, 6):
+        broadcast(core, 3, n)
+    outbox(core)
+    from_shard(core, 0, shardwire.resume(9, 3, 1, epoch, upto=3))
+    ((_to, msg),) = outbox(core)
+    _epoch, raw = shardwire.parse_resumed(msg[2])
+    sent = payloads(raw)
+    assert [f.get("offset") for f in sent[:-1]] == [2, 3]
+    assert sent[-1] == {
+        "type": "resumed",
+        "channel": 3,
+        "offset": 5,
+        "epoch": epoch,
+        "recovered": True,
+    }
+
+
+def test_in_a_cluster_a_new_membership_is_confirmed_once_its_topic_is():
+    core = make(redis=True)
+    assert core.hosts is not None
+    core.shard_message(shardwire.identity(0, 1), shardwire.delta([7], [], 1), 0.0)
+    core.shard_message(shardwire.identity(0, 1), shardwire.delta([], [], 2), 0.0)
+    assert outbox(core) == []  # both wait: the second would confirm the first
+    core.hosts.link_event(TopicsReady([ChannelId(7)]), 0.1)
+    assert [msg for _index, msg in outbox(core)] == [shardwire.indexed(1), shardwire.indexed(2)]
+    # a channel whose topic is ready already: confirmed at once
+    core.shard_message(shardwire.identity(1, 1), shardwire.delta([7], [], 1), 0.2)
+    assert [msg for _index, msg in outbox(core)] == [shardwire.indexed(1)]
+
+
+def test_a_held_confirmation_goes_at_its_deadline_or_when_the_link_drops():
+    core = make(redis=True)
+    assert core.hosts is not None
+    core.shard_message(shardwire.identity(0, 1), shardwire.delta([7], [], 1), 0.0)
+    core.tick(1.0)
+    assert outbox(core) == []
+    core.tick(2.5)  # never confirmed (a stuck listener): hello must not wait for ever
+    assert [msg for _index, msg in outbox(core)] == [shardwire.indexed(1)]
+    core.shard_message(shardwire.identity(1, 1), shardwire.delta([8], [], 1), 3.0)
+    core.hosts.link_event(LinkState(False), 3.1)
+    assert [msg for _index, msg in outbox(core)] == [shardwire.indexed(1)]

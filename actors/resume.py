@@ -1,0 +1,202 @@
+"""A shard's side of resume: which live messages a resuming connection gets, and when.
+
+Owns: the resumes under way on one shard (per channel and connection), and, for a short while
+after a connection starts receiving a channel's live messages (its hello, a ``subscribed``), the
+offset of the first one it was written. Decides, for each live channel message with an offset,
+which of the channel's connections get it now, which wait for the router's replay, and which
+have it already; and what to ask the router (:class:`Ask`). Must never do I/O, read a clock
+(``now`` is a parameter) or touch a connection: the CacheActor carries out what it says.
+
+The three cases of a resume of channel C from offset N:
+
+- **Nothing live yet** (the usual case: a client resumes right after it connects, before
+  hello): C's live messages for the connection are held until the router's answer (the replay
+  of N+1..L, then ``resumed``); then the held ones after L follow, in order, and until the next
+  live one (or RESUME_FLOOR_LIFE) a message at or below the last one written is dropped as a
+  duplicate. A held or later message beyond the next offset is a gap (in a cluster, the host's
+  topic and the replay can race): the router is asked again, quietly, from the last offset
+  written, and what follows waits again.
+- **Live messages were written already** (a resume after hello): the first one's offset F is
+  known for FRESH_LIFE; the router replays only N+1..F-1, after them: every message once, but
+  the back-fill arrives after the live ones that followed it.
+- **No history** (``--history-size 0``): the answer is ``resumed`` with ``recovered: false``, and
+  the held messages (without offsets) follow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from actors.ids import ChannelId, ConnId
+
+RESUME_FLOOR_LIFE = 5.0  # seconds a resumed connection's duplicate filter lasts at most
+FRESH_LIFE = 30.0  # seconds after hello (or subscribed) that a late resume is still exact
+
+
+@dataclass(frozen=True, slots=True)
+class Ask:
+    """A resume to send to the router: replay ``channel`` after ``offset`` in ``epoch`` to
+    ``conn``; ``quiet``: no ``resumed`` frame (a gap the shard fills by itself); ``upto``:
+    nothing after this offset (0: no bound)."""
+
+    conn: ConnId
+    channel: ChannelId
+    offset: int
+    epoch: str
+    quiet: bool = False
+    upto: int = 0
+
+
+@dataclass(slots=True)
+class _Resuming:
+    """While ``buffer`` is a list, the router's answer is awaited and live messages wait there;
+    after it (``buffer`` None), messages up to ``floor`` are duplicates, ``floor + 1`` is next."""
+
+    epoch: str
+    buffer: list[tuple[int, bytes]] | None
+    floor: int
+    since: float
+
+
+class Resumes:
+    """The resumes of one shard's connections (see the module's docstring)."""
+
+    def __init__(self) -> None:
+        self.resuming: dict[ChannelId, dict[ConnId, _Resuming]] = {}
+        # connections written a channel's live messages from a moment on: those not written
+        # one yet (by channel), and the first one's offset; since when, oldest first
+        self.unseen: dict[ChannelId, set[ConnId]] = {}
+        self._first: dict[tuple[ConnId, ChannelId], int] = {}
+        self._fresh: dict[tuple[ConnId, ChannelId], float] = {}
+        self._backfill: set[tuple[ConnId, ChannelId]] = set()
+
+    # -- the connection's life -------------------------------------------------------------
+
+    def opened(self, conn: ConnId, channel: ChannelId, now: float) -> None:
+        """From now on, ``conn`` is written ``channel``'s live messages (hello, subscribed)."""
+        self.unseen.setdefault(channel, set()).add(conn)
+        self._fresh.pop((conn, channel), None)  # to the end: the dict stays oldest first
+        self._fresh[conn, channel] = now
+
+    def ended(self, conn: ConnId, channel: ChannelId) -> None:
+        """``conn`` left ``channel`` (unsubscribed, closed): forget it there."""
+        self._backfill.discard((conn, channel))
+        self._forget_fresh(conn, channel)
+        states = self.resuming.get(channel)
+        if states is not None and states.pop(conn, None) is not None and not states:
+            del self.resuming[channel]
+
+    def sweep(self, now: float) -> None:
+        """Forget the first offsets older than FRESH_LIFE, and the duplicate filters of
+        resumes answered more than RESUME_FLOOR_LIFE ago (the channel went quiet)."""
+        for key, since in list(self._fresh.items()):
+            if now - since <= FRESH_LIFE:
+                break
+            self._forget_fresh(*key)
+        for channel, states in list(self.resuming.items()):
+            for conn, state in list(states.items()):
+                if state.buffer is None and now - state.since > RESUME_FLOOR_LIFE:
+                    self.ended(conn, channel)
+
+    def size(self) -> int:
+        """How many entries are kept (for tests and statistics)."""
+        held = sum(len(states) for states in self.resuming.values())
+        return held + len(self._fresh) + len(self._backfill)
+
+    # -- a resume --------------------------------------------------------------------------
+
+    def busy(self, conn: ConnId, channel: ChannelId) -> bool:
+        """A resume of ``channel`` on ``conn`` awaits the router's answer already."""
+        state = self.resuming.get(channel, {}).get(conn)
+        return (conn, channel) in self._backfill or (state is not None and state.buffer is not None)
+
+    def start(self, conn: ConnId, channel: ChannelId, offset: int, epoch: str, now: float) -> Ask:
+        """A client's resume (``conn`` is subscribed to ``channel`` by now; not :meth:`busy`):
+        what to ask the router."""
+        first = self._forget_fresh(conn, channel)
+        if first is not None:
+            self._backfill.add((conn, channel))
+            return Ask(conn, channel, offset, epoch, upto=first - 1)
+        self.resuming.setdefault(channel, {})[conn] = _Resuming(epoch, [], 0, now)
+        return Ask(conn, channel, offset, epoch)
+
+    def live(
+        self, channel: ChannelId, offset: int, frame: bytes, conns: tuple[ConnId, ...]
+    ) -> tuple[tuple[ConnId, ...], list[Ask]]:
+        """A live message of ``channel`` at ``offset`` for ``conns``: those to write it to now
+        (``conns`` itself, unchanged, when no resume concerns it), and what to ask the router
+        (gaps)."""
+        if self.unseen:
+            waiting = self.unseen.pop(channel, None)
+            for conn in waiting or ():
+                self._first[conn, channel] = offset
+        resuming = self.resuming.get(channel) if self.resuming else None
+        if not resuming or not any(conn in resuming for conn in conns):
+            return conns, []
+        out, asks = [], []
+        for conn in conns:
+            state = resuming.get(conn)
+            if state is None:
+                out.append(conn)
+            elif state.buffer is not None:
+                state.buffer.append((offset, frame))
+            elif offset > state.floor + 1:  # a gap after the replay: fill it, quietly
+                state.buffer = [(offset, frame)]
+                asks.append(Ask(conn, channel, state.floor, state.epoch, quiet=True))
+            elif offset == state.floor + 1:
+                out.append(conn)
+                self.ended(conn, channel)
+            # else: at or below the floor, replayed already
+        return tuple(out), asks
+
+    def answered(
+        self,
+        conn: ConnId,
+        channel: ChannelId,
+        latest: int,
+        epoch: str,
+        frames: bytes,
+        now: float,
+    ) -> tuple[bytes, Ask | None]:
+        """The router's answer (``frames``: the replay, then ``resumed`` unless quiet; messages up
+        to ``latest`` of ``epoch`` are in it or gone): what to write to ``conn`` now, and what to
+        ask again (a gap among the held messages)."""
+        if (conn, channel) in self._backfill:  # live messages flow already: only the rest
+            self._backfill.discard((conn, channel))
+            return frames, None
+        state = self.resuming.get(channel, {}).get(conn)
+        if state is None or state.buffer is None:
+            return b"", None  # closed, unsubscribed, or a late duplicate
+        chunks = [frames] if frames else []
+        top, held = latest, state.buffer
+        rest: list[tuple[int, bytes]] = []
+        for i, (offset, frame) in enumerate(held):
+            if not epoch:  # no history: no offsets; everything held follows
+                chunks.append(frame)
+            elif offset <= top:
+                continue
+            elif offset != top + 1:
+                rest = held[i:]
+                break
+            else:
+                chunks.append(frame)
+                top = offset
+        if not epoch:
+            self.ended(conn, channel)
+            return b"".join(chunks), None
+        if rest:
+            state.epoch, state.buffer, state.floor = epoch, rest, top
+            return b"".join(chunks), Ask(conn, channel, top, epoch, quiet=True)
+        state.epoch, state.buffer, state.floor, state.since = epoch, None, top, now
+        return b"".join(chunks), None
+
+    def _forget_fresh(self, conn: ConnId, channel: ChannelId) -> int | None:
+        """Stop noting for ``conn`` on ``channel``; the first live offset it was written, if
+        one was."""
+        self._fresh.pop((conn, channel), None)
+        waiting = self.unseen.get(channel)
+        if waiting is not None:
+            waiting.discard(conn)
+            if not waiting:
+                del self.unseen[channel]
+        return self._first.pop((conn, channel), None)
