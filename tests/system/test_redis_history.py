@@ -31,6 +31,7 @@ from actors.hostlink import (
     Results,
     StoreCritical,
     Subscribe,
+    TopicsReady,
 )
 from actors.ids import ChannelId
 from actors.wire import cluster, frames
@@ -74,6 +75,7 @@ class Host:
         self.link = RedisLink(server.url, name, self.events.put, KEY)
         self.deliveries: list[Delivery] = []
         self.results: dict[int, Any] = {}
+        self.ready: set[int] = set()  # channels whose topic Redis confirmed (TopicsReady)
         self.link.start()
         self.wait(lambda: self.link.up, what="for the link to connect")
 
@@ -91,6 +93,8 @@ class Host:
             elif isinstance(event, Results):
                 for result in event.results:
                     self.results[result.qid] = result
+            elif isinstance(event, TopicsReady):
+                self.ready.update(event.channels)
             else:
                 assert isinstance(event, LinkState)
 
@@ -157,6 +161,8 @@ def subscribe(channel: int, *hosts: Host) -> None:
         host.link.submit(Subscribe(ChannelId(channel)))
     topic = hosts[0].link.layout.channel_topic(channel)
     hosts[0].wait(lambda: hosts[0].listeners(topic) == len(hosts), what="for the subscriptions")
+    for host in hosts:  # and each link said so (the router waits for this before hello)
+        host.wait(lambda h=host: channel in h.ready, what="for the topic's confirmation")
 
 
 def online(host: Host, other: Host, users: list[int]) -> None:
