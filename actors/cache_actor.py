@@ -182,7 +182,11 @@ class CacheActor(LoopActor):
         self.cache = UserConnectionCache(max_channels)
         # subscribes refused for the channel limit: a client's, and connections left out of a
         # server-side subscribe (in the shard's ``status`` row)
-        self.limits = {"refused_channel_limit": 0, "limited_server_subscribe": 0}
+        self.limits = {
+            "refused_channel_limit": 0,
+            "limited_server_subscribe": 0,
+            "resume_failed": 0,
+        }
         self.post = post
         self.fail = fail
         self.counters = counters
@@ -307,8 +311,8 @@ class CacheActor(LoopActor):
             for conn, seen in message.last_seen.items():
                 cache.touch(conn, seen)
             for again, frame in self.tracker.due(message.now):  # not acknowledged in time
-                self._actions.append(Deliver(frame, (ConnId(again),)))
-            self.resumes.sweep(message.now)
+                self._to_conn(ConnId(again), frame)
+            self._resumes_failed(self.resumes.sweep(message.now))
             if message.now - self._last_sweep >= 1.0:  # the stale sweep walks every connection
                 self._last_sweep = message.now
                 stale = cache.stale(message.now, self.stale_timeout)
@@ -360,6 +364,8 @@ class CacheActor(LoopActor):
                     conns, asks = resumes.live(ChannelId(channel), offset, payload, conns)
                     for ask in asks:
                         self._ask(ask)
+                    if resumes.resuming:
+                        self._resumes_failed(resumes.overflowing())
             if conns:
                 self._actions.append(Deliver(payload, conns))
             return len(conns)
@@ -409,10 +415,12 @@ class CacheActor(LoopActor):
         """Write ``frames`` to one connection: after its hello, if that still waits (a resume
         or pending critical messages can be answered before the router confirms it)."""
         action = Deliver(frames, (conn,))
-        if conn in self._unregistered:
-            self._held.append((self._seq, action))
-        else:
+        if conn not in self._unregistered:
             self._actions.append(action)
+        elif any(isinstance(a, Registered) and a.conn == conn for a in self._unconfirmed):
+            self._unconfirmed.append(action)  # its hello is not numbered yet: right behind it
+        else:
+            self._held.append((self._seq, action))
 
     def _resume(self, message: Resume) -> None:
         """Subscribe the connection if it is not yet, and ask the router (after the membership,
@@ -452,6 +460,14 @@ class CacheActor(LoopActor):
 
     def _ask(self, ask: Ask) -> None:
         self._send(_resume_message(ask))
+
+    def _resumes_failed(self, failed: list[tuple[ConnId, ChannelId]]) -> None:
+        """Resumes that got no answer in time, or held too much meanwhile: close their
+        connections (1013), whose clients reconnect and resume, rather than leave a gap."""
+        if failed:
+            self.limits["resume_failed"] += len(failed)
+            conns = sorted({conn for conn, _channel in failed})
+            self._actions.append(CloseConnections(conns, 1013, "resume failed: reconnect"))
 
     def _critical(self, users: list[int], messages: list[tuple[str, bytes]]) -> int:
         sent = 0
@@ -558,4 +574,4 @@ class CacheActor(LoopActor):
 
 
 def _resume_message(ask: Ask) -> list[bytes]:
-    return shardwire.resume(ask.conn, ask.channel, ask.offset, ask.epoch, ask.quiet, ask.upto)
+    return shardwire.resume(ask.conn, ask.channel, ask.offset, ask.epoch, ask.quiet, ask.before)

@@ -24,7 +24,9 @@ quietly, from where it is.
 from __future__ import annotations
 
 import json
+from collections import deque
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from actors.critical import Critical, CriticalLimit, CriticalStore
@@ -47,6 +49,26 @@ if TYPE_CHECKING:
     from actors.router import RouterCore, ShardSlot
 
 DEFAULT_CRITICAL_TTL = 86_400.0
+WAIT_FOR_TOPIC = 2.0  # seconds a resume waits for the host's topic subscription at most
+MAX_PENDING_ACKS = 10_000  # acks kept for Redis while the link is down
+MAX_UNDELIVERED = 10_000  # critical messages kept to queue again to a shard that had no room
+
+
+@dataclass(frozen=True, slots=True)
+class _Resume:
+    """A resume from connection ``conn`` of shard ``index`` (incarnation ``incarnation``)."""
+
+    index: ShardIndex
+    incarnation: int
+    conn: int
+    channel: ChannelId
+    offset: int
+    epoch: str
+    quiet: bool
+    before: int
+    deadline: float  # of its wait for the channel's topic
+
+
 # a frame with an offset and an epoch is at most this much longer than the same without
 POSITION_BYTES = 64
 INTERNAL = "internal"  # the request of a gather that no backend waits for
@@ -60,6 +82,12 @@ class Guarantees:
         self.history = history
         self.critical = critical
         self.counters = {"resumes": 0, "recovered": 0, "not_recovered": 0}
+        self._waiting: list[_Resume] = []  # resumes waiting for their channel's topic
+        # acks made while the link was down, for Redis when it is back (oldest dropped)
+        self._acks: deque[tuple[int, str]] = deque(maxlen=MAX_PENDING_ACKS)
+        # critical messages a shard had no room for: (shard, incarnation, message), retried
+        self._undelivered: deque[tuple[ShardIndex, int, list[bytes]]] = deque()
+        self.undelivered_dropped = 0
 
     def _linked(self) -> bool:
         """Whether Redis holds the history and the critical messages right now."""
@@ -108,16 +136,22 @@ class Guarantees:
         return {"offset": position.offset, "epoch": position.epoch}
 
     def _appended(self, channel: ChannelId, data: bytes, now: float) -> Callable[[Gather], Any]:
-        """The reply of a broadcast with history in a cluster: Redis's offset and epoch. If
-        Redis failed it (the link went down meanwhile), this host's own history takes over, as
-        it does for the broadcasts that follow while the link is down: delivered here, with
-        this host's epoch (clients that resume later see the change), and the reply says
-        ``cluster: false``. (Had Redis run it after all, its copy reaches no listener of ours
-        on the dead link; one that reached another host's clients is what ``cluster: false``
-        warns of.)"""
+        """The reply of a broadcast with history in a cluster: Redis's offset and epoch. If the
+        link went down meanwhile, this host's own history takes over, as it does for the
+        broadcasts that follow while the link is down: delivered here, with this host's epoch
+        (clients that resume later see the change), and the reply says ``cluster: false``.
+        (Had Redis run it after all, its copy reaches no listener of ours on the dead link; one
+        that reached another host's clients is what ``cluster: false`` warns of.) If Redis only
+        did not answer in time, the reply is an error ``unavailable``: it may still run it."""
 
         def combine(gather: Gather) -> dict[str, Any]:
             body = gather.answers.get(REDIS)
+            hosts = self._core.hosts
+            if body is None and hosts is not None and hosts.up:
+                # no answer in time, the link up: Redis may run it yet (delivering it here
+                # too): a copy from this host's store would be a second one
+                text = "redis did not answer in time: the message may or may not be delivered"
+                return {"ok": False, "error": {"code": "unavailable", "message": text}}
             if body is None:
                 return {**gather.args, **self._append_here(channel, data, now)}
             return {**gather.args, "offset": body["offset"], "epoch": body["epoch"]}
@@ -128,59 +162,82 @@ class Guarantees:
 
     def resume(self, slot: ShardSlot, argument: bytes, payload: bytes, now: float) -> None:
         """A client's resume (or a shard's quiet one, to fill a gap): answer its shard with
-        the messages after the client's offset, then ``resumed`` (see shardwire ``V``)."""
-        conn, raw_channel, offset, quiet, upto = shardwire.unpack_ids(argument)
-        channel = ChannelId(raw_channel)
-        epoch = payload.decode(errors="replace")
+        the messages after the client's offset, then ``resumed`` (see shardwire ``V``). In a
+        cluster, once the host listens to the channel's topic (a message published between
+        the read and the subscription would be in neither)."""
+        conn, channel, offset, quiet, before = shardwire.unpack_ids(argument)
+        request = _Resume(
+            slot.index,
+            slot.epoch,
+            conn,
+            ChannelId(channel),
+            offset,
+            payload.decode(errors="replace"),
+            bool(quiet),
+            before,
+            now + WAIT_FOR_TOPIC,
+        )
         self.counters["resumes"] += 1
-        incarnation = slot.epoch
+        hosts = self._core.hosts
         if not self.history.enabled:
-            answer = Recovery(False, 0, "", [])
-            self._send_resumed(slot, incarnation, conn, channel, answer, bool(quiet), now, upto)
-            return
-        if self._core.hosts is None:
-            answer = self.history.recover(channel, offset, epoch, now)
-            self._send_resumed(slot, incarnation, conn, channel, answer, bool(quiet), now, upto)
-            return
+            self._send_resumed(request, Recovery(False, 0, "", []), now)
+        elif hosts is None:
+            answer = self.history.recover(request.channel, offset, request.epoch, now)
+            self._send_resumed(request, answer, now)
+        elif hosts.up and request.channel not in hosts.ready:
+            self._waiting.append(request)
+        else:
+            self._read(request, now)
+
+    def _read(self, request: _Resume, now: float) -> None:
+        """Read a resume's messages from Redis (through the link), and answer it. If Redis fails
+        it, this host's store answers (it holds nothing of Redis's epoch: see link_state)."""
 
         def replay(gather: Gather) -> dict[str, Any]:
             body = gather.answers.get(REDIS)
-            if body is None:  # Redis failed meanwhile: what this host has (a new epoch, likely)
-                answer = self.history.recover(channel, offset, epoch, now)
+            if body is None:
+                answer = self.history.recover(channel, request.offset, request.epoch, now)
             else:
-                answer = _from_redis(body, offset, epoch)
-            self._send_resumed(slot, incarnation, conn, channel, answer, bool(quiet), now, upto)
+                answer = _from_redis(body, request.offset, request.epoch)
+            self._send_resumed(request, answer, now)
             return {}
 
-        size = self.history.size
+        channel, size = request.channel, self.history.size
         ttl_ms = int(self.history.ttl * 1000)
+        since = request.offset
         spec = GatherSpec(
-            (), replay, None, remote=lambda qid: ReadHistory(qid, channel, offset, size, ttl_ms)
+            (), replay, None, remote=lambda qid: ReadHistory(qid, channel, since, size, ttl_ms)
         )
         self._core.start_gather(None, INTERNAL, spec, now)
 
-    def _send_resumed(
-        self,
-        slot: ShardSlot,
-        incarnation: int,
-        conn: int,
-        channel: ChannelId,
-        answer: Recovery,
-        quiet: bool,
-        now: float,
-        upto: int = 0,
-    ) -> None:
-        if slot.epoch != incarnation:
+    def topics_ready(self, now: float) -> None:
+        """The link confirmed topics (or time passed): the resumes waiting for theirs go on."""
+        hosts = self._core.hosts
+        if not self._waiting or hosts is None:
+            return
+        waiting, self._waiting = self._waiting, []
+        for request in waiting:
+            if not hosts.up or request.channel in hosts.ready or now >= request.deadline:
+                self._read(request, now)
+            else:
+                self._waiting.append(request)
+
+    def _send_resumed(self, request: _Resume, answer: Recovery, now: float) -> None:
+        slot = self._core.slots[request.index]
+        if slot.epoch != request.incarnation:
             return  # the shard restarted meanwhile: its connections (and their ids) are gone
         self.counters["recovered" if answer.recovered else "not_recovered"] += 1
+        before, channel = request.before, request.channel
         parts = [
             frames.channel_message(channel, data, offset, answer.epoch)
             for offset, data in answer.messages
-            if not upto or offset <= upto
+            if not before or offset < before
         ]
-        if not quiet:
+        if not request.quiet or not answer.recovered:  # a gap that cannot be filled: said
             parts.append(frames.resumed(channel, answer.offset, answer.epoch, answer.recovered))
-        message = shardwire.resumed(conn, channel, answer.offset, answer.epoch, b"".join(parts))
+        message = shardwire.resumed(
+            request.conn, channel, answer.offset, answer.epoch, b"".join(parts)
+        )
         self._core.send(slot.index, message, now)
 
     # -- the history command ---------------------------------------------------------------
@@ -287,7 +344,7 @@ class Guarantees:
                     return {"ok": False, "error": {"code": exc.code, "message": exc.message}}
             for index, msg in messages.items():
                 if not core.offer(index, msg, now):
-                    core.counters["dropped_to_shards"] += 1  # kept: it comes with the next hello
+                    self.undelivered(index, msg)
             result = {**gather.args}
             if body is not None:
                 result["hosts"] = body.get("value", 0)
@@ -339,6 +396,22 @@ class Guarantees:
         hosts = self._core.hosts
         if hosts is not None and hosts.up:
             hosts.queue(AckCritical(user, message_id))
+        elif hosts is not None:  # for Redis's copy, once the link is back
+            self._acks.append((user, message_id))
+
+    def link_state(self, up: bool, now: float) -> None:
+        """The link (re)connected or went down. Back up: the acks made meanwhile go to Redis,
+        and this host's own history is forgotten (it was written while Redis was away: a resume
+        must never find it recovered against Redis's), so are the resumes waiting for a topic
+        (answered now)."""
+        hosts = self._core.hosts
+        if hosts is None:
+            return
+        if up:
+            while self._acks:
+                hosts.queue(AckCritical(*self._acks.popleft()))
+            self.history.clear()
+        self.topics_ready(now)
 
     def acked_elsewhere(self, users: list[int], message_id: str, now: float) -> None:
         """Another host got the ack: the shard here stops re-sending it."""
@@ -347,16 +420,37 @@ class Guarantees:
             for user in group:
                 core.send(index, shardwire.acked(user, message_id), now)
 
+    def undelivered(self, index: ShardIndex, msg: list[bytes]) -> None:
+        """A critical message (``K``, ``L``) that shard ``index`` had no room for: queued again
+        later (:meth:`tick`), so that a live connection gets it without waiting for the user's
+        next one; at most MAX_UNDELIVERED (beyond: counted, and it waits for that)."""
+        if len(self._undelivered) >= MAX_UNDELIVERED:
+            self.undelivered_dropped += 1
+            return
+        self._undelivered.append((index, self._core.slots[index].epoch, msg))
+
     # -- time and statistics ---------------------------------------------------------------
 
     def tick(self, now: float) -> None:
         self.history.expire(now)
         self.critical.expire(now)
+        if self._waiting:
+            self.topics_ready(now)
+        for _ in range(len(self._undelivered)):
+            index, incarnation, msg = self._undelivered.popleft()
+            if self._core.slots[index].epoch != incarnation:
+                continue  # its connections are gone; new ones get it after hello
+            if not self._core.offer(index, msg, now):
+                self._undelivered.append((index, incarnation, msg))
 
     def statistics(self) -> dict[str, Any]:
         return {
             "history": self.history.stats(),
-            "critical": self.critical.stats(),
+            "critical": {
+                **self.critical.stats(),
+                "retrying": len(self._undelivered),
+                "retry_dropped": self.undelivered_dropped,
+            },
             "resumes": dict(self.counters),
         }
 

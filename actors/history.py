@@ -223,6 +223,11 @@ class HistoryStore:
         self.expired += dropped
         return dropped
 
+    def clear(self) -> None:
+        """Forget every channel's state (their next message starts a new epoch)."""
+        self._states.clear()
+        self.bytes = self.messages = 0
+
     def stats(self) -> dict[str, int]:
         return {
             "channels": len(self._states),

@@ -156,6 +156,7 @@ class OtherHosts:
         """Something the link reported (see :mod:`actors.hostlink`)."""
         if isinstance(event, LinkState):
             self.link_state(event.up)
+            self._core.guarantees.link_state(event.up, now)
         elif isinstance(event, Results):
             for result in event.results:
                 self.result(result.qid, result.ok, result.body)
@@ -165,6 +166,7 @@ class OtherHosts:
         elif isinstance(event, TopicsReady):
             self.ready.update(c for c in event.channels if c in self._core.index)
             self.release(now)
+            self._core.guarantees.topics_ready(now)
 
     def link_state(self, up: bool) -> None:
         """The link (re)connected, or lost Redis: stop waiting for it."""
@@ -221,6 +223,8 @@ class OtherHosts:
         for index, msg in targets.items():
             if not core.offer(index, msg, now):
                 core.counters["remote_dropped"] += 1
+                if delivery.critical_id is not None:
+                    core.guarantees.undelivered(index, msg)
 
     def _control(self, users: list[int], control: dict[str, Any], now: float) -> None:
         """A backend command from another host for users we have: apply it, answer nobody. A

@@ -19,6 +19,8 @@ The three cases of a resume of channel C from offset N:
 - **Live messages were written already** (a resume after hello): the first one's offset F is
   known for FRESH_LIFE; the router replays only N+1..F-1, after them: every message once, but
   the back-fill arrives after the live ones that followed it.
+- **No answer** within RESUME_WAIT (or more than MAX_HELD messages held meanwhile): the resume
+  has failed, and the connection is closed (1013): its client reconnects and resumes again.
 - **No history** (``--history-size 0``): the answer is ``resumed`` with ``recovered: false``, and
   the held messages (without offsets) follow.
 """
@@ -31,20 +33,22 @@ from actors.ids import ChannelId, ConnId
 
 RESUME_FLOOR_LIFE = 5.0  # seconds a resumed connection's duplicate filter lasts at most
 FRESH_LIFE = 30.0  # seconds after hello (or subscribed) that a late resume is still exact
+RESUME_WAIT = 10.0  # seconds a resume waits for the router's answer; then it has failed
+MAX_HELD = 10_000  # live messages held for one resume at most; beyond, it has failed
 
 
 @dataclass(frozen=True, slots=True)
 class Ask:
     """A resume to send to the router: replay ``channel`` after ``offset`` in ``epoch`` to
-    ``conn``; ``quiet``: no ``resumed`` frame (a gap the shard fills by itself); ``upto``:
-    nothing after this offset (0: no bound)."""
+    ``conn``; ``quiet``: no ``resumed`` frame unless it cannot (a gap the shard fills by
+    itself); ``before``: nothing from this offset on (0: no bound)."""
 
     conn: ConnId
     channel: ChannelId
     offset: int
     epoch: str
     quiet: bool = False
-    upto: int = 0
+    before: int = 0
 
 
 @dataclass(slots=True)
@@ -55,7 +59,7 @@ class _Resuming:
     epoch: str
     buffer: list[tuple[int, bytes]] | None
     floor: int
-    since: float
+    since: float  # when the router was asked (buffer) or answered (floor)
 
 
 class Resumes:
@@ -68,7 +72,8 @@ class Resumes:
         self.unseen: dict[ChannelId, set[ConnId]] = {}
         self._first: dict[tuple[ConnId, ChannelId], int] = {}
         self._fresh: dict[tuple[ConnId, ChannelId], float] = {}
-        self._backfill: set[tuple[ConnId, ChannelId]] = set()
+        self._backfill: dict[tuple[ConnId, ChannelId], float] = {}  # since when
+        self._now = 0.0
 
     # -- the connection's life -------------------------------------------------------------
 
@@ -80,28 +85,52 @@ class Resumes:
 
     def ended(self, conn: ConnId, channel: ChannelId) -> None:
         """``conn`` left ``channel`` (unsubscribed, closed): forget it there."""
-        self._backfill.discard((conn, channel))
+        self._backfill.pop((conn, channel), None)
         self._forget_fresh(conn, channel)
         states = self.resuming.get(channel)
         if states is not None and states.pop(conn, None) is not None and not states:
             del self.resuming[channel]
 
-    def sweep(self, now: float) -> None:
+    def sweep(self, now: float) -> list[tuple[ConnId, ChannelId]]:
         """Forget the first offsets older than FRESH_LIFE, and the duplicate filters of
-        resumes answered more than RESUME_FLOOR_LIFE ago (the channel went quiet)."""
+        resumes answered more than RESUME_FLOOR_LIFE ago (the channel went quiet). Returns the
+        resumes that failed: no answer from the router within RESUME_WAIT (it was lost on the
+        way, or the shard's incarnation changed), or more than MAX_HELD messages held; they are
+        forgotten, and their connections must be closed (the client reconnects and resumes:
+        anything else would be a silent gap)."""
+        self._now = now  # for the gaps live() finds: as of the shard's last tick
         for key, since in list(self._fresh.items()):
             if now - since <= FRESH_LIFE:
                 break
             self._forget_fresh(*key)
+        failed = [key for key, since in self._backfill.items() if now - since > RESUME_WAIT]
         for channel, states in list(self.resuming.items()):
             for conn, state in list(states.items()):
                 if state.buffer is None and now - state.since > RESUME_FLOOR_LIFE:
                     self.ended(conn, channel)
+                elif state.buffer is not None and now - state.since > RESUME_WAIT:
+                    failed.append((conn, channel))
+        for conn, channel in failed:
+            self.ended(conn, channel)
+        return failed
 
     def size(self) -> int:
         """How many entries are kept (for tests and statistics)."""
         held = sum(len(states) for states in self.resuming.values())
         return held + len(self._fresh) + len(self._backfill)
+
+    def overflowing(self) -> list[tuple[ConnId, ChannelId]]:
+        """The resumes holding more than MAX_HELD messages (failed: see :meth:`sweep`);
+        forgotten."""
+        over = [
+            (conn, channel)
+            for channel, states in self.resuming.items()
+            for conn, state in states.items()
+            if state.buffer is not None and len(state.buffer) > MAX_HELD
+        ]
+        for conn, channel in over:
+            self.ended(conn, channel)
+        return over
 
     # -- a resume --------------------------------------------------------------------------
 
@@ -115,8 +144,8 @@ class Resumes:
         what to ask the router."""
         first = self._forget_fresh(conn, channel)
         if first is not None:
-            self._backfill.add((conn, channel))
-            return Ask(conn, channel, offset, epoch, upto=first - 1)
+            self._backfill[conn, channel] = now
+            return Ask(conn, channel, offset, epoch, before=first)
         self.resuming.setdefault(channel, {})[conn] = _Resuming(epoch, [], 0, now)
         return Ask(conn, channel, offset, epoch)
 
@@ -131,23 +160,27 @@ class Resumes:
             for conn in waiting or ():
                 self._first[conn, channel] = offset
         resuming = self.resuming.get(channel) if self.resuming else None
-        if not resuming or not any(conn in resuming for conn in conns):
+        if not resuming:
             return conns, []
-        out, asks = [], []
-        for conn in conns:
-            state = resuming.get(conn)
-            if state is None:
-                out.append(conn)
-            elif state.buffer is not None:
+        # the resuming connections (few) are all among ``conns`` (subscribed): decide for them,
+        # and leave ``conns`` itself alone unless one of them must not have the message now
+        skip: set[ConnId] = set()
+        asks: list[Ask] = []
+        for conn, state in list(resuming.items()):
+            if state.buffer is not None:
                 state.buffer.append((offset, frame))
+                skip.add(conn)
             elif offset > state.floor + 1:  # a gap after the replay: fill it, quietly
-                state.buffer = [(offset, frame)]
+                state.buffer, state.since = [(offset, frame)], self._now
                 asks.append(Ask(conn, channel, state.floor, state.epoch, quiet=True))
+                skip.add(conn)
             elif offset == state.floor + 1:
-                out.append(conn)
                 self.ended(conn, channel)
-            # else: at or below the floor, replayed already
-        return tuple(out), asks
+            else:  # at or below the floor: replayed already
+                skip.add(conn)
+        if not skip:
+            return conns, asks
+        return tuple(c for c in conns if c not in skip), asks
 
     def answered(
         self,
@@ -161,8 +194,7 @@ class Resumes:
         """The router's answer (``frames``: the replay, then ``resumed`` unless quiet; messages up
         to ``latest`` of ``epoch`` are in it or gone): what to write to ``conn`` now, and what to
         ask again (a gap among the held messages)."""
-        if (conn, channel) in self._backfill:  # live messages flow already: only the rest
-            self._backfill.discard((conn, channel))
+        if self._backfill.pop((conn, channel), None) is not None:  # live flows already
             return frames, None
         state = self.resuming.get(channel, {}).get(conn)
         if state is None or state.buffer is None:

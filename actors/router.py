@@ -222,6 +222,9 @@ class RouterCore:
         confirmations = [m for m in messages if m[0] == shardwire.INDEXED]
         if confirmations:  # without it, the shard would hold its clients' hello
             self.send(slot.index, confirmations[-1], now)
+        for msg in messages:  # a critical message must reach a live connection: again later
+            if msg[0] in (shardwire.CRITICAL, shardwire.PENDING):
+                self.guarantees.undelivered(slot.index, msg)
 
     def take_replies(self) -> list[tuple[list[bytes], bytes]]:
         """Replies to backends queued since the last call: (envelope, payload), in order."""

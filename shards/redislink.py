@@ -548,7 +548,10 @@ class RedisLink:
         critical operations: the shapes their docstrings in :mod:`actors.hostlink` give)."""
         if isinstance(op, AppendChannel):
             self._count("history_appended")
-            return {"offset": int(value[0]), "epoch": _text(value[1])}
+            offset = int(value[0])
+            if not 0 < offset <= cluster.MAX_OFFSET:  # ValueError: this operation fails
+                raise ValueError(f"offset {offset} out of range")
+            return {"offset": offset, "epoch": _text(value[1])}
         if isinstance(op, ReadHistory):
             self._count("history_read")
             return self._history(op.channel, value)
@@ -584,7 +587,10 @@ class RedisLink:
         ``first`` moves past it, so that the messages from ``first`` on stay gapless (a resume
         from before the gap is then not recovered, rather than silently missing one)."""
         epoch, latest = _text(value[0]), int(value[1])
+        if not 0 <= latest < cluster.MAX_OFFSET:  # ValueError: this operation fails, counted
+            raise ValueError(f"offset {latest} out of range")
         first = latest + 1 if value[2] is None else (_entry_offset(value[2]) or latest + 1)
+        first = min(first, latest + 1)
         messages: list[list[Any]] = []  # [offset, "<data json>"]
         for entry, fields in value[3]:
             offset = _entry_offset(entry)
@@ -673,6 +679,7 @@ def _utf8(data: bytes) -> str | None:
 def _entry_offset(entry: Any) -> int | None:
     """The offset of a stream entry id ``<offset>-1``; None for any other id."""
     head, separator, tail = _text(entry).partition("-")
-    if separator != "-" or tail != "1" or not head.isdigit():
+    if separator != "-" or tail != "1" or not head.isdigit() or len(head) > 19:
         return None
-    return int(head)
+    offset = int(head)
+    return offset if 0 < offset <= cluster.MAX_OFFSET else None

@@ -66,6 +66,7 @@ MAX_ID = 128  # characters of a critical message id
 # what the APPEND script adds after a sealed channel message with history: its position
 _POSITION = re.compile(rb"\|([0-9]{1,19})\|([0-9A-Za-z_-]{1,64})\Z")
 _POSITION_TAIL = 90  # bytes: the longest position trailer fits
+MAX_OFFSET = 2**63 - 1  # what the router and shards carry (8 bytes, signed); beyond: forged
 
 
 class ClusterKey:
@@ -273,7 +274,9 @@ def decode(
         return message
     if abs(now_ms - message.sent_ms) > REPLAY_WINDOW_MS:
         return Rejected.REPLAYED
-    if message.history != (position is not None) or (message.history and offset < 1):
+    if message.history != (position is not None) or (
+        message.history and not 0 < offset <= MAX_OFFSET
+    ):
         return Rejected.FORGED
     if message.history:
         return replace(message, offset=offset, epoch=epoch)
@@ -525,7 +528,8 @@ end
 APPEND = (
     _HISTORY_STATE
     + """
-local offset = redis.call('HINCRBY', meta, 'offset', 1)
+redis.call('HINCRBY', meta, 'offset', 1)
+local offset = redis.call('HGET', meta, 'offset')  -- a string: a Lua number would print 1e+14
 redis.call('XADD', stream, 'MAXLEN', ARGV[6], offset .. '-1', 'm', ARGV[8])
 redis.call('PEXPIRE', stream, ARGV[7])
 redis.call('PEXPIRE', meta, ARGV[7])

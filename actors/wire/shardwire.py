@@ -24,7 +24,7 @@ Shard → router (DEALER, identity ``shard-<index>-<epoch>``):
 | ``S``, ids, seq | every channel the shard has members of (after a ``D`` was dropped) |
 | ``R``, query id, JSON | the answer to query ``Q`` |
 | ``P``, two counters (8 bytes each) | pulse: alive, and messages and bytes consumed so far |
-| ``B``, conn, channel, offset, quiet, upto; epoch | a client's resume: replay what it missed |
+| ``B``, conn, channel, offset, quiet, before; epoch | a client's resume: replay what it missed |
 | ``A``, user; message id | a client acknowledged a critical message |
 | ``N``, connection, user | a new connection: send it the user's pending critical messages |
 
@@ -172,12 +172,12 @@ def acked(user: int, message_id: str) -> list[bytes]:
 
 
 def resume(
-    conn: int, channel: int, offset: int, epoch: str, quiet: bool = False, upto: int = 0
+    conn: int, channel: int, offset: int, epoch: str, quiet: bool = False, before: int = 0
 ) -> list[bytes]:
     """A resume from ``offset`` in ``epoch``; ``quiet``: the shard's own, to fill a gap it saw
-    (no ``resumed`` frame for the client, which asked for nothing); ``upto``: replay nothing
-    after this offset (the connection has the rest live already; 0: no such bound)."""
-    return [RESUME, pack_ids((conn, channel, offset, int(quiet), upto)), epoch.encode()]
+    (no ``resumed`` frame for the client unless the gap cannot be filled); ``before``: replay
+    nothing from this offset on (the connection has those live already; 0: no such bound)."""
+    return [RESUME, pack_ids((conn, channel, offset, int(quiet), before)), epoch.encode()]
 
 
 def ack(user: int, message_id: str) -> list[bytes]:

@@ -73,8 +73,12 @@ class Peer:
         kind = frame.get("type")
         if kind in ("message", "resumed") and "channel" in frame and "offset" in frame:
             channel = frame["channel"]
-            epoch = frame.get("epoch", self.position(channel)[1])
-            self.positions[channel] = (frame["offset"], epoch)
+            known, known_epoch = self.position(channel)
+            epoch = frame.get("epoch", known_epoch)
+            # the highest offset of the epoch: a back-filled message (or a ``resumed`` whose
+            # offset live messages already passed) never takes the position back
+            if epoch != known_epoch or frame["offset"] > known:
+                self.positions[channel] = (frame["offset"], epoch)
         elif kind == "message" and isinstance(frame.get("id"), str):
             self.ids.append(frame["id"])
             if self.auto_ack:

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from actors.critical import CriticalStore
+from actors.guarantees import WAIT_FOR_TOPIC
 from actors.history import HistoryStore
 from actors.hostlink import (
     AckCritical,
@@ -23,7 +24,7 @@ from actors.hostlink import (
     StoreCritical,
     TopicsReady,
 )
-from actors.ids import ChannelId, stable_hash
+from actors.ids import ChannelId, ShardIndex, stable_hash
 from actors.router import RouterCore
 from actors.wire import frames, shardwire
 
@@ -51,6 +52,8 @@ def make(redis: bool = False, size: int = 64, per_user: int = 3) -> RouterCore:
 def join(core: RouterCore, index: int, channel: int) -> None:
     msg = shardwire.delta([channel], [], 1)
     core.shard_message(shardwire.identity(index, 1), msg, 0.0)
+    if core.hosts is not None:  # the link confirms the topic: the membership is confirmed
+        core.hosts.link_event(TopicsReady([ChannelId(channel)]), 0.0)
     core.take_outbox()
 
 
@@ -224,6 +227,7 @@ def test_a_quiet_resume_has_no_resumed_frame():
 def test_a_resume_answer_never_reaches_a_new_incarnation():
     core = make(redis=True)
     assert core.hosts is not None
+    core.hosts.ready.add(ChannelId(3))
     from_shard(core, 0, shardwire.resume(9, 3, 0, ""))
     (op,) = core.hosts.take_ops()
     assert isinstance(op, ReadHistory) and op.since == 0
@@ -256,14 +260,14 @@ def test_in_a_cluster_redis_assigns_the_offset_and_delivery_comes_back_from_it()
     assert index == 0 and shardwire.channel_target(msg[1]) == (7, 4) and msg[2] == frame
 
 
-def test_in_a_cluster_a_failed_append_falls_back_to_this_hosts_history():
+def test_in_a_cluster_an_append_cut_by_the_link_falls_back_to_this_hosts_history():
     core = make(redis=True)
     assert core.hosts is not None
     join(core, 1, 7)
     core.hosts.take_ops()
     command(core, {"cmd": "broadcast_to_channel", "channel": 7, "data": 1})
-    (op,) = core.hosts.take_ops()
-    core.hosts.link_event(Results([OpResult(op.qid, False, None)]), 0.0)
+    core.hosts.take_ops()
+    core.hosts.link_event(LinkState(False), 0.0)
     body = reply(core)
     assert (body["ok"], body["offset"], body["cluster"]) == (True, 1, False)
     ((index, msg),) = outbox(core)
@@ -386,6 +390,8 @@ def test_in_a_cluster_pending_ones_come_from_redis_and_acks_go_there():
 @pytest.mark.parametrize("redis", [False, True])
 def test_router_stats_show_history_and_critical_counters(redis):
     core = make(redis=redis)
+    if core.hosts is not None:
+        core.hosts.ready.add(ChannelId(3))
     from_shard(core, 0, shardwire.resume(1, 3, 0, ""))
     if core.hosts is not None:
         (op,) = core.hosts.take_ops()
@@ -398,10 +404,14 @@ def test_router_stats_show_history_and_critical_counters(redis):
     assert "unknown_acks" in stats["critical"]
 
 
-def test_in_a_cluster_a_resume_is_answered_from_redis():
+def test_in_a_cluster_a_resume_is_answered_from_redis_once_the_topic_is_listened_to():
     core = make(redis=True)
     assert core.hosts is not None
     from_shard(core, 1, shardwire.resume(4, 3, 2, "E"))
+    assert core.hosts.take_ops() == []  # a message published before that would be lost
+    core.hosts.link_event(TopicsReady([ChannelId(3)]), 0.0)  # (3 is not indexed: no effect)
+    assert core.hosts.take_ops() == []
+    core.tick(WAIT_FOR_TOPIC + 0.1)  # not for ever: a stuck listener must not hang resumes
     (op,) = core.hosts.take_ops()
     assert isinstance(op, ReadHistory) and (op.channel, op.since, op.limit) == (3, 2, 64)
     body = {"epoch": "E", "offset": 4, "first": 1, "messages": [[3, '"c"'], [4, '"d"']]}
@@ -420,7 +430,7 @@ def test_a_back_fill_replays_only_what_came_before_the_first_live_message():
     for n in range(2, 6):
         broadcast(core, 3, n)
     outbox(core)
-    from_shard(core, 0, shardwire.resume(9, 3, 1, epoch, upto=3))
+    from_shard(core, 0, shardwire.resume(9, 3, 1, epoch, before=4))
     ((_to, msg),) = outbox(core)
     _epoch, raw = shardwire.parse_resumed(msg[2])
     sent = payloads(raw)
@@ -458,3 +468,54 @@ def test_a_held_confirmation_goes_at_its_deadline_or_when_the_link_drops():
     core.shard_message(shardwire.identity(1, 1), shardwire.delta([8], [], 1), 3.0)
     core.hosts.link_event(LinkState(False), 3.1)
     assert [msg for _index, msg in outbox(core)] == [shardwire.indexed(1)]
+
+
+def test_in_a_cluster_an_append_redis_did_not_answer_in_time_is_an_error():
+    core = make(redis=True)
+    assert core.hosts is not None
+    join(core, 1, 7)
+    core.hosts.take_ops()
+    command(core, {"cmd": "broadcast_to_channel", "channel": 7, "data": 1})
+    core.hosts.take_ops()
+    core.tick(5.0)  # past the gather's deadline, the link still up: Redis may run it yet
+    assert reply(core)["error"]["code"] == "unavailable"
+    assert outbox(core) == []  # no second copy from this host's store
+
+
+def test_acks_made_while_the_link_is_down_reach_redis_when_it_is_back():
+    core = make(redis=True)
+    assert core.hosts is not None
+    core.hosts.link_event(LinkState(False), 0.0)
+    from_shard(core, 0, shardwire.ack(5, "r-1"))
+    assert core.hosts.take_ops() == []
+    core.hosts.link_event(LinkState(True), 1.0)
+    assert core.hosts.take_ops() == [AckCritical(5, "r-1")]
+
+
+def test_a_critical_message_a_shard_had_no_room_for_is_queued_again():
+    core = RouterCore(1, critical=CriticalStore(3, 1 << 20))
+    core.window = core.window.__class__(messages=1, size=1 << 20, delay=10.0)
+    core.shard_starting(0, 1, 100)
+    core.shard_message(shardwire.identity(0, 1), shardwire.hello(0, 1, 100, []), 0.0)
+    command(core, {"cmd": "broadcast_to_user", "user": 5, "data": 1})  # fills the window
+    reply(core)
+    outbox(core)
+    core.unsent(shardwire.identity(0, 1), [], 0.0)
+    core.guarantees.undelivered(ShardIndex(0), shardwire.criticals([5], [("i-1", b"f")]))
+    core.tick(1.0)
+    assert outbox(core) == []  # still no room
+    core.shard_message(shardwire.identity(0, 1), shardwire.pulse(1, 1 << 20), 1.0)
+    core.tick(2.0)
+    ((_index, msg),) = outbox(core)
+    assert msg[0] == shardwire.CRITICAL
+
+
+def test_a_back_fill_before_the_very_first_offset_replays_nothing():
+    core = make()
+    epoch = broadcast(core, 3, 1)["epoch"]
+    broadcast(core, 3, 2)
+    outbox(core)
+    from_shard(core, 0, shardwire.resume(9, 3, 0, epoch, before=1))  # 1 came live
+    ((_to, msg),) = outbox(core)
+    _epoch, raw = shardwire.parse_resumed(msg[2])
+    assert [f["type"] for f in payloads(raw)] == ["resumed"]

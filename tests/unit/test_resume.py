@@ -58,7 +58,7 @@ def test_a_resume_after_live_messages_back_fills_only_what_came_before():
     r.opened(A, C, now=0.0)  # hello: A is written C's live messages from now on
     assert r.live(C, 10, frame(10), (A,)) == ((A,), [])
     assert r.live(C, 11, frame(11), (A,)) == ((A,), [])
-    assert r.start(A, C, 4, "E", now=1.0) == Ask(A, C, 4, "E", upto=9)
+    assert r.start(A, C, 4, "E", now=1.0) == Ask(A, C, 4, "E", before=10)
     assert r.busy(A, C)
     assert r.live(C, 12, frame(12), (A,)) == ((A,), [])  # live goes on
     assert r.answered(A, C, 12, "E", b"[5..9]<resumed>", now=1.0) == (b"[5..9]<resumed>", None)
