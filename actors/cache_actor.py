@@ -172,11 +172,14 @@ class CacheActor(LoopActor):
         max_channels: int | None = None,
         ack_timeout: float = 10.0,
         ack_retries: int = 5,
+        history: bool = True,
     ) -> None:
         """``counters``: the shard's own counters, added to its ``status`` answer.
         ``max_channels``: the channels a connection may hold (``--max-channels-per-connection``;
         None: no limit). ``ack_timeout``, ``ack_retries``: a critical message not acknowledged
-        is sent again after ``ack_timeout`` seconds, ``ack_retries`` times at most."""
+        is sent again after ``ack_timeout`` seconds, ``ack_retries`` times at most. ``history``: the
+        router keeps channel history (else channel messages carry no offset, and resumes have
+        nothing to note)."""
         super().__init__(loop)
         self.index, self.epoch = index, epoch
         self.cache = UserConnectionCache(max_channels)
@@ -217,7 +220,7 @@ class CacheActor(LoopActor):
         # issue 11: critical messages sent and not yet acknowledged (re-sent on the clock), and
         # the resumes under way by channel; ``_notices`` go to the router after the next delta
         self.tracker = CriticalTracker(ack_timeout, ack_retries)
-        self.resumes = Resumes()
+        self.resumes = Resumes(history)
         # connections whose hello waits for the router: what is for them waits behind it
         self._unregistered: set[ConnId] = set()
         self._notices: list[list[bytes]] = []

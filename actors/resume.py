@@ -27,6 +27,7 @@ The three cases of a resume of channel C from offset N:
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 from actors.ids import ChannelId, ConnId
@@ -65,13 +66,19 @@ class _Resuming:
 class Resumes:
     """The resumes of one shard's connections (see the module's docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, history: bool = True) -> None:
+        """``history``: channel messages carry offsets (else :meth:`opened` notes nothing)."""
+        self.history = history
         self.resuming: dict[ChannelId, dict[ConnId, _Resuming]] = {}
         # connections written a channel's live messages from a moment on: those not written
         # one yet (by channel), and the first one's offset; since when, oldest first
         self.unseen: dict[ChannelId, set[ConnId]] = {}
         self._first: dict[tuple[ConnId, ChannelId], int] = {}
-        self._fresh: dict[tuple[ConnId, ChannelId], float] = {}
+        # what opened() noted, by the time it did, oldest first: the conns and channels in two
+        # flat lists per time (kept small: every new connection passes through here, and the
+        # idle memory per connection is a target); a key noted again, or resumed, may linger
+        # in an older bucket, which then only expires it early (harmless: it is a hint)
+        self._fresh: deque[tuple[float, list[ConnId], list[ChannelId]]] = deque()
         self._backfill: dict[tuple[ConnId, ChannelId], float] = {}  # since when
         self._now = 0.0
 
@@ -79,9 +86,14 @@ class Resumes:
 
     def opened(self, conn: ConnId, channel: ChannelId, now: float) -> None:
         """From now on, ``conn`` is written ``channel``'s live messages (hello, subscribed)."""
+        if not self.history:
+            return
         self.unseen.setdefault(channel, set()).add(conn)
-        self._fresh.pop((conn, channel), None)  # to the end: the dict stays oldest first
-        self._fresh[conn, channel] = now
+        fresh = self._fresh
+        if not fresh or fresh[-1][0] != now:
+            fresh.append((now, [], []))
+        fresh[-1][1].append(conn)
+        fresh[-1][2].append(channel)
 
     def ended(self, conn: ConnId, channel: ChannelId) -> None:
         """``conn`` left ``channel`` (unsubscribed, closed): forget it there."""
@@ -99,10 +111,11 @@ class Resumes:
         forgotten, and their connections must be closed (the client reconnects and resumes:
         anything else would be a silent gap)."""
         self._now = now  # for the gaps live() finds: as of the shard's last tick
-        for key, since in list(self._fresh.items()):
-            if now - since <= FRESH_LIFE:
-                break
-            self._forget_fresh(*key)
+        fresh = self._fresh
+        while fresh and now - fresh[0][0] > FRESH_LIFE:
+            _since, conns, channels = fresh.popleft()
+            for conn, channel in zip(conns, channels, strict=True):
+                self._forget_fresh(conn, channel)
         failed = [key for key, since in self._backfill.items() if now - since > RESUME_WAIT]
         for channel, states in list(self.resuming.items()):
             for conn, state in list(states.items()):
@@ -117,7 +130,8 @@ class Resumes:
     def size(self) -> int:
         """How many entries are kept (for tests and statistics)."""
         held = sum(len(states) for states in self.resuming.values())
-        return held + len(self._fresh) + len(self._backfill)
+        noted = sum(len(conns) for conns in self.unseen.values()) + len(self._first)
+        return held + noted + len(self._backfill)
 
     def overflowing(self) -> list[tuple[ConnId, ChannelId]]:
         """The resumes holding more than MAX_HELD messages (failed: see :meth:`sweep`);
@@ -225,7 +239,6 @@ class Resumes:
     def _forget_fresh(self, conn: ConnId, channel: ChannelId) -> int | None:
         """Stop noting for ``conn`` on ``channel``; the first live offset it was written, if
         one was."""
-        self._fresh.pop((conn, channel), None)
         waiting = self.unseen.get(channel)
         if waiting is not None:
             waiting.discard(conn)

@@ -52,6 +52,7 @@ class ShardConfig:
     # every ack_timeout seconds, at most ack_retries times
     ack_timeout: float
     ack_retries: int
+    history_size: int  # 0: no history (no offsets): nothing to resume, nothing to note
     log_level: str
 
     @classmethod

@@ -122,6 +122,7 @@ class Shard:
             max_channels=config.max_channels_per_connection,
             ack_timeout=config.ack_timeout,
             ack_retries=config.ack_retries,
+            history=config.history_size > 0,
         )
         loop.add_reader(control.fileno(), self._on_control)
         self._tick_handle = loop.call_later(TICK, self._tick)
