@@ -39,6 +39,10 @@ def test_a_published_history_message_carries_its_position_outside_the_seal():
     assert (got.offset, got.epoch) == (42, "0123456789ab")
     assert cluster.decode(kept, KEY, NOW) is Rejected.FORGED  # a kept copy, published bare
     assert cluster.decode(kept + b"|0|e", KEY, NOW) is Rejected.FORGED  # offsets start at 1
+    # beyond what the router carries (8 bytes, signed): refused here, never a crash there
+    assert cluster.decode(kept + b"|9223372036854775808|e", KEY, NOW) is Rejected.FORGED
+    top = cluster.decode(kept + b"|9223372036854775807|e", KEY, NOW)
+    assert isinstance(top, Message) and top.offset == 2**63 - 1
     plain = cluster.encode(Message("h1", None, b"\x81\x02{}", channel=5, sent_ms=NOW), KEY)
     assert cluster.decode(plain + b"|1|e", KEY, NOW) is Rejected.FORGED  # a position added
     assert cluster.decode(history(sent_ms=0) + b"|1|e", KEY, NOW) is Rejected.REPLAYED
