@@ -184,6 +184,7 @@ class RedisLink:
         # the worker's last good snapshot per other host (raw bytes, parsed): see _presence
         self._snapshots: dict[str, tuple[bytes, Presence]] = {}
         self.listen_backoff = Backoff()  # the listener's (the worker keeps its own)
+        self._worker_client: Client | None = None  # the worker thread's only
         self._threads = [
             threading.Thread(target=self._work, name="ucc-redis-worker", daemon=True),
             threading.Thread(target=self._listen, name="ucc-redis-listener", daemon=True),
@@ -254,12 +255,21 @@ class RedisLink:
     # -- the worker --------------------------------------------------------------------------
 
     def _work(self) -> None:
-        client: Client | None = None
+        try:
+            self._work_loop()
+        finally:  # its socket closed now, rather than by the garbage collector some day
+            client, self._worker_client = self._worker_client, None
+            if client is not None:
+                with contextlib.suppress(*ERRORS):
+                    client.close()
+
+    def _work_loop(self) -> None:
         backoff = Backoff()
         next_probe = 0.0
         while not self.stopping.is_set():
+            client = self._worker_client
             if client is None:
-                client = self._connect()
+                client = self._worker_client = self._connect()
                 if client is None:
                     self._fail(self._drain(0.0))  # fail fast while Redis is away
                     self.stopping.wait(backoff.next_delay())
@@ -278,11 +288,11 @@ class RedisLink:
                 self._run(client, batch)
             except ERRORS as exc:
                 log.warning("redis: %s; reconnecting", exc)
+                self._set_state(False)  # first: the router must see the failures as the link's
                 self._fail(batch)
                 with contextlib.suppress(*ERRORS):
                     client.close()
-                client = None
-                self._set_state(False)
+                self._worker_client = None
             except Exception:  # a bug costs this batch, not the link
                 log.exception("redis: unexpected error running %d operations", len(batch))
                 self._fail(batch)
