@@ -228,6 +228,11 @@ def _add_serve(subparsers: Subparsers) -> None:
         ("--command-key", "UCC_COMMAND_KEY", "the server's CURVE secret key file (enables CURVE)"),
         ("--command-clients", "UCC_COMMAND_CLIENTS", "directory of admitted clients' *.pub keys"),
         ("--cluster-secret", "UCC_CLUSTER_SECRET", "MAC key of cluster messages"),
+        (
+            "--events",
+            "UCC_EVENTS",
+            "ZeroMQ PUB endpoint of the event stream, e.g. tcp://127.0.0.1:5556",
+        ),
     ):
         parser.add_argument(
             flag,

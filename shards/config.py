@@ -78,6 +78,8 @@ class ServeConfig:
     ack_retries: int = 5  # ...at most this many times on one connection
     critical_per_user: int = 100  # unacknowledged critical messages per user (beyond: `limit`)
     critical_memory: int = 64 * 1024 * 1024  # all users' critical messages (beyond: `limit`)
+    # issue 12: the ZeroMQ PUB endpoint of the host's event stream (None: no events)
+    events: str | None = None
     log_level: str = "INFO"
 
 

@@ -53,12 +53,15 @@ class ShardConfig:
     ack_timeout: float
     ack_retries: int
     history_size: int  # 0: no history (no offsets): nothing to resume, nothing to note
+    # issue 12: the host publishes an event stream (--events): the shard reports its events
+    emit_events: bool
     log_level: str
 
     @classmethod
     def of(cls, config: ServeConfig) -> ShardConfig:
         """The part of ``config`` that the shards need."""
-        return cls(**{f.name: getattr(config, f.name) for f in fields(cls)})
+        values = {f.name: getattr(config, f.name) for f in fields(cls) if f.name != "emit_events"}
+        return cls(**values, emit_events=config.events is not None)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -86,7 +89,19 @@ def _optional_str(value: object) -> str | None:
     raise TypeError(f"not a string or null: {value!r}")
 
 
-_CAST: dict[str, Any] = {"float": float, "int": int, "str": str, "str | None": _optional_str}
+def _bool(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise TypeError(f"not a boolean: {value!r}")
+
+
+_CAST: dict[str, Any] = {
+    "float": float,
+    "int": int,
+    "str": str,
+    "str | None": _optional_str,
+    "bool": _bool,
+}
 
 
 # -- the control socket ---------------------------------------------------------------------------

@@ -11,6 +11,7 @@ Not a public contract. Must never do I/O. Router → shard (after the ROUTER ide
 | ``K``, users, criticals | critical messages for every connection of these users |
 | ``L``, connection, criticals | the user's pending critical messages, for its new connection |
 | ``X``, user, message id | the user acknowledged this critical message (on another host) |
+| ``J``, channels, empty | the channels whose members are told joins and leaves (all of them) |
 | ``Q``, query id (8 bytes), JSON | a query; the shard answers with ``R`` |
 | ``I``, sequence number, empty | the router's index has the shard's ``D``/``S`` of that number |
 | ``M``, packed messages | several of the above in one frame (``pack_messages``) |
@@ -27,6 +28,8 @@ Shard → router (DEALER, identity ``shard-<index>-<epoch>``):
 | ``B``, conn, channel, offset, quiet, before; epoch | a client's resume: replay what it missed |
 | ``A``, user; message id | a client acknowledged a critical message |
 | ``N``, connection, user | a new connection: send it the user's pending critical messages |
+| ``E``, JSON list of events | connection lifecycle events, for the event stream (``--events``) |
+| ``W``, JSON ``[[channel, user, 1 or 0], ...]`` | users joining (1), leaving (0) channels |
 
 Flow control is by credit. The router counts what it queues to each shard incarnation (one per
 delivery or query, and the bytes of its argument and payload); the shard counts the same as it
@@ -69,6 +72,9 @@ ACKED = b"X"  # router -> shard: acknowledged on another host
 RESUME = b"B"  # shard -> router
 ACK = b"A"  # shard -> router
 NEW_CONNECTION = b"N"  # shard -> router
+MARKS = b"J"  # router -> shard: the channels with join/leave
+EVENTS = b"E"  # shard -> router
+JOIN_LEAVE = b"W"  # shard -> router
 
 _CRITICAL = struct.Struct("<HI")  # length of the id, length of the frame
 
@@ -240,6 +246,19 @@ class QueryStatus:
     """The shard's pid, sizes and counters."""
 
 
+@dataclass(frozen=True, slots=True)
+class QueryConnections:
+    """Every connection on the shard, for the ``snapshot`` command: ``{"connections": [{"conn",
+    "user", "shard", "channels", "connected_at", "last_activity", "remote"}, ...]}``."""
+
+
+@dataclass(frozen=True, slots=True)
+class QueryUserConnections:
+    """``user``'s connections on the shard (records as :class:`QueryConnections`')."""
+
+    user: int
+
+
 Query = (
     QueryOnline
     | QueryOnlineIn
@@ -248,6 +267,8 @@ Query = (
     | UserDisconnect
     | QuerySnapshot
     | QueryStatus
+    | QueryConnections
+    | QueryUserConnections
 )
 
 
@@ -271,6 +292,10 @@ def encode_query(body: Query) -> dict[str, Any]:
         return {"op": "snapshot"}
     if isinstance(body, QueryStatus):
         return {"op": "status"}
+    if isinstance(body, QueryConnections):
+        return {"op": "connections"}
+    if isinstance(body, QueryUserConnections):
+        return {"op": "user_connections", "user": body.user}
     raise TypeError(f"not a query: {body!r}")
 
 
@@ -300,6 +325,10 @@ def decode_query(payload: bytes) -> Query:
         return QuerySnapshot()
     if op == "status":
         return QueryStatus()
+    if op == "connections":
+        return QueryConnections()
+    if op == "user_connections":
+        return QueryUserConnections(int(body["user"]))
     raise ValueError(f"unknown query {op!r}")
 
 
@@ -351,3 +380,24 @@ def delta(gained: Sequence[int], lost: Sequence[int], seq: int) -> list[bytes]:
 
 def indexed(seq: int) -> list[bytes]:
     return [INDEXED, pack_id(seq), b""]
+
+
+def events(batch: Sequence[dict[str, Any]]) -> list[bytes]:
+    """Shard -> router: lifecycle events (each with ``type`` and ``ts``), oldest first."""
+    return [EVENTS, json.dumps(batch, separators=(",", ":")).encode()]
+
+
+def join_leave(changes: Sequence[tuple[int, int, bool]]) -> list[bytes]:
+    """Shard -> router: (channel, user, joined) for marked channels, oldest first."""
+    body = [[channel, user, int(joined)] for channel, user, joined in changes]
+    return [JOIN_LEAVE, json.dumps(body, separators=(",", ":")).encode()]
+
+
+def marks(channels: Iterable[int]) -> list[bytes]:
+    """Router -> shard: every channel whose members are told joins and leaves."""
+    return [MARKS, pack_ids(channels), b""]
+
+
+def conn_id(index: int, epoch: int, conn: int) -> str:
+    """A connection's id in events and replies, unique per host: shard, incarnation, number."""
+    return f"{index}.{epoch}.{conn}"

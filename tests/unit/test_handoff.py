@@ -34,7 +34,10 @@ SERVE = ServeConfig(secret="s", heartbeat=7.5, max_frame=1234, log_level="DEBUG"
 def test_shard_config_takes_serve_config_fields_and_survives_the_command_line():
     config = ShardConfig.of(SERVE)
     for field in dataclasses.fields(ShardConfig):  # same names, same values: one source
-        assert getattr(config, field.name) == getattr(SERVE, field.name)
+        if field.name != "emit_events":  # derived: whether --events names an endpoint
+            assert getattr(config, field.name) == getattr(SERVE, field.name)
+    assert config.emit_events is False
+    assert ShardConfig.of(dataclasses.replace(SERVE, events="tcp://127.0.0.1:1")).emit_events
     assert ShardConfig.from_json(config.to_json()) == config
     assert (config.heartbeat, config.max_frame, config.log_level) == (7.5, 1234, "DEBUG")
 
