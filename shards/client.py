@@ -161,6 +161,21 @@ def _users_fields(data: Any, critical: bool, ttl: float | None) -> dict[str, Any
     return fields
 
 
+def _as_connections(reply: Reply) -> list[dict[str, Any]]:
+    connections = reply.get("connections")
+    if not isinstance(connections, list) or not all(isinstance(c, dict) for c in connections):
+        raise _bad_reply(reply, "'connections' is not a list of objects")
+    return connections
+
+
+def _as_snapshot(reply: Reply) -> Reply:
+    seq = reply.get("seq")
+    if type(seq) is not int or seq < 0:
+        raise _bad_reply(reply, "'seq' is not an integer, 0 or more")
+    _as_connections(reply)
+    return reply
+
+
 def _as_status(reply: Reply) -> Reply:
     if not isinstance(reply.get("shards"), list):
         raise _bad_reply(reply, "'shards' is not a list")
@@ -228,6 +243,19 @@ class Calls:
     @staticmethod
     def status() -> Call[Reply]:
         return Call("status", {}, _as_status)
+
+    @staticmethod
+    def snapshot() -> Call[Reply]:
+        return Call("snapshot", {}, _as_snapshot)
+
+    @staticmethod
+    def get_user_connections(user_id: int) -> Call[list[dict[str, Any]]]:
+        return Call("get_user_connections", {"user": user_id}, _as_connections)
+
+    @staticmethod
+    def set_channel(channel_id: int, join_leave: bool = True) -> Call[Reply]:
+        fields = {"channel": channel_id, "join_leave": join_leave}
+        return Call("set_channel", fields, _as_reply)
 
 
 class Wire:
@@ -496,6 +524,24 @@ class Client(_Base):
         """The server's status: ``shards`` (one dict per shard) and ``missing_shards``."""
         return self._call(Calls.status())
 
+    def snapshot(self) -> Reply:
+        """This host's connections and the event stream's position: ``{"seq", "host",
+        "connections": [{"conn", "user", "shard", "channels", "connected_at",
+        "last_activity", "remote"}, ...], "missing_shards"}``. Applying the events with a
+        ``seq`` above ``seq`` to it gives the current state (see :mod:`shards.events`)."""
+        return self._call(Calls.snapshot())
+
+    def get_user_connections(self, user_id: int) -> list[dict[str, Any]]:
+        """Every connection of ``user_id`` (on every host with ``--redis``): ``[{"conn",
+        "host", "shard", "connected_at", "last_activity", "channels", "remote"}, ...]``
+        (times in unix seconds). Use :meth:`request` for the whole reply (``missing_shards``)."""
+        return self._call(Calls.get_user_connections(user_id))
+
+    def set_channel(self, channel_id: int, join_leave: bool = True) -> Reply:
+        """Mark ``channel_id`` (``join_leave``: push ``join``/``leave`` frames to its members)
+        or unmark it; cluster-wide with ``--redis``."""
+        return self._call(Calls.set_channel(channel_id, join_leave))
+
     def close(self) -> None:
         """Close the socket (pending messages are dropped). Idempotent."""
         if self._socket is not None:
@@ -649,6 +695,20 @@ class AsyncClient(_Base):
     async def status(self) -> Reply:
         """The server's status: ``shards`` (one dict per shard) and ``missing_shards``."""
         return await self._call(Calls.status())
+
+    async def snapshot(self) -> Reply:
+        """This host's connections and the event stream's position (see
+        :meth:`Client.snapshot`)."""
+        return await self._call(Calls.snapshot())
+
+    async def get_user_connections(self, user_id: int) -> list[dict[str, Any]]:
+        """Every connection of ``user_id`` (see :meth:`Client.get_user_connections`)."""
+        return await self._call(Calls.get_user_connections(user_id))
+
+    async def set_channel(self, channel_id: int, join_leave: bool = True) -> Reply:
+        """Mark or unmark ``channel_id`` for join/leave frames (see
+        :meth:`Client.set_channel`)."""
+        return await self._call(Calls.set_channel(channel_id, join_leave))
 
     def close(self) -> _Closed:
         """Close the socket now (idempotent); ``close()`` and ``await close()`` both work."""

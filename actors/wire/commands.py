@@ -49,6 +49,9 @@ COMMANDS: dict[str, dict[str, Field]] = {
     "status": {},
     "router_stats": {},
     "history": {"channel": Field.ID},
+    "snapshot": {},
+    "get_user_connections": {"user": Field.ID},
+    "set_channel": {"channel": Field.ID, "join_leave": Field.FLAG},
 }
 # fields a command may carry, validated when present
 _CRITICAL = {"critical": Field.FLAG, "ttl": Field.TTL}
@@ -109,6 +112,8 @@ def decode(raw: bytes, max_size: int) -> Command:
                     "bad_request", f"field {key!r} holds more than {MAX_IDS_PER_COMMAND} ids"
                 )
             value = list(dict.fromkeys(value))
+        elif kind is Field.FLAG:
+            value = _optional(key, kind, value)
         else:
             data_json = _DATA.encode(value).encode()
             continue

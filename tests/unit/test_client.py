@@ -3,11 +3,14 @@ reply matching) and the result parsers of :class:`shards.client.Calls`. No socke
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import json
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import zmq
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -248,7 +251,65 @@ def test_history_sends_since_and_limit_and_checks_the_reply():
         assert failed.value.code == "bad_reply"
 
 
-@pytest.mark.parametrize("name", ["history", "broadcast_to_user", "broadcast_to_users"])
+def test_snapshot_checks_seq_and_connections():
+    call = Calls.snapshot()
+    assert (call.cmd, call.fields) == ("snapshot", {})
+    reply = {
+        "ok": True,
+        "seq": 12,
+        "host": "h1",
+        "connections": [{"conn": "0.1.5", "user": 4, "shard": 0, "channels": [1]}],
+        "missing_shards": [],
+    }
+    assert call.result(reply) is reply
+    assert call.result({"ok": True, "seq": 0, "connections": []})["seq"] == 0
+    for bad in (
+        {"seq": "1", "connections": []},
+        {"seq": True, "connections": []},
+        {"seq": -1, "connections": []},
+        {"connections": []},
+        {"seq": 1},
+        {"seq": 1, "connections": {}},
+        {"seq": 1, "connections": [["0.1.5", 4]]},
+    ):
+        with pytest.raises(UccError) as failed:
+            call.result({"ok": True, **bad})
+        assert failed.value.code == "bad_reply"
+
+
+def test_get_user_connections_returns_the_list():
+    call = Calls.get_user_connections(4)
+    assert (call.cmd, call.fields) == ("get_user_connections", {"user": 4})
+    connections = [{"conn": "0.1.5", "host": "h1", "shard": 0, "channels": []}]
+    reply = {"ok": True, "connections": connections, "missing_shards": []}
+    assert call.result(reply) == connections
+    for bad in (None, {}, [1], ["0.1.5"]):
+        with pytest.raises(UccError) as failed:
+            call.result({"ok": True, "connections": bad})
+        assert failed.value.code == "bad_reply"
+
+
+def test_set_channel_sends_the_flag():
+    assert Calls.set_channel(9).fields == {"channel": 9, "join_leave": True}
+    call = Calls.set_channel(9, join_leave=False)
+    assert (call.cmd, call.fields) == ("set_channel", {"channel": 9, "join_leave": False})
+    _, encoded = Wire().encode(call.cmd, call.fields)
+    assert encoded == b'{"id":1,"cmd":"set_channel","channel":9,"join_leave":false}'
+    reply = {"ok": True, "channel": 9, "join_leave": False}
+    assert call.result(reply) is reply
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "history",
+        "broadcast_to_user",
+        "broadcast_to_users",
+        "snapshot",
+        "get_user_connections",
+        "set_channel",
+    ],
+)
 def test_both_clients_take_the_same_arguments(name):
     blocking = inspect.signature(getattr(Client, name))
     asynchronous = inspect.signature(getattr(AsyncClient, name))
@@ -329,3 +390,63 @@ def test_async_client_takes_the_same_keys(curve_files):
     )
     assert client.curve
     client.close()
+
+
+# -- the new commands of issue 12 over a real socket (a stand-in ROUTER answers) -------------
+
+
+@pytest.fixture
+def answering():
+    """A ROUTER socket on a random port and a function that answers the next request with
+    ``result`` (returning the request it read)."""
+    context = zmq.Context.instance()
+    router = context.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    router.bind("tcp://127.0.0.1:*")
+
+    def answer(result: dict) -> dict:
+        assert router.poll(5000)
+        envelope, body = router.recv_multipart()
+        request = json.loads(body)
+        router.send_multipart([envelope, json.dumps({"id": request["id"], **result}).encode()])
+        return request
+
+    yield router.getsockopt_string(zmq.LAST_ENDPOINT), answer
+    router.close(linger=0)
+
+
+def test_client_methods_send_the_commands_and_read_the_replies(answering):
+    endpoint, answer = answering
+    connections = [{"conn": "0.1.1", "user": 4, "shard": 0, "channels": [2]}]
+    with Client(endpoint, timeout=5, server_key="") as client, ThreadPoolExecutor(1) as pool:
+        answered = pool.submit(answer, {"ok": True, "seq": 3, "connections": connections})
+        assert client.snapshot()["seq"] == 3
+        assert answered.result()["cmd"] == "snapshot"
+        answered = pool.submit(answer, {"ok": True, "connections": connections})
+        assert client.get_user_connections(4) == connections
+        assert answered.result()["user"] == 4
+        answered = pool.submit(answer, {"ok": True, "channel": 2, "join_leave": False})
+        assert client.set_channel(2, join_leave=False)["join_leave"] is False
+        assert answered.result()["join_leave"] is False
+
+
+def test_async_client_methods_send_the_commands_and_read_the_replies(answering):
+    endpoint, answer = answering
+
+    async def run() -> None:
+        client = AsyncClient(endpoint, timeout=5, server_key="")
+        try:
+            loop = asyncio.get_running_loop()
+            answered = loop.run_in_executor(None, answer, {"ok": True, "connections": []})
+            assert await client.get_user_connections(7) == []
+            assert (await answered)["cmd"] == "get_user_connections"
+            answered = loop.run_in_executor(None, answer, {"ok": True, "seq": 0, "connections": []})
+            assert (await client.snapshot())["seq"] == 0
+            await answered
+            answered = loop.run_in_executor(None, answer, {"ok": True, "channel": 1})
+            assert (await client.set_channel(1))["channel"] == 1
+            assert (await answered)["join_leave"] is True
+        finally:
+            await client.aclose()
+
+    asyncio.run(run())

@@ -24,7 +24,7 @@ from actors.wire.commands import (
 
 LIMIT = 1 << 20
 DATA = {"text": "héllo", "n": [1, 2.5, None, True]}
-SAMPLE = {Field.ID: 7, Field.IDS: [3, 1, 3, 2], Field.DATA: DATA}
+SAMPLE = {Field.ID: 7, Field.IDS: [3, 1, 3, 2], Field.DATA: DATA, Field.FLAG: True}
 
 
 def raw(body: object) -> bytes:
@@ -61,6 +61,9 @@ def test_every_documented_command_is_in_the_table():
         "disconnect",
         "status",
         "history",
+        "snapshot",
+        "get_user_connections",
+        "set_channel",
     }
 
 
@@ -407,3 +410,51 @@ def test_only_broadcasts_to_users_are_critical():
         raw({"cmd": "broadcast_to_channel", "channel": 1, "data": 1, "critical": True}), LIMIT
     )
     assert command.args == {"channel": 1}
+
+
+# -- issue 12: the event stream's snapshot, connection metadata, join/leave marks -------------
+
+
+def test_snapshot_takes_no_field():
+    cmd = decode(raw({"id": 1, "cmd": "snapshot"}), LIMIT)
+    assert (cmd.name, cmd.args) == ("snapshot", {})
+
+
+def test_get_user_connections_takes_a_user():
+    cmd = decode(raw({"cmd": "get_user_connections", "user": 42}), LIMIT)
+    assert cmd.args == {"user": 42}
+    assert error_of(raw({"cmd": "get_user_connections"})).code == "bad_request"
+
+
+@pytest.mark.parametrize("value", [0, -1, "42", 4.5, True, None, [42]])
+def test_get_user_connections_refuses_a_bad_user(value):
+    exc = error_of(raw({"cmd": "get_user_connections", "user": value}))
+    assert exc.code == "bad_request"
+    assert exc.message == "field 'user' must be a positive integer"
+
+
+@pytest.mark.parametrize("flag", [True, False])
+def test_set_channel_takes_a_channel_and_a_flag(flag):
+    cmd = decode(raw({"cmd": "set_channel", "channel": 9, "join_leave": flag}), LIMIT)
+    assert cmd.args == {"channel": 9, "join_leave": flag}
+    assert cmd.args["join_leave"] is flag
+
+
+def test_set_channel_needs_join_leave():
+    exc = error_of(raw({"cmd": "set_channel", "channel": 9}))
+    assert exc.code == "bad_request"
+    assert exc.message == "missing field 'join_leave'"
+
+
+@pytest.mark.parametrize("value", [0, 1, "true", "on", None, [], {}])
+def test_join_leave_must_be_a_boolean(value):
+    exc = error_of(raw({"cmd": "set_channel", "channel": 9, "join_leave": value}))
+    assert exc.code == "bad_request"
+    assert exc.message == "field 'join_leave' must be true or false"
+
+
+@pytest.mark.parametrize("value", [0, "9", True, None])
+def test_set_channel_refuses_a_bad_channel(value):
+    exc = error_of(raw({"cmd": "set_channel", "channel": value, "join_leave": True}))
+    assert exc.code == "bad_request"
+    assert "'channel'" in exc.message
