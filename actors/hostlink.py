@@ -168,6 +168,51 @@ class AckCritical:
     qid: ClassVar[int] = 0  # nobody waits for it
 
 
+# -- issue 12: cluster-wide join/leave marks and connection metadata ---------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SetChannel:
+    """Mark ``channel`` (``join_leave`` true) to push join/leave to its members, or unmark it,
+    cluster-wide: in one step the mark is stored in Redis (what a host that starts or
+    reconnects reads: :class:`ChannelMarks`) and every other live host is told it (a
+    :class:`Delivery` with control ``{"op": "set_channel", "channel": C, "join_leave": b}``).
+    The result is how many hosts were told (``{"value": n}``)."""
+
+    qid: int
+    channel: ChannelId
+    join_leave: bool
+
+
+@dataclass(frozen=True, slots=True)
+class UserConnections:
+    """``user``'s connections on the other live hosts: ``{"connections": [record, ...],
+    "missing_hosts": [host, ...]}``, each record as a shard's answer to QueryUserConnections
+    with ``"host"`` (the answering host's id, set by this link from the answer's seal).
+
+    An RPC over the hosts' inboxes: the link asks every other live host that has the user (a
+    :class:`Delivery` there, control ``{"op": "who", "user": U, "qid": q, "reply_to": H}``),
+    whose router answers with :class:`AnswerUserConnections`. The result comes when every host
+    asked has answered, or at the link's deadline (shorter than a gather's) with what came:
+    ``missing_hosts`` then names the hosts that did not answer in time (else it is empty)."""
+
+    qid: int
+    user: int
+
+
+@dataclass(frozen=True, slots=True)
+class AnswerUserConnections:
+    """This host's answer to another host's ``who`` request (control ``{"op": "who", ...}``):
+    ``connections`` (this host's records of the user, without ``"host"``; at most
+    ``MAX_ANSWER_RECORDS`` are sent) to host ``to_host``'s inbox, for its operation ``request``
+    (the request's ``qid``: the asking host's, not one of ours; nobody here waits)."""
+
+    to_host: str
+    request: int
+    connections: list[dict[str, Any]]
+    qid: ClassVar[int] = 0  # nobody waits for it (``request`` is the asking host's)
+
+
 # what the link's worker runs against Redis (and reports the result of, if ``qid``)
 RedisRequest = (
     PublishChannel
@@ -182,6 +227,9 @@ RedisRequest = (
     | StoreCritical
     | FetchCritical
     | AckCritical
+    | SetChannel
+    | UserConnections
+    | AnswerUserConnections
 )
 # everything the router submits: requests, and topic changes (for the link's listener)
 RedisOp = Subscribe | Unsubscribe | RedisRequest
@@ -221,7 +269,10 @@ class Delivery:
     """A message from another host: a client ``frame`` for ``channel``'s members (``channel``
     set, ``users`` empty) or for ``users`` (``channel`` None); or, with ``control``, a backend
     command to apply to ``users`` (``frame`` empty; ``{"op": "acked", "id": id}``: another host
-    got the ack of critical message ``id``).
+    got the ack of critical message ``id``; ``{"op": "set_channel", "channel": C, "join_leave":
+    b}``: another host changed a channel's join/leave mark, ``users`` empty; ``{"op": "who",
+    "user": U, "qid": q, "reply_to": H}``: host ``H`` asks for ``U``'s connections here, ``users``
+    ``[U]``, to be answered with :class:`AnswerUserConnections` (``H``, ``q``, records)).
 
     ``offset`` > 0: a channel message with history (from any host, this one included), at that
     offset. ``critical_id``: a critical message for ``users`` (to track until acknowledged)."""
@@ -250,4 +301,15 @@ class TopicsReady:
     channels: list[ChannelId]
 
 
-LinkEvent = LinkState | Results | Deliveries | TopicsReady
+@dataclass(frozen=True, slots=True)
+class ChannelMarks:
+    """Every channel marked for join/leave cluster-wide (the whole set: it replaces what the
+    router had), read from Redis each time the listener (re)subscribed to this host's inbox:
+    from then on, every change arrives as a ``set_channel`` control :class:`Delivery` (one
+    made between the read and the subscription may arrive too: applying it again is
+    harmless)."""
+
+    channels: list[ChannelId]
+
+
+LinkEvent = LinkState | Results | Deliveries | TopicsReady | ChannelMarks
