@@ -44,7 +44,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import redis
@@ -55,8 +55,10 @@ from redis.retry import Retry
 
 from actors.hostlink import (
     AckCritical,
+    AnswerUserConnections,
     AppendChannel,
     AreOnline,
+    ChannelMarks,
     Deliveries,
     Delivery,
     FetchCritical,
@@ -73,12 +75,14 @@ from actors.hostlink import (
     RedisOp,
     RedisRequest,
     Results,
+    SetChannel,
     StoreCritical,
     Subscribe,
     TopicsReady,
     Unsubscribe,
+    UserConnections,
 )
-from actors.ids import ChannelId
+from actors.ids import ChannelId, parse_id
 from actors.wire import cluster, frames
 from actors.wire.cluster import ClusterKey, Layout, Message, Presence, Rejected
 
@@ -89,6 +93,9 @@ BATCH = 256  # operations run in one pipeline, or messages received per notify, 
 PRESENCE_TTL = 5.0  # a host that stops refreshing leaves presence after this long
 PROBE_INTERVAL = 1.0
 PROBE_TIMEOUT = 3.0
+# a UserConnections waits this long for the hosts it asked, then reports what came (shorter
+# than the router's gather timeout, 1 s by default, so that a partial answer still counts)
+ASK_TIMEOUT = 0.8
 BACKOFF = (0.05, 0.1, 0.2, 0.4, 0.8, 1.0)
 # Redis is away (or the cluster has no owner for our slot): fail what is queued, reconnect
 ERRORS = (
@@ -111,6 +118,26 @@ class Probe:
 
 
 Work = RedisRequest | Probe  # what the worker runs (topic changes go to the listener)
+HOST_CONTROLS = ("set_channel", "who", "answer")  # controls for the host, not for users
+
+
+@dataclass(slots=True)
+class Ask:
+    """A :class:`~actors.hostlink.UserConnections` in flight: the hosts the WHO script told
+    (None until its reply is read: an answer may come first), the answers so far."""
+
+    deadline: float  # time.monotonic()
+    hosts: set[str] | None = None
+    answered: set[str] = field(default_factory=set)
+    records: list[dict[str, Any]] = field(default_factory=list)
+    truncated: bool = False
+
+    def result(self, qid: int) -> OpResult:
+        missing = sorted((self.hosts or set()) - self.answered)
+        body: dict[str, Any] = {"connections": self.records, "missing_hosts": missing}
+        if self.truncated:
+            body["truncated"] = True
+        return OpResult(qid, True, body)
 
 
 class Backoff:
@@ -144,7 +171,12 @@ def cluster_seed(url: str) -> str | None:
 
 class RedisLink:
     def __init__(
-        self, url: str, name: str, notify: Callable[[LinkEvent], None], key: ClusterKey
+        self,
+        url: str,
+        name: str,
+        notify: Callable[[LinkEvent], None],
+        key: ClusterKey,
+        ask_timeout: float = ASK_TIMEOUT,
     ) -> None:
         self.url = url
         self.key = key
@@ -157,6 +189,8 @@ class RedisLink:
         self._append = cluster.SAPPEND if self.sharded else cluster.APPEND
         self._store_critical = cluster.SSTORE_CRITICAL if self.sharded else cluster.STORE_CRITICAL
         self._ack_critical = cluster.SACK_CRITICAL if self.sharded else cluster.ACK_CRITICAL
+        self._who = cluster.SWHO if self.sharded else cluster.WHO
+        self._set_channel = cluster.SSET_CHANNEL if self.sharded else cluster.SET_CHANNEL
         self.layout = Layout(name)
         self.host = host_id()
         self.notify = notify
@@ -179,8 +213,19 @@ class RedisLink:
             "critical_stored": 0,
             "critical_refused": 0,
             "acks": 0,
+            "oversized": 0,
+            "marks_set": 0,
+            "who_asked": 0,
+            "who_answers": 0,
+            "who_replied": 0,
+            "who_answers_dropped": 0,
+            "who_partial": 0,
         }
         self._counters_lock = threading.Lock()
+        # the UserConnections in flight, by qid: written by both threads, under their lock
+        self.ask_timeout = ask_timeout
+        self._asks: dict[int, Ask] = {}
+        self._asks_lock = threading.Lock()
         # the worker's last good snapshot per other host (raw bytes, parsed): see _presence
         self._snapshots: dict[str, tuple[bytes, Presence]] = {}
         self.listen_backoff = Backoff()  # the listener's (the worker keeps its own)
@@ -218,8 +263,11 @@ class RedisLink:
     def stats(self) -> dict[str, int]:
         """A copy of the counters (``published``, ``received``, ``malformed``, ``forged``,
         ``replayed``, ``reconnects``; ``history_appended``, ``history_read``,
-        ``critical_stored``, ``critical_refused`` (over the per-user bound), ``acks``), safe to
-        take from any thread."""
+        ``critical_stored``, ``critical_refused`` (over the per-user bound), ``acks``;
+        ``oversized`` (answers beyond the bounds), ``marks_set``, ``who_asked`` (requests this
+        host sent), ``who_answers`` (answers taken), ``who_replied`` (answers sent),
+        ``who_answers_dropped`` (late, duplicate, unasked, or for another host), ``who_partial``
+        (requests reported at their deadline)), safe to take from any thread."""
         with self._counters_lock:
             return dict(self._counters)
 
@@ -286,6 +334,7 @@ class RedisLink:
                 next_probe = now + PROBE_INTERVAL
             try:
                 self._run(client, batch)
+                self._expire_asks()
             except ERRORS as exc:
                 log.warning("redis: %s; reconnecting", exc)
                 self._set_state(False)  # first: the router must see the failures as the link's
@@ -389,6 +438,22 @@ class RedisLink:
                 message = Message(host, [op.user], b"", control=control, sent_ms=now_ms)
                 payload = cluster.encode(message, key)
                 script(self._ack_critical, payload, op.user, op.id)
+            elif isinstance(op, SetChannel):
+                control = {"op": "set_channel", "channel": op.channel, "join_leave": op.join_leave}
+                message = Message(host, [], b"", control=control, sent_ms=now_ms)
+                payload = cluster.encode(message, key)
+                script(self._set_channel, payload, op.channel, "1" if op.join_leave else "0")
+            elif isinstance(op, UserConnections):
+                control = {"op": "who", "user": op.user, "qid": op.qid}
+                message = Message(host, [op.user], b"", control=control, sent_ms=now_ms)
+                payload = cluster.encode(message, key)
+                if op.qid:  # before the script runs: an answer may arrive before its reply
+                    with self._asks_lock:
+                        self._asks[op.qid] = Ask(time.monotonic() + self.ask_timeout)
+                script(self._who, payload, op.user)
+            elif isinstance(op, AnswerUserConnections):
+                payload = self._sealed_answer(op, now_ms)
+                pipe.execute_command(self._publish, layout.host_topic(op.to_host), payload)
             else:  # the probe
                 message = Message(host, None, b"", probe=True, sent_ms=now_ms)
                 probe = cluster.encode(message, key)
@@ -400,7 +465,13 @@ class RedisLink:
                 if isinstance(value, ERRORS):
                     raise value
                 log.error("redis: %s failed: %s", type(op).__name__, value)
-                events.append(OpResult(op.qid, False, None))
+                self._drop_ask(op)
+                if op.qid:
+                    events.append(OpResult(op.qid, False, None))
+            elif isinstance(op, UserConnections):
+                done = self._asked(op, value)
+                if done is not None:
+                    events.append(done)
             else:
                 try:
                     answer: dict[str, Any] | None = self._answer(op, value, now_ms)
@@ -411,7 +482,16 @@ class RedisLink:
                 if op.qid:
                     events.append(OpResult(op.qid, answer is not None, answer))
         published = sum(
-            isinstance(op, PublishChannel | PublishUsers | PublishHosts | AppendChannel)
+            isinstance(
+                op,
+                PublishChannel
+                | PublishUsers
+                | PublishHosts
+                | AppendChannel
+                | SetChannel
+                | UserConnections
+                | AnswerUserConnections,
+            )
             for op in batch
         )
         self._count("published", published)
@@ -419,9 +499,93 @@ class RedisLink:
             self.notify(Results(events))
 
     def _fail(self, batch: list[Work]) -> None:
+        for op in batch:
+            self._drop_ask(op)
         events = [OpResult(op.qid, False, None) for op in batch if op.qid]
         if events:
             self.notify(Results(events))
+
+    # -- the user connections RPC (both threads) --------------------------------------------
+
+    def _sealed_answer(self, op: AnswerUserConnections, now_ms: int) -> bytes:
+        """The sealed answer to host ``op.to_host``'s ``who``: at most MAX_ANSWER_RECORDS
+        records, fewer (halving) until it fits MAX_ANSWER_BYTES (``truncated`` then)."""
+        control = cluster.answer_control(op.to_host, op.request, op.connections)
+        while True:
+            message = Message(self.host, None, b"", control=control, sent_ms=now_ms)
+            payload = cluster.encode(message, self.key)
+            records = control["connections"]
+            if len(payload) <= cluster.MAX_ANSWER_BYTES or not records:
+                return payload
+            control = {**control, "connections": records[: len(records) // 2], "truncated": True}
+
+    def _drop_ask(self, op: Work) -> None:
+        if isinstance(op, UserConnections):
+            with self._asks_lock:
+                self._asks.pop(op.qid, None)
+
+    def _asked(self, op: UserConnections, value: Any) -> OpResult | None:
+        """The WHO script told ``value`` (the hosts): the result if every one of them has
+        answered already (none asked: at once), else None (the listener or the deadline will
+        report it)."""
+        self._count("who_asked")
+        hosts = {_text(h) for h in value} if isinstance(value, list) else set()
+        with self._asks_lock:
+            ask = self._asks.get(op.qid)
+            if ask is None:
+                return None  # qid 0: nobody waits
+            ask.hosts = hosts
+            for host in ask.answered - hosts:  # answers from hosts not asked: not theirs
+                ask.answered.discard(host)
+                ask.records = [r for r in ask.records if r.get("host") != host]
+                self._count("who_answers_dropped")
+            if ask.answered != hosts:
+                return None
+            del self._asks[op.qid]
+        return ask.result(op.qid)
+
+    def _take_answer(self, origin: str, control: dict[str, Any]) -> None:
+        """An answer from host ``origin`` (the listener): kept if its ``who`` is in flight,
+        that host was asked (or the script's reply is not read yet) and had not answered; the
+        result reported once every host asked has answered."""
+        qid = control["qid"]
+        with self._asks_lock:
+            ask = self._asks.get(qid)
+            if (
+                ask is None
+                or origin in ask.answered
+                or (ask.hosts is not None and origin not in ask.hosts)
+            ):
+                ask = None
+            else:
+                ask.answered.add(origin)
+                ask.records.extend({**r, "host": origin} for r in control["connections"])
+                ask.truncated = ask.truncated or control.get("truncated") is True
+                if ask.answered != ask.hosts:
+                    qid = 0  # more to come
+                else:
+                    del self._asks[qid]
+        if ask is None:
+            self._count("who_answers_dropped")
+            return
+        self._count("who_answers")
+        if qid:
+            self.notify(Results([ask.result(qid)]))
+
+    def _expire_asks(self) -> None:
+        """Report the requests whose deadline passed with what came (``missing_hosts``). One
+        whose script reply is not read yet is left to the worker (it has not told them yet)."""
+        now = time.monotonic()
+        with self._asks_lock:
+            due = [
+                qid
+                for qid, ask in self._asks.items()
+                if now >= ask.deadline and ask.hosts is not None
+            ]
+            done = [self._asks.pop(qid).result(qid) for qid in due]
+        if done:
+            self._count("who_partial", len(done))
+            self.notify(Results(done))
 
     def _set_state(self, up: bool) -> None:
         if up != self.up:
@@ -446,6 +610,7 @@ class RedisLink:
         # subscription confirmations are kept: the router waits for its topics' (TopicsReady)
         pubsub = client.pubsub()  # type: ignore[no-untyped-call]
         try:
+            inbox = self.layout.host_topic(self.host)
             self._apply_topic_changes()
             self._subscribe(pubsub, True, *self.topics)
             # subscribed again: the next failure is a new outage, to be retried soon
@@ -467,11 +632,14 @@ class RedisLink:
                         channel = self.layout.channel_of_topic(topic)
                         if channel is not None:
                             ready.append(ChannelId(channel))
+                        elif topic == inbox:  # from now on, every mark change reaches us
+                            self.notify(ChannelMarks(self._read_marks(client)))
                     message = self._next_message(pubsub, 0)
                 if ready:
                     self.notify(TopicsReady(ready))
                 if deliveries:
                     self.notify(Deliveries(deliveries))
+                self._expire_asks()
                 if self.up and time.monotonic() - self.last_probe_seen > PROBE_TIMEOUT:
                     log.warning("redis pub/sub: probes stopped arriving; resubscribing")
                     return
@@ -499,6 +667,18 @@ class RedisLink:
             (pubsub.ssubscribe if add else pubsub.sunsubscribe)(*topics)
         else:
             (pubsub.subscribe if add else pubsub.unsubscribe)(*topics)
+
+    def _read_marks(self, client: Client) -> list[ChannelId]:
+        """The channels marked for join/leave (a member that is no id is counted malformed)."""
+        marks: list[ChannelId] = []
+        for member in client.smembers(self.layout.marks):
+            text = _text(member)
+            channel = int(text) if text.isdigit() and len(text) <= 19 else None
+            if channel is None or parse_id(channel) is None:
+                self._count("malformed")
+            else:
+                marks.append(ChannelId(channel))
+        return sorted(marks)
 
     def _next_message(self, pubsub: Any, timeout: float) -> dict[str, Any] | None:
         if self.sharded:
@@ -540,11 +720,16 @@ class RedisLink:
             # sealed for another channel (or for users): replayed onto this topic
             self._count("forged")
             return None
+        control = decoded.control
+        if control is not None and control["op"] in HOST_CONTROLS:
+            if channel is not None:  # on a channel's topic: not ours to take
+                self._count("forged")
+                return None
+            return self._host_control(decoded.origin, control)
         if channel is None and decoded.users is None:
             self._count("malformed")
             return None
         target = None if channel is None else ChannelId(channel)
-        control = decoded.control
         if control is not None and "ban" in control:
             left = cluster.ban_remaining(control, _now_ms())
             control = {k: v for k, v in control.items() if k not in ("until", "ban")}
@@ -552,6 +737,24 @@ class RedisLink:
                 return None
             control["ban"] = left
         return Delivery(target, decoded.users or [], decoded.frame, control)
+
+    def _host_control(self, origin: str, control: dict[str, Any]) -> Delivery | None:
+        """A control for this host (on its inbox: :func:`_decode` checked that the message is
+        sealed for no channel): a mark change, a ``who`` to answer, an answer to take."""
+        op = control["op"]
+        if op == "set_channel":
+            channel = ChannelId(control["channel"])
+            mark = {"op": "set_channel", "channel": channel, "join_leave": control["join_leave"]}
+            return Delivery(None, [], b"", control=mark)
+        if op == "who":
+            user = control["user"]
+            who = {"op": "who", "user": user, "qid": control["qid"], "reply_to": origin}
+            return Delivery(None, [user], b"", control=who)
+        if control["to"] != self.host:  # an answer for another host, replayed onto our inbox
+            self._count("forged")
+            return None
+        self._take_answer(origin, control)
+        return None
 
     def _answer(self, op: Work, value: Any, now_ms: int) -> dict[str, Any]:
         """An operation's Redis reply, in the shape of the shards' answers (the history and
@@ -577,6 +780,12 @@ class RedisLink:
         if isinstance(op, AckCritical):
             self._count("acks")
             return {"value": max(0, int(value))}
+        if isinstance(op, SetChannel):
+            self._count("marks_set")
+            return {"value": int(value)}
+        if isinstance(op, AnswerUserConnections):
+            self._count("who_replied")
+            return {"value": int(value)}
         if not isinstance(op, OnlineUsers | OnlineInChannel | AreOnline):
             return {"value": value}
         hosts = self._presence(value, now_ms)

@@ -20,6 +20,7 @@ hosts set), which is how a Redis Cluster client routes it to the node that owns 
 | ``{P}:crit:<user>`` | list | the user's critical message ids, in the order they were stored |
 | ``{P}:crit:<user>:d`` | hash | ``<id>`` → the critical message, sealed |
 | ``{P}:crit:<user>:x`` | sorted set | ``<id>`` → its expiry (ms since the epoch) |
+| ``{P}:marks`` | set | channels marked for join/leave, cluster-wide |
 
 The history and critical keys share the hash tag too, for now (one slot: a script may publish
 where it writes); a later layout may spread channels over slots.
@@ -39,6 +40,16 @@ data to its channel, not to its offset: whoever can write to Redis could reorder
 messages (not forge or move them). A kept message (stream) or critical message (hash) is read
 back with :func:`open_stored`: the seal is checked, not the replay window (they are old by
 design; a critical message carries its expiry under the seal instead).
+
+Issue 12 adds controls between hosts' inboxes: ``set_channel`` (a join/leave mark changed; the
+SET_CHANNEL script stores it in ``{P}:marks`` and publishes it to every other live host), and
+an RPC for a user's connections: ``who`` (``{"op": "who", "user": U, "qid": q}``, published by
+the WHO script to every other live host that has the user; the script returns the hosts it
+told) and ``answer`` (``{"op": "answer", "to": <asking host>, "qid": q, "connections":
+[records]}``, published to the asking host's inbox). The asking host is the ``who``'s sealed
+origin; an answer names its destination under the seal, so that it cannot be replayed onto
+another host's inbox, and is bounded (:data:`MAX_ANSWER_RECORDS` records,
+:data:`MAX_ANSWER_BYTES` bytes: beyond, :attr:`Rejected.OVERSIZED`).
 """
 
 from __future__ import annotations
@@ -67,6 +78,9 @@ MAX_ID = 128  # characters of a critical message id
 _POSITION = re.compile(rb"\|([0-9]{1,19})\|([0-9A-Za-z_-]{1,64})\Z")
 _POSITION_TAIL = 90  # bytes: the longest position trailer fits
 MAX_OFFSET = 2**63 - 1  # what the router and shards carry (8 bytes, signed); beyond: forged
+MAX_QID = 2**63 - 1  # a query id from another host (``who``, ``answer``)
+MAX_ANSWER_RECORDS = 1_000  # connection records in one host's answer to ``who``, at most
+MAX_ANSWER_BYTES = 4 * 1024 * 1024  # a sealed answer, at most (the sender drops records to fit)
 
 
 class ClusterKey:
@@ -108,6 +122,7 @@ class Rejected(Enum):
     MALFORMED = "malformed"  # a valid seal on a bad body (a bug or a version mismatch)
     FORGED = "forged"  # no valid seal: not made by a host of this cluster
     REPLAYED = "replayed"  # a valid seal, but sent longer ago than REPLAY_WINDOW_MS
+    OVERSIZED = "oversized"  # a valid seal on an answer beyond MAX_ANSWER_RECORDS or _BYTES
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +164,11 @@ class Layout:
         ids = f"{self.prefix}:crit:{user}"
         return ids, f"{ids}:d", f"{ids}:x"
 
+    @property
+    def marks(self) -> str:
+        """The set of channels marked for join/leave."""
+        return f"{self.prefix}:marks"
+
     def channel_of_topic(self, topic: str) -> int | None:
         head = f"{self.prefix}:c:"
         if topic.startswith(head) and topic[len(head) :].isdigit():
@@ -183,7 +203,7 @@ class Message:
     epoch: str = ""
 
 
-CONTROL_OPS = ("subscribe", "unsubscribe", "disconnect", "acked")
+CONTROL_OPS = ("subscribe", "unsubscribe", "disconnect", "acked", "set_channel", "who", "answer")
 
 
 def encode(message: Message, key: ClusterKey) -> bytes:
@@ -216,6 +236,18 @@ def _control(value: Any) -> dict[str, Any] | None:
     if value["op"] == "acked":
         if not valid_critical_id(value.get("id")):
             raise ValueError("bad acked id")
+    elif value["op"] == "set_channel":
+        if parse_id(value.get("channel")) is None or type(value.get("join_leave")) is not bool:
+            raise ValueError("bad set_channel")
+    elif value["op"] in ("who", "answer"):
+        if not valid_qid(value.get("qid")):
+            raise ValueError("bad qid")
+        if value["op"] == "who" and parse_id(value.get("user")) is None:
+            raise ValueError("bad who user")
+        if value["op"] == "answer" and not (
+            isinstance(value.get("to"), str) and isinstance(value.get("connections"), list)
+        ):
+            raise ValueError("bad answer")
     elif value["op"] != "disconnect" and parse_id(value.get("channel")) is None:
         raise ValueError("bad control channel")
     if "ban" in value and not valid_seconds(value["ban"]):
@@ -223,6 +255,31 @@ def _control(value: Any) -> dict[str, Any] | None:
     if "until" in value and (type(value["until"]) is not int or value["until"] < 0):
         raise ValueError("bad ban expiry")
     return value
+
+
+def valid_qid(value: Any) -> bool:
+    """A query id from another host: an int from 1 to :data:`MAX_QID` (not a bool)."""
+    return type(value) is int and 0 < value <= MAX_QID
+
+
+def valid_record(value: Any) -> bool:
+    """A connection record in an answer: an object whose keys are strings (its values are
+    passed on as they are: they come from a host of this cluster, under its seal)."""
+    return isinstance(value, dict) and all(isinstance(k, str) for k in value)
+
+
+def answer_control(to: str, qid: int, connections: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ``answer`` control for host ``to``'s ``who`` ``qid``: at most
+    :data:`MAX_ANSWER_RECORDS` records (``truncated`` says if some were left out; the sender
+    also drops records until the sealed message fits :data:`MAX_ANSWER_BYTES`)."""
+    records = connections[:MAX_ANSWER_RECORDS]
+    return {
+        "op": "answer",
+        "to": to,
+        "qid": qid,
+        "connections": records,
+        "truncated": len(records) < len(connections),
+    }
 
 
 def valid_critical_id(value: Any) -> bool:
@@ -317,6 +374,12 @@ def _parse(body: bytes, max_frame: int) -> Message | Rejected:
         not isinstance(users, list) or not all(parse_id(u) is not None for u in users)
     ):
         return Rejected.MALFORMED
+    if control is not None and control["op"] == "answer":
+        records = control["connections"]
+        if len(body) > MAX_ANSWER_BYTES or len(records) > MAX_ANSWER_RECORDS:
+            return Rejected.OVERSIZED
+        if not all(valid_record(r) for r in records):
+            return Rejected.MALFORMED
     frame = body[4 + size :]
     if history or critical is not None:
         # the frame is data JSON: the receiver builds the client frame around it
@@ -443,6 +506,39 @@ return #others
 """
 )
 
+# -- issue 12 ------------------------------------------------------------------------------------
+
+# ARGV[4]: the sealed "who" control; ARGV[5]: the user. Publishes it to each other live host that
+# has the user. Returns those hosts (their answers are awaited).
+WHO = (
+    _LIVE_OTHERS
+    + """
+local told = {}
+for _, h in ipairs(others) do
+  if redis.call('SISMEMBER', ARGV[1] .. ':h:' .. h .. ':users', ARGV[5]) == 1 then
+    redis.call('PUBLISH', ARGV[1] .. ':h:' .. h, ARGV[4])
+    told[#told + 1] = h
+  end
+end
+return told
+"""
+)
+
+# ARGV[4]: the sealed "set_channel" control; ARGV[5]: the channel; ARGV[6]: '1' (mark) or '0'.
+# Stores the mark in {P}:marks and publishes it to every other live host. Returns how many.
+SET_CHANNEL = (
+    _LIVE_OTHERS
+    + """
+if ARGV[6] == '1' then
+  redis.call('SADD', ARGV[1] .. ':marks', ARGV[5])
+else
+  redis.call('SREM', ARGV[1] .. ':marks', ARGV[5])
+end
+for _, h in ipairs(others) do redis.call('PUBLISH', ARGV[1] .. ':h:' .. h, ARGV[4]) end
+return #others
+"""
+)
+
 # The other live hosts and their sealed snapshots: {host, snapshot or false, ...}.
 PRESENCE = (
     _LIVE_OTHERS
@@ -460,6 +556,8 @@ return out
 # the script publishes within its own slot (KEYS[1]'s), as Redis Cluster requires of SPUBLISH.
 SPUBLISH_USERS = PUBLISH_USERS.replace("redis.call('PUBLISH',", "redis.call('SPUBLISH',")
 SPUBLISH_HOSTS = PUBLISH_HOSTS.replace("redis.call('PUBLISH',", "redis.call('SPUBLISH',")
+SWHO = WHO.replace("redis.call('PUBLISH',", "redis.call('SPUBLISH',")
+SSET_CHANNEL = SET_CHANNEL.replace("redis.call('PUBLISH',", "redis.call('SPUBLISH',")
 
 # Replace this host's presence. ARGV[4]: expiry (ms since the epoch); ARGV[5]: ttl (ms);
 # ARGV[6]: JSON {"users": [...], "channels": {"<id>": [...]}}; ARGV[7]: the same, sealed (what the

@@ -215,6 +215,13 @@ def test_malformed_messages_are_counted_and_the_router_gets_a_copy_of_the_counte
         "critical_stored": 0,
         "critical_refused": 0,
         "acks": 0,
+        "oversized": 0,
+        "marks_set": 0,
+        "who_asked": 0,
+        "who_answers": 0,
+        "who_replied": 0,
+        "who_answers_dropped": 0,
+        "who_partial": 0,
     }
     stats["received"] = 100  # a copy: the link's own counters are untouched
     assert link.stats()["received"] == 2
