@@ -61,6 +61,7 @@ class Gather:
     missing: set[Participant] = field(default_factory=set)
     args: Mapping[str, Any] = field(default_factory=dict)
     redis: bool = False  # the Redis link takes part (the reply says whether it answered)
+    qid: int = 0  # its id in the core's gathers in flight
 
     def answered(self, who: Participant, body: Any) -> None:
         """``who``'s answer (ignored if it was not waited for: late or unknown)."""

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from actors.gather import REDIS, Gather, GatherSpec, presence_snapshot
 from actors.hostlink import (
+    ChannelMarks,
     Deliveries,
     Delivery,
     LinkEvent,
@@ -163,6 +164,8 @@ class OtherHosts:
         elif isinstance(event, Deliveries):
             for delivery in event.deliveries:
                 self.deliver(delivery, now)
+        elif isinstance(event, ChannelMarks):
+            self._core.observers.replace_marks(event.channels, now)
         elif isinstance(event, TopicsReady):
             self.ready.update(c for c in event.channels if c in self._core.index)
             self.release(now)
@@ -232,6 +235,12 @@ class OtherHosts:
         core = self._core
         if control["op"] == "acked":
             core.guarantees.acked_elsewhere(users, str(control["id"]), now)
+            return
+        if control["op"] == "who":
+            core.observers.answer_who(control, now)
+            return
+        if control["op"] == "set_channel":
+            core.observers.mark(ChannelId(control["channel"]), bool(control["join_leave"]), now)
             return
         ban = control.get("ban")
         if control["op"] == "disconnect" and ban is not None:

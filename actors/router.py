@@ -31,6 +31,7 @@ from typing import Any
 
 from actors.credit import CreditWindow, WindowLimits
 from actors.critical import CriticalStore
+from actors.eventlog import EventLog
 from actors.gather import (
     Combiner,
     Gather,
@@ -55,6 +56,7 @@ from actors.hostlink import (
 )
 from actors.hosts import OtherHosts
 from actors.ids import ChannelId, ShardIndex, stable_hash
+from actors.observe import Observers
 from actors.wire import commands, frames, shardwire
 from actors.wire.commands import Command, CommandError
 
@@ -146,10 +148,12 @@ class RouterCore:
         max_queries: int = 10_000,
         history: HistoryStore | None = None,
         critical: CriticalStore | None = None,
+        events: EventLog | None = None,
     ) -> None:
         """``redis``: this host has a Redis link to other hosts (``self.hosts`` is its half).
         ``history``: the channels' history (None: none kept, frames carry no offset);
-        ``critical``: where critical messages wait for their acknowledgement."""
+        ``critical``: where critical messages wait for their acknowledgement. ``events``: the
+        host's event stream (None: none published; snapshots still answer)."""
         self.window = window
         self.max_queries = max_queries
         self.slots = [ShardSlot(ShardIndex(i)) for i in range(shards)]
@@ -170,6 +174,7 @@ class RouterCore:
             history or HistoryStore(0, 300.0, 0),
             critical or CriticalStore(100, 64 * 1024 * 1024),
         )
+        self.observers = Observers(self, events or EventLog("local", enabled=False))
         # counters kept elsewhere (the command endpoint's CURVE: "curve"), by key, in statistics
         self.extra_stats: dict[str, Callable[[], Any]] = {}
         self.counters = {
@@ -197,6 +202,9 @@ class RouterCore:
             "router_stats": self._router_stats,
             "status": self._status,
             "history": self.guarantees.history_command,
+            "snapshot": self.observers.snapshot,
+            "get_user_connections": self.observers.user_connections,
+            "set_channel": self.observers.set_channel,
         }
 
     # -- outputs, taken by the RouterActor -------------------------------------------------
@@ -245,12 +253,14 @@ class RouterCore:
             self._drop(slot)
             slot.epoch, slot.pid, slot.state = epoch, pid, ShardState.STARTING
 
-    def shard_down(self, index: int, epoch: int, now: float) -> None:
-        """Incarnation ``epoch`` of shard ``index`` died or was killed."""
+    def shard_down(self, index: int, epoch: int, now: float, cause: str = "exited") -> None:
+        """Incarnation ``epoch`` of shard ``index`` died or was killed (``cause``: how, for the
+        event stream)."""
         slot = self.slots[index]
         if slot.epoch == epoch and slot.state is not ShardState.DOWN:
             self._drop(slot)
             slot.state = ShardState.DOWN
+            self.observers.events.shard_died(slot.index, epoch, cause)
 
     def check_hung(self, now: float, timeout: float) -> list[ShardSlot]:
         """Declare down the up shards silent for ``timeout`` seconds, and report them to the
@@ -261,7 +271,7 @@ class RouterCore:
         window), so load alone does not look hung."""
         hung = [s for s in self.up_shards() if now - s.last_seen > timeout]
         for slot in hung:
-            self.shard_down(slot.index, slot.epoch, now)
+            self.shard_down(slot.index, slot.epoch, now, "hung")
             self._events.append(ShardHung(slot.index, slot.epoch, slot.pid))
         return hung
 
@@ -321,6 +331,10 @@ class RouterCore:
             self.guarantees.ack(msg[1], msg[2])
         elif kind == shardwire.NEW_CONNECTION:
             self.guarantees.new_connection(slot, msg[1], now)
+        elif kind == shardwire.EVENTS:
+            self.observers.events.from_shard(slot.index, msg[1])
+        elif kind == shardwire.JOIN_LEAVE:
+            self.observers.joins_and_leaves(msg[1], now)
 
     def _indexed(self, slot: ShardSlot, seq: list[bytes], gained: list[int], now: float) -> None:
         """Confirm a numbered membership change: the shard holds its clients' hello and
@@ -343,6 +357,8 @@ class RouterCore:
         slot.epoch, slot.pid, slot.state, slot.last_seen = epoch, body["pid"], ShardState.UP, now
         self._delta(slot, body["channels"], [])
         self._events.append(ShardEvent(slot.index, ShardState.UP, epoch, slot.pid))
+        self.observers.events.shard_up(slot.index, epoch, "started" if epoch == 1 else "restarted")
+        self.observers.shard_up(slot, now)
 
     def _delta(self, slot: ShardSlot, gained: list[int], lost: list[int]) -> None:
         for raw in gained:
@@ -372,6 +388,7 @@ class RouterCore:
         gather = self.pending.get(qid)
         if gather is None or slot.index not in gather.waiting:
             return  # answered after its deadline: already replied without it
+        self.observers.events.answered(qid, slot.index)  # a snapshot's: its later events patch
         gather.answered(slot.index, body)
         if not gather.waiting:
             self.finish(qid)
@@ -557,6 +574,9 @@ class RouterCore:
         slot.window.queued(shardwire.size(msg[1], msg[2]), now)
         self._outbox.append((slot.identity, msg))
 
+    def shard_of(self, user: int) -> ShardIndex:
+        return self._shard_of(user)
+
     def _shard_of(self, user: int) -> ShardIndex:
         return stable_hash(user, len(self.slots))
 
@@ -576,10 +596,11 @@ class RouterCore:
 
     def start_gather(
         self, envelope: list[bytes] | None, request: Any, spec: GatherSpec, now: float
-    ) -> None:
+    ) -> int:
         """Ask ``spec.shards`` (and, in a cluster, the other hosts with ``spec.remote``); reply
         to ``envelope`` (None: hand the result to ``hosts``) when all have answered or at the
-        deadline, with what came back. Refused ``overloaded`` beyond ``max_queries``."""
+        deadline, with what came back. Refused ``overloaded`` beyond ``max_queries``. Returns
+        the gather's id (it may be over already: no shard to ask)."""
         if len(self.pending) >= self.max_queries:
             raise CommandError(
                 "overloaded", f"{len(self.pending)} queries in flight (limit {self.max_queries})"
@@ -587,7 +608,7 @@ class RouterCore:
         qid = self._next_qid
         self._next_qid += 1
         deadline = now + self.gather_timeout
-        gather = Gather(envelope, request, spec.combine, deadline, set(), args=spec.args)
+        gather = Gather(envelope, request, spec.combine, deadline, set(), args=spec.args, qid=qid)
         self.pending[qid] = gather
         if self.hosts is not None and spec.remote is not None:
             self.hosts.join(qid, gather, spec.remote)
@@ -600,11 +621,13 @@ class RouterCore:
             gather.waiting.add(index)
         if not gather.waiting:
             self.finish(qid)
+        return qid
 
     def tick(self, now: float) -> None:
         """Answer the queries whose deadline has passed with what they have; forget the history
         and critical messages whose time is up."""
         self.guarantees.tick(now)
+        self.observers.flush(now)
         if self.hosts is not None:
             self.hosts.release(now)
         for qid, gather in list(self.pending.items()):
@@ -613,7 +636,11 @@ class RouterCore:
                 self.finish(qid)
 
     def next_deadline(self) -> float | None:
-        return min((g.deadline for g in self.pending.values()), default=None)
+        deadlines = [g.deadline for g in self.pending.values()]
+        flush = self.observers.next_deadline()
+        if flush is not None:
+            deadlines.append(flush)
+        return min(deadlines, default=None)
 
     def finish(self, qid: int) -> None:
         """Gather ``qid`` is over: combine what came back into its reply."""
@@ -655,6 +682,7 @@ class RouterCore:
             "queued_to_shards": {s.index: list(s.window.in_flight()) for s in self.slots},
             **(self.hosts.statistics() if self.hosts is not None else {}),
             **self.guarantees.statistics(),
+            **self.observers.statistics(),
             **{name: dict(source()) for name, source in self.extra_stats.items()},
         }
 

@@ -12,6 +12,7 @@ link, decide anything itself (the core does), or call back into another actor wi
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -29,6 +30,8 @@ from actors.wire import shardwire
 log = logging.getLogger("ucc.router")
 
 READ_BATCH = 1024  # messages read from one socket per turn at most
+EVENTS_HWM = 1000  # events queued per subscriber at most (beyond: dropped, the seq shows it)
+EVENTS_SNDBUF = 64 * 1024  # bytes of kernel send buffer per subscriber
 ROUND = 0.05  # seconds of draining one socket before timers and the other socket get a turn
 
 
@@ -43,10 +46,20 @@ class ShardStarting:
 
 @dataclass(frozen=True, slots=True)
 class ShardDown:
-    """From the supervisor: incarnation ``epoch`` of shard ``index`` exited."""
+    """From the supervisor: incarnation ``epoch`` of shard ``index`` exited (``cause``: how,
+    e.g. ``signal SIGKILL``, for the event stream)."""
 
     index: int
     epoch: int
+    cause: str = "exited"
+
+
+@dataclass(frozen=True, slots=True)
+class HostEvents:
+    """From the supervisor: events of the host itself (the acceptor's refusals, coalesced),
+    each (type, fields), for the event stream."""
+
+    events: list[tuple[str, dict[str, Any]]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,13 +131,15 @@ class RouterActor(SocketActor):
         context: zmq.Context[Any] | None = None,
         backend_queue: int = 1000,
         command_auth: CommandAuth | None = None,
+        events_endpoint: str | None = None,
     ) -> None:
         """``on_event`` is called on the actor's thread (the supervisor hops to its loop).
         ``link``, in a cluster of hosts (``core.hosts`` set), makes the Redis link given a
         function to report to (any thread). ``backend_queue``: commands read ahead from, and
         replies held for, each backend. ``command_auth``: the command endpoint is a CURVE
         server (its counters appear in ``router_stats`` as ``curve``); the actor closes it
-        when it stops."""
+        when it stops. ``events_endpoint``: bind the event stream's PUB socket there (the
+        core's events are published on it)."""
         super().__init__()
         self.core = core
         self.on_event = on_event
@@ -157,16 +172,31 @@ class RouterActor(SocketActor):
         # the credit window bounds what is queued to a shard; this only has to be above it
         self.backend.setsockopt(zmq.SNDHWM, core.window.messages + core.max_queries + 1024)
         self.backend.setsockopt(zmq.RCVHWM, 100_000)
+        # the event stream: a subscriber that lags loses events at the high-water mark (it sees
+        # a gap in seq, and resyncs), rather than growing a backlog here or in the kernel
+        self.publisher: zmq.Socket[bytes] | None = None
+        if events_endpoint is not None:
+            self.publisher = self.context.socket(zmq.PUB)
+            self.publisher.setsockopt(zmq.LINGER, 0)
+            self.publisher.setsockopt(zmq.SNDHWM, EVENTS_HWM)
+            self.publisher.setsockopt(zmq.SNDBUF, EVENTS_SNDBUF)
         try:
             self.frontend.bind(command_endpoint)
             self.backend.bind(shard_endpoint)
+            if self.publisher is not None and events_endpoint is not None:
+                self.publisher.bind(events_endpoint)
         except zmq.ZMQError:
             self.frontend.close()
             self.backend.close()
+            if self.publisher is not None:
+                self.publisher.close()
             if command_auth is not None:
                 command_auth.close()
             raise
         self.command_endpoint = self.frontend.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.events_endpoint = (
+            self.publisher.getsockopt_string(zmq.LAST_ENDPOINT) if self.publisher else None
+        )
         self.hosts: OtherHosts | None = core.hosts
         self.link = link(self.actor_ref.tell) if link and self.hosts is not None else None
         if self.hosts is not None and self.link is not None:
@@ -191,6 +221,8 @@ class RouterActor(SocketActor):
         super().on_stop()
         self.frontend.close()
         self.backend.close()
+        if self.publisher is not None:
+            self.publisher.close()
         if self.command_auth is not None:
             self.command_auth.close()
 
@@ -221,7 +253,10 @@ class RouterActor(SocketActor):
         elif isinstance(message, ShardStarting):
             self.core.shard_starting(message.index, message.epoch, message.pid)
         elif isinstance(message, ShardDown):
-            self.core.shard_down(message.index, message.epoch, now)
+            self.core.shard_down(message.index, message.epoch, now, message.cause)
+        elif isinstance(message, HostEvents):
+            for kind, fields in message.events:
+                self.core.observers.events.emit(kind, fields)
         self._flush()
         self._arm_timer()
         return None
@@ -268,6 +303,11 @@ class RouterActor(SocketActor):
             if self.link is not None:
                 for op in ops:
                     self.link.submit(op)
+        published = core.observers.events.take()
+        if self.publisher is not None:
+            for payload in published:  # a PUB socket drops at its high-water mark: no wait
+                with contextlib.suppress(zmq.ZMQError):
+                    self.publisher.send(payload, _LAST)
         for event in core.take_events():
             self.on_event(event)
 

@@ -324,6 +324,8 @@ class Acceptor:
         self.limits = PendingLimits(max_pending, max_pending_per_address)
         self.pending: dict[int, _Pending] = {}
         self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
+        # told every refusal (reason, address): the supervisor makes ``limit`` events of them
+        self.on_refusal: Callable[[str, str], None] | None = None
         self.report = RefusalReport()
         self._report_timer: asyncio.TimerHandle | None = None
         self._error_logged = float("-inf")
@@ -578,6 +580,8 @@ class Acceptor:
     def _count(self, reason: str, key: str) -> None:
         """Count a refusal and see that it is reported (one summary line per REPORT_INTERVAL)."""
         self.counters[reason] += 1
+        if self.on_refusal is not None:
+            self.on_refusal(reason, key)
         self.report.add(reason, key, time.monotonic())
         if self._report_timer is None:
             delay = self.report.due(time.monotonic())

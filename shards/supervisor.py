@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pykka
@@ -29,11 +30,14 @@ import zmq
 
 from actors.credit import WindowLimits
 from actors.critical import CriticalStore
+from actors.eventlog import EventLog
 from actors.history import HistoryStore
+from actors.hostlink import LinkEvent
 from actors.ids import stable_hash
 from actors.policy import RestartPolicy
 from actors.router import RouterCore, ShardEvent, ShardHung, ShardState, UserBanned
 from actors.router_actor import (
+    HostEvents,
     RouterActor,
     RouterFailed,
     ShardDown,
@@ -56,7 +60,7 @@ from shards.handoff import (
     send_message,
 )
 from shards.inflight import Handoffs
-from shards.redislink import RedisLink
+from shards.redislink import RedisLink, host_id
 
 log = logging.getLogger("ucc.supervisor")
 
@@ -121,6 +125,10 @@ class Supervisor:
             raise
         redis_url, name = config.redis, config.cluster_name
         cluster_key = ClusterKey.of(config.secret, config.cluster_secret)
+        # the host's id: in its events, its replies' records, and (the same) on Redis
+        self.host_id = host_id()
+        self._refusals: dict[tuple[str, str], int] = {}  # (address, reason) -> count, this second
+        self._refusals_timer: asyncio.TimerHandle | None = None
         core = RouterCore(
             config.shards,
             config.gather_timeout,
@@ -132,6 +140,7 @@ class Supervisor:
             max_queries=config.max_queries,
             history=HistoryStore(config.history_size, config.history_ttl, config.history_memory),
             critical=CriticalStore(config.critical_per_user, config.critical_memory),
+            events=EventLog(self.host_id, enabled=config.events is not None),
         )
         # the acceptor's counters in router_stats (read on the router's thread: a copy of a dict
         # of ints, which the GIL keeps whole; empty until the acceptor exists)
@@ -144,12 +153,13 @@ class Supervisor:
                 lambda event: loop.call_soon_threadsafe(self._shard_event, event),
                 config.hang_timeout,
                 (
-                    (lambda notify: RedisLink(redis_url, name, notify, cluster_key))
+                    (lambda notify: self._link(redis_url, name, notify, cluster_key))
                     if redis_url
                     else None
                 ),
                 backend_queue=config.backend_queue,
                 command_auth=command_auth(config.command_key, config.command_clients),
+                events_endpoint=config.events,
             )
         except zmq.ZMQError as exc:  # the command endpoint is taken or malformed
             self.listener.close()
@@ -158,6 +168,31 @@ class Supervisor:
         self.command_endpoint: str = self.router.proxy().command_endpoint.get()
         self.acceptor: Acceptor | None = None
         self.shard_config = ShardConfig.of(config)  # on each shard's command line, as JSON
+
+    def _link(
+        self, url: str, name: str, notify: Callable[[LinkEvent], None], key: ClusterKey
+    ) -> RedisLink:
+        link = RedisLink(url, name, notify, key)
+        link.host = self.host_id  # one id for the host, on Redis and in its events
+        return link
+
+    def _refused(self, reason: str, address: str) -> None:
+        """The acceptor refused a connection: a ``limit`` event, coalesced per address and
+        reason per second (a storm of refusals is one event per address each second)."""
+        key = (address, reason)
+        self._refusals[key] = self._refusals.get(key, 0) + 1
+        if self._refusals_timer is None:
+            self._refusals_timer = self.loop.call_later(1.0, self._report_refusals)
+
+    def _report_refusals(self) -> None:
+        self._refusals_timer = None
+        refusals, self._refusals = self._refusals, {}
+        events = [
+            ("limit", {"address": address, "what": reason, "count": count})
+            for (address, reason), count in refusals.items()
+        ]
+        if events:
+            self._tell_router(HostEvents(events))
 
     def _acceptor_counters(self) -> dict[str, int]:
         acceptor = getattr(self, "acceptor", None)
@@ -253,11 +288,11 @@ class Supervisor:
             log.info("shard %d: closed %d connections it took without an ack", shard.index, closed)
         for entry in waiting:  # never read: they wait for the next incarnation
             self._hold(shard, entry.claims, entry.sock)
-        self._tell_router(ShardDown(shard.index, epoch))
+        how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+        self._tell_router(ShardDown(shard.index, epoch, "stopped" if self.stopping else how))
         if self.stopping:
             self._maybe_done()
             return
-        how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
         decision = self.policy.on_exit(shard.index, time.monotonic())
         if not decision.restart:
             log.error(
@@ -347,6 +382,8 @@ class Supervisor:
             token_leeway=self.config.token_leeway,
             max_channels_per_connection=self.config.max_channels_per_connection,
         )
+        if self.config.events is not None:
+            self.acceptor.on_refusal = self._refused
         print(ready.format_line(host, port, self.command_endpoint, len(self.shards)), flush=True)
 
     def _place(self, claims: Claims, sock: socket.socket) -> None:

@@ -101,6 +101,13 @@ def refreshed(exp: float) -> bytes:
     return text_frame(dumps({"type": "refreshed", "exp": shown}))
 
 
+def join_leave(joined: bool, channel: int, user: int) -> bytes:
+    """A member of ``channel`` is told that ``user`` joined it (first connection subscribed) or
+    left it (last one gone): ``{"type":"join"|"leave","channel":C,"user":U}``."""
+    kind = b"join" if joined else b"leave"
+    return text_frame(b'{"type":"%b","channel":%d,"user":%d}' % (kind, channel, user))
+
+
 def error(code: str, message: str) -> bytes:
     return text_frame(dumps({"type": "error", "code": code, "message": message}))
 

@@ -637,7 +637,7 @@ def test_commands_are_counted(core):
 
 def test_every_command_is_dispatched():
     core = RouterCore(N, history=HistoryStore(64, 300.0, 1 << 20))
-    sample = {Field.ID: 1, Field.IDS: [1, 2], Field.DATA: None}
+    sample = {Field.ID: 1, Field.IDS: [1, 2], Field.DATA: None, Field.FLAG: True}
     for name, spec in COMMANDS.items():
         body = {"id": name, "cmd": name, **{key: sample[kind] for key, kind in spec.items()}}
         command(core, body)
