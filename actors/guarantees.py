@@ -392,8 +392,10 @@ class Guarantees:
         """A client acknowledged critical message ``payload`` of user ``argument``."""
         user = shardwire.unpack_id(argument)
         message_id = payload.decode(errors="replace")
-        self.critical.ack(user, message_id)  # an unknown one is counted there
+        known = self.critical.ack(user, message_id)  # an unknown one is counted there
         hosts = self._core.hosts
+        if known or (hosts is not None and hosts.up):  # (Redis's copy: it knows, not we)
+            self._core.observers.events.emit("critical_delivered", {"user": user, "id": message_id})
         if hosts is not None and hosts.up:
             hosts.queue(AckCritical(user, message_id))
         elif hosts is not None:  # for Redis's copy, once the link is back
@@ -433,7 +435,8 @@ class Guarantees:
 
     def tick(self, now: float) -> None:
         self.history.expire(now)
-        self.critical.expire(now)
+        for gone in self.critical.expire(now):
+            self._core.observers.events.emit("critical_expired", {"user": gone.user, "id": gone.id})
         if self._waiting:
             self.topics_ready(now)
         for _ in range(len(self._undelivered)):
