@@ -3,16 +3,16 @@ running server, and ``bench``.
 
 Owns: each subcommand's parser and handler, turning ``serve``'s flags into a
 :class:`shards.config.ServeConfig` (every field has a flag of the same name, whose default is the
-field's), reading ``UCC_REDIS_URL`` and ``UCC_CLUSTER``, and printing replies (JSON on stdout,
-errors on stderr as ``ucc: error: <code>: <message>``). Exit codes: 0 success, 1 a command
-failed or timed out, 2 a usage error (bad flags, bad JSON, no secret). The argument types and the
-shared ``--command`` / ``--secret`` options are in :mod:`shards.cliargs`; ``bench``'s parser is
-in :mod:`shards.bench.args`.
+field's), reading ``UCC_REDIS_URL``, ``UCC_CLUSTER`` and ``UCC_EVENTS``, and printing replies
+(JSON on stdout, errors on stderr as ``ucc: error: <code>: <message>``). Exit codes: 0 success, 1
+a command failed or timed out, 2 a usage error (bad flags, bad JSON, no secret). The argument
+types and the shared ``--command`` / ``--secret`` options are in :mod:`shards.cliargs`;
+``bench``'s parser is in :mod:`shards.bench.args`.
 
 Must never print or log the token secret, never create the secret file outside ``serve``, and
 never implement server logic: ``serve`` hands its config to :func:`shards.supervisor.run`, the
-commands that drive a server go through :class:`shards.client.Client`, and ``bench`` runs
-:mod:`shards.bench`.
+commands that drive a server go through :class:`shards.client.Client` (``events`` through
+:class:`shards.events.EventFollower`), and ``bench`` runs :mod:`shards.bench`.
 
 Adding a subcommand is one function: write ``_add_NAME(subparsers)`` that adds its parser and
 sets ``run=`` to its handler (``(argparse.Namespace) -> int``), and list it in ``SUBCOMMANDS``.
@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import json
 import os
 import stat
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -42,6 +44,7 @@ from shards.cliargs import (
     id_number,
     json_value,
     non_negative,
+    on_off,
     port,
     positive_int,
     positive_number,
@@ -51,6 +54,7 @@ from shards.cliargs import (
 from shards.client import Calls, Client, UccError
 from shards.config import ServeConfig, check_redis_url, check_secret, resolve_secret
 from shards.curve import check_command_security, is_local_endpoint, write_keypair
+from shards.events import EventFollower, GapCounter, default_events
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -290,6 +294,12 @@ def _run_serve(args: argparse.Namespace) -> int:
             f"ucc: WARNING: the command endpoint {args.command} is not on a loopback address"
             " and has no authentication (--insecure-command): anyone who reaches it can"
             " broadcast or disconnect any user",
+            file=sys.stderr,
+        )
+    if args.events is not None and not is_local_endpoint(args.events):
+        print(
+            f"ucc: WARNING: the event stream {args.events} is not on a loopback address: anyone"
+            " who reaches it sees every user's connections and channels",
             file=sys.stderr,
         )
     if args.allowed_origins is None:
@@ -605,6 +615,230 @@ def _run_status(args: argparse.Namespace) -> int:
     return _talk(args, action)
 
 
+# --- issue 12: the event stream, connection metadata, join/leave marks -------------------------
+
+
+def _add_events(subparsers: Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "events",
+        help="print the server's events as JSON lines (--follow: resync on gaps)",
+        description="Print the events a server started with --events publishes, one JSON line"
+        " each, as they come. Without --follow, a gap in seq (this subscriber fell behind and"
+        " ZeroMQ dropped events) is reported on stderr. With --follow, the first line is a"
+        ' snapshot ({"type": "resync", "seq": S, "host": H, "connections": [...]}, from the'
+        " command endpoint), then the events after it in order; on a gap, a new resync line.",
+    )
+    parser.add_argument(
+        "--endpoint",
+        metavar="ENDPOINT",
+        default=default_events(),
+        help="the server's event endpoint (its --events; default: $UCC_EVENTS or %(default)s)",
+    )
+    parser.add_argument(
+        "--follow",
+        action="store_true",
+        help="start from a snapshot and resync on gaps, through the command endpoint",
+    )
+    parser.add_argument(
+        "--count",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="stop after N lines (default: never)",
+    )
+    parser.add_argument(
+        "--duration",
+        type=seconds,
+        default=None,
+        metavar="SECONDS",
+        help="stop after this long (default: never)",
+    )
+    parser.add_argument(
+        "--rcvhwm",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="the subscriber's receive high-water mark (default: ZeroMQ's, 1000)",
+    )
+    _add_server_options(parser)
+    parser.set_defaults(run=_run_events)
+
+
+_LINE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
+def _run_events(args: argparse.Namespace) -> int:
+    try:
+        follower = EventFollower(
+            args.endpoint,
+            args.command if args.follow else None,
+            timeout=args.timeout,
+            server_key=args.server_key,
+            client_key_file=args.client_key,
+            rcvhwm=args.rcvhwm,
+        )
+    except ValueError as exc:
+        _error(str(exc))
+        return 2
+    gaps = GapCounter()
+    printed = 0
+    deadline = None if args.duration is None else time.monotonic() + args.duration
+    with follower:
+        try:
+            while args.count is None or printed < args.count:
+                wait = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
+                if wait <= 0:
+                    break
+                item = follower.poll(wait)
+                if item is None:
+                    continue
+                missed = None if args.follow else gaps.see(item)
+                if missed is not None:
+                    print(
+                        f"ucc: warning: missed events {missed[0]}..{missed[1]} of host"
+                        f" {item.get('host')} (this subscriber fell behind; --follow resyncs)",
+                        file=sys.stderr,
+                    )
+                sys.stdout.write(_LINE.encode(item) + "\n")
+                sys.stdout.flush()
+                printed += 1
+        except UccError as exc:
+            _error(f"snapshot failed: {exc.code}: {exc.message}")
+            return 1
+        except BrokenPipeError:
+            # the reader went away (`ucc events | head`): not an error
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
+
+
+def _add_snapshot(subparsers: Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "snapshot",
+        help="print this host's connections and the event stream's position (JSON)",
+        description='Print the server\'s snapshot as JSON: {"seq", "host", "connections":'
+        ' [{"conn", "user", "shard", "channels", "connected_at", "last_activity", "remote"},'
+        ' ...], "missing_shards"}. Applying the events with a higher seq to it gives the'
+        " current state.",
+    )
+    _add_server_options(parser)
+    parser.set_defaults(run=_run_snapshot)
+
+
+def _run_snapshot(args: argparse.Namespace) -> int:
+    def action(client: Client) -> int:
+        reply = client.snapshot()
+        _print_json(reply)
+        _warn_missing(reply)
+        return 0
+
+    return _talk(args, action)
+
+
+WHO_COLUMNS = ("conn", "host", "shard", "connected", "idle", "channels", "remote")
+MAX_CHANNELS_SHOWN = 8
+
+
+def _when(stamp: Any) -> str:
+    if isinstance(stamp, bool) or not isinstance(stamp, int | float):
+        return "-"
+    moment = datetime.datetime.fromtimestamp(stamp, datetime.UTC)
+    return moment.strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _idle(stamp: Any, now: float) -> str:
+    if isinstance(stamp, bool) or not isinstance(stamp, int | float):
+        return "-"
+    return f"{max(0.0, now - stamp):.0f}s"
+
+
+def _channels(channels: Any) -> str:
+    if not isinstance(channels, list) or not channels:
+        return "-"
+    shown = ",".join(str(c) for c in channels[:MAX_CHANNELS_SHOWN])
+    extra = len(channels) - MAX_CHANNELS_SHOWN
+    return shown + (f",…(+{extra})" if extra > 0 else "")
+
+
+def format_connections(connections: Sequence[Any], now: float) -> str:
+    """A ``get_user_connections`` reply's connections as an aligned text table (one header
+    line): times in UTC, ``idle`` the seconds since the connection's last activity at ``now``."""
+    rows = [[column.upper() for column in WHO_COLUMNS]]
+    for connection in connections:
+        entry = connection if isinstance(connection, dict) else {}
+        rows.append(
+            [
+                str(entry.get("conn", "-")),
+                str(entry.get("host", "-")),
+                str(entry.get("shard", "-")),
+                _when(entry.get("connected_at")),
+                _idle(entry.get("last_activity"), now),
+                _channels(entry.get("channels")),
+                str(entry.get("remote") or "-"),
+            ]
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(WHO_COLUMNS))]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    ]
+    return "\n".join(lines)
+
+
+def _add_who(subparsers: Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "who",
+        help="list a user's connections (on every host with --redis)",
+        description="Print one line per connection of USER: its id, host, shard, when it"
+        " connected (UTC), how long it has been idle, its channels and its remote address.",
+    )
+    parser.add_argument("user", type=id_number, metavar="USER")
+    parser.add_argument("--json", action="store_true", help="print the raw reply as JSON")
+    _add_server_options(parser)
+    parser.set_defaults(run=_run_who)
+
+
+def _run_who(args: argparse.Namespace) -> int:
+    def action(client: Client) -> int:
+        call = Calls.get_user_connections(args.user)
+        reply = client.request(call.cmd, **call.fields)
+        connections = call.result(reply)
+        if args.json:
+            _print_json(reply)
+        else:
+            print(format_connections(connections, time.time()))
+        _warn_missing(reply)
+        if reply.get("cluster") is False:
+            error = reply.get("cluster_error") or "Redis did not answer"
+            print(f"ucc: warning: only this host was asked ({error})", file=sys.stderr)
+        return 0
+
+    return _talk(args, action)
+
+
+def _add_channel(subparsers: Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "channel",
+        help="set a channel's options: --join-leave on|off",
+        description="Mark CHANNEL so that its members get join/leave frames when a user's"
+        " first connection subscribes to it or its last one leaves (--join-leave on), or"
+        " unmark it (off). Kept by the router; cluster-wide with --redis.",
+    )
+    parser.add_argument("channel", type=id_number, metavar="CHANNEL")
+    parser.add_argument(
+        "--join-leave",
+        type=on_off,
+        required=True,
+        metavar="on|off",
+        help="push join/leave frames to the channel's members, or stop",
+    )
+    _add_server_options(parser)
+    parser.set_defaults(run=_run_channel)
+
+
+def _run_channel(args: argparse.Namespace) -> int:
+    return _talk(args, _printed(lambda client: client.set_channel(args.channel, args.join_leave)))
+
+
 # --- entry point -------------------------------------------------------------------------------
 
 SUBCOMMANDS: list[Callable[[Subparsers], None]] = [
@@ -617,13 +851,17 @@ SUBCOMMANDS: list[Callable[[Subparsers], None]] = [
     _add_subscribe,
     _add_disconnect,
     _add_status,
+    _add_events,
+    _add_snapshot,
+    _add_who,
+    _add_channel,
     add_bench,
 ]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``ucc`` parser; reads ``UCC_COMMAND``, ``UCC_REDIS_URL`` and ``UCC_CLUSTER`` (the
-    defaults of their flags) when called."""
+    """The ``ucc`` parser; reads ``UCC_COMMAND``, ``UCC_REDIS_URL``, ``UCC_CLUSTER`` and
+    ``UCC_EVENTS`` (the defaults of their flags) when called."""
     parser = argparse.ArgumentParser(
         prog="ucc",
         description="ucc: a sharded WebSocket connection cache driven over ZeroMQ.",

@@ -1,9 +1,9 @@
 """Argument types and the options that several ``ucc`` subcommands share.
 
-Owns: parsing ids, ports, positive numbers and JSON data from the command line (each failure an
-``argparse`` error naming what was expected), and the ``--command`` and ``--secret`` options,
-defined once for ``serve``, the commands that drive a server and ``bench`` (and
-``--server-key``/``--client-key`` for the commands that drive a server). Reads
+Owns: parsing ids, ports, positive numbers, on/off and JSON data from the command line (each
+failure an ``argparse`` error naming what was expected), and the ``--command`` and
+``--secret`` options, defined once for ``serve``, the commands that drive a server and
+``bench`` (and ``--server-key``/``--client-key`` for the commands that drive a server). Reads
 ``UCC_COMMAND`` when a parser is built. Must never read the secret itself: ``--secret`` only
 says where it comes from (:func:`shards.config.resolve_secret` does the reading).
 """
@@ -108,6 +108,18 @@ def positive_float(what: str, zero: bool = False) -> Callable[[str], float]:
 positive_number = positive_float("a positive number")
 seconds = positive_float("a positive number of seconds")
 non_negative = positive_float("a number of seconds, 0 or more", zero=True)
+
+
+_ON_OFF = {"on": True, "true": True, "yes": True, "1": True}
+_ON_OFF |= {"off": False, "false": False, "no": False, "0": False}
+
+
+def on_off(text: str) -> bool:
+    """``on`` or ``off`` (also true/false, yes/no, 1/0; any case)."""
+    value = _ON_OFF.get(text.strip().lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected on or off, got {text!r}")
+    return value
 
 
 def json_value(text: str) -> Any:

@@ -4,11 +4,15 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 
 import pytest
+import zmq
 
 import shards.cli
-from shards.cli import build_parser, main
+from shards.cli import build_parser, format_connections, main
+from shards.client import CommandTimeout
 from shards.config import ServeConfig
 
 
@@ -105,6 +109,18 @@ class StandInClient:
         self.calls.append(("broadcast_to_users", args))
         return self.reply
 
+    def snapshot(self) -> dict[str, object]:
+        self.calls.append(("snapshot", ()))
+        return self.reply
+
+    def set_channel(self, *args: object) -> dict[str, object]:
+        self.calls.append(("set_channel", args))
+        return self.reply
+
+    def request(self, cmd: str, **fields: object) -> dict[str, object]:
+        self.calls.append((cmd, tuple(fields.values())))
+        return self.reply
+
 
 @pytest.fixture
 def client(monkeypatch):
@@ -166,3 +182,223 @@ def test_broadcast_critical_misuse_is_a_usage_error(argv, client, capsys):
     assert main(["broadcast", *argv]) == 2
     assert "ucc: error:" in capsys.readouterr().err
     assert client.calls == []
+
+
+# -- issue 12: snapshot, who, channel, events ---------------------------------------------------
+
+
+def test_snapshot_prints_the_reply(client, capsys):
+    client.reply = {"ok": True, "seq": 4, "host": "h", "connections": [], "missing_shards": [1]}
+    assert main(["snapshot"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out) == client.reply
+    assert "shards [1]" in err
+    assert client.calls == [("snapshot", ())]
+
+
+CONNECTIONS = [
+    {
+        "conn": "0.1.7",
+        "host": "web-1",
+        "shard": 0,
+        "connected_at": 1_700_000_000.0,
+        "last_activity": 1_700_000_090.0,
+        "channels": [1, 2],
+        "remote": "10.0.0.5:51000",
+    },
+    {"conn": "3.2.12", "host": "web-2", "shard": 3, "channels": list(range(1, 11))},
+]
+
+
+def test_format_connections_is_an_aligned_table():
+    table = format_connections(CONNECTIONS, now=1_700_000_100.0)
+    lines = table.splitlines()
+    assert lines[0].split() == [
+        "CONN",
+        "HOST",
+        "SHARD",
+        "CONNECTED",
+        "IDLE",
+        "CHANNELS",
+        "REMOTE",
+    ]
+    assert lines[1].split() == [
+        "0.1.7",
+        "web-1",
+        "0",
+        "2023-11-14",
+        "22:13:20Z",
+        "10s",
+        "1,2",
+        "10.0.0.5:51000",
+    ]
+    assert lines[2].split() == ["3.2.12", "web-2", "3", "-", "-", "1,2,3,4,5,6,7,8,…(+2)", "-"]
+    assert lines[1].index("web-1") == lines[2].index("web-2") == lines[0].index("HOST")
+    assert format_connections([], now=0).split() == lines[0].split()
+
+
+def test_who_prints_a_table_or_the_reply(client, capsys):
+    client.reply = {"ok": True, "connections": CONNECTIONS, "missing_shards": []}
+    assert main(["who", "42"]) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines()[1].startswith("0.1.7")
+    assert err == ""
+    assert main(["who", "42", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == client.reply
+    assert client.calls == [("get_user_connections", (42,))] * 2
+
+
+def test_who_warns_when_only_this_host_was_asked(client, capsys):
+    client.reply = {
+        "ok": True,
+        "connections": [],
+        "missing_shards": [2],
+        "cluster": False,
+        "cluster_error": "redis down",
+    }
+    assert main(["who", "42"]) == 0
+    err = capsys.readouterr().err
+    assert "shards [2]" in err
+    assert "only this host was asked (redis down)" in err
+
+
+def test_who_with_a_bad_reply_fails(client, capsys):
+    client.reply = {"ok": True, "connections": "nope"}
+    assert main(["who", "42"]) == 1
+    assert "bad_reply" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("word", "flag"), [("on", True), ("OFF", False), ("true", True), ("0", False)]
+)
+def test_channel_sets_join_leave(word, flag, client, capsys):
+    client.reply = {"ok": True, "channel": 5, "join_leave": flag}
+    assert main(["channel", "5", "--join-leave", word]) == 0
+    assert json.loads(capsys.readouterr().out) == client.reply
+    assert client.calls == [("set_channel", (5, flag))]
+
+
+@pytest.mark.parametrize("argv", [["5"], ["5", "--join-leave", "maybe"], ["x", "--join-leave=on"]])
+def test_channel_misuse_is_a_usage_error(argv, client, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["channel", *argv])
+    assert exited.value.code == 2
+    assert client.calls == []
+
+
+class StandInFollower:
+    """What ``ucc events`` needs of :class:`shards.events.EventFollower`."""
+
+    made: list[tuple[tuple[object, ...], dict[str, object]]] = []
+    items: list[object] = []
+    closed = False
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        StandInFollower.made.append((args, kwargs))
+
+    def __enter__(self) -> StandInFollower:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        StandInFollower.closed = True
+
+    def poll(self, timeout: float) -> object:
+        assert 0 < timeout <= 1.0
+        if not self.items:
+            time.sleep(timeout)
+            return None
+        item = self.items.pop(0)
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+
+@pytest.fixture
+def follower(monkeypatch):
+    monkeypatch.setattr(shards.cli, "EventFollower", StandInFollower)
+    monkeypatch.delenv("UCC_EVENTS", raising=False)
+    StandInFollower.made = []
+    StandInFollower.items = []
+    StandInFollower.closed = False
+    return StandInFollower
+
+
+def event(seq: int, **fields: object) -> dict[str, object]:
+    return {"seq": seq, "host": "h", "ts": 1.5, "type": "online", "user": 3, **fields}
+
+
+def test_events_prints_json_lines_and_warns_of_gaps(follower, capsys):
+    follower.items = [event(1), event(2, user="é"), event(5)]
+    assert main(["events", "--count", "3"]) == 0
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    assert lines[1] == '{"seq":2,"host":"h","ts":1.5,"type":"online","user":"é"}'
+    assert [json.loads(line)["seq"] for line in lines] == [1, 2, 5]
+    assert "missed events 3..4 of host h" in err
+    args, kwargs = follower.made[0]
+    assert args == ("tcp://127.0.0.1:5556", None)  # no command endpoint without --follow
+    assert kwargs["rcvhwm"] is None
+    assert follower.closed
+
+
+def test_events_follow_passes_the_command_endpoint_and_does_not_warn(follower, capsys):
+    follower.items = [{"type": "resync", "seq": 9, "host": "h", "connections": []}, event(12)]
+    argv = ["events", "--follow", "--endpoint", "ipc:///tmp/ev", "--command", "tcp://x:1"]
+    assert main([*argv, "--count", "2", "--rcvhwm", "10", "--timeout", "2"]) == 0
+    out, err = capsys.readouterr()
+    assert [json.loads(line)["type"] for line in out.splitlines()] == ["resync", "online"]
+    assert err == ""
+    args, kwargs = follower.made[0]
+    assert args == ("ipc:///tmp/ev", "tcp://x:1")
+    assert (kwargs["rcvhwm"], kwargs["timeout"]) == (10, 2.0)
+
+
+def test_events_endpoint_defaults_to_the_environment(follower, monkeypatch):
+    monkeypatch.setenv("UCC_EVENTS", "tcp://127.0.0.1:7000")
+    assert main(["events", "--duration", "0.01"]) == 0
+    assert follower.made[0][0][0] == "tcp://127.0.0.1:7000"
+
+
+def test_events_stops_after_its_duration(follower):
+    started = time.monotonic()
+    assert main(["events", "--duration", "0.3"]) == 0
+    assert 0.25 < time.monotonic() - started < 2
+
+
+def test_events_follow_reports_a_failed_snapshot(follower, capsys):
+    follower.items = [CommandTimeout("no reply to 'snapshot'")]
+    assert main(["events", "--follow", "--count", "1"]) == 1
+    assert "ucc: error: snapshot failed: timeout" in capsys.readouterr().err
+
+
+def test_events_with_a_bad_endpoint_is_a_usage_error(capsys):
+    assert main(["events", "--endpoint", "nowhere", "--duration", "0.1"]) == 2
+    assert "bad event endpoint" in capsys.readouterr().err
+
+
+def test_events_against_a_real_pub_socket(capsys):
+    context = zmq.Context.instance()
+    pub = context.socket(zmq.PUB)
+    pub.setsockopt(zmq.LINGER, 0)
+    pub.bind("tcp://127.0.0.1:*")
+    endpoint = pub.getsockopt_string(zmq.LAST_ENDPOINT)
+    stop = threading.Event()
+
+    def publish() -> None:
+        seq = 0
+        while not stop.is_set():
+            seq += 1
+            pub.send(json.dumps(event(seq)).encode())
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=publish)
+    thread.start()
+    try:
+        assert main(["events", "--endpoint", endpoint, "--count", "3", "--duration", "5"]) == 0
+    finally:
+        stop.set()
+        thread.join()
+        pub.close(linger=0)
+    seqs = [json.loads(line)["seq"] for line in capsys.readouterr().out.splitlines()]
+    assert len(seqs) == 3
+    assert seqs == list(range(seqs[0], seqs[0] + 3))
