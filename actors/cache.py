@@ -12,6 +12,11 @@ channel while at least one of their connections is subscribed to it. A connectio
 (:meth:`UserConnectionCache.can_join`; :meth:`UserConnectionCache.subscribe_user` skips such a
 connection and says how many it skipped). The channels of a connection's token, at connect, are
 taken as they are: the acceptor refuses a token that lists more.
+
+Membership changes can be journaled (:attr:`UserConnectionCache.journal`, off by default: the
+owner turns it on for the event stream and join/leave): every change of a connection's channels,
+in order, as a :data:`Change`, saying also whether it was the user's first connection in the
+channel (join) or its last (leave).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ class ConnectionMeta:
     connected_at: float
     last_activity: float
     channels: tuple[ChannelId, ...] = ()
+    remote: str = ""  # the client's address, "ip:port" (one str: the only one per connection)
 
 
 # A user's connections, in the indexes: one ConnId while there is one (the usual case), a set
@@ -39,18 +45,21 @@ class ConnectionMeta:
 Members = ConnId | set[ConnId]
 
 
-def _add(index: dict[Any, Members], key: Any, conn: ConnId) -> None:
+def _add(index: dict[Any, Members], key: Any, conn: ConnId) -> bool:
+    """Add ``conn`` under ``key``; True if the key is new."""
     held = index.get(key)
     if held is None:
         index[key] = conn
-    elif isinstance(held, set):
+        return True
+    if isinstance(held, set):
         held.add(conn)
     elif held != conn:
         index[key] = {held, conn}
+    return False
 
 
-def _remove(index: dict[Any, Members], key: Any, conn: ConnId) -> None:
-    """Remove ``conn`` under ``key``, and the key once it holds nothing."""
+def _remove(index: dict[Any, Members], key: Any, conn: ConnId) -> bool:
+    """Remove ``conn`` under ``key``, and the key once it holds nothing (then True)."""
     held = index.get(key)
     if isinstance(held, set):
         held.discard(conn)
@@ -58,12 +67,19 @@ def _remove(index: dict[Any, Members], key: Any, conn: ConnId) -> None:
             index[key] = next(iter(held))
     elif held == conn:
         del index[key]
+        return True
+    return False
 
 
 def _each(held: Members | None) -> tuple[ConnId, ...] | set[ConnId]:
     if held is None:
         return ()
     return held if isinstance(held, set) else (held,)
+
+
+# A journaled membership change: (connection, channel, its user, subscribed (True) or not,
+# whether the user's membership of the channel changed with it: first connection in, last out)
+Change = tuple[ConnId, ChannelId, UserId, bool, bool]
 
 
 @dataclass(slots=True)
@@ -101,16 +117,32 @@ class UserConnectionCache:
         self._channels: dict[ChannelId, dict[UserId, Members]] = {}
         # channel -> connection ids, rebuilt lazily after a change (the broadcast hot path)
         self._recipients: dict[ChannelId, tuple[ConnId, ...]] = {}
+        # None: not journaled (the default; no cost); a list: every change, in order
+        self.journal: list[Change] | None = None
+
+    def take_journal(self) -> list[Change]:
+        """The changes journaled since the last call (none when not journaling)."""
+        journal = self.journal
+        if not journal:
+            return []
+        self.journal = []
+        return journal
 
     # -- mutations ------------------------------------------------------------------------
 
     def connect(
-        self, conn: ConnId, user: UserId, channels: Iterable[ChannelId], now: float
+        self,
+        conn: ConnId,
+        user: UserId,
+        channels: Iterable[ChannelId],
+        now: float,
+        remote: str = "",
     ) -> Delta:
-        """Register a new connection of ``user`` subscribed to ``channels``."""
+        """Register a new connection of ``user`` (from address ``remote``) subscribed to
+        ``channels``."""
         if conn in self._conns:
             raise ValueError(f"connection {conn} is already registered")
-        self._conns[conn] = ConnectionMeta(user, now, now)
+        self._conns[conn] = ConnectionMeta(user, now, now, (), remote)
         _add(self._users, user, conn)
         delta = Delta()
         for channel in channels:
@@ -193,8 +225,10 @@ class UserConnectionCache:
         if members is None:
             members = self._channels[channel] = {}
             delta.gained.append(channel)
-        _add(members, meta.user, conn)
+        joined = _add(members, meta.user, conn)
         self._recipients.pop(channel, None)
+        if self.journal is not None:
+            self.journal.append((conn, channel, meta.user, True, joined))
 
     def _leave(self, conn: ConnId, channel: ChannelId, delta: Delta) -> None:
         meta = self._conns[conn]
@@ -202,11 +236,13 @@ class UserConnectionCache:
             return
         meta.channels = tuple(c for c in meta.channels if c != channel)
         members = self._channels[channel]
-        _remove(members, meta.user, conn)
+        left = _remove(members, meta.user, conn)
         if not members:
             del self._channels[channel]
             delta.lost.append(channel)
         self._recipients.pop(channel, None)
+        if self.journal is not None:
+            self.journal.append((conn, channel, meta.user, False, left))
 
     # -- queries --------------------------------------------------------------------------
 
@@ -232,6 +268,10 @@ class UserConnectionCache:
 
     def meta(self, conn: ConnId) -> ConnectionMeta | None:
         return self._conns.get(conn)
+
+    def connections(self) -> Iterable[tuple[ConnId, ConnectionMeta]]:
+        """Every connection and its metadata (a view: do not change the cache meanwhile)."""
+        return self._conns.items()
 
     def is_online(self, user: UserId) -> bool:
         return user in self._users

@@ -10,6 +10,15 @@ users → connection ids) and answers the router's queries. It is a :class:`Loop
 on the shard's event loop, one message at a time, so a broadcast goes from the router's socket
 to the connections' writes without a thread hop; its actions go out in one batch per round
 through ``post``. Must never touch a connection itself, nor ``ask`` anyone, nor block the loop.
+
+Issue 12: with ``events`` (``--events``) it reports the shard's lifecycle events to the router
+(one ``E`` message per flush, built by :class:`actors.events.ShardEvents`): a connection is
+announced (``connect``, after ``online`` for its user's first) when its hello goes out, and its
+channel changes from then on are ``subscribe``/``unsubscribe``; the ``connections`` queries list
+the announced connections only, and events made before an answer go out before it, so that the
+router's snapshot and the stream agree. For the channels the router marks (``J``) it reports
+users joining and leaving (one ``W`` per flush), events or not. Neither costs anything on the
+broadcast path, nor anything at all when off.
 """
 
 from __future__ import annotations
@@ -21,7 +30,7 @@ import os
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +38,7 @@ import zmq
 
 from actors.cache import Delta, UserConnectionCache
 from actors.critical import CriticalTracker
+from actors.events import ShardEvents
 from actors.ids import ChannelId, ConnId, UserId
 from actors.loopactor import LoopActor
 from actors.resume import Ask, Resumes
@@ -90,11 +100,13 @@ class Refused:
 
 @dataclass(frozen=True, slots=True)
 class CloseConnections:
-    """Close these connections with this WebSocket close code and reason."""
+    """Close these connections with this WebSocket close code and reason; ``cause``: the
+    shard's counter of closes for this cause ("": not one, as a backend's disconnect)."""
 
     conns: Sequence[ConnId]
     code: int
     reason: str
+    cause: str = ""
 
 
 LoopAction = Deliver | Registered | Subscribed | Refused | CloseConnections
@@ -109,11 +121,29 @@ class Opened:
     user: UserId
     channels: tuple[ChannelId, ...]
     now: float
+    remote: str = ""  # the client's address, "ip:port"
 
 
 @dataclass(frozen=True, slots=True)
 class Closed:
+    """The connection is gone: the close code and reason it ended with (sent or received;
+    1006 without a closing handshake; only filled in with the event stream on)."""
+
     conn: ConnId
+    code: int = 1006
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Incident:
+    """A connection closed (or refused) for ``cause`` (the shard's counter of it, see
+    :data:`actors.events.CAUSE_EVENTS`); ``detail``: a failed send's error. Told with the event
+    stream on only, before the connection's :class:`Closed`."""
+
+    conn: ConnId
+    user: UserId
+    cause: str
+    detail: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,13 +203,14 @@ class CacheActor(LoopActor):
         ack_timeout: float = 10.0,
         ack_retries: int = 5,
         history: bool = True,
+        events: bool = False,
     ) -> None:
         """``counters``: the shard's own counters, added to its ``status`` answer.
         ``max_channels``: the channels a connection may hold (``--max-channels-per-connection``;
         None: no limit). ``ack_timeout``, ``ack_retries``: a critical message not acknowledged
         is sent again after ``ack_timeout`` seconds, ``ack_retries`` times at most. ``history``: the
         router keeps channel history (else channel messages carry no offset, and resumes have
-        nothing to note)."""
+        nothing to note). ``events``: report lifecycle events (``--events``)."""
         super().__init__(loop)
         self.index, self.epoch = index, epoch
         self.cache = UserConnectionCache(max_channels)
@@ -225,6 +256,13 @@ class CacheActor(LoopActor):
         self._unregistered: set[ConnId] = set()
         self._notices: list[list[bytes]] = []
         self._now = time.monotonic()  # the shard's clock, as of its last Activity report
+        # issue 12: events (only with ``emit_events``) and join/leave of the marked channels;
+        # the cache journals its membership changes while either needs them
+        self.emit_events = events
+        self.events = ShardEvents(index, epoch)
+        self.marks: frozenset[ChannelId] = frozenset()
+        if events:
+            self.cache.journal = []
 
     def on_start(self) -> None:
         self.loop.add_reader(self.sock.getsockopt(zmq.FD), self._readable)
@@ -275,27 +313,29 @@ class CacheActor(LoopActor):
     def on_receive(self, message: Any) -> Any:
         cache = self.cache
         if isinstance(message, Opened):
-            delta = cache.connect(message.conn, message.user, message.channels, message.now)
+            delta = cache.connect(
+                message.conn, message.user, message.channels, message.now, message.remote
+            )
             self._delta.merge(delta)
             self._unconfirmed.append(Registered(message.conn))
             self._unregistered.add(message.conn)
             # its user's pending critical messages, after hello (the router answers after the
             # delta's confirmation, which releases hello)
             self._notices.append(shardwire.new_connection(message.conn, message.user))
+            if cache.journal is not None:
+                self._journaled()  # joins only: the connection is not announced yet
         elif isinstance(message, Closed):
-            meta = cache.meta(message.conn)
-            if meta is not None:
-                for channel in meta.channels:
-                    self.resumes.ended(message.conn, channel)
-            self.tracker.closed(message.conn)
-            self._unregistered.discard(message.conn)
-            self._delta.merge(cache.disconnect(message.conn))
+            self._closed(message)
         elif isinstance(message, Subscribe):
             if cache.can_join(message.conn, message.channel):
                 self._delta.merge(cache.subscribe(message.conn, message.channel))
                 self._unconfirmed.append(Subscribed(message.conn, message.channel, True))
-            elif cache.meta(message.conn) is not None:  # at the limit (else: closed meanwhile)
+                if cache.journal is not None:
+                    self._journaled()
+            elif (meta := cache.meta(message.conn)) is not None:  # at the limit (else: closed)
                 self.limits["refused_channel_limit"] += 1
+                if self.emit_events:
+                    self.events.limit(meta.user, "channels_per_connection")
                 text = (
                     f"cannot subscribe to channel {message.channel}: a connection holds at "
                     f"most {cache.max_channels} channels"
@@ -305,10 +345,15 @@ class CacheActor(LoopActor):
             self.resumes.ended(message.conn, message.channel)
             self._delta.merge(cache.unsubscribe(message.conn, message.channel))
             self._unconfirmed.append(Subscribed(message.conn, message.channel, False))
+            if cache.journal is not None:
+                self._journaled()
         elif isinstance(message, Resume):
             self._resume(message)
         elif isinstance(message, ClientAck):
             self._ack(message)
+        elif isinstance(message, Incident):
+            if self.emit_events:
+                self.events.incident(message.conn, message.user, message.cause, message.detail)
         elif isinstance(message, Activity):
             self._now = message.now
             for conn, seen in message.last_seen.items():
@@ -320,7 +365,11 @@ class CacheActor(LoopActor):
                 self._last_sweep = message.now
                 stale = cache.stale(message.now, self.stale_timeout)
                 if stale:
-                    self._actions.append(CloseConnections(stale, 4002, "heartbeat timeout"))
+                    self._actions.append(
+                        CloseConnections(
+                            stale, 4002, "heartbeat timeout", "closed_heartbeat_timeout"
+                        )
+                    )
         self._flush()
         return None
 
@@ -395,9 +444,82 @@ class CacheActor(LoopActor):
             return 1
         if kind == shardwire.QUERY:
             answer = self._answer(shardwire.decode_query(payload))
+            # the events so far are reflected in the answer: they go before it (those that
+            # _send_delta makes, a hello released, are not: after it)
+            events = self.events.take_events() if self.events.events else None
             self._send_delta()  # the router must know a membership before its answer
+            if events:
+                self._send(shardwire.events(events))
             self._send([shardwire.RESULT, argument, json.dumps(answer).encode()])
+            return 1
+        if kind == shardwire.MARKS:
+            self._marked(frozenset(ChannelId(c) for c in shardwire.unpack_ids(argument)))
         return 1
+
+    # -- issue 12: events, join/leave, connection records --------------------------------------
+
+    def _marked(self, marks: frozenset[ChannelId]) -> None:
+        """The router's channels with join/leave (all of them): journal while needed."""
+        self.marks = marks
+        if self.emit_events or marks:
+            if self.cache.journal is None:
+                self.cache.journal = []
+        else:
+            self.cache.journal = None
+
+    def _journaled(self, announce: bool = True) -> None:
+        """The cache's changes since the last call: events, joins and leaves (see
+        :meth:`ShardEvents.membership`); ``announce`` False for a disconnect's."""
+        journal = self.cache.take_journal()
+        if journal:
+            announce = announce and self.emit_events
+            self.events.membership(journal, self._unregistered, self.marks, announce)
+
+    def _announced(self, user: UserId, besides: ConnId) -> bool:
+        """Whether ``user`` has a connection announced here (its hello released), besides
+        ``besides``."""
+        unannounced = self._unregistered
+        return any(c != besides and c not in unannounced for c in self.cache.connections_of(user))
+
+    def _closed(self, message: Closed) -> None:
+        conn, cache = message.conn, self.cache
+        meta = cache.meta(conn)
+        if meta is not None:
+            for channel in meta.channels:
+                self.resumes.ended(conn, channel)
+        announced = meta is not None and conn not in self._unregistered
+        self.tracker.closed(conn)
+        self._unregistered.discard(conn)
+        self._delta.merge(cache.disconnect(conn))
+        if cache.journal is not None:
+            self._journaled(announce=False)  # leaves; no unsubscribe: the disconnect says it
+        if announced and self.emit_events:
+            assert meta is not None
+            last = not self._announced(meta.user, conn)
+            self.events.disconnected(conn, meta.user, message.code, message.reason, last)
+
+    def _records(self, conns: Iterable[ConnId]) -> list[dict[str, Any]]:
+        """The announced ones of ``conns``, as the ``connections`` queries answer them (times
+        in unix seconds: the cache's are on the shard's monotonic clock)."""
+        cache, unannounced = self.cache, self._unregistered
+        offset = time.time() - time.monotonic()
+        out = []
+        for conn in conns:
+            meta = cache.meta(conn)
+            if meta is None or conn in unannounced:
+                continue
+            out.append(
+                {
+                    "conn": self.events.conn_id(conn),
+                    "user": meta.user,
+                    "shard": self.index,
+                    "channels": list(meta.channels),
+                    "connected_at": round(meta.connected_at + offset, 3),
+                    "last_activity": round(meta.last_activity + offset, 3),
+                    "remote": meta.remote,
+                }
+            )
+        return out
 
     # -- issue 11: resume and critical messages -------------------------------------------------
 
@@ -411,6 +533,9 @@ class CacheActor(LoopActor):
                 meta = self.cache.meta(action.conn)
                 for channel in meta.channels if meta is not None else ():
                     self.resumes.opened(action.conn, channel, self._now)
+                if self.emit_events and meta is not None:
+                    first = not self._announced(meta.user, action.conn)
+                    self.events.connected(action.conn, meta.user, meta.channels, meta.remote, first)
             elif isinstance(action, Subscribed) and action.subscribed:
                 self.resumes.opened(action.conn, action.channel, self._now)
 
@@ -439,6 +564,8 @@ class CacheActor(LoopActor):
         if channel not in meta.channels:
             if not self.cache.can_join(conn, channel):
                 self.limits["refused_channel_limit"] += 1
+                if self.emit_events:
+                    self.events.limit(meta.user, "channels_per_connection")
                 text = (
                     f"cannot resume channel {channel}: a connection holds at most "
                     f"{self.cache.max_channels} channels"
@@ -446,6 +573,8 @@ class CacheActor(LoopActor):
                 self._actions.append(Refused(conn, "limit", text))
                 return
             self._delta.merge(self.cache.subscribe(conn, channel))
+            if self.cache.journal is not None:
+                self._journaled()
         ask = self.resumes.start(conn, channel, message.offset, message.epoch, self._now)
         self._notices.append(_resume_message(ask))
 
@@ -470,7 +599,10 @@ class CacheActor(LoopActor):
         if failed:
             self.limits["resume_failed"] += len(failed)
             conns = sorted({conn for conn, _channel in failed})
-            self._actions.append(CloseConnections(conns, 1013, "resume failed: reconnect"))
+            closing = CloseConnections(
+                conns, 1013, "resume failed: reconnect", "closed_resume_failed"
+            )
+            self._actions.append(closing)
 
     def _critical(self, users: list[int], messages: list[tuple[str, bytes]]) -> int:
         sent = 0
@@ -511,11 +643,15 @@ class CacheActor(LoopActor):
             if not query.subscribe:
                 delta, count = cache.unsubscribe_user(user, channel)
                 self._delta.merge(delta)
+                if cache.journal is not None:
+                    self._journaled()
                 return {"connections": count}
             # applied where the limit allows; ``limited``: the connections left out (the
             # router's sum_connections makes it an error ``limit`` when none took it)
             delta, count, limited = cache.subscribe_user(user, channel)
             self._delta.merge(delta)
+            if cache.journal is not None:
+                self._journaled()
             if not limited:
                 return {"connections": count}
             self.limits["limited_server_subscribe"] += limited
@@ -527,6 +663,10 @@ class CacheActor(LoopActor):
             return {"connections": len(conns)}
         if isinstance(query, shardwire.QuerySnapshot):
             return cache.snapshot()
+        if isinstance(query, shardwire.QueryConnections):
+            return {"connections": self._records(conn for conn, _meta in cache.connections())}
+        if isinstance(query, shardwire.QueryUserConnections):
+            return {"connections": self._records(sorted(cache.connections_of(UserId(query.user))))}
         extra = self.counters() if self.counters is not None else {}
         critical = {f"critical_{k}": v for k, v in self.tracker.stats().items()}
         return {"pid": os.getpid(), **cache.stats(), **self.limits, **critical, **extra}
@@ -549,8 +689,14 @@ class CacheActor(LoopActor):
             self._unconfirmed = []
 
     def _flush(self) -> None:
-        # the router hears of new memberships before the loop confirms them to anyone
+        # the router hears of new memberships before the loop confirms them to anyone, and
+        # before the events that tell of them
         self._send_delta()
+        events = self.events
+        if events.events:
+            self._send(shardwire.events(events.take_events()))
+        if events.changes:
+            self._send(shardwire.join_leave(events.take_changes()))
         if self._actions:
             actions, self._actions = self._actions, []
             self.post(actions)

@@ -12,7 +12,9 @@ Must never touch the cache: it reports to its shard (``shards.worker.Shard``, wh
 import), which tells the CacheActor.
 
 A connection can only ever hurt itself. Whatever goes wrong while handling its bytes or its
-writes closes *it* (1011, counted, one WARNING line naming its user), never the shard; a write
+writes closes *it* (1011), never the shard; every close for cause is reported to the shard
+(:meth:`ShardSide.closed_for_cause`: counted per cause, logged in a summary per interval, and
+an event with ``--events``), never logged above DEBUG by the connection itself; a write
 once it is closing is a no-op. Its inbound budget (frames and bytes per second, token buckets,
 ``--client-frame-rate``/``-burst``, ``--client-byte-rate``/``-burst``) bounds what one client
 costs: over it, the connection is closed 1008 and the rest of what it sent is not read. Bytes
@@ -71,7 +73,12 @@ class ShardSide(Protocol):
         ...
 
     def count(self, what: str) -> None:
-        """Count one ``what`` (closed for cause, failed) in the shard's status counters."""
+        """Count one ``what`` (refreshed, ...) in the shard's status counters."""
+
+    def closed_for_cause(self, conn: Connection, cause: str, detail: str = "") -> None:
+        """``conn`` is closed (or refused) for ``cause`` (a counter: ``closed_slow_consumer``,
+        ``connection_errors``, ...); ``detail``: what went wrong, for the log's summary and a
+        failed send's event."""
 
     def mark_active(self, conn: Connection) -> None:
         """The client sent something (it is alive)."""
@@ -235,6 +242,13 @@ class Connection(asyncio.Protocol):
             self.timer.cancel()
             self.timer = None
         self.is_open = False
+        proto = self.proto
+        if proto.parser_exc is not None and proto.close_sent is not None:
+            # the parser failed it (a malformed frame, one too big): a close for cause too
+            # (before the upgrade, ``_handshake`` has counted it)
+            big = proto.close_sent.code == 1009
+            cause = "closed_frame_too_big" if big else "closed_protocol_error"
+            self.shard.closed_for_cause(self, cause, str(proto.parser_exc))
         self.shard.connection_lost(self)
 
     # -- protocol --------------------------------------------------------------------------
@@ -243,13 +257,13 @@ class Connection(asyncio.Protocol):
         if self.proto.state is not State.CONNECTING or self.proto.eof_sent:
             # bytes pipelined after the request were garbage and have failed the connection
             # already (the parser reads ahead): no upgrade, just the end of the TCP stream
-            self.shard.count("closed_protocol_error")
+            self.shard.closed_for_cause(self, "closed_protocol_error")
             self._close_soon()
             return
         if self.admitted:
             response = self.proto.accept(request)
         else:  # one connection too many for this user: refused before the upgrade
-            self.shard.count("refused_per_user")
+            self.shard.closed_for_cause(self, "refused_per_user")
             limit = self.shard.config.max_connections_per_user
             response = self.proto.reject(
                 429, f"too many connections for this user (at most {limit} per host)\n"
@@ -287,7 +301,7 @@ class Connection(asyncio.Protocol):
             frame = clientwire.parse_client_frame(payload)
         except clientwire.ClientFrameError as exc:
             if exc.code == "invalid_utf8":  # RFC 6455 §8.1: fail the connection, 1007
-                self.shard.count("closed_invalid_utf8")
+                self.shard.closed_for_cause(self, "closed_invalid_utf8")
                 self.close(1007, "invalid UTF-8 in a text frame")
             else:
                 self.send(frames.error(exc.code, exc.message))
@@ -371,14 +385,32 @@ class Connection(asyncio.Protocol):
         try:
             transport.write(frame)
             if transport.get_write_buffer_size() > self.shard.config.write_buffer_limit:
-                self.shard.count("closed_slow_consumer")
-                log.debug("connection %d: slow consumer, closing", self.conn_id)
+                self.shard.closed_for_cause(self, "closed_slow_consumer", "write buffer full")
                 self.close(4000, "slow consumer")
         except Exception as exc:
             self.fail(exc)
 
     def ping(self) -> None:
         self.send(frames.PING)
+
+    def remote(self) -> str:
+        """The client's address, ``ip:port`` (``[ip]:port`` for IPv6; "" if unknown)."""
+        peer = self.transport.get_extra_info("peername") if self.transport is not None else None
+        if isinstance(peer, tuple) and len(peer) >= 2:
+            host, port = peer[0], peer[1]
+            return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+        return ""
+
+    def close_status(self) -> tuple[int, str]:
+        """The close code and reason the connection ended with: the first close frame of its
+        closing handshake, ours or the client's; 1006 if there was none."""
+        proto = self.proto
+        sent, received = proto.close_sent, proto.close_rcvd
+        if received is not None and (sent is None or proto.close_rcvd_then_sent):
+            return int(received.code), received.reason
+        if sent is not None:
+            return int(sent.code), sent.reason
+        return 1006, "connection lost"
 
     def close(self, code: int, reason: str) -> None:
         """Start the closing handshake; abort if the peer does not finish it in time."""
@@ -397,14 +429,10 @@ class Connection(asyncio.Protocol):
         did not expect): close it, 1011 if it can still be told, and count it."""
         if self.shut:
             return
-        self.shard.count("connection_errors")
-        log.warning(
-            "connection %d of user %d failed (%s: %s); closing it",
-            self.conn_id,
-            self.user,
-            type(exc).__name__,
-            exc,
-            exc_info=log.isEnabledFor(logging.DEBUG),
+        # counted, and in the shard's summary line (the first of an interval, with its error)
+        self.shard.closed_for_cause(self, "connection_errors", f"{type(exc).__name__}: {exc}")
+        log.debug(
+            "connection %d of user %d failed; closing it", self.conn_id, self.user, exc_info=exc
         )
         self.is_open = False
         self.shut = True
@@ -422,8 +450,7 @@ class Connection(asyncio.Protocol):
 
     def _violation(self, what: str) -> None:
         """Over its inbound budget: close 1008 and stop reading it."""
-        self.shard.count("closed_rate_limit")
-        log.debug("connection %d of user %d: over its %s budget", self.conn_id, self.user, what)
+        self.shard.closed_for_cause(self, "closed_rate_limit", f"over its {what} budget")
         self.close(1008, f"{what} limit exceeded")
         self.shut = True
         if self.transport is not None:

@@ -38,6 +38,7 @@ from actors.cache_actor import (
     CloseConnections,
     Closed,
     Deliver,
+    Incident,
     LoopAction,
     Opened,
     Refused,
@@ -47,6 +48,7 @@ from actors.cache_actor import (
     Subscribed,
     Unsubscribe,
 )
+from actors.events import CAUSE_EVENTS
 from actors.ids import ChannelId, ConnId, UserId
 from actors.wire import frames
 from shards.connection import CLOSE_TIMEOUT, Connection
@@ -65,6 +67,21 @@ log = logging.getLogger("ucc.shard")
 TICK = 0.25  # seconds: liveness report to the actor (and through it, to the router); Shard.now
 DRAIN_BATCHES = 10
 REPORT_INTERVAL = 5.0  # seconds between two summaries of connections closed for cause
+# the counters of closes (and refusals) for cause that are trouble: one WARNING line each per
+# summary that has any (the others, routine, share one INFO line)
+WARN_CAUSES = frozenset(
+    {
+        "closed_slow_consumer",
+        "connection_errors",
+        "closed_rate_limit",
+        "closed_protocol_error",
+        "closed_frame_too_big",
+        "closed_invalid_utf8",
+        "refused_per_user",
+        "closed_resume_failed",
+        "adopt_failed",
+    }
+)
 SECRET_ENV = "UCC_SECRET"  # how the supervisor passes the token secret to a shard
 
 
@@ -98,6 +115,7 @@ class Shard:
         # what connections went through: closed for cause, failed (see ``count``)
         self.counters: dict[str, int] = {}
         self._reported: dict[str, int] = {}  # the counters at the last summary line
+        self._first: dict[str, str] = {}  # each cause's first occurrence since that line
         self._last_report = time.monotonic()
         self.conns: dict[ConnId, Connection] = {}
         # Coarse: refreshed once per TICK (0.25 s), not per event. Fine for what is measured in
@@ -123,6 +141,7 @@ class Shard:
             ack_timeout=config.ack_timeout,
             ack_retries=config.ack_retries,
             history=config.history_size > 0,
+            events=config.emit_events,
         )
         loop.add_reader(control.fileno(), self._on_control)
         self._tick_handle = loop.call_later(TICK, self._tick)
@@ -184,13 +203,24 @@ class Shard:
         try:
             await self.loop.connect_accepted_socket(lambda: conn, sock)
         except OSError as exc:
-            log.info("shard %d: could not adopt a connection: %s", self.index, exc)
+            self.count("adopt_failed")
+            self._first.setdefault("adopt_failed", f"user {conn.user}: {exc}")
             sock.close()
 
     # -- from connections --------------------------------------------------------------------
 
     def count(self, what: str) -> None:
         self.counters[what] = self.counters.get(what, 0) + 1
+
+    def closed_for_cause(self, conn: Connection, cause: str, detail: str = "") -> None:
+        """Count it, keep the first occurrence of the interval for the summary line (never a
+        line per connection), and tell the actor (an event) with the event stream on."""
+        self.counters[cause] = self.counters.get(cause, 0) + 1
+        if cause not in self._first:
+            about = f"connection {conn.conn_id} of user {conn.user}"
+            self._first[cause] = f"{about}: {detail}" if detail else about
+        if self.config.emit_events and cause in CAUSE_EVENTS:
+            self._tell(Incident(conn.conn_id, conn.user, cause, detail))
 
     def _tell(self, message: object) -> None:
         # once the actor has failed, the shard is on its way out: nothing more to tell it
@@ -206,7 +236,8 @@ class Shard:
 
     def connection_opened(self, conn: Connection) -> None:
         self.conns[conn.conn_id] = conn
-        self._tell(Opened(conn.conn_id, conn.user, conn.channels, time.monotonic()))
+        remote = conn.remote()
+        self._tell(Opened(conn.conn_id, conn.user, conn.channels, time.monotonic(), remote))
 
     def writing_paused(self, conn: Connection) -> None:
         self.paused[conn.conn_id] = self.now
@@ -222,7 +253,10 @@ class Shard:
         self.paused.pop(conn.conn_id, None)
         if self.conns.pop(conn.conn_id, None) is not None:
             self._active.pop(conn.conn_id, None)
-            self._tell(Closed(conn.conn_id))
+            if self.config.emit_events:
+                self._tell(Closed(conn.conn_id, *conn.close_status()))
+            else:
+                self._tell(Closed(conn.conn_id))
 
     def subscribe(self, conn: Connection, channel: ChannelId) -> None:
         self._tell(Subscribe(conn.conn_id, channel))
@@ -260,9 +294,12 @@ class Shard:
                 if conn is not None:
                     conn.send(frames.error(action.code, action.message))
             elif isinstance(action, CloseConnections):
+                cause = action.cause
                 for conn_id in action.conns:
                     conn = conns.get(conn_id)
                     if conn is not None:
+                        if cause:
+                            self.closed_for_cause(conn, cause)
                         conn.close(action.code, action.reason)
             else:
                 assert_never(action)  # mypy: a new kind of action must be handled here
@@ -287,21 +324,36 @@ class Shard:
             for conn in list(self.conns.values()):
                 # a token that ran out: the client must come back with a fresh one
                 if conn.expires + self.config.token_leeway <= wall:
+                    self.closed_for_cause(conn, "closed_token_expired")
                     conn.close(4003, "token expired")
                 elif now - conn.last_inbound >= self.config.heartbeat:
                     conn.ping()
         self._tick_handle = self.loop.call_later(TICK, self._tick)
 
     def _report(self, now: float) -> None:
-        """One line for what happened to connections since the last one (a storm of closes
-        must not become a storm of log lines)."""
+        """What happened to connections since the last summary: a WARNING line per cause of
+        trouble (:data:`WARN_CAUSES`: how many, and the first one's detail), one INFO line for
+        the rest. A storm of closes must not become a storm of log lines."""
         changed = {k: v - self._reported.get(k, 0) for k, v in self.counters.items()}
         changed = {k: v for k, v in changed.items() if v}
         if changed:
             seconds = now - self._last_report
-            summary = ", ".join(f"{k}={v}" for k, v in sorted(changed.items()))
-            log.info("shard %d: in the last %.0f s: %s", self.index, seconds, summary)
+            for cause in sorted(changed.keys() & WARN_CAUSES):
+                first = self._first.get(cause, "?")
+                log.warning(
+                    "shard %d: %s: %d in the last %.0f s (first: %s)",
+                    self.index,
+                    cause,
+                    changed[cause],
+                    seconds,
+                    first,
+                )
+            routine = sorted(changed.keys() - WARN_CAUSES)
+            if routine:
+                summary = ", ".join(f"{k}={changed[k]}" for k in routine)
+                log.info("shard %d: in the last %.0f s: %s", self.index, seconds, summary)
             self._reported = dict(self.counters)
+        self._first.clear()
         self._last_report = now
 
     def _close_slow(self, now: float) -> None:
@@ -311,7 +363,7 @@ class Shard:
             conn = self.conns.get(conn_id)
             del self.paused[conn_id]
             if conn is not None:
-                self.count("closed_slow_consumer")
+                self.closed_for_cause(conn, "closed_slow_consumer", "behind for too long")
                 conn.close(4000, "slow consumer")
 
     # -- stopping ------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any
 
 import pytest
@@ -11,13 +12,17 @@ import zmq
 
 from actors.cache_actor import (
     WORK_PER_TURN,
+    Activity,
     CacheActor,
+    Closed,
     Deliver,
+    Incident,
     LoopAction,
     Opened,
     Refused,
     Registered,
     Subscribe,
+    Unsubscribe,
 )
 from actors.ids import ChannelId, ConnId, UserId
 from actors.wire import frames, shardwire
@@ -253,5 +258,198 @@ def test_a_packed_round_of_deliveries_is_handled_a_bounded_amount_per_turn(route
         assert len([n for n in per_turn if n]) >= 2  # split over several turns
         assert max(per_turn) <= WORK_PER_TURN + 30  # one message past the cap at most
         ref.stop(block=False)
+
+    asyncio.run(scenario())
+
+
+# -- issue 12: events, connection records, join/leave ------------------------------------------
+
+
+class Spied(CacheActor):
+    """A CacheActor that lets the test look at it (from the loop's own thread, between turns)."""
+
+    instances: list[CacheActor] = []
+
+    def on_start(self) -> None:
+        Spied.instances.append(self)
+        super().on_start()
+
+
+class Router:
+    """The fake router's side for events: what the shard sends, by kind, kept in order
+    (a query's answer comes after the events it reflects: they must not be skipped)."""
+
+    def __init__(self, sock: zmq.Socket, identity: bytes) -> None:
+        self.sock, self.identity = sock, identity
+        self.kept: list[list[bytes]] = []
+
+    async def next(self, kind: bytes, timeout: float = 5.0) -> list[bytes]:
+        for position, msg in enumerate(self.kept):
+            if msg[1] == kind:
+                return self.kept.pop(position)
+        deadline = asyncio.get_running_loop().time() + timeout
+        while asyncio.get_running_loop().time() < deadline:
+            try:
+                msg = self.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                await asyncio.sleep(0.005)
+                continue
+            if msg[1] == kind:
+                return msg
+            if msg[1] in (shardwire.EVENTS, shardwire.JOIN_LEAVE, shardwire.RESULT):
+                self.kept.append(msg)
+        raise AssertionError(f"no {kind!r} from the shard within {timeout} s")
+
+    async def events(self, count: int, timeout: float = 5.0) -> list[dict[str, Any]]:
+        """The next ``count`` events, from as many ``E`` messages as it takes."""
+        out: list[dict[str, Any]] = []
+        while len(out) < count:
+            out += json.loads((await self.next(shardwire.EVENTS, timeout))[2])
+        assert len(out) == count, out
+        return out
+
+    async def ask(self, qid: int, query: shardwire.Query) -> Any:
+        self.sock.send_multipart([self.identity, *shardwire.query(qid, query)])
+        while True:
+            result = await self.next(shardwire.RESULT)
+            if shardwire.unpack_id(result[2]) == qid:
+                return json.loads(result[3])
+
+
+def test_lifecycle_events_and_connection_records(router):
+    sock, endpoint = router
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        shard = FakeShard()
+        ref = CacheActor.start(loop, 0, 1, endpoint, shard.post, 60.0, shard.fail, events=True)
+        identity = shardwire.identity(0, 1)
+        await receive(sock, shardwire.HELLO)
+        fake = Router(sock, identity)
+        before = time.time()
+        now = time.monotonic()
+        ref.tell(Opened(ConnId(1), UserId(7), (ChannelId(3),), now, "10.1.2.3:4567"))
+        ref.tell(Subscribe(ConnId(1), ChannelId(4)))  # before hello: in connect's channels
+        delta = await fake.next(shardwire.DELTA)
+        # not announced yet: no event, and not in the records
+        assert await fake.ask(1, shardwire.QueryConnections()) == {"connections": []}
+        sock.send_multipart([identity, *shardwire.indexed(shardwire.unpack_id(delta[4]))])
+        online, connect = await fake.events(2)
+        assert online == {"type": "online", "ts": online["ts"], "user": 7}
+        assert before <= online["ts"] <= time.time()
+        assert connect == {
+            "type": "connect",
+            "ts": connect["ts"],
+            "user": 7,
+            "conn": "0.1.1",
+            "shard": 0,
+            "channels": [3, 4],
+            "remote": "10.1.2.3:4567",
+        }
+        ref.tell(Activity({ConnId(1): now + 2.0}, now + 2.0))
+        (record,) = (await fake.ask(2, shardwire.QueryConnections()))["connections"]
+        assert set(record) == {
+            "conn", "user", "shard", "channels", "connected_at", "last_activity", "remote"
+        }  # fmt: skip
+        assert (record["conn"], record["user"], record["shard"]) == ("0.1.1", 7, 0)
+        assert (record["channels"], record["remote"]) == ([3, 4], "10.1.2.3:4567")
+        assert abs(record["connected_at"] - before) < 1.0
+        assert abs(record["last_activity"] - record["connected_at"] - 2.0) < 0.01
+        assert await fake.ask(3, shardwire.QueryUserConnections(7)) == {"connections": [record]}
+        assert await fake.ask(4, shardwire.QueryUserConnections(8)) == {"connections": []}
+
+        # after hello: each change an event, a client's and a backend's alike
+        ref.tell(Unsubscribe(ConnId(1), ChannelId(3)))
+        ref.tell(Unsubscribe(ConnId(1), ChannelId(99)))  # not subscribed: no change, no event
+        await fake.ask(5, shardwire.UserSubscription(7, 5, True))
+        (unsub, sub) = await fake.events(2)
+        assert {k: v for k, v in unsub.items() if k != "ts"} == {
+            "type": "unsubscribe",
+            "user": 7,
+            "conn": "0.1.1",
+            "channel": 3,
+        }
+        assert (sub["type"], sub["channel"]) == ("subscribe", 5)
+        # a close for cause, then the close itself
+        ref.tell(Incident(ConnId(1), UserId(7), "closed_slow_consumer", "write buffer full"))
+        ref.tell(Closed(ConnId(1), 4000, "slow consumer"))
+        slow, gone, offline = await fake.events(3)
+        assert {k: v for k, v in slow.items() if k != "ts"} == {
+            "type": "slow_consumer",
+            "user": 7,
+            "conn": "0.1.1",
+        }
+        assert {k: v for k, v in gone.items() if k != "ts"} == {
+            "type": "disconnect",
+            "user": 7,
+            "conn": "0.1.1",
+            "code": 4000,
+            "reason": "slow consumer",
+        }
+        assert {k: v for k, v in offline.items() if k != "ts"} == {"type": "offline", "user": 7}
+        # a connection closed before its hello: never announced, never a disconnect
+        ref.tell(Opened(ConnId(2), UserId(8), (), now, "10.1.2.3:4568"))
+        ref.tell(Closed(ConnId(2), 1000, ""))
+        ref.tell(Incident(ConnId(3), UserId(8), "refused_per_user"))
+        (limit,) = await fake.events(1)
+        assert (limit["type"], limit["user"], limit["what"]) == ("limit", 8, "connections_per_user")
+        ref.stop(block=False)
+        await asyncio.sleep(0)
+
+    asyncio.run(scenario())
+
+
+def test_no_events_without_the_flag(router):
+    sock, endpoint = router
+
+    async def scenario() -> None:
+        shard = FakeShard()
+        ref = Spied.start(asyncio.get_running_loop(), 0, 1, endpoint, shard.post, 60.0, shard.fail)
+        identity = shardwire.identity(0, 1)
+        await receive(sock, shardwire.HELLO)
+        ref.tell(Opened(ConnId(1), UserId(7), (ChannelId(3),), time.monotonic(), "1.2.3.4:5"))
+        delta = await receive(sock, shardwire.DELTA)
+        sock.send_multipart([identity, *shardwire.indexed(shardwire.unpack_id(delta[4]))])
+        ref.tell(Closed(ConnId(1)))
+        with pytest.raises(AssertionError):
+            await receive(sock, shardwire.EVENTS, timeout=0.5)
+        assert Spied.instances[-1].cache.journal is None  # nothing journaled either
+        ref.stop(block=False)
+        await asyncio.sleep(0)
+
+    asyncio.run(scenario())
+
+
+def test_join_and_leave_of_marked_channels(router):
+    sock, endpoint = router
+
+    async def scenario() -> None:
+        shard = FakeShard()
+        ref = Spied.start(asyncio.get_running_loop(), 0, 1, endpoint, shard.post, 60.0, shard.fail)
+        identity = shardwire.identity(0, 1)
+        await receive(sock, shardwire.HELLO)
+        fake = Router(sock, identity)
+        now = time.monotonic()
+        ref.tell(Opened(ConnId(1), UserId(7), (ChannelId(3),), now))  # 3 not marked yet
+        await receive(sock, shardwire.DELTA)
+        sock.send_multipart([identity, *shardwire.marks([3, 4])])
+        await fake.ask(1, shardwire.QueryOnline())  # the marks are in before what follows
+        ref.tell(Opened(ConnId(2), UserId(7), (ChannelId(3), ChannelId(4)), now))  # 7 in 3
+        ref.tell(Opened(ConnId(3), UserId(8), (ChannelId(3), ChannelId(5)), now))  # 5 unmarked
+        ref.tell(Closed(ConnId(1)))  # 2 is still in 3: no leave
+        ref.tell(Unsubscribe(ConnId(2), ChannelId(3)))  # now 7 has left 3
+        ref.tell(Closed(ConnId(3)))
+        changes: list[list[int]] = []
+        while len(changes) < 4:
+            changes += json.loads((await fake.next(shardwire.JOIN_LEAVE))[2])
+        assert changes == [[4, 7, 1], [3, 8, 1], [3, 7, 0], [3, 8, 0]]
+        sock.send_multipart([identity, *shardwire.marks([])])  # unmarked: nothing, no journal
+        await fake.ask(2, shardwire.QueryOnline())
+        ref.tell(Closed(ConnId(2)))
+        with pytest.raises(AssertionError):
+            await receive(sock, shardwire.JOIN_LEAVE, timeout=0.5)
+        assert Spied.instances[-1].cache.journal is None
+        ref.stop(block=False)
+        await asyncio.sleep(0)
 
     asyncio.run(scenario())

@@ -36,6 +36,10 @@ class CacheMachine(RuleBasedStateMachine):
         # what the CacheActor does: merge every delta until the next flush to the router
         self.pending = Delta()
         self.flushed: set[int] = set()
+        # the journal, replayed: (conn, channel) memberships and (channel, user) ones
+        self.cache.journal = []
+        self.replayed_conns: set[tuple[int, int]] = set()
+        self.replayed_users: set[tuple[int, int]] = set()
 
     # -- the model ------------------------------------------------------------------------
 
@@ -124,6 +128,28 @@ class CacheMachine(RuleBasedStateMachine):
     @invariant()
     def merged_delta_is_net_change(self):
         _check_delta(self.pending, self.flushed, self.active())
+
+    @invariant()
+    def journal_replays_to_the_model(self):
+        """Every change is journaled once, in order, with the user's first in and last out."""
+        for conn, channel, user, subscribed, user_changed in self.cache.take_journal():
+            assert self.model.get(conn, (user,))[0] == user
+            key = (conn, channel)
+            assert (key in self.replayed_conns) != subscribed  # a real change, each time
+            self.replayed_conns.add(key) if subscribed else self.replayed_conns.discard(key)
+            others = any(c != conn and (c, channel) in self.replayed_conns
+                         for c in self.conns_of(user) | {conn})  # fmt: skip
+            assert user_changed == (not others)
+            if user_changed:
+                self.replayed_users.add(
+                    (channel, user)
+                ) if subscribed else self.replayed_users.remove((channel, user))
+        assert self.replayed_conns == {
+            (conn, c) for conn, (_u, chans) in self.model.items() for c in chans
+        }
+        assert self.replayed_users == {
+            (c, u) for _conn, (u, chans) in self.model.items() for c in chans
+        }
 
     @invariant()
     def users_match_model(self):
@@ -373,3 +399,23 @@ def test_delta_merge_leaves_other_unchanged():
     other = Delta(gained=[1], lost=[2])
     Delta(gained=[2], lost=[1]).merge(other)
     assert (other.gained, other.lost) == ([1], [2])
+
+
+def test_the_journal_is_off_by_default_and_says_who_joined_and_left():
+    cache = UserConnectionCache()
+    cache.connect(1, 10, [5], now=0.0)
+    assert cache.journal is None and cache.take_journal() == []
+    cache.journal = []
+    cache.connect(2, 10, [5, 6], now=0.0, remote="127.0.0.1:4000")
+    cache.unsubscribe(1, 5)
+    cache.disconnect(2)
+    assert cache.take_journal() == [
+        (2, 5, 10, True, False),  # 10 was in 5 already (connection 1)
+        (2, 6, 10, True, True),
+        (1, 5, 10, False, False),  # 2 is still in 5
+        (2, 5, 10, False, True),
+        (2, 6, 10, False, True),
+    ]
+    assert cache.take_journal() == []
+    assert cache.meta(1).remote == ""
+    assert [conn for conn, _meta in cache.connections()] == [1]

@@ -59,6 +59,7 @@ class StandInShard:
         self.now = time.monotonic()
         self.write_high = 16 * 1024
         self.counters: Counter[str] = Counter()
+        self.causes: list[tuple[ConnId, str, str]] = []  # closed_for_cause: (conn, cause, detail)
         self.opened: list[Connection] = []
         self.lost: list[Connection] = []
         self.subscriptions: list[tuple[UserId, ChannelId, bool]] = []
@@ -69,6 +70,10 @@ class StandInShard:
 
     def count(self, what: str) -> None:
         self.counters[what] += 1
+
+    def closed_for_cause(self, conn: Connection, cause: str, detail: str = "") -> None:
+        self.counters[cause] += 1
+        self.causes.append((conn.conn_id, cause, detail))
 
     def mark_active(self, conn: Connection) -> None:
         self.active += 1
