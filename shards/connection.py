@@ -395,7 +395,10 @@ class Connection(asyncio.Protocol):
 
     def remote(self) -> str:
         """The client's address, ``ip:port`` (``[ip]:port`` for IPv6; "" if unknown)."""
-        peer = self.transport.get_extra_info("peername") if self.transport is not None else None
+        try:  # uvloop's raises once the transport is closed
+            peer = self.transport.get_extra_info("peername") if self.transport else None
+        except (AttributeError, OSError):
+            peer = None
         if isinstance(peer, tuple) and len(peer) >= 2:
             host, port = peer[0], peer[1]
             return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"

@@ -547,3 +547,78 @@ def test_connection_does_not_import_the_shard():
             imported |= {node.module, *(f"{node.module}.{alias.name}" for alias in node.names)}
     assert "shards.worker" not in imported
     assert "shards.handoff.ShardConfig" in imported  # the walk does see its imports
+
+
+# -- issue 12: closes for cause, close status, remote -------------------------------------------
+
+
+def test_a_failure_is_reported_once_with_its_error_and_never_logged_above_debug(run, caplog):
+    async def scenario(shard: StandInShard) -> None:
+        failing, doomed = await opened(shard, user=FAILING_USER)
+        with caplog.at_level("INFO", logger="ucc.connection"):
+            doomed.proto.send_text(b'{"type": "subscribe", "channel": 1}')  # raises
+            await doomed.flush()
+            assert await doomed.close_code() == 1011
+            await doomed.until_eof()
+        assert shard.causes == [
+            (
+                failing.conn_id,
+                "connection_errors",
+                "RuntimeError: a bug met on this connection's bytes",
+            )
+        ]
+        assert caplog.records == []  # the shard's summary says it, once per interval
+        assert failing.close_status() == (1011, "internal error")
+
+    run(scenario)
+
+
+def test_close_status_is_the_first_close_frame_of_the_handshake(run):
+    async def scenario(shard: StandInShard) -> None:
+        ours, client = await opened(shard)
+        ours.close(4001, "disconnected by the backend")
+        assert await client.close_code() == 4001  # the client echoes it (1000 would do too)
+        await client.until_eof()
+        assert ours.close_status() == (4001, "disconnected by the backend")
+        theirs, client = await opened(shard)
+        client.proto.send_close(1001, "going away")
+        await client.flush()
+        await client.until_eof()
+        assert theirs.close_status() == (1001, "going away")
+        silent, client = await opened(shard)
+        client.sock.close()  # no closing handshake at all
+        while silent not in shard.lost:
+            await asyncio.sleep(0)
+        assert silent.close_status() == (1006, "connection lost")
+
+    run(scenario)
+
+
+def test_closes_for_cause_are_reported_to_the_shard(run):
+    config = dataclasses.replace(CONFIG, client_frame_burst=1, client_frame_rate=0.001)
+
+    async def scenario(shard: StandInShard) -> None:
+        conn, client = await opened(shard)
+        assert conn.remote() == ""  # a unix socket pair: no ip:port
+        client.proto.send_text(b'{"type": "ping"}')
+        client.proto.send_text(b'{"type": "ping"}')
+        await client.flush()
+        assert await client.close_code() == 1008
+        assert shard.causes == [(conn.conn_id, "closed_rate_limit", "over its frame rate budget")]
+        assert conn.remote() == ""  # closed: nothing, and no exception either
+
+    run(scenario, config)
+
+
+def test_a_malformed_frame_is_a_close_for_cause(run):
+    async def scenario(shard: StandInShard) -> None:
+        conn, client = await opened(shard)
+        await client.send_raw(b"\x83\x80\x00\x00\x00\x00")  # opcode 3: reserved
+        assert await client.close_code() == 1002
+        await client.until_eof()
+        while conn not in shard.lost:
+            await asyncio.sleep(0)
+        ((who, cause, _detail),) = shard.causes
+        assert (who, cause) == (conn.conn_id, "closed_protocol_error")
+
+    run(scenario)
