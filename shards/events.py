@@ -19,6 +19,10 @@ S+1, S+2, ... in order. An event with a seq at or below the last one is dropped 
 snapshot already); one beyond the next, or one from another host (the host restarted: its id
 is new and its seq starts at 1 again) is a gap: the follower takes a new snapshot and yields a
 new ``resync`` item, and the events the SUB socket queued meanwhile follow if they are newer.
+A gap at the tail of a burst (the last events dropped, nothing published since) shows only
+when the next event comes; so after ``check_interval`` seconds (1 s) without one, the follower
+asks the host where its stream is (``router_stats``' ``events.seq``, answered without asking
+any shard) and resyncs when that is not the last seq it has.
 A host that never answers the snapshot for the host the events come from (a follower whose
 event and command endpoints are two different hosts) is noted as foreign after one snapshot,
 and its events are dropped (counted in ``stats["foreign"]``) rather than resynced forever.
@@ -97,7 +101,14 @@ class EventState:
         self.pending: deque[Event] = deque()  # events met since a snapshot became due
         self.foreign: set[str] = set()
         self._suspect: str | None = None  # a host whose event asked for the pending snapshot
-        self.stats = {"events": 0, "dropped": 0, "gaps": 0, "resyncs": 0, "foreign": 0}
+        self.stats = {
+            "events": 0,
+            "dropped": 0,
+            "gaps": 0,
+            "tail_gaps": 0,
+            "resyncs": 0,
+            "foreign": 0,
+        }
 
     @property
     def users(self) -> set[int]:
@@ -162,6 +173,20 @@ class EventState:
                 self.pending.extend(held)  # behind the one that made it due, in order
                 break
         return out
+
+    def check(self, seq: int, host: str | None = None) -> bool:
+        """Compare with where the host says its stream is (``seq``: the last one it published;
+        ``host``: its id, when known): a snapshot is due when they differ, a gap at the tail of
+        the stream (events dropped after the last one received, and nothing since to show it).
+        Returns whether one is due. Nothing to compare before the first snapshot."""
+        if self.needs_resync or self.seq is None:
+            return self.needs_resync
+        if seq == self.seq and (host is None or host == self.host):
+            return False
+        self.stats["gaps"] += 1
+        self.stats["tail_gaps"] += 1
+        self.needs_resync = True
+        return True
 
     def apply(self, event: Event) -> None:
         """Apply one event to the connections, and note its seq as the last one."""
@@ -280,14 +305,19 @@ class EventFollower:
         server_key: str | None = None,
         client_key_file: str | None = None,
         rcvhwm: int | None = None,
+        check_interval: float | None = 1.0,
         context: zmq.Context[zmq.Socket[bytes]] | None = None,
     ) -> None:
         """``events``: the PUB endpoint (default ``$UCC_EVENTS`` or :data:`DEFAULT_EVENTS`);
         ``command``/``client``: where snapshots come from (a ``client`` given is not closed by
         :meth:`close`); ``timeout``: the command client's; ``rcvhwm``: the SUB socket's
-        receive high-water mark (ZeroMQ's default, 1000, when None)."""
+        receive high-water mark (ZeroMQ's default, 1000, when None); ``check_interval``: after
+        this many seconds without an event, ask the host for its last seq (``router_stats``)
+        to see a gap at the tail of the stream (None: never; only when following)."""
         self.endpoint = events if events is not None else default_events()
         self.idle_timeout = idle_timeout
+        self.check_interval = check_interval
+        self._next_check = time.monotonic() + (check_interval or 0.0)
         self._own_client = client is None and command is not None
         if client is None and command is not None:
             client = Client(command, timeout, server_key, client_key_file)
@@ -336,13 +366,25 @@ class EventFollower:
                 reply = call.result(self.client.request(call.cmd, **call.fields))
                 self._ready.extend(self.state.resync(reply))
                 continue
-            remaining = deadline - time.monotonic()
-            if not socket.poll(_millis(remaining), zmq.POLLIN):
-                return None
+            now = time.monotonic()
+            wait = deadline - now
+            checking = self.client is not None and self.check_interval is not None
+            if checking:
+                wait = min(wait, self._next_check - now)
+            if not socket.poll(_millis(wait), zmq.POLLIN):
+                now = time.monotonic()
+                if checking and now >= self._next_check:
+                    self._check_position()
+                    continue
+                if now >= deadline:
+                    return None
+                continue
             try:
                 frame = socket.recv(zmq.NOBLOCK)
             except zmq.Again:
                 continue
+            if self.check_interval is not None:
+                self._next_check = time.monotonic() + self.check_interval
             event = parse_event(frame)
             if event is None:
                 self.malformed += 1
@@ -352,6 +394,19 @@ class EventFollower:
                 return event
             if self.state.offer(event) is Verdict.APPLY:
                 return event
+
+    def _check_position(self) -> None:
+        """Quiet for ``check_interval``: ask the host where its stream is (``router_stats``,
+        answered without asking any shard) to see a gap at the tail of the stream."""
+        assert self.client is not None and self.check_interval is not None
+        reply = self.client.request("router_stats")
+        self._next_check = time.monotonic() + self.check_interval
+        events = reply.get("events")
+        if not isinstance(events, dict):
+            return  # a server without an event stream (or one older than it)
+        seq, host = events.get("seq"), events.get("host")
+        if type(seq) is int:
+            self.state.check(seq, host if isinstance(host, str) else None)
 
     def __iter__(self) -> Iterator[Event]:
         return self.events(self.idle_timeout)

@@ -243,6 +243,31 @@ def test_at_the_start_events_of_another_host_cost_one_more_snapshot_then_are_for
     assert not state.needs_resync
 
 
+# -- a gap at the tail: the host says where its stream is ------------------------------------
+
+
+def test_a_position_ahead_of_the_state_makes_a_snapshot_due():
+    state = synced(10)
+    assert state.check(10) is False
+    assert state.check(10, H) is False
+    assert state.check(12) is True
+    assert state.needs_resync
+    assert state.stats["tail_gaps"] == 1
+    assert state.check(13) is True  # due already: counted once
+    assert state.stats["gaps"] == 1
+
+
+def test_another_host_or_a_seq_behind_is_a_restart():
+    assert synced(10).check(10, "host-b") is True
+    assert synced(10).check(3) is True
+
+
+def test_before_the_first_snapshot_there_is_nothing_to_check():
+    state = EventState()
+    assert state.check(5) is True  # due anyway
+    assert state.stats["tail_gaps"] == 0
+
+
 # -- the invariant, under random loss and snapshot timing ------------------------------------
 
 
@@ -372,10 +397,16 @@ class StandInClient:
     def __init__(self, *snapshots: dict) -> None:
         self.snapshots = list(snapshots)
         self.asked = 0
+        self.stats_asked = 0
+        self.events: dict | None = None  # router_stats' "events", when set
         self.closed = False
 
     def request(self, cmd: str, **fields: object) -> dict:
-        assert (cmd, fields) == ("snapshot", {})
+        assert fields == {}
+        if cmd == "router_stats":
+            self.stats_asked += 1
+            return {"ok": True} if self.events is None else {"ok": True, "events": self.events}
+        assert cmd == "snapshot"
         self.asked += 1
         return self.snapshots.pop(0)
 
@@ -494,3 +525,38 @@ def test_a_publisher_thread_is_not_needed_but_works(pub):
             seqs.append(item["seq"])
         thread.join()
         assert seqs == list(range(3, 103))
+
+
+def test_a_quiet_follower_asks_where_the_stream_is_and_resyncs_on_a_tail_gap(pub):
+    socket, endpoint = pub
+    client = StandInClient(snap(0), snap(9, [rec("0.1.9", 4)]))
+    with EventFollower(endpoint, client=client, check_interval=0.1) as follower:  # type: ignore[arg-type]
+        assert follower.poll(1)["type"] == "resync"
+        first_through(follower, socket, connect(1, "0.1.1", 7))
+        client.events = {"seq": 1, "published": 1}
+        assert follower.poll(0.5) is None  # where the host is: nothing missed
+        assert client.stats_asked >= 2
+        client.events = {"seq": 9}  # 2..9 were published, and lost
+        resync = follower.poll(1)
+        assert resync is not None and (resync["type"], resync["seq"]) == ("resync", 9)
+        assert follower.state.view() == {"0.1.9": (4, ())}
+        assert follower.state.stats["tail_gaps"] == 1
+
+
+def test_without_an_event_stream_the_position_check_changes_nothing(pub):
+    _socket, endpoint = pub
+    client = StandInClient(snap(0))
+    with EventFollower(endpoint, client=client, check_interval=0.05) as follower:  # type: ignore[arg-type]
+        assert follower.poll(1)["type"] == "resync"
+        assert follower.poll(0.3) is None
+        assert client.stats_asked >= 2
+        assert client.asked == 1
+
+
+def test_the_position_check_can_be_turned_off(pub):
+    _socket, endpoint = pub
+    client = StandInClient(snap(0))
+    with EventFollower(endpoint, client=client, check_interval=None) as follower:  # type: ignore[arg-type]
+        assert follower.poll(1)["type"] == "resync"
+        assert follower.poll(0.2) is None
+        assert client.stats_asked == 0
