@@ -191,7 +191,7 @@ class Observers:
 
     def statistics(self) -> dict[str, Any]:
         return {
-            "events": {**self.events.counters, "seq": self.events.seq},
+            "events": {**self.events.counters, "seq": self.events.seq, "host": self.events.host},
             "join_leave": {**self.counters, "channels": len(self.marks)},
         }
 
