@@ -177,7 +177,10 @@ class RedisLink:
         notify: Callable[[LinkEvent], None],
         key: ClusterKey,
         ask_timeout: float = ASK_TIMEOUT,
+        host: str | None = None,
     ) -> None:
+        """``host``: this host's id on Redis (default: a new one, :func:`host_id`); it names
+        the host's inbox, so it is fixed from here on."""
         self.url = url
         self.key = key
         seed = cluster_seed(url)
@@ -192,7 +195,7 @@ class RedisLink:
         self._who = cluster.SWHO if self.sharded else cluster.WHO
         self._set_channel = cluster.SSET_CHANNEL if self.sharded else cluster.SET_CHANNEL
         self.layout = Layout(name)
-        self.host = host_id()
+        self.host = host or host_id()
         self.notify = notify
         self.ops: queue.Queue[Work | None] = queue.Queue(QUEUE_LIMIT)
         self.topics: set[str] = {self.layout.host_topic(self.host)}

@@ -172,9 +172,8 @@ class Supervisor:
     def _link(
         self, url: str, name: str, notify: Callable[[LinkEvent], None], key: ClusterKey
     ) -> RedisLink:
-        link = RedisLink(url, name, notify, key)
-        link.host = self.host_id  # one id for the host, on Redis and in its events
-        return link
+        # one id for the host, on Redis (its inbox) and in its events
+        return RedisLink(url, name, notify, key, host=self.host_id)
 
     def _refused(self, reason: str, address: str) -> None:
         """The acceptor refused a connection: a ``limit`` event, coalesced per address and
