@@ -20,6 +20,7 @@ from actors.hostlink import (
     AckCritical,
     AppendChannel,
     AreOnline,
+    ChannelMarks,
     Deliveries,
     Delivery,
     FetchCritical,
@@ -96,7 +97,7 @@ class Host:
             elif isinstance(event, TopicsReady):
                 self.ready.update(event.channels)
             else:
-                assert isinstance(event, LinkState)
+                assert isinstance(event, LinkState | ChannelMarks)
 
     def wait(self, condition: Callable[[], Any], timeout: float = 10.0, what: str = "") -> Any:
         deadline = time.monotonic() + timeout * TIME_FACTOR

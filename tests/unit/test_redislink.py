@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from actors.hostlink import (
+    AnswerUserConnections,
     AreOnline,
     Delivery,
     LinkEvent,
@@ -23,10 +24,11 @@ from actors.hostlink import (
     Results,
     Subscribe,
     Unsubscribe,
+    UserConnections,
 )
 from actors.ids import ChannelId
 from actors.wire import cluster, frames
-from shards.redislink import BACKOFF, Backoff, Probe, RedisLink
+from shards.redislink import BACKOFF, Ask, Backoff, Probe, RedisLink
 
 KEY = cluster.ClusterKey(b"unit cluster key")
 NOW_MS = 1_000_000
@@ -251,3 +253,123 @@ def test_a_snapshot_seen_again_is_reused_until_it_expires_and_others_are_forgott
     assert link._answer(OnlineUsers(3), h1, NOW_MS + 5000) == {"users": []}  # expired
     assert link._snapshots == {}
     assert link.stats()["forged"] == 0
+
+
+# -- issue 12: host controls and the who RPC (no threads: the link's parts called directly) -----
+
+
+def inbox_delivery(link: RedisLink, origin: str, control: dict[str, Any], users=None):
+    payload = cluster.encode(message(origin, users, b"", control=control), KEY)
+    return link._decode(pubsub_message(link.layout.host_topic(link.host), payload))
+
+
+def test_a_mark_and_a_who_from_another_host_become_deliveries_for_the_router(link):
+    link, _events = link
+    mark = {"op": "set_channel", "channel": 5, "join_leave": True}
+    assert inbox_delivery(link, "h2", mark, []) == Delivery(None, [], b"", control=mark)
+    got = inbox_delivery(link, "h2", {"op": "who", "user": 7, "qid": 3}, [7])
+    who = {"op": "who", "user": 7, "qid": 3, "reply_to": "h2"}  # the sealed origin
+    assert got == Delivery(None, [7], b"", control=who)
+
+
+def test_a_host_control_on_a_channel_topic_is_forged(link):
+    link, _events = link
+    mark = {"op": "set_channel", "channel": 5, "join_leave": True}
+    payload = cluster.encode(message("h2", [], b"", control=mark, channel=6), KEY)
+    assert link._decode(pubsub_message(link.layout.channel_topic(6), payload)) is None
+    assert link.stats()["forged"] == 1
+
+
+def asking(link: RedisLink, qid: int, hosts: list[str] | None) -> OpResult | None:
+    """As the worker does: register the ask, then (if ``hosts``) read the script's reply."""
+    link._asks[qid] = Ask(time.monotonic() + 60)
+    if hosts is None:
+        return None
+    return link._asked(UserConnections(qid, 7), [h.encode() for h in hosts])
+
+
+def answer(link: RedisLink, origin: str, qid: int, records: list[dict[str, Any]], to=None):
+    control = cluster.answer_control(to or link.host, qid, records)
+    assert inbox_delivery(link, origin, control) is None  # never a delivery
+
+
+def test_the_result_comes_when_every_host_asked_has_answered_each_record_with_its_host(link):
+    link, events = link
+    assert asking(link, 4, ["h2", "h3"]) is None
+    answer(link, "h2", 4, [{"conn": "0.1.1"}, {"conn": "0.1.2", "host": "lies"}])
+    assert events == []
+    answer(link, "h2", 4, [{"conn": "again"}])  # a second answer from h2: dropped
+    answer(link, "h3", 4, [])
+    records = [{"conn": "0.1.1", "host": "h2"}, {"conn": "0.1.2", "host": "h2"}]
+    body = {"connections": records, "missing_hosts": []}
+    assert events == [Results([OpResult(4, True, body)])]
+    assert link._asks == {}
+    stats = link.stats()
+    assert stats["who_asked"] == 1 and stats["who_answers"] == 2
+    assert stats["who_answers_dropped"] == 1
+
+
+def test_nobody_to_ask_answers_at_once(link):
+    link, events = link
+    assert asking(link, 4, []) == OpResult(4, True, {"connections": [], "missing_hosts": []})
+    assert link._asks == {} and events == []
+
+
+def test_answers_before_the_scripts_reply_count_only_from_the_hosts_it_told(link):
+    link, events = link
+    asking(link, 4, None)
+    answer(link, "h2", 4, [{"conn": "a"}])
+    answer(link, "stranger", 4, [{"conn": "b"}])
+    assert events == []
+    done = link._asked(UserConnections(4, 7), [b"h2"])
+    assert done == OpResult(
+        4, True, {"connections": [{"conn": "a", "host": "h2"}], "missing_hosts": []}
+    )
+    assert link.stats()["who_answers_dropped"] == 1
+
+
+def test_at_the_deadline_what_came_is_reported_with_the_missing_hosts(link):
+    link, events = link
+    asking(link, 4, ["h2", "h3"])
+    asking(link, 5, None)  # its script's reply not read: the worker's to report
+    answer(link, "h3", 4, [{"conn": "x"}], to=None)
+    link._expire_asks()
+    assert events == []  # not due yet
+    for ask in link._asks.values():
+        ask.deadline = 0.0
+    link._expire_asks()
+    body = {"connections": [{"conn": "x", "host": "h3"}], "missing_hosts": ["h2"]}
+    assert events == [Results([OpResult(4, True, body)])]
+    assert list(link._asks) == [5] and link.stats()["who_partial"] == 1
+    answer(link, "h2", 4, [{"conn": "late"}])
+    assert link.stats()["who_answers_dropped"] == 1 and len(events) == 1
+
+
+def test_an_answer_for_another_host_is_forged_and_a_failed_ask_is_forgotten(link):
+    link, events = link
+    asking(link, 4, ["h2"])
+    answer(link, "h2", 4, [{"conn": "x"}], to="someone-else")
+    assert link.stats()["forged"] == 1 and events == []
+    link._fail([UserConnections(4, 7)])
+    assert link._asks == {} and events == [Results([OpResult(4, False, None)])]
+
+
+def test_a_truncated_answer_says_so_and_one_too_big_is_halved_until_it_fits(link, monkeypatch):
+    link, events = link
+    monkeypatch.setattr(cluster, "MAX_ANSWER_BYTES", 2_000)
+    records = [{"conn": f"0.1.{n}", "pad": "x" * 50} for n in range(100)]
+    payload = link._sealed_answer(AnswerUserConnections("h1", 4, records), _now())
+    assert len(payload) <= 2_000
+    decoded = cluster.decode(payload, KEY, _now())
+    assert isinstance(decoded, cluster.Message) and decoded.control is not None
+    kept = decoded.control["connections"]
+    assert 0 < len(kept) < 100 and kept == records[: len(kept)]
+    assert decoded.control["truncated"] is True
+    asking(link, 4, ["h2"])
+    link._take_answer("h2", decoded.control)
+    (result,) = events[0].results
+    assert result.body is not None and result.body["truncated"] is True
+
+
+def _now() -> int:
+    return int(time.time() * 1000)
