@@ -37,7 +37,6 @@ class ConnectionMeta:
     connected_at: float
     last_activity: float
     channels: tuple[ChannelId, ...] = ()
-    remote: str = ""  # the client's address, "ip:port" (one str: the only one per connection)
 
 
 # A user's connections, in the indexes: one ConnId while there is one (the usual case), a set
@@ -136,13 +135,11 @@ class UserConnectionCache:
         user: UserId,
         channels: Iterable[ChannelId],
         now: float,
-        remote: str = "",
     ) -> Delta:
-        """Register a new connection of ``user`` (from address ``remote``) subscribed to
-        ``channels``."""
+        """Register a new connection of ``user`` subscribed to ``channels``."""
         if conn in self._conns:
             raise ValueError(f"connection {conn} is already registered")
-        self._conns[conn] = ConnectionMeta(user, now, now, (), remote)
+        self._conns[conn] = ConnectionMeta(user, now, now, ())
         _add(self._users, user, conn)
         delta = Delta()
         for channel in channels:

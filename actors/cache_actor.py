@@ -121,7 +121,6 @@ class Opened:
     user: UserId
     channels: tuple[ChannelId, ...]
     now: float
-    remote: str = ""  # the client's address, "ip:port"
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,13 +203,16 @@ class CacheActor(LoopActor):
         ack_retries: int = 5,
         history: bool = True,
         events: bool = False,
+        remote_of: Callable[[ConnId], str] = lambda _conn: "",
     ) -> None:
         """``counters``: the shard's own counters, added to its ``status`` answer.
         ``max_channels``: the channels a connection may hold (``--max-channels-per-connection``;
         None: no limit). ``ack_timeout``, ``ack_retries``: a critical message not acknowledged
         is sent again after ``ack_timeout`` seconds, ``ack_retries`` times at most. ``history``: the
         router keeps channel history (else channel messages carry no offset, and resumes have
-        nothing to note). ``events``: report lifecycle events (``--events``)."""
+        nothing to note). ``events``: report lifecycle events (``--events``). ``remote_of``: a
+        connection's address, read from its transport when needed (kept nowhere: every byte per
+        connection counts)."""
         super().__init__(loop)
         self.index, self.epoch = index, epoch
         self.cache = UserConnectionCache(max_channels)
@@ -252,6 +254,7 @@ class CacheActor(LoopActor):
         # the resumes under way by channel; ``_notices`` go to the router after the next delta
         self.tracker = CriticalTracker(ack_timeout, ack_retries)
         self.resumes = Resumes(history)
+        self.remote_of = remote_of
         # connections whose hello waits for the router: what is for them waits behind it
         self._unregistered: set[ConnId] = set()
         self._notices: list[list[bytes]] = []
@@ -313,9 +316,7 @@ class CacheActor(LoopActor):
     def on_receive(self, message: Any) -> Any:
         cache = self.cache
         if isinstance(message, Opened):
-            delta = cache.connect(
-                message.conn, message.user, message.channels, message.now, message.remote
-            )
+            delta = cache.connect(message.conn, message.user, message.channels, message.now)
             self._delta.merge(delta)
             self._unconfirmed.append(Registered(message.conn))
             self._unregistered.add(message.conn)
@@ -516,7 +517,7 @@ class CacheActor(LoopActor):
                     "channels": list(meta.channels),
                     "connected_at": round(meta.connected_at + offset, 3),
                     "last_activity": round(meta.last_activity + offset, 3),
-                    "remote": meta.remote,
+                    "remote": self.remote_of(conn),
                 }
             )
         return out
@@ -535,7 +536,8 @@ class CacheActor(LoopActor):
                     self.resumes.opened(action.conn, channel, self._now)
                 if self.emit_events and meta is not None:
                     first = not self._announced(meta.user, action.conn)
-                    self.events.connected(action.conn, meta.user, meta.channels, meta.remote, first)
+                    remote = self.remote_of(action.conn)
+                    self.events.connected(action.conn, meta.user, meta.channels, remote, first)
             elif isinstance(action, Subscribed) and action.subscribed:
                 self.resumes.opened(action.conn, action.channel, self._now)
 

@@ -141,6 +141,7 @@ class Shard:
             ack_timeout=config.ack_timeout,
             ack_retries=config.ack_retries,
             history=config.history_size > 0,
+            remote_of=self._remote_of,
             events=config.emit_events,
         )
         loop.add_reader(control.fileno(), self._on_control)
@@ -236,8 +237,7 @@ class Shard:
 
     def connection_opened(self, conn: Connection) -> None:
         self.conns[conn.conn_id] = conn
-        remote = conn.remote()
-        self._tell(Opened(conn.conn_id, conn.user, conn.channels, time.monotonic(), remote))
+        self._tell(Opened(conn.conn_id, conn.user, conn.channels, time.monotonic()))
 
     def writing_paused(self, conn: Connection) -> None:
         self.paused[conn.conn_id] = self.now
@@ -257,6 +257,10 @@ class Shard:
                 self._tell(Closed(conn.conn_id, *conn.close_status()))
             else:
                 self._tell(Closed(conn.conn_id))
+
+    def _remote_of(self, conn_id: ConnId) -> str:
+        conn = self.conns.get(conn_id)
+        return conn.remote() if conn is not None else ""
 
     def subscribe(self, conn: Connection, channel: ChannelId) -> None:
         self._tell(Subscribe(conn.conn_id, channel))

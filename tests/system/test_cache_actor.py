@@ -322,13 +322,24 @@ def test_lifecycle_events_and_connection_records(router):
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
         shard = FakeShard()
-        ref = CacheActor.start(loop, 0, 1, endpoint, shard.post, 60.0, shard.fail, events=True)
+        addresses = {1: "10.1.2.3:4567", 2: "10.1.2.3:4568"}
+        ref = CacheActor.start(
+            loop,
+            0,
+            1,
+            endpoint,
+            shard.post,
+            60.0,
+            shard.fail,
+            events=True,
+            remote_of=lambda conn: addresses.get(conn, ""),
+        )
         identity = shardwire.identity(0, 1)
         await receive(sock, shardwire.HELLO)
         fake = Router(sock, identity)
         before = time.time()
         now = time.monotonic()
-        ref.tell(Opened(ConnId(1), UserId(7), (ChannelId(3),), now, "10.1.2.3:4567"))
+        ref.tell(Opened(ConnId(1), UserId(7), (ChannelId(3),), now))
         ref.tell(Subscribe(ConnId(1), ChannelId(4)))  # before hello: in connect's channels
         delta = await fake.next(shardwire.DELTA)
         # not announced yet: no event, and not in the records
@@ -388,7 +399,7 @@ def test_lifecycle_events_and_connection_records(router):
         }
         assert {k: v for k, v in offline.items() if k != "ts"} == {"type": "offline", "user": 7}
         # a connection closed before its hello: never announced, never a disconnect
-        ref.tell(Opened(ConnId(2), UserId(8), (), now, "10.1.2.3:4568"))
+        ref.tell(Opened(ConnId(2), UserId(8), (), now))
         ref.tell(Closed(ConnId(2), 1000, ""))
         ref.tell(Incident(ConnId(3), UserId(8), "refused_per_user"))
         (limit,) = await fake.events(1)
@@ -407,7 +418,7 @@ def test_no_events_without_the_flag(router):
         ref = Spied.start(asyncio.get_running_loop(), 0, 1, endpoint, shard.post, 60.0, shard.fail)
         identity = shardwire.identity(0, 1)
         await receive(sock, shardwire.HELLO)
-        ref.tell(Opened(ConnId(1), UserId(7), (ChannelId(3),), time.monotonic(), "1.2.3.4:5"))
+        ref.tell(Opened(ConnId(1), UserId(7), (ChannelId(3),), time.monotonic()))
         delta = await receive(sock, shardwire.DELTA)
         sock.send_multipart([identity, *shardwire.indexed(shardwire.unpack_id(delta[4]))])
         ref.tell(Closed(ConnId(1)))
