@@ -133,6 +133,8 @@ class EventLog:
         for each connection it had and an ``offline`` for each of its users (nobody else can
         say so), recorded for the snapshots in flight too."""
         self.emit("shard_down", {"shard": index, "epoch": epoch, "cause": cause})
+        for watched in self._watch.values():  # not answered: it has no connection any more
+            watched.setdefault(index, [])
         conns = self._conns.pop(index, {})
         users = self._users.pop(index, {})
         ts = self.clock()
@@ -150,9 +152,14 @@ class EventLog:
 
     # -- snapshots -------------------------------------------------------------------------
 
-    def watch(self, qid: int) -> None:
-        """Snapshot ``qid`` is asked of the shards."""
-        self._watch[qid] = {}
+    def watch(self, qid: int, absent: Iterable[ShardIndex] = ()) -> None:
+        """Snapshot ``qid`` is asked of the shards; those ``absent`` (not up) are not asked:
+        they have no connection now, and whatever they announce from here on patches it."""
+        self._watch[qid] = {index: [] for index in absent}
+
+    def watching(self) -> int:
+        """How many snapshots are in flight."""
+        return len(self._watch)
 
     def answered(self, qid: int, index: ShardIndex) -> None:
         """Shard ``index`` answered snapshot ``qid``: from now on, its events patch the answer."""
@@ -165,8 +172,8 @@ class EventLog:
         applied, all the connections in one list (by shard, then as the shards listed them)."""
         watched = self._watch.pop(qid, {})
         out: list[ConnRecord] = []
-        for index in sorted(answers):
-            out += apply_events(answers[index], watched.get(index, ()))
+        for index in sorted(set(answers) | set(watched)):
+            out += apply_events(answers.get(index, []), watched.get(index, ()))
         return out
 
 

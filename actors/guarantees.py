@@ -208,7 +208,7 @@ class Guarantees:
         spec = GatherSpec(
             (), replay, None, remote=lambda qid: ReadHistory(qid, channel, since, size, ttl_ms)
         )
-        self._core.start_gather(None, INTERNAL, spec, now)
+        self._core.start_internal(spec, now)  # refused: no answer; the shard closes it (1013)
 
     def topics_ready(self, now: float) -> None:
         """The link confirmed topics (or time passed): the resumes waiting for theirs go on."""
@@ -373,7 +373,8 @@ class Guarantees:
             return {}
 
         spec = GatherSpec((), fetched, None, remote=lambda qid: FetchCritical(qid, user))
-        self._core.start_gather(None, INTERNAL, spec, now)
+        if self._core.start_internal(spec, now) is None and here:  # what this host has, then
+            self._send_pending(slot, incarnation, conn, _entries(here), now)
 
     def _send_pending(
         self,

@@ -20,13 +20,14 @@ from actors.gather import REDIS, Gather, GatherSpec
 from actors.hostlink import AnswerUserConnections, PublishChannel, SetChannel, UserConnections
 from actors.ids import ChannelId, ShardIndex
 from actors.wire import frames, shardwire
-from actors.wire.commands import Command
+from actors.wire.commands import Command, CommandError
 
 if TYPE_CHECKING:
     from actors.router import RouterCore, ShardSlot
 
 JOIN_LEAVE_TICK = 0.05  # seconds: joins and leaves of a channel go out together at most this late
 MAX_RECORDS = 1_000  # connections of one user answered to another host at most
+MAX_SNAPSHOTS = 8  # snapshots in flight at most (each walks every connection of the host)
 
 
 class Observers:
@@ -37,6 +38,9 @@ class Observers:
         self.events = events
         self.marks: set[ChannelId] = set()  # channels whose members are told joins and leaves
         self._pending: dict[ChannelId, list[bytes]] = {}  # their frames waiting for the flush
+        # who is in each marked channel, by shard (from the shards' joins and leaves): a shard
+        # that dies cannot say its users left; the router does
+        self._joined: dict[ShardIndex, dict[ChannelId, set[int]]] = {}
         self._flush_at: float | None = None
         self.counters = {"join_leave_frames": 0, "join_leave_dropped": 0}
 
@@ -45,6 +49,10 @@ class Observers:
     def snapshot(self, envelope: list[bytes], cmd: Command, now: float) -> None:
         """Every connection of the host, consistent with the event stream at ``seq``."""
         core, events = self._core, self.events
+        if events.watching() >= MAX_SNAPSHOTS:
+            raise CommandError(
+                "overloaded", f"{MAX_SNAPSHOTS} snapshots in flight: retry in a moment"
+            )
 
         def combine(gather: Gather) -> dict[str, Any]:
             answers = {
@@ -60,7 +68,8 @@ class Observers:
         )
         qid = core.start_gather(envelope, cmd.id, spec, now)
         if qid in core.pending:
-            events.watch(qid)
+            down = [slot.index for slot in core.slots if slot.index in core.pending[qid].missing]
+            events.watch(qid, down)
 
     def user_connections(self, envelope: list[bytes], cmd: Command, now: float) -> None:
         """``user``'s connections, on this host (its shard) and, in a cluster, the others."""
@@ -105,7 +114,8 @@ class Observers:
 
         query = shardwire.QueryUserConnections(user)
         spec = GatherSpec({self._core.shard_of(user)}, combine, lambda _i: query)
-        self._core.start_gather(None, "internal", spec, now)
+        if self._core.start_internal(spec, now) is None and hosts is not None:
+            hosts.queue(AnswerUserConnections(reply_to, qid, []))  # an answer, if empty
 
     def set_channel(self, envelope: list[bytes], cmd: Command, now: float) -> None:
         """Mark (or unmark) a channel: its members are told joins and leaves; in a cluster, on
@@ -134,6 +144,8 @@ class Observers:
         else:
             self.marks.discard(channel)
             self._pending.pop(channel, None)
+            for joined in self._joined.values():
+                joined.pop(channel, None)
         self._tell_shards(now)
 
     def replace_marks(self, channels: list[ChannelId], now: float) -> None:
@@ -141,6 +153,9 @@ class Observers:
         marks = set(channels)
         if marks != self.marks:
             self.marks = marks
+            for joined in self._joined.values():
+                for channel in [c for c in joined if c not in marks]:
+                    del joined[channel]
             self._tell_shards(now)
 
     def shard_up(self, slot: ShardSlot, now: float) -> None:
@@ -153,19 +168,35 @@ class Observers:
         for slot in self._core.up_shards():
             self._core.send(slot.index, message, now)
 
-    def joins_and_leaves(self, raw: bytes, now: float) -> None:
-        """A shard's joins and leaves (shardwire ``W``): queued for the next flush, in order."""
+    def joins_and_leaves(self, index: ShardIndex, raw: bytes, now: float) -> None:
+        """Shard ``index``'s joins and leaves (shardwire ``W``): queued for the next flush, in
+        order."""
         try:
             changes = json.loads(raw)
             parsed = [(int(c), int(u), bool(j)) for c, u, j in changes]
         except (ValueError, TypeError, RecursionError):
             self.events.counters["events_malformed"] += 1
             return
+        members = self._joined.setdefault(index, {})
         for channel, user, joined in parsed:
             if channel in self.marks:
-                frame = frames.join_leave(joined, channel, user)
-                self._pending.setdefault(ChannelId(channel), []).append(frame)
-        if self._pending and self._flush_at is None:
+                users = members.setdefault(ChannelId(channel), set())
+                if joined:
+                    users.add(user)
+                else:
+                    users.discard(user)
+                self._queue(ChannelId(channel), user, joined, now)
+
+    def shard_died(self, index: ShardIndex, now: float) -> None:
+        """Shard ``index`` is gone: its users left the marked channels they were in."""
+        for channel, users in self._joined.pop(index, {}).items():
+            for user in sorted(users):
+                self._queue(channel, user, False, now)
+
+    def _queue(self, channel: ChannelId, user: int, joined: bool, now: float) -> None:
+        frame = frames.join_leave(joined, channel, user)
+        self._pending.setdefault(channel, []).append(frame)
+        if self._flush_at is None:
             self._flush_at = now + JOIN_LEAVE_TICK
 
     def flush(self, now: float) -> None:

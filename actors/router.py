@@ -186,6 +186,8 @@ class RouterCore:
             "commands_refused": 0,  # answered overloaded: nothing of them was queued
             "remote_dropped": 0,  # deliveries from other hosts that found no room
             "internal_errors": 0,  # a bug met while handling a command (logged)
+            # a resume, a critical fetch, another host's question: not asked (max_queries)
+            "internal_refused": 0,
         }
         # one handler per command (commands.COMMANDS names them; a test keeps both in step)
         self.handlers: dict[str, Handler] = {
@@ -261,6 +263,7 @@ class RouterCore:
             self._drop(slot)
             slot.state = ShardState.DOWN
             self.observers.events.shard_died(slot.index, epoch, cause)
+            self.observers.shard_died(slot.index, now)
 
     def check_hung(self, now: float, timeout: float) -> list[ShardSlot]:
         """Declare down the up shards silent for ``timeout`` seconds, and report them to the
@@ -334,7 +337,7 @@ class RouterCore:
         elif kind == shardwire.EVENTS:
             self.observers.events.from_shard(slot.index, msg[1])
         elif kind == shardwire.JOIN_LEAVE:
-            self.observers.joins_and_leaves(msg[1], now)
+            self.observers.joins_and_leaves(slot.index, msg[1], now)
 
     def _indexed(self, slot: ShardSlot, seq: list[bytes], gained: list[int], now: float) -> None:
         """Confirm a numbered membership change: the shard holds its clients' hello and
@@ -593,6 +596,16 @@ class RouterCore:
         self._replies.append((envelope, commands.reply(cmd.id, result)))
 
     # -- gathers ---------------------------------------------------------------------------
+
+    def start_internal(self, spec: GatherSpec, now: float) -> int | None:
+        """A gather no backend waits for (its combiner does the work), started from a shard's
+        or another host's message: beyond ``max_queries`` it is not started (counted; None),
+        never an exception into the router's loop."""
+        try:
+            return self.start_gather(None, INTERNAL, spec, now)
+        except CommandError:
+            self.counters["internal_refused"] += 1
+            return None
 
     def start_gather(
         self, envelope: list[bytes] | None, request: Any, spec: GatherSpec, now: float

@@ -64,6 +64,11 @@ from shards.redislink import RedisLink, host_id
 
 log = logging.getLogger("ucc.supervisor")
 
+# the acceptor's refusals that are an address's limits: ``limit`` events (with --events)
+ADDRESS_LIMITS = frozenset(
+    {"refused_per_address", "refused_pending", "rate_limited", "forbidden_origin", "banned"}
+)
+
 START_TIMEOUT = 20.0  # a shard that has not said hello by then is killed
 HOLD_TIME = 2.0  # how long a connection may wait for its restarting shard before a 503
 HOLD_LIMIT = 1000  # connections held per shard at most; more get a 503 at once
@@ -177,7 +182,10 @@ class Supervisor:
 
     def _refused(self, reason: str, address: str) -> None:
         """The acceptor refused a connection: a ``limit`` event, coalesced per address and
-        reason per second (a storm of refusals is one event per address each second)."""
+        reason per second (a storm of refusals is one event per address each second). Only
+        the refusals that are limits of an address (not a failed accept, not a bad request)."""
+        if reason not in ADDRESS_LIMITS:
+            return
         key = (address, reason)
         self._refusals[key] = self._refusals.get(key, 0) + 1
         if self._refusals_timer is None:
@@ -287,7 +295,7 @@ class Supervisor:
             log.info("shard %d: closed %d connections it took without an ack", shard.index, closed)
         for entry in waiting:  # never read: they wait for the next incarnation
             self._hold(shard, entry.claims, entry.sock)
-        how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+        how = _how(code)
         self._tell_router(ShardDown(shard.index, epoch, "stopped" if self.stopping else how))
         if self.stopping:
             self._maybe_done()
@@ -534,3 +542,14 @@ def run(config: ServeConfig) -> int:
     except OSError as exc:
         log.error("cannot serve: %s", exc)
         return 2
+
+
+def _how(code: int) -> str:
+    """How a process ended, from its exit status: ``exit code N`` or ``signal NAME`` (a signal
+    with no name, a real-time one, by number)."""
+    if code >= 0:
+        return f"exit code {code}"
+    try:
+        return f"signal {signal.Signals(-code).name}"
+    except ValueError:
+        return f"signal {-code}"

@@ -213,3 +213,52 @@ def test_in_a_cluster_marks_are_the_clusters_and_joins_go_to_the_other_hosts():
     core.hosts.link_event(ChannelMarks([ChannelId(5), ChannelId(6)]), 0.0)
     assert core.observers.marks == {5, 6}
     assert marks_sent(core) == {0: [5, 6], 1: [5, 6]}
+
+
+def test_a_shard_that_dies_leaves_its_users_marked_channels():
+    core = make()
+    command(core, {"cmd": "set_channel", "channel": 3, "join_leave": True, "id": 1})
+    reply(core)
+    core.shard_message(shardwire.identity(1, 1), shardwire.delta([3], [], 1), 0.0)
+    core.take_outbox()
+    core.shard_message(shardwire.identity(0, 1), shardwire.join_leave([(3, 8, True)]), 0.0)
+    core.tick(JOIN_LEAVE_TICK)
+    core.take_outbox()
+    core.shard_down(0, 1, 1.0, "signal SIGKILL")  # nobody else can say 8 left
+    core.tick(1.0 + JOIN_LEAVE_TICK)
+    ((_identity, msg),) = core.take_outbox()
+    assert msg == shardwire.channel_delivery(3, frames.join_leave(False, 3, 8))
+
+
+def test_a_shard_down_during_a_snapshot_is_patched_with_what_it_announces_after():
+    core = make()
+    core.shard_down(0, 1, 0.0, "signal SIGKILL")
+    published(core)
+    command(core, {"cmd": "snapshot", "id": 1})
+    ((index, (qid, _body)),) = queries(core).items()
+    assert index == 1  # shard 0 is not asked
+    core.shard_starting(0, 2, 300)
+    core.shard_message(shardwire.identity(0, 2), shardwire.hello(0, 2, 300, []), 0.0)
+    connect = {"type": "connect", "ts": 5.0, "user": 4, "conn": "0.2.1", "shard": 0,
+               "channels": [], "remote": "r"}  # fmt: skip
+    core.shard_message(shardwire.identity(0, 2), shardwire.events([connect]), 0.0)
+    answer(core, 1, qid, {"connections": []})
+    body = reply(core)
+    assert [c["conn"] for c in body["connections"]] == ["0.2.1"]
+    assert body["missing_shards"] == [0]
+    assert max(e["seq"] for e in published(core)) == body["seq"]
+
+
+def test_too_many_questions_from_other_hosts_never_stop_the_router():
+    core = RouterCore(SHARDS, redis=True, max_queries=1, events=EventLog("h1", enabled=False))
+    for index in range(SHARDS):
+        core.shard_starting(index, 1, 100 + index)
+        core.shard_message(shardwire.identity(index, 1), shardwire.hello(index, 1, 100, []), 0.0)
+    assert core.hosts is not None
+    core.hosts.link_event(LinkState(True), 0.0)
+    command(core, {"cmd": "status", "id": 1})  # the one query allowed
+    control = {"op": "who", "user": 5, "qid": 77, "reply_to": "h2"}
+    core.hosts.link_event(Deliveries([Delivery(None, [5], b"", control)]), 0.0)
+    assert core.counters["internal_refused"] == 1
+    ops = [op for op in core.hosts.take_ops() if isinstance(op, AnswerUserConnections)]
+    assert ops == [AnswerUserConnections("h2", 77, [])]  # answered, empty, not left waiting
