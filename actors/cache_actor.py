@@ -255,6 +255,7 @@ class CacheActor(LoopActor):
         self.tracker = CriticalTracker(ack_timeout, ack_retries)
         self.resumes = Resumes(history)
         self.remote_of = remote_of
+        self._closing: set[ConnId] = set()  # stale connections told to close, not yet gone
         # connections whose hello waits for the router: what is for them waits behind it
         self._unregistered: set[ConnId] = set()
         self._notices: list[list[bytes]] = []
@@ -364,7 +365,11 @@ class CacheActor(LoopActor):
             self._resumes_failed(self.resumes.sweep(message.now))
             if message.now - self._last_sweep >= 1.0:  # the stale sweep walks every connection
                 self._last_sweep = message.now
-                stale = cache.stale(message.now, self.stale_timeout)
+                # a connection being closed stays listed until its close completes (up to
+                # CLOSE_TIMEOUT): it is closed, and counted, once
+                stale = [c for c in cache.stale(message.now, self.stale_timeout)
+                         if c not in self._closing]  # fmt: skip
+                self._closing.update(stale)
                 if stale:
                     self._actions.append(
                         CloseConnections(
@@ -490,6 +495,7 @@ class CacheActor(LoopActor):
                 self.resumes.ended(conn, channel)
         announced = meta is not None and conn not in self._unregistered
         self.tracker.closed(conn)
+        self._closing.discard(conn)
         self._unregistered.discard(conn)
         self._delta.merge(cache.disconnect(conn))
         if cache.journal is not None:
