@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from actors.router import RouterCore, ShardSlot
 
 JOIN_LEAVE_TICK = 0.05  # seconds: joins and leaves of a channel go out together at most this late
+MAX_CHANGES_PER_TICK = 100  # a channel's joins and leaves per tick; beyond: one presence_changed
 MAX_RECORDS = 1_000  # connections of one user answered to another host at most
 MAX_SNAPSHOTS = 8  # snapshots in flight at most (each walks every connection of the host)
 
@@ -37,12 +38,19 @@ class Observers:
         self._core = core
         self.events = events
         self.marks: set[ChannelId] = set()  # channels whose members are told joins and leaves
-        self._pending: dict[ChannelId, list[bytes]] = {}  # their frames waiting for the flush
+        # their net changes waiting for the flush: channel -> user -> joined (a join and a leave
+        # of the same user within one tick cancel out: members never saw either)
+        self._pending: dict[ChannelId, dict[int, bool]] = {}
         # who is in each marked channel, by shard (from the shards' joins and leaves): a shard
         # that dies cannot say its users left; the router does
         self._joined: dict[ShardIndex, dict[ChannelId, set[int]]] = {}
         self._flush_at: float | None = None
-        self.counters = {"join_leave_frames": 0, "join_leave_dropped": 0}
+        self.counters = {
+            "join_leave_frames": 0,
+            "join_leave_dropped": 0,
+            "join_leave_cancelled": 0,
+            "join_leave_summarised": 0,
+        }
 
     # -- commands --------------------------------------------------------------------------
 
@@ -194,20 +202,35 @@ class Observers:
                 self._queue(channel, user, False, now)
 
     def _queue(self, channel: ChannelId, user: int, joined: bool, now: float) -> None:
-        frame = frames.join_leave(joined, channel, user)
-        self._pending.setdefault(channel, []).append(frame)
+        changes = self._pending.setdefault(channel, {})
+        if changes.get(user) is (not joined):
+            del changes[user]  # joined and left (or left and came back) within the tick
+            self.counters["join_leave_cancelled"] += 2
+        else:
+            changes[user] = joined
         if self._flush_at is None:
             self._flush_at = now + JOIN_LEAVE_TICK
 
     def flush(self, now: float) -> None:
         """Deliver the queued joins and leaves whose tick is over: per channel, one message to
         each shard holding members (a shard with no room drops it, counted), and each frame
-        to the other hosts."""
+        to the other hosts. More than MAX_CHANGES_PER_TICK changes of one channel in a tick (a
+        mass reconnect) go as one ``presence_changed`` frame instead (members refetch the
+        channel's presence): a member is written at most that many frames per tick, whatever
+        the churn, so a 10,000-member channel never costs members x changes bytes."""
         if self._flush_at is None or now < self._flush_at:
             return
         core, hosts = self._core, self._core.hosts
         pending, self._pending, self._flush_at = self._pending, {}, None
-        for channel, queued in pending.items():
+        for channel, changes in pending.items():
+            if not changes:
+                continue
+            if len(changes) > MAX_CHANGES_PER_TICK:
+                joins = sum(changes.values())
+                queued = [frames.presence_changed(channel, joins, len(changes) - joins)]
+                self.counters["join_leave_summarised"] += len(changes)
+            else:
+                queued = [frames.join_leave(j, channel, u) for u, j in changes.items()]
             message = shardwire.channel_delivery(channel, b"".join(queued))
             for index in core.members(channel):
                 if not core.offer(index, message, now):

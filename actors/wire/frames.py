@@ -108,6 +108,15 @@ def join_leave(joined: bool, channel: int, user: int) -> bytes:
     return text_frame(b'{"type":"%b","channel":%d,"user":%d}' % (kind, channel, user))
 
 
+def presence_changed(channel: int, joins: int, leaves: int) -> bytes:
+    """Too many joins and leaves of ``channel`` at once to list (a mass reconnect): members are
+    told how many, and refetch the channel's presence if they keep it."""
+    return text_frame(
+        b'{"type":"presence_changed","channel":%d,"joins":%d,"leaves":%d}'
+        % (channel, joins, leaves)
+    )
+
+
 def error(code: str, message: str) -> bytes:
     return text_frame(dumps({"type": "error", "code": code, "message": message}))
 

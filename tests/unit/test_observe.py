@@ -20,7 +20,7 @@ from actors.hostlink import (
     UserConnections,
 )
 from actors.ids import ChannelId, stable_hash
-from actors.observe import JOIN_LEAVE_TICK
+from actors.observe import JOIN_LEAVE_TICK, MAX_CHANGES_PER_TICK
 from actors.router import RouterCore
 from actors.wire import frames, shardwire
 
@@ -180,12 +180,9 @@ def test_set_channel_tells_every_shard_and_joins_go_out_per_tick_in_order():
     core.tick(1.0 + JOIN_LEAVE_TICK)
     ((identity, msg),) = core.take_outbox()
     assert shardwire.parse_identity(identity) == (1, 1)  # the shard with members of 3
-    assert msg == shardwire.channel_delivery(
-        3,
-        frames.join_leave(True, 3, 8)
-        + frames.join_leave(True, 3, 9)
-        + frames.join_leave(False, 3, 8),
-    )
+    # 8 joined and left within the tick: members are told neither
+    assert msg == shardwire.channel_delivery(3, frames.join_leave(True, 3, 9))
+    assert core.observers.counters["join_leave_cancelled"] == 2
     # a restarted shard learns the marks with its hello
     core.shard_starting(0, 2, 300)
     core.shard_message(shardwire.identity(0, 2), shardwire.hello(0, 2, 300, []), 2.0)
@@ -262,3 +259,17 @@ def test_too_many_questions_from_other_hosts_never_stop_the_router():
     assert core.counters["internal_refused"] == 1
     ops = [op for op in core.hosts.take_ops() if isinstance(op, AnswerUserConnections)]
     assert ops == [AnswerUserConnections("h2", 77, [])]  # answered, empty, not left waiting
+
+
+def test_a_mass_reconnect_is_one_presence_changed_frame_per_tick():
+    core = make()
+    command(core, {"cmd": "set_channel", "channel": 3, "join_leave": True, "id": 1})
+    reply(core)
+    core.shard_message(shardwire.identity(1, 1), shardwire.delta([3], [], 1), 0.0)
+    core.take_outbox()
+    burst = [(3, user, True) for user in range(1, MAX_CHANGES_PER_TICK + 2)]
+    core.shard_message(shardwire.identity(0, 1), shardwire.join_leave(burst), 0.0)
+    core.tick(JOIN_LEAVE_TICK)
+    ((_identity, msg),) = core.take_outbox()
+    joins = MAX_CHANGES_PER_TICK + 1
+    assert msg == shardwire.channel_delivery(3, frames.presence_changed(3, joins, 0))
