@@ -237,6 +237,7 @@ def _add_serve(subparsers: Subparsers) -> None:
             "UCC_EVENTS",
             "ZeroMQ PUB endpoint of the event stream, e.g. tcp://127.0.0.1:5556",
         ),
+        ("--metrics", "UCC_METRICS", "HOST:PORT serving /metrics, /healthz and /readyz"),
     ):
         parser.add_argument(
             flag,

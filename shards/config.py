@@ -80,6 +80,10 @@ class ServeConfig:
     critical_memory: int = 64 * 1024 * 1024  # all users' critical messages (beyond: `limit`)
     # issue 12: the ZeroMQ PUB endpoint of the host's event stream (None: no events)
     events: str | None = None
+    # issue 13: HOST:PORT of the HTTP server for /metrics, /healthz, /readyz (None: off)
+    metrics: str | None = None
+    # issue 13: HOST:PORT of the HTTP server for /metrics, /healthz, /readyz (None: off)
+    metrics: str | None = None
     log_level: str = "INFO"
 
 
