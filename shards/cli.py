@@ -521,6 +521,7 @@ def _run_online(args: argparse.Namespace) -> int:
             call = Calls.is_user_online(args.user)
             reply = client.request(call.cmd, **call.fields)
             _warn_missing(reply)
+            _warn_no_cluster(reply)
             _print_json(call.result(reply))
             return 0
         if args.channel is not None:
@@ -529,6 +530,7 @@ def _run_online(args: argparse.Namespace) -> int:
             users_call = Calls.get_online_users()
         reply = client.request(users_call.cmd, **users_call.fields)
         _warn_missing(reply)
+        _warn_no_cluster(reply)
         _print_json(users_call.result(reply))
         return 0
 
@@ -572,48 +574,164 @@ def _run_disconnect(args: argparse.Namespace) -> int:
     return _talk(args, _printed(lambda client: client.disconnect(args.user)))
 
 
-STATUS_COLUMNS = ("index", "pid", "epoch", "state", "connections", "users", "channels")
+STATUS_COLUMNS = ("index", "state", "pid", "epoch", "connections", "users", "channels")
+TOTALLED = ("connections", "users", "channels")
+# where a status (or router_stats) reply may say on which address the host listens
+LISTEN_KEYS = ("websocket", "listen", "ws")
 
 
 def format_status(shards: Sequence[Any]) -> str:
-    """The shards of a ``status`` reply as an aligned text table (one header line)."""
+    """The shards of a ``status`` reply as an aligned text table (one header line), with a
+    ``total`` line when there are several shards."""
     rows = [[column.upper() for column in STATUS_COLUMNS]]
+    totals = dict.fromkeys(TOTALLED, 0)
     for shard in shards:
         entry = shard if isinstance(shard, dict) else {}
         rows.append(["-" if entry.get(c) is None else str(entry.get(c)) for c in STATUS_COLUMNS])
+        for column in TOTALLED:
+            value = entry.get(column)
+            if isinstance(value, int) and not isinstance(value, bool):
+                totals[column] += value
+    if len(rows) > 2:
+        rows.append(
+            ["total", f"{sum(1 for r in rows[1:] if r[1] == 'up')}/{len(rows) - 1} up", "", ""]
+            + [str(totals[column]) for column in TOTALLED]
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(STATUS_COLUMNS))]
     lines = []
     for row in rows:
         cells = [
-            cell.ljust(width) if column == "state" else cell.rjust(width)
+            cell.ljust(width) if column in ("index", "state") else cell.rjust(width)
             for cell, width, column in zip(row, widths, STATUS_COLUMNS, strict=True)
         ]
         lines.append("  ".join(cells).rstrip())
     return "\n".join(lines)
 
 
+def format_duration(seconds_: float) -> str:
+    """``3d 4h05m06s``, ``4h05m06s``, ``5m06s`` or ``6s``."""
+    total = int(max(0.0, seconds_))
+    days, rest = divmod(total, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours}h{minutes:02d}m{secs:02d}s"
+    if hours:
+        return f"{hours}h{minutes:02d}m{secs:02d}s"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
+def _redis_line(status: dict[str, Any], stats: dict[str, Any] | None) -> str:
+    """The Redis link, from ``router_stats``' ``redis`` (and the status reply's ``cluster``)."""
+    if stats is None:
+        return "unknown (router_stats did not answer)"
+    link = stats.get("redis")
+    if not isinstance(link, dict):
+        return "none (one host, no --redis)"
+    up = link.get("up")
+    if not isinstance(up, bool):
+        up = status.get("cluster") if isinstance(status.get("cluster"), bool) else None
+    state = "linked" if up is None else ("up" if up else "DOWN")
+    counters = ", ".join(
+        f"{name} {link[name]}"
+        for name in ("published", "received", "reconnects")
+        if _number(link.get(name)) is not None
+    )
+    return f"{state} ({counters})" if counters else state
+
+
+def format_status_report(
+    endpoint: str, status: dict[str, Any], stats: dict[str, Any] | None, now: float
+) -> str:
+    """The whole ``ucc status`` text: addresses, uptime, the Redis link, then the shard table
+    with its totals. ``stats`` is the ``router_stats`` reply, or None if it did not come."""
+    sources = [status] + ([stats] if stats is not None else [])
+    lines = [f"command    {endpoint}"]
+    listen = next(
+        (str(s[key]) for s in sources for key in LISTEN_KEYS if isinstance(s.get(key), str)),
+        None,
+    )
+    if listen is not None:
+        lines.append(f"websocket  {listen}")
+    uptime = next((_number(s.get("uptime")) for s in sources if _number(s.get("uptime"))), None)
+    if uptime is None:
+        started = next(
+            (_number(s.get("started_at")) for s in sources if _number(s.get("started_at"))), None
+        )
+        uptime = None if started is None else now - started
+    if uptime is not None:
+        lines.append(f"uptime     {format_duration(uptime)}")
+    lines.append(f"redis      {_redis_line(status, stats)}")
+    lines.append("")
+    lines.append(format_status(status.get("shards") or []))
+    return "\n".join(lines)
+
+
 def _add_status(subparsers: Subparsers) -> None:
     parser = subparsers.add_parser(
         "status",
-        help="show the shards' state and counts",
-        description="Print one line per shard: index, pid, epoch, state and counts.",
+        help="show the host: addresses, Redis link, shards and totals",
+        description="Print the command endpoint (and the WebSocket address and uptime when the"
+        " server reports them), the Redis link (from router_stats), then one line per shard:"
+        " index, state, pid, epoch, connections, users, channels, and their totals.",
     )
-    parser.add_argument("--json", action="store_true", help="print the raw reply as JSON")
+    parser.add_argument("--json", action="store_true", help="print the raw status reply as JSON")
     _add_server_options(parser)
     parser.set_defaults(run=_run_status)
 
 
 def _run_status(args: argparse.Namespace) -> int:
     def action(client: Client) -> int:
-        reply = client.status()
+        call = Calls.status()
+        reply = client.request(call.cmd, **call.fields)
+        call.result(reply)
         if args.json:
             _print_json(reply)
+            _warn_missing(reply)
             return 0
-        print(format_status(reply["shards"]))
+        stats: dict[str, Any] | None
+        try:
+            stats = client.request("router_stats")
+        except UccError:
+            stats = None
+        print(format_status_report(args.command, reply, stats, time.time()))
         _warn_missing(reply)
         return 0
 
     return _talk(args, action)
+
+
+def _add_stats(subparsers: Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "stats",
+        help="print the router's counters (router_stats, JSON)",
+        description="Print the router_stats reply as JSON: the router's own counters, the"
+        " acceptor's, and with --redis the link's (docs/protocol.md).",
+    )
+    _add_server_options(parser)
+    parser.set_defaults(run=_run_stats)
+
+
+def _run_stats(args: argparse.Namespace) -> int:
+    return _talk(args, _printed(lambda client: client.request("router_stats")))
+
+
+def _warn_no_cluster(reply: dict[str, Any]) -> None:
+    if reply.get("cluster") is False:
+        error = reply.get("cluster_error") or "Redis did not answer"
+        print(
+            f"ucc: warning: only this host was asked ({error}); users on other hosts are"
+            " reported offline",
+            file=sys.stderr,
+        )
 
 
 # --- issue 12: the event stream, connection metadata, join/leave marks -------------------------
@@ -852,6 +970,7 @@ SUBCOMMANDS: list[Callable[[Subparsers], None]] = [
     _add_subscribe,
     _add_disconnect,
     _add_status,
+    _add_stats,
     _add_events,
     _add_snapshot,
     _add_who,

@@ -23,6 +23,9 @@ it). Without the arguments, ``$UCC_COMMAND_SERVER_KEY`` and ``$UCC_COMMAND_CLIEN
 defaults; pass ``server_key=""`` for a plain client whatever the environment says. A client
 whose key the server does not list gets no session: its requests time out.
 
+Endpoint: without one, ``$UCC_COMMAND`` is the default (else ``tcp://127.0.0.1:5555``), as for
+the ``ucc`` commands.
+
 Neither class is thread-safe. Concurrent coroutines may share one :class:`AsyncClient`: their
 requests are serialised (use several clients for parallel round trips).
 """
@@ -384,6 +387,15 @@ def _millis(seconds: float) -> int:
     return max(1, math.ceil(seconds * 1000))
 
 
+COMMAND_ENV = "UCC_COMMAND"
+
+
+def default_endpoint() -> str:
+    """The command endpoint of a client given none: ``$UCC_COMMAND``, else the default
+    (``tcp://127.0.0.1:5555``), read when the client is made."""
+    return os.environ.get(COMMAND_ENV) or DEFAULT_COMMAND
+
+
 class _Base:
     """Shared state and repr of both clients."""
 
@@ -427,13 +439,14 @@ class Client(_Base):
 
     def __init__(
         self,
-        endpoint: str = DEFAULT_COMMAND,
+        endpoint: str | None = None,
         timeout: float = 5.0,
         server_key: str | None = None,
         client_key_file: str | None = None,
     ) -> None:
         """``server_key``/``client_key_file``: CURVE (see the module's docstring); ValueError
         for a bad endpoint, timeout or key."""
+        endpoint = default_endpoint() if endpoint is None else endpoint
         super().__init__(endpoint, timeout, server_key, client_key_file)
         socket: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
         self._socket: zmq.Socket[bytes] | None = _connect(socket, endpoint, self._keys)
@@ -585,13 +598,14 @@ class AsyncClient(_Base):
 
     def __init__(
         self,
-        endpoint: str = DEFAULT_COMMAND,
+        endpoint: str | None = None,
         timeout: float = 5.0,
         server_key: str | None = None,
         client_key_file: str | None = None,
     ) -> None:
         """``server_key``/``client_key_file``: CURVE (see the module's docstring); ValueError
         for a bad endpoint, timeout or key."""
+        endpoint = default_endpoint() if endpoint is None else endpoint
         super().__init__(endpoint, timeout, server_key, client_key_file)
         socket = zmq.asyncio.Context.instance().socket(zmq.DEALER)
         self._socket: zmq.asyncio.Socket | None = _connect(socket, endpoint, self._keys)

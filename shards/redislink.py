@@ -593,7 +593,10 @@ class RedisLink:
     def _set_state(self, up: bool) -> None:
         if up != self.up:
             self.up = up
-            log.warning("redis link %s", "up" if up else "down")
+            if up:
+                log.info("redis link up")
+            else:
+                log.warning("redis link down")
             self.notify(LinkState(up))
 
     # -- the listener ------------------------------------------------------------------------

@@ -450,3 +450,35 @@ def test_async_client_methods_send_the_commands_and_read_the_replies(answering):
             await client.aclose()
 
     asyncio.run(run())
+
+
+# -- the default endpoint: $UCC_COMMAND, as for the CLI (issue 13) ----------------------------
+
+
+def test_without_an_endpoint_the_clients_use_ucc_command(monkeypatch):
+    monkeypatch.delenv("UCC_COMMAND_SERVER_KEY", raising=False)
+    monkeypatch.delenv("UCC_COMMAND_CLIENT_KEY", raising=False)
+    monkeypatch.setenv("UCC_COMMAND", "tcp://127.0.0.1:6001")
+    with Client(timeout=1) as client:
+        assert client.endpoint == "tcp://127.0.0.1:6001"
+    async_client = AsyncClient(timeout=1)
+    assert async_client.endpoint == "tcp://127.0.0.1:6001"
+    async_client.close()
+    # an explicit endpoint wins over the environment
+    with Client("tcp://127.0.0.1:6002", timeout=1) as client:
+        assert client.endpoint == "tcp://127.0.0.1:6002"
+
+
+@pytest.mark.parametrize("value", [None, ""])
+def test_without_an_endpoint_or_ucc_command_the_clients_use_the_default(value, monkeypatch):
+    monkeypatch.delenv("UCC_COMMAND_SERVER_KEY", raising=False)
+    monkeypatch.delenv("UCC_COMMAND_CLIENT_KEY", raising=False)
+    if value is None:
+        monkeypatch.delenv("UCC_COMMAND", raising=False)
+    else:
+        monkeypatch.setenv("UCC_COMMAND", value)
+    with Client(timeout=1) as client:
+        assert client.endpoint == "tcp://127.0.0.1:5555"
+    async_client = AsyncClient(timeout=1)
+    assert async_client.endpoint == "tcp://127.0.0.1:5555"
+    async_client.close()
