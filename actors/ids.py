@@ -19,7 +19,9 @@ _MASK64 = 2**64 - 1
 
 
 def splitmix64(x: int) -> int:
-    """Mix a 64-bit integer (Steele, Lea and Flood's SplitMix64 finaliser)."""
+    """Mix a 64-bit integer: one whole step of Steele, Lea and Flood's SplitMix64, i.e. the
+    increment ``0x9E3779B97F4A7C15`` added first, then the finaliser (docs/protocol.md,
+    "Sharding function", has test vectors)."""
     x = (x + 0x9E3779B97F4A7C15) & _MASK64
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
