@@ -62,6 +62,8 @@ class Gather:
     args: Mapping[str, Any] = field(default_factory=dict)
     redis: bool = False  # the Redis link takes part (the reply says whether it answered)
     qid: int = 0  # its id in the core's gathers in flight
+    command: str | None = None  # the command it answers, timed from ``started`` to its reply
+    started: float = 0.0
 
     def answered(self, who: Participant, body: Any) -> None:
         """``who``'s answer (ignored if it was not waited for: late or unknown)."""

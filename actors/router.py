@@ -22,6 +22,7 @@ are dropped and counted.
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 from collections.abc import Callable, Collection, Mapping
@@ -64,6 +65,51 @@ log = logging.getLogger("ucc.router")
 
 DEFAULT_WINDOW = WindowLimits()
 
+# ucc_command_seconds' buckets (seconds): a reply within half a millisecond up to a gather that
+# waited for its deadline (--gather-timeout, 1 s by default) and more
+COMMAND_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+def is_total(key: str) -> bool:
+    """Whether a key of a shard's status answer is one of the host's totals (frames delivered,
+    bytes sent, closes by code): kept across the shard's restarts (:attr:`RouterCore.retired`)."""
+    return key in ("frames_delivered", "bytes_sent") or key.startswith("close_")
+
+
+class CommandTimes:
+    """Commands answered, by (command, result), and the time from their arrival at the router
+    to their reply (a histogram). Plain: the core says when a command arrived
+    (:meth:`answered`), the RouterActor says when the replies went out (:meth:`replied`)."""
+
+    def __init__(self, buckets: tuple[float, ...] = COMMAND_BUCKETS) -> None:
+        self.buckets = buckets
+        self.counts = [0] * (len(buckets) + 1)  # per bucket, not cumulative; the last is +Inf
+        self.sum = 0.0
+        self.results: dict[tuple[str, str], int] = {}
+        self._pending: list[tuple[str, str, float]] = []  # (command, result, arrival)
+
+    def answered(self, command: str, result: str, arrival: float) -> None:
+        """The reply to ``command`` (arrived at ``arrival``) is queued, with ``result``."""
+        self._pending.append((command, result, arrival))
+
+    def replied(self, now: float) -> None:
+        """The replies queued so far went out at ``now``: count and time them."""
+        pending, self._pending = self._pending, []
+        for command, result, arrival in pending:
+            key = (command, result)
+            self.results[key] = self.results.get(key, 0) + 1
+            seconds = max(0.0, now - arrival)
+            self.counts[bisect.bisect_left(self.buckets, seconds)] += 1
+            self.sum += seconds
+
+    def statistics(self) -> dict[str, Any]:
+        return {
+            "buckets": list(self.buckets),
+            "counts": list(self.counts),
+            "sum": self.sum,
+            "results": [[c, r, n] for (c, r), n in sorted(self.results.items())],
+        }
+
 
 Handler = Callable[[list[bytes], Command, float], None]
 
@@ -83,6 +129,7 @@ class ShardSlot:
     last_seen: float = 0.0
     channels: set[ChannelId] = field(default_factory=set)
     window: CreditWindow = field(default_factory=CreditWindow)  # this incarnation's
+    reported: dict[str, int] = field(default_factory=dict)  # its last totals (``is_total``)
 
     @property
     def identity(self) -> bytes:
@@ -175,6 +222,11 @@ class RouterCore:
             critical or CriticalStore(100, 64 * 1024 * 1024),
         )
         self.observers = Observers(self, events or EventLog("local", enabled=False))
+        # the totals of the shards' dead incarnations (their last reported), for the metrics
+        self.retired: dict[str, int] = {}
+        self.restarts = 0  # shard incarnations started after the first
+        self.command_times = CommandTimes()
+        self._timed: str | None = None  # the command being handled, until its reply is queued
         # counters kept elsewhere (the command endpoint's CURVE: "curve"), by key, in statistics
         self.extra_stats: dict[str, Callable[[], Any]] = {}
         self.counters = {
@@ -254,6 +306,8 @@ class RouterCore:
         if epoch > slot.epoch:
             self._drop(slot)
             slot.epoch, slot.pid, slot.state = epoch, pid, ShardState.STARTING
+            if epoch > 1:
+                self.restarts += 1
 
     def shard_down(self, index: int, epoch: int, now: float, cause: str = "exited") -> None:
         """Incarnation ``epoch`` of shard ``index`` died or was killed (``cause``: how, for the
@@ -279,7 +333,10 @@ class RouterCore:
         return hung
 
     def _drop(self, slot: ShardSlot) -> None:
-        """Forget a shard's memberships and stop waiting for it."""
+        """Forget a shard's memberships and stop waiting for it; keep its last totals."""
+        for key, value in slot.reported.items():
+            self.retired[key] = self.retired.get(key, 0) + value
+        slot.reported = {}
         for channel in slot.channels:
             self._unindex(channel, slot.index)
         slot.channels = set()
@@ -391,6 +448,8 @@ class RouterCore:
         gather = self.pending.get(qid)
         if gather is None or slot.index not in gather.waiting:
             return  # answered after its deadline: already replied without it
+        if isinstance(body, dict) and "frames_delivered" in body:  # a status answer: its totals
+            slot.reported = {k: v for k, v in body.items() if is_total(k)}
         self.observers.events.answered(qid, slot.index)  # a snapshot's: its later events patch
         gather.answered(slot.index, body)
         if not gather.waiting:
@@ -400,14 +459,21 @@ class RouterCore:
 
     def command(self, envelope: list[bytes], raw: bytes, now: float) -> None:
         self.counters["commands"] += 1
+        # timed from ``now`` to its reply: here if answered at once, else by its gather (which
+        # takes ``_timed`` over)
+        self._timed = "invalid"
+        result = "ok"
         try:
             cmd = commands.decode(raw, self.max_command)
+            self._timed = cmd.name
             self.handlers[cmd.name](envelope, cmd, now)
         except CommandError as exc:
+            result = exc.code
             self.counters["commands_refused" if exc.code == "overloaded" else "errors"] += 1
             request = commands.request_id(raw) if exc.code != "too_large" else None
             self._replies.append((envelope, commands.error_reply(request, exc.code, exc.message)))
         except (RecursionError, OverflowError, ValueError, TypeError, KeyError) as exc:
+            result = "internal_error"
             # a hole in validation (a bug) must cost this command, never the router: said once
             # in the log with its traceback, counted, and answered
             self.counters["internal_errors"] += 1
@@ -416,6 +482,9 @@ class RouterCore:
                 commands.request_id(raw), "internal_error", f"cannot process: {exc!r}"[:200]
             )
             self._replies.append((envelope, reply))
+        if self._timed is not None:
+            self.command_times.answered(self._timed, result, now)
+            self._timed = None
 
     def _broadcast_to_channel(self, envelope: list[bytes], cmd: Command, now: float) -> None:
         if self.guarantees.history.enabled:
@@ -622,6 +691,8 @@ class RouterCore:
         self._next_qid += 1
         deadline = now + self.gather_timeout
         gather = Gather(envelope, request, spec.combine, deadline, set(), args=spec.args, qid=qid)
+        if envelope is not None and self._timed is not None:  # a command's: timed to its reply
+            gather.command, gather.started, self._timed = self._timed, now, None
         self.pending[qid] = gather
         if self.hosts is not None and spec.remote is not None:
             self.hosts.join(qid, gather, spec.remote)
@@ -666,6 +737,9 @@ class RouterCore:
         result["missing_shards"] = gather.missing_shards()
         if self.hosts is not None:
             self.hosts.annotate(gather, result)
+        if gather.command is not None:
+            outcome = "ok" if not gather.missing else "partial"
+            self.command_times.answered(gather.command, outcome, gather.started)
         self._replies.append((gather.envelope, commands.reply(gather.request, result)))
 
     def _status_rows(self, gather: Gather) -> dict[str, Any]:
@@ -683,6 +757,33 @@ class RouterCore:
             row.update(answer or {"connections": 0, "users": 0, "channels": 0})
             rows.append(row)
         return {"shards": rows, "channels_indexed": len(self.index)}
+
+    def metrics(self, now: float, done: Callable[[dict[str, Any]], None]) -> None:
+        """Ask every shard for its status and hand the host's numbers to ``done`` (called
+        once: when all have answered, at the deadline, or at once beyond ``max_queries``)."""
+        query = shardwire.QueryStatus()
+        spec = GatherSpec(self._all(), lambda g: self._metrics(g, done), lambda _index: query)
+        if self.start_internal(spec, now) is None:
+            self._metrics(Gather(None, INTERNAL, spec.combine, now, set()), done)
+
+    def _metrics(self, gather: Gather, done: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+        totals = dict(self.retired)
+        for slot in self.slots:  # answered or not: a silent shard's totals do not go back
+            for key, value in slot.reported.items():
+                totals[key] = totals.get(key, 0) + value
+        redis = None
+        if self.hosts is not None:
+            redis = {"up": self.hosts.up, **self.hosts.statistics().get("redis", {})}
+        result = {
+            "shards": self._status_rows(gather)["shards"],
+            "channels": len(self.index),
+            "totals": totals,
+            "restarts": self.restarts,
+            "commands": self.command_times.statistics(),
+            "redis": redis,
+        }
+        done(result)
+        return result
 
     def statistics(self) -> dict[str, Any]:
         """The router's own counters, answered at once without asking any shard."""

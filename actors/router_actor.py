@@ -63,6 +63,15 @@ class HostEvents:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsWanted:
+    """From the metrics server (any thread): the host's numbers (:meth:`RouterCore.metrics`)
+    are wanted; ``reply`` is called with them on the router's thread, once (within
+    ``--gather-timeout``). It must not block: e.g. set a ``concurrent.futures.Future``."""
+
+    reply: Callable[[dict[str, Any]], None]
+
+
+@dataclass(frozen=True, slots=True)
 class RouterFailed:
     """For the supervisor: a bug killed the router (``reason``: the exception); the host must
     stop (exit 1) and be restarted rather than stay up and deaf."""
@@ -254,6 +263,8 @@ class RouterActor(SocketActor):
             self.core.shard_starting(message.index, message.epoch, message.pid)
         elif isinstance(message, ShardDown):
             self.core.shard_down(message.index, message.epoch, now, message.cause)
+        elif isinstance(message, MetricsWanted):
+            self.core.metrics(now, message.reply)
         elif isinstance(message, HostEvents):
             for kind, fields in message.events:
                 self.core.observers.events.emit(kind, fields)
@@ -295,9 +306,12 @@ class RouterActor(SocketActor):
             ]  # fmt: skip
             if not _send(self.backend, frames):  # the shard is gone, or its queue is full
                 core.unsent(identity, msgs, time.monotonic())
-        for envelope, payload in core.take_replies():
+        replies = core.take_replies()
+        for envelope, payload in replies:
             if not _send(self.frontend, [*envelope, payload]):  # the backend went away
                 core.counters["dropped_replies"] += 1
+        if replies:  # their commands' time from arrival to reply
+            core.command_times.replied(time.monotonic())
         if self.hosts is not None:
             ops = self.hosts.take_ops()
             if self.link is not None:

@@ -24,6 +24,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import pykka
 import zmq
@@ -38,6 +39,7 @@ from actors.policy import RestartPolicy
 from actors.router import RouterCore, ShardEvent, ShardHung, ShardState, UserBanned
 from actors.router_actor import (
     HostEvents,
+    MetricsWanted,
     RouterActor,
     RouterFailed,
     ShardDown,
@@ -60,6 +62,7 @@ from shards.handoff import (
     send_message,
 )
 from shards.inflight import Handoffs
+from shards.metrics import MetricsServer, ask_with_timeout
 from shards.redislink import RedisLink, host_id
 
 log = logging.getLogger("ucc.supervisor")
@@ -200,6 +203,18 @@ class Supervisor:
         ]
         if events:
             self._tell_router(HostEvents(events))
+
+    async def metrics_snapshot(self) -> dict[str, Any] | None:
+        """The host's numbers for the metrics port: the router's (it asks every shard; None
+        if it did not answer in time), the acceptor's counters, and whether we accept."""
+        snapshot = await ask_with_timeout(
+            lambda reply: self._tell_router(MetricsWanted(reply)),
+            self.config.gather_timeout + 1.0,
+        )
+        if snapshot is not None:
+            snapshot["acceptor"] = self._acceptor_counters()
+            snapshot["accepting"] = self.announced and not self.stopping
+        return snapshot
 
     def _acceptor_counters(self) -> dict[str, int]:
         acceptor = getattr(self, "acceptor", None)
@@ -495,7 +510,17 @@ class Supervisor:
 async def _run(config: ServeConfig) -> int:
     loop = asyncio.get_running_loop()
     supervisor = Supervisor(config, loop)
+    metrics: MetricsServer | None = None
     try:
+        if config.metrics:  # before the shards: a taken port fails the start (exit 2)
+            metrics = MetricsServer(supervisor.metrics_snapshot, lambda: not supervisor.stopping)
+            try:
+                host, port = await metrics.start(config.metrics)
+            except ValueError as exc:
+                raise OSError(str(exc)) from None
+            except OSError as exc:
+                raise OSError(f"metrics address {config.metrics}: {exc}") from None
+            log.info("metrics on http://%s:%d/metrics", host, port)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, supervisor.shutdown)
         # SIGHUP: re-read the admitted CURVE client keys (--command-clients)
@@ -505,6 +530,8 @@ async def _run(config: ServeConfig) -> int:
         supervisor.start()
         return await supervisor.done
     finally:
+        if metrics is not None:
+            metrics.close()
         for shard in supervisor.shards:
             supervisor._kill(shard)
         supervisor.close()

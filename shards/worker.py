@@ -114,6 +114,12 @@ class Shard:
         self.paused: dict[ConnId, float] = {}  # connections paused writing, since when
         # what connections went through: closed for cause, failed (see ``count``)
         self.counters: dict[str, int] = {}
+        # the host's totals for the metrics (summed by the router across restarts): frames
+        # delivered and their bytes, counted per Deliver action (never per write), and closes
+        # by close code
+        self.frames_delivered = 0
+        self.bytes_sent = 0
+        self.closes: dict[int, int] = {}
         self._reported: dict[str, int] = {}  # the counters at the last summary line
         self._first: dict[str, str] = {}  # each cause's first occurrence since that line
         self._last_report = time.monotonic()
@@ -136,7 +142,7 @@ class Shard:
             self.apply,
             config.heartbeat_timeout,
             lambda: self.stop(None),  # the actor failed: exit, and be restarted
-            counters=lambda: dict(self.counters),
+            counters=self.totals,
             max_channels=config.max_channels_per_connection,
             ack_timeout=config.ack_timeout,
             ack_retries=config.ack_retries,
@@ -210,6 +216,17 @@ class Shard:
 
     # -- from connections --------------------------------------------------------------------
 
+    def totals(self) -> dict[str, int]:
+        """The counters for the shard's status answer: those of :meth:`count`, and the
+        totals (``frames_delivered``, ``bytes_sent``, ``close_<code>``)."""
+        closes = {f"close_{code}": n for code, n in self.closes.items()}
+        return {
+            **self.counters,
+            "frames_delivered": self.frames_delivered,
+            "bytes_sent": self.bytes_sent,
+            **closes,
+        }
+
     def count(self, what: str) -> None:
         self.counters[what] = self.counters.get(what, 0) + 1
 
@@ -253,8 +270,10 @@ class Shard:
         self.paused.pop(conn.conn_id, None)
         if self.conns.pop(conn.conn_id, None) is not None:
             self._active.pop(conn.conn_id, None)
+            code, reason = conn.close_status()
+            self.closes[code] = self.closes.get(code, 0) + 1
             if self.config.emit_events:
-                self._tell(Closed(conn.conn_id, *conn.close_status()))
+                self._tell(Closed(conn.conn_id, code, reason))
             else:
                 self._tell(Closed(conn.conn_id))
 
@@ -278,6 +297,16 @@ class Shard:
 
     def apply(self, actions: list[LoopAction]) -> None:
         conns = self.conns
+        # the metrics: per Deliver action (before they are merged), never per write; a
+        # handful of additions per action, against a write per recipient
+        delivered = sent = 0
+        for action in actions:
+            if type(action) is Deliver:
+                recipients = len(action.conns)
+                delivered += recipients
+                sent += recipients * len(action.frame)
+        self.frames_delivered += delivered
+        self.bytes_sent += sent
         for action in coalesce(actions):
             if isinstance(action, Deliver):  # the hot path: first
                 frame = action.frame
