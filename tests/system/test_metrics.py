@@ -156,3 +156,33 @@ def test_bad_requests_are_refused_and_never_crash(ucc_host):
     assert get(metrics, "/metrics")[0] == 200
     assert get(metrics, "/healthz")[0] == 200
     assert host.status()["shards"][0]["state"] == "up"
+
+
+def test_readyz_and_redis_up_follow_the_redis_link(ucc_host, redis_server):
+    port = free_port()
+    host = ucc_host(args=("--metrics", f"127.0.0.1:{port}", "--redis", redis_server.url))
+    metrics = ("127.0.0.1", port)
+    wait_until(lambda: get(metrics, "/readyz")[0] == 200, 10.0, 0.05, "for /readyz 200")
+    samples = scrape(metrics)
+    assert total(samples, "ucc_redis_up") == 1
+    assert "ucc_redis_published_total" in samples
+    assert "ucc_redis_reconnects_total" in samples
+    with host.client() as client:
+        client.broadcast_to_channel(CHANNEL, {"n": 1})
+    wait_until(
+        lambda: total(scrape(metrics), "ucc_redis_published_total") >= 1,
+        10.0,
+        0.05,
+        "for the publication counted",
+    )
+    redis_server.stop()
+    _status, body = wait_until(
+        lambda: (answer := get(metrics, "/readyz"))[0] == 503 and answer,
+        15.0,
+        0.05,
+        "for /readyz 503",
+    )
+    assert "the Redis link is down" in json.loads(body)["reasons"]
+    assert total(scrape(metrics), "ucc_redis_up") == 0
+    redis_server.start()
+    wait_until(lambda: get(metrics, "/readyz")[0] == 200, 20.0, 0.05, "for /readyz 200 again")
