@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from test_router import answer, command, start, take_queries, take_reply
 
 from actors.router import CommandTimes, RouterCore, is_total
 from shards.metrics import (
@@ -20,7 +21,6 @@ from shards.metrics import (
     readiness,
     split_address,
 )
-from tests.unit.test_router import answer, command, start, take_queries, take_reply
 
 # -- requests --------------------------------------------------------------------------------
 
