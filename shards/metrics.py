@@ -55,6 +55,7 @@ log = logging.getLogger("ucc.metrics")
 MAX_HEAD = 8 * 1024  # bytes of request line and headers at most (beyond: 431)
 MAX_HEADERS = 64  # header lines at most (beyond: 431)
 READ_TIMEOUT = 5.0  # seconds to send the whole head (a slow client is answered 408)
+MAX_CLIENTS = 64  # connections served at once; more are closed at once (slowloris)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # Prometheus' text format
 
 # the acceptor's counters that are the outcome of a handshake (label ``status``)
@@ -298,7 +299,8 @@ class MetricsServer:
         self.source = source
         self.alive = alive
         self.server: asyncio.Server | None = None
-        self.counters = {"requests": 0, "bad_requests": 0, "errors": 0}
+        self.counters = {"requests": 0, "bad_requests": 0, "errors": 0, "refused": 0}
+        self.clients = 0  # connections being served
 
     async def start(self, address: str) -> tuple[str, int]:
         host, port = split_address(address)
@@ -311,6 +313,11 @@ class MetricsServer:
             self.server.close()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.clients >= MAX_CLIENTS:
+            self.counters["refused"] += 1
+            writer.close()
+            return
+        self.clients += 1
         try:
             answer = await self._answer(reader)
             writer.write(answer)
@@ -321,6 +328,7 @@ class MetricsServer:
             self.counters["errors"] += 1
             log.exception("metrics: a request could not be answered")
         finally:
+            self.clients -= 1
             writer.close()
 
     async def _answer(self, reader: asyncio.StreamReader) -> bytes:
