@@ -82,8 +82,6 @@ class ServeConfig:
     events: str | None = None
     # issue 13: HOST:PORT of the HTTP server for /metrics, /healthz, /readyz (None: off)
     metrics: str | None = None
-    # issue 13: HOST:PORT of the HTTP server for /metrics, /healthz, /readyz (None: off)
-    metrics: str | None = None
     log_level: str = "INFO"
 
 
