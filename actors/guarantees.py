@@ -36,7 +36,6 @@ from actors.hostlink import (
     AckCritical,
     AppendChannel,
     FetchCritical,
-    PublishChannel,
     PublishUsers,
     ReadHistory,
     StoreCritical,
@@ -103,27 +102,27 @@ class Guarantees:
         core = self._core
         channel: ChannelId = cmd.args["channel"]
         data = cmd.data_json
-        plain = frames.channel_message(channel, data)
-        core.check_frame(plain)
+        # sized, not encoded: the frame is made once, with its offset (here or from Redis)
+        plain = frames.channel_message_size(channel, len(data))
+        core.check_size(plain)
         shards = core.members(channel)
-        size = shardwire.size(b"", plain) + POSITION_BYTES + 16
+        size = plain + POSITION_BYTES + 16  # + the offset and epoch, + the argument's
         core.refuse_unless_room(dict.fromkeys(shards, size), now)  # nothing appended if refused
+
+        def append(qid: int) -> AppendChannel:
+            return AppendChannel(
+                qid, channel, data, self.history.size, int(self.history.ttl * 1000)
+            )
+
         if self._linked():
             spec = GatherSpec(
-                (),
-                self._appended(channel, data, now),
-                None,
-                {"shards": len(shards)},
-                lambda qid: AppendChannel(
-                    qid, channel, data, self.history.size, int(self.history.ttl * 1000)
-                ),
+                (), self._appended(channel, data, now), None, {"shards": len(shards)}, append
             )
             core.start_gather(envelope, cmd.id, spec, now)
             return
+        # (the link, if any, is down: ``append`` is not run, and the reply says cluster: false)
         extra = self._append_here(channel, data, now)
-        core.finish_broadcast(
-            envelope, cmd, now, len(shards), lambda qid: PublishChannel(qid, channel, plain), extra
-        )
+        core.finish_broadcast(envelope, cmd, now, len(shards), append, extra)
 
     def _append_here(self, channel: ChannelId, data: bytes, now: float) -> dict[str, Any]:
         """Offset from the local store, delivered to this host's members at once."""

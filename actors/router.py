@@ -597,7 +597,11 @@ class RouterCore:
         self.start_gather(envelope, cmd.id, spec, now)
 
     def check_frame(self, frame: bytes) -> None:
-        if len(frame) > self.max_command:
+        self.check_size(len(frame))
+
+    def check_size(self, size: int) -> None:
+        """CommandError ``too_large`` if a frame of ``size`` bytes exceeds the limit."""
+        if size > self.max_command:
             raise CommandError("too_large", "the message exceeds the frame size limit")
 
     # -- services: to shards, with the credit window ---------------------------------------

@@ -67,6 +67,15 @@ def direct_message(data_json: bytes) -> bytes:
     return text_frame(b'{"type":"message","data":%b}' % data_json)
 
 
+def channel_message_size(channel: int, data_size: int, offset: int = 0, epoch: str = "") -> int:
+    """The length of :func:`channel_message`'s frame for data of ``data_size`` bytes, without
+    encoding it (a broadcast's size is checked before the frame exists)."""
+    payload = len(b'{"type":"message","channel":%d,"data":}' % channel) + data_size
+    if offset > 0:
+        payload += len(b',"offset":%d,"epoch":' % offset) + len(dumps(epoch))
+    return payload + (2 if payload < 126 else 4 if payload < 1 << 16 else 10)
+
+
 def critical_message(id: str, data_json: bytes) -> bytes:
     """The frame of a critical message to a user: a direct message with the ``id`` the client
     acknowledges (``{"type":"ack","id":…}``)."""

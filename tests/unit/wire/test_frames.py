@@ -178,3 +178,18 @@ def test_ping():
 
 def test_dumps_is_compact_utf8():
     assert frames.dumps({"a": [1, 2], "t": "é"}) == '{"a":[1,2],"t":"é"}'.encode()
+
+
+@pytest.mark.parametrize(
+    ("channel", "data", "offset", "epoch"),
+    [
+        (1, b"1", 0, ""),
+        (123456789, b'"x"' * 40, 0, ""),  # a 2-byte length
+        (5, b'"y"' * 30000, 0, ""),  # an 8-byte length
+        (7, b"[1]", 42, "0a1b2c3d4e5f"),
+        (7, b'"z"' * 100, 2**63 - 1, "e" * 64),
+    ],
+)
+def test_a_channel_frames_size_is_known_without_encoding_it(channel, data, offset, epoch):
+    size = frames.channel_message_size(channel, len(data), offset, epoch)
+    assert size == len(frames.channel_message(channel, data, offset, epoch))
