@@ -473,6 +473,27 @@ _LIVE_OTHERS = """
 local live = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[3], '+inf')
 local others = {}
 for _, h in ipairs(live) do if h ~= ARGV[2] then others[#others + 1] = h end end
+-- publish ARGV[4] to the inbox of each other live host that has any of the users
+-- ARGV[first..last] (the host's user set, from its presence); returns the hosts told
+local function to_hosts_with(first, last)
+  local told = {}
+  for _, h in ipairs(others) do
+    local key = ARGV[1] .. ':h:' .. h .. ':users'
+    for i = first, last do
+      if redis.call('SISMEMBER', key, ARGV[i]) == 1 then
+        redis.call('PUBLISH', ARGV[1] .. ':h:' .. h, ARGV[4])
+        told[#told + 1] = h
+        break
+      end
+    end
+  end
+  return told
+end
+-- publish ARGV[4] to the inbox of every other live host; returns how many
+local function to_all_hosts()
+  for _, h in ipairs(others) do redis.call('PUBLISH', ARGV[1] .. ':h:' .. h, ARGV[4]) end
+  return #others
+end
 """
 
 # ARGV[4]: the sealed message (naming all the users); ARGV[5..]: user ids. Publishes it to each
@@ -482,18 +503,7 @@ for _, h in ipairs(live) do if h ~= ARGV[2] then others[#others + 1] = h end end
 PUBLISH_USERS = (
     _LIVE_OTHERS
     + """
-local sent = 0
-for _, h in ipairs(others) do
-  local key = ARGV[1] .. ':h:' .. h .. ':users'
-  for i = 5, #ARGV do
-    if redis.call('SISMEMBER', key, ARGV[i]) == 1 then
-      redis.call('PUBLISH', ARGV[1] .. ':h:' .. h, ARGV[4])
-      sent = sent + 1
-      break
-    end
-  end
-end
-return sent
+return #to_hosts_with(5, #ARGV)
 """
 )
 
@@ -501,8 +511,7 @@ return sent
 PUBLISH_HOSTS = (
     _LIVE_OTHERS
     + """
-for _, h in ipairs(others) do redis.call('PUBLISH', ARGV[1] .. ':h:' .. h, ARGV[4]) end
-return #others
+return to_all_hosts()
 """
 )
 
@@ -513,14 +522,7 @@ return #others
 WHO = (
     _LIVE_OTHERS
     + """
-local told = {}
-for _, h in ipairs(others) do
-  if redis.call('SISMEMBER', ARGV[1] .. ':h:' .. h .. ':users', ARGV[5]) == 1 then
-    redis.call('PUBLISH', ARGV[1] .. ':h:' .. h, ARGV[4])
-    told[#told + 1] = h
-  end
-end
-return told
+return to_hosts_with(5, 5)
 """
 )
 
@@ -534,8 +536,7 @@ if ARGV[6] == '1' then
 else
   redis.call('SREM', ARGV[1] .. ':marks', ARGV[5])
 end
-for _, h in ipairs(others) do redis.call('PUBLISH', ARGV[1] .. ':h:' .. h, ARGV[4]) end
-return #others
+return to_all_hosts()
 """
 )
 
@@ -695,18 +696,7 @@ for i = 9, #ARGV do
     if redis.call('PTTL', key) < ttl then redis.call('PEXPIRE', key, ttl) end
   end
 end
-local sent = 0
-for _, h in ipairs(others) do
-  local key = ARGV[1] .. ':h:' .. h .. ':users'
-  for i = 9, #ARGV do
-    if redis.call('SISMEMBER', key, ARGV[i]) == 1 then
-      redis.call('PUBLISH', ARGV[1] .. ':h:' .. h, ARGV[4])
-      sent = sent + 1
-      break
-    end
-  end
-end
-return {'value', sent}
+return {'value', #to_hosts_with(9, #ARGV)}
 """
 )
 
@@ -736,14 +726,7 @@ local ids, data, expiries = critical_keys(ARGV[5])
 redis.call('HDEL', data, ARGV[6])
 redis.call('ZREM', expiries, ARGV[6])
 if redis.call('LREM', ids, 0, ARGV[6]) == 0 then return -1 end
-local sent = 0
-for _, h in ipairs(others) do
-  if redis.call('SISMEMBER', ARGV[1] .. ':h:' .. h .. ':users', ARGV[5]) == 1 then
-    redis.call('PUBLISH', ARGV[1] .. ':h:' .. h, ARGV[4])
-    sent = sent + 1
-  end
-end
-return sent
+return #to_hosts_with(5, 5)
 """
 )
 
