@@ -105,6 +105,27 @@ ERRORS = (
     ClusterError,  # CLUSTERDOWN, MASTERDOWN
     RedisClusterException,  # no reachable node, slot not covered
 )
+# the link's counters (``stats``), all from 0
+COUNTERS = (
+    "published",
+    "received",
+    "malformed",
+    "forged",
+    "replayed",
+    "reconnects",
+    "history_appended",
+    "history_read",
+    "critical_stored",
+    "critical_refused",
+    "acks",
+    "oversized",
+    "marks_set",
+    "who_asked",
+    "who_answers",
+    "who_replied",
+    "who_answers_dropped",
+    "who_partial",
+)
 CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 Client = redis.Redis | RedisCluster
 
@@ -204,26 +225,7 @@ class RedisLink:
         self.up = False
         self.last_probe_seen = time.monotonic()
         # written by both threads: only through _count; read by others only through stats()
-        self._counters = {
-            "published": 0,
-            "received": 0,
-            "malformed": 0,
-            "forged": 0,
-            "replayed": 0,
-            "reconnects": 0,
-            "history_appended": 0,
-            "history_read": 0,
-            "critical_stored": 0,
-            "critical_refused": 0,
-            "acks": 0,
-            "oversized": 0,
-            "marks_set": 0,
-            "who_asked": 0,
-            "who_answers": 0,
-            "who_replied": 0,
-            "who_answers_dropped": 0,
-            "who_partial": 0,
-        }
+        self._counters = dict.fromkeys(COUNTERS, 0)
         self._counters_lock = threading.Lock()
         # the UserConnections in flight, by qid: written by both threads, under their lock
         self.ask_timeout = ask_timeout

@@ -28,7 +28,7 @@ from actors.hostlink import (
 )
 from actors.ids import ChannelId
 from actors.wire import cluster, frames
-from shards.redislink import BACKOFF, Ask, Backoff, Probe, RedisLink
+from shards.redislink import BACKOFF, COUNTERS, Ask, Backoff, Probe, RedisLink
 
 KEY = cluster.ClusterKey(b"unit cluster key")
 NOW_MS = 1_000_000
@@ -205,26 +205,27 @@ def test_malformed_messages_are_counted_and_the_router_gets_a_copy_of_the_counte
     no_target = cluster.encode(untargeted, KEY)
     assert link._decode(pubsub_message("not-a-topic", no_target)) is None
     stats = link.stats()
-    assert stats == {
-        "published": 0,
-        "received": 2,
-        "malformed": 2,
-        "forged": 0,
-        "replayed": 0,
-        "reconnects": 0,
-        "history_appended": 0,
-        "history_read": 0,
-        "critical_stored": 0,
-        "critical_refused": 0,
-        "acks": 0,
-        "oversized": 0,
-        "marks_set": 0,
-        "who_asked": 0,
-        "who_answers": 0,
-        "who_replied": 0,
-        "who_answers_dropped": 0,
-        "who_partial": 0,
-    }
+    assert stats == {**dict.fromkeys(COUNTERS, 0), "received": 2, "malformed": 2}
+    assert COUNTERS == (
+        "published",
+        "received",
+        "malformed",
+        "forged",
+        "replayed",
+        "reconnects",
+        "history_appended",
+        "history_read",
+        "critical_stored",
+        "critical_refused",
+        "acks",
+        "oversized",
+        "marks_set",
+        "who_asked",
+        "who_answers",
+        "who_replied",
+        "who_answers_dropped",
+        "who_partial",
+    )
     stats["received"] = 100  # a copy: the link's own counters are untouched
     assert link.stats()["received"] == 2
 
