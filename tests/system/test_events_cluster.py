@@ -6,19 +6,10 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
-
 from shards.testing import Host, connect_peer, wait_until_async
 
 SECRET = "s" * 64
 CHANNEL = 9
-
-
-@pytest.fixture(params=["redis", "cluster"])
-def redis_url(request) -> str:
-    if request.param == "redis":
-        return str(request.getfixturevalue("redis_server").url)
-    return str(request.getfixturevalue("redis_cluster_server").url)
 
 
 def two_hosts(ucc_host, url: str) -> tuple[Host, Host]:

@@ -6,21 +6,11 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
-
 from shards.testing import Host, connect_peer, wait_until_async
 from shards.testing.peer import reconnect_peer
 
 SECRET = "s" * 64
 CHANNEL = 5
-
-
-@pytest.fixture(params=["redis", "cluster"])
-def redis_url(request) -> str:
-    """A single Redis, or a 3-primary Redis Cluster."""
-    if request.param == "redis":
-        return str(request.getfixturevalue("redis_server").url)
-    return str(request.getfixturevalue("redis_cluster_server").url)
 
 
 def two_hosts(ucc_host, url: str) -> tuple[Host, Host]:

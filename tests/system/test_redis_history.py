@@ -48,17 +48,6 @@ _qids = itertools.count(1)
 Server = RedisServer | RedisClusterServer
 
 
-@pytest.fixture(scope="module", params=["single", "cluster"])
-def server(request: pytest.FixtureRequest) -> Iterator[Server]:
-    """A single Redis, then a 3-node Redis Cluster, shared by the module's tests (each test uses
-    its own cluster name, so its keys and topics are its own)."""
-    started: Server = RedisServer() if request.param == "single" else RedisClusterServer()
-    try:
-        yield started
-    finally:
-        started.close()
-
-
 def raw_client(server: Server) -> redis.Redis | RedisCluster:
     """A plain client of the server, to look at (or tamper with) what the links keep."""
     seed = cluster_seed(server.url)
