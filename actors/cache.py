@@ -21,6 +21,7 @@ channel (join) or its last (leave).
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -278,6 +279,12 @@ class UserConnectionCache:
 
     def online_users_in_channel(self, channel: ChannelId) -> list[UserId]:
         return sorted(self._channels.get(channel, ()))
+
+    def largest_channels(self, count: int) -> list[list[int]]:
+        """The ``count`` channels with the most users here, largest first:
+        ``[[channel, users], ...]`` (O(channels), for the admin page's once-a-second look)."""
+        largest = heapq.nlargest(count, self._channels.items(), key=lambda item: len(item[1]))
+        return [[channel, len(members)] for channel, members in largest]
 
     def snapshot(self) -> dict[str, Any]:
         """Who is online here, and in which channels (JSON-ready, for cluster presence)."""

@@ -677,7 +677,16 @@ class CacheActor(LoopActor):
             return {"connections": self._records(sorted(cache.connections_of(UserId(query.user))))}
         extra = self.counters() if self.counters is not None else {}
         critical = {f"critical_{k}": v for k, v in self.tracker.stats().items()}
-        return {"pid": os.getpid(), **cache.stats(), **self.limits, **critical, **extra}
+        answer: dict[str, Any] = {
+            "pid": os.getpid(),
+            **cache.stats(),
+            **self.limits,
+            **critical,
+            **extra,
+        }
+        if isinstance(query, shardwire.QueryStatus) and query.top:
+            answer["largest"] = cache.largest_channels(query.top)
+        return answer
 
     def _send_delta(self) -> None:
         if self._delta:

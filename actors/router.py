@@ -25,7 +25,9 @@ from __future__ import annotations
 import bisect
 import json
 import logging
-from collections.abc import Callable, Collection, Mapping
+import time
+from collections import deque
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -67,6 +69,7 @@ DEFAULT_WINDOW = WindowLimits()
 
 # ucc_command_seconds' buckets (seconds): a reply within half a millisecond up to a gather that
 # waited for its deadline (--gather-timeout, 1 s by default) and more
+RESTART_LOG = 10  # restarts remembered for the admin page
 COMMAND_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
@@ -130,6 +133,7 @@ class ShardSlot:
     channels: set[ChannelId] = field(default_factory=set)
     window: CreditWindow = field(default_factory=CreditWindow)  # this incarnation's
     reported: dict[str, int] = field(default_factory=dict)  # its last totals (``is_total``)
+    cause: str = ""  # how its last incarnation ended (``shard_down``'s cause)
 
     @property
     def identity(self) -> bytes:
@@ -168,6 +172,18 @@ class UserBanned:
 
 
 RouterEvent = ShardEvent | ShardHung | UserBanned
+
+
+def largest_channels(answers: Iterable[Mapping[str, Any]], top: int) -> list[list[int]]:
+    """The host's ``top`` largest channels, ``[[channel, users], ...]`` largest first, from
+    the shards' own (a user lives on one shard, so a channel's users on the host are the sum
+    of its users on each shard; a channel outside every shard's own top is not counted)."""
+    users: dict[int, int] = {}
+    for answer in answers:
+        for channel, count in answer.get("largest", ()):
+            users[channel] = users.get(channel, 0) + count
+    ranked = sorted(users.items(), key=lambda item: (-item[1], item[0]))[:top]
+    return [[channel, count] for channel, count in ranked]
 
 
 def _banned(seconds: float) -> Combiner:
@@ -225,6 +241,11 @@ class RouterCore:
         # the totals of the shards' dead incarnations (their last reported), for the metrics
         self.retired: dict[str, int] = {}
         self.restarts = 0  # shard incarnations started after the first
+        # the last restarts, oldest first: {"shard", "epoch", "pid", "at" (Unix time), "cause"}
+        self.restart_log: deque[dict[str, Any]] = deque(maxlen=RESTART_LOG)
+        # where the host listens and since when ("websocket", "metrics", "started_at"), set by
+        # the supervisor once known: in the status reply, with "uptime"
+        self.host_info: dict[str, Any] = {"started_at": time.time()}
         self.command_times = CommandTimes()
         self._timed: str | None = None  # the command being handled, until its reply is queued
         # counters kept elsewhere (the command endpoint's CURVE: "curve"), by key, in statistics
@@ -308,6 +329,10 @@ class RouterCore:
             slot.epoch, slot.pid, slot.state = epoch, pid, ShardState.STARTING
             if epoch > 1:
                 self.restarts += 1
+                self.restart_log.append(
+                    {"shard": index, "epoch": epoch, "pid": pid, "at": time.time()}
+                    | {"cause": slot.cause or "unknown"}
+                )
 
     def shard_down(self, index: int, epoch: int, now: float, cause: str = "exited") -> None:
         """Incarnation ``epoch`` of shard ``index`` died or was killed (``cause``: how, for the
@@ -316,6 +341,7 @@ class RouterCore:
         if slot.epoch == epoch and slot.state is not ShardState.DOWN:
             self._drop(slot)
             slot.state = ShardState.DOWN
+            slot.cause = cause
             self.observers.events.shard_died(slot.index, epoch, cause)
             self.observers.shard_died(slot.index, now)
 
@@ -759,18 +785,25 @@ class RouterCore:
             if answer is None and slot.state is ShardState.UP:
                 row["state"] = "unresponsive"
             row.update(answer or {"connections": 0, "users": 0, "channels": 0})
+            row.pop("largest", None)
             rows.append(row)
-        return {"shards": rows, "channels_indexed": len(self.index)}
+        info = dict(self.host_info)
+        info["uptime"] = round(time.time() - info["started_at"], 3)
+        return {**info, "shards": rows, "channels_indexed": len(self.index)}
 
-    def metrics(self, now: float, done: Callable[[dict[str, Any]], None]) -> None:
+    def metrics(self, now: float, done: Callable[[dict[str, Any]], None], top: int = 0) -> None:
         """Ask every shard for its status and hand the host's numbers to ``done`` (called
-        once: when all have answered, at the deadline, or at once beyond ``max_queries``)."""
-        query = shardwire.QueryStatus()
-        spec = GatherSpec(self._all(), lambda g: self._metrics(g, done), lambda _index: query)
+        once: when all have answered, at the deadline, or at once beyond ``max_queries``).
+        With ``top``, the host's ``top`` largest channels too, and the last restarts (for the
+        admin page)."""
+        query = shardwire.QueryStatus(top)
+        spec = GatherSpec(self._all(), lambda g: self._metrics(g, done, top), lambda _i: query)
         if self.start_internal(spec, now) is None:
-            self._metrics(Gather(None, INTERNAL, spec.combine, now, set()), done)
+            self._metrics(Gather(None, INTERNAL, spec.combine, now, set()), done, top)
 
-    def _metrics(self, gather: Gather, done: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    def _metrics(
+        self, gather: Gather, done: Callable[[dict[str, Any]], None], top: int = 0
+    ) -> dict[str, Any]:
         totals = dict(self.retired)
         for slot in self.slots:  # answered or not: a silent shard's totals do not go back
             for key, value in slot.reported.items():
@@ -778,14 +811,19 @@ class RouterCore:
         redis = None
         if self.hosts is not None:
             redis = {"up": self.hosts.up, **self.hosts.statistics().get("redis", {})}
+        status = self._status_rows(gather)
         result = {
-            "shards": self._status_rows(gather)["shards"],
+            **{key: status[key] for key in self.host_info.keys() | {"uptime"}},
+            "shards": status["shards"],
             "channels": len(self.index),
             "totals": totals,
             "restarts": self.restarts,
             "commands": self.command_times.statistics(),
             "redis": redis,
         }
+        if top:
+            result["largest"] = largest_channels(gather.answers.values(), top)
+            result["restart_log"] = list(self.restart_log)
         done(result)
         return result
 

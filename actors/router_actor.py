@@ -66,9 +66,11 @@ class HostEvents:
 class MetricsWanted:
     """From the metrics server (any thread): the host's numbers (:meth:`RouterCore.metrics`)
     are wanted; ``reply`` is called with them on the router's thread, once (within
-    ``--gather-timeout``). It must not block: e.g. set a ``concurrent.futures.Future``."""
+    ``--gather-timeout``). It must not block: e.g. set a ``concurrent.futures.Future``.
+    ``top``: the host's largest channels and last restarts too (the admin page's)."""
 
     reply: Callable[[dict[str, Any]], None]
+    top: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,7 +266,7 @@ class RouterActor(SocketActor):
         elif isinstance(message, ShardDown):
             self.core.shard_down(message.index, message.epoch, now, message.cause)
         elif isinstance(message, MetricsWanted):
-            self.core.metrics(now, message.reply)
+            self.core.metrics(now, message.reply, message.top)
         elif isinstance(message, HostEvents):
             for kind, fields in message.events:
                 self.core.observers.events.emit(kind, fields)

@@ -52,7 +52,13 @@ from shards.cliargs import (
     serve_defaults,
 )
 from shards.client import Calls, Client, UccError
-from shards.config import ServeConfig, check_redis_url, check_secret, resolve_secret
+from shards.config import (
+    ServeConfig,
+    check_admin_token,
+    check_redis_url,
+    check_secret,
+    resolve_secret,
+)
 from shards.curve import check_command_security, is_local_endpoint, write_keypair
 from shards.events import EventFollower, GapCounter, default_events
 
@@ -237,7 +243,16 @@ def _add_serve(subparsers: Subparsers) -> None:
             "UCC_EVENTS",
             "ZeroMQ PUB endpoint of the event stream, e.g. tcp://127.0.0.1:5556",
         ),
-        ("--metrics", "UCC_METRICS", "HOST:PORT serving /metrics, /healthz and /readyz"),
+        (
+            "--metrics",
+            "UCC_METRICS",
+            "HOST:PORT serving /metrics, /healthz, /readyz, /admin and /ucc.js",
+        ),
+        (
+            "--admin-token",
+            "UCC_ADMIN_TOKEN",
+            "token /admin asks for (Bearer or ?token=); without it, loopback clients only",
+        ),
     ):
         parser.add_argument(
             flag,
@@ -281,6 +296,8 @@ def _run_serve(args: argparse.Namespace) -> int:
             check_secret(args.cluster_secret, "--cluster-secret / UCC_CLUSTER_SECRET")
         if args.redis is not None:
             check_redis_url(args.redis)
+        if args.admin_token is not None:
+            check_admin_token(args.admin_token)
     except ValueError as exc:
         _error(str(exc))
         return 2

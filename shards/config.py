@@ -82,6 +82,8 @@ class ServeConfig:
     events: str | None = None
     # issue 13: HOST:PORT of the HTTP server for /metrics, /healthz, /readyz (None: off)
     metrics: str | None = None
+    # the token the metrics port's /admin asks for (None: loopback clients only, no token)
+    admin_token: str | None = None
     log_level: str = "INFO"
 
 
@@ -142,6 +144,25 @@ def resolve_secret(flag: str | None, create: bool) -> tuple[str, Path | None]:
     if create:
         return load_or_create_secret(path), path
     return path.read_text().strip(), path
+
+
+MIN_ADMIN_TOKEN = 16  # characters: a guessable admin token is worse than none
+
+
+def check_admin_token(token: str) -> str:
+    """``token`` if it can guard the admin page; ValueError with a one-line reason if not
+    (too short, or characters that do not survive a header or a URL's query unescaped)."""
+    if len(token) < MIN_ADMIN_TOKEN:
+        raise ValueError(
+            f"--admin-token / UCC_ADMIN_TOKEN: at least {MIN_ADMIN_TOKEN} characters"
+            f" (got {len(token)}); e.g. `python3 -c 'import secrets; print(secrets.token_hex(16))'`"
+        )
+    if not all(c.isascii() and (c.isalnum() or c in "-._~") for c in token):
+        raise ValueError(
+            "--admin-token / UCC_ADMIN_TOKEN: only letters, digits and - . _ ~"
+            " (it travels in a header or a URL unescaped)"
+        )
+    return token
 
 
 def check_redis_url(url: str) -> str:

@@ -1,6 +1,6 @@
 """The metrics port (``ucc serve --metrics HOST:PORT``): ``GET /metrics`` (Prometheus text
 format), ``GET /healthz`` and ``GET /readyz``, over a tiny HTTP/1.1 server on the supervisor's
-loop.
+loop (and the admin page and ``/ucc.js``, answered by :mod:`shards.admin`).
 
 Owns: the listening socket of the metrics port, the parsing of its requests (:func:`parse_request`:
 a request line and headers, bounded in size and time; GET only; ``Connection: close`` always),
@@ -39,7 +39,7 @@ import json
 import logging
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -49,6 +49,9 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from shards.admin import AdminRoutes
 
 log = logging.getLogger("ucc.metrics")
 
@@ -93,6 +96,7 @@ class Request:
     method: str
     path: str  # without its query string
     headers: Mapping[str, str]  # lower-case names
+    query: str = ""  # after the ``?``, undecoded
 
 
 def parse_request(head: bytes) -> Request:
@@ -127,7 +131,8 @@ def parse_request(head: bytes) -> Request:
         headers[name.lower()] = value.strip()
     if method != "GET":
         raise BadRequest(405, "only GET is answered here")
-    return Request(method, target.split("?", 1)[0], headers)
+    path, _, query = target.partition("?")
+    return Request(method, path, headers, query)
 
 
 # -- the numbers -----------------------------------------------------------------------------
@@ -264,10 +269,14 @@ def exposition(snapshot: Mapping[str, Any]) -> bytes:
 
 # the host's numbers, or None if the router did not answer in time
 Source = Callable[[], Awaitable[Mapping[str, Any] | None]]
+# a streamed answer (the admin page's events): writes its whole response, then returns
+Stream = Callable[[asyncio.StreamWriter], Awaitable[None]]
 
 _REASONS = {
     200: "OK",
     400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
     408: "Request Timeout",
@@ -278,7 +287,11 @@ _REASONS = {
 
 
 def response(
-    status: int, body: bytes, content_type: str = "text/plain; charset=utf-8", allow: bool = False
+    status: int,
+    body: bytes,
+    content_type: str = "text/plain; charset=utf-8",
+    allow: bool = False,
+    headers: Mapping[str, str] | None = None,
 ) -> bytes:
     head = [
         f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}",
@@ -289,15 +302,22 @@ def response(
     ]
     if allow:
         head.append("Allow: GET")
+    head.extend(f"{name}: {value}" for name, value in (headers or {}).items())
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body
 
 
 class MetricsServer:
     """Answers the metrics port's requests, one per connection."""
 
-    def __init__(self, source: Source, alive: Callable[[], bool] = lambda: True) -> None:
+    def __init__(
+        self,
+        source: Source,
+        alive: Callable[[], bool] = lambda: True,
+        admin: AdminRoutes | None = None,
+    ) -> None:
         self.source = source
         self.alive = alive
+        self.admin = admin
         self.server: asyncio.Server | None = None
         self.counters = {"requests": 0, "bad_requests": 0, "errors": 0, "refused": 0}
         self.clients = 0  # connections being served
@@ -311,6 +331,8 @@ class MetricsServer:
     def close(self) -> None:
         if self.server is not None:
             self.server.close()
+        if self.admin is not None:
+            self.admin.close()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.clients >= MAX_CLIENTS:
@@ -319,9 +341,13 @@ class MetricsServer:
             return
         self.clients += 1
         try:
-            answer = await self._answer(reader)
-            writer.write(answer)
-            await asyncio.wait_for(writer.drain(), READ_TIMEOUT)
+            peer = writer.get_extra_info("peername")
+            answer = await self._answer(reader, peer[0] if peer else None)
+            if isinstance(answer, bytes):
+                writer.write(answer)
+                await asyncio.wait_for(writer.drain(), READ_TIMEOUT)
+            else:
+                await answer(writer)
         except (OSError, TimeoutError):
             pass  # the client went away or does not read: nothing to answer
         except Exception:  # a bug: this request's, never the server's
@@ -331,7 +357,7 @@ class MetricsServer:
             self.clients -= 1
             writer.close()
 
-    async def _answer(self, reader: asyncio.StreamReader) -> bytes:
+    async def _answer(self, reader: asyncio.StreamReader, peer: str | None) -> bytes | Stream:
         self.counters["requests"] += 1
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT)
@@ -348,9 +374,9 @@ class MetricsServer:
         except BadRequest as exc:
             self.counters["bad_requests"] += 1
             return response(exc.status, f"{exc.reason}\n".encode(), allow=exc.status == 405)
-        return await self.route(request)
+        return await self.route(request, peer)
 
-    async def route(self, request: Request) -> bytes:
+    async def route(self, request: Request, peer: str | None = None) -> bytes | Stream:
         if request.path == "/healthz":
             return response(200 if self.alive() else 503, b"ok\n")
         if request.path == "/metrics":
@@ -364,7 +390,9 @@ class MetricsServer:
             body = {"ready": False, "reasons": reasons} if reasons else {"ready": True}
             data = (json.dumps(body) + "\n").encode()
             return response(503 if reasons else 200, data, "application/json")
-        return response(404, b"not found: /metrics, /healthz, /readyz\n")
+        if self.admin is not None and request.path in self.admin.PATHS:
+            return self.admin.route(request, peer)
+        return response(404, b"not found: /metrics, /healthz, /readyz, /admin, /ucc.js\n")
 
 
 def split_address(address: str) -> tuple[str, int]:

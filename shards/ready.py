@@ -22,9 +22,13 @@ class NotReady(RuntimeError):
     """The child exited, or did not print its first line in time."""
 
 
+def url_host(host: str) -> str:
+    """``host`` as it goes in a URL (an IPv6 address in brackets)."""
+    return f"[{host}]" if ":" in host else host
+
+
 def format_line(host: str, port: int, command: str, shards: int) -> str:
-    shown = f"[{host}]" if ":" in host else host
-    return f"ucc ready ws://{shown}:{port} command={command} shards={shards}"
+    return f"ucc ready ws://{url_host(host)}:{port} command={command} shards={shards}"
 
 
 def serve_argv(shards: int, *args: str) -> list[str]:

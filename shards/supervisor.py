@@ -50,6 +50,7 @@ from actors.wire.cluster import ClusterKey
 from actors.wire.tokens import Claims
 from shards import limits, ready
 from shards.acceptor import Acceptor
+from shards.admin import TOP_CHANNELS, AdminRoutes
 from shards.config import ServeConfig
 from shards.curve import command_auth
 from shards.handoff import (
@@ -153,6 +154,10 @@ class Supervisor:
         # the acceptor's counters in router_stats (read on the router's thread: a copy of a dict
         # of ints, which the GIL keeps whole; empty until the acceptor exists)
         core.extra_stats["acceptor"] = self._acceptor_counters
+        # where the host listens, in the status reply (the metrics port's is added by _run)
+        host, port = self.listener.getsockname()[:2]
+        core.host_info["websocket"] = f"ws://{ready.url_host(host)}:{port}"
+        self.host_info = core.host_info
         try:
             self.router = RouterActor.start(
                 core,
@@ -204,11 +209,12 @@ class Supervisor:
         if events:
             self._tell_router(HostEvents(events))
 
-    async def metrics_snapshot(self) -> dict[str, Any] | None:
+    async def metrics_snapshot(self, top: int = 0) -> dict[str, Any] | None:
         """The host's numbers for the metrics port: the router's (it asks every shard; None
-        if it did not answer in time), the acceptor's counters, and whether we accept."""
+        if it did not answer in time), the acceptor's counters, and whether we accept. With
+        ``top``: the largest channels and the last restarts too (the admin page)."""
         snapshot = await ask_with_timeout(
-            lambda reply: self._tell_router(MetricsWanted(reply)),
+            lambda reply: self._tell_router(MetricsWanted(reply, top)),
             self.config.gather_timeout + 1.0,
         )
         if snapshot is not None:
@@ -513,7 +519,12 @@ async def _run(config: ServeConfig) -> int:
     metrics: MetricsServer | None = None
     try:
         if config.metrics:  # before the shards: a taken port fails the start (exit 2)
-            metrics = MetricsServer(supervisor.metrics_snapshot, lambda: not supervisor.stopping)
+            admin = AdminRoutes(
+                lambda: supervisor.metrics_snapshot(top=TOP_CHANNELS), config.admin_token
+            )
+            metrics = MetricsServer(
+                supervisor.metrics_snapshot, lambda: not supervisor.stopping, admin
+            )
             try:
                 host, port = await metrics.start(config.metrics)
             except ValueError as exc:
@@ -521,6 +532,8 @@ async def _run(config: ServeConfig) -> int:
             except OSError as exc:
                 raise OSError(f"metrics address {config.metrics}: {exc}") from None
             log.info("metrics on http://%s:%d/metrics", host, port)
+            # one key added to a dict the router's thread copies: atomic under the GIL
+            supervisor.host_info["metrics"] = f"http://{ready.url_host(host)}:{port}"
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, supervisor.shutdown)
         # SIGHUP: re-read the admitted CURVE client keys (--command-clients)

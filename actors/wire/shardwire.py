@@ -241,9 +241,15 @@ class QuerySnapshot:
     """The shard's presence, for the other hosts: ``{"users": [...], "channels": {...}}``."""
 
 
+MAX_TOP = 100  # largest channels a status query may ask for
+
+
 @dataclass(frozen=True, slots=True)
 class QueryStatus:
-    """The shard's pid, sizes and counters."""
+    """The shard's pid, sizes and counters; with ``top`` > 0, its ``top`` largest channels
+    too (``"largest": [[channel, users], ...]``, for the admin page)."""
+
+    top: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,7 +297,7 @@ def encode_query(body: Query) -> dict[str, Any]:
     if isinstance(body, QuerySnapshot):
         return {"op": "snapshot"}
     if isinstance(body, QueryStatus):
-        return {"op": "status"}
+        return {"op": "status", "top": body.top} if body.top else {"op": "status"}
     if isinstance(body, QueryConnections):
         return {"op": "connections"}
     if isinstance(body, QueryUserConnections):
@@ -324,7 +330,7 @@ def decode_query(payload: bytes) -> Query:
     if op == "snapshot":
         return QuerySnapshot()
     if op == "status":
-        return QueryStatus()
+        return QueryStatus(min(max(int(body.get("top", 0)), 0), MAX_TOP))
     if op == "connections":
         return QueryConnections()
     if op == "user_connections":

@@ -25,9 +25,9 @@ from shards.metrics import (
 # -- requests --------------------------------------------------------------------------------
 
 
-def test_a_get_is_parsed_without_its_query_string():
+def test_a_get_is_parsed_with_its_path_and_query_string_apart():
     request = parse_request(b"GET /metrics?x=1 HTTP/1.1\r\nHost: a\r\nAccept:  */*\r\n\r\n")
-    assert request == Request("GET", "/metrics", {"host": "a", "accept": "*/*"})
+    assert request == Request("GET", "/metrics", {"host": "a", "accept": "*/*"}, "x=1")
 
 
 @pytest.mark.parametrize(
