@@ -145,7 +145,10 @@ export class UccClient {
     return this;
   }
 
-  /** @param {string} event @param {*} arg */
+  /**
+   * @param {string} event
+   * @param {*} arg
+   */
   _emit(event, arg) {
     for (const cb of [...(this._handlers.get(event) ?? [])]) {
       try {
@@ -479,7 +482,11 @@ export class UccClient {
   }
 }
 
-/** @param {string | (() => string | Promise<string>)} value @returns {Promise<string>} */
+/**
+ * A value, or what a function (sync or async) returns.
+ * @param {string | (() => string | Promise<string>)} value
+ * @returns {Promise<string>}
+ */
 async function resolve(value) {
   return typeof value === "function" ? await value() : value;
 }

@@ -133,6 +133,20 @@ def test_subscribe_and_unsubscribe(new_page, site):
         assert page.evaluate("client.state") == "open"
 
 
+def test_join_and_leave_frames_and_close(new_page, site):
+    with Host(shards=2) as host:
+        host.client().set_channel(CHANNEL, join_leave=True)
+        alice = start(new_page, site, "join-alice", host.url, [host.token(21, [CHANNEL])])
+        bob = start(new_page, site, "join-bob", host.url, [host.token(22, [CHANNEL])])
+        wait_js(alice, "events.some((e) => e.event === 'join' && e.arg.user === 22)")
+        assert {"type": "join", "channel": CHANNEL, "user": 22} in events(alice, "join")
+        bob.evaluate("client.close()")
+        assert bob.evaluate("[client.state, count('reconnecting')]") == ["stopped", 0]
+        assert [s["code"] for s in events(bob, "stopped")] == [1000]
+        wait_js(alice, "count('leave') === 1")
+        assert events(alice, "leave") == [{"type": "leave", "channel": CHANNEL, "user": 22}]
+
+
 def test_pings_keep_the_connection_open_and_a_silent_link_is_replaced(new_page, site):
     with Host(shards=1) as host:
         page = start(new_page, site, "ping", host.url, [host.token(7, [CHANNEL])], pingInterval=150)
