@@ -29,6 +29,7 @@ import contextlib
 import hashlib
 import json
 import os
+import socket
 import sys
 import threading
 import time
@@ -319,6 +320,12 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(content)
 
 
+class Server6(ThreadingHTTPServer):
+    """The same on an IPv6 address (``--host ::1``)."""
+
+    address_family = socket.AF_INET6
+
+
 def make_handler(chat: Chat) -> type[Handler]:
     return type("ChatHandler", (Handler,), {"chat": chat})
 
@@ -378,14 +385,15 @@ def main(argv: list[str] | None = None) -> int:
         client.close()
         return 1
     try:
-        server = ThreadingHTTPServer((args.host, args.port), make_handler(chat))
+        server_class = Server6 if ":" in args.host else ThreadingHTTPServer
+        server = server_class((args.host, args.port), make_handler(chat))
     except OSError as exc:
         print(f"ucc-chat: error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         client.close()
         return 1
     server.daemon_threads = True
-    host, port = server.server_address[:2]
-    shown = f"[{host}]" if ":" in str(host) else host
+    host, port = str(args.host), int(server.server_address[1])
+    shown = f"[{host}]" if ":" in host else host
     print(f"chat on http://{shown}:{port}/", flush=True)
     try:
         server.serve_forever()
