@@ -16,6 +16,7 @@ let memberRefetch = false;
 const seen = new Set(); // "epoch:offset" of the messages shown (or "id:..." without history)
 let historyLoaded = false;
 let postQueue = Promise.resolve();
+const MAX_SHOWN = 1000; // messages kept on the page (the oldest go first)
 
 // --- the backend --------------------------------------------------------------------------
 
@@ -149,16 +150,22 @@ function addMessage(data, epoch, offset, id) {
   }
   const stick = nearBottom();
   const item = messageItem(data, epoch, offset);
+  if (key !== null) item.dataset.key = key;
+  // from the end: a live message goes last, a replayed or reloaded one a little before
   let before = null;
   if (offset !== undefined) {
-    for (const other of messagesList.querySelectorAll(`li.msg[data-epoch="${CSS.escape(epoch)}"]`)) {
-      if (Number(other.dataset.offset) > offset) {
-        before = other;
-        break;
-      }
+    for (let other = messagesList.lastElementChild; other; other = other.previousElementSibling) {
+      if (other.dataset.epoch !== epoch) continue;
+      if (Number(other.dataset.offset) < offset) break;
+      before = other;
     }
   }
   messagesList.insertBefore(item, before);
+  while (messagesList.childElementCount > MAX_SHOWN) {
+    const oldest = messagesList.firstElementChild;
+    seen.delete(oldest.dataset.key);
+    oldest.remove();
+  }
   if (stick) messagesList.scrollTop = messagesList.scrollHeight;
 }
 

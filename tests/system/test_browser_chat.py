@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -154,3 +155,49 @@ def test_reconnect_after_shard_kill_misses_nothing(
     # recovered by the resume, not reloaded from the backend's history
     expect(alice.locator("#messages li.note")).to_have_count(0)
     assert ucc.request("router_stats")["resumes"]["recovered"] >= 1
+
+
+def answer(base: str, method: str, path: str, body: bytes | None, **headers: str) -> Any:
+    """``(status, JSON body)`` of a raw request to the chat backend."""
+    request = urllib.request.Request(base + path, data=body, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=10 * TIME_FACTOR) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, json.load(exc)
+
+
+def test_backend_refuses_bad_input_with_json_errors(chat: Chat) -> None:
+    base = chat.base
+    token = api(base, "token", {"name": "carol"})["token"]
+    bearer = {"Authorization": f"Bearer {token}"}
+    cases: list[tuple[str, str, bytes | None, dict[str, str], int, str]] = [
+        ("POST", "token", b"{not json", {}, 400, "bad_json"),
+        ("POST", "token", b"\xff\xfe", {}, 400, "bad_json"),
+        ("POST", "token", b"[1]", {}, 400, "bad_json"),
+        ("POST", "token", b"[" * 5000 + b"]" * 5000, {}, 400, "bad_json"),
+        ("POST", "token", b'{"name": 7}', {}, 400, "bad_name"),
+        ("POST", "token", b'{"name": "  "}', {}, 400, "bad_name"),
+        ("POST", "token", json.dumps({"name": "x" * 33}).encode(), {}, 400, "bad_name"),
+        ("POST", "token", b'{"name": "a\\u0000b"}', {}, 400, "bad_name"),
+        ("POST", "token", b"x" * 20_000, {}, 413, "too_large"),
+        ("POST", "post", b'{"text": "hi"}', {}, 401, "unauthorized"),
+        ("POST", "post", b'{"text": "hi"}', {"Authorization": "Bearer nope"}, 401, "unauthorized"),
+        ("POST", "post", json.dumps({"text": "y" * 2001}).encode(), bearer, 400, "bad_text"),
+        ("POST", "post", b'{"text": ["hi"]}', bearer, 400, "bad_text"),
+        ("POST", "post", b'{"text": "\\ud800"}', bearer, 400, "bad_text"),
+        ("GET", "post", None, {}, 405, "bad_method"),
+        ("DELETE", "members", None, {}, 405, "bad_method"),
+        ("GET", "nowhere", None, {}, 404, "not_found"),
+    ]
+    for method, path, body, headers, status, code in cases:
+        got = answer(base, method, path, body, **headers)
+        assert got[0] == status and got[1]["error"] == code, (method, path, body, got)
+        assert got[1]["message"], got
+    # still serving, and a good message still goes through
+    assert api(base, "post", {"text": "still here"}, token)["ok"] is True
+    status, history = answer(base, "GET", "history", None)
+    assert status == 200
+    assert [m["data"]["text"] for m in history["messages"]] == ["still here"]
+    assert answer(base, "GET", "members", None) == (200, [])
