@@ -278,6 +278,36 @@ def test_a_shard_crash_loses_nothing_and_repeats_nothing(new_page, site):
         assert [c["code"] for c in events(page, "close")] == [1006]
 
 
+def test_a_resume_answered_out_of_order_is_put_back_in_order(new_page, site):
+    """The protocol lets messages back-filled by a resume come after live ones that followed
+    them, and a repeat come again: the page holds the real server's frames after a reconnect
+    and hands them to the client reversed, the first twice; the client still delivers each
+    offset once, in order."""
+    with Host(shards=1, args=("--history-size", "100")) as host:
+        user = 15
+        page = start(new_page, site, "reorder", host.url, [host.token(user, [CHANNEL])])
+        backend = host.client()
+        for n in range(3):
+            backend.broadcast_to_channel(CHANNEL, n)
+        wait_js(page, "messages.length === 3")
+        page.evaluate("window.holding = true")
+        old = host.kill_shard(0)
+        last = 0
+        for n in range(3, 10):  # sent while the user is away: replayed by its resume
+            last = backend.broadcast_to_channel(CHANNEL, n)["offset"]
+        host.wait_shard_replaced(0, old)
+        wait_js(page, "received.some((f) => f.type === 'resumed')", 15)
+        for n in range(10, 13):  # live after the resume
+            last = backend.broadcast_to_channel(CHANNEL, n)["offset"]
+        wait_js(page, f"received.some((f) => f.offset === {last})")
+        reversed_offsets = page.evaluate("releaseHeld()")
+        assert len(reversed_offsets) >= 2 and reversed_offsets == sorted(reversed_offsets)[::-1]
+        wait_js(page, f"client.positions.get({CHANNEL}).offset === {last}")
+        assert [m["data"] for m in messages(page)] == list(range(13))
+        assert [m["offset"] for m in messages(page)] == list(range(1, 14))
+        assert [r["recovered"] for r in events(page, "resumed")] == [True]
+
+
 def test_critical_messages_are_acknowledged_and_deduplicated(new_page, site):
     with Host(shards=1) as host:
         acking, silent = 12, 13
