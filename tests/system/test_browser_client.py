@@ -182,7 +182,7 @@ def test_an_expired_token_is_replaced_at_once(new_page, site):
     # the server checks expiries at each heartbeat: a short one closes the connection soon
     with Host(shards=1, args=("--heartbeat", "0.2")) as host:
         user = 9
-        short = host.token(user, [CHANNEL], ttl=2.5)
+        short = host.token(user, [CHANNEL], ttl=2.5 * TIME_FACTOR)  # valid when the page connects
         fresh = host.token(user, [CHANNEL], ttl=3600)
         page = start(new_page, site, "expiry", host.url, [short, fresh])
         wait_js(page, "count('hello') === 2", 10)
