@@ -69,14 +69,18 @@ DEFAULT_WINDOW = WindowLimits()
 
 # ucc_command_seconds' buckets (seconds): a reply within half a millisecond up to a gather that
 # waited for its deadline (--gather-timeout, 1 s by default) and more
+# the counters of a shard's status answer that are host totals (with ``close_<code>``)
+SHARD_TOTALS = frozenset({"frames_delivered", "bytes_sent", "refused_per_user"})
 RESTART_LOG = 10  # restarts remembered for the admin page
 COMMAND_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
 def is_total(key: str) -> bool:
     """Whether a key of a shard's status answer is one of the host's totals (frames delivered,
-    bytes sent, closes by code): kept across the shard's restarts (:attr:`RouterCore.retired`)."""
-    return key in ("frames_delivered", "bytes_sent") or key.startswith("close_")
+    bytes sent, closes by code, connections refused by the shard: 429 beyond
+    ``--max-connections-per-user``): kept across the shard's restarts
+    (:attr:`RouterCore.retired`)."""
+    return key in SHARD_TOTALS or key.startswith("close_")
 
 
 class CommandTimes:

@@ -212,6 +212,8 @@ class HostCollector(Collector):
         acceptor: Mapping[str, int] = snap.get("acceptor", {})
         for status in HANDSHAKE_STATUSES:
             handshakes.add_metric([status], acceptor.get(status, 0))
+        # routed by the acceptor, then refused by the shard (429: the user's connections limit)
+        handshakes.add_metric(["refused_per_user"], totals.get("refused_per_user", 0))
         yield handshakes
         yield CounterMetricFamily(
             "ucc_shard_restarts",

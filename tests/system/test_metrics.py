@@ -9,6 +9,8 @@ import socket
 from collections.abc import Callable
 
 from prometheus_client.parser import text_string_to_metric_families
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
 
 from shards.testing import TIME_FACTOR, Host, connect_peer, wait_until
 from shards.testing.redis import free_port
@@ -16,9 +18,11 @@ from shards.testing.redis import free_port
 CHANNEL = 7
 
 
-def start(ucc_host: Callable[..., Host], shards: int = 2) -> tuple[Host, tuple[str, int]]:
+def start(
+    ucc_host: Callable[..., Host], shards: int = 2, *args: str
+) -> tuple[Host, tuple[str, int]]:
     port = free_port()
-    host = ucc_host(shards=shards, args=("--metrics", f"127.0.0.1:{port}"))
+    host = ucc_host(shards=shards, args=("--metrics", f"127.0.0.1:{port}", *args))
     return host, ("127.0.0.1", port)
 
 
@@ -204,3 +208,25 @@ def test_readyz_and_redis_up_follow_the_redis_link(ucc_host, redis_server):
     assert total(scrape(metrics), "ucc_redis_up") == 0
     redis_server.start()
     wait_until(lambda: get(metrics, "/readyz")[0] == 200, 20.0, 0.05, "for /readyz 200 again")
+
+
+def test_a_shard_refusal_429_is_a_handshake_outcome(ucc_host):
+    host, metrics = start(ucc_host, 1, "--max-connections-per-user", "1")
+    assert scrape(metrics)["ucc_handshakes_total"][(("status", "refused_per_user"),)] == 0
+    url = f"{host.url}/?token={host.token(5)}"
+    with connect(url, open_timeout=10 * TIME_FACTOR) as first:
+        assert json.loads(first.recv(timeout=10 * TIME_FACTOR))["type"] == "hello"
+        refused = 0
+        for _ in range(3):
+            try:
+                with connect(url, open_timeout=10 * TIME_FACTOR) as extra:
+                    extra.recv(timeout=10 * TIME_FACTOR)
+            except InvalidStatus as exc:
+                assert exc.response.status_code == 429
+                refused += 1
+        assert refused == 3
+    wait_until(
+        lambda: scrape(metrics)["ucc_handshakes_total"][(("status", "refused_per_user"),)] == 3,
+        timeout=10,
+        what="three shard refusals counted",
+    )

@@ -87,7 +87,13 @@ def snapshot(**changes: Any) -> dict[str, Any]:
             {"index": 1, "state": "up", "connections": 1, "users": 1, "channels": 1},
         ],
         "channels": 1,
-        "totals": {"frames_delivered": 40, "bytes_sent": 1200, "close_1000": 2, "close_4000": 1},
+        "totals": {
+            "frames_delivered": 40,
+            "bytes_sent": 1200,
+            "close_1000": 2,
+            "close_4000": 1,
+            "refused_per_user": 3,
+        },
         "restarts": 1,
         "commands": {
             "buckets": [0.001, 0.01],
@@ -133,6 +139,7 @@ def test_the_collector_names_every_number():
     assert found["ucc_command_seconds_sum"] == {(): 0.5}
     assert found["ucc_handshakes_total"][(("status", "routed"),)] == 4
     assert found["ucc_handshakes_total"][(("status", "unauthorized"),)] == 2
+    assert found["ucc_handshakes_total"][(("status", "refused_per_user"),)] == 3  # by shards
     assert found["ucc_redis_up"] == {(): 1}
     assert found["ucc_redis_published_total"] == {(): 5}
     assert found["ucc_redis_reconnects_total"] == {(): 1}
@@ -206,6 +213,7 @@ def test_totals_survive_a_restart_and_a_silent_shard():
 
 def test_only_totals_are_kept():
     assert is_total("frames_delivered") and is_total("bytes_sent") and is_total("close_4001")
+    assert is_total("refused_per_user")
     assert not is_total("connections") and not is_total("closed_slow_consumer")
 
 
