@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import socket
+import subprocess
 from collections.abc import Callable
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -180,6 +182,24 @@ def test_bad_requests_are_refused_and_never_crash(ucc_host):
     assert host.status()["shards"][0]["state"] == "up"
 
 
+def promtool_accepts(exposition: bytes) -> None:
+    """With promtool on PATH (Debian's ``prometheus``): ``promtool check metrics`` finds
+    nothing to say (names, units, help texts per Prometheus' conventions). Without it, the
+    scrape above has already been read by prometheus_client's parser."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        return
+    checked = subprocess.run(
+        [promtool, "check", "metrics"],
+        input=exposition,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert checked.stdout.strip() == b"" and checked.stderr.strip() == b""
+
+
 def test_readyz_and_redis_up_follow_the_redis_link(ucc_host, redis_server):
     port = free_port()
     host = ucc_host(args=("--metrics", f"127.0.0.1:{port}", "--redis", redis_server.url))
@@ -189,6 +209,7 @@ def test_readyz_and_redis_up_follow_the_redis_link(ucc_host, redis_server):
     assert total(samples, "ucc_redis_up") == 1
     assert "ucc_redis_published_total" in samples
     assert "ucc_redis_reconnects_total" in samples
+    promtool_accepts(get(metrics, "/metrics")[1])
     with host.client() as client:
         client.broadcast_to_channel(CHANNEL, {"n": 1})
     wait_until(
