@@ -678,6 +678,9 @@ def format_status_report(
     )
     if listen is not None:
         lines.append(f"websocket  {listen}")
+    metrics = status.get("metrics")
+    if isinstance(metrics, str):
+        lines.append(f"metrics    {metrics}/metrics  (admin page: {metrics}/admin)")
     uptime = next((_number(s.get("uptime")) for s in sources if _number(s.get("uptime"))), None)
     if uptime is None:
         started = next(

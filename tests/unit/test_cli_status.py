@@ -89,13 +89,19 @@ def test_format_duration(seconds, text):
 
 
 def test_the_report_shows_what_the_server_told():
-    status = {"shards": SHARDS, "websocket": "ws://127.0.0.1:8765", "uptime": 61}
+    status = {
+        "shards": SHARDS,
+        "websocket": "ws://127.0.0.1:8765",
+        "metrics": "http://127.0.0.1:9100",
+        "uptime": 61,
+    }
     stats = {"redis": {"published": 3, "received": 4, "reconnects": 1, "up": True}}
     report = format_status_report("tcp://127.0.0.1:5555", status, stats, now=0)
     head = report.split("\n\n")[0].splitlines()
     assert head == [
         "command    tcp://127.0.0.1:5555",
         "websocket  ws://127.0.0.1:8765",
+        "metrics    http://127.0.0.1:9100/metrics  (admin page: http://127.0.0.1:9100/admin)",
         "uptime     1m01s",
         "redis      up (published 3, received 4, reconnects 1)",
     ]
