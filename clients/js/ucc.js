@@ -224,7 +224,11 @@ export class UccClient {
 
   // -- connection --------------------------------------------------------------------------
 
-  /** @param {object} frame @returns {boolean} whether it was written */
+  /**
+   * Write a frame if the socket is open.
+   * @param {object} frame
+   * @returns {boolean} whether it was written
+   */
   _sendNow(frame) {
     const ws = this._ws;
     if (ws && ws.readyState === WebSocket.OPEN && this.state === "open") {
@@ -244,7 +248,7 @@ export class UccClient {
     } catch (err) {
       if (generation !== this._generation) return;
       this._emit("error", { type: "error", code: "client_token", message: String(err) });
-      this._retry({ code: 0, reason: `no url or token: ${err}` }, false);
+      this._retry(false);
       return;
     }
     if (generation !== this._generation) return; // closed (or restarted) meanwhile
@@ -253,7 +257,8 @@ export class UccClient {
     try {
       ws = new WebSocket(`${url}${separator}token=${encodeURIComponent(token)}`);
     } catch (err) {
-      this._retry({ code: 0, reason: `bad url: ${err}` }, false);
+      this._emit("error", { type: "error", code: "client_url", message: String(err) });
+      this._retry(false);
       return;
     }
     this._ws = ws;
@@ -309,8 +314,9 @@ export class UccClient {
       if (generation !== this._generation) return;
       if (Date.now() - this._lastHeard >= 2 * interval) {
         // nothing heard (no pong, not even an open) in two intervals: this socket is dead
-        this._abandon(CloseCode.HEARTBEAT_TIMEOUT, "no pong");
-        this._closed({ code: CloseCode.HEARTBEAT_TIMEOUT, reason: "no pong within two ping intervals" });
+        const reason = "no pong within two ping intervals";
+        this._abandon(CloseCode.HEARTBEAT_TIMEOUT, reason);
+        this._closed({ code: CloseCode.HEARTBEAT_TIMEOUT, reason });
       } else {
         this._sendNow({ type: "ping" });
       }
@@ -346,14 +352,15 @@ export class UccClient {
     }
     // 4003: a new token (the token function runs at every connect); 1013: resume again
     const now = code === CloseCode.TOKEN_EXPIRED || code === CloseCode.TRY_AGAIN;
-    this._retry({ code, reason }, now);
+    this._retry(now);
   }
 
   /**
    * Schedule the next attempt: at once when `now` and the last attempt got a hello, else after
    * the backoff delay.
+   * @param {boolean} now  drain, 4003, 1013: no backoff for the first attempt
    */
-  _retry(_why, now) {
+  _retry(now) {
     const delay =
       now && this._attempt === 0
         ? 0
@@ -409,7 +416,7 @@ export class UccClient {
         this._abandon(1000, "drain");
         this._emit("close", { code: CloseCode.GOING_AWAY, reason: frame.reason ?? "drain" });
         this._attempt = 0;
-        this._retry({ code: CloseCode.GOING_AWAY, reason: "drain" }, true);
+        this._retry(true);
         break;
       case "join":
       case "leave":

@@ -348,6 +348,16 @@ def test_critical_messages_are_acknowledged_and_deduplicated(new_page, site):
         assert messages(page)[1] == {"data": "a marker after the reconnect"}
 
 
+def test_a_failing_token_function_is_retried_with_backoff(new_page, site):
+    with Host(shards=1) as host:
+        page = start(new_page, site, "token-error", host.url, ["throw", host.token(16, [CHANNEL])])
+        assert events(page, "error")[0]["code"] == "client_token"
+        assert "no token today" in events(page, "error")[0]["message"]
+        tries = events(page, "reconnecting")
+        assert [t["attempt"] for t in tries] == [1] and 0 <= tries[0]["delay"] < 250
+        assert page.evaluate("[tokenCalls, urls.length, client.state]") == [2, 1, "open"]
+
+
 def test_backoff_grows_with_jitter(new_page, site):
     with Host(shards=1) as host:
         page = start(
