@@ -110,6 +110,8 @@ export class UccClient {
     this._left = new Set();
     /** @type {Map<number, object[]>} channel messages held until the channel's `resumed` */
     this._resuming = new Map();
+    /** @type {Set<number>} channels whose resume only asks for a first position (_anchor) */
+    this._anchoring = new Set();
     /** @type {object[]} raw frames waiting for an open socket */
     this._queue = [];
     /** @type {Set<string>} critical ids seen (the last SEEN_IDS, in _seenOrder) */
@@ -200,6 +202,7 @@ export class UccClient {
     this._left.add(channel);
     this.positions.delete(channel);
     this._resuming.delete(channel);
+    this._anchoring.delete(channel);
     this._sendNow({ type: "unsubscribe", channel });
   }
 
@@ -294,6 +297,7 @@ export class UccClient {
     const ws = /** @type {WebSocket} */ (this._ws);
     const write = (frame) => ws.send(JSON.stringify(frame));
     this._resuming.clear();
+    this._anchoring.clear();
     if (this.options.resume) {
       for (const [channel, { offset, epoch }] of this.positions) {
         this._resuming.set(channel, []);
@@ -333,6 +337,7 @@ export class UccClient {
     const ws = this._ws;
     this._ws = null;
     this._resuming.clear();
+    this._anchoring.clear();
     if (ws && ws.readyState !== WebSocket.CLOSED && ws.readyState !== WebSocket.CLOSING) {
       try {
         ws.close(code, reason);
@@ -394,6 +399,7 @@ export class UccClient {
         for (const channel of frame.channels ?? []) {
           // a channel of the token, left earlier with unsubscribe(): leave it again
           if (this._left.has(channel)) this._sendNow({ type: "unsubscribe", channel });
+          else this._anchor(channel);
         }
         this._emit("hello", frame);
         break;
@@ -408,6 +414,7 @@ export class UccClient {
         if (frame.type === "unsubscribed" && this._left.has(frame.channel)) {
           this.positions.delete(frame.channel);
         }
+        if (frame.type === "subscribed") this._anchor(frame.channel);
         this._emit(frame.type, frame.channel);
         break;
       case "drain":
@@ -453,9 +460,25 @@ export class UccClient {
     this._deliver(frame);
   }
 
+  /**
+   * A channel joined without a position yet (the token's at hello, or subscribed): ask for
+   * its position now (a resume from nothing: answered `resumed` with `recovered: false` and the
+   * channel's current offset and epoch, replaying nothing), so that a reconnect before its
+   * first message still resumes it and misses nothing sent meanwhile.
+   * @param {number} channel
+   */
+  _anchor(channel) {
+    if (!this.options.resume || this.positions.has(channel) || this._resuming.has(channel)) return;
+    if (this._left.has(channel)) return;
+    this._resuming.set(channel, []);
+    this._anchoring.add(channel);
+    this._sendNow({ type: "resume", channel, offset: 0, epoch: "" });
+  }
+
   _resumed(frame) {
     const held = this._resuming.get(frame.channel) ?? [];
     this._resuming.delete(frame.channel);
+    const anchor = this._anchoring.delete(frame.channel);
     held.sort((a, b) => a.offset - b.offset);
     for (const message of held) this._deliverChannel(message);
     const known = this.positions.get(frame.channel);
@@ -463,7 +486,7 @@ export class UccClient {
     if (!this._left.has(frame.channel) && (!frame.recovered || !ahead)) {
       this.positions.set(frame.channel, { offset: frame.offset, epoch: frame.epoch });
     }
-    this._emit("resumed", frame);
+    if (!anchor) this._emit("resumed", frame); // an anchor is not news: nothing was missed
   }
 
   _critical(frame) {

@@ -274,8 +274,37 @@ def test_a_shard_crash_loses_nothing_and_repeats_nothing(new_page, site):
         assert [m["data"]["n"] for m in messages(page)] == list(range(len(stream.offsets)))
         resumed = events(page, "resumed")
         assert [r["recovered"] for r in resumed] == [True]
-        assert page.evaluate("sent.filter((f) => f.type === 'resume').length") == 1
+        # the first resume asked for the channel's position at hello (no message yet), the
+        # second resumed from the last message after the crash
+        resumes = page.evaluate("sent.filter((f) => f.type === 'resume')")
+        assert len(resumes) == 2
+        assert (resumes[0]["offset"], resumes[0]["epoch"]) == (0, "")
         assert [c["code"] for c in events(page, "close")] == [1006]
+
+
+def test_a_channel_with_no_message_yet_misses_nothing_across_a_crash(new_page, site):
+    with Host(shards=2) as host:
+        user = 12
+        page = start(
+            new_page, site, "anchor", host.url, [host.token(user, [CHANNEL])], minBackoff=100
+        )
+        wait_js(page, f"client.positions.has({CHANNEL})")  # asked for at hello
+        assert events(page, "resumed") == []  # that answer is not an event
+        assert messages(page) == []
+        # the page cannot reconnect until the broadcasts below were sent without it
+        page.evaluate("window.target = 'ws://127.0.0.1:9/'")
+        host.kill_shard(host.shard_of(user))
+        wait_js(page, "count('close') === 1", 10)
+        backend = host.client()
+        sent = [backend.broadcast_to_channel(CHANNEL, {"n": n}) for n in range(5)]
+        assert all(reply["ok"] for reply in sent)
+        assert page.evaluate("count('hello')") == 1
+        page.evaluate("(url) => { window.target = url; }", host.url)
+        wait_js(page, "count('hello') === 2", 20)
+        wait_js(page, "messages.length === 5", 10)
+        assert [m["offset"] for m in messages(page)] == [reply["offset"] for reply in sent]
+        assert [m["data"]["n"] for m in messages(page)] == list(range(5))
+        assert [r["recovered"] for r in events(page, "resumed")] == [True]
 
 
 def test_a_resume_answered_out_of_order_is_put_back_in_order(new_page, site):
