@@ -2,8 +2,8 @@
 Playwright (``executable_path``: Playwright's own browser downloads are not used), and a static
 file server on 127.0.0.1 for test pages.
 
-``.ci/run`` installs ``chromium`` with apt-get when it is missing; elsewhere install it the same
-way, or point ``UCC_CHROMIUM`` at a Chromium binary.
+``.ci/chromium`` (run by ``.ci/run`` and the README's test command) installs ``chromium`` with
+apt-get when it is missing; elsewhere, point ``UCC_CHROMIUM`` at a Chromium binary.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def find_chromium() -> str:
         if found:
             return found
     raise AssertionError(
-        "the browser tests need Chromium: `apt-get install -y chromium` (.ci/run does it when"
+        "the browser tests need Chromium: run .ci/chromium (apt-get install -y chromium when"
         " it is missing), or set UCC_CHROMIUM to a Chromium binary"
     )
 

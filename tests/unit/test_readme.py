@@ -75,6 +75,9 @@ def test_the_install_instructions_name_the_distribution():
     assert "pip install -e '.[test]'" in section("Two commands")
     ci = (ROOT / ".ci" / "run").read_text()
     assert "pip install --quiet -e '.[test]'" in ci
+    # the browser tests' chromium: installed by the same script in both
+    assert section("Two commands").count(".ci/chromium &&") == 1
+    assert "\n.ci/chromium\n" in ci
 
 
 def tour() -> list[str]:
