@@ -105,6 +105,9 @@ class Delta:
         return bool(self.gained or self.lost)
 
 
+LARGEST_SCAN_MAX = 100_000  # channels of a shard beyond which largest_channels() is not answered
+
+
 class UserConnectionCache:
     """Indexes of one shard's connections. All ids are validated by the caller."""
 
@@ -280,9 +283,13 @@ class UserConnectionCache:
     def online_users_in_channel(self, channel: ChannelId) -> list[UserId]:
         return sorted(self._channels.get(channel, ()))
 
-    def largest_channels(self, count: int) -> list[list[int]]:
+    def largest_channels(self, count: int) -> list[list[int]] | None:
         """The ``count`` channels with the most users here, largest first:
-        ``[[channel, users], ...]`` (O(channels), for the admin page's once-a-second look)."""
+        ``[[channel, users], ...]`` (a pass over the channels, for the admin page's
+        once-a-second look); None beyond ``LARGEST_SCAN_MAX`` channels (the pass would take
+        the shard's loop too long: ~15 ms per 100,000 channels)."""
+        if len(self._channels) > LARGEST_SCAN_MAX:
+            return None
         largest = heapq.nlargest(count, self._channels.items(), key=lambda item: len(item[1]))
         return [[channel, len(members)] for channel, members in largest]
 

@@ -685,7 +685,10 @@ class CacheActor(LoopActor):
             **extra,
         }
         if isinstance(query, shardwire.QueryStatus) and query.top:
-            answer["largest"] = cache.largest_channels(query.top)
+            largest = cache.largest_channels(query.top)
+            answer["largest"] = [] if largest is None else largest
+            if largest is None:
+                answer["largest_skipped"] = True
         return answer
 
     def _send_delta(self) -> None:

@@ -790,6 +790,7 @@ class RouterCore:
                 row["state"] = "unresponsive"
             row.update(answer or {"connections": 0, "users": 0, "channels": 0})
             row.pop("largest", None)
+            row.pop("largest_skipped", None)
             rows.append(row)
         info = dict(self.host_info)
         info["uptime"] = round(time.time() - info["started_at"], 3)
@@ -817,7 +818,7 @@ class RouterCore:
             redis = {"up": self.hosts.up, **self.hosts.statistics().get("redis", {})}
         status = self._status_rows(gather)
         result = {
-            **{key: status[key] for key in self.host_info.keys() | {"uptime"}},
+            **{k: v for k, v in status.items() if k not in ("shards", "channels_indexed")},
             "shards": status["shards"],
             "channels": len(self.index),
             "totals": totals,
@@ -827,6 +828,13 @@ class RouterCore:
         }
         if top:
             result["largest"] = largest_channels(gather.answers.values(), top)
+            # shards that did not look (too many channels), or did not answer
+            result["largest_missing"] = sorted(
+                slot.index
+                for slot in self.slots
+                if (answer := gather.answers.get(slot.index)) is None
+                or answer.get("largest_skipped")
+            )
             result["restart_log"] = list(self.restart_log)
         done(result)
         return result

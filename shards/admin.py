@@ -46,15 +46,32 @@ def admin_refusal(request: Request, peer: str | None, token: str | None) -> tupl
     status, reason); None if it may. Without ``token``: loopback peers only (403 otherwise).
     With it: the same token as ``Authorization: Bearer`` or ``?token=``, from anyone (401)."""
     if token is None:
-        if peer is not None and is_loopback(peer):
-            return None
-        return 403, "the admin page answers loopback clients only (set --admin-token)"
+        if peer is None or not is_loopback(peer):
+            return 403, "the admin page answers loopback clients only (set --admin-token)"
+        if not is_local_name(request.headers.get("host", "")):
+            # a page of another site whose name was made to point at 127.0.0.1 (DNS
+            # rebinding) would be same-origin with this one: it must name us as local
+            return 403, "the admin page answers requests for localhost only (set --admin-token)"
+        return None
     offered = bearer(request.headers.get("authorization", ""))
     if offered is None:
         offered = parse_qs(request.query).get("token", [""])[0]
     if offered and hmac.compare_digest(offered.encode(), token.encode()):
         return None
     return 401, "the admin page needs its token (Authorization: Bearer, or ?token=)"
+
+
+def is_local_name(host_header: str) -> bool:
+    """Whether a ``Host`` header names this machine by a loopback name or address
+    (``localhost``, ``127.x.y.z``, ``[::1]``, with or without a port)."""
+    host = host_header.strip().lower()
+    if host.startswith("["):  # [v6]:port
+        host = host[1 : host.find("]")] if "]" in host else ""
+    elif host.count(":") == 1:
+        host = host.split(":", 1)[0]
+    if host in ("localhost", "localhost."):
+        return True
+    return is_loopback(host)
 
 
 def bearer(header: str) -> str | None:
@@ -117,6 +134,7 @@ class AdminView:
             "restarts": snapshot.get("restarts", 0),
             "restart_log": list(snapshot.get("restart_log", [])),
             "largest": list(snapshot.get("largest", [])),
+            "largest_missing": list(snapshot.get("largest_missing", [])),
             "redis": snapshot.get("redis"),
         }
 
@@ -160,6 +178,7 @@ class AdminFeed:
         self.streams.add(queue)
         self.counters["streams_opened"] += 1
         if self._task is None or self._task.done():
+            self.view = AdminView()  # rates since the last event, not since the last page
             self._task = asyncio.get_running_loop().create_task(self._poll(), name="admin-feed")
         return queue
 

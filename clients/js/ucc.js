@@ -58,6 +58,8 @@ export const CloseCode = Object.freeze({
 const SEEN_IDS = 1000;
 /** How many raw frames send() keeps while the socket is not open (the oldest are dropped). */
 const QUEUE_LIMIT = 1000;
+/** a reconnect without backoff (drain, 4003, 1013) at most this often, in ms */
+const IMMEDIATE_EVERY = 30000;
 
 /**
  * The delay before reconnect attempt `attempt` (0 for the first): exponential backoff with full
@@ -112,6 +114,9 @@ export class UccClient {
     this._resuming = new Map();
     /** @type {Set<number>} channels whose resume only asks for a first position (_anchor) */
     this._anchoring = new Set();
+    /** @type {Set<number> | null} the channels a resume may name: the last hello's (the token's) */
+    this._resumable = null;
+    this._lastImmediate = -Infinity; // when the last reconnect without backoff was scheduled
     /** @type {object[]} raw frames waiting for an open socket */
     this._queue = [];
     /** @type {Set<string>} critical ids seen (the last SEEN_IDS, in _seenOrder) */
@@ -300,6 +305,9 @@ export class UccClient {
     this._anchoring.clear();
     if (this.options.resume) {
       for (const [channel, { offset, epoch }] of this.positions) {
+        // a channel the backend subscribed (the token does not list it) cannot be resumed:
+        // the server would refuse it; its position still drops repeats
+        if (this._resumable && !this._resumable.has(channel)) continue;
         this._resuming.set(channel, []);
         write({ type: "resume", channel, offset, epoch });
       }
@@ -366,10 +374,15 @@ export class UccClient {
    * @param {boolean} now  drain, 4003, 1013: no backoff for the first attempt
    */
   _retry(now) {
-    const delay =
-      now && this._attempt === 0
-        ? 0
-        : backoffDelay(this._attempt, this.options.minBackoff, this.options.maxBackoff);
+    // at once at most every IMMEDIATE_EVERY ms: a close that recurs right after each hello
+    // (a 1013 on a hot channel, say) falls back to the backoff instead of a reconnect storm
+    const at = Date.now();
+    const immediate =
+      now && this._attempt === 0 && at - this._lastImmediate >= IMMEDIATE_EVERY;
+    if (immediate) this._lastImmediate = at;
+    const delay = immediate
+      ? 0
+      : backoffDelay(this._attempt, this.options.minBackoff, this.options.maxBackoff);
     this._attempt++;
     this._setState("reconnecting");
     this._emit("reconnecting", { attempt: this._attempt, delay });
@@ -396,6 +409,12 @@ export class UccClient {
       case "hello":
         this.user = frame.user;
         this._attempt = 0; // the token was good and the shard answered: a healthy connection
+        this._resumable = new Set(frame.channels ?? []);
+        for (const channel of [...this._resuming.keys()]) {
+          // a resume the token does not allow is refused (before hello: silently): stop
+          // holding that channel's messages, or they would wait forever
+          if (!this._resumable.has(channel)) this._release(channel);
+        }
         for (const channel of frame.channels ?? []) {
           // a channel of the token, left earlier with unsubscribe(): leave it again
           if (this._left.has(channel)) this._sendNow({ type: "unsubscribe", channel });
@@ -475,12 +494,21 @@ export class UccClient {
     this._sendNow({ type: "resume", channel, offset: 0, epoch: "" });
   }
 
-  _resumed(frame) {
-    const held = this._resuming.get(frame.channel) ?? [];
-    this._resuming.delete(frame.channel);
-    const anchor = this._anchoring.delete(frame.channel);
+  /**
+   * Stop holding a channel's messages: hand over those held, in offset order, without repeats.
+   * @param {number} channel
+   */
+  _release(channel) {
+    const held = this._resuming.get(channel) ?? [];
+    this._resuming.delete(channel);
+    this._anchoring.delete(channel);
     held.sort((a, b) => a.offset - b.offset);
     for (const message of held) this._deliverChannel(message);
+  }
+
+  _resumed(frame) {
+    const anchor = this._anchoring.has(frame.channel);
+    this._release(frame.channel);
     const known = this.positions.get(frame.channel);
     const ahead = known && known.epoch === frame.epoch && known.offset > frame.offset;
     if (!this._left.has(frame.channel) && (!frame.recovered || !ahead)) {

@@ -43,9 +43,11 @@ def server(request: pytest.FixtureRequest) -> Iterator[RedisServer | RedisCluste
         started.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def chromium() -> Iterator[Browser]:
-    """Debian's chromium, headless, driven by Playwright (one browser for the session)."""
+    """Debian's chromium, headless, driven by Playwright (one browser per test module: while
+    Playwright's sync API runs, its event loop is the running loop of the main thread, so a
+    test that calls ``asyncio.run`` must not share a module with a browser test)."""
     playwright = sync_playwright().start()
     try:
         browser = playwright.chromium.launch(

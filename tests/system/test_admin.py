@@ -122,7 +122,11 @@ def test_the_page_shows_the_shards_and_its_numbers_move_under_load(ucc_host, new
 def request(base: str, path: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
     """A raw GET (the whole answer: the server closes)."""
     address = base.removeprefix("http://").rsplit(":", 1)
-    lines = [f"GET {path} HTTP/1.1", "Host: x", *(f"{k}: {v}" for k, v in (headers or {}).items())]
+    lines = [
+        f"GET {path} HTTP/1.1",
+        "Host: 127.0.0.1",
+        *(f"{k}: {v}" for k, v in (headers or {}).items()),
+    ]
     with socket.create_connection((address[0], int(address[1])), timeout=10 * TIME_FACTOR) as sock:
         sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
         data = b""
@@ -151,7 +155,7 @@ def test_with_a_token_the_page_and_its_stream_need_it(ucc_host, new_page):
 def open_stream(base: str) -> socket.socket:
     address = base.removeprefix("http://").rsplit(":", 1)
     sock = socket.create_connection((address[0], int(address[1])), timeout=10 * TIME_FACTOR)
-    sock.sendall(b"GET /admin/events HTTP/1.1\r\nHost: x\r\n\r\n")
+    sock.sendall(b"GET /admin/events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
     return sock
 
 
@@ -167,6 +171,10 @@ def read_event(sock: socket.socket) -> bytes:
 
 def test_open_pages_are_bounded_and_the_port_keeps_answering(ucc_host):
     host, base = start(ucc_host)
+    # without a token, a request must name this machine (a DNS-rebound name gets 403)
+    status, body = request(base, "/admin", {"Host": "evil.example:80"})
+    assert status == 403 and b"localhost" in body
+    assert request(base, "/admin", {"Host": "localhost"})[0] == 200
     streams = [open_stream(base) for _ in range(MAX_STREAMS)]
     try:
         for sock in streams:  # they all stream (and none of them reads after this)

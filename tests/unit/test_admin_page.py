@@ -30,8 +30,8 @@ from shards.metrics import Request, parse_request
 TOKEN = "0123456789abcdef-admin"
 
 
-def get(target: str, **headers: str) -> Request:
-    lines = [f"GET {target} HTTP/1.1", "Host: x", *(f"{k}: {v}" for k, v in headers.items())]
+def get(target: str, host: str = "127.0.0.1:9100", **headers: str) -> Request:
+    lines = [f"GET {target} HTTP/1.1", f"Host: {host}", *(f"{k}: {v}" for k, v in headers.items())]
     return parse_request(("\r\n".join(lines) + "\r\n\r\n").encode())
 
 
@@ -54,6 +54,28 @@ def test_without_a_token_other_peers_are_refused_403(peer):
 @pytest.mark.parametrize("peer", [None, "", "not-an-address", "fe80::1%eth0"])
 def test_unknown_or_odd_peers_are_not_loopback(peer):
     assert admin_refusal(get("/admin"), peer, None) is not None
+
+
+@pytest.mark.parametrize(
+    "host", ["localhost", "localhost:9100", "127.0.0.1", "127.0.0.1:9100", "[::1]:9100", "[::1]"]
+)
+def test_without_a_token_a_request_for_a_local_name_is_answered(host):
+    assert admin_refusal(get("/admin", host=host), "127.0.0.1", None) is None
+
+
+@pytest.mark.parametrize(
+    "host", ["evil.example", "evil.example:9100", "10.0.0.1:9100", "", "[2001:db8::1]:80"]
+)
+def test_without_a_token_a_request_for_another_name_is_refused_dns_rebinding(host):
+    refusal = admin_refusal(get("/admin", host=host), "127.0.0.1", None)
+    assert refusal is not None and refusal[0] == 403
+    assert "localhost" in refusal[1]
+
+
+def test_with_a_token_any_host_name_will_do():
+    assert (
+        admin_refusal(get(f"/admin?token={TOKEN}", host="ucc.example"), "10.0.0.5", TOKEN) is None
+    )
 
 
 def test_a_scoped_loopback_address_is_loopback():
@@ -274,6 +296,13 @@ def test_the_cache_gives_its_largest_channels_largest_first():
     assert cache.largest_channels(10) == [[2, 5], [1, 3], [3, 1]]
 
 
+def test_a_shard_with_too_many_channels_does_not_look(monkeypatch):
+    monkeypatch.setattr("actors.cache.LARGEST_SCAN_MAX", 2)
+    cache = UserConnectionCache()
+    cache.connect(ConnId("a"), UserId(1), [ChannelId(1), ChannelId(2), ChannelId(3)], 0.0)
+    assert cache.largest_channels(10) is None
+
+
 def test_the_host_largest_channels_add_up_each_shard_users():
     answers = [{"largest": [[1, 5], [2, 4]]}, {"largest": [[2, 3], [3, 1]]}, {}]
     assert largest_channels(answers, 2) == [[2, 7], [1, 5]]
@@ -295,11 +324,22 @@ def test_metrics_with_top_carry_the_largest_channels_and_the_restarts():
         answer(core, index, core.slots[index].epoch, qid, {**base, "largest": [[9, index + 1]]})
     (result,) = got
     assert result["largest"] == [[9, 3]]
+    assert result["largest_missing"] == []
     assert "largest" not in result["shards"][0]  # not in the shard rows
     (restart,) = result["restart_log"]
     assert restart["shard"] == 1 and restart["epoch"] == 2
     assert restart["cause"] == "killed by SIGKILL"
     assert result["uptime"] >= 0 and "started_at" in result
+    # a shard with too many channels does not look: it is named, the others still count
+    skipped: list[dict[str, Any]] = []
+    core.metrics(2.5, skipped.append, top=3)
+    for index, (qid, _body) in take_queries(core).items():
+        body = {"connections": 1, "users": 1, "channels": 1, "largest": [[9, 1]]}
+        if index == 0:
+            body = {**body, "largest": [], "largest_skipped": True}
+        answer(core, index, core.slots[index].epoch, qid, body)
+    assert skipped[0]["largest"] == [[9, 1]]
+    assert skipped[0]["largest_missing"] == [0]
     plain: list[dict[str, Any]] = []
     core.metrics(3.0, plain.append)
     assert all(body == {"op": "status"} for _qid, body in take_queries(core).values())
