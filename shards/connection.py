@@ -46,6 +46,7 @@ log = logging.getLogger("ucc.connection")
 CLOSE_TIMEOUT = 2.0  # seconds a closing handshake may take before the connection is aborted
 FEED = 16 * 1024  # bytes handed to the parser between two budget checks
 RETRY_AFTER_PER_USER = 5  # seconds, in the 429 for one connection too many of a user
+MAX_EARLY = 64  # answers to a client's frames kept until its hello (beyond: dropped, counted)
 
 
 class ShardSide(Protocol):
@@ -118,6 +119,7 @@ class Connection(asyncio.Protocol):
         "byte_budget",
         "channels",
         "conn_id",
+        "early",
         "expires",
         "fragments",
         "frame_budget",
@@ -148,6 +150,8 @@ class Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.proto = ServerProtocol(max_size=shard.config.max_frame)
         self.is_open = False  # handshake done and registered in the cache
+        # answers to the client's own frames (errors, pong) sent before hello: sent after it
+        self.early: list[bytes] | None = None
         self.last_inbound = 0.0
         self.timer: asyncio.TimerHandle | None = None
         self.fragments: list[bytes] | None = None  # a text message arriving in pieces
@@ -291,7 +295,7 @@ class Connection(asyncio.Protocol):
                 payload, self.fragments = b"".join(self.fragments), None
                 self._command(payload)
         elif opcode is Opcode.BINARY:
-            self.send(frames.error("binary_unsupported", "send JSON text frames"))
+            self.answer(frames.error("binary_unsupported", "send JSON text frames"))
         elif opcode is Opcode.CLOSE:
             self._close_soon()
         # pings are answered by ServerProtocol; pongs only count as activity
@@ -304,10 +308,10 @@ class Connection(asyncio.Protocol):
                 self.shard.closed_for_cause(self, "closed_invalid_utf8")
                 self.close(1007, "invalid UTF-8 in a text frame")
             else:
-                self.send(frames.error(exc.code, exc.message))
+                self.answer(frames.error(exc.code, exc.message))
             return
         if isinstance(frame, clientwire.Ping):
-            self.send(frames.PONG)
+            self.answer(frames.PONG)
         elif isinstance(frame, clientwire.Refresh):
             self._refresh(frame.token)
         elif isinstance(frame, clientwire.Ack):
@@ -315,7 +319,8 @@ class Connection(asyncio.Protocol):
         elif isinstance(frame, clientwire.Subscribe | clientwire.Resume):
             channel = frame.channel
             if channel not in self.allowed:
-                self.send(frames.error("forbidden", f"the token does not allow channel {channel}"))
+                refusal = f"the token does not allow channel {channel}"
+                self.answer(frames.error("forbidden", refusal))
                 return
             if isinstance(frame, clientwire.Resume):
                 self.shard.resume(self, channel, frame.offset, frame.epoch)
@@ -354,13 +359,13 @@ class Connection(asyncio.Protocol):
         self.channels = claims.channels
         self.allowed = kept
         self.shard.count("refreshed")
-        self.send(frames.refreshed(claims.exp))
+        self.answer(frames.refreshed(claims.exp))
         for channel in revoked:
             self.shard.unsubscribe(self, channel)
 
     def _bad_token(self, why: str) -> None:
         self.shard.count("refresh_refused")
-        self.send(frames.error("bad_token", f"refresh refused: {why}"))
+        self.answer(frames.error("bad_token", f"refresh refused: {why}"))
 
     def registered(self) -> None:
         """The cache has this connection and the router has indexed it: open it to deliveries,
@@ -369,12 +374,30 @@ class Connection(asyncio.Protocol):
             return
         self.is_open = True
         self.send(frames.hello(self.user, list(self.channels), self.shard.config.heartbeat))
+        early, self.early = self.early, None
+        for frame in early or ():
+            self.send(frame)
 
     def confirm(self, channel: ChannelId, subscribed: bool) -> None:
         kind = b"subscribed" if subscribed else b"unsubscribed"
         self.send(frames.text_frame(b'{"type":"%b","channel":%d}' % (kind, channel)))
 
     # -- writing ---------------------------------------------------------------------------
+
+    def answer(self, frame: bytes) -> None:
+        """Answer one of the client's own frames: at once if the connection is open, else
+        after its hello (a client may send before hello: a resume refused ``forbidden`` then
+        must not go unanswered). At most ``MAX_EARLY`` such answers wait; beyond, they are
+        dropped and counted (``early_answers_dropped``)."""
+        if self.is_open or self.shut:
+            self.send(frame)
+            return
+        if self.early is None:
+            self.early = []
+        if len(self.early) < MAX_EARLY:
+            self.early.append(frame)
+        else:
+            self.shard.count("early_answers_dropped")
 
     def send(self, frame: bytes) -> None:
         """Write a complete, pre-encoded server frame (the broadcast path); a no-op unless the

@@ -33,7 +33,7 @@ from actors.ids import ChannelId, ConnId, UserId
 from actors.wire import frames, tokens
 from shards import connection
 from shards.config import ServeConfig
-from shards.connection import Connection
+from shards.connection import MAX_EARLY, Connection
 from shards.handoff import ShardConfig
 
 DEADLINE = 5.0  # seconds: a wait that takes this long is a failure, not a synchronisation
@@ -67,6 +67,7 @@ class StandInShard:
         self.acks: list[tuple[UserId, str]] = []
         self.active = 0
         self.pairs: list[tuple[Connection, Client]] = []  # made by ``connected``, closed by ``run``
+        self.unregistered: list[Connection] | None = None  # a list: hold registrations there
 
     def count(self, what: str) -> None:
         self.counters[what] += 1
@@ -87,7 +88,10 @@ class StandInShard:
     def connection_opened(self, conn: Connection) -> None:
         self.opened.append(conn)
         self.cache.connect(conn.conn_id, conn.user, conn.channels, 0.0)
-        self.loop.call_soon(conn.registered)
+        if self.unregistered is not None:
+            self.unregistered.append(conn)  # the test calls registered() when it wants
+        else:
+            self.loop.call_soon(conn.registered)
 
     def connection_lost(self, conn: Connection) -> None:
         if conn.admitted:
@@ -459,6 +463,47 @@ def test_resume_and_ack_are_passed_to_the_shard_and_a_forbidden_resume_is_refuse
         assert shard.resumes == [(7, 2, 41, "0a1b2c3d4e5f"), (7, 1, 0, "")]
         assert shard.acks == [(7, "h1-7")]
         assert conn.is_open
+
+    run(scenario)
+
+
+def test_answers_to_frames_sent_before_hello_come_right_after_it(run):
+    async def scenario(shard: StandInShard) -> None:
+        shard.unregistered = []
+        conn, client = await connected(shard, user=7, channels=(1,))
+        assert (await client.handshake()).status_code == 101
+        for command in (
+            {"type": "resume", "channel": 9, "offset": 0, "epoch": ""},  # not in the token
+            {"type": "ping"},
+        ):
+            client.proto.send_text(json.dumps(command).encode())
+        await client.flush()
+        while len(conn.early or []) < 2:  # read by the server, not answered (run's deadline)
+            await asyncio.sleep(0)
+        conn.registered()
+        assert (await client.text())["type"] == "hello"
+        assert (await client.text())["code"] == "forbidden"
+        assert await client.text() == {"type": "pong"}
+        assert conn.early is None
+
+    run(scenario)
+
+
+def test_answers_waiting_for_hello_are_bounded(run):
+    async def scenario(shard: StandInShard) -> None:
+        shard.unregistered = []
+        conn, client = await connected(shard, user=7, channels=(1,))
+        assert (await client.handshake()).status_code == 101
+        for _ in range(MAX_EARLY + 5):
+            client.proto.send_text(b'{"type":"ping"}')
+        await client.flush()
+        while shard.counters["early_answers_dropped"] < 5:
+            await asyncio.sleep(0)
+        assert len(conn.early or []) == MAX_EARLY
+        conn.registered()
+        assert (await client.text())["type"] == "hello"
+        for _ in range(MAX_EARLY):
+            assert await client.text() == {"type": "pong"}
 
     run(scenario)
 
