@@ -55,6 +55,8 @@ MAX_TEXT = 2000  # characters
 MAX_BODY = 16 * 1024  # bytes of a request body
 MAX_USERS = 10_000  # names remembered (a bound on this process's memory)
 HISTORY_LIMIT = 100
+MAX_HANDLERS = 64  # requests handled at once (each a thread); beyond, 503 at once
+MARK_EVERY = 10.0  # seconds: the channel's join/leave mark is renewed at most this often
 
 
 class HttpError(Exception):
@@ -126,6 +128,7 @@ class Chat:
         self.ucc_js = ucc_js
         self.names: dict[int, str] = {}  # user id -> the name it was last given as
         self.names_lock = threading.Lock()
+        self.marked = float("-inf")  # when the channel's join/leave mark was last set
 
     def command(self, cmd: str, **fields: Any) -> dict[str, Any]:
         """A ucc command's reply; HttpError 502 (504 on a timeout) when it fails."""
@@ -155,9 +158,13 @@ class Chat:
                     HTTPStatus.SERVICE_UNAVAILABLE, "too_many_users", "too many users for now"
                 )
             self.names[user] = name
-        # mark the channel again: a restarted `ucc serve` (without Redis) forgot the mark
-        with contextlib.suppress(HttpError):
-            self.command("set_channel", channel=self.channel, join_leave=True)
+        # mark the channel again (at most every MARK_EVERY s): a restarted `ucc serve`
+        # (without Redis) forgot the mark
+        now = time.monotonic()
+        if now - self.marked >= MARK_EVERY:
+            self.marked = now
+            with contextlib.suppress(HttpError):
+                self.command("set_channel", channel=self.channel, join_leave=True)
         token = tokens.mint(self.secret, user, [self.channel], ttl=self.ttl)
         return {
             "token": token,
@@ -177,6 +184,10 @@ class Chat:
             claims = tokens.verify(self.secret, token.strip(), now=time.time())
         except tokens.TokenError as exc:
             raise HttpError(HTTPStatus.UNAUTHORIZED, "unauthorized", str(exc)) from None
+        if self.channel not in claims.channels:
+            raise HttpError(
+                HTTPStatus.FORBIDDEN, "forbidden", "this token is not for the chat's channel"
+            )
         text = clean_text(body.get("text"))
         data = {
             "user": claims.user,
@@ -320,7 +331,40 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(content)
 
 
-class Server6(ThreadingHTTPServer):
+BUSY_BODY = b'{"error": "busy", "message": "too many requests at once"}'
+BUSY = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+    b"Connection: close\r\nContent-Length: %d\r\n\r\n%b" % (len(BUSY_BODY), BUSY_BODY)
+)
+
+
+class ChatServer(ThreadingHTTPServer):
+    """A thread per request, at most ``MAX_HANDLERS`` at once: beyond, 503 at once (slow
+    clients cannot take every thread)."""
+
+    daemon_threads = True
+    request_queue_size = 128  # the listen backlog (http.server's 5 drops bursts of connects)
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
+        super().__init__(address, handler)
+        self.slots = threading.BoundedSemaphore(MAX_HANDLERS)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.slots.acquire(blocking=False):
+            with contextlib.suppress(OSError):
+                request.sendall(BUSY)
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+
+class Server6(ChatServer):
     """The same on an IPv6 address (``--host ::1``)."""
 
     address_family = socket.AF_INET6
@@ -385,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
         client.close()
         return 1
     try:
-        server_class = Server6 if ":" in args.host else ThreadingHTTPServer
+        server_class = Server6 if ":" in args.host else ChatServer
         server = server_class((args.host, args.port), make_handler(chat))
     except OSError as exc:
         print(f"ucc-chat: error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)

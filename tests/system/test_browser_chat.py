@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import urllib.error
@@ -24,7 +25,7 @@ import pytest
 from playwright.sync_api import Page, expect
 
 from shards import procgroup, ready
-from shards.testing import TIME_FACTOR, Host
+from shards.testing import TIME_FACTOR, Host, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVER = ROOT / "examples" / "chat" / "server.py"
@@ -172,6 +173,8 @@ def test_backend_refuses_bad_input_with_json_errors(chat: Chat) -> None:
     base = chat.base
     token = api(base, "token", {"name": "carol"})["token"]
     bearer = {"Authorization": f"Bearer {token}"}
+    # a token of the same secret for another channel: not for this chat
+    other = {"Authorization": f"Bearer {chat.host.token(12345, [99])}"}
     cases: list[tuple[str, str, bytes | None, dict[str, str], int, str]] = [
         ("POST", "token", b"{not json", {}, 400, "bad_json"),
         ("POST", "token", b"\xff\xfe", {}, 400, "bad_json"),
@@ -186,6 +189,7 @@ def test_backend_refuses_bad_input_with_json_errors(chat: Chat) -> None:
         ("POST", "post", b'{"text": "hi"}', {"Authorization": "Bearer nope"}, 401, "unauthorized"),
         ("POST", "post", json.dumps({"text": "y" * 2001}).encode(), bearer, 400, "bad_text"),
         ("POST", "post", b'{"text": ["hi"]}', bearer, 400, "bad_text"),
+        ("POST", "post", b'{"text": "hi"}', other, 403, "forbidden"),
         ("POST", "post", b'{"text": "\\ud800"}', bearer, 400, "bad_text"),
         ("GET", "post", None, {}, 405, "bad_method"),
         ("DELETE", "members", None, {}, 405, "bad_method"),
@@ -201,3 +205,29 @@ def test_backend_refuses_bad_input_with_json_errors(chat: Chat) -> None:
     assert status == 200
     assert [m["data"]["text"] for m in history["messages"]] == ["still here"]
     assert answer(base, "GET", "members", None) == (200, [])
+
+
+def test_slow_clients_cannot_take_every_handler(chat: Chat) -> None:
+    """Clients that connect and send nothing hold a handler each (up to its 10 s timeout);
+    beyond MAX_HANDLERS of them, a request is answered 503 at once, and served again once
+    they are gone."""
+    limit = int(re.search(r"^MAX_HANDLERS = (\d+)", SERVER.read_text(), re.M)[1])  # type: ignore[index]
+    host, port = chat.base.removeprefix("http://").rstrip("/").rsplit(":", 1)
+    idle = []
+    try:
+        for _ in range(limit):
+            idle.append(socket.create_connection((host, int(port)), timeout=10 * TIME_FACTOR))
+        _status, body = wait_until(
+            lambda: (got := answer(chat.base, "GET", "members", None))[0] == 503 and got,
+            timeout=10,
+            what="a 503 while every handler is taken",
+        )
+        assert body["error"] == "busy"
+    finally:
+        for sock in idle:
+            sock.close()
+    wait_until(
+        lambda: answer(chat.base, "GET", "members", None)[0] == 200,
+        timeout=15,
+        what="served again",
+    )
