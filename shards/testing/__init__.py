@@ -9,6 +9,8 @@ A public, documented API: applications use it to test themselves against ucc. Mo
   receives, :func:`connect_peer`, and :func:`upgrade_request` for raw sockets.
 - :mod:`~shards.testing.redis`: :class:`RedisServer` and :class:`RedisClusterServer` (a Redis
   Cluster), real servers that link hosts.
+- :mod:`~shards.testing.stream`: :class:`BroadcastStream`, channel broadcasts from a thread
+  of its own while a test does something to the host.
 - :mod:`~shards.testing.waiting`: :data:`TIME_FACTOR`, :func:`wait_until` and
   :func:`wait_until_async`.
 - :mod:`~shards.testing.plugin`: the pytest fixtures ``ucc_host`` (alias ``ucc_cluster``),
@@ -36,11 +38,13 @@ from shards.testing.redis import (
     redis_cli_binary,
     redis_server_binary,
 )
+from shards.testing.stream import BroadcastStream
 from shards.testing.waiting import TIME_FACTOR, wait_until, wait_until_async
 
 __all__ = [
     "TIME_FACTOR",
     "AsyncHost",
+    "BroadcastStream",
     "Cluster",
     "Host",
     "Peer",

@@ -14,9 +14,7 @@ import json
 import secrets
 import shutil
 import signal
-import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +22,8 @@ import pytest
 from chromium_kit import static_server
 from playwright.sync_api import Page
 
-from shards.client import Client, Overloaded
 from shards.testing import TIME_FACTOR, Host, wait_until
+from shards.testing.stream import BroadcastStream
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGE = Path(__file__).parent / "pages" / "ucc_client" / "index.html"
@@ -214,50 +212,13 @@ def test_drain_reconnects_at_once_to_the_other_host(new_page, site):
         wait_js(page, "messages.length === 1")
 
 
-@dataclass
-class Stream:
-    """Broadcasts ``{"n": k}`` to a channel from its own thread until stopped; keeps each
-    accepted broadcast's offset (a refusal, ``overloaded``, was not sent: sent again)."""
-
-    command: str
-    channel: int = CHANNEL
-    interval: float = 0.004
-    offsets: list[int] = field(default_factory=list)
-    stop: threading.Event = field(default_factory=threading.Event)
-    errors: list[BaseException] = field(default_factory=list)
-
-    def run(self) -> None:
-        try:
-            with Client(self.command, timeout=5.0 * TIME_FACTOR) as client:
-                while not self.stop.is_set():
-                    try:
-                        reply = client.broadcast_to_channel(self.channel, {"n": len(self.offsets)})
-                    except Overloaded:
-                        pass
-                    else:
-                        self.offsets.append(reply["offset"])
-                    self.stop.wait(self.interval)
-        except BaseException as exc:
-            self.errors.append(exc)
-
-    def __enter__(self) -> Stream:
-        self.thread = threading.Thread(target=self.run, daemon=True)
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join(10 * TIME_FACTOR)
-        assert not self.thread.is_alive()
-
-
 def test_a_shard_crash_loses_nothing_and_repeats_nothing(new_page, site):
     with Host(shards=2, args=("--history-size", "5000")) as host:
         user = 11
         page = start(
             new_page, site, "resume", host.url, [host.token(user, [CHANNEL])], minBackoff=100
         )
-        with Stream(host.command) as stream:
+        with BroadcastStream(host.command, CHANNEL, interval=0.004) as stream:
             wait_until(lambda: len(stream.offsets) > 30, 10, what="for the stream to start")
             wait_js(page, "messages.length > 20")
             old = host.kill_shard(host.shard_of(user))

@@ -5,12 +5,11 @@ memory bound, and critical messages with acknowledgement, retry and expiry."""
 from __future__ import annotations
 
 import asyncio
-import threading
-from dataclasses import dataclass, field
 
-from shards.client import Client, Overloaded, UccError
+from shards.client import UccError
 from shards.testing import TIME_FACTOR, Host, connect_peer, wait_until_async
 from shards.testing.peer import Peer, reconnect_peer
+from shards.testing.stream import BroadcastStream
 
 CHANNEL = 3
 
@@ -22,45 +21,6 @@ def exactly_once(record: list[int], first: int, last: int) -> None:
     kept = [o for o in record if first <= o <= last]
     assert len(kept) == len(set(kept)), sorted(o for o in set(kept) if kept.count(o) > 1)
     assert sorted(kept) == list(range(first, last + 1))
-
-
-@dataclass
-class Stream:
-    """Broadcasts ``{"n": k}`` to a channel from its own thread, as fast as the server takes
-    them (an ``overloaded`` refusal was not sent: it is sent again), until stopped or ``limit``;
-    keeps each accepted broadcast's offset."""
-
-    command: str
-    channel: int = CHANNEL
-    limit: int = 20_000
-    interval: float = 0.001
-    offsets: list[int] = field(default_factory=list)
-    stop: threading.Event = field(default_factory=threading.Event)
-    errors: list[BaseException] = field(default_factory=list)
-
-    def run(self) -> None:
-        try:
-            with Client(self.command, timeout=5.0 * TIME_FACTOR) as client:
-                while not self.stop.is_set() and len(self.offsets) < self.limit:
-                    try:
-                        reply = client.broadcast_to_channel(self.channel, {"n": len(self.offsets)})
-                    except Overloaded:
-                        pass
-                    else:
-                        self.offsets.append(reply["offset"])
-                    self.stop.wait(self.interval)
-        except BaseException as exc:
-            self.errors.append(exc)
-
-    def __enter__(self) -> Stream:
-        self.thread = threading.Thread(target=self.run, daemon=True)
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join(10 * TIME_FACTOR)
-        assert not self.thread.is_alive()
 
 
 async def wait_for_offset(peer: Peer, channel: int, offset: int, timeout: float = 15.0) -> None:
@@ -165,7 +125,7 @@ def test_reconnects_under_a_live_stream_lose_nothing_and_repeat_nothing(ucc_host
     async def scenario() -> None:
         peer = await connect_peer(host, 9, [CHANNEL])
         record: list[int] = []
-        with Stream(host.command, limit=2000) as stream:
+        with BroadcastStream(host.command, CHANNEL, limit=2000) as stream:
             await wait_until_async(lambda: len(stream.offsets) > 0, 10.0)
             start = stream.offsets[0]
             for _ in range(4):
@@ -191,7 +151,7 @@ def test_resume_after_the_clients_shard_is_killed(ucc_host):
     async def scenario() -> None:
         peer = await connect_peer(host, user, [CHANNEL])
         record: list[int] = []
-        with Stream(host.command, limit=3000) as stream:
+        with BroadcastStream(host.command, CHANNEL, limit=3000) as stream:
             await wait_until_async(lambda: len(stream.offsets) > 20, 10.0)
             start = stream.offsets[0]
             await wait_for_offset(peer, CHANNEL, stream.offsets[-1])
