@@ -11,9 +11,12 @@ Must never do I/O or touch router state: it turns bytes into a :class:`Command` 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
+
+import orjson
 
 from actors.ids import MAX_ID, parse_id
 from actors.wire.errors import PeerError
@@ -83,8 +86,9 @@ def decode(raw: bytes, max_size: int) -> Command:
     """Parse and validate one request. Raises CommandError with the reply's code and message."""
     if len(raw) > max_size:
         raise CommandError("too_large", f"command of {len(raw)} bytes exceeds {max_size}")
+    exact = _LONG_NUMBER.search(raw) is None  # every integer in it fits in 64 bits
     try:
-        body = _DECODER.decode(raw.decode("utf-8"))
+        body = orjson.loads(raw) if exact else _DECODER.decode(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise CommandError("bad_json", f"not valid JSON: {exc}") from None
     if not isinstance(body, dict):
@@ -115,7 +119,7 @@ def decode(raw: bytes, max_size: int) -> Command:
         elif kind is Field.FLAG:
             value = _optional(key, kind, value)
         else:
-            data_json = _DATA.encode(value).encode()
+            data_json = orjson.dumps(value) if exact else _encode_data(value)
             continue
         args[key] = value
     optional = OPTIONAL.get(name)
@@ -166,10 +170,32 @@ def _finite_float(text: str) -> float:
     return value
 
 
+# The codec: orjson (a compiled one: a command's decode, validation and the data's re-encoding
+# take ~2.5 µs instead of ~6.9 µs). It reads an integer outside -2**63 .. 2**64 - 1 as a float,
+# which would change a backend's data, so a command with 20 digits in a row, or a minus and 19
+# (a long number, or merely digits in a string), goes through Python's json module instead,
+# whose integers are exact. Both refuse NaN, Infinity and numbers beyond a double's range;
+# orjson also refuses a lone surrogate in a string (the json module reads it; its data is then
+# refused when encoded).
+_LONG_NUMBER = re.compile(rb"-[0-9]{19}|[0-9]{20}")
 # built once: json.loads and json.dumps with options build a new coder on every call
 _DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
 _DATA = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
-_REPLY = json.JSONEncoder(separators=(",", ":"))
+_REPLY_OPTIONS = orjson.OPT_NON_STR_KEYS
+
+
+def _encode_data(value: Any) -> bytes:
+    try:
+        return _DATA.encode(value).encode()
+    except UnicodeEncodeError:  # a lone surrogate: not representable in UTF-8
+        raise CommandError("bad_json", "not valid JSON: a lone surrogate in a string") from None
+
+
+def _encode_reply(body: dict[str, Any]) -> bytes:
+    try:
+        return orjson.dumps(body, option=_REPLY_OPTIONS)
+    except TypeError:  # an integer beyond 64 bits (an id read by the json module)
+        return json.dumps(body, separators=(",", ":")).encode()
 
 
 def request_id(raw: bytes) -> Any:
@@ -182,9 +208,9 @@ def request_id(raw: bytes) -> Any:
 
 
 def reply(request: Any, result: dict[str, Any]) -> bytes:
-    return _REPLY.encode({"id": request, "ok": True, **result}).encode()
+    return _encode_reply({"id": request, "ok": True, **result})
 
 
 def error_reply(request: Any, code: str, message: str) -> bytes:
     body = {"id": request, "ok": False, "error": {"code": code, "message": message}}
-    return _REPLY.encode(body).encode()
+    return _encode_reply(body)

@@ -111,6 +111,39 @@ def test_data_is_reencoded_compact_and_utf8():
     assert cmd.args == {"channel": 5}
 
 
+@pytest.mark.parametrize(
+    "number",
+    [
+        "18446744073709551615",  # 2**64 - 1: 20 digits, read by the exact path
+        "123456789012345678901234567890",
+        "-9223372036854775809",
+        "9223372036854775807",  # 19 digits: orjson's path, exact too
+    ],
+)
+def test_integers_in_data_are_relayed_exactly_however_long(number):
+    body = b'{"cmd":"broadcast_to_user","user":1,"id":7,"data":{"n":%b,"f":1.5}}' % number.encode()
+    cmd = decode(body, LIMIT)
+    assert cmd.data_json == b'{"n":%b,"f":1.5}' % number.encode()
+    assert json.loads(cmd.data_json)["n"] == int(number)
+
+
+@pytest.mark.parametrize("pad", [b"", b',"pad":"00000000000000000000"'])  # either path
+def test_a_lone_surrogate_in_data_is_bad_json(pad):
+    body = b'{"cmd":"broadcast_to_user","user":1,"data":"a\\ud800b"%b}' % pad
+    assert error_of(body).code == "bad_json"
+
+
+def test_a_reply_keeps_integer_keys_as_strings_and_long_ids_exactly():
+    assert json.loads(reply(1, {"online": {42: True}})) == {
+        "id": 1,
+        "ok": True,
+        "online": {"42": True},
+    }
+    long_id = 10**30
+    assert json.loads(reply(long_id, {})) == {"id": long_id, "ok": True}
+    assert json.loads(error_reply(long_id, "bad_request", "m"))["id"] == long_id
+
+
 @pytest.mark.parametrize("data", [None, 0, "x", [], {}, False])
 def test_any_json_value_is_data(data):
     cmd = decode(raw({"cmd": "broadcast_to_user", "user": 1, "data": data}), LIMIT)
