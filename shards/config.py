@@ -165,26 +165,110 @@ def check_admin_token(token: str) -> str:
     return token
 
 
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+DEFAULT_REDIS_PORT = 6379
+
+
+@dataclass(frozen=True)
+class ClusterURL:
+    """A ``redis+cluster://`` (or ``rediss+cluster://``) URL taken apart: ``seeds``, the nodes
+    it names (host, port), in order and without duplicates; ``plain``, the ``redis://`` (or
+    ``rediss://``) URL of the first seed with the URL's credentials, database and options (what
+    redis-py's ``RedisCluster(url=...)`` takes; the credentials apply to every node)."""
+
+    plain: str
+    seeds: tuple[tuple[str, int], ...]
+
+
+def _hide_password(url: str) -> str:
+    """``url`` with the password of its user information (if any) replaced by ``***``."""
+    scheme, separator, rest = url.partition("://")
+    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    userinfo, at, hosts = rest[:end].rpartition("@")
+    user, colon, _password = userinfo.partition(":")
+    if not (separator and at and colon):
+        return url
+    return f"{scheme}://{user}:***@{hosts}{rest[end:]}"
+
+
+def _seed(item: str) -> tuple[str, int]:
+    """``host``, ``host:port``, ``[v6]`` or ``[v6]:port``; ValueError with the reason if not."""
+    if item.startswith("["):
+        host, bracket, after = item[1:].partition("]")
+        if not bracket or (after and not after.startswith(":")):
+            raise ValueError(f"{item!r} is not [address] or [address]:port")
+        port = after[1:] if after else None
+    else:
+        host, colon, port_text = item.partition(":")
+        port = port_text if colon else None
+        if ":" in port_text:
+            raise ValueError(f"{item!r}: write an IPv6 address in brackets, [address]:port")
+    if not host:
+        raise ValueError(f"{item!r}: no host")
+    if port is None:
+        return host, DEFAULT_REDIS_PORT
+    if not (port.isascii() and port.isdigit() and 0 < int(port) <= 65535):
+        raise ValueError(f"{item!r}: the port is not a number from 1 to 65535")
+    return host, int(port)
+
+
+def cluster_url(url: str) -> ClusterURL | None:
+    """``url`` taken apart if it names a Redis Cluster (``redis+cluster://`` or
+    ``rediss+cluster://``, one seed node or several separated by commas:
+    ``redis+cluster://user:password@host1:7000,host2:7000,[::1]:7000/0?options``); None for
+    any other scheme. ValueError (a one-line reason, without the password) if a seed is bad."""
+    scheme, separator, rest = url.partition("://")
+    plain_scheme = CLUSTER_SCHEMES.get(scheme.lower())
+    if not separator or plain_scheme is None:
+        return None
+    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    userinfo, at, hosts = rest[:end].rpartition("@")
+    tail = rest[end:]
+    seeds: dict[tuple[str, int], None] = {}
+    try:
+        for item in hosts.split(","):
+            if not item:
+                raise ValueError("an empty node in the list (two commas, or one at an end)")
+            seeds[_seed(item)] = None
+    except ValueError as exc:
+        raise ValueError(f"--redis {_hide_password(url)!r}: {exc}") from None
+    database = tail.split("?", 1)[0].split("#", 1)[0].strip("/")
+    if database not in ("", "0"):
+        raise ValueError(f"--redis {_hide_password(url)!r}: a Redis Cluster has only database 0")
+    host, port = next(iter(seeds))
+    first = f"[{host}]" if ":" in host else host
+    return ClusterURL(f"{plain_scheme}://{userinfo}{at}{first}:{port}{tail}", tuple(seeds))
+
+
 def check_redis_url(url: str) -> str:
-    """``url`` if the Redis link can use it; ValueError with a one-line reason if not."""
+    """``url`` if the Redis link can use it; ValueError with a one-line reason if not (the
+    password, if any, is not repeated in it)."""
+    shown = _hide_password(url)
+    if cluster_url(url) is not None:  # a Redis Cluster's seeds (it raises with the reason)
+        return url
     parsed = urlsplit(url)
     scheme = parsed.scheme.lower()
     if scheme not in REDIS_SCHEMES:
         raise ValueError(
-            f"--redis {url!r}: unsupported scheme {parsed.scheme or '(none)'!r};"
+            f"--redis {shown!r}: unsupported scheme {parsed.scheme or '(none)'!r};"
             f" use one of {', '.join(s + '://' for s in REDIS_SCHEMES)}"
         )
     if scheme == "unix":
         if not parsed.path:
-            raise ValueError(f"--redis {url!r}: a unix:// URL needs a socket path")
+            raise ValueError(f"--redis {shown!r}: a unix:// URL needs a socket path")
         return url
+    if "," in parsed.netloc:
+        raise ValueError(
+            f"--redis {shown!r}: several nodes are for a Redis Cluster only:"
+            f" write {scheme}+cluster://host1:port1,host2:port2"
+        )
     try:
         parsed.port  # noqa: B018 - raises ValueError when the port is not a number in range
     except ValueError:
-        raise ValueError(f"--redis {url!r}: the port is not a number from 0 to 65535") from None
+        raise ValueError(f"--redis {shown!r}: the port is not a number from 0 to 65535") from None
     if not parsed.hostname:
-        raise ValueError(f"--redis {url!r}: no host")
+        raise ValueError(f"--redis {shown!r}: no host")
     database = parsed.path.strip("/")
     if database and not database.isdigit():
-        raise ValueError(f"--redis {url!r}: the path must be a database number, e.g. /0")
+        raise ValueError(f"--redis {shown!r}: the path must be a database number, e.g. /0")
     return url

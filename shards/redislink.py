@@ -8,10 +8,14 @@ reconnect. A periodic self-probe through the host's own inbox catches a subscrip
 silently stopped receiving.
 
 Two modes, chosen by the URL: a single Redis (``redis://``, ``rediss://``, ``unix://``: PUBLISH
-and SUBSCRIBE), or a Redis Cluster (``redis+cluster://`` or ``rediss+cluster://`` naming a seed
-node: redis-py's ``RedisCluster``, sharded pub/sub with SPUBLISH and SSUBSCRIBE, Redis 7+ or
-Valkey). All keys and topics of a cluster of hosts share one hash tag, so in a Redis Cluster they
-live in one slot, on one node, and every script names a key (``KEYS[1]``) to be routed there.
+and SUBSCRIBE), or a Redis Cluster (``redis+cluster://`` or ``rediss+cluster://`` naming one seed
+node or several, ``host1:port1,host2:port2``: redis-py's ``RedisCluster``, sharded pub/sub with
+SPUBLISH and SSUBSCRIBE, Redis 7+ or Valkey). In cluster mode every new client (each reconnect
+of either thread) starts from the nodes the link's previous client knew (primaries and
+replicas, as discovered) and the URL's seeds: the loss of any one node, a seed included, leaves
+others to discover the cluster from. All keys and topics of a cluster of hosts share one hash
+tag, so in a Redis Cluster they live in one slot, on one node, and every script names a key
+(``KEYS[1]``) to be routed there.
 
 The router talks to the link in the types of :mod:`actors.hostlink`: it submits operations
 (:data:`~actors.hostlink.RedisOp`) and is told events (:data:`~actors.hostlink.LinkEvent`:
@@ -49,7 +53,7 @@ from typing import Any, ClassVar
 
 import redis
 from redis.backoff import ExponentialWithJitterBackoff
-from redis.cluster import RedisCluster
+from redis.cluster import ClusterNode, RedisCluster
 from redis.exceptions import ClusterError, RedisClusterException
 from redis.retry import Retry
 
@@ -85,6 +89,7 @@ from actors.hostlink import (
 from actors.ids import ChannelId, parse_id
 from actors.wire import cluster, frames
 from actors.wire.cluster import ClusterKey, Layout, Message, Presence, Rejected
+from shards.config import cluster_url
 
 log = logging.getLogger("ucc.redis")
 
@@ -126,7 +131,6 @@ COUNTERS = (
     "who_answers_dropped",
     "who_partial",
 )
-CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 Client = redis.Redis | RedisCluster
 
 
@@ -183,11 +187,11 @@ def host_id() -> str:
 
 
 def cluster_seed(url: str) -> str | None:
-    """The plain URL of the seed node if ``url`` names a Redis Cluster (``redis+cluster://`` or
-    ``rediss+cluster://``); None if it names a single Redis."""
-    scheme, separator, rest = url.partition("://")
-    plain = CLUSTER_SCHEMES.get(scheme.lower())
-    return f"{plain}://{rest}" if separator and plain else None
+    """The plain URL (``redis://`` or ``rediss://``) of the first seed node if ``url`` names a
+    Redis Cluster (``redis+cluster://`` or ``rediss+cluster://``, one seed or several); None if
+    it names a single Redis. ValueError if a seed is bad (:func:`shards.config.cluster_url`)."""
+    parsed = cluster_url(url)
+    return None if parsed is None else parsed.plain
 
 
 class RedisLink:
@@ -204,9 +208,14 @@ class RedisLink:
         the host's inbox, so it is fixed from here on."""
         self.url = url
         self.key = key
-        seed = cluster_seed(url)
-        self.sharded = seed is not None  # a Redis Cluster: sharded pub/sub
-        self._target = seed or url
+        parsed = cluster_url(url)
+        self.sharded = parsed is not None  # a Redis Cluster: sharded pub/sub
+        self._target = url if parsed is None else parsed.plain  # credentials, options
+        self.seeds = () if parsed is None else parsed.seeds
+        # cluster mode: the nodes (host, port) the last client of either thread knew, that the
+        # next one starts from with the seeds (under its lock: both threads make clients)
+        self._known_nodes: tuple[tuple[str, int], ...] = ()
+        self._nodes_lock = threading.Lock()
         self._publish = "SPUBLISH" if self.sharded else "PUBLISH"
         self._publish_users = cluster.SPUBLISH_USERS if self.sharded else cluster.PUBLISH_USERS
         self._publish_hosts = cluster.SPUBLISH_HOSTS if self.sharded else cluster.PUBLISH_HOSTS
@@ -250,8 +259,40 @@ class RedisLink:
         if self.sharded:
             # few, short retries (each refreshes the slot map): the link has its own backoff
             retry = Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.2), 2)
-            return RedisCluster.from_url(self._target, retry=retry, **options)
+            # the first seed comes from the URL (with its credentials and options, which apply
+            # to every node); the others, and every node known so far, as startup nodes
+            nodes = self.startup_nodes()[1:]
+            others = [ClusterNode(h, p) for h, p in nodes]  # type: ignore[no-untyped-call]
+            client = RedisCluster(url=self._target, startup_nodes=others, retry=retry, **options)
+            self._remember_nodes(client)
+            return client
         return redis.Redis.from_url(self._target, **options)
+
+    def startup_nodes(self) -> list[tuple[str, int]]:
+        """Where a new cluster client discovers the cluster from: the URL's seeds (the first
+        one first), then every node the link's last client knew (no duplicates). A client
+        tries them all (in a random order) until one answers ``CLUSTER SLOTS``."""
+        with self._nodes_lock:
+            known = self._known_nodes
+        return list(dict.fromkeys([*self.seeds, *known]))
+
+    def _remember_nodes(self, client: Client) -> None:
+        """Keep the nodes ``client`` knows (primaries and replicas, as it last discovered them)
+        for the next client: called when a client is made and before one is closed."""
+        if not isinstance(client, RedisCluster):
+            return
+        with contextlib.suppress(Exception):  # a client's state is not worth a crash
+            found = client.get_nodes()  # type: ignore[no-untyped-call]
+            nodes = tuple(dict.fromkeys((node.host, int(node.port)) for node in found))
+            if nodes:
+                with self._nodes_lock:
+                    self._known_nodes = nodes
+
+    def _close_client(self, client: Client) -> None:
+        """Close ``client`` (its sockets), keeping what it knew of the cluster's nodes."""
+        self._remember_nodes(client)
+        with contextlib.suppress(*ERRORS):
+            client.close()
 
     def _ping(self, client: Client) -> None:
         if isinstance(client, RedisCluster):
@@ -303,7 +344,7 @@ class RedisLink:
             try:
                 client.eval(cluster.LEAVE, 1, self.layout.hosts, self.layout.prefix, self.host)
             finally:
-                client.close()
+                self._close_client(client)
 
     # -- the worker --------------------------------------------------------------------------
 
@@ -313,8 +354,7 @@ class RedisLink:
         finally:  # its socket closed now, rather than by the garbage collector some day
             client, self._worker_client = self._worker_client, None
             if client is not None:
-                with contextlib.suppress(*ERRORS):
-                    client.close()
+                self._close_client(client)
 
     def _work_loop(self) -> None:
         backoff = Backoff()
@@ -344,8 +384,7 @@ class RedisLink:
                 log.warning("redis: %s; reconnecting", exc)
                 self._set_state(False)  # first: the router must see the failures as the link's
                 self._fail(batch)
-                with contextlib.suppress(*ERRORS):
-                    client.close()
+                self._close_client(client)
                 self._worker_client = None
             except Exception:  # a bug costs this batch, not the link
                 log.exception("redis: unexpected error running %d operations", len(batch))
@@ -358,8 +397,7 @@ class RedisLink:
             self._ping(client)
         except ERRORS:
             if client is not None:
-                with contextlib.suppress(*ERRORS):
-                    client.close()
+                self._close_client(client)
             return None
         return client
 
@@ -654,7 +692,7 @@ class RedisLink:
         finally:
             with contextlib.suppress(*ERRORS):
                 pubsub.close()
-            client.close()
+            self._close_client(client)
 
     def _apply_topic_changes(self) -> list[tuple[bool, str]]:
         changes = []
