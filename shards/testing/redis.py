@@ -125,22 +125,29 @@ class RedisServer:
 
 
 class RedisClusterServer:
-    """A real Redis Cluster (Redis 7+ or Valkey 8: sharded pub/sub) of ``nodes`` primaries and no
-    replicas, on free loopback ports, each node in its own temporary directory and process group.
+    """A real Redis Cluster (Redis 7+ or Valkey 8: sharded pub/sub) of ``nodes`` primaries with
+    ``replicas`` replicas each (none by default), on free loopback ports, each node in its own
+    temporary directory and process group; node timeout 2 s, so that a replica takes over a
+    killed primary within a few seconds.
 
-    ``url`` is the ``redis+cluster://`` URL of its first node (the seed) for ``ucc serve --redis``.
-    A node can be stopped (SIGKILL) and started again: it keeps its place and its slots, not its
-    data (nothing is saved).
+    Nodes are known by index (0 to ``nodes * (1 + replicas) - 1``); which ones are primaries is
+    the cluster's business (:meth:`primaries`, :meth:`node_of`, :meth:`primary_of_slot`,
+    :meth:`replicas_of`: asked of a live node, so they follow failovers). ``url`` is the
+    ``redis+cluster://`` URL of node 0 alone (a seed) for ``ucc serve --redis``;
+    :meth:`seed_url` names any nodes, several seeds in one URL. A node can be stopped (SIGKILL)
+    and started again: it keeps its place and its slots, not its data (nothing is saved).
     """
 
-    def __init__(self, nodes: int = 3, timeout: float = 30.0) -> None:
-        self.ports = [free_port() for _ in range(nodes)]
+    def __init__(self, nodes: int = 3, timeout: float = 30.0, replicas: int = 0) -> None:
+        count = nodes * (1 + replicas)
+        self.replicas = replicas
+        self.ports = [free_port() for _ in range(count)]
         # the cluster bus: not port + 10000, which may be taken or beyond 65535
-        self.bus_ports = [free_port() for _ in range(nodes)]
-        self.dirs = [tempfile.mkdtemp(prefix="ucc-redis-cluster-") for _ in range(nodes)]
-        self.procs: list[procgroup.Process | None] = [None] * nodes
+        self.bus_ports = [free_port() for _ in range(count)]
+        self.dirs = [tempfile.mkdtemp(prefix="ucc-redis-cluster-") for _ in range(count)]
+        self.procs: list[procgroup.Process | None] = [None] * count
         try:
-            for index in range(nodes):
+            for index in range(count):
                 self.start_node(index)
             self._create(timeout * TIME_FACTOR)
         except BaseException:
@@ -149,7 +156,22 @@ class RedisClusterServer:
 
     @property
     def url(self) -> str:
-        return f"redis+cluster://127.0.0.1:{self.ports[0]}"
+        """The ``redis+cluster://`` URL naming node 0 only (its seed)."""
+        return self.seed_url(0)
+
+    @property
+    def urls(self) -> list[str]:
+        """One ``redis+cluster://`` URL per node, naming that node alone, by index."""
+        return [self.seed_url(index) for index in range(len(self.ports))]
+
+    def seed_url(self, *indices: int) -> str:
+        """A ``redis+cluster://`` URL naming nodes ``indices`` as seeds (default: every node)."""
+        chosen = indices or tuple(range(len(self.ports)))
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{self.ports[i]}" for i in chosen)
+
+    def running(self, index: int) -> bool:
+        """Whether node ``index`` runs (it was not stopped)."""
+        return self.procs[index] is not None
 
     def start_node(self, index: int) -> None:
         """Start node ``index`` (again); wait until it answers."""
@@ -169,19 +191,83 @@ class RedisClusterServer:
         wait_until(answers, 10, what=f"for the Redis node on port {port}")
 
     def stop_node(self, index: int) -> None:
-        """SIGKILL node ``index``."""
+        """SIGKILL node ``index`` (a primary's replica then takes over after the node timeout,
+        2 s, and an election)."""
         proc, self.procs[index] = self.procs[index], None
         if proc is not None:
             procgroup.kill(proc)
 
-    def node_of(self, key: str) -> int:
-        """The index of the node that owns ``key``'s slot."""
-        with self._node(self.ports[0]) as node:
-            slot = int(node.execute_command("CLUSTER", "KEYSLOT", key))
-            for first, last, owner, *_ in node.execute_command("CLUSTER", "SLOTS"):
-                if first <= slot <= last:
-                    return self.ports.index(int(owner[1]))
+    kill_node = stop_node
+
+    def _slots(self) -> list[tuple[int, int, int, list[int]]]:
+        """``CLUSTER SLOTS`` of a live node, as (first, last, primary, [replicas]) by index."""
+        error: Exception | None = None
+        for index, port in enumerate(self.ports):
+            if not self.running(index):
+                continue
+            try:
+                with self._node(port) as node:
+                    ranges = node.execute_command("CLUSTER", "SLOTS")
+            except (redis.RedisError, OSError) as exc:
+                error = exc
+                continue
+            return [
+                (
+                    int(first),
+                    int(last),
+                    self.ports.index(int(owner[1])),
+                    [self.ports.index(int(replica[1])) for replica in replicas],
+                )
+                for first, last, owner, *replicas in ranges
+            ]
+        raise AssertionError(f"no node answers CLUSTER SLOTS: {error}")
+
+    def primary_of_slot(self, slot: int) -> int:
+        """The index of the primary that serves ``slot`` (as a live node sees it)."""
+        for first, last, primary, _ in self._slots():
+            if first <= slot <= last:
+                return primary
         raise AssertionError(f"no node owns slot {slot}")
+
+    def slot_of(self, key: str) -> int:
+        for index, port in enumerate(self.ports):
+            if self.running(index):
+                with self._node(port) as node:
+                    return int(node.execute_command("CLUSTER", "KEYSLOT", key))
+        raise AssertionError("no node runs")
+
+    def node_of(self, key: str) -> int:
+        """The index of the node (the primary) that owns ``key``'s slot."""
+        return self.primary_of_slot(self.slot_of(key))
+
+    def primaries(self) -> list[int]:
+        """The indices of the primaries that serve slots, in order."""
+        return sorted({primary for _, _, primary, _ in self._slots()})
+
+    def replicas_of(self, index: int) -> list[int]:
+        """The indices of primary ``index``'s replicas that are not marked failed (from a live
+        node's ``CLUSTER NODES``: ``CLUSTER SLOTS`` leaves out a replica that has received no
+        data yet)."""
+        for other, port in enumerate(self.ports):
+            if not self.running(other):
+                continue
+            try:
+                with self._node(port) as node:
+                    lines = node.execute_command("CLUSTER", "NODES").decode().splitlines()
+            except (redis.RedisError, OSError):
+                continue
+            ids = {line.split()[0]: self._index(line.split()[1]) for line in lines if line}
+            primary = next((i for i, n in ids.items() if n == index), None)
+            return sorted(
+                ids[fields[0]]
+                for fields in (line.split() for line in lines if line)
+                if fields[3] == primary and "fail" not in fields[2].split(",")
+            )
+        raise AssertionError("no node answers CLUSTER NODES")
+
+    def _index(self, address: str) -> int:
+        """The index of the node at ``host:port@bus`` (as CLUSTER NODES writes it)."""
+        return self.ports.index(int(address.split("@", maxsplit=1)[0].rsplit(":", 1)[1]))
 
     def _node(self, port: int) -> redis.Redis:
         return redis.Redis(port=port, socket_timeout=2.0, socket_connect_timeout=1.0)
@@ -194,11 +280,20 @@ class RedisClusterServer:
         except (redis.RedisError, OSError):
             return ""
 
+    def _in_sync(self, port: int) -> bool:
+        """Whether the node is a primary, or a replica whose link to its primary is up."""
+        try:
+            with self._node(port) as node:
+                info = node.info("replication")
+        except (redis.RedisError, OSError):
+            return False
+        return bool(info.get("role") == "master" or info.get("master_link_status") == "up")
+
     def _create(self, timeout: float) -> None:
         command = [
             redis_cli_binary(), "--cluster", "create",
             *(f"127.0.0.1:{port}" for port in self.ports),
-            "--cluster-replicas", "0",
+            "--cluster-replicas", str(self.replicas),
             "--cluster-yes",
         ]  # fmt: skip
         created = subprocess.run(command, capture_output=True, timeout=timeout, check=False)
@@ -208,19 +303,28 @@ class RedisClusterServer:
         self.wait_ok()
 
     def wait_ok(self, timeout: float = 10.0) -> None:
-        """Wait until every node knows every other and reports ``cluster_state:ok``."""
+        """Wait until every running node knows every node and reports ``cluster_state:ok``, and
+        (with replicas) every running replica is in sync with a running primary."""
         known = f"cluster_known_nodes:{len(self.ports)}"
 
         def ready() -> bool:
-            infos = [self._info(port) for port in self.ports]
-            return all("cluster_state:ok" in info and known in info for info in infos)
+            live = [port for index, port in enumerate(self.ports) if self.running(index)]
+            infos = [self._info(port) for port in live]
+            if not all("cluster_state:ok" in info and known in info for info in infos):
+                return False
+            if not self.replicas:
+                return True
+            return all(self._in_sync(port) for port in live)
 
         wait_until(ready, timeout, what="for every node to report cluster_state:ok")
 
     def subscribers(self, topic: str, sharded: bool = True) -> int:
-        """How many connections listen to ``topic`` on all nodes (SSUBSCRIBE, or SUBSCRIBE)."""
+        """How many connections listen to ``topic`` on all running nodes (SSUBSCRIBE, or
+        SUBSCRIBE)."""
         total = 0
-        for port in self.ports:
+        for index, port in enumerate(self.ports):
+            if not self.running(index):
+                continue
             with self._node(port) as node:
                 kind = "SHARDNUMSUB" if sharded else "NUMSUB"
                 _, count = node.execute_command("PUBSUB", kind, topic)  # [topic, count]
