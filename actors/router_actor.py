@@ -24,6 +24,7 @@ import zmq
 from actors.hostlink import Deliveries, LinkEvent, LinkState, RedisOp, Results, TopicsReady
 from actors.hosts import OtherHosts
 from actors.inbox import SocketActor, SocketsReady, Tick
+from actors.osthread import name_this_thread
 from actors.router import RouterCore, RouterEvent
 from actors.wire import shardwire
 
@@ -216,6 +217,7 @@ class RouterActor(SocketActor):
         self.next_snapshot = 0.0
 
     def on_start(self) -> None:
+        name_this_thread("ucc-router")
         # shards first: a membership (DELTA) must be in the index before a broadcast that
         # follows it, and heartbeats must not wait behind a burst of commands
         self.watch(self.backend)

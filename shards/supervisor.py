@@ -35,6 +35,7 @@ from actors.eventlog import EventLog
 from actors.history import HistoryStore
 from actors.hostlink import LinkEvent
 from actors.ids import stable_hash
+from actors.osthread import name_this_thread
 from actors.policy import RestartPolicy
 from actors.router import RouterCore, ShardEvent, ShardHung, ShardState, UserBanned
 from actors.router_actor import (
@@ -554,6 +555,7 @@ def run(config: ServeConfig) -> int:
     """Serve until SIGTERM/SIGINT (SIGHUP re-reads the admitted command client keys); the exit
     code (non-zero when restarts were exhausted)."""
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the loop handles it: never fatal
+    name_this_thread("ucc-supervisor")
     logging.basicConfig(
         level=config.log_level,
         format="%(asctime)s supervisor %(levelname)s %(name)s: %(message)s",

@@ -50,6 +50,7 @@ from actors.cache_actor import (
 )
 from actors.events import CAUSE_EVENTS
 from actors.ids import ChannelId, ConnId, UserId
+from actors.osthread import name_this_thread
 from actors.wire import frames
 from shards.connection import CLOSE_TIMEOUT, Connection
 from shards.handoff import (
@@ -496,6 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     _die_with_parent()
+    name_this_thread(f"ucc-shard-{index}")
     logging.basicConfig(
         level=config.log_level,
         format=f"%(asctime)s shard-{index} %(levelname)s %(name)s: %(message)s",

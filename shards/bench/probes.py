@@ -1,8 +1,10 @@
 """Measurements taken from outside the server: CPU time, resident memory, the cache's memory.
 
 Owns: summing user + system CPU time over a set of processes (psutil), summing their RSS,
-raising this process's open-files limit, and measuring the bytes of a
-:class:`~actors.cache.UserConnectionCache` holding the scenario's connections.
+the CPU time and context switches of each of their threads (:class:`ThreadMeter`, from /proc:
+the server names its threads ``ucc-router``, ``ucc-shard-N``...), raising this process's
+open-files limit, and measuring the bytes of a :class:`~actors.cache.UserConnectionCache`
+holding the scenario's connections.
 
 The cache figure is measured *in the bench process*, not inside the server: the bench builds,
 for each shard, the same ``UserConnectionCache`` the shard's CacheActor would hold (same users,
@@ -16,10 +18,12 @@ figure covers the processes that were there).
 from __future__ import annotations
 
 import contextlib
+import os
 import resource
 import time
 import tracemalloc
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import psutil
 
@@ -90,6 +94,75 @@ class CpuMeter:
     def percent(self) -> float:
         """CPU use as a percentage of one core (200 = two cores busy)."""
         return 100.0 * self.cpu / self.wall if self.wall > 0 else 0.0
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def thread_counters(processes: Iterable[psutil.Process]) -> dict[str, tuple[float, int]]:
+    """For each thread of ``processes``: (CPU seconds, context switches), by its name: its
+    process's name, then ``/`` and its own if it differs (``ucc-supervisor/ZMQbg/IO/0``);
+    threads of one name in one process are added up. Linux only (empty elsewhere)."""
+    counters: dict[str, tuple[float, int]] = {}
+    for proc in processes:
+        base = Path(f"/proc/{proc.pid}")
+        try:
+            process_name = (base / "comm").read_text().strip()
+            tasks = list((base / "task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                name = (task / "comm").read_text().strip()
+                stat = (task / "stat").read_text().rsplit(")", 1)[1].split()
+                status = (task / "status").read_text()
+            except (OSError, IndexError):
+                continue  # the thread ended meanwhile
+            cpu = (int(stat[11]) + int(stat[12])) / CLOCK_TICKS  # utime, stime
+            switches = sum(
+                int(line.split()[1]) for line in status.splitlines() if "ctxt_switches" in line
+            )
+            key = process_name if name == process_name else f"{process_name}/{name}"
+            before = counters.get(key, (0.0, 0))
+            counters[key] = (before[0] + cpu, before[1] + switches)
+    return counters
+
+
+class ThreadMeter:
+    """CPU time and context switches of each thread of ``processes`` between :meth:`start`
+    and :meth:`stop` (to the clock tick: 10 ms on most systems), per unit of work."""
+
+    def __init__(self, processes: Sequence[psutil.Process]) -> None:
+        self.processes = list(processes)
+        self._before: dict[str, tuple[float, int]] = {}
+        self.used: dict[str, tuple[float, int]] = {}
+
+    def start(self) -> ThreadMeter:
+        self._before = thread_counters(self.processes)
+        return self
+
+    def stop(self) -> ThreadMeter:
+        after = thread_counters(self.processes)
+        self.used = {
+            name: (
+                cpu - self._before.get(name, (0.0, 0))[0],
+                n - self._before.get(name, (0.0, 0))[1],
+            )
+            for name, (cpu, n) in after.items()
+        }
+        return self
+
+    def per(self, units: int) -> dict[str, list[float]]:
+        """Each thread's ``[CPU µs, context switches]`` per unit (a command), busiest first;
+        threads that used nothing are left out."""
+        if units <= 0:
+            return {}
+        rows = sorted(self.used.items(), key=lambda item: -item[1][0])
+        return {
+            name: [round(cpu * 1e6 / units, 1), round(switches / units, 2)]
+            for name, (cpu, switches) in rows
+            if cpu > 0 or switches > 0
+        }
 
 
 def cache_bytes(plans: Sequence[tuple[int, tuple[int, ...]]], shards: int) -> int:

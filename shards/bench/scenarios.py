@@ -30,7 +30,7 @@ import psutil
 from actors.ids import stable_hash
 from shards.bench.fleet import Fleet, Plan, open_client, source_address
 from shards.bench.loadclient import LoadClient, Stats, upgrade_request
-from shards.bench.probes import CpuMeter, rss_bytes
+from shards.bench.probes import CpuMeter, ThreadMeter, rss_bytes
 from shards.bench.publisher import Publisher, PublishResult, Target
 from shards.bench.report import Progress, percentiles
 from shards.bench.servers import Server
@@ -311,6 +311,7 @@ class Run:
             sentinel.reset()
         epochs_before = await self._epochs()
         publisher = Publisher(self.server.command, opts.payload, opts.window)
+        server_threads = ThreadMeter(server_procs).start()
         server_cpu = CpuMeter(server_procs).start()
         client_cpu = CpuMeter(client_procs).start()
         try:
@@ -323,6 +324,7 @@ class Run:
         expected = sum(n * self.members.get(key, 0) for key, n in pub.counts.items())
         observed = await self._drain(expected)
         server_cpu.stop()
+        server_threads.stop()
         client_cpu.stop()
         trusted = bool(server_procs) and not server_cpu.lost
         if server_cpu.lost:
@@ -362,6 +364,8 @@ class Run:
             ),
             "server_cpu_percent": round(server_cpu.percent, 1) if trusted else None,
             "client_cpu_percent": round(client_cpu.percent, 1),
+            # per thread: [CPU µs, context switches] per acknowledged command
+            "server_threads_per_command": server_threads.per(pub.acked) if trusted else None,
         }
         return figures
 
