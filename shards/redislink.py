@@ -101,6 +101,7 @@ PROBE_TIMEOUT = 3.0
 # a UserConnections waits this long for the hosts it asked, then reports what came (shorter
 # than the router's gather timeout, 1 s by default, so that a partial answer still counts)
 ASK_TIMEOUT = 0.8
+LISTENER_WAIT = 0.05  # a connected worker polls this often for the listener's subscription
 BACKOFF = (0.05, 0.1, 0.2, 0.4, 0.8, 1.0)
 # Redis is away (or the cluster has no owner for our slot): fail what is queued, reconnect
 ERRORS = (
@@ -243,6 +244,8 @@ class RedisLink:
         # the worker's last good snapshot per other host (raw bytes, parsed): see _presence
         self._snapshots: dict[str, tuple[bytes, Presence]] = {}
         self.listen_backoff = Backoff()  # the listener's (the worker keeps its own)
+        # set while the listener is subscribed (every topic it had when it last subscribed)
+        self._listening = threading.Event()
         self._worker_client: Client | None = None  # the worker thread's only
         self._threads = [
             threading.Thread(target=self._work, name="ucc-redis-worker", daemon=True),
@@ -370,6 +373,13 @@ class RedisLink:
                 if backoff.failures:
                     self._count("reconnects")
                 backoff.reset()
+            if not self.up:
+                # up only once the listener is subscribed too (its client reconnects on its
+                # own): until then, a message published with history would reach no client of
+                # this host either, while its reply said the cluster took part
+                if not self._listening.wait(LISTENER_WAIT):
+                    self._fail(self._drain(0.0))
+                    continue
                 self.last_probe_seen = time.monotonic()
                 self._set_state(True)
             batch = self._drain(PROBE_INTERVAL / 2)
@@ -659,6 +669,7 @@ class RedisLink:
             inbox = self.layout.host_topic(self.host)
             self._apply_topic_changes()
             self._subscribe(pubsub, True, *self.topics)
+            awaiting = set(self.topics)  # until Redis confirmed them all, the link is not up
             # subscribed again: the next failure is a new outage, to be retried soon
             self.listen_backoff.reset()
             self.last_probe_seen = time.monotonic()
@@ -680,6 +691,9 @@ class RedisLink:
                             ready.append(ChannelId(channel))
                         elif topic == inbox:  # from now on, every mark change reaches us
                             self.notify(ChannelMarks(self._read_marks(client)))
+                        awaiting.discard(topic)
+                        if not awaiting:
+                            self._listening.set()  # the worker may say the link is up
                     message = self._next_message(pubsub, 0)
                 if ready:
                     self.notify(TopicsReady(ready))
@@ -690,6 +704,7 @@ class RedisLink:
                     log.warning("redis pub/sub: probes stopped arriving; resubscribing")
                     return
         finally:
+            self._listening.clear()
             with contextlib.suppress(*ERRORS):
                 pubsub.close()
             self._close_client(client)

@@ -157,6 +157,27 @@ def test_killing_the_seed_primary_fails_over_and_cross_host_delivery_resumes(
                 10,
                 what="for a reply with cluster: true",
             )
+
+            # host a's listener subscribed again too (the link says it is up only then): with
+            # history, a broadcast that reached the cluster comes to its own host from the
+            # topic, and every one of them does from the first on
+            def linked() -> list[int]:
+                return [s.n for s in stream.sent[first_after:] if s.cluster]
+
+            await wait_until_async(
+                lambda: set(linked()) & set(numbers(local)), 5, what="for delivery on a"
+            )
+        # from then on nothing is missed: on a, every broadcast that reached the cluster; on b
+        # (whose link came back on its own, maybe later), every one from its first after the kill
+        resumed = min(n for n in numbers(remote) if n >= first_after)
+
+        def complete() -> bool:
+            sent = set(linked())
+            return sent <= set(numbers(local)) and {n for n in sent if n >= resumed} <= set(
+                numbers(remote)
+            )
+
+        await wait_until_async(complete, 5, what="for every broadcast from then on")
         assert not stream.errors, stream.errors
         print(
             f"\nfailover of the seed primary: replica {replica} promoted {promotion:.2f} s after"
