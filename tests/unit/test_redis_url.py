@@ -1,17 +1,22 @@
 """``--redis`` URLs: a Redis Cluster named by several seed nodes (``redis+cluster://h1:p1,h2:p2``),
-their validation (one-line reasons, no password repeated), and the startup nodes a link's next
-cluster client discovers the cluster from (the seeds, then every node its last client knew)."""
+their validation (one-line reasons, no password repeated), the startup nodes a link's next
+cluster client discovers the cluster from (the seeds, then every node its last client knew), and
+the link's state after a reconnect (up only once its listener is subscribed too)."""
 
 from __future__ import annotations
 
+import threading
+from typing import Any
 from unittest import mock
 
 import pytest
 from redis.cluster import ClusterNode, RedisCluster
 
+from actors.hostlink import LinkState
 from actors.wire.cluster import ClusterKey
 from shards.config import ClusterURL, check_redis_url, cluster_url
 from shards.redislink import RedisLink, cluster_seed
+from shards.testing import wait_until
 
 KEY = ClusterKey(b"k" * 32)
 
@@ -162,3 +167,35 @@ def test_a_cluster_client_is_made_from_every_startup_node():
     assert isinstance(nodes, list)
     assert [(n.host, n.port) for n in nodes] == [("b", 7001)]
     assert link.startup_nodes() == [("a", 7000), ("b", 7001), ("10.0.0.9", 7009)]
+
+
+def test_the_link_says_it_is_up_only_once_its_listener_is_subscribed():
+    """The worker connects first (its own client), but reports the link up only when the
+    listener has its subscriptions: until then, this host would not hear what it publishes."""
+    events: list[object] = []
+    link = RedisLink("redis+cluster://seed:7000", "unit", events.append, KEY)
+    polls = threading.Semaphore(0)
+    drain = link._drain
+
+    def counted(wait: float) -> list[Any]:
+        polls.release()
+        return drain(wait)
+
+    with (
+        mock.patch.object(link, "_connect", return_value=mock.Mock()),
+        mock.patch.object(link, "_run"),
+        mock.patch.object(link, "_drain", side_effect=counted),
+    ):
+        worker = threading.Thread(target=link._work_loop, daemon=True)
+        worker.start()
+        try:
+            for _ in range(3):  # connected, and polled the listener three times: still down
+                assert polls.acquire(timeout=5)
+            assert not link.up and events == []
+            link._listening.set()
+            wait_until(lambda: link.up, 5, what="for the link to be up")
+            assert events == [LinkState(True)]
+        finally:
+            link.stopping.set()
+            worker.join(5)
+    assert not worker.is_alive()
