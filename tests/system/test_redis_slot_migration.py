@@ -1,0 +1,103 @@
+"""A Redis Cluster moves the slot of the hosts' topics and keys to another primary while they
+run (CLUSTER SETSLOT IMPORTING/MIGRATING, MIGRATE, SETSLOT NODE, as an operator's resharding
+does): no subscription is lost, cross-host broadcasts keep arriving, and presence still
+answers."""
+
+from __future__ import annotations
+
+import asyncio
+
+import redis
+
+from actors.wire.cluster import Layout
+from shards.testing import RedisClusterServer, connect_peer, wait_until_async
+
+SECRET = "k" * 64
+CHANNEL = 5
+
+
+def node_ids(server: RedisClusterServer) -> dict[int, str]:
+    """Each node's port -> its cluster node id."""
+    ids = {}
+    for port in server.ports:
+        with redis.Redis(port=port) as node:
+            ids[port] = node.execute_command("CLUSTER", "MYID").decode()
+    return ids
+
+
+def owner_of(server: RedisClusterServer, slot: int) -> int:
+    """The port of the primary that serves ``slot``."""
+    with redis.Redis(port=server.ports[0]) as node:
+        for start, end, primary, *_replicas in node.execute_command("CLUSTER", "SLOTS"):
+            if start <= slot <= end:
+                return int(primary[1])
+    raise AssertionError(f"no node serves slot {slot}")
+
+
+def shard_subscribers(port: int, topic: str) -> int:
+    """How many connections listen to ``topic`` (SSUBSCRIBE) on the node on ``port``."""
+    with redis.Redis(port=port) as node:
+        _, count = node.execute_command("PUBSUB", "SHARDNUMSUB", topic)
+    return int(count)
+
+
+def migrate_slot(server: RedisClusterServer, slot: int, source: int, target: int) -> int:
+    """Move ``slot`` (its keys too) from the node on port ``source`` to ``target``; the number
+    of keys moved."""
+    ids = node_ids(server)
+    moved = 0
+    with redis.Redis(port=source) as src, redis.Redis(port=target) as dst:
+        dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[source])
+        src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", ids[target])
+        while keys := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
+            src.execute_command("MIGRATE", "127.0.0.1", target, "", 0, 5000, "KEYS", *keys)
+            moved += len(keys)
+        for port in server.ports:  # every node learns the new owner at once
+            with redis.Redis(port=port) as node:
+                node.execute_command("CLUSTER", "SETSLOT", slot, "NODE", ids[target])
+    return moved
+
+
+def test_moving_the_topics_slot_loses_no_subscription(ucc_host, redis_cluster_server):
+    server = redis_cluster_server
+    a = ucc_host(shards=1, args=("--redis", server.url), secret=SECRET)
+    b = ucc_host(shards=1, args=("--redis", server.url), secret=SECRET)
+    topic = Layout("default").channel_topic(CHANNEL)
+    with redis.Redis(port=server.ports[0]) as node:
+        slot = int(node.execute_command("CLUSTER", "KEYSLOT", topic))
+    source = owner_of(server, slot)
+    target = next(port for port in server.ports if port != source)
+
+    async def scenario() -> None:
+        member = await connect_peer(b, 42, [CHANNEL])
+        await a.aio.wait_online([42], CHANNEL, timeout=10)
+
+        async def arrives(text: str, timeout: float) -> None:
+            async def got() -> bool:
+                await a.aio.client().broadcast_to_channel(CHANNEL, text)
+                try:
+                    await member.wait_for(
+                        lambda frames: any(f.get("data") == text for f in frames), timeout=0.5
+                    )
+                except AssertionError:
+                    return False
+                return True
+
+            await wait_until_async(got, timeout, what=f"for {text!r} from host a on host b")
+
+        await arrives("before", 10)
+        assert await asyncio.to_thread(shard_subscribers, source, topic) == 1  # host b
+        moved = await asyncio.to_thread(migrate_slot, server, slot, source, target)
+        assert moved > 0  # the hosts' keys live in that slot too
+        assert await asyncio.to_thread(owner_of, server, slot) == target
+        # after the move: delivery resumes (each try is a new message; the first that arrives
+        # ends the wait) and presence still answers from both hosts
+        await arrives("after", 15)
+        # host b listens on the topic's new owner now, and no longer on the old one
+        assert await asyncio.to_thread(shard_subscribers, target, topic) == 1
+        assert await asyncio.to_thread(shard_subscribers, source, topic) == 0
+        await a.aio.wait_online([42], CHANNEL, timeout=10)
+        await b.aio.wait_online([42], CHANNEL, timeout=10)
+        await member.close()
+
+    asyncio.run(scenario())
