@@ -35,17 +35,17 @@ def test_the_meter_gives_each_thread_its_cpu_and_switches_per_unit():
         while not stop.is_set() and time.monotonic() < deadline:
             sum(range(1000))
 
-    meter = ThreadMeter([me]).start()
     thread = threading.Thread(target=burn)
     thread.start()
     try:
+        meter = ThreadMeter([me]).start()
         start = time.process_time()
         while time.process_time() - start < 0.3:  # this process burns 0.3 s (both threads)
             stop.wait(0.01)
+        meter.stop()  # while the thread lives: a thread that ended is gone from /proc
     finally:
         stop.set()
         thread.join(10)
-    meter.stop()
     process = Path("/proc/self/comm").read_text().strip()
     per = meter.per(10)
     assert f"{process}/ucc-burner" in per
