@@ -214,8 +214,9 @@ def _add_serve(subparsers: Subparsers) -> None:
         "--redis",
         metavar="URL",
         default=os.environ.get("UCC_REDIS_URL") or defaults["redis"],
-        help="Redis URL for cross-host fan-out; redis+cluster://HOST:PORT (or rediss+cluster://)"
-        " for a Redis Cluster (default: $UCC_REDIS_URL; none)",
+        help="Redis URL for cross-host fan-out; redis+cluster://HOST:PORT[,HOST:PORT...] (or"
+        " rediss+cluster://) for a Redis Cluster: one seed node or several"
+        " (default: $UCC_REDIS_URL; none)",
     )
     parser.add_argument(
         "--cluster-name",
