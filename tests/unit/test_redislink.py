@@ -213,6 +213,7 @@ def test_malformed_messages_are_counted_and_the_router_gets_a_copy_of_the_counte
         "forged",
         "replayed",
         "reconnects",
+        "resubscribed",
         "history_appended",
         "history_read",
         "critical_stored",
