@@ -55,6 +55,7 @@ from shards.client import Calls, Client, UccError
 from shards.config import (
     ServeConfig,
     check_admin_token,
+    check_cluster_name,
     check_redis_url,
     check_secret,
     resolve_secret,
@@ -297,6 +298,7 @@ def _run_serve(args: argparse.Namespace) -> int:
             check_secret(args.cluster_secret, "--cluster-secret / UCC_CLUSTER_SECRET")
         if args.redis is not None:
             check_redis_url(args.redis)
+        check_cluster_name(args.cluster_name)
         if args.admin_token is not None:
             check_admin_token(args.admin_token)
     except ValueError as exc:

@@ -7,6 +7,7 @@ print the secret itself.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,6 +145,19 @@ def resolve_secret(flag: str | None, create: bool) -> tuple[str, Path | None]:
     if create:
         return load_or_create_secret(path), path
     return path.read_text().strip(), path
+
+
+CLUSTER_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def check_cluster_name(name: str) -> str:
+    """``name`` if it can name a cluster of hosts in Redis (it goes inside hash tags:
+    ``{ucc:<name>}``); ValueError with a one-line reason if not."""
+    if CLUSTER_NAME.fullmatch(name) is None:
+        raise ValueError(
+            f"--cluster-name / UCC_CLUSTER {name[:80]!r}: 1 to 64 letters, digits or . _ -"
+        )
+    return name
 
 
 MIN_ADMIN_TOKEN = 16  # characters: a guessable admin token is worse than none

@@ -13,9 +13,11 @@ node or several, ``host1:port1,host2:port2``: redis-py's ``RedisCluster``, shard
 SPUBLISH and SSUBSCRIBE, Redis 7+ or Valkey). In cluster mode every new client (each reconnect
 of either thread) starts from the nodes the link's previous client knew (primaries and
 replicas, as discovered) and the URL's seeds: the loss of any one node, a seed included, leaves
-others to discover the cluster from. All keys and topics of a cluster of hosts share one hash
-tag, so in a Redis Cluster they live in one slot, on one node, and every script names a key
-(``KEYS[1]``) to be routed there.
+others to discover the cluster from. The hosts' keys and inboxes share one hash tag (one slot);
+each channel's topic and history have a tag of their own, so channels spread over the
+cluster's slots (:mod:`actors.wire.cluster`); every script names a key (``KEYS[1]``) to be
+routed to its slot's node. A sharded subscription that Redis ends unasked (the topic's slot
+moved) is made again at the slot's new owner.
 
 The router talks to the link in the types of :mod:`actors.hostlink`: it submits operations
 (:data:`~actors.hostlink.RedisOp`) and is told events (:data:`~actors.hostlink.LinkEvent`:
@@ -119,6 +121,7 @@ COUNTERS = (
     "forged",
     "replayed",
     "reconnects",
+    "resubscribed",  # a topic whose slot moved to another node, subscribed again there
     "history_appended",
     "history_read",
     "critical_stored",
@@ -437,6 +440,13 @@ class RedisLink:
                 "EVAL", source, 1, layout.hosts, layout.prefix, host, now_ms, *args
             )
 
+        def channel_script(channel: int, source: str, *args: Any) -> None:
+            # the same in the channel's own slot: KEYS[1] is its stream
+            stream, _meta = layout.history_keys(channel)
+            pipe.execute_command(
+                "EVAL", source, 1, stream, layout.prefix, host, now_ms, channel, *args
+            )
+
         for op in batch:
             if isinstance(op, PublishChannel):
                 message = Message(host, None, op.frame, channel=op.channel, sent_ms=now_ms)
@@ -466,10 +476,11 @@ class RedisLink:
                 )
                 payload = cluster.encode(message, key)
                 size, ttl = max(1, op.size), max(1, op.ttl_ms)
-                script(self._append, op.channel, new_epoch(), size, ttl, payload)
+                topic = layout.channel_topic(op.channel)
+                channel_script(op.channel, self._append, new_epoch(), size, ttl, payload, topic)
             elif isinstance(op, ReadHistory):
                 since, limit, ttl = max(0, op.since), max(1, op.limit), max(1, op.ttl_ms)
-                script(cluster.READ_HISTORY, op.channel, new_epoch(), since, limit, ttl)
+                channel_script(op.channel, cluster.READ_HISTORY, new_epoch(), since, limit, ttl)
             elif isinstance(op, StoreCritical):
                 users = list(dict.fromkeys(op.users))
                 ttl = max(1, op.ttl_ms)
@@ -694,6 +705,8 @@ class RedisLink:
                         awaiting.discard(topic)
                         if not awaiting:
                             self._listening.set()  # the worker may say the link is up
+                    elif kind == "sunsubscribe":
+                        self._unsubscribed(client, pubsub, message)
                     message = self._next_message(pubsub, 0)
                 if ready:
                     self.notify(TopicsReady(ready))
@@ -708,6 +721,18 @@ class RedisLink:
             with contextlib.suppress(*ERRORS):
                 pubsub.close()
             self._close_client(client)
+
+    def _unsubscribed(self, client: Client, pubsub: Any, message: dict[str, Any]) -> None:
+        """Redis ended a sharded subscription we did not end (a topic still wanted): its slot
+        moved to another node (resharding, or a failover), which unsubscribes the slot's
+        listeners. Learn the new slot map and subscribe again, at the new owner."""
+        topic = message["channel"].decode(errors="replace")
+        if topic not in self.topics or not isinstance(client, RedisCluster):
+            return  # our own unsubscribe, confirmed
+        self._count("resubscribed")
+        log.info("redis pub/sub: %s moved to another node; subscribing again", topic)
+        client.nodes_manager.initialize()
+        self._subscribe(pubsub, True, topic)
 
     def _apply_topic_changes(self) -> list[tuple[bool, str]]:
         changes = []

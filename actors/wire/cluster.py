@@ -1,10 +1,14 @@
 """The Redis layout that links hosts: key and topic names, message codec, and Lua scripts.
 
 Owns: every name this system uses in Redis (docs/cluster.md has the table) and the bytes of
-the messages published between hosts. Must never do I/O. All names share one hash tag,
-``{ucc:<cluster>}``, so that multi-key operations and scripts stay in one slot of a Redis Cluster,
-and the topics too, so that a script may ``SPUBLISH`` to them. Every script takes ``KEYS[1]`` (the
-hosts set), which is how a Redis Cluster client routes it to the node that owns the slot.
+the messages published between hosts. Must never do I/O. The hosts' names share one hash tag,
+``{ucc:<cluster>}`` (``{P}`` below), so that the scripts that read every host's sets and publish
+to their inboxes stay in one slot of a Redis Cluster. Each channel has a hash tag of its own,
+``{ucc:<cluster>:c:<channel>}`` (``{C}`` below), for its topic and its history, so that channels
+spread over the cluster's slots (and primaries) and the APPEND script, which writes a channel's
+history and publishes on its topic, stays in the channel's slot. Every script takes ``KEYS[1]``
+(the hosts set, or the channel's stream), which is how a Redis Cluster client routes it to the
+node that owns the slot.
 
 | name | type | content |
 |---|---|---|
@@ -13,17 +17,19 @@ hosts set), which is how a Redis Cluster client routes it to the node that owns 
 | ``{P}:h:<host>:chans`` | set | channels with members on that host |
 | ``{P}:h:<host>:c:<channel>`` | set | that channel's members on that host |
 | ``{P}:h:<host>:snap`` | string | the host's presence, sealed: what other hosts' queries read |
-| ``{P}:c:<channel>`` | topic | broadcasts to the channel (hosts with members listen) |
+| ``{C}`` | topic | broadcasts to the channel (hosts with members listen) |
 | ``{P}:h:<host>`` | topic | the host's inbox: user broadcasts for its users, its own probes |
-| ``{P}:hist:<channel>`` | stream | kept messages: entry ``<offset>-1``, field ``m``: sealed |
-| ``{P}:hist:<channel>:meta`` | hash | the channel's ``epoch`` and ``offset`` (last assigned) |
+| ``{C}:hist`` | stream | kept messages: entry ``<offset>-1``, field ``m``: sealed |
+| ``{C}:hist:meta`` | hash | the channel's ``epoch`` and ``offset`` (last assigned) |
 | ``{P}:crit:<user>`` | list | the user's critical message ids, in the order they were stored |
 | ``{P}:crit:<user>:d`` | hash | ``<id>`` → the critical message, sealed |
 | ``{P}:crit:<user>:x`` | sorted set | ``<id>`` → its expiry (ms since the epoch) |
 | ``{P}:marks`` | set | channels marked for join/leave, cluster-wide |
 
-The history and critical keys share the hash tag too, for now (one slot: a script may publish
-where it writes); a later layout may spread channels over slots.
+The critical keys keep the hosts' tag: the scripts that store and acknowledge a critical message
+read the hosts' user sets and publish to their inboxes in the same step. The inboxes, presence
+sets and marks keep it for the same reason (one script answers "which live hosts have these
+users" and publishes to exactly those).
 
 Every message and every presence snapshot is *sealed*: a 32-byte HMAC-SHA256 under the cluster
 key, then the body. :func:`decode` and :func:`read_presence` check the seal first (in constant
@@ -138,7 +144,9 @@ class Layout:
         return f"{self.prefix}:hosts"
 
     def channel_topic(self, channel: int) -> str:
-        return f"{self.prefix}:c:{channel}"
+        """The channel's topic: a hash tag of its own (``{ucc:<cluster>:c:<channel>}``), so that
+        channels spread over a Redis Cluster's slots, and its history keys with it."""
+        return "{ucc:" + self.cluster + ":c:" + str(channel) + "}"
 
     def host_topic(self, host: str) -> str:
         return f"{self.prefix}:h:{host}"
@@ -154,8 +162,9 @@ class Layout:
         return f"{self.prefix}:h:{host}:c:{channel}"
 
     def history_keys(self, channel: int) -> tuple[str, str]:
-        """The channel's stream of kept messages and its meta hash (epoch, offset)."""
-        stream = f"{self.prefix}:hist:{channel}"
+        """The channel's stream of kept messages and its meta hash (epoch, offset): in its
+        topic's slot (the APPEND script writes them and publishes on the topic)."""
+        stream = f"{self.channel_topic(channel)}:hist"
         return stream, f"{stream}:meta"
 
     def critical_keys(self, user: int) -> tuple[str, str, str]:
@@ -170,9 +179,10 @@ class Layout:
         return f"{self.prefix}:marks"
 
     def channel_of_topic(self, topic: str) -> int | None:
-        head = f"{self.prefix}:c:"
-        if topic.startswith(head) and topic[len(head) :].isdigit():
-            return int(topic[len(head) :])
+        head = "{ucc:" + self.cluster + ":c:"
+        number = topic[len(head) : -1]
+        if topic.startswith(head) and topic.endswith("}") and number.isdigit():
+            return int(number)
         return None
 
 
@@ -602,12 +612,13 @@ redis.call('DEL', base .. ':users', base .. ':chans', base .. ':snap')
 return redis.call('ZREM', KEYS[1], ARGV[2])
 """
 
-# -- history: ARGV[4] is the channel id -------------------------------------------------------
+# -- history: KEYS[1] is the channel's stream (the script runs in the channel's slot, not the
+# hosts'), ARGV[4] the channel id ------------------------------------------------------------
 
 # Take the channel's state, creating it (epoch ARGV[5], offset 0) if it has none: a stream left
 # over from an expired state belongs to an old epoch and goes.
 _HISTORY_STATE = """
-local stream = ARGV[1] .. ':hist:' .. ARGV[4]
+local stream = KEYS[1]
 local meta = stream .. ':meta'
 local epoch = redis.call('HGET', meta, 'epoch')
 local created = false
@@ -620,10 +631,10 @@ end
 """
 
 # A channel message with history. ARGV[6]: at most this many kept (>= 1); ARGV[7]: ttl (ms);
-# ARGV[8]: the sealed message. Assigns the next offset, keeps the message as stream entry
-# "<offset>-1", makes the state live ttl more, and publishes the message with its position on
-# the channel's topic (every listening host, its publisher too, delivers that copy). Returns
-# {offset, epoch}.
+# ARGV[8]: the sealed message; ARGV[9]: the channel's topic. Assigns the next offset, keeps the
+# message as stream entry "<offset>-1", makes the state live ttl more, and publishes the
+# message with its position on the channel's topic (every listening host, its publisher too,
+# delivers that copy). Returns {offset, epoch}.
 APPEND = (
     _HISTORY_STATE
     + """
@@ -632,7 +643,7 @@ local offset = redis.call('HGET', meta, 'offset')  -- a string: a Lua number wou
 redis.call('XADD', stream, 'MAXLEN', ARGV[6], offset .. '-1', 'm', ARGV[8])
 redis.call('PEXPIRE', stream, ARGV[7])
 redis.call('PEXPIRE', meta, ARGV[7])
-redis.call('PUBLISH', ARGV[1] .. ':c:' .. ARGV[4], ARGV[8] .. '|' .. offset .. '|' .. epoch)
+redis.call('PUBLISH', ARGV[9], ARGV[8] .. '|' .. offset .. '|' .. epoch)
 return {offset, epoch}
 """
 )

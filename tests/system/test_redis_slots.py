@@ -1,7 +1,8 @@
-"""A Redis Cluster moves the slot of the hosts' topics and keys to another primary while they
-run (CLUSTER SETSLOT IMPORTING/MIGRATING, MIGRATE, SETSLOT NODE, as an operator's resharding
-does): no subscription is lost, cross-host broadcasts keep arriving, and presence still
-answers."""
+"""Channels spread over a Redis Cluster's slots: each channel's topic and history live in a
+slot of their own, so a 3-primary cluster carries channels on every primary, with cross-host
+delivery exact. And a channel's slot moved to another primary while the hosts run (CLUSTER
+SETSLOT IMPORTING/MIGRATING, MIGRATE, SETSLOT NODE, as an operator's resharding does) loses no
+subscription: cross-host broadcasts keep arriving, and presence still answers."""
 
 from __future__ import annotations
 
@@ -88,7 +89,7 @@ def test_moving_the_topics_slot_loses_no_subscription(ucc_host, redis_cluster_se
         await arrives("before", 10)
         assert await asyncio.to_thread(shard_subscribers, source, topic) == 1  # host b
         moved = await asyncio.to_thread(migrate_slot, server, slot, source, target)
-        assert moved > 0  # the hosts' keys live in that slot too
+        assert moved > 0  # the channel's history keys live in its slot
         assert await asyncio.to_thread(owner_of, server, slot) == target
         # after the move: delivery resumes (each try is a new message; the first that arrives
         # ends the wait) and presence still answers from both hosts
@@ -98,6 +99,53 @@ def test_moving_the_topics_slot_loses_no_subscription(ucc_host, redis_cluster_se
         assert await asyncio.to_thread(shard_subscribers, source, topic) == 0
         await a.aio.wait_online([42], CHANNEL, timeout=10)
         await b.aio.wait_online([42], CHANNEL, timeout=10)
+        await member.close()
+
+    asyncio.run(scenario())
+
+
+def test_channels_spread_over_every_primary_with_exact_delivery(ucc_host, redis_cluster_server):
+    server = redis_cluster_server
+    layout = Layout("default")
+    a = ucc_host(shards=1, args=("--redis", server.url), secret=SECRET)
+    b = ucc_host(shards=1, args=("--redis", server.url), secret=SECRET)
+    # channels 1, 2, ... until every primary serves at least one of them
+    owners: dict[int, int] = {}  # channel -> port of its slot's primary
+    with redis.Redis(port=server.ports[0]) as node:
+        channel = 0
+        while len(set(owners.values())) < len(server.ports):
+            channel += 1
+            slot = int(node.execute_command("CLUSTER", "KEYSLOT", layout.channel_topic(channel)))
+            owners[channel] = owner_of(server, slot)
+            for key in layout.history_keys(channel):  # the channel's history: its topic's slot
+                assert int(node.execute_command("CLUSTER", "KEYSLOT", key)) == slot
+    channels = sorted(owners)
+
+    async def scenario() -> None:
+        member = await connect_peer(b, 42, channels)
+        await a.aio.wait_online([42], channels[-1], timeout=10)
+        client = a.aio.client()
+        replies = {c: await client.broadcast_to_channel(c, f"to {c}") for c in channels}
+        assert all(r["ok"] and r["cluster"] is True for r in replies.values()), replies
+        await member.wait_for(
+            lambda frames: sum(f.get("type") == "message" for f in frames) >= len(channels),
+            timeout=10,
+        )
+        got = sorted(
+            (f["channel"], f["data"], f["offset"])
+            for f in member.frames
+            if f.get("type") == "message"
+        )
+        assert got == [(c, f"to {c}", replies[c]["offset"]) for c in channels]  # each once
+        # host b listens to each channel on the primary that serves it, and each primary
+        # keeps the history of its own channels
+        for c in channels:
+            topic = layout.channel_topic(c)
+            assert await asyncio.to_thread(shard_subscribers, owners[c], topic) == 1
+            stream, _meta = layout.history_keys(c)
+            with redis.Redis(port=owners[c]) as owner:
+                assert owner.exists(stream) == 1
+        assert len(set(owners.values())) == len(server.ports)
         await member.close()
 
     asyncio.run(scenario())

@@ -14,7 +14,7 @@ from redis.cluster import ClusterNode, RedisCluster
 
 from actors.hostlink import LinkState
 from actors.wire.cluster import ClusterKey
-from shards.config import ClusterURL, check_redis_url, cluster_url
+from shards.config import ClusterURL, check_cluster_name, check_redis_url, cluster_url
 from shards.redislink import RedisLink, cluster_seed
 from shards.testing import wait_until
 
@@ -199,3 +199,14 @@ def test_the_link_says_it_is_up_only_once_its_listener_is_subscribed():
             link.stopping.set()
             worker.join(5)
     assert not worker.is_alive()
+
+
+@pytest.mark.parametrize("name", ["default", "eu-west.1", "a", "A_b-c.9", "x" * 64])
+def test_a_cluster_name_of_safe_characters_is_taken(name):
+    assert check_cluster_name(name) == name
+
+
+@pytest.mark.parametrize("name", ["", "x" * 65, "a}b", "{a}", "a b", "a:b", "é", "a/b"])
+def test_a_cluster_name_that_would_break_a_hash_tag_is_refused(name):
+    with pytest.raises(ValueError, match="--cluster-name"):
+        check_cluster_name(name)

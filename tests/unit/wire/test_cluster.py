@@ -24,19 +24,33 @@ def decode(raw: bytes, key: ClusterKey = KEY, now_ms: int = 0) -> Message | Reje
     return cluster.decode(raw, key, now_ms)
 
 
-def test_every_name_shares_the_hash_tag():
+def test_the_hosts_names_share_one_hash_tag_and_each_channel_has_its_own():
     layout = Layout("blue")
     names = [
         layout.hosts,
-        layout.channel_topic(7),
         layout.host_topic("h1"),
         *layout.host_keys("h1"),
         layout.member_key("h1", 7),
         layout.snapshot_key("h1"),
+        layout.marks,
+        *layout.critical_keys(3),
     ]
     assert all(name.startswith("{ucc:blue}:") for name in names)
-    assert layout.channel_of_topic(layout.channel_topic(7)) == 7
-    assert layout.channel_of_topic(layout.host_topic("h1")) is None
+    topic = layout.channel_topic(7)
+    assert topic == "{ucc:blue:c:7}"  # the whole name is its tag: a slot per channel
+    assert all(key.startswith(topic + ":") for key in layout.history_keys(7))
+    assert layout.channel_topic(8) != topic
+    assert layout.channel_of_topic(topic) == 7
+    assert layout.channel_of_topic(layout.channel_topic(2**63 - 1)) == 2**63 - 1
+    for other in (
+        layout.host_topic("h1"),
+        layout.history_keys(7)[0],
+        "{ucc:blue:c:}",
+        "{ucc:blue:c:7x}",
+        "{ucc:green:c:7}",
+        "{ucc:blue}:c:7",  # the old layout's
+    ):
+        assert layout.channel_of_topic(other) is None, other
 
 
 def test_a_message_survives_encoding_and_garbage_is_refused():

@@ -21,11 +21,11 @@ def history(channel: int = 5, data: bytes = b'{"a":1}', sent_ms: int = NOW) -> b
     )
 
 
-def test_history_and_critical_keys_share_the_hash_tag():
+def test_history_keys_share_their_channel_tag_and_critical_keys_the_hosts_tag():
     layout = Layout("blue")
     stream, meta = layout.history_keys(7)
     ids, data, expiries = layout.critical_keys(2**63 - 1)
-    assert (stream, meta) == ("{ucc:blue}:hist:7", "{ucc:blue}:hist:7:meta")
+    assert (stream, meta) == ("{ucc:blue:c:7}:hist", "{ucc:blue:c:7}:hist:meta")
     assert ids == f"{{ucc:blue}}:crit:{2**63 - 1}"
     assert (data, expiries) == (ids + ":d", ids + ":x")
     assert layout.channel_of_topic(stream) is None  # a key, never taken for a channel topic
