@@ -119,7 +119,7 @@ def decode(raw: bytes, max_size: int) -> Command:
         elif kind is Field.FLAG:
             value = _optional(key, kind, value)
         else:
-            data_json = orjson.dumps(value) if exact else _encode_data(value)
+            data_json = _encode_data(value) if not exact else _dumps(value)
             continue
         args[key] = value
     optional = OPTIONAL.get(name)
@@ -182,6 +182,15 @@ _LONG_NUMBER = re.compile(rb"-[0-9]{19}|[0-9]{20}")
 _DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
 _DATA = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 _REPLY_OPTIONS = orjson.OPT_NON_STR_KEYS
+
+
+def _dumps(value: Any) -> bytes:
+    """orjson's encoding, or the json module's for data nested deeper than orjson encodes
+    (254 levels: it reads deeper than it writes)."""
+    try:
+        return orjson.dumps(value)
+    except orjson.JSONEncodeError:
+        return _encode_data(value)
 
 
 def _encode_data(value: Any) -> bytes:

@@ -491,3 +491,10 @@ def test_set_channel_refuses_a_bad_channel(value):
     exc = error_of(raw({"cmd": "set_channel", "channel": value, "join_leave": True}))
     assert exc.code == "bad_request"
     assert "'channel'" in exc.message
+
+
+@pytest.mark.parametrize("depth", [253, 254, 255, 300, 900])
+def test_deeply_nested_data_is_relayed_as_it_came(depth):
+    data = "[" * depth + "1" + "]" * depth
+    body = f'{{"cmd":"broadcast_to_user","user":1,"data":{data}}}'.encode()
+    assert decode(body, LIMIT).data_json == data.encode()
