@@ -56,6 +56,7 @@ from typing import Any, ClassVar
 import redis
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.cluster import ClusterNode, RedisCluster
+from redis.crc import key_slot
 from redis.exceptions import ClusterError, RedisClusterException
 from redis.retry import Retry
 
@@ -89,6 +90,7 @@ from actors.hostlink import (
     UserConnections,
 )
 from actors.ids import ChannelId, parse_id
+from actors.osthread import name_this_thread
 from actors.wire import cluster, frames
 from actors.wire.cluster import ClusterKey, Layout, Message, Presence, Rejected
 from shards.config import cluster_url
@@ -100,6 +102,8 @@ BATCH = 256  # operations run in one pipeline, or messages received per notify, 
 PRESENCE_TTL = 5.0  # a host that stops refreshing leaves presence after this long
 PROBE_INTERVAL = 1.0
 PROBE_TIMEOUT = 3.0
+SUBSCRIBE_TIMEOUT = 5.0  # seconds the listener's first subscriptions may take to be confirmed
+NODE_PROBE_REFRESH = 5.0  # seconds between two choices of the topics that probe each node
 # a UserConnections waits this long for the hosts it asked, then reports what came (shorter
 # than the router's gather timeout, 1 s by default, so that a partial answer still counts)
 ASK_TIMEOUT = 0.8
@@ -136,6 +140,11 @@ COUNTERS = (
     "who_partial",
 )
 Client = redis.Redis | RedisCluster
+
+
+class Resubscribe(Exception):
+    """The listener must start over (a topic's slot moved, a node's probes stopped): expected,
+    logged without a traceback."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,6 +242,14 @@ class RedisLink:
         self.notify = notify
         self.ops: queue.Queue[Work | None] = queue.Queue(QUEUE_LIMIT)
         self.topics: set[str] = {self.layout.host_topic(self.host)}
+        self._topics_lock = threading.Lock()  # the listener changes topics, the worker reads
+        # cluster mode: a probe through one subscribed topic of each node (not only the inbox's
+        # node): topic -> when the oldest of its probes not seen back yet was sent (under
+        # _probe_lock: the worker sends, the listener sees them back)
+        self._node_probes: dict[str, float] = {}
+        self._probe_lock = threading.Lock()
+        self._probe_topics: tuple[float, list[str]] = (0.0, [])  # (when chosen, topics)
+        self._unsubscribing: dict[str, int] = {}  # our own sunsubscribes not confirmed yet
         self._topic_changes: queue.SimpleQueue[tuple[bool, str]] = queue.SimpleQueue()
         self.stopping = threading.Event()
         self.up = False
@@ -355,6 +372,7 @@ class RedisLink:
     # -- the worker --------------------------------------------------------------------------
 
     def _work(self) -> None:
+        name_this_thread("ucc-redis-work")
         try:
             self._work_loop()
         finally:  # its socket closed now, rather than by the garbage collector some day
@@ -376,6 +394,10 @@ class RedisLink:
                 if backoff.failures:
                     self._count("reconnects")
                 backoff.reset()
+            if self.up and not self._listening.is_set():
+                # the listener is subscribing again: until it is back, a message published
+                # with history would reach no client of this host, so the link is down
+                self._set_state(False)
             if not self.up:
                 # up only once the listener is subscribed too (its client reconnects on its
                 # own): until then, a message published with history would reach no client of
@@ -433,6 +455,7 @@ class RedisLink:
         layout, host, key = self.layout, self.host, self.key
         now_ms = int(time.time() * 1000)
         pipe = client.pipeline(transaction=False)
+        node_probe: bytes | None = None  # the probe, for each node's topic too (cluster mode)
 
         def script(source: str, *args: Any) -> None:
             # EVAL spelled out: a cluster pipeline has no eval(); KEYS[1] routes it to our slot
@@ -518,11 +541,14 @@ class RedisLink:
             elif isinstance(op, AnswerUserConnections):
                 payload = self._sealed_answer(op, now_ms)
                 pipe.execute_command(self._publish, layout.host_topic(op.to_host), payload)
-            else:  # the probe
+            else:  # the probe: through the inbox, and one topic of each other node
                 message = Message(host, None, b"", probe=True, sent_ms=now_ms)
                 probe = cluster.encode(message, key)
                 pipe.execute_command(self._publish, layout.host_topic(host), probe)
+                node_probe = probe
         results = pipe.execute(raise_on_error=False)
+        if node_probe is not None:
+            self._probe_nodes(client, node_probe)
         events: list[OpResult] = []
         for op, value in zip(batch, results, strict=True):
             if isinstance(value, Exception):
@@ -663,9 +689,13 @@ class RedisLink:
     # -- the listener ------------------------------------------------------------------------
 
     def _listen(self) -> None:
+        name_this_thread("ucc-redis-lsn")
         while not self.stopping.is_set():
             try:
                 self._subscribed_loop()
+            except Resubscribe as exc:  # expected: a topic moved, or a node stopped answering
+                log.info("redis pub/sub: %s; subscribing again", exc)
+                self.listen_backoff.reset()
             except ERRORS as exc:
                 log.warning("redis pub/sub: %s; resubscribing", exc)
             except Exception:  # a bug must not silently end cross-host delivery for good
@@ -678,9 +708,13 @@ class RedisLink:
         pubsub = client.pubsub()  # type: ignore[no-untyped-call]
         try:
             inbox = self.layout.host_topic(self.host)
+            self._unsubscribing.clear()
+            with self._probe_lock:
+                self._node_probes.clear()
             self._apply_topic_changes()
             self._subscribe(pubsub, True, *self.topics)
             awaiting = set(self.topics)  # until Redis confirmed them all, the link is not up
+            subscribed_at = time.monotonic()
             # subscribed again: the next failure is a new outage, to be retried soon
             self.listen_backoff.reset()
             self.last_probe_seen = time.monotonic()
@@ -706,15 +740,27 @@ class RedisLink:
                         if not awaiting:
                             self._listening.set()  # the worker may say the link is up
                     elif kind == "sunsubscribe":
-                        self._unsubscribed(client, pubsub, message)
+                        self._unsubscribed(message)
                     message = self._next_message(pubsub, 0)
                 if ready:
                     self.notify(TopicsReady(ready))
                 if deliveries:
                     self.notify(Deliveries(deliveries))
+                if awaiting and time.monotonic() - subscribed_at > SUBSCRIBE_TIMEOUT:
+                    # a node took the subscriptions and never confirmed them (it hangs): ask
+                    # again, with a new client and the slot map as it is now
+                    raise Resubscribe(f"{len(awaiting)} topics not confirmed in time")
                 self._expire_asks()
                 if self.up and time.monotonic() - self.last_probe_seen > PROBE_TIMEOUT:
                     log.warning("redis pub/sub: probes stopped arriving; resubscribing")
+                    return
+                stale = self._stale_node_probe()
+                if stale is not None:
+                    log.warning(
+                        "redis pub/sub: probes through %s stopped arriving (its node does not"
+                        " answer, or the topic moved); resubscribing",
+                        stale,
+                    )
                     return
         finally:
             self._listening.clear()
@@ -722,26 +768,84 @@ class RedisLink:
                 pubsub.close()
             self._close_client(client)
 
-    def _unsubscribed(self, client: Client, pubsub: Any, message: dict[str, Any]) -> None:
-        """Redis ended a sharded subscription we did not end (a topic still wanted): its slot
-        moved to another node (resharding, or a failover), which unsubscribes the slot's
-        listeners. Learn the new slot map and subscribe again, at the new owner."""
+    def _unsubscribed(self, message: dict[str, Any]) -> None:
+        """A sharded subscription ended: ours (confirmed), or one Redis ended unasked because
+        the topic's slot moved to another node (resharding, a failover). Then the listener
+        starts over with a new client, which learns the new slot map and subscribes at the
+        new owners (a message published meanwhile is missed: channel clients see the gap in
+        the offsets and resume)."""
         topic = message["channel"].decode(errors="replace")
-        if topic not in self.topics or not isinstance(client, RedisCluster):
-            return  # our own unsubscribe, confirmed
-        self._count("resubscribed")
-        log.info("redis pub/sub: %s moved to another node; subscribing again", topic)
-        client.nodes_manager.initialize()
-        self._subscribe(pubsub, True, topic)
+        pending = self._unsubscribing.get(topic, 0)
+        if pending:
+            if pending == 1:
+                del self._unsubscribing[topic]
+            else:
+                self._unsubscribing[topic] = pending - 1
+            return
+        if topic in self.topics:
+            self._count("resubscribed")
+            raise Resubscribe(f"{topic} moved to another node")
 
     def _apply_topic_changes(self) -> list[tuple[bool, str]]:
         changes = []
         with contextlib.suppress(queue.Empty):
             while True:
                 add, topic = self._topic_changes.get_nowait()
-                (self.topics.add if add else self.topics.discard)(topic)
+                with self._topics_lock:
+                    (self.topics.add if add else self.topics.discard)(topic)
                 changes.append((add, topic))
         return changes
+
+    def _node_probe_topics(self, client: Client, now: float) -> list[str]:
+        """Cluster mode: one subscribed channel topic of each node that serves some but not
+        the inbox (whose probe covers its node), chosen again every NODE_PROBE_REFRESH
+        seconds (a pass over the topics: their slots). Each probe round publishes the probe
+        through them: one that does not come back within PROBE_TIMEOUT means that node's
+        subscription is dead (the node hangs, or the slot moved), and the listener starts
+        over."""
+        if not isinstance(client, RedisCluster):
+            return []
+        chosen_at, topics = self._probe_topics
+        if now - chosen_at < NODE_PROBE_REFRESH:
+            return topics
+        with self._topics_lock:
+            wanted = list(self.topics)
+        manager = client.nodes_manager
+        inbox = self.layout.host_topic(self.host).encode()
+        inbox_node = manager.get_node_from_slot(key_slot(inbox))
+        per_node: dict[str, str] = {}
+        for topic in wanted:
+            node = manager.get_node_from_slot(key_slot(topic.encode()))
+            if node.name != inbox_node.name and node.name not in per_node:
+                per_node[node.name] = topic
+        self._probe_topics = (now, list(per_node.values()))
+        return self._probe_topics[1]
+
+    def _probe_nodes(self, client: Client, probe: bytes) -> None:
+        """Publish ``probe`` through one topic of each other node (:meth:`_node_probe_topics`),
+        in a pipeline of its own (one reply per operation in the main one). A failure here
+        is not the link's: the probe does not come back, and the listener starts over."""
+        sent = time.monotonic()
+        topics = self._node_probe_topics(client, sent)
+        if not topics:
+            return
+        pipe = client.pipeline(transaction=False)
+        for topic in topics:
+            pipe.execute_command(self._publish, topic, probe)
+            with self._probe_lock:
+                self._node_probes.setdefault(topic, sent)
+        pipe.execute(raise_on_error=False)
+
+    def _stale_node_probe(self) -> str | None:
+        """A still-subscribed topic whose probe has not come back within PROBE_TIMEOUT."""
+        now = time.monotonic()
+        with self._probe_lock:
+            for topic, sent in list(self._node_probes.items()):
+                if topic not in self.topics:
+                    del self._node_probes[topic]  # unsubscribed since: its probes stop
+                elif now - sent > PROBE_TIMEOUT:
+                    return topic
+        return None
 
     def _sync_topics(self, pubsub: Any) -> None:
         for add, topic in self._apply_topic_changes():
@@ -750,6 +854,9 @@ class RedisLink:
     def _subscribe(self, pubsub: Any, add: bool, *topics: str) -> None:
         """(Un)subscribe: SSUBSCRIBE and SUNSUBSCRIBE in a Redis Cluster."""
         if self.sharded:
+            if not add:
+                for topic in topics:
+                    self._unsubscribing[topic] = self._unsubscribing.get(topic, 0) + 1
             (pubsub.ssubscribe if add else pubsub.sunsubscribe)(*topics)
         else:
             (pubsub.subscribe if add else pubsub.unsubscribe)(*topics)
@@ -782,7 +889,11 @@ class RedisLink:
             return None
         if decoded.probe:
             if decoded.origin == self.host:
-                self.last_probe_seen = time.monotonic()
+                if topic == self.layout.host_topic(self.host):
+                    self.last_probe_seen = time.monotonic()
+                else:  # one of the probes of each node's topics
+                    with self._probe_lock:
+                        self._node_probes.pop(topic, None)
             return None
         channel = self.layout.channel_of_topic(topic)
         if decoded.history:  # every host delivers it, its publisher too: Redis's order

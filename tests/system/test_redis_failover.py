@@ -5,6 +5,7 @@ real servers: the hard case, where the killed primary is also the only node name
 from __future__ import annotations
 
 import asyncio
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -241,3 +242,79 @@ def test_a_list_of_nodes_needs_the_cluster_scheme():
     assert "several nodes are for a Redis Cluster only" in err
     err = refused_start("--redis", "redis+cluster://127.0.0.1:7000,:7001", secret=SECRET)
     assert "':7001': no host" in err
+
+
+def slot_owner(port: int, slot: int) -> int:
+    """The port of the primary serving ``slot``, as the node on ``port`` sees it."""
+    with redis.Redis(port=port, socket_timeout=2.0) as node:
+        for start, end, primary, *_replicas in node.execute_command("CLUSTER", "SLOTS"):
+            if start <= slot <= end:
+                return int(primary[1])
+    raise AssertionError(f"no node serves slot {slot}")
+
+
+def test_a_hung_channel_primary_is_noticed_and_delivery_follows_its_replica(
+    replicated_cluster, ucc_host
+):
+    """A primary that serves a channel but not the hosts' keys stops answering (SIGSTOP: no
+    reset, as a frozen machine or a network split). Its replica takes over; the hosts' own
+    probes through that channel's topic stop coming back, so their listeners subscribe again
+    at the new owner, and cross-host delivery on the channel resumes."""
+    server = replicated_cluster
+    keys_node = server.node_of(LAYOUT.hosts)
+    channel = next(
+        c for c in range(1, 1000) if server.node_of(LAYOUT.channel_topic(c)) != keys_node
+    )
+    slot = server.slot_of(LAYOUT.channel_topic(channel))
+    victim = server.node_of(LAYOUT.channel_topic(channel))
+    url = server.seed_url(*[i for i in range(len(server.ports)) if i != victim])
+    a, b = hosts(ucc_host, url, 2)
+    process = server.procs[victim]
+    assert process is not None
+
+    async def scenario() -> None:
+        member = await connect_peer(b, 42, [channel])
+        await a.aio.wait_online([42], channel, timeout=10)
+
+        async def arrives(text: str, timeout: float) -> float:
+            started = time.monotonic()
+
+            async def got() -> bool:
+                try:
+                    await a.aio.client().broadcast_to_channel(channel, text)
+                except UccError:
+                    return False  # unavailable while the slot has no primary: try again
+                try:
+                    await member.wait_for(
+                        lambda frames: any(f.get("data") == text for f in frames), timeout=0.5
+                    )
+                except AssertionError:
+                    return False
+                return True
+
+            await wait_until_async(got, timeout, what=f"for {text!r} from host a on host b")
+            return time.monotonic() - started
+
+        await arrives("before", 10)
+        process.send_signal(signal.SIGSTOP)
+        hung = time.monotonic()
+        try:
+            keys_port = server.ports[keys_node]
+
+            async def promoted() -> bool:
+                owner = await asyncio.to_thread(slot_owner, keys_port, slot)
+                return owner != server.ports[victim]
+
+            await wait_until_async(promoted, 20, 0.2, what="for the replica's promotion")
+            print(f"replica promoted {time.monotonic() - hung:.1f} s after the SIGSTOP")
+            took = await arrives("after", 30)
+            print(
+                f"cross-host delivery on the channel back {time.monotonic() - hung:.1f} s"
+                f" after the SIGSTOP ({took:.1f} s after the promotion)"
+            )
+        finally:
+            process.send_signal(signal.SIGCONT)
+        assert a.proc.poll() is None and b.proc.poll() is None
+        await member.close()
+
+    asyncio.run(scenario())
