@@ -298,7 +298,7 @@ def _run_serve(args: argparse.Namespace) -> int:
             check_secret(args.cluster_secret, "--cluster-secret / UCC_CLUSTER_SECRET")
         if args.redis is not None:
             check_redis_url(args.redis)
-        check_cluster_name(args.cluster_name)
+            check_cluster_name(args.cluster_name)
         if args.admin_token is not None:
             check_admin_token(args.admin_token)
     except ValueError as exc:

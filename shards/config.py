@@ -194,15 +194,23 @@ class ClusterURL:
     seeds: tuple[tuple[str, int], ...]
 
 
+def _authority(rest: str) -> tuple[str, str, str, str]:
+    """What follows ``scheme://`` as (user information, ``@`` or ``""``, hosts, the rest: path,
+    query, fragment). The user information ends at the *last* ``@``: a password may hold
+    ``/``, ``?`` or ``#`` (it should be percent-encoded; people paste it as it is)."""
+    userinfo, at, after = rest.rpartition("@")
+    end = min((i for i in (after.find(c) for c in "/?#") if i >= 0), default=len(after))
+    return userinfo, at, after[:end], after[end:]
+
+
 def _hide_password(url: str) -> str:
     """``url`` with the password of its user information (if any) replaced by ``***``."""
     scheme, separator, rest = url.partition("://")
-    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
-    userinfo, at, hosts = rest[:end].rpartition("@")
+    userinfo, at, hosts, tail = _authority(rest)
     user, colon, _password = userinfo.partition(":")
     if not (separator and at and colon):
         return url
-    return f"{scheme}://{user}:***@{hosts}{rest[end:]}"
+    return f"{scheme}://{user}:***@{hosts}{tail}"
 
 
 def _seed(item: str) -> tuple[str, int]:
@@ -235,9 +243,7 @@ def cluster_url(url: str) -> ClusterURL | None:
     plain_scheme = CLUSTER_SCHEMES.get(scheme.lower())
     if not separator or plain_scheme is None:
         return None
-    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
-    userinfo, at, hosts = rest[:end].rpartition("@")
-    tail = rest[end:]
+    userinfo, at, hosts, tail = _authority(rest)
     seeds: dict[tuple[str, int], None] = {}
     try:
         for item in hosts.split(","):

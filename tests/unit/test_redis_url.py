@@ -210,3 +210,28 @@ def test_a_cluster_name_of_safe_characters_is_taken(name):
 def test_a_cluster_name_that_would_break_a_hash_tag_is_refused(name):
     with pytest.raises(ValueError, match="--cluster-name"):
         check_cluster_name(name)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis+cluster://u:p#ss@h:1,h:x",
+        "redis+cluster://u:p?ss@h:1,h:x",
+        "redis+cluster://u:p/ss@h:notaport",
+        "redis://u:p?ss@h:notaport",
+        "redis://u:p#s/s@h:99999",
+    ],
+)
+def test_a_password_with_url_characters_is_never_repeated(url):
+    with pytest.raises(ValueError) as caught:
+        check_redis_url(url)
+    message = str(caught.value)
+    password = url.split("//", 1)[1].rsplit("@", 1)[0].split(":", 1)[1]
+    assert password not in message, message
+    assert "***" in message
+
+
+def test_a_password_with_url_characters_does_not_move_the_hosts():
+    parsed = cluster_url("redis+cluster://u:p#s?s@h1:7000,h2:7001/0")
+    assert parsed is not None
+    assert parsed.seeds == (("h1", 7000), ("h2", 7001))
