@@ -99,11 +99,13 @@ class CpuMeter:
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-def thread_counters(processes: Iterable[psutil.Process]) -> dict[str, tuple[float, int]]:
-    """For each thread of ``processes``: (CPU seconds, context switches), by its name: its
-    process's name, then ``/`` and its own if it differs (``ucc-supervisor/ZMQbg/IO/0``);
-    threads of one name in one process are added up. Linux only (empty elsewhere)."""
-    counters: dict[str, tuple[float, int]] = {}
+def thread_counters(
+    processes: Iterable[psutil.Process],
+) -> dict[tuple[str, int], tuple[float, int]]:
+    """For each thread of ``processes``: (CPU seconds, context switches), keyed by (its name,
+    its id); the name is its process's, then ``/`` and its own if it differs
+    (``ucc-supervisor/ZMQbg/IO/0``). Linux only (empty elsewhere)."""
+    counters: dict[tuple[str, int], tuple[float, int]] = {}
     for proc in processes:
         base = Path(f"/proc/{proc.pid}")
         try:
@@ -122,9 +124,8 @@ def thread_counters(processes: Iterable[psutil.Process]) -> dict[str, tuple[floa
             switches = sum(
                 int(line.split()[1]) for line in status.splitlines() if "ctxt_switches" in line
             )
-            key = process_name if name == process_name else f"{process_name}/{name}"
-            before = counters.get(key, (0.0, 0))
-            counters[key] = (before[0] + cpu, before[1] + switches)
+            label = process_name if name == process_name else f"{process_name}/{name}"
+            counters[(label, int(task.name))] = (cpu, switches)
     return counters
 
 
@@ -134,22 +135,22 @@ class ThreadMeter:
 
     def __init__(self, processes: Sequence[psutil.Process]) -> None:
         self.processes = list(processes)
-        self._before: dict[str, tuple[float, int]] = {}
-        self.used: dict[str, tuple[float, int]] = {}
+        self._before: dict[tuple[str, int], tuple[float, int]] = {}
+        self.used: dict[str, tuple[float, int]] = {}  # by name: threads of one name added up
 
     def start(self) -> ThreadMeter:
         self._before = thread_counters(self.processes)
         return self
 
     def stop(self) -> ThreadMeter:
-        after = thread_counters(self.processes)
-        self.used = {
-            name: (
-                cpu - self._before.get(name, (0.0, 0))[0],
-                n - self._before.get(name, (0.0, 0))[1],
-            )
-            for name, (cpu, n) in after.items()
-        }
+        # per thread, then by name: a thread that ended meanwhile takes its time with it (it
+        # is not subtracted from the others of its name); one that started counts from 0
+        used: dict[str, tuple[float, int]] = {}
+        for key, (cpu, switches) in thread_counters(self.processes).items():
+            cpu0, switches0 = self._before.get(key, (0.0, 0))
+            total = used.get(key[0], (0.0, 0))
+            used[key[0]] = (total[0] + cpu - cpu0, total[1] + switches - switches0)
+        self.used = used
         return self
 
     def per(self, units: int) -> dict[str, list[float]]:
