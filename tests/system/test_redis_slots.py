@@ -53,7 +53,9 @@ def migrate_slot(server: RedisClusterServer, slot: int, source: int, target: int
         while keys := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
             src.execute_command("MIGRATE", "127.0.0.1", target, "", 0, 5000, "KEYS", *keys)
             moved += len(keys)
-        for port in server.ports:  # every node learns the new owner at once
+        # the new owner first, then the old one, then the others (as Redis's manual says)
+        others = [port for port in server.ports if port not in (target, source)]
+        for port in (target, source, *others):
             with redis.Redis(port=port) as node:
                 node.execute_command("CLUSTER", "SETSLOT", slot, "NODE", ids[target])
     return moved
