@@ -1,31 +1,35 @@
 """The capacity model of docs/scaling.md: hosts, Redis load and what saturates first.
 
     .venv/bin/python docs/scaling/model.py              # the 1M / 10M table
-    .venv/bin/python docs/scaling/model.py --validate   # the prediction for the 6-host run
+    .venv/bin/python docs/scaling/model.py --validate   # against the 6-host runs
 
 Every unit cost below was measured on the 2-core box of docs/scaling.md ("Measured inputs"),
-where the commands and dates are; the model only adds and multiplies them. Nothing here talks
-to a server.
+where the commands and dates are; docs/scaling/fit.py prints them from the raw results in
+docs/scaling/results/. The model only adds and multiplies them. Nothing here talks to a server.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import statistics
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 # -- measured unit costs (docs/scaling.md, "Measured inputs"), in CPU seconds and bytes --------
 
 US = 1e-6
 # a host (one `ucc serve`), its whole process tree; SUP_* is the part in its supervisor process
-HOST_FIXED = 10_000 * US  # per host per second, with no user: probes, timers, snapshot loop
-SUP_FIXED = 10_000 * US
-HOST_PER_USER = 3.1 * US  # per connected user per second: heartbeats, its part of the snapshot
+HOST_FIXED = 14_300 * US  # per host per second, with no user: probes, timers, snapshot loop
+SUP_FIXED = 11_300 * US
+HOST_PER_USER = 2.93 * US  # per connected user per second: heartbeats, its part of the snapshot
 SUP_PER_USER = 0.44 * US
-HOST_PER_MEMBERSHIP = 0.0  # per (user, channel) per second: not measurable here (< 0.2 us)
-SUP_PER_MEMBERSHIP = 0.4 * US
-HOST_PER_SET = 3.3 * US  # per channel with members on the host, per second (its snapshot)
-SUP_PER_SET = 1.9 * US
+HOST_PER_MEMBERSHIP = 0.0  # per (user, channel) per second: below the noise here
+SUP_PER_MEMBERSHIP = 0.31 * US
+HOST_PER_SET = 4.40 * US  # per channel with members on the host, per second (its snapshot)
+SUP_PER_SET = 3.09 * US
 PUBLISH = 478 * US  # on the host that takes a broadcast command, beyond its own delivery
 SUP_PUBLISH = 487 * US
 RECEIVE = 439 * US  # on every host that listens to the channel (the publisher too), per message
@@ -35,21 +39,23 @@ BIG_FRAME = 8.7 * US  # per recipient of a big channel (`ucc bench fanout`, 1,00
 SERVER_BYTES_PER_CONN = 7_100  # RSS per connection (`ucc bench fanout`, 1,000-10,000 members)
 
 # Redis (one primary: today every key and topic of a cluster of hosts shares one hash tag)
-REDIS_BASE = 2_800 * US  # per second, its own housekeeping and a host or a few
+REDIS_BASE = 2_000 * US  # per second: its own housekeeping and one host with no user
 REDIS_PER_MESSAGE = 81 * US  # per broadcast: the APPEND script (offset, stream, PUBLISH)
 REDIS_PER_LISTENER = 14.6 * US  # per listening host of that broadcast
 REDIS_IN_PER_MESSAGE = 1085  # bytes in per broadcast (the script's text travels with EVAL)
 REDIS_OUT_PER_MESSAGE = 35  # bytes out per broadcast (the script's reply)
 REDIS_OUT_PER_LISTENER = 286  # bytes out per listening host
-PRESENCE_PER_USER = 0.707 * US  # Redis CPU per user per second (the snapshot script)
-PRESENCE_PER_MEMBERSHIP = 0.21 * US
-PRESENCE_PER_SET = 4.53 * US  # per (host, channel) member set, rewritten every second
+PRESENCE_PER_USER = 0.327 * US  # Redis CPU per user per second (the snapshot script)
+PRESENCE_PER_MEMBERSHIP = 0.41 * US
+PRESENCE_PER_SET = 4.33 * US  # per (host, channel) member set, rewritten every second
 PRESENCE_IN_PER_USER = 14.4  # bytes into Redis per second
 PRESENCE_IN_PER_MEMBERSHIP = 14.0
 PRESENCE_IN_PER_SET = 14.1
-REDIS_BYTES_PER_USER = 123  # used_memory per user (host users set, snapshot), in a room of 10
-REDIS_BYTES_PER_MEMBERSHIP = 53
-REDIS_BYTES_PER_SET = 424  # a (host, channel) topic subscription (240) and its member set
+# used_memory: 123 B per user in a room of 10 (users set, snapshot, its membership, a tenth of
+# its room's set), 177 B if also in a big channel; so, the set counted apart:
+REDIS_BYTES_PER_USER = 123 - 42  # and one membership
+REDIS_BYTES_PER_MEMBERSHIP = 54  # each further one
+REDIS_BYTES_PER_SET = 425  # a (host, channel) topic subscription (240) and its member set
 
 # -- the workload and the deployment (assumptions, docs/scaling.md) ------------------------------
 
@@ -135,7 +141,7 @@ def load(
         + listeners * REDIS_OUT_PER_LISTENER,
         subscriptions=sets,
         redis_memory=users * REDIS_BYTES_PER_USER
-        + members * REDIS_BYTES_PER_MEMBERSHIP
+        + (members - users) * REDIS_BYTES_PER_MEMBERSHIP
         + sets * REDIS_BYTES_PER_SET,
     )
 
@@ -218,32 +224,59 @@ def main() -> None:
         table(args.big_rate)
 
 
-# the validation run (docs/scaling/measure.py validate --room-rate 60 --big-rate 2 --seconds 60,
-# 2026-12-02 00:05 UTC): its layout as the run printed it, and what it measured (% of a core, B/s)
-VALIDATION = {"users": 3000, "hosts": 6, "room_rate": 60.0, "big_rate": 2.0, "spread": 5.007}
-MEASURED = {
-    "idle": {"hosts": 8.87, "redis": 1.25, "in": 176_177, "out": 1_181},
-    "load": {"hosts": 29.82, "redis": 2.09, "in": 243_607, "out": 92_386},
-}
+# -- the validation runs (docs/scaling/measure.py validate), read from docs/scaling/results/ ------
+
+RESULTS = Path(__file__).parent / "results"
+VALIDATIONS = {"val1": "6 hosts x 500 users", "val2": "6 hosts x 1,500 users"}
+
+
+def predicted(run: dict[str, Any], phase: str) -> dict[str, float]:
+    """The model's figures for one validation run's idle or load window (% of a core, B/s),
+    at the rates it achieved: messages sent divided by the window's length."""
+    layout = run["layout"]
+    users, hosts = layout["hosts"] * layout["users_per_host"], layout["hosts"]
+    seconds = run["load"]["seconds"]
+    rooms, big = (run["room_messages"] / seconds, run["big_messages"] / seconds)
+    if phase == "idle":
+        rooms, big = 0.0, 0.0
+    got = load(users, hosts, big, rooms, layout["mean_hosts_per_room"])
+    return {
+        "hosts": got.host_cpu * 100,
+        "redis": got.redis_cpu * 100,
+        "in": got.redis_in,
+        "out": got.redis_out,
+    }
+
+
+def measured(run: dict[str, Any], phase: str) -> dict[str, float]:
+    window = run[phase]
+    return {
+        "hosts": sum(window["hosts_cpu_percent"]),
+        "redis": window["redis_cpu_percent"],
+        "in": window["redis_in_bytes_per_s"],
+        "out": window["redis_out_bytes_per_s"],
+    }
 
 
 def validation() -> None:
-    v = VALIDATION
-    users, hosts, spread = int(v["users"]), int(v["hosts"]), v["spread"]
-    for phase, (big, rooms) in (("idle", (0.0, 0.0)), ("load", (v["big_rate"], v["room_rate"]))):
-        got = load(users, hosts, big, rooms, spread)
-        predicted = {
-            "hosts": got.host_cpu * 100,
-            "redis": got.redis_cpu * 100,
-            "in": got.redis_in,
-            "out": got.redis_out,
-        }
-        if phase == "idle":
-            del predicted["out"]  # not modelled: replies to probes and snapshots, ~1 kB/s
-        for key, value in predicted.items():
-            measured = MEASURED[phase][key]
-            error = 100 * (value - measured) / measured
-            print(f"{phase} {key}: model {value:,.2f}, measured {measured:,.2f}, {error:+.0f} %")
+    """Model against measurement for every validation run; the error of the medians."""
+    for prefix, title in VALIDATIONS.items():
+        paths = [RESULTS / f"{prefix}.json", *sorted(RESULTS.glob(f"{prefix}_*.json"))]
+        found = [json.loads(path.read_text()) for path in paths if path.exists()]
+        if not found:
+            continue
+        print(f"{title}: {len(found)} run(s), {found[0]['command']}")
+        for phase in ("idle", "load"):
+            for key in ("hosts", "redis", "in", "out"):
+                if phase == "idle" and key == "out":
+                    continue  # not modelled: replies to probes and snapshots, ~1 kB/s
+                model = statistics.median(predicted(run, phase)[key] for run in found)
+                values = [measured(run, phase)[key] for run in found]
+                real = statistics.median(values)
+                error = 100 * (model - real) / real
+                shown = ", ".join(f"{v:,.2f}" for v in values)
+                print(f"  {phase} {key}: model {model:,.2f}, measured {real:,.2f} ({shown}), "
+                      f"error {error:+.0f} %")  # fmt: skip
 
 
 if __name__ == "__main__":
