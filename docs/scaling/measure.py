@@ -467,11 +467,12 @@ def main() -> int:
     parser.add_argument("--steps", type=lambda t: [int(x) for x in t.split(",")], default=[5000])
     parser.add_argument("--big", action="store_true", help="idle: users also in channel 1")
     parser.add_argument("--cluster", action="store_true", help="a 3-primary Redis Cluster")
+    parser.add_argument("--client-procs", type=int, default=2, help="load client processes")
     args = parser.parse_args()
     global SHARDED
     SHARDED = args.cluster
     host_count, run = RUNS[args.run]
-    fleet = Fleet(2)  # forked before any event loop or server
+    fleet = Fleet(args.client_procs)  # forked before any event loop or server
     server: RedisServer | RedisClusterServer | None = None
     try:
         with contextlib.ExitStack() as stack:

@@ -227,7 +227,12 @@ def main() -> None:
 # -- the validation runs (docs/scaling/measure.py validate), read from docs/scaling/results/ ------
 
 RESULTS = Path(__file__).parent / "results"
-VALIDATIONS = {"val1": "6 hosts x 500 users", "val2": "6 hosts x 1,500 users"}
+VALIDATIONS = {
+    "val1": "6 hosts x 500 users",
+    "val2": "6 hosts x 1,500 users",
+    "val3": "6 hosts x 3,000 users",
+    "val4": "6 hosts x 10,000 users",
+}
 
 
 def predicted(run: dict[str, Any], phase: str) -> dict[str, float]:
