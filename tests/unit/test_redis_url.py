@@ -1,22 +1,14 @@
 """``--redis`` URLs: a Redis Cluster named by several seed nodes (``redis+cluster://h1:p1,h2:p2``),
-their validation (one-line reasons, no password repeated), the startup nodes a link's next
-cluster client discovers the cluster from (the seeds, then every node its last client knew), and
-the link's state after a reconnect (up only once its listener is subscribed too)."""
+their validation (one-line reasons, no password repeated) and a link's seeds. What a link does
+with them against real servers: tests/system/test_redis_link.py."""
 
 from __future__ import annotations
 
-import threading
-from typing import Any
-from unittest import mock
-
 import pytest
-from redis.cluster import ClusterNode, RedisCluster
 
-from actors.hostlink import LinkState
 from actors.wire.cluster import ClusterKey
 from shards.config import ClusterURL, check_cluster_name, check_redis_url, cluster_url
 from shards.redislink import RedisLink, cluster_seed
-from shards.testing import wait_until
 
 KEY = ClusterKey(b"k" * 32)
 
@@ -114,33 +106,6 @@ def test_the_password_is_not_repeated_in_a_refusal():
         assert "ucc:***@" in str(refused.value)
 
 
-def test_a_link_starts_from_its_seeds_then_from_every_node_its_last_client_knew():
-    link = RedisLink("redis+cluster://seed:7000,other:7001", "unit", lambda _e: None, KEY)
-    assert link.sharded
-    assert link.startup_nodes() == [("seed", 7000), ("other", 7001)]
-
-    client = mock.Mock(spec=RedisCluster)  # what a client discovered: 3 primaries, 3 replicas
-    ports = [7000, 7001, 7002, 7003, 7004, 7005]
-    client.get_nodes.return_value = [ClusterNode("127.0.0.1", port) for port in ports]
-    link._remember_nodes(client)
-    # the seeds first (as named: a seed by name may be a known node by address), then the rest
-    known = [("127.0.0.1", port) for port in ports]
-    assert link.startup_nodes() == [("seed", 7000), ("other", 7001), *known]
-
-    # a later client's view replaces it (a node gone from the cluster is not kept forever)...
-    client.get_nodes.return_value = [ClusterNode("127.0.0.1", 7001)]
-    link._close_client(client)
-    assert link.startup_nodes() == [("seed", 7000), ("other", 7001), ("127.0.0.1", 7001)]
-    client.close.assert_called_once()
-    # ...but a client that knows nothing (its discovery failed) leaves it as it was
-    client.get_nodes.side_effect = AttributeError("nodes_manager")
-    link._remember_nodes(client)
-    client.get_nodes.side_effect = None
-    client.get_nodes.return_value = []
-    link._remember_nodes(client)
-    assert link.startup_nodes()[-1] == ("127.0.0.1", 7001)
-
-
 def test_a_single_redis_link_has_no_seeds():
     link = RedisLink("redis://127.0.0.1:1/0", "unit", lambda _e: None, KEY)
     assert not link.sharded
@@ -148,57 +113,10 @@ def test_a_single_redis_link_has_no_seeds():
     assert link.startup_nodes() == []
 
 
-def test_a_cluster_client_is_made_from_every_startup_node():
-    link = RedisLink("rediss+cluster://u:pw@a:7000,b:7001/0", "unit", lambda _e: None, KEY)
-    calls: list[dict[str, object]] = []
-
-    def init(self: RedisCluster, **kwargs: object) -> None:  # no discovery: no server here
-        calls.append(kwargs)
-
-    discovered = [ClusterNode("10.0.0.9", 7009)]
-    with (
-        mock.patch.object(RedisCluster, "__init__", init),
-        mock.patch.object(RedisCluster, "get_nodes", return_value=discovered),
-    ):
-        link._client()
-    (kwargs,) = calls
-    assert kwargs["url"] == "rediss://u:pw@a:7000/0"  # credentials and TLS for every node
-    nodes = kwargs["startup_nodes"]
-    assert isinstance(nodes, list)
-    assert [(n.host, n.port) for n in nodes] == [("b", 7001)]
-    assert link.startup_nodes() == [("a", 7000), ("b", 7001), ("10.0.0.9", 7009)]
-
-
-def test_the_link_says_it_is_up_only_once_its_listener_is_subscribed():
-    """The worker connects first (its own client), but reports the link up only when the
-    listener has its subscriptions: until then, this host would not hear what it publishes."""
-    events: list[object] = []
-    link = RedisLink("redis+cluster://seed:7000", "unit", events.append, KEY)
-    polls = threading.Semaphore(0)
-    drain = link._drain
-
-    def counted(wait: float) -> list[Any]:
-        polls.release()
-        return drain(wait)
-
-    with (
-        mock.patch.object(link, "_connect", return_value=mock.Mock()),
-        mock.patch.object(link, "_run"),
-        mock.patch.object(link, "_drain", side_effect=counted),
-    ):
-        worker = threading.Thread(target=link._work_loop, daemon=True)
-        worker.start()
-        try:
-            for _ in range(3):  # connected, and polled the listener three times: still down
-                assert polls.acquire(timeout=5)
-            assert not link.up and events == []
-            link._listening.set()
-            wait_until(lambda: link.up, 5, what="for the link to be up")
-            assert events == [LinkState(True)]
-        finally:
-            link.stopping.set()
-            worker.join(5)
-    assert not worker.is_alive()
+def test_a_cluster_link_starts_from_its_seeds_in_order():
+    link = RedisLink("redis+cluster://seed:7000,other:7001", "unit", lambda _e: None, KEY)
+    assert link.sharded
+    assert link.startup_nodes() == [("seed", 7000), ("other", 7001)]
 
 
 @pytest.mark.parametrize("name", ["default", "eu-west.1", "a", "A_b-c.9", "x" * 64])
