@@ -1,18 +1,19 @@
 """shards.cli of issue 13: ``ucc status`` as a table (addresses, Redis link, uptime, totals),
 ``ucc stats``, ``online`` warning when only this host answered, and every command's
-``--command`` defaulting to ``$UCC_COMMAND``. Stand-in clients; no server."""
+``--command`` defaulting to ``$UCC_COMMAND``. The CLI's real client against a real ZeroMQ endpoint
+with canned replies (no ucc server needed for what is only formatting)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import threading
 from typing import Any
 
 import pytest
+import zmq
 
-import shards.cli
 from shards.cli import build_parser, format_duration, format_status, format_status_report, main
-from shards.client import CommandTimeout
 
 SHARDS = [
     {"index": 0, "pid": 101, "epoch": 1, "state": "up", "connections": 3, "users": 2,
@@ -24,39 +25,52 @@ SHARDS = [
 ]  # fmt: skip
 
 
-class StandIn:
-    """What ``shards.cli`` needs of :class:`shards.client.Client`: replies by command."""
+class CannedServer:
+    """A real ZeroMQ command endpoint on 127.0.0.1 that answers each command with the reply
+    set for it in ``replies`` (``None``: no answer, the client times out), and records the
+    commands asked. ``shards.cli`` talks to it with its real client."""
 
-    made: list[tuple[tuple[object, ...], dict[str, object]]] = []
-    replies: dict[str, Any] = {}
-    asked: list[str] = []
+    def __init__(self) -> None:
+        self.socket = zmq.Context.instance().socket(zmq.ROUTER)
+        self.socket.linger = 0
+        self.socket.bind("tcp://127.0.0.1:*")
+        self.endpoint: str = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.replies: dict[str, Any] = {}
+        self.asked: list[str] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, name="canned-server", daemon=True)
+        self.thread.start()
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        self.made.append((args, kwargs))
+    def _serve(self) -> None:
+        while not self.stop.is_set():
+            if not self.socket.poll(20):
+                continue
+            *envelope, payload = self.socket.recv_multipart()
+            request = json.loads(payload)
+            self.asked.append(request["cmd"])
+            reply = self.replies.get(request["cmd"])
+            if reply is not None:
+                body = json.dumps({"id": request.get("id"), **reply}).encode()
+                self.socket.send_multipart([*envelope, body])
 
-    def __enter__(self) -> StandIn:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
-
-    def request(self, cmd: str, **fields: object) -> dict[str, object]:
-        self.asked.append(cmd)
-        reply = self.replies[cmd]
-        if isinstance(reply, Exception):
-            raise reply
-        return dict(reply)
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+        self.socket.close()
 
 
 @pytest.fixture
 def standin(monkeypatch):
-    monkeypatch.setattr(shards.cli, "Client", StandIn)
-    StandIn.made, StandIn.asked = [], []
-    StandIn.replies = {
-        "status": {"ok": True, "shards": SHARDS, "missing_shards": [1]},
-        "router_stats": {"ok": True, "commands": 7, "shards": {"0": "up"}},
-    }
-    return StandIn
+    server = CannedServer()
+    try:
+        server.replies = {
+            "status": {"ok": True, "shards": SHARDS, "missing_shards": [1]},
+            "router_stats": {"ok": True, "commands": 7, "shards": {"0": "up"}},
+        }
+        monkeypatch.setenv("UCC_COMMAND", server.endpoint)
+        yield server
+    finally:
+        server.close()
 
 
 # -- the table ---------------------------------------------------------------------------------
@@ -139,17 +153,17 @@ def test_uptime_from_a_start_time():
 
 
 def test_status_prints_the_report_and_warns_of_missing_shards(standin, capsys):
-    assert main(["status", "--command", "tcp://127.0.0.1:7000"]) == 0
+    assert main(["status", "--command", standin.endpoint]) == 0
     out, err = capsys.readouterr()
-    assert out.startswith("command    tcp://127.0.0.1:7000\nredis      none")
+    assert out.startswith(f"command    {standin.endpoint}\nredis      none")
     assert "total" in out and "INDEX" in out
     assert "shards [1] were down" in err
     assert standin.asked == ["status", "router_stats"]
 
 
 def test_status_without_router_stats_still_prints_the_table(standin, capsys):
-    standin.replies["router_stats"] = CommandTimeout("no reply")
-    assert main(["status"]) == 0
+    standin.replies["router_stats"] = None  # never answered: the client times out
+    assert main(["status", "--timeout", "0.5"]) == 0
     out = capsys.readouterr().out
     assert "redis      unknown" in out and "INDEX" in out
 
@@ -157,7 +171,7 @@ def test_status_without_router_stats_still_prints_the_table(standin, capsys):
 def test_status_json_prints_the_raw_reply(standin, capsys):
     assert main(["status", "--json"]) == 0
     out = capsys.readouterr().out
-    assert json.loads(out) == standin.replies["status"]
+    assert json.loads(out) == {"id": 1, **standin.replies["status"]}
     assert standin.asked == ["status"]
 
 
@@ -169,7 +183,7 @@ def test_status_with_a_bad_reply_fails(standin, capsys):
 
 def test_stats_prints_router_stats_as_json(standin, capsys):
     assert main(["stats"]) == 0
-    assert json.loads(capsys.readouterr().out) == standin.replies["router_stats"]
+    assert json.loads(capsys.readouterr().out) == {"id": 1, **standin.replies["router_stats"]}
     assert standin.asked == ["router_stats"]
 
 
@@ -229,7 +243,7 @@ def test_bench_command_defaults_to_ucc_command(monkeypatch):
     assert build_parser().parse_args(explicit).command == "tcp://127.0.0.1:6201"
 
 
-def test_the_commands_talk_to_ucc_command(standin, monkeypatch):
-    monkeypatch.setenv("UCC_COMMAND", "tcp://127.0.0.1:6300")
+def test_the_commands_talk_to_ucc_command(standin):
+    # the fixture set $UCC_COMMAND to its endpoint, and no --command is given
     assert main(["stats"]) == 0
-    assert standin.made[-1][0][0] == "tcp://127.0.0.1:6300"
+    assert standin.asked == ["router_stats"]
