@@ -9,6 +9,7 @@ import time
 
 import pytest
 import zmq
+from canned import CannedServer
 
 import shards.cli
 from shards.cli import build_parser, format_connections, main
@@ -79,55 +80,49 @@ def test_bad_values_are_usage_errors_naming_what_was_expected(flag, value, expec
     assert flag in error and expected in error
 
 
-# -- the commands of issue 11, against a stand-in client ------------------------------------
+# -- the commands of issue 11, against a real endpoint with canned replies ------------------
 
 
-class StandInClient:
-    """What ``shards.cli`` needs of :class:`shards.client.Client`, recording its calls."""
+class Canned:
+    """A real command endpoint with canned replies (tests/unit/canned.py) as these tests use
+    it: ``reply`` answers every command; ``calls`` is what was sent, ``(cmd, field values)``."""
 
-    calls: list[tuple[str, tuple[object, ...]]] = []
-    reply: dict[str, object] = {}
+    def __init__(self, server: CannedServer) -> None:
+        self.server = server
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        pass
+    @property
+    def reply(self) -> dict[str, object]:
+        return dict(self.server.default)
 
-    def __enter__(self) -> StandInClient:
-        return self
+    @reply.setter
+    def reply(self, value: dict[str, object]) -> None:
+        self.server.default = value
 
-    def __exit__(self, *exc: object) -> None:
-        pass
+    @property
+    def calls(self) -> list[tuple[str, tuple[object, ...]]]:
+        return [
+            (request["cmd"], tuple(v for k, v in request.items() if k != "cmd"))
+            for request in self.server.requests
+        ]
 
-    def history(self, *args: object) -> dict[str, object]:
-        self.calls.append(("history", args))
-        return self.reply
 
-    def broadcast_to_user(self, *args: object) -> dict[str, object]:
-        self.calls.append(("broadcast_to_user", args))
-        return self.reply
-
-    def broadcast_to_users(self, *args: object) -> dict[str, object]:
-        self.calls.append(("broadcast_to_users", args))
-        return self.reply
-
-    def snapshot(self) -> dict[str, object]:
-        self.calls.append(("snapshot", ()))
-        return self.reply
-
-    def set_channel(self, *args: object) -> dict[str, object]:
-        self.calls.append(("set_channel", args))
-        return self.reply
-
-    def request(self, cmd: str, **fields: object) -> dict[str, object]:
-        self.calls.append((cmd, tuple(fields.values())))
-        return self.reply
+def printed(text: str) -> object:
+    """A JSON reply as the CLI printed it, without the request id the real client sent."""
+    value = json.loads(text)
+    if isinstance(value, dict):
+        value.pop("id", None)
+    return value
 
 
 @pytest.fixture
 def client(monkeypatch):
-    monkeypatch.setattr(shards.cli, "Client", StandInClient)
-    StandInClient.calls = []
-    StandInClient.reply = {"ok": True}
-    return StandInClient
+    server = CannedServer()
+    try:
+        server.default = {"ok": True}
+        monkeypatch.setenv("UCC_COMMAND", server.endpoint)
+        yield Canned(server)
+    finally:
+        server.close()
 
 
 def test_history_prints_one_json_line_per_message(client, capsys):
@@ -146,7 +141,7 @@ def test_history_prints_one_json_line_per_message(client, capsys):
 def test_history_json_prints_the_reply(client, capsys):
     client.reply = {"ok": True, "epoch": "e1", "offset": 0, "messages": []}
     assert main(["history", "5", "--since", "3", "--limit", "7", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out) == client.reply
+    assert printed(capsys.readouterr().out) == client.reply
     assert client.calls == [("history", (5, 3, 7))]
 
 
@@ -163,12 +158,12 @@ def test_broadcast_critical(client, capsys):
     assert main(["broadcast", "--user", "4", "--critical", '"x"']) == 0
     assert main(["broadcast", "--users", "4,5", "--critical", "--ttl", "60", "1"]) == 0
     assert main(["broadcast", "--user", "4", "2"]) == 0
-    assert client.calls == [
-        ("broadcast_to_user", (4, "x", True, None)),
-        ("broadcast_to_users", ([4, 5], 1, True, 60.0)),
-        ("broadcast_to_user", (4, 2, False, None)),
+    assert client.server.requests == [  # as sent: no critical fields when not critical
+        {"cmd": "broadcast_to_user", "user": 4, "data": "x", "critical": True},
+        {"cmd": "broadcast_to_users", "users": [4, 5], "data": 1, "critical": True, "ttl": 60.0},
+        {"cmd": "broadcast_to_user", "user": 4, "data": 2},
     ]
-    assert json.loads(capsys.readouterr().out.splitlines()[0]) == client.reply
+    assert printed(capsys.readouterr().out.splitlines()[0]) == client.reply
 
 
 @pytest.mark.parametrize(
@@ -191,7 +186,7 @@ def test_snapshot_prints_the_reply(client, capsys):
     client.reply = {"ok": True, "seq": 4, "host": "h", "connections": [], "missing_shards": [1]}
     assert main(["snapshot"]) == 0
     out, err = capsys.readouterr()
-    assert json.loads(out) == client.reply
+    assert printed(out) == client.reply
     assert "shards [1]" in err
     assert client.calls == [("snapshot", ())]
 
@@ -244,7 +239,7 @@ def test_who_prints_a_table_or_the_reply(client, capsys):
     assert out.splitlines()[1].startswith("0.1.7")
     assert err == ""
     assert main(["who", "42", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out) == client.reply
+    assert printed(capsys.readouterr().out) == client.reply
     assert client.calls == [("get_user_connections", (42,))] * 2
 
 
@@ -274,7 +269,7 @@ def test_who_with_a_bad_reply_fails(client, capsys):
 def test_channel_sets_join_leave(word, flag, client, capsys):
     client.reply = {"ok": True, "channel": 5, "join_leave": flag}
     assert main(["channel", "5", "--join-leave", word]) == 0
-    assert json.loads(capsys.readouterr().out) == client.reply
+    assert printed(capsys.readouterr().out) == client.reply
     assert client.calls == [("set_channel", (5, flag))]
 
 

@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import threading
-from typing import Any
 
 import pytest
-import zmq
+from canned import CannedServer
 
 from shards.cli import build_parser, format_duration, format_status, format_status_report, main
 
@@ -23,40 +21,6 @@ SHARDS = [
     {"index": 2, "pid": None, "epoch": 2, "state": "restarting", "connections": 0, "users": 0,
      "channels": 0},
 ]  # fmt: skip
-
-
-class CannedServer:
-    """A real ZeroMQ command endpoint on 127.0.0.1 that answers each command with the reply
-    set for it in ``replies`` (``None``: no answer, the client times out), and records the
-    commands asked. ``shards.cli`` talks to it with its real client."""
-
-    def __init__(self) -> None:
-        self.socket = zmq.Context.instance().socket(zmq.ROUTER)
-        self.socket.linger = 0
-        self.socket.bind("tcp://127.0.0.1:*")
-        self.endpoint: str = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.replies: dict[str, Any] = {}
-        self.asked: list[str] = []
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._serve, name="canned-server", daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while not self.stop.is_set():
-            if not self.socket.poll(20):
-                continue
-            *envelope, payload = self.socket.recv_multipart()
-            request = json.loads(payload)
-            self.asked.append(request["cmd"])
-            reply = self.replies.get(request["cmd"])
-            if reply is not None:
-                body = json.dumps({"id": request.get("id"), **reply}).encode()
-                self.socket.send_multipart([*envelope, body])
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(5)
-        self.socket.close()
 
 
 @pytest.fixture
