@@ -1,18 +1,21 @@
 """shards.events: the pure follower state (order, gaps, resync) without sockets, then the
-socket half against a real ZeroMQ PUB socket with crafted events and a stand-in client."""
+socket half against a real ZeroMQ PUB socket with crafted events, and a real command client on
+a real ZeroMQ endpoint with canned snapshots (tests/unit/canned.py)."""
 
 from __future__ import annotations
 
 import json
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 import zmq
+from canned import CannedServer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shards.client import CommandTimeout
+from shards.client import Client, CommandTimeout
 from shards.events import (
     MAX_PENDING,
     EventFollower,
@@ -391,27 +394,50 @@ def first_through(follower: EventFollower, socket, event: dict) -> dict:
     raise AssertionError("the SUB socket never received anything")
 
 
-class StandInClient:
-    """What the follower needs of a command client: ``request("snapshot")``."""
+class Command:
+    """A real command client on a real ZeroMQ endpoint with canned replies (canned.py): the
+    snapshots in order, and ``router_stats`` with ``events`` once set."""
 
-    def __init__(self, *snapshots: dict) -> None:
-        self.snapshots = list(snapshots)
-        self.asked = 0
-        self.stats_asked = 0
-        self.events: dict | None = None  # router_stats' "events", when set
-        self.closed = False
+    def __init__(self, server: CannedServer, *snapshots: dict) -> None:
+        self.server = server
+        server.replies["snapshot"] = list(snapshots)
+        server.replies["router_stats"] = {"ok": True}
+        self.client = Client(server.endpoint, timeout=5.0)
+        clients.append(self.client)  # closed by the fixture: a given client is not owned
 
-    def request(self, cmd: str, **fields: object) -> dict:
-        assert fields == {}
-        if cmd == "router_stats":
-            self.stats_asked += 1
-            return {"ok": True} if self.events is None else {"ok": True, "events": self.events}
-        assert cmd == "snapshot"
-        self.asked += 1
-        return self.snapshots.pop(0)
+    @property
+    def asked(self) -> int:
+        return self.server.asked.count("snapshot")
 
-    def close(self) -> None:
-        self.closed = True
+    @property
+    def stats_asked(self) -> int:
+        return self.server.asked.count("router_stats")
+
+    @property
+    def events(self) -> dict | None:
+        return self.server.replies["router_stats"].get("events")
+
+    @events.setter
+    def events(self, value: dict) -> None:
+        self.server.replies["router_stats"] = {"ok": True, "events": value}
+
+    @property
+    def closed(self) -> bool:
+        return self.client.closed
+
+
+clients: list[Client] = []  # the Commands' clients, closed at the end of each test
+
+
+@pytest.fixture
+def canned() -> Iterator[CannedServer]:
+    server = CannedServer()
+    try:
+        yield server
+    finally:
+        while clients:
+            clients.pop().close()
+        server.close()
 
 
 def test_without_a_command_endpoint_every_event_is_yielded_and_gaps_counted(pub):
@@ -433,10 +459,10 @@ def test_without_a_command_endpoint_every_event_is_yielded_and_gaps_counted(pub)
     assert follower.closed
 
 
-def test_following_yields_resync_then_events_and_resyncs_on_a_gap(pub):
+def test_following_yields_resync_then_events_and_resyncs_on_a_gap(pub, canned):
     socket, endpoint = pub
-    client = StandInClient(snap(0), snap(7, [rec("0.1.1", 7, [1]), rec("0.1.5", 9)]))
-    follower = EventFollower(endpoint, client=client)  # type: ignore[arg-type]
+    client = Command(canned, snap(0), snap(7, [rec("0.1.1", 7, [1]), rec("0.1.5", 9)]))
+    follower = EventFollower(endpoint, client=client.client)
     try:
         assert follower.following
         assert follower.poll(1) == {"type": "resync", "seq": 0, "host": H, "connections": []}
@@ -504,11 +530,11 @@ def test_poll_is_bounded_with_nothing_to_read():
         assert 0.15 < time.monotonic() - started < 2
 
 
-def test_a_publisher_thread_is_not_needed_but_works(pub):
+def test_a_publisher_thread_is_not_needed_but_works(pub, canned):
     """Events published from another thread while the follower polls arrive in order."""
     socket, endpoint = pub
-    client = StandInClient(snap(1))
-    with EventFollower(endpoint, client=client) as follower:  # type: ignore[arg-type]
+    client = Command(canned, snap(1))
+    with EventFollower(endpoint, client=client.client) as follower:
         assert follower.poll(1)["type"] == "resync"
         first_through(follower, socket, ev(2, "online", user=1))
 
@@ -527,10 +553,10 @@ def test_a_publisher_thread_is_not_needed_but_works(pub):
         assert seqs == list(range(3, 103))
 
 
-def test_a_quiet_follower_asks_where_the_stream_is_and_resyncs_on_a_tail_gap(pub):
+def test_a_quiet_follower_asks_where_the_stream_is_and_resyncs_on_a_tail_gap(pub, canned):
     socket, endpoint = pub
-    client = StandInClient(snap(0), snap(9, [rec("0.1.9", 4)]))
-    with EventFollower(endpoint, client=client, check_interval=0.1) as follower:  # type: ignore[arg-type]
+    client = Command(canned, snap(0), snap(9, [rec("0.1.9", 4)]))
+    with EventFollower(endpoint, client=client.client, check_interval=0.1) as follower:
         assert follower.poll(1)["type"] == "resync"
         first_through(follower, socket, connect(1, "0.1.1", 7))
         client.events = {"seq": 1, "published": 1}
@@ -543,20 +569,20 @@ def test_a_quiet_follower_asks_where_the_stream_is_and_resyncs_on_a_tail_gap(pub
         assert follower.state.stats["tail_gaps"] == 1
 
 
-def test_without_an_event_stream_the_position_check_changes_nothing(pub):
+def test_without_an_event_stream_the_position_check_changes_nothing(pub, canned):
     _socket, endpoint = pub
-    client = StandInClient(snap(0))
-    with EventFollower(endpoint, client=client, check_interval=0.05) as follower:  # type: ignore[arg-type]
+    client = Command(canned, snap(0))
+    with EventFollower(endpoint, client=client.client, check_interval=0.05) as follower:
         assert follower.poll(1)["type"] == "resync"
         assert follower.poll(0.3) is None
         assert client.stats_asked >= 2
         assert client.asked == 1
 
 
-def test_the_position_check_can_be_turned_off(pub):
+def test_the_position_check_can_be_turned_off(pub, canned):
     _socket, endpoint = pub
-    client = StandInClient(snap(0))
-    with EventFollower(endpoint, client=client, check_interval=None) as follower:  # type: ignore[arg-type]
+    client = Command(canned, snap(0))
+    with EventFollower(endpoint, client=client.client, check_interval=None) as follower:
         assert follower.poll(1)["type"] == "resync"
         assert follower.poll(0.2) is None
         assert client.stats_asked == 0
