@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import pytest
 import redis
+from test_redis_slots import delivered
 
 from actors.wire.cluster import Layout
 from shards.client import Client, UccError
@@ -276,26 +277,7 @@ def test_a_hung_channel_primary_is_noticed_and_delivery_follows_its_replica(
         member = await connect_peer(b, 42, [channel])
         await a.aio.wait_online([42], channel, timeout=10)
 
-        async def arrives(text: str, timeout: float) -> float:
-            started = time.monotonic()
-
-            async def got() -> bool:
-                try:
-                    await a.aio.client().broadcast_to_channel(channel, text)
-                except UccError:
-                    return False  # unavailable while the slot has no primary: try again
-                try:
-                    await member.wait_for(
-                        lambda frames: any(f.get("data") == text for f in frames), timeout=0.5
-                    )
-                except AssertionError:
-                    return False
-                return True
-
-            await wait_until_async(got, timeout, what=f"for {text!r} from host a on host b")
-            return time.monotonic() - started
-
-        await arrives("before", 10)
+        await delivered(a, member, channel, "before", 10)
         process.send_signal(signal.SIGSTOP)
         hung = time.monotonic()
         try:
@@ -307,7 +289,7 @@ def test_a_hung_channel_primary_is_noticed_and_delivery_follows_its_replica(
 
             await wait_until_async(promoted, 20, 0.2, what="for the replica's promotion")
             print(f"replica promoted {time.monotonic() - hung:.1f} s after the SIGSTOP")
-            took = await arrives("after", 30)
+            took = await delivered(a, member, channel, "after", 30)
             print(
                 f"cross-host delivery on the channel back {time.monotonic() - hung:.1f} s"
                 f" after the SIGSTOP ({took:.1f} s after the promotion)"

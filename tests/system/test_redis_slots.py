@@ -7,11 +7,13 @@ subscription: cross-host broadcasts keep arriving, and presence still answers.""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import redis
 
 from actors.wire.cluster import Layout
-from shards.testing import RedisClusterServer, connect_peer, wait_until_async
+from shards.client import UccError
+from shards.testing import Host, Peer, RedisClusterServer, connect_peer, wait_until_async
 
 SECRET = "k" * 64
 CHANNEL = 5
@@ -61,6 +63,29 @@ def migrate_slot(server: RedisClusterServer, slot: int, source: int, target: int
     return moved
 
 
+async def delivered(sender: Host, member: Peer, channel: int, text: str, timeout: float) -> float:
+    """Broadcast ``text`` to ``channel`` through ``sender`` until ``member`` (on another host)
+    has it, each try a new message (a refused one, e.g. unavailable while a slot has no
+    primary, is tried again); the seconds it took."""
+    started = time.monotonic()
+
+    async def got() -> bool:
+        try:
+            await sender.aio.client().broadcast_to_channel(channel, text)
+        except UccError:
+            return False
+        try:
+            await member.wait_for(
+                lambda frames: any(f.get("data") == text for f in frames), timeout=0.5
+            )
+        except AssertionError:
+            return False
+        return True
+
+    await wait_until_async(got, timeout, what=f"for {text!r} on the other host")
+    return time.monotonic() - started
+
+
 def test_moving_the_topics_slot_loses_no_subscription(ucc_host, redis_cluster_server):
     server = redis_cluster_server
     a = ucc_host(shards=1, args=("--redis", server.url), secret=SECRET)
@@ -75,27 +100,14 @@ def test_moving_the_topics_slot_loses_no_subscription(ucc_host, redis_cluster_se
         member = await connect_peer(b, 42, [CHANNEL])
         await a.aio.wait_online([42], CHANNEL, timeout=10)
 
-        async def arrives(text: str, timeout: float) -> None:
-            async def got() -> bool:
-                await a.aio.client().broadcast_to_channel(CHANNEL, text)
-                try:
-                    await member.wait_for(
-                        lambda frames: any(f.get("data") == text for f in frames), timeout=0.5
-                    )
-                except AssertionError:
-                    return False
-                return True
-
-            await wait_until_async(got, timeout, what=f"for {text!r} from host a on host b")
-
-        await arrives("before", 10)
+        await delivered(a, member, CHANNEL, "before", 10)
         assert await asyncio.to_thread(shard_subscribers, source, topic) == 1  # host b
         moved = await asyncio.to_thread(migrate_slot, server, slot, source, target)
         assert moved > 0  # the channel's history keys live in its slot
         assert await asyncio.to_thread(owner_of, server, slot) == target
         # after the move: delivery resumes (each try is a new message; the first that arrives
         # ends the wait) and presence still answers from both hosts
-        await arrives("after", 15)
+        await delivered(a, member, CHANNEL, "after", 15)
         # host b listens on the topic's new owner now, and no longer on the old one
         assert await asyncio.to_thread(shard_subscribers, target, topic) == 1
         assert await asyncio.to_thread(shard_subscribers, source, topic) == 0
