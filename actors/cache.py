@@ -122,6 +122,9 @@ class UserConnectionCache:
         self._recipients: dict[ChannelId, tuple[ConnId, ...]] = {}
         # None: not journaled (the default; no cost); a list: every change, in order
         self.journal: list[Change] | None = None
+        # the users whose presence (online, channels) changed since :meth:`presence` last
+        # told: None until it is first asked (a host without Redis never is; no cost)
+        self._presence_changed: set[UserId] | None = None
 
     def take_journal(self) -> list[Change]:
         """The changes journaled since the last call (none when not journaling)."""
@@ -144,7 +147,8 @@ class UserConnectionCache:
         if conn in self._conns:
             raise ValueError(f"connection {conn} is already registered")
         self._conns[conn] = ConnectionMeta(user, now, now, ())
-        _add(self._users, user, conn)
+        if _add(self._users, user, conn) and self._presence_changed is not None:
+            self._presence_changed.add(user)
         delta = Delta()
         for channel in channels:
             self._join(conn, channel, delta)
@@ -159,7 +163,8 @@ class UserConnectionCache:
         for channel in meta.channels:  # a tuple: _leave replaces it, this loop keeps the old
             self._leave(conn, channel, delta)
         del self._conns[conn]
-        _remove(self._users, meta.user, conn)
+        if _remove(self._users, meta.user, conn) and self._presence_changed is not None:
+            self._presence_changed.add(meta.user)
         return delta
 
     def subscribe(self, conn: ConnId, channel: ChannelId) -> Delta:
@@ -227,6 +232,8 @@ class UserConnectionCache:
             members = self._channels[channel] = {}
             delta.gained.append(channel)
         joined = _add(members, meta.user, conn)
+        if joined and self._presence_changed is not None:
+            self._presence_changed.add(meta.user)
         self._recipients.pop(channel, None)
         if self.journal is not None:
             self.journal.append((conn, channel, meta.user, True, joined))
@@ -238,6 +245,8 @@ class UserConnectionCache:
         meta.channels = tuple(c for c in meta.channels if c != channel)
         members = self._channels[channel]
         left = _remove(members, meta.user, conn)
+        if left and self._presence_changed is not None:
+            self._presence_changed.add(meta.user)
         if not members:
             del self._channels[channel]
             delta.lost.append(channel)
@@ -293,12 +302,23 @@ class UserConnectionCache:
         largest = heapq.nlargest(count, self._channels.items(), key=lambda item: len(item[1]))
         return [[channel, len(members)] for channel, members in largest]
 
-    def snapshot(self) -> dict[str, Any]:
-        """Who is online here, and in which channels (JSON-ready, for cluster presence)."""
-        return {
-            "users": sorted(self._users),
-            "channels": {str(c): sorted(members) for c, members in self._channels.items()},
-        }
+    def presence(self, full: bool) -> list[list[Any]]:
+        """Cluster presence (JSON-ready): the users whose presence changed since the last call
+        (``full``, or the first call: every user), each as ``[user, [channels]]``, or
+        ``[user, None]`` once it has no connection here. Changes are tracked from the first
+        call on."""
+        changed, self._presence_changed = self._presence_changed, set()
+        users = self._users
+        if full or changed is None:
+            return [[user, self._channels_of(user)] for user in users]
+        return [[user, self._channels_of(user) if user in users else None] for user in changed]
+
+    def _channels_of(self, user: UserId) -> list[ChannelId]:
+        conns = self._conns
+        held = _each(self._users.get(user))
+        if len(held) == 1:
+            return sorted(conns[next(iter(held))].channels)
+        return sorted({c for conn in held for c in conns[conn].channels})
 
     def channels(self) -> list[ChannelId]:
         """Channels with at least one member on this shard."""

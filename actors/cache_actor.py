@@ -669,8 +669,8 @@ class CacheActor(LoopActor):
             if conns:
                 self._actions.append(CloseConnections(conns, 4001, "disconnected by the backend"))
             return {"connections": len(conns)}
-        if isinstance(query, shardwire.QuerySnapshot):
-            return cache.snapshot()
+        if isinstance(query, shardwire.QueryPresence):
+            return {"users": cache.presence(query.full)}
         if isinstance(query, shardwire.QueryConnections):
             return {"connections": self._records(conn for conn, _meta in cache.connections())}
         if isinstance(query, shardwire.QueryUserConnections):

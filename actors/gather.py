@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from actors.hostlink import RedisOp
+from actors.hostlink import PresenceQuery, RedisOp
 from actors.ids import ShardIndex
 from actors.wire import shardwire
 
@@ -45,14 +45,14 @@ class GatherSpec:
     combine: Combiner
     query: Callable[[ShardIndex], shardwire.Query] | None  # None: no shard is asked
     args: Mapping[str, Any] = field(default_factory=dict)
-    remote: Callable[[int], RedisOp] | None = None
+    remote: Callable[[int], RedisOp | PresenceQuery] | None = None
 
 
 @dataclass(slots=True)
 class Gather:
     """A query sent to some participants, waiting for their answers until ``deadline``."""
 
-    envelope: list[bytes] | None  # None: an internal gather (a presence snapshot)
+    envelope: list[bytes] | None  # None: an internal gather (a presence pull)
     request: Any
     combine: Combiner
     deadline: float
@@ -112,16 +112,6 @@ def are_online(gather: Gather) -> dict[str, Any]:
 def broadcast(gather: Gather) -> dict[str, Any]:
     """A broadcast's reply: what its handler put in ``args`` (``shards``, and more)."""
     return dict(gather.args)
-
-
-def presence_snapshot(gather: Gather) -> dict[str, Any]:
-    users: list[int] = []
-    channels: dict[str, list[int]] = {}
-    for answer in gather.answers.values():
-        users += answer["users"]
-        for channel, members in answer["channels"].items():
-            channels.setdefault(channel, []).extend(members)
-    return {"users": users, "channels": channels}
 
 
 def sum_connections(gather: Gather) -> dict[str, Any]:

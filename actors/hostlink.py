@@ -12,10 +12,12 @@ result; ``qid`` 0 means nobody waits (the link reports a failure of such an oper
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from actors.ids import ChannelId
+from actors.presence import Change, Channels, LoadedSnapshot, PresenceNews
 
 # -- operations: router -> link (submitted from the router's thread; never block it) -----------
 
@@ -66,6 +68,10 @@ class PublishHosts:
     control: dict[str, Any]
 
 
+# -- presence queries: answered by the router from its replicas of the other hosts' presence
+# (actors.presence), never sent to the link ------------------------------------------------
+
+
 @dataclass(frozen=True, slots=True)
 class OnlineUsers:
     """Every user online on the other hosts (``{"users": [...]}``)."""
@@ -89,12 +95,51 @@ class AreOnline:
     users: list[int]
 
 
+PresenceQuery = OnlineUsers | OnlineInChannel | AreOnline
+
+
+# -- presence by deltas (actors.presence has the protocol) -----------------------------------
+
+
 @dataclass(frozen=True, slots=True)
 class PublishPresence:
-    """Store this host's presence (``{"users": [...], "channels": {...}}``) for the other hosts'
-    queries, for a few seconds (a host that stops refreshing it fades out)."""
+    """Refresh this host's expiry (it stays in presence :data:`actors.presence.PRESENCE_TTL`
+    more) and publish, sealed on the presence topic, delta ``seq`` of generation
+    ``generation``: ``changes`` (each user's new state here: its channels, or None: offline;
+    the link also updates the plain user set that routes user messages). No changes: a
+    heartbeat at the current ``seq``."""
 
-    presence: dict[str, Any]
+    generation: str
+    seq: int
+    changes: tuple[Change, ...]
+    qid: ClassVar[int] = 0  # nobody waits for it
+
+
+@dataclass(frozen=True, slots=True)
+class StorePresence:
+    """Store this host's whole presence (``users``: user → channels) at ``seq``, sealed, for
+    the other hosts to sync from; rewrite the plain user set from it; announce it on the
+    presence topic."""
+
+    generation: str
+    seq: int
+    users: Mapping[int, Channels]
+    qid: ClassVar[int] = 0  # nobody waits for it
+
+
+@dataclass(frozen=True, slots=True)
+class FetchPresence:
+    """Read host ``host``'s stored snapshot: reported as :class:`PresenceLoaded`."""
+
+    host: str
+    qid: ClassVar[int] = 0  # answered by an event of its own
+
+
+@dataclass(frozen=True, slots=True)
+class AskPresence:
+    """Ask host ``host`` (a control on its inbox) to store a fresh snapshot."""
+
+    host: str
     qid: ClassVar[int] = 0  # nobody waits for it
 
 
@@ -218,10 +263,10 @@ RedisRequest = (
     PublishChannel
     | PublishUsers
     | PublishHosts
-    | OnlineUsers
-    | OnlineInChannel
-    | AreOnline
     | PublishPresence
+    | StorePresence
+    | FetchPresence
+    | AskPresence
     | AppendChannel
     | ReadHistory
     | StoreCritical
@@ -312,4 +357,23 @@ class ChannelMarks:
     channels: list[ChannelId]
 
 
-LinkEvent = LinkState | Results | Deliveries | TopicsReady | ChannelMarks
+@dataclass(frozen=True, slots=True)
+class PresenceHeard:
+    """Presence messages from other hosts (deltas, heartbeats, snapshot announcements,
+    leaves), opened and checked, in the order heard."""
+
+    news: list[PresenceNews]
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceLoaded:
+    """The answer to :class:`FetchPresence`: ``snapshot`` None if Redis failed, or the host
+    has none that verifies."""
+
+    host: str
+    snapshot: LoadedSnapshot | None
+
+
+LinkEvent = (
+    LinkState | Results | Deliveries | TopicsReady | ChannelMarks | PresenceHeard | PresenceLoaded
+)

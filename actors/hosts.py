@@ -3,8 +3,10 @@
 Owns: whether the link is connected, the operations queued for it (taken by the RouterActor with
 :meth:`OtherHosts.take_ops`), a copy of the link's counters for ``router_stats``, and the
 translation both ways: which channel topics to listen to, the other hosts' part of a gather
-(the :data:`~actors.gather.REDIS` participant), this host's presence snapshot, and broadcasts and
-backend commands arriving from other hosts. Must never do I/O, read a clock (``now`` is a
+(the :data:`~actors.gather.REDIS` participant), presence by deltas (this host's, pulled from its
+shards once a second and published as deltas, and the replicas of the other hosts' that answer
+presence queries: :mod:`actors.presence`), and broadcasts and backend commands arriving from other
+hosts. Must never do I/O, read a clock (``now`` is a
 parameter) or block, and never hold the link's own state: it queues operations, is told events
 (:mod:`actors.hostlink`), and reads a copy of the link's counters, all on the router's thread.
 
@@ -15,25 +17,36 @@ gathers in flight.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from actors.gather import REDIS, Gather, GatherSpec, presence_snapshot
+from actors.gather import REDIS, Gather, GatherSpec
 from actors.hostlink import (
+    AreOnline,
+    AskPresence,
     ChannelMarks,
     Deliveries,
     Delivery,
+    FetchPresence,
     LinkEvent,
     LinkState,
+    OnlineInChannel,
+    OnlineUsers,
+    PresenceHeard,
+    PresenceLoaded,
+    PresenceQuery,
     PublishPresence,
     RedisOp,
     Results,
+    StorePresence,
     Subscribe,
     TopicsReady,
     Unsubscribe,
 )
 from actors.ids import ChannelId, ShardIndex
+from actors.presence import Action, AskSnapshot, Change, LocalPresence, Replicas, channels_of
 from actors.wire import shardwire
 from actors.wire.commands import CommandError
 
@@ -59,8 +72,15 @@ class _Held:
 class OtherHosts:
     """The other hosts of a cluster, as the router sees them through its Redis link."""
 
-    def __init__(self, core: RouterCore) -> None:
+    def __init__(self, core: RouterCore, generation: str | None = None) -> None:
+        """``generation``: this router's presence generation (default: a new random one; a
+        restarted host is a new generation, which the other hosts sync from nothing)."""
         self._core = core
+        self.local = LocalPresence(generation or secrets.token_hex(6))
+        self.replicas = Replicas()
+        # the shards the presence pull in flight asked: index -> (epoch, everything)
+        self._pulled: dict[ShardIndex, tuple[int, bool]] = {}
+        self._pull_started = 0.0
         self.up = False  # the link is connected to Redis
         self._ops: list[RedisOp] = []
         # a function returning a copy of the link's counters (taken under the link's lock):
@@ -124,21 +144,30 @@ class OtherHosts:
                 keep.append(held)
         self._held = keep
 
-    def join(self, qid: int, gather: Gather, remote: Callable[[int], RedisOp]) -> None:
-        """Add the other hosts to gather ``qid``: ask them if the link is up, else count them
-        missing at once (the reply then says ``"cluster": false``)."""
+    def join(
+        self, qid: int, gather: Gather, remote: Callable[[int], RedisOp | PresenceQuery]
+    ) -> None:
+        """Add the other hosts to gather ``qid``: if the link is up, a presence query is
+        answered at once from the replicas and anything else asks them through the link;
+        else they are counted missing at once (the reply then says ``"cluster": false``)."""
         gather.redis = True
-        if self.up:
-            self._ops.append(remote(qid))
-            gather.waiting.add(REDIS)
-        else:
+        if not self.up:
             gather.missing.add(REDIS)
+            return
+        op = remote(qid)
+        if isinstance(op, OnlineUsers | OnlineInChannel | AreOnline):
+            gather.answers[REDIS] = self._presence_answer(op)
+            return
+        self._ops.append(op)
+        gather.waiting.add(REDIS)
 
-    def snapshot_done(self, gather: Gather, presence: dict[str, Any]) -> None:
-        """A presence snapshot (:meth:`snapshot`) is complete: queue it for the link, unless
-        a shard failed to answer (a partial one would hide its users: the next one will do)."""
-        if not gather.missing:
-            self._ops.append(PublishPresence(presence))
+    def _presence_answer(self, op: PresenceQuery) -> dict[str, Any]:
+        replicas = self.replicas
+        if isinstance(op, OnlineUsers):
+            return {"users": replicas.online_users()}
+        if isinstance(op, OnlineInChannel):
+            return {"users": replicas.online_in(op.channel)}
+        return {"online": replicas.are_online(op.users)}
 
     def annotate(self, gather: Gather, result: dict[str, Any]) -> None:
         """A reply is ready: say whether the other hosts took part (``cluster``)."""
@@ -148,8 +177,15 @@ class OtherHosts:
                 result["cluster_error"] = UNREACHED
 
     def statistics(self) -> dict[str, Any]:
-        """The link's counters, for ``router_stats`` (``redis``), if the link gave a source."""
-        return {} if self.link_stats is None else {"redis": dict(self.link_stats())}
+        """The link's counters, for ``router_stats`` (``redis``), if the link gave a source,
+        and presence's (``presence``: the replicas' counters, this host's ``seq`` and
+        ``users``)."""
+        local = self.local
+        presence = {"seq": local.seq, "users": local.users(), **self.replicas.statistics()}
+        stats: dict[str, Any] = {"presence": presence}
+        if self.link_stats is not None:
+            stats["redis"] = dict(self.link_stats())
+        return stats
 
     # -- events from the link --------------------------------------------------------------
 
@@ -170,11 +206,19 @@ class OtherHosts:
             self.ready.update(c for c in event.channels if c in self._core.index)
             self.release(now)
             self._core.guarantees.topics_ready(now)
+        elif isinstance(event, PresenceHeard):
+            for news in event.news:
+                self._act(self.replicas.news(news, now))
+        elif isinstance(event, PresenceLoaded):
+            self._act(self.replicas.loaded(event.host, event.snapshot, now))
 
     def link_state(self, up: bool) -> None:
         """The link (re)connected, or lost Redis: stop waiting for it."""
         self.up = up
-        if not up:
+        if up:
+            # the other hosts may have missed deltas meanwhile: they sync from this snapshot
+            self.local.snapshot_wanted = True
+        else:
             self.ready.clear()  # the listener subscribes again, and Redis confirms again
             self.release(0.0, everything=True)
             for qid, gather in list(self._core.pending.items()):
@@ -242,6 +286,9 @@ class OtherHosts:
         if control["op"] == "set_channel":
             core.observers.mark(ChannelId(control["channel"]), bool(control["join_leave"]), now)
             return
+        if control["op"] == "snapshot":  # another host syncs from us: at the next tick
+            self.local.snapshot_wanted = True
+            return
         ban = control.get("ban")
         if control["op"] == "disconnect" and ban is not None:
             for user in users:
@@ -251,18 +298,63 @@ class OtherHosts:
                 body = shardwire.user_control(control["op"], user, control.get("channel"))
                 core.send(index, shardwire.query(0, body), now)  # qid 0: no gather waits
 
-    # -- the presence snapshot -------------------------------------------------------------
+    # -- presence ---------------------------------------------------------------------------
 
-    def snapshot(self, now: float) -> None:
-        """Gather this host's presence from its up shards; :meth:`snapshot_done` queues it for
-        the link to publish. Skipped while ``max_queries`` are in flight (the next one will do)."""
-        core = self._core
+    def presence_tick(self, now: float) -> None:
+        """Once a second: ask each up shard what changed in its presence (everything, where
+        the mirror of it is not to be trusted); :meth:`presence_done` publishes the delta.
+        Then the replicas' housekeeping (expiry, syncs to retry). Skipped while
+        ``max_queries`` are in flight (the next one will do)."""
+        core, local = self._core, self.local
+        if self._pulled:  # the last one is still in flight (a gather lasts < 1 s: rare)
+            return
+        asked = {
+            slot.index: (slot.epoch, local.wants_full(slot.index, slot.epoch))
+            for slot in core.up_shards()
+        }
         spec = GatherSpec(
-            {slot.index for slot in core.up_shards()},
-            presence_snapshot,
-            lambda _index: shardwire.QuerySnapshot(),
+            set(asked),
+            lambda _gather: {},
+            lambda index: shardwire.QueryPresence(asked[index][1]),
         )
+        self._pulled, self._pull_started = asked, now
         try:
             core.start_gather(None, None, spec, now)
         except CommandError:
-            return
+            self._pulled = {}
+        self._act(self.replicas.tick(now))
+
+    def presence_done(self, gather: Gather) -> None:
+        """The shards' presence answers are in (or their time is up): fold them into this
+        host's presence, and queue its delta (or heartbeat), and its snapshot when due."""
+        core, local = self._core, self.local
+        asked, self._pulled = self._pulled, {}
+        up = {slot.index for slot in core.up_shards()}
+        for index, (epoch, full) in asked.items():
+            slot = core.slots[index]
+            answer = gather.answers.get(index)
+            if slot.epoch != epoch:
+                local.shard_gone(index)
+            elif answer is None:
+                local.shard_missing(index)
+            else:
+                local.shard_answer(index, epoch, full, _changes(answer["users"]))
+        for index in local.known_shards():  # a shard down since, or not asked: gone
+            if index not in asked or index not in up:
+                local.shard_gone(index)
+        seq, changes = local.take_delta()
+        self._ops.append(PublishPresence(local.generation, seq, tuple(changes)))
+        if self.up and local.due_snapshot(self._pull_started):
+            self._ops.append(StorePresence(local.generation, seq, local.snapshot()))
+
+    def _act(self, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, AskSnapshot):
+                self._ops.append(AskPresence(action.host))
+            else:
+                self._ops.append(FetchPresence(action.host))
+
+
+def _changes(entries: list[list[Any]]) -> list[Change]:
+    """A shard's presence answer (``[[user, [channels] or null], ...]``) as changes."""
+    return [(int(user), channels_of(channels)) for user, channels in entries]

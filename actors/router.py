@@ -764,9 +764,9 @@ class RouterCore:
         """Gather ``qid`` is over: combine what came back into its reply."""
         gather = self.pending.pop(qid)
         result = gather.combine(gather)
-        if gather.envelope is None:  # no reply: the combiner did the work, or a snapshot
+        if gather.envelope is None:  # no reply: the combiner did the work, or a presence pull
             if self.hosts is not None and gather.request != INTERNAL:
-                self.hosts.snapshot_done(gather, result)
+                self.hosts.presence_done(gather)
             return
         result["missing_shards"] = gather.missing_shards()
         if self.hosts is not None:

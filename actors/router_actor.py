@@ -2,7 +2,7 @@
 
 Owns: two ZeroMQ ROUTER sockets (backends' commands on ``command``, shards on ``shards``), the
 router's state (the core, and in a cluster of hosts the Redis link), and the router's timers
-(gather deadlines, hang checks, presence snapshots). It reads commands and shard messages in
+(gather deadlines, hang checks, presence pulls). It reads commands and shard messages in
 batches, lets the core decide, and sends what the core queued (``take_outbox``,
 ``take_replies``, ``take_events``, ``hosts.take_ops``) — always with ``NOBLOCK``: a full or
 missing shard costs a dropped message (counted), never a wait. The Redis link reports to it with
@@ -21,7 +21,17 @@ from typing import Any, Protocol
 
 import zmq
 
-from actors.hostlink import Deliveries, LinkEvent, LinkState, RedisOp, Results, TopicsReady
+from actors.hostlink import (
+    ChannelMarks,
+    Deliveries,
+    LinkEvent,
+    LinkState,
+    PresenceHeard,
+    PresenceLoaded,
+    RedisOp,
+    Results,
+    TopicsReady,
+)
 from actors.hosts import OtherHosts
 from actors.inbox import SocketActor, SocketsReady, Tick
 from actors.osthread import name_this_thread
@@ -84,7 +94,15 @@ class RouterFailed:
 
 SupervisorEvent = RouterEvent | RouterFailed  # what ``on_event`` receives
 
-LINK_EVENTS = (LinkState, Results, Deliveries, TopicsReady)
+LINK_EVENTS = (
+    LinkState,
+    Results,
+    Deliveries,
+    TopicsReady,
+    ChannelMarks,
+    PresenceHeard,
+    PresenceLoaded,
+)
 
 
 class Link(Protocol):
@@ -139,7 +157,7 @@ class RouterActor(SocketActor):
         on_event: Callable[[SupervisorEvent], None],
         hang_timeout: float,
         link: Callable[[Callable[[LinkEvent], None]], Link] | None = None,
-        snapshot_interval: float = 1.0,
+        presence_interval: float = 1.0,
         context: zmq.Context[Any] | None = None,
         backend_queue: int = 1000,
         command_auth: CommandAuth | None = None,
@@ -213,8 +231,8 @@ class RouterActor(SocketActor):
         self.link = link(self.actor_ref.tell) if link and self.hosts is not None else None
         if self.hosts is not None and self.link is not None:
             self.hosts.link_stats = self.link.stats
-        self.snapshot_interval = snapshot_interval
-        self.next_snapshot = 0.0
+        self.presence_interval = presence_interval
+        self.next_presence = 0.0
 
     def on_start(self) -> None:
         name_this_thread("ucc-router")
@@ -257,9 +275,9 @@ class RouterActor(SocketActor):
             now = time.monotonic()
             for slot in self.core.check_hung(now, self.hang_timeout):
                 log.warning("shard %d (pid %d) stopped answering", slot.index, slot.pid)
-            if self.hosts is not None and self.link is not None and now >= self.next_snapshot:
-                self.next_snapshot = now + self.snapshot_interval
-                self.hosts.snapshot(now)
+            if self.hosts is not None and self.link is not None and now >= self.next_presence:
+                self.next_presence = now + self.presence_interval
+                self.hosts.presence_tick(now)
         elif isinstance(message, LINK_EVENTS):
             if self.hosts is not None:
                 self.hosts.link_event(message, now)
@@ -333,11 +351,11 @@ class RouterActor(SocketActor):
         deadline = self.core.next_deadline()
         check = time.monotonic() + min(0.1, self.hang_timeout / 3)
         if self.link is not None:
-            check = min(check, self.next_snapshot)
+            check = min(check, self.next_presence)
         when = check if deadline is None else min(deadline, check)
         # never later than the one already set: messages arriving more often than the check
         # interval (pulses, a steady stream of commands) would otherwise push the Tick back
-        # for ever, and with it hang checks, presence snapshots and expiries
+        # for ever, and with it hang checks, presence pulls and expiries
         armed = self.actor_inbox.next_timer
         self.set_timer(when if armed is None else min(armed, when))
 

@@ -1,11 +1,11 @@
 """The Redis link: this host's connection to the other hosts of a cluster.
 
 Owns: two threads and their Redis connections. The *worker* runs operations queued by the
-RouterActor (publish, cluster presence queries, presence snapshots, probes) in batches and
-reports each result back; the *listener* holds the pub/sub subscriptions (the host's inbox and
-one topic per channel the host has members of), remembers them, and replays them after every
-reconnect. A periodic self-probe through the host's own inbox catches a subscription that
-silently stopped receiving.
+RouterActor (publish, presence deltas and snapshots, probes) in batches and reports each result
+back; the *listener* holds the pub/sub subscriptions (the host's inbox, the cluster's presence
+topic, and one topic per channel the host has members of), remembers them, and replays them
+after every reconnect. A periodic self-probe through the host's own inbox catches a
+subscription that silently stopped receiving.
 
 Two modes, chosen by the URL: a single Redis (``redis://``, ``rediss://``, ``unix://``: PUBLISH
 and SUBSCRIBE), or a Redis Cluster (``redis+cluster://`` or ``rediss+cluster://`` naming one seed
@@ -64,16 +64,17 @@ from actors.hostlink import (
     AckCritical,
     AnswerUserConnections,
     AppendChannel,
-    AreOnline,
+    AskPresence,
     ChannelMarks,
     Deliveries,
     Delivery,
     FetchCritical,
+    FetchPresence,
     LinkEvent,
     LinkState,
-    OnlineInChannel,
-    OnlineUsers,
     OpResult,
+    PresenceHeard,
+    PresenceLoaded,
     PublishChannel,
     PublishHosts,
     PublishPresence,
@@ -84,6 +85,7 @@ from actors.hostlink import (
     Results,
     SetChannel,
     StoreCritical,
+    StorePresence,
     Subscribe,
     TopicsReady,
     Unsubscribe,
@@ -91,15 +93,15 @@ from actors.hostlink import (
 )
 from actors.ids import ChannelId, parse_id
 from actors.osthread import name_this_thread
+from actors.presence import PRESENCE_TTL, LoadedSnapshot, PresenceNews
 from actors.wire import cluster, frames
-from actors.wire.cluster import ClusterKey, Layout, Message, Presence, Rejected
+from actors.wire.cluster import ClusterKey, Layout, Message, Rejected
 from shards.config import cluster_url
 
 log = logging.getLogger("ucc.redis")
 
 QUEUE_LIMIT = 10_000
 BATCH = 256  # operations run in one pipeline, or messages received per notify, at most
-PRESENCE_TTL = 5.0  # a host that stops refreshing leaves presence after this long
 PROBE_INTERVAL = 1.0
 PROBE_TIMEOUT = 3.0
 SUBSCRIBE_TIMEOUT = 5.0  # seconds the listener's first subscriptions may take to be confirmed
@@ -138,6 +140,7 @@ COUNTERS = (
     "who_replied",
     "who_answers_dropped",
     "who_partial",
+    "presence_loaded",  # other hosts' snapshots read and verified (a replica synced from it)
 )
 Client = redis.Redis | RedisCluster
 
@@ -156,7 +159,7 @@ class Probe:
 
 
 Work = RedisRequest | Probe  # what the worker runs (topic changes go to the listener)
-HOST_CONTROLS = ("set_channel", "who", "answer")  # controls for the host, not for users
+HOST_CONTROLS = ("set_channel", "who", "answer", "snapshot")  # controls for the host, not for users
 
 
 @dataclass(slots=True)
@@ -237,11 +240,14 @@ class RedisLink:
         self._ack_critical = cluster.SACK_CRITICAL if self.sharded else cluster.ACK_CRITICAL
         self._who = cluster.SWHO if self.sharded else cluster.WHO
         self._set_channel = cluster.SSET_CHANNEL if self.sharded else cluster.SET_CHANNEL
+        self._presence_delta = cluster.SPRESENCE_DELTA if self.sharded else cluster.PRESENCE_DELTA
+        self._store_presence = cluster.SSTORE_PRESENCE if self.sharded else cluster.STORE_PRESENCE
+        self._leave = cluster.SLEAVE if self.sharded else cluster.LEAVE
         self.layout = Layout(name)
         self.host = host or host_id()
         self.notify = notify
         self.ops: queue.Queue[Work | None] = queue.Queue(QUEUE_LIMIT)
-        self.topics: set[str] = {self.layout.host_topic(self.host)}
+        self.topics: set[str] = {self.layout.host_topic(self.host), self.layout.presence_topic}
         self._topics_lock = threading.Lock()  # the listener changes topics, the worker reads
         # cluster mode: a probe through one subscribed topic of each node (not only the inbox's
         # node): topic -> when the oldest of its probes not seen back yet was sent (under
@@ -261,8 +267,6 @@ class RedisLink:
         self.ask_timeout = ask_timeout
         self._asks: dict[int, Ask] = {}
         self._asks_lock = threading.Lock()
-        # the worker's last good snapshot per other host (raw bytes, parsed): see _presence
-        self._snapshots: dict[str, tuple[bytes, Presence]] = {}
         self.listen_backoff = Backoff()  # the listener's (the worker keeps its own)
         # set while the listener is subscribed (every topic it had when it last subscribed)
         self._listening = threading.Event()
@@ -365,7 +369,9 @@ class RedisLink:
         with contextlib.suppress(*ERRORS):
             client = self._client()
             try:
-                client.eval(cluster.LEAVE, 1, self.layout.hosts, self.layout.prefix, self.host)
+                leave = cluster.encode_presence(self.key, self.host, "leave", "", 0, _now_ms())
+                layout = self.layout
+                client.eval(self._leave, 1, layout.hosts, layout.prefix, self.host, 0, leave)
             finally:
                 self._close_client(client)
 
@@ -486,13 +492,29 @@ class RedisLink:
                 message = Message(host, op.users, b"", control=control, sent_ms=now_ms)
                 payload = cluster.encode(message, key)
                 script(self._publish_hosts, payload)
-            elif isinstance(op, OnlineUsers | OnlineInChannel | AreOnline):
-                script(cluster.PRESENCE)
             elif isinstance(op, PublishPresence):
-                body = cluster.snapshot_json(op.presence)
                 ttl = int(PRESENCE_TTL * 1000)
-                sealed = cluster.seal_presence(key, host, now_ms + ttl, op.presence)
-                script(cluster.SNAPSHOT, now_ms + ttl, ttl, body, sealed)
+                sealed = cluster.encode_presence(
+                    key, host, "delta", op.generation, op.seq, now_ms, op.changes
+                )
+                online = [user for user, state in op.changes if state is not None]
+                offline = [user for user, state in op.changes if state is None]
+                script(
+                    self._presence_delta, now_ms + ttl, ttl, sealed, len(online), *online, *offline
+                )
+            elif isinstance(op, StorePresence):
+                ttl = int(PRESENCE_TTL * 1000)
+                snapshot = cluster.seal_snapshot(key, host, op.generation, op.seq, op.users)
+                notice = cluster.encode_presence(
+                    key, host, "snapshot", op.generation, op.seq, now_ms
+                )
+                script(self._store_presence, now_ms + ttl, ttl, snapshot, notice, *op.users)
+            elif isinstance(op, FetchPresence):
+                pipe.get(layout.snapshot_key(op.host))
+            elif isinstance(op, AskPresence):
+                message = Message(host, None, b"", control={"op": "snapshot"}, sent_ms=now_ms)
+                payload = cluster.encode(message, key)
+                pipe.execute_command(self._publish, layout.host_topic(op.host), payload)
             elif isinstance(op, AppendChannel):
                 message = Message(
                     host, None, op.data, channel=op.channel, sent_ms=now_ms, history=True
@@ -562,6 +584,8 @@ class RedisLink:
                 done = self._asked(op, value)
                 if done is not None:
                     events.append(done)
+            elif isinstance(op, FetchPresence):
+                self.notify(PresenceLoaded(op.host, self._snapshot(op.host, value)))
             else:
                 try:
                     answer: dict[str, Any] | None = self._answer(op, value, now_ms)
@@ -580,7 +604,8 @@ class RedisLink:
                 | AppendChannel
                 | SetChannel
                 | UserConnections
-                | AnswerUserConnections,
+                | AnswerUserConnections
+                | AskPresence,
             )
             for op in batch
         )
@@ -591,6 +616,8 @@ class RedisLink:
     def _fail(self, batch: list[Work]) -> None:
         for op in batch:
             self._drop_ask(op)
+            if isinstance(op, FetchPresence):
+                self.notify(PresenceLoaded(op.host, None))
         events = [OpResult(op.qid, False, None) for op in batch if op.qid]
         if events:
             self.notify(Results(events))
@@ -708,6 +735,7 @@ class RedisLink:
         pubsub = client.pubsub()  # type: ignore[no-untyped-call]
         try:
             inbox = self.layout.host_topic(self.host)
+            presence = self.layout.presence_topic.encode()
             self._unsubscribing.clear()
             with self._probe_lock:
                 self._node_probes.clear()
@@ -722,10 +750,15 @@ class RedisLink:
                 self._sync_topics(pubsub)
                 deliveries: list[Delivery] = []
                 ready: list[ChannelId] = []
+                news: list[PresenceNews] = []
                 message = self._next_message(pubsub, 0.05)
-                while message is not None and len(deliveries) + len(ready) < BATCH:
+                while message is not None and len(deliveries) + len(ready) + len(news) < BATCH:
                     kind = message.get("type")
-                    if kind in ("message", "smessage"):
+                    if kind in ("message", "smessage") and message["channel"] == presence:
+                        heard = self._presence_news(message["data"])
+                        if heard is not None:
+                            news.append(heard)
+                    elif kind in ("message", "smessage"):
                         delivery = self._decode(message)
                         if delivery is not None:
                             deliveries.append(delivery)
@@ -746,6 +779,8 @@ class RedisLink:
                     self.notify(TopicsReady(ready))
                 if deliveries:
                     self.notify(Deliveries(deliveries))
+                if news:
+                    self.notify(PresenceHeard(news))
                 if awaiting and time.monotonic() - subscribed_at > SUBSCRIBE_TIMEOUT:
                     # a node took the subscriptions and never confirmed them (it hangs): ask
                     # again, with a new client and the slot map as it is now
@@ -947,6 +982,8 @@ class RedisLink:
             user = control["user"]
             who = {"op": "who", "user": user, "qid": control["qid"], "reply_to": origin}
             return Delivery(None, [user], b"", control=who)
+        if op == "snapshot":
+            return Delivery(None, [], b"", control={"op": "snapshot"})
         if control["to"] != self.host:  # an answer for another host, replayed onto our inbox
             self._count("forged")
             return None
@@ -983,18 +1020,7 @@ class RedisLink:
         if isinstance(op, AnswerUserConnections):
             self._count("who_replied")
             return {"value": int(value)}
-        if not isinstance(op, OnlineUsers | OnlineInChannel | AreOnline):
-            return {"value": value}
-        hosts = self._presence(value, now_ms)
-        if isinstance(op, OnlineUsers):
-            return {"users": sorted(set().union(*(p.users for p in hosts)))}
-        if isinstance(op, OnlineInChannel):
-            empty: frozenset[int] = frozenset()
-            return {
-                "users": sorted(set().union(*(p.channels.get(op.channel, empty) for p in hosts)))
-            }
-        wanted = set(op.users)
-        return {"online": sorted(set().union(*(p.users & wanted for p in hosts)))}
+        return {"value": value}
 
     def _history(self, channel: int, value: list[Any]) -> dict[str, Any]:
         """The READ_HISTORY script's answer: its kept messages opened (seal checked, not age).
@@ -1046,30 +1072,27 @@ class RedisLink:
                 messages.append([id, data])
         return {"messages": messages}
 
-    def _presence(self, value: list[Any], now_ms: int) -> list[Presence]:
-        """The other hosts' sealed snapshots (the PRESENCE script's answer), checked: one without
-        a valid seal is counted (``forged``) and left out, as is an expired one. A snapshot is
-        opened and parsed once: the same bytes again (hosts refresh theirs every second, and
-        queries come more often) reuse it, so a query costs a comparison per host, not a MAC and
-        a JSON parse of every host's whole presence."""
-        found: list[Presence] = []
-        cache: dict[str, tuple[bytes, Presence]] = {}
-        for i in range(0, len(value) - 1, 2):
-            host = value[i].decode(errors="replace") if isinstance(value[i], bytes) else ""
-            raw = value[i + 1] if isinstance(value[i + 1], bytes) else None
-            known = self._snapshots.get(host)
-            if raw is not None and known is not None and known[0] == raw:
-                presence: Presence | Rejected | None = known[1]
-            else:
-                presence = cluster.read_presence(self.key, host, raw, now_ms)
-            if isinstance(presence, Rejected):
-                self._count(presence.value)
-            elif presence is not None and presence.expires_ms > now_ms:
-                found.append(presence)
-                if raw is not None:
-                    cache[host] = (raw, presence)
-        self._snapshots = cache  # only the hosts of this answer: bounded by the live hosts
-        return found
+    def _presence_news(self, raw: bytes) -> PresenceNews | None:
+        """A message on the presence topic: another host's, opened and checked (ours, and
+        what is refused, counted, are dropped)."""
+        self._count("received")
+        news = cluster.decode_presence(raw, self.key, _now_ms())
+        if isinstance(news, Rejected):
+            self._count(news.value)
+            return None
+        return None if news.host == self.host else news
+
+    def _snapshot(self, host: str, raw: Any) -> LoadedSnapshot | None:
+        """Host ``host``'s stored snapshot (the worker opens it and builds its indexes, off the
+        router's thread); None (counted, if it is there but refused) if there is none."""
+        if raw is None:
+            return None
+        loaded = cluster.open_snapshot(self.key, host, raw if isinstance(raw, bytes) else None)
+        if isinstance(loaded, Rejected):
+            self._count(loaded.value)
+            return None
+        self._count("presence_loaded")
+        return loaded
 
 
 def _now_ms() -> int:

@@ -13,10 +13,9 @@ node that owns the slot.
 | name | type | content |
 |---|---|---|
 | ``{P}:hosts`` | sorted set | host id → expiry (ms since the epoch); a host is alive until then |
-| ``{P}:h:<host>:users`` | set | users online on that host |
-| ``{P}:h:<host>:chans`` | set | channels with members on that host |
-| ``{P}:h:<host>:c:<channel>`` | set | that channel's members on that host |
-| ``{P}:h:<host>:snap`` | string | the host's presence, sealed: what other hosts' queries read |
+| ``{P}:h:<host>:users`` | set | users online on that host (routes user messages) |
+| ``{P}:h:<host>:snap`` | string | the host's presence at a ``seq``, sealed (others sync from it) |
+| ``{P}:presence`` | topic | presence deltas, heartbeats, snapshot announcements, leaves |
 | ``{C}`` | topic | broadcasts to the channel (hosts with members listen) |
 | ``{P}:h:<host>`` | topic | the host's inbox: user broadcasts for its users, its own probes |
 | ``{C}:hist`` | stream | kept messages: entry ``<offset>-1``, field ``m``: sealed |
@@ -31,13 +30,23 @@ read the hosts' user sets and publish to their inboxes in the same step. The inb
 sets and marks keep it for the same reason (one script answers "which live hosts have these
 users" and publishes to exactly those).
 
+Presence travels by deltas (:mod:`actors.presence` has the protocol): each host publishes its
+sealed deltas and heartbeats on ``{P}:presence`` (every host listens), keeps a sealed snapshot
+of its presence in ``{P}:h:<host>:snap`` for the others to sync from, and keeps its plain user
+set up to date (the scripts that publish to the hosts that have some users read it). A presence
+message is sealed ``{"h": host, "g": generation, "s": seq, "t": sent ms, "k": "d" (delta or
+heartbeat), "n" (snapshot stored) or "l" (leave), "c": [[user, [channels] or null], ...]}``; a
+snapshot is sealed ``{"h": host, "g": generation, "s": seq, "u": {"<c1>,<c2>": [users in exactly
+those channels], "": [users in none]}}``.
+
 Every message and every presence snapshot is *sealed*: a 32-byte HMAC-SHA256 under the cluster
-key, then the body. :func:`decode` and :func:`read_presence` check the seal first (in constant
-time) and tell a forged message (:attr:`Rejected.FORGED`: no seal, or a wrong one) from a
-malformed one (:attr:`Rejected.MALFORMED`: sealed, but not a valid body). Every message carries
-its publisher's time under the seal, and is taken only within :data:`REPLAY_WINDOW_MS` of it
-(:attr:`Rejected.REPLAYED` otherwise); presence snapshots carry their expiry, so a replayed one
-is worth nothing past it.
+key, then the body. :func:`decode`, :func:`decode_presence` and :func:`open_snapshot` check the
+seal first (in constant time) and tell a forged message (:attr:`Rejected.FORGED`: no seal, or a
+wrong one) from a malformed one (:attr:`Rejected.MALFORMED`: sealed, but not a valid body).
+Every message (presence ones too) carries its publisher's time under the seal, and is taken only
+within :data:`REPLAY_WINDOW_MS` of it (:attr:`Rejected.REPLAYED` otherwise). A presence snapshot
+names its host, generation and ``seq``: a replayed old one can only make a replica sync again
+(its ``seq`` is behind), never show what the host did not publish.
 
 A channel message with history is sealed by its publisher *before* Redis assigns its position:
 the APPEND script keeps the sealed message in the channel's stream and publishes it followed by
@@ -64,11 +73,13 @@ import hashlib
 import hmac
 import json
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Any
 
 from actors.ids import parse_id
+from actors.presence import Change, Channels, HostState, LoadedSnapshot, PresenceNews
 from actors.wire import frames
 
 MAX_FRAME = 16 * 1024 * 1024
@@ -123,7 +134,7 @@ class ClusterKey:
 
 
 class Rejected(Enum):
-    """Why :func:`decode` or :func:`read_presence` refused something (each counted apart)."""
+    """Why :func:`decode` (or the presence readers) refused something (each counted apart)."""
 
     MALFORMED = "malformed"  # a valid seal on a bad body (a bug or a version mismatch)
     FORGED = "forged"  # no valid seal: not made by a host of this cluster
@@ -151,15 +162,17 @@ class Layout:
     def host_topic(self, host: str) -> str:
         return f"{self.prefix}:h:{host}"
 
-    def host_keys(self, host: str) -> tuple[str, str]:
-        """The host's users set and its channels set."""
-        return f"{self.prefix}:h:{host}:users", f"{self.prefix}:h:{host}:chans"
+    def users_key(self, host: str) -> str:
+        """The host's plain user set (routes user messages to the hosts that have them)."""
+        return f"{self.prefix}:h:{host}:users"
 
     def snapshot_key(self, host: str) -> str:
         return f"{self.prefix}:h:{host}:snap"
 
-    def member_key(self, host: str, channel: int | str) -> str:
-        return f"{self.prefix}:h:{host}:c:{channel}"
+    @property
+    def presence_topic(self) -> str:
+        """Where every host publishes its presence deltas (and every host listens)."""
+        return f"{self.prefix}:presence"
 
     def history_keys(self, channel: int) -> tuple[str, str]:
         """The channel's stream of kept messages and its meta hash (epoch, offset): in its
@@ -213,7 +226,16 @@ class Message:
     epoch: str = ""
 
 
-CONTROL_OPS = ("subscribe", "unsubscribe", "disconnect", "acked", "set_channel", "who", "answer")
+CONTROL_OPS = (
+    "subscribe",
+    "unsubscribe",
+    "disconnect",
+    "acked",
+    "set_channel",
+    "who",
+    "answer",
+    "snapshot",  # to a host's inbox: store a fresh presence snapshot (another host syncs)
+)
 
 
 def encode(message: Message, key: ClusterKey) -> bytes:
@@ -258,7 +280,7 @@ def _control(value: Any) -> dict[str, Any] | None:
             isinstance(value.get("to"), str) and isinstance(value.get("connections"), list)
         ):
             raise ValueError("bad answer")
-    elif value["op"] != "disconnect" and parse_id(value.get("channel")) is None:
+    elif value["op"] not in ("disconnect", "snapshot") and parse_id(value.get("channel")) is None:
         raise ValueError("bad control channel")
     if "ban" in value and not valid_seconds(value["ban"]):
         raise ValueError("bad ban")
@@ -408,43 +430,74 @@ def _parse(body: bytes, max_frame: int) -> Message | Rejected:
     )
 
 
-def snapshot_json(snapshot: dict[str, Any]) -> str:
-    """A presence snapshot for the SNAPSHOT script, ids as strings: Lua's numbers are doubles,
-    which would round ids above 2**53."""
-    return json.dumps(
-        {
-            "users": [str(u) for u in snapshot["users"]],
-            "channels": {c: [str(u) for u in m] for c, m in snapshot["channels"].items()},
-        }
-    )
+PRESENCE_KINDS = {"d": "delta", "n": "snapshot", "l": "leave"}
+_KIND_CODES = {name: code for code, name in PRESENCE_KINDS.items()}
 
 
-@dataclass(frozen=True, slots=True)
-class Presence:
-    """Another host's presence, as its sealed snapshot says."""
-
-    users: frozenset[int]
-    channels: dict[int, frozenset[int]]
-    expires_ms: int = 0  # when it stops counting (ms since the epoch)
-
-
-def seal_presence(key: ClusterKey, host: str, expires_ms: int, snapshot: dict[str, Any]) -> bytes:
-    """This host's snapshot as the other hosts read it: sealed, naming the host and its expiry
-    (so that it can be neither moved to another host nor replayed past its expiry)."""
+def encode_presence(
+    key: ClusterKey,
+    host: str,
+    kind: str,
+    generation: str,
+    seq: int,
+    sent_ms: int,
+    changes: Iterable[Change] = (),
+) -> bytes:
+    """A presence message (``kind``: ``delta``, ``snapshot`` or ``leave``), sealed."""
     body = {
         "h": host,
-        "x": expires_ms,
-        "u": sorted(snapshot["users"]),
-        "c": {str(c): sorted(m) for c, m in snapshot["channels"].items()},
+        "g": generation,
+        "s": seq,
+        "t": sent_ms,
+        "k": _KIND_CODES[kind],
+        "c": [[user, None if state is None else list(state)] for user, state in changes],
     }
     return key.seal(json.dumps(body, separators=(",", ":")).encode())
 
 
-def read_presence(
-    key: ClusterKey, host: str, raw: bytes | None, now_ms: int
-) -> Presence | Rejected | None:
-    """Host ``host``'s sealed snapshot: :attr:`Rejected.FORGED` if it is missing or its seal is
-    wrong or it names another host, None if it expired, else its presence."""
+def decode_presence(raw: bytes, key: ClusterKey, now_ms: int) -> PresenceNews | Rejected:
+    """A presence message from the presence topic, or why it is refused (as :func:`decode`:
+    forged without a valid seal, replayed when stamped more than REPLAY_WINDOW_MS away)."""
+    body = key.open(raw)
+    if body is None:
+        return Rejected.FORGED
+    try:
+        data = json.loads(body.decode("utf-8"))
+        host, generation, seq, sent_ms = data["h"], data["g"], data["s"], data["t"]
+        kind = PRESENCE_KINDS[data["k"]]
+        changes = tuple(_change(entry) for entry in data["c"])
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        return Rejected.MALFORMED
+    if not (isinstance(host, str) and isinstance(generation, str)):
+        return Rejected.MALFORMED
+    if type(seq) is not int or not 0 <= seq <= MAX_OFFSET or type(sent_ms) is not int:
+        return Rejected.MALFORMED
+    if abs(now_ms - sent_ms) > REPLAY_WINDOW_MS:
+        return Rejected.REPLAYED
+    return PresenceNews(host, kind, generation, seq, changes)
+
+
+def _change(entry: Any) -> Change:
+    user, state = entry
+    return _id(user), None if state is None else tuple(sorted({_id(c) for c in state}))
+
+
+def seal_snapshot(
+    key: ClusterKey, host: str, generation: str, seq: int, users: Mapping[int, Channels]
+) -> bytes:
+    """This host's whole presence at ``seq``, sealed, naming the host (so that it cannot be
+    moved to another): users grouped by the channels they are in."""
+    groups: dict[str, list[int]] = {}
+    for user, channels in users.items():
+        groups.setdefault(",".join(map(str, channels)), []).append(user)
+    body = {"h": host, "g": generation, "s": seq, "u": groups}
+    return key.seal(json.dumps(body, separators=(",", ":")).encode())
+
+
+def open_snapshot(key: ClusterKey, host: str, raw: bytes | None) -> LoadedSnapshot | Rejected:
+    """Host ``host``'s stored snapshot: :attr:`Rejected.FORGED` if it is missing, its seal is
+    wrong or it names another host; its presence built for the queries (the caller's thread
+    does that work, not the router's)."""
     body = None if raw is None else key.open(raw)
     if body is None:
         return Rejected.FORGED
@@ -452,15 +505,17 @@ def read_presence(
         data = json.loads(body.decode("utf-8"))
         if data["h"] != host:
             return Rejected.FORGED  # another host's snapshot, copied
-        if type(data["x"]) is not int:
+        generation, seq = data["g"], data["s"]
+        if not isinstance(generation, str) or type(seq) is not int or not 0 <= seq <= MAX_OFFSET:
             return Rejected.MALFORMED
-        if data["x"] <= now_ms:
-            return None
-        users = frozenset(_ids(data["u"]))
-        channels = {_id(c): frozenset(_ids(m)) for c, m in data["c"].items()}
+        users: dict[int, Channels] = {}
+        for group, members in data["u"].items():
+            channels = tuple(sorted({_id(c) for c in group.split(",")})) if group else ()
+            for user in _ids(members):
+                users[user] = channels
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return Rejected.MALFORMED
-    return Presence(users, channels, data["x"])
+    return LoadedSnapshot(host, generation, seq, HostState.of(users))
 
 
 def _id(value: Any) -> int:
@@ -550,19 +605,6 @@ return to_all_hosts()
 """
 )
 
-# The other live hosts and their sealed snapshots: {host, snapshot or false, ...}.
-PRESENCE = (
-    _LIVE_OTHERS
-    + """
-local out = {}
-for _, h in ipairs(others) do
-  out[#out + 1] = h
-  out[#out + 1] = redis.call('GET', ARGV[1] .. ':h:' .. h .. ':snap')
-end
-return out
-"""
-)
-
 # The same for a Redis Cluster: sharded pub/sub. The inbox topics carry the scripts' hash tag, so
 # the script publishes within its own slot (KEYS[1]'s), as Redis Cluster requires of SPUBLISH.
 SPUBLISH_USERS = PUBLISH_USERS.replace("redis.call('PUBLISH',", "redis.call('SPUBLISH',")
@@ -570,47 +612,58 @@ SPUBLISH_HOSTS = PUBLISH_HOSTS.replace("redis.call('PUBLISH',", "redis.call('SPU
 SWHO = WHO.replace("redis.call('PUBLISH',", "redis.call('SPUBLISH',")
 SSET_CHANNEL = SET_CHANNEL.replace("redis.call('PUBLISH',", "redis.call('SPUBLISH',")
 
-# Replace this host's presence. ARGV[4]: expiry (ms since the epoch); ARGV[5]: ttl (ms);
-# ARGV[6]: JSON {"users": [...], "channels": {"<id>": [...]}}; ARGV[7]: the same, sealed (what the
-# other hosts' queries read; the sets serve only to route user messages). Also forgets expired
-# hosts.
-SNAPSHOT = """
-local prefix, host, expires, ttl = ARGV[1], ARGV[2], ARGV[4], ARGV[5]
-local data = cjson.decode(ARGV[6])
+# This host's presence: the expiry refresh, and a delta or heartbeat. ARGV[4]: expiry (ms since
+# the epoch); ARGV[5]: ttl (ms); ARGV[6]: the sealed presence message (published on the presence
+# topic); ARGV[7]: how many users came online (ARGV[8 .. 7 + n]); the rest went offline. Keeps
+# the user set, renews it and the snapshot, and forgets expired hosts.
+PRESENCE_DELTA = """
+local prefix, host, ttl = ARGV[1], ARGV[2], tonumber(ARGV[5])
 local base = prefix .. ':h:' .. host
-for _, c in ipairs(redis.call('SMEMBERS', base .. ':chans')) do
-  if data.channels[c] == nil then redis.call('DEL', base .. ':c:' .. c) end
+local users = base .. ':users'
+local online = 7 + tonumber(ARGV[7])
+for i = 8, online, 1000 do
+  redis.call('SADD', users, unpack(ARGV, i, math.min(i + 999, online)))
 end
-redis.call('DEL', base .. ':users', base .. ':chans')
-local function fill(key, values)
-  redis.call('DEL', key)
-  for i = 1, #values, 1000 do
-    redis.call('SADD', key, unpack(values, i, math.min(i + 999, #values)))
-  end
-  redis.call('PEXPIRE', key, ttl)
+for i = online + 1, #ARGV, 1000 do
+  redis.call('SREM', users, unpack(ARGV, i, math.min(i + 999, #ARGV)))
 end
-if #data.users > 0 then fill(base .. ':users', data.users) end
-local chans = {}
-for c, members in pairs(data.channels) do
-  chans[#chans + 1] = c
-  fill(base .. ':c:' .. c, members)
-end
-if #chans > 0 then fill(base .. ':chans', chans) end
-redis.call('SET', base .. ':snap', ARGV[7], 'PX', ttl + 1000)
-redis.call('ZADD', KEYS[1], expires, host)
+redis.call('PEXPIRE', users, ttl)
+redis.call('PEXPIRE', base .. ':snap', ttl + 1000)
+redis.call('ZADD', KEYS[1], ARGV[4], host)
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[3])
-return #data.users
+redis.call('PUBLISH', prefix .. ':presence', ARGV[6])
+return 1
 """
 
-# Remove this host at once (clean shutdown).
+# Store this host's snapshot. ARGV[4]: expiry; ARGV[5]: ttl (ms); ARGV[6]: the sealed snapshot;
+# ARGV[7]: the sealed announcement; ARGV[8..]: every user online here (the user set is
+# rewritten from them).
+STORE_PRESENCE = """
+local prefix, host, ttl = ARGV[1], ARGV[2], tonumber(ARGV[5])
+local base = prefix .. ':h:' .. host
+local users = base .. ':users'
+redis.call('DEL', users)
+for i = 8, #ARGV, 1000 do
+  redis.call('SADD', users, unpack(ARGV, i, math.min(i + 999, #ARGV)))
+end
+redis.call('PEXPIRE', users, ttl)
+redis.call('SET', base .. ':snap', ARGV[6], 'PX', ttl + 1000)
+redis.call('ZADD', KEYS[1], ARGV[4], host)
+redis.call('PUBLISH', prefix .. ':presence', ARGV[7])
+return 1
+"""
+
+# Remove this host at once (clean shutdown). ARGV[4]: the sealed leave message.
 LEAVE = """
 local base = ARGV[1] .. ':h:' .. ARGV[2]
-for _, c in ipairs(redis.call('SMEMBERS', base .. ':chans')) do
-  redis.call('DEL', base .. ':c:' .. c)
-end
-redis.call('DEL', base .. ':users', base .. ':chans', base .. ':snap')
+redis.call('DEL', base .. ':users', base .. ':snap')
+redis.call('PUBLISH', ARGV[1] .. ':presence', ARGV[4])
 return redis.call('ZREM', KEYS[1], ARGV[2])
 """
+
+SPRESENCE_DELTA = PRESENCE_DELTA.replace("redis.call('PUBLISH',", "redis.call('SPUBLISH',")
+SSTORE_PRESENCE = STORE_PRESENCE.replace("redis.call('PUBLISH',", "redis.call('SPUBLISH',")
+SLEAVE = LEAVE.replace("redis.call('PUBLISH',", "redis.call('SPUBLISH',")
 
 # -- history: KEYS[1] is the channel's stream (the script runs in the channel's slot, not the
 # hosts'), ARGV[4] the channel id ------------------------------------------------------------

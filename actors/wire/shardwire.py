@@ -237,8 +237,12 @@ class UserDisconnect:
 
 
 @dataclass(frozen=True, slots=True)
-class QuerySnapshot:
-    """The shard's presence, for the other hosts: ``{"users": [...], "channels": {...}}``."""
+class QueryPresence:
+    """The shard's presence, for the other hosts: the users whose presence changed since the
+    last such query (``full``: every user; the shard tracks changes from then on), each with
+    its channels or null (offline): ``{"users": [[user, [channels] or null], ...]}``."""
+
+    full: bool
 
 
 MAX_TOP = 100  # largest channels a status query may ask for
@@ -271,7 +275,7 @@ Query = (
     | QueryAreOnline
     | UserSubscription
     | UserDisconnect
-    | QuerySnapshot
+    | QueryPresence
     | QueryStatus
     | QueryConnections
     | QueryUserConnections
@@ -294,8 +298,8 @@ def encode_query(body: Query) -> dict[str, Any]:
         return {"op": op, "user": body.user, "channel": body.channel}
     if isinstance(body, UserDisconnect):
         return {"op": "disconnect", "user": body.user}
-    if isinstance(body, QuerySnapshot):
-        return {"op": "snapshot"}
+    if isinstance(body, QueryPresence):
+        return {"op": "presence", "full": body.full}
     if isinstance(body, QueryStatus):
         return {"op": "status", "top": body.top} if body.top else {"op": "status"}
     if isinstance(body, QueryConnections):
@@ -327,8 +331,8 @@ def decode_query(payload: bytes) -> Query:
         return QueryAreOnline(tuple(int(u) for u in body["users"]))
     if op in ("subscribe", "unsubscribe", "disconnect"):
         return user_control(op, int(body["user"]), body.get("channel"))
-    if op == "snapshot":
-        return QuerySnapshot()
+    if op == "presence":
+        return QueryPresence(bool(body["full"]))
     if op == "status":
         return QueryStatus(min(max(int(body.get("top", 0)), 0), MAX_TOP))
     if op == "connections":

@@ -14,7 +14,7 @@ import redis.asyncio
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from actors.wire import frames
+from actors.wire import cluster, frames
 from actors.wire.cluster import ClusterKey, Layout, Message, encode
 from shards.testing import Host, Peer, connect_peer, wait_until_async
 
@@ -83,32 +83,50 @@ def test_a_forged_presence_entry_is_not_online(redis_server, ucc_host):
     async def scenario() -> None:
         peer = await connect_peer(b, 1, [7])
         await a.aio.wait_online([1])
+        before = await forged_count(a)
         intruder = redis.asyncio.Redis.from_url(redis_server.url)
-        fake_users = [str(u) for u in range(100, 100_100)]
+        fake_users = list(range(100, 10_100))
         try:
             far = int(time.time() * 1000) + 10**12  # a far-future expiry
+            now = int(time.time() * 1000)
+            real = [h.decode() for h in await intruder.zrange(LAYOUT.hosts, 0, -1)]
             pipe = intruder.pipeline(transaction=False)
-            pipe.zadd(LAYOUT.hosts, {"fake-host": far, "fake-sealed": far})
-            for host in ("fake-host", "fake-sealed"):
-                users, chans = LAYOUT.host_keys(host)
-                pipe.sadd(users, *fake_users)
-                pipe.sadd(chans, "7")
-                pipe.sadd(LAYOUT.member_key(host, 7), *fake_users)
-            # one with a snapshot sealed under a wrong key, one with none
-            snapshot = json.dumps({"h": "fake-sealed", "x": far, "u": fake_users, "c": {}})
-            pipe.set(LAYOUT.snapshot_key("fake-sealed"), bytes(32) + snapshot.encode())
+            pipe.zadd(LAYOUT.hosts, {"fake-host": far})
+            pipe.sadd(LAYOUT.users_key("fake-host"), *fake_users)  # routing only
+            # a snapshot sealed under a wrong key, for a fake host and over a real one's
+            for host in ("fake-host", *real):
+                forged = cluster.seal_snapshot(
+                    ClusterKey(b"wrong"), host, "g", 10**6, dict.fromkeys(fake_users, (7,))
+                )
+                pipe.set(LAYOUT.snapshot_key(host), forged)
             await pipe.execute()
+            # deltas without the key and with a wrong one, as a fake host and as the real ones
+            changes = [(user, (7,)) for user in fake_users]
+            for host in ("fake-host", *real):
+                sealed = cluster.encode_presence(
+                    ClusterKey(b"wrong"), host, "delta", "g", 10**6, now, changes
+                )
+                for payload in (sealed, sealed[32:]):
+                    assert await intruder.publish(LAYOUT.presence_topic, payload) == 2
         finally:
             await intruder.aclose()
+        # each of the 2 * (1 + 2) deltas reaches host a's listener and is refused there
+        await wait_until_async(
+            lambda: _at_least(forged_count(a), before + 6), what="for every forged delta"
+        )
         client = a.aio.client()
         assert await client.get_online_users() == [1]
         assert await client.get_online_users_in_channel(7) == [1]
         assert await client.are_users_online([1, 100, 5000]) == {1: True, 100: False, 5000: False}
         assert await client.is_user_online(100) is False
-        assert await forged_count(a) >= 2  # each query counts each forged entry
         await peer.close()
+        await a.aio.wait_online([])  # b's real deltas still come through: its user left
 
     asyncio.run(scenario())
+
+
+async def _at_least(count: Any, floor: int) -> bool:
+    return bool(await count >= floor)
 
 
 async def attempt(host: Host, user: int) -> int:

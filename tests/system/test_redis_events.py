@@ -19,13 +19,14 @@ from redis.cluster import RedisCluster
 
 from actors.hostlink import (
     AnswerUserConnections,
-    AreOnline,
     ChannelMarks,
     Deliveries,
     Delivery,
     LinkEvent,
     LinkState,
     OpResult,
+    PresenceHeard,
+    PresenceLoaded,
     PublishPresence,
     RedisRequest,
     Results,
@@ -34,6 +35,7 @@ from actors.hostlink import (
     UserConnections,
 )
 from actors.ids import ChannelId
+from actors.presence import PresenceNews
 from actors.wire import cluster
 from shards.redislink import RedisLink, cluster_seed
 from shards.testing import RedisClusterServer, RedisServer
@@ -85,6 +87,8 @@ class Host:
         self.results: dict[int, OpResult] = {}
         self.marks: list[list[int]] = []  # every ChannelMarks, in order
         self.group: list[Host] = [self]  # the hosts pumped while this one waits
+        self.presence: list[PresenceNews] = []  # what other hosts published, as heard
+        self.seq = 0  # of this host's presence deltas
         self.link.start()
         self.wait(lambda: self.link.up and self.marks, what="for the link and its marks")
 
@@ -110,8 +114,10 @@ class Host:
                     self.results[result.qid] = result
             elif isinstance(event, ChannelMarks):
                 self.marks.append(list(event.channels))
+            elif isinstance(event, PresenceHeard):
+                self.presence.extend(event.news)
             else:
-                assert isinstance(event, LinkState | TopicsReady)
+                assert isinstance(event, LinkState | TopicsReady | PresenceLoaded)
 
     def wait(self, condition: Callable[[], Any], timeout: float = 10.0, what: str = "") -> Any:
         deadline = time.monotonic() + timeout * TIME_FACTOR
@@ -149,7 +155,8 @@ class Host:
             return int(client.pubsub_numsub(topic)[0][1])
 
     def publish_presence(self, users: list[int]) -> None:
-        self.link.submit(PublishPresence({"users": users, "channels": {}}))
+        self.seq += 1
+        self.link.submit(PublishPresence("g", self.seq, tuple((user, ()) for user in users)))
         inbox = self.link.layout.host_topic(self.link.host)
         self.wait(lambda: self.listeners(inbox) == 1, what="for the inbox subscription")
 
@@ -158,8 +165,11 @@ def online(host: Host, other: Host, users: list[int]) -> None:
     """``other`` publishes its presence with ``users``; wait until ``host`` sees them."""
     other.publish_presence(users)
 
-    def seen() -> bool:
-        return host.run(lambda q: AreOnline(q, users))["online"] == sorted(users)
+    def seen() -> bool:  # the delta script updates the user set, then publishes the delta
+        return any(
+            news.host == other.link.host and {u for u, _ in news.changes} >= set(users)
+            for news in host.presence
+        )
 
     host.wait(seen, what=f"for {users} to be online on the other host")
 

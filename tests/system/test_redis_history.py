@@ -19,13 +19,14 @@ from redis.cluster import RedisCluster
 from actors.hostlink import (
     AckCritical,
     AppendChannel,
-    AreOnline,
     ChannelMarks,
     Deliveries,
     Delivery,
     FetchCritical,
     LinkEvent,
     LinkState,
+    PresenceHeard,
+    PresenceLoaded,
     PublishPresence,
     ReadHistory,
     RedisRequest,
@@ -35,6 +36,7 @@ from actors.hostlink import (
     TopicsReady,
 )
 from actors.ids import ChannelId
+from actors.presence import PresenceNews
 from actors.wire import cluster, frames
 from shards.redislink import RedisLink, cluster_seed
 from shards.testing import RedisClusterServer, RedisServer
@@ -66,6 +68,7 @@ class Host:
         self.deliveries: list[Delivery] = []
         self.results: dict[int, Any] = {}
         self.ready: set[int] = set()  # channels whose topic Redis confirmed (TopicsReady)
+        self.presence: list[PresenceNews] = []  # what other hosts published, as heard
         self.link.start()
         self.wait(lambda: self.link.up, what="for the link to connect")
 
@@ -85,8 +88,10 @@ class Host:
                     self.results[result.qid] = result
             elif isinstance(event, TopicsReady):
                 self.ready.update(event.channels)
+            elif isinstance(event, PresenceHeard):
+                self.presence.extend(event.news)
             else:
-                assert isinstance(event, LinkState | ChannelMarks)
+                assert isinstance(event, LinkState | ChannelMarks | PresenceLoaded)
 
     def wait(self, condition: Callable[[], Any], timeout: float = 10.0, what: str = "") -> Any:
         deadline = time.monotonic() + timeout * TIME_FACTOR
@@ -158,12 +163,15 @@ def subscribe(channel: int, *hosts: Host) -> None:
 def online(host: Host, other: Host, users: list[int]) -> None:
     """``other`` publishes its presence with ``users``; wait until ``host`` sees them (and
     until ``other`` listens to its inbox)."""
-    other.link.submit(PublishPresence({"users": users, "channels": {}}))
+    other.link.submit(PublishPresence("g", 1, tuple((user, ()) for user in users)))
     inbox = other.link.layout.host_topic(other.link.host)
     other.wait(lambda: other.listeners(inbox) == 1, what="for the inbox subscription")
 
-    def seen() -> bool:
-        return host.run(lambda q: AreOnline(q, users))["online"] == sorted(users)
+    def seen() -> bool:  # the delta script updates the user set, then publishes the delta
+        return any(
+            news.host == other.link.host and {u for u, _ in news.changes} >= set(users)
+            for news in host.presence
+        )
 
     host.wait(seen, what=f"for {users} to be online on the other host")
 

@@ -12,7 +12,6 @@ from actors.gather import (
     are_online,
     broadcast,
     is_online,
-    presence_snapshot,
     sum_connections,
     union_users,
 )
@@ -120,9 +119,5 @@ def test_sum_connections_is_no_error_when_another_host_was_told_or_nobody_is_onl
     assert sum_connections(g) == {"connections": 0}
 
 
-def test_broadcast_and_presence_snapshot():
+def test_broadcast():
     assert broadcast(gather(args={"shards": 2})) == {"shards": 2}
-    g = gather(S0, S1)
-    g.answered(S0, {"users": [1], "channels": {"5": [1]}})
-    g.answered(S1, {"users": [2], "channels": {"5": [2], "6": [2]}})
-    assert presence_snapshot(g) == {"users": [1, 2], "channels": {"5": [1, 2], "6": [2]}}

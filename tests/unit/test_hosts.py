@@ -14,23 +14,26 @@ import pytest
 from actors.credit import WindowLimits
 from actors.gather import REDIS
 from actors.hostlink import (
-    AreOnline,
+    AskPresence,
     Deliveries,
     Delivery,
+    FetchPresence,
     LinkState,
-    OnlineInChannel,
-    OnlineUsers,
     OpResult,
+    PresenceHeard,
+    PresenceLoaded,
     PublishChannel,
     PublishHosts,
     PublishPresence,
     PublishUsers,
     Results,
+    StorePresence,
     Subscribe,
     Unsubscribe,
 )
 from actors.hosts import UNREACHED, OtherHosts
 from actors.ids import ChannelId, stable_hash
+from actors.presence import HostState, LoadedSnapshot, PresenceNews
 from actors.router import RouterCore, UserBanned
 from actors.wire import frames, shardwire
 
@@ -94,6 +97,15 @@ def make(
     return core, hosts
 
 
+def other_host(hosts: OtherHosts, name: str, users: dict[int, tuple[int, ...]]) -> None:
+    """Another host heard of, and synced from its snapshot (as the link reports them)."""
+    hosts.link_event(PresenceHeard([PresenceNews(name, "delta", "g1", 3)]), 0.0)
+    assert hosts.take_ops() == [FetchPresence(name)]
+    loaded = LoadedSnapshot(name, "g1", 3, HostState.of(users))
+    hosts.link_event(PresenceLoaded(name, loaded), 0.0)
+    assert hosts.take_ops() == []
+
+
 @pytest.fixture
 def linked() -> tuple[RouterCore, OtherHosts]:
     return make()
@@ -124,24 +136,26 @@ def test_a_dead_shard_s_channels_are_unsubscribed(linked):
 # -- gathers with the other hosts -------------------------------------------------------------
 
 
-def test_a_query_waits_for_the_other_hosts_and_merges_their_part(linked):
+def test_a_presence_query_merges_the_other_hosts_part_from_their_replicas(linked):
     core, hosts = linked
+    other_host(hosts, "h2", {99: (3,), 10: ()})
+    other_host(hosts, "h3", {98: (4,)})
     command(core, {"id": 1, "cmd": "get_online_users"})
     asked = queries(core)
-    (op,) = hosts.take_ops()
-    assert isinstance(op, OnlineUsers)
+    assert hosts.take_ops() == []  # nothing asked of Redis: the replicas answer
     for index, (qid, body) in asked.items():
-        assert qid == op.qid and body == {"op": "online"}
+        assert body == {"op": "online"}
         answer(core, index, qid, {"users": [index + 10]})
-    assert replies(core) == []  # Redis has not answered yet
-    hosts.link_event(Results([OpResult(op.qid, True, {"users": [99, 10]})]), 0.0)
     assert reply(core) == {
         "id": 1,
         "ok": True,
-        "users": [10, 11, 12, 99],
+        "users": [10, 11, 12, 98, 99],
         "missing_shards": [],
         "cluster": True,
     }
+    command(core, {"id": 2, "cmd": "get_online_users_in_channel", "channel": 3})
+    assert queries(core) == {}  # no shard here has the channel
+    assert reply(core)["users"] == [99]
 
 
 def test_while_the_link_is_down_replies_say_the_other_hosts_were_not_reached():
@@ -160,14 +174,14 @@ def test_while_the_link_is_down_replies_say_the_other_hosts_were_not_reached():
 
 def test_the_link_going_down_ends_the_wait_for_it(linked):
     core, hosts = linked
-    command(core, {"id": 1, "cmd": "get_online_users_in_channel", "channel": 3})
+    command(core, {"id": 1, "cmd": "broadcast_to_channel", "channel": 3, "data": 1})
     (op,) = hosts.take_ops()
-    assert isinstance(op, OnlineInChannel) and op.channel == 3
+    assert isinstance(op, PublishChannel)
     hosts.link_event(LinkState(False), 0.0)
     result = reply(core)
     assert (result["cluster"], result["cluster_error"]) == (False, UNREACHED)
     assert core.pending == {}
-    hosts.link_event(Results([OpResult(op.qid, True, {"users": [1]})]), 0.0)  # too late
+    hosts.link_event(Results([OpResult(op.qid, True, {"value": 1})]), 0.0)  # too late
     assert replies(core) == []
 
 
@@ -286,15 +300,14 @@ def test_a_ban_from_another_host_bans_here_and_disconnects(linked):
     assert core.take_events() == []
 
 
-def test_are_users_online_asks_the_other_hosts_about_every_user(linked):
+def test_are_users_online_answers_from_this_host_and_the_replicas(linked):
     core, hosts = linked
     a, b = user_on(0), user_on(1)
+    other_host(hosts, "h2", {b: ()})
     command(core, {"id": 1, "cmd": "are_users_online", "users": [a, b]})
-    (op,) = hosts.take_ops()
-    assert op == AreOnline(op.qid, [a, b])
+    assert hosts.take_ops() == []
     for index, (qid, _body) in queries(core).items():
         answer(core, index, qid, {"online": []})
-    hosts.result(op.qid, True, {"online": [b]})
     assert reply(core)["online"] == {str(a): False, str(b): True}
 
 
@@ -359,45 +372,90 @@ def test_a_user_command_from_another_host_is_applied_and_answered_to_nobody(link
     assert core.pending == {} and replies(core) == []
 
 
-# -- presence snapshots -----------------------------------------------------------------------
+# -- this host's presence ----------------------------------------------------------------------
 
 
-def test_a_snapshot_gathers_the_up_shards_presence_and_queues_it_for_the_link(linked):
-    core, hosts = linked
-    core.shard_down(1, 1, now=0.0)
-    hosts.snapshot(now=5.0)
+def pull(core: RouterCore, hosts: OtherHosts, now: float, answers: dict[int, list[Any]]):
+    """One presence tick: the shards asked (index -> full?), those in ``answers`` answering."""
+    hosts.presence_tick(now)
     asked = queries(core)
-    assert sorted(asked) == [0, 2]
-    assert all(body == {"op": "snapshot"} for _qid, body in asked.values())
-    answer(core, 0, asked[0][0], {"users": [1], "channels": {"4": [1]}})
-    answer(core, 2, asked[2][0], {"users": [2], "channels": {"4": [2], "5": [2]}})
+    for index, users in answers.items():
+        answer(core, index, asked[index][0], {"users": users})
+    core.tick(now + 1.0)  # the silent ones: missing
+    return {index: body["full"] for index, (_qid, body) in asked.items()}
+
+
+def test_presence_is_pulled_from_the_up_shards_and_published_as_deltas(linked):
+    core, hosts = linked
+    gen = hosts.local.generation
+    core.shard_down(1, 1, now=0.0)
+    assert pull(core, hosts, 5.0, {0: [[1, [4]]], 2: [[2, [4, 5]]]}) == {0: True, 2: True}
+    changes = ((1, (4,)), (2, (4, 5)))
     assert hosts.take_ops() == [
-        PublishPresence({"users": [1, 2], "channels": {"4": [1, 2], "5": [2]}})
+        PublishPresence(gen, 1, changes),
+        StorePresence(gen, 1, {1: (4,), 2: (4, 5)}),  # the first: others sync from it
     ]
+    assert pull(core, hosts, 7.0, {0: [[1, None]], 2: []}) == {0: False, 2: False}
+    assert hosts.take_ops() == [PublishPresence(gen, 2, ((1, None),))]
+    pull(core, hosts, 9.0, {0: [], 2: []})
+    assert hosts.take_ops() == [PublishPresence(gen, 2, ())]  # a heartbeat
     assert replies(core) == []  # nobody asked: no reply
 
 
-def test_a_partial_snapshot_is_not_published(linked):
+def test_a_shard_that_did_not_answer_is_asked_everything_next_time(linked):
     core, hosts = linked
-    hosts.snapshot(now=5.0)
-    asked = queries(core)
-    answer(core, 0, asked[0][0], {"users": [1], "channels": {}})
-    core.tick(6.0)  # shards 1 and 2 stay silent
-    assert hosts.take_ops() == []
-    assert core.pending == {}
+    pull(core, hosts, 5.0, {0: [[1, []]], 1: [], 2: []})
+    hosts.take_ops()
+    assert pull(core, hosts, 7.0, {1: [], 2: []}) == {0: False, 1: False, 2: False}
+    assert hosts.take_ops() == [PublishPresence(hosts.local.generation, 1, ())]
+    assert pull(core, hosts, 9.0, {0: [[2, []]], 1: [], 2: []})[0] is True
+    (op,) = hosts.take_ops()  # user 1 left meanwhile: the full answer tells
+    assert isinstance(op, PublishPresence) and sorted(op.changes) == [(1, None), (2, ())]
 
 
-def test_a_snapshot_waits_for_room_among_the_queries_in_flight():
+def test_a_dead_shard_s_users_go_offline_in_the_next_delta(linked):
+    core, hosts = linked
+    pull(core, hosts, 5.0, {0: [[1, []]], 1: [[2, [7]]], 2: []})
+    hosts.take_ops()
+    core.shard_down(1, 1, now=6.0)
+    pull(core, hosts, 7.0, {0: [], 2: []})
+    assert hosts.take_ops() == [PublishPresence(hosts.local.generation, 2, ((2, None),))]
+
+
+def test_another_host_s_request_and_the_link_coming_back_store_a_snapshot(linked):
+    core, hosts = linked
+    pull(core, hosts, 5.0, {0: [[1, []]], 1: [], 2: []})
+    hosts.take_ops()
+    hosts.link_event(Deliveries([Delivery(None, [], b"", {"op": "snapshot"})]), 6.0)
+    pull(core, hosts, 7.0, {0: [], 1: [], 2: []})
+    assert hosts.take_ops()[1:] == [StorePresence(hosts.local.generation, 1, {1: ()})]
+    hosts.link_event(LinkState(False), 8.0)
+    hosts.link_event(LinkState(True), 8.5)
+    pull(core, hosts, 9.0, {0: [], 1: [], 2: []})
+    assert isinstance(hosts.take_ops()[-1], StorePresence)
+
+
+def test_a_gap_in_another_host_s_deltas_asks_the_link_to_read_its_snapshot(linked):
+    _core, hosts = linked
+    other_host(hosts, "h2", {1: ()})
+    hosts.link_event(PresenceHeard([PresenceNews("h2", "delta", "g1", 5, ((2, ()),))]), 1.0)
+    assert hosts.take_ops() == [FetchPresence("h2")]
+    hosts.link_event(PresenceLoaded("h2", None), 1.1)  # none there: ask the host for one
+    assert hosts.take_ops() == [AskPresence("h2")]
+    assert hosts.statistics()["presence"]["presence_syncing"] == 1
+
+
+def test_a_presence_pull_waits_for_room_among_the_queries_in_flight():
     core, hosts = make(max_queries=1)
     command(core, {"id": 1, "cmd": "status"})
     core.take_outbox()
-    hosts.snapshot(now=0.0)
+    hosts.presence_tick(0.0)
     assert core.take_outbox() == [] and len(core.pending) == 1
 
 
-def test_a_snapshot_never_involves_the_link_as_a_participant(linked):
+def test_a_presence_pull_never_involves_the_link_as_a_participant(linked):
     core, hosts = linked
-    hosts.snapshot(now=0.0)
+    hosts.presence_tick(0.0)
     (gather,) = core.pending.values()
     assert REDIS not in gather.waiting and not gather.redis
 

@@ -12,21 +12,22 @@ import pytest
 
 from actors.hostlink import (
     AnswerUserConnections,
-    AreOnline,
     Delivery,
+    FetchPresence,
     LinkEvent,
-    OnlineInChannel,
-    OnlineUsers,
     OpResult,
+    PresenceLoaded,
     PublishChannel,
     PublishPresence,
     PublishUsers,
+    ReadHistory,
     Results,
     Subscribe,
     Unsubscribe,
     UserConnections,
 )
 from actors.ids import ChannelId
+from actors.presence import PresenceNews
 from actors.wire import cluster, frames
 from shards.redislink import BACKOFF, COUNTERS, Ask, Backoff, Probe, RedisLink
 
@@ -90,7 +91,7 @@ def test_topic_changes_go_to_the_listener_not_the_worker(link):
 
 def test_operations_queue_for_the_worker_in_order(link):
     link, _events = link
-    ops = [OnlineUsers(1), PublishChannel(2, ChannelId(3), b"f"), PublishPresence({})]
+    ops = [FetchPresence("h2"), PublishChannel(2, ChannelId(3), b"f"), PublishPresence("g", 1, ())]
     for op in ops:
         link.submit(op)
     assert link._drain(0.0) == ops
@@ -99,44 +100,45 @@ def test_operations_queue_for_the_worker_in_order(link):
 def test_a_full_queue_fails_the_operation_at_once_to_whoever_waits(link):
     link, events = link
     link.ops = queue.Queue(1)
-    link.submit(OnlineUsers(1))
-    link.submit(AreOnline(2, [5]))  # no room: failed, reported
-    link.submit(PublishPresence({}))  # no room, nobody waits: nothing reported
-    assert events == [Results([OpResult(2, False, None)])]
-
-
-def presence(host: str, users: list[int], channels: dict[int, list[int]]) -> list[bytes]:
-    snapshot = {"users": users, "channels": channels}
-    return [host.encode(), cluster.seal_presence(KEY, host, NOW_MS + 5000, snapshot)]
+    link.submit(PublishPresence("g", 1, ()))
+    link.submit(ReadHistory(2, ChannelId(5), 0, 10, 1000))  # no room: failed, reported
+    link.submit(PublishPresence("g", 2, ()))  # no room, nobody waits: nothing reported
+    link.submit(FetchPresence("h2"))  # no room: the router hears there is no snapshot
+    assert events == [Results([OpResult(2, False, None)]), PresenceLoaded("h2", None)]
 
 
 def test_answers_have_the_shape_of_the_shards_answers(link):
     link, _events = link
-    value = presence("h1", [3, 4], {2: [3]}) + presence("h2", [5, 6], {2: [5]})
-    assert link._answer(OnlineUsers(1), value, NOW_MS) == {"users": [3, 4, 5, 6]}
-    assert link._answer(OnlineInChannel(1, ChannelId(2)), value, NOW_MS) == {"users": [3, 5]}
-    assert link._answer(AreOnline(1, [5, 7]), value, NOW_MS) == {"online": [5]}
     assert link._answer(PublishUsers(1, [5], b"f"), 2, NOW_MS) == {"value": 2}
-    assert Probe().qid == PublishPresence({}).qid == 0  # nobody waits for these
+    assert Probe().qid == PublishPresence("g", 1, ()).qid == FetchPresence("h").qid == 0
     assert link.stats()["forged"] == 0
 
 
-def test_presence_without_a_valid_seal_is_left_out_and_counted_forged(link):
+def test_a_stored_snapshot_is_opened_and_checked_by_the_worker(link):
     link, _events = link
-    fake = cluster.ClusterKey(b"not the key")
-    forged = [
-        b"fake",
-        cluster.seal_presence(fake, "fake", NOW_MS + 10**9, {"users": [9], "channels": {}}),
-    ]
-    missing = [b"gone", None]
-    moved = [b"thief", presence("h1", [8], {})[1]]  # h1's snapshot under another host's name
-    expired = [
-        b"old",
-        cluster.seal_presence(KEY, "old", NOW_MS - 1, {"users": [7], "channels": {}}),
-    ]
-    value = presence("h1", [3], {}) + forged + missing + moved + expired
-    assert link._answer(OnlineUsers(1), value, NOW_MS) == {"users": [3]}
-    assert link.stats()["forged"] == 3  # an expired one is only old, not forged
+    raw = cluster.seal_snapshot(KEY, "h1", "g1", 4, {3: (2,), 5: ()})
+    loaded = link._snapshot("h1", raw)
+    assert loaded is not None and loaded.seq == 4 and loaded.state.users == {3: (2,), 5: ()}
+    assert link._snapshot("h1", None) is None  # none there: not counted
+    fake = cluster.seal_snapshot(cluster.ClusterKey(b"not the key"), "h1", "g1", 4, {9: ()})
+    assert link._snapshot("h1", fake) is None
+    assert link._snapshot("thief", raw) is None  # h1's snapshot under another host's name
+    assert link.stats()["forged"] == 2 and link.stats()["presence_loaded"] == 1
+
+
+def test_presence_messages_are_checked_and_our_own_are_dropped(link):
+    link, _events = link
+    now = int(time.time() * 1000)
+    theirs = cluster.encode_presence(KEY, "h2", "delta", "g", 3, now, [(7, (1,))])
+    assert link._presence_news(theirs) == PresenceNews("h2", "delta", "g", 3, ((7, (1,)),))
+    ours = cluster.encode_presence(KEY, link.host, "delta", "g", 3, now)
+    assert link._presence_news(ours) is None
+    forged = cluster.encode_presence(cluster.ClusterKey(b"k"), "h2", "delta", "g", 3, now)
+    assert link._presence_news(forged) is None
+    old = cluster.encode_presence(KEY, "h2", "delta", "g", 3, _stale_ms())
+    assert link._presence_news(old) is None
+    stats = link.stats()
+    assert (stats["received"], stats["forged"], stats["replayed"]) == (4, 1, 1)
 
 
 def test_a_channel_message_from_another_host_becomes_a_delivery(link):
@@ -226,6 +228,7 @@ def test_malformed_messages_are_counted_and_the_router_gets_a_copy_of_the_counte
         "who_replied",
         "who_answers_dropped",
         "who_partial",
+        "presence_loaded",
     )
     stats["received"] = 100  # a copy: the link's own counters are untouched
     assert link.stats()["received"] == 2
@@ -243,18 +246,6 @@ def test_a_sealed_message_kept_and_published_again_later_is_counted_replayed(lin
 
 def _stale_ms() -> int:
     return int(time.time() * 1000) - cluster.REPLAY_WINDOW_MS - 1000
-
-
-def test_a_snapshot_seen_again_is_reused_until_it_expires_and_others_are_forgotten(link):
-    link, _events = link
-    h1, h2 = presence("h1", [3], {}), presence("h2", [4], {})
-    assert link._answer(OnlineUsers(1), h1 + h2, NOW_MS) == {"users": [3, 4]}
-    assert set(link._snapshots) == {"h1", "h2"}  # opened and parsed once each
-    assert link._answer(OnlineUsers(2), h1, NOW_MS + 1000) == {"users": [3]}  # the same bytes
-    assert set(link._snapshots) == {"h1"}  # h2 left: forgotten, the cache stays bounded
-    assert link._answer(OnlineUsers(3), h1, NOW_MS + 5000) == {"users": []}  # expired
-    assert link._snapshots == {}
-    assert link.stats()["forged"] == 0
 
 
 # -- issue 12: host controls and the who RPC (no threads: the link's parts called directly) -----

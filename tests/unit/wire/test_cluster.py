@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from actors.presence import PresenceNews
 from actors.wire import cluster, frames
 from actors.wire.cluster import MAC_SIZE, ClusterKey, Layout, Message, Rejected
 from shards.redislink import cluster_seed
@@ -29,9 +30,9 @@ def test_the_hosts_names_share_one_hash_tag_and_each_channel_has_its_own():
     names = [
         layout.hosts,
         layout.host_topic("h1"),
-        *layout.host_keys("h1"),
-        layout.member_key("h1", 7),
+        layout.users_key("h1"),
         layout.snapshot_key("h1"),
+        layout.presence_topic,
         layout.marks,
         *layout.critical_keys(3),
     ]
@@ -121,25 +122,58 @@ def test_random_bytes_never_raise_from_decode(raw):
 
 
 @given(st.binary(max_size=600))
-def test_random_bytes_never_raise_from_read_presence(raw):
-    assert cluster.read_presence(KEY, "h1", raw, 0) is Rejected.FORGED
-    assert cluster.read_presence(KEY, "h1", KEY.seal(raw), 0) in (
-        Rejected.MALFORMED,
-        Rejected.FORGED,
+def test_random_bytes_never_raise_from_the_presence_readers(raw):
+    assert cluster.open_snapshot(KEY, "h1", raw) is Rejected.FORGED
+    assert cluster.open_snapshot(KEY, "h1", KEY.seal(raw)) in (Rejected.MALFORMED, Rejected.FORGED)
+    assert cluster.decode_presence(raw, KEY, 0) is Rejected.FORGED
+    assert cluster.decode_presence(KEY.seal(raw), KEY, 0) is Rejected.MALFORMED
+
+
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.text(max_size=5),
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=3), inner),
+        max_leaves=12,
     )
+)
+def test_sealed_json_of_any_shape_is_refused_not_raised(value):
+    raw = KEY.seal(json.dumps(value).encode())
+    assert cluster.open_snapshot(KEY, "h1", raw) in (Rejected.MALFORMED, Rejected.FORGED)
+    assert cluster.decode_presence(raw, KEY, 0) is Rejected.MALFORMED
 
 
-def test_a_sealed_presence_names_its_host_and_expiry():
-    snapshot = {"users": [2**53 + 1, 4], "channels": {"5": [4]}}
-    raw = cluster.seal_presence(KEY, "h1", 2000, snapshot)
-    got = cluster.read_presence(KEY, "h1", raw, 1000)
-    assert got == cluster.Presence(frozenset({2**53 + 1, 4}), {5: frozenset({4})}, 2000)
-    assert cluster.read_presence(KEY, "h1", raw, 2000) is None  # expired: a replay is worthless
-    assert cluster.read_presence(KEY, "h2", raw, 1000) is Rejected.FORGED  # moved to another host
-    assert cluster.read_presence(KEY, "h1", None, 1000) is Rejected.FORGED  # missing
-    assert cluster.read_presence(ClusterKey(b"k"), "h1", raw, 1000) is Rejected.FORGED
-    bad = KEY.seal(b'{"h": "h1", "x": 5000, "u": ["0"], "c": {}}')
-    assert cluster.read_presence(KEY, "h1", bad, 1000) is Rejected.MALFORMED
+def test_a_presence_delta_round_trips_sealed_and_a_late_copy_is_replayed():
+    changes = [(2**53 + 1, (5, 2**63 - 1)), (4, None), (6, ())]
+    raw = cluster.encode_presence(KEY, "h1", "delta", "g1", 7, 1000, changes)
+    assert cluster.decode_presence(raw, KEY, 1500) == PresenceNews(
+        "h1", "delta", "g1", 7, tuple(changes)
+    )
+    late = 1000 + cluster.REPLAY_WINDOW_MS + 1
+    assert cluster.decode_presence(raw, KEY, late) is Rejected.REPLAYED
+    assert cluster.decode_presence(raw, ClusterKey(b"k"), 1000) is Rejected.FORGED
+    for kind in ("snapshot", "leave"):
+        sealed = cluster.encode_presence(KEY, "h1", kind, "g1", 7, 1000)
+        assert cluster.decode_presence(sealed, KEY, 1000) == PresenceNews("h1", kind, "g1", 7)
+    bad_ids = KEY.seal(b'{"h":"h1","g":"g","s":1,"t":0,"k":"d","c":[[0,null]]}')
+    assert cluster.decode_presence(bad_ids, KEY, 0) is Rejected.MALFORMED
+    bad_seq = KEY.seal(b'{"h":"h1","g":"g","s":-1,"t":0,"k":"d","c":[]}')
+    assert cluster.decode_presence(bad_seq, KEY, 0) is Rejected.MALFORMED
+
+
+def test_a_sealed_snapshot_names_its_host_and_groups_users_by_their_channels():
+    users = {2**53 + 1: (5,), 4: (5,), 7: (), 8: (5, 9)}
+    raw = cluster.seal_snapshot(KEY, "h1", "g1", 3, users)
+    body = json.loads(raw[cluster.MAC_SIZE :])
+    assert body["u"] == {"5": [2**53 + 1, 4], "": [7], "5,9": [8]}
+    got = cluster.open_snapshot(KEY, "h1", raw)
+    assert not isinstance(got, Rejected)
+    assert (got.host, got.generation, got.seq) == ("h1", "g1", 3)
+    assert got.state.users == users and got.state.channels == {5: {2**53 + 1, 4, 8}, 9: {8}}
+    assert cluster.open_snapshot(KEY, "h2", raw) is Rejected.FORGED  # moved to another host
+    assert cluster.open_snapshot(KEY, "h1", None) is Rejected.FORGED  # missing
+    assert cluster.open_snapshot(ClusterKey(b"k"), "h1", raw) is Rejected.FORGED
+    bad = KEY.seal(b'{"h": "h1", "g": "g", "s": 1, "u": {"": ["0"]}}')
+    assert cluster.open_snapshot(KEY, "h1", bad) is Rejected.MALFORMED
 
 
 def test_a_forwarded_ban_is_worth_what_is_left_of_it():
@@ -158,14 +192,6 @@ def test_is_text_frame_checks_lengths_exactly():
     assert not frames.is_text_frame(frames.text_frame(b"x" * 100), 99)
 
 
-def test_snapshot_ids_travel_as_strings():
-    text = cluster.snapshot_json({"users": [2**53 + 1], "channels": {"5": [2**53 + 1]}})
-    assert json.loads(text) == {
-        "users": [str(2**53 + 1)],
-        "channels": {"5": [str(2**53 + 1)]},
-    }
-
-
 def test_the_cluster_variant_publishes_to_shard_channels_and_nothing_else_differs():
     assert "redis.call('PUBLISH'," in cluster.PUBLISH_USERS
     assert "'PUBLISH'" not in cluster.SPUBLISH_USERS
@@ -173,6 +199,12 @@ def test_the_cluster_variant_publishes_to_shard_channels_and_nothing_else_differ
     assert cluster.SPUBLISH_USERS.replace("SPUBLISH", "PUBLISH") == cluster.PUBLISH_USERS
     assert "'PUBLISH'" not in cluster.SPUBLISH_HOSTS
     assert cluster.SPUBLISH_HOSTS.replace("SPUBLISH", "PUBLISH") == cluster.PUBLISH_HOSTS
+    for plain, sharded in (
+        (cluster.PRESENCE_DELTA, cluster.SPRESENCE_DELTA),
+        (cluster.STORE_PRESENCE, cluster.SSTORE_PRESENCE),
+        (cluster.LEAVE, cluster.SLEAVE),
+    ):
+        assert "'PUBLISH'" not in sharded and sharded.replace("SPUBLISH", "PUBLISH") == plain
 
 
 @pytest.mark.parametrize(

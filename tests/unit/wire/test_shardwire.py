@@ -109,7 +109,8 @@ def test_users_delivery():
             {"op": "unsubscribe", "user": 4, "channel": 5},
         ),
         (shardwire.UserDisconnect(6), {"op": "disconnect", "user": 6}),
-        (shardwire.QuerySnapshot(), {"op": "snapshot"}),
+        (shardwire.QueryPresence(True), {"op": "presence", "full": True}),
+        (shardwire.QueryPresence(False), {"op": "presence", "full": False}),
         (shardwire.QueryStatus(), {"op": "status"}),
     ],
 )
