@@ -281,6 +281,8 @@ class RouterActor(SocketActor):
         elif isinstance(message, LINK_EVENTS):
             if self.hosts is not None:
                 self.hosts.link_event(message, now)
+                if isinstance(message, LinkState) and message.up:
+                    self.next_presence = now  # publish presence (and a snapshot) at once
         elif isinstance(message, ShardStarting):
             self.core.shard_starting(message.index, message.epoch, message.pid)
         elif isinstance(message, ShardDown):

@@ -270,6 +270,10 @@ class RedisLink:
         self.listen_backoff = Backoff()  # the listener's (the worker keeps its own)
         # set while the listener is subscribed (every topic it had when it last subscribed)
         self._listening = threading.Event()
+        # how many times the listener got subscribed, and at which of them the worker last
+        # joined (:meth:`_join`): written by one thread each, read by the worker
+        self._subscribed_count = 0
+        self._joined_count = 0
         self._worker_client: Client | None = None  # the worker thread's only
         self._threads = [
             threading.Thread(target=self._work, name="ucc-redis-worker", daemon=True),
@@ -404,13 +408,23 @@ class RedisLink:
                 # the listener is subscribing again: until it is back, a message published
                 # with history would reach no client of this host, so the link is down
                 self._set_state(False)
-            if not self.up:
-                # up only once the listener is subscribed too (its client reconnects on its
-                # own): until then, a message published with history would reach no client of
-                # this host either, while its reply said the cluster took part
-                if not self._listening.wait(LISTENER_WAIT):
-                    self._fail(self._drain(0.0))
+            # up only once the listener is subscribed too (its client reconnects on its own):
+            # until then, a message published with history would reach no client of this host
+            # either, while its reply said the cluster took part
+            if not self.up and not self._listening.wait(LISTENER_WAIT):
+                self._fail(self._drain(0.0))
+                continue
+            subscribed = self._subscribed_count  # the listener's subscriptions so far
+            if subscribed != self._joined_count:  # it (re)subscribed: (re)join
+                try:
+                    self._join(client)
+                except ERRORS as exc:
+                    log.warning("redis: %s; reconnecting", exc)
+                    self._close_client(client)
+                    self._worker_client = None
                     continue
+                self._joined_count = subscribed
+            if not self.up:
                 self.last_probe_seen = time.monotonic()
                 self._set_state(True)
             batch = self._drain(PROBE_INTERVAL / 2)
@@ -430,6 +444,16 @@ class RedisLink:
             except Exception:  # a bug costs this batch, not the link
                 log.exception("redis: unexpected error running %d operations", len(batch))
                 self._fail(batch)
+
+    def _join(self, client: Client) -> None:
+        """The listener is subscribed (its inbox too): count this host among the live ones
+        (the scripts that tell other hosts something read them), then read the channels marked
+        for join/leave (:class:`ChannelMarks`). In this order, a mark set before the read is in
+        it, and one set after reaches the inbox: none is missed. (The presence tick keeps the
+        host live from then on.)"""
+        expires = _now_ms() + int(PRESENCE_TTL * 1000)
+        client.zadd(self.layout.hosts, {self.host: expires}, gt=True)
+        self.notify(ChannelMarks(self._read_marks(client)))
 
     def _connect(self) -> Client | None:
         client = None
@@ -734,7 +758,6 @@ class RedisLink:
         # subscription confirmations are kept: the router waits for its topics' (TopicsReady)
         pubsub = client.pubsub()  # type: ignore[no-untyped-call]
         try:
-            inbox = self.layout.host_topic(self.host)
             presence = self.layout.presence_topic.encode()
             self._unsubscribing.clear()
             with self._probe_lock:
@@ -767,10 +790,9 @@ class RedisLink:
                         channel = self.layout.channel_of_topic(topic)
                         if channel is not None:
                             ready.append(ChannelId(channel))
-                        elif topic == inbox:  # from now on, every mark change reaches us
-                            self.notify(ChannelMarks(self._read_marks(client)))
                         awaiting.discard(topic)
-                        if not awaiting:
+                        if not awaiting and not self._listening.is_set():
+                            self._subscribed_count += 1  # the worker joins again
                             self._listening.set()  # the worker may say the link is up
                     elif kind == "sunsubscribe":
                         self._unsubscribed(message)
