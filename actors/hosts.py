@@ -301,11 +301,13 @@ class OtherHosts:
     # -- presence ---------------------------------------------------------------------------
 
     def presence_tick(self, now: float) -> None:
-        """Once a second: ask each up shard what changed in its presence (everything, where
-        the mirror of it is not to be trusted); :meth:`presence_done` publishes the delta.
-        Then the replicas' housekeeping (expiry, syncs to retry). Skipped while
-        ``max_queries`` are in flight (the next one will do)."""
+        """Once a second: the replicas' housekeeping (expiry, syncs to retry), and a pull of
+        this host's presence: each up shard is asked what changed (everything, where the
+        mirror of it is not to be trusted), and :meth:`presence_done` publishes the delta. The
+        pull is skipped while the last one is out or ``max_queries`` are in flight (the next
+        one will do)."""
         core, local = self._core, self.local
+        self._act(self.replicas.tick(now))
         if self._pulled:  # the last one is still in flight (a gather lasts < 1 s: rare)
             return
         asked = {
@@ -322,7 +324,6 @@ class OtherHosts:
             core.start_gather(None, None, spec, now)
         except CommandError:
             self._pulled = {}
-        self._act(self.replicas.tick(now))
 
     def presence_done(self, gather: Gather) -> None:
         """The shards' presence answers are in (or their time is up): fold them into this

@@ -95,7 +95,9 @@ class LocalPresence:
             entries = fresh.items()
             mirror_after: dict[int, Channels] = {}
             for user, state in entries:
-                if state is None:
+                if state is None:  # not in a full answer; if it were: offline
+                    if user in mirror:
+                        self._changes[user] = None
                     continue
                 if mirror.get(user) != state:
                     self._changes[user] = state

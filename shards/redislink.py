@@ -422,6 +422,7 @@ class RedisLink:
                     log.warning("redis: %s; reconnecting", exc)
                     self._close_client(client)
                     self._worker_client = None
+                    self.stopping.wait(backoff.next_delay())  # counted when it reconnects
                     continue
                 self._joined_count = subscribed
             if not self.up:
