@@ -813,9 +813,11 @@ class RouterCore:
         for slot in self.slots:  # answered or not: a silent shard's totals do not go back
             for key, value in slot.reported.items():
                 totals[key] = totals.get(key, 0) + value
-        redis = None
+        redis = presence = None
         if self.hosts is not None:
-            redis = {"up": self.hosts.up, **self.hosts.statistics().get("redis", {})}
+            hosts = self.hosts.statistics()
+            redis = {"up": self.hosts.up, **hosts.get("redis", {})}
+            presence = hosts["presence"]
         status = self._status_rows(gather)
         result = {
             **{k: v for k, v in status.items() if k not in ("shards", "channels_indexed")},
@@ -825,6 +827,7 @@ class RouterCore:
             "restarts": self.restarts,
             "commands": self.command_times.statistics(),
             "redis": redis,
+            "presence": presence,
         }
         if top:
             result["largest"] = largest_channels(gather.answers.values(), top)

@@ -28,6 +28,10 @@ ucc_closes_total                          counter    code
 ucc_shard_restarts_total                  counter
 ucc_redis_up                              gauge
 ucc_redis_<counter>_total                 counter    (one per Redis link counter)
+ucc_presence_hosts                        gauge      (other hosts replicated; with --redis)
+ucc_presence_syncing                      gauge      (of those, replicas syncing)
+ucc_presence_remote_users                 gauge      (users of other hosts replicated)
+ucc_presence_<counter>_total              counter    (deltas, gaps, syncs, fetches, asks, expired)
 ========================================  =========  ==============================
 """
 
@@ -230,6 +234,7 @@ class HostCollector(Collector):
             if key != "up" and isinstance(value, int) and not isinstance(value, bool):
                 name = f"ucc_redis_{_counter_name(key)}"
                 yield CounterMetricFamily(name, f"Redis link: {key}", value=value)
+        yield from _presence(snap.get("presence"))
 
     def _commands(self, commands: Mapping[str, Any] | None) -> Iterator[Metric]:
         total = CounterMetricFamily(
@@ -427,3 +432,23 @@ async def ask_with_timeout(
         return await asyncio.wait_for(future, timeout)
     except TimeoutError:
         return None
+
+
+PRESENCE_GAUGES = {
+    "presence_hosts": ("ucc_presence_hosts", "Other hosts whose presence this host replicates"),
+    "presence_syncing": ("ucc_presence_syncing", "Replicas syncing from a snapshot"),
+    "presence_users": ("ucc_presence_remote_users", "Users of other hosts, as replicated"),
+}
+PRESENCE_COUNTERS = ("deltas", "gaps", "syncs", "fetches", "asks", "expired")
+
+
+def _presence(presence: Mapping[str, int] | None) -> Iterator[Metric]:
+    """Presence by deltas (only in a cluster of hosts: ``--redis``)."""
+    if not presence:
+        return
+    for key, (name, text) in PRESENCE_GAUGES.items():
+        yield GaugeMetricFamily(name, text, value=presence.get(key, 0))
+    for counter in PRESENCE_COUNTERS:
+        value = presence.get(f"presence_{counter}", 0)
+        text = f"Presence replicas: {counter}"
+        yield CounterMetricFamily(f"ucc_presence_{counter}", text, value=value)

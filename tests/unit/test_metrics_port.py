@@ -102,6 +102,19 @@ def snapshot(**changes: Any) -> dict[str, Any]:
             "results": [["broadcast_to_channel", "ok", 4], ["status", "partial", 1]],
         },
         "redis": {"up": True, "published": 5, "reconnects": 1},
+        "presence": {
+            "seq": 9,
+            "users": 3,
+            "presence_hosts": 2,
+            "presence_syncing": 1,
+            "presence_users": 70,
+            "presence_deltas": 12,
+            "presence_gaps": 1,
+            "presence_syncs": 3,
+            "presence_fetches": 4,
+            "presence_asks": 1,
+            "presence_expired": 0,
+        },
         "acceptor": {"routed": 4, "unauthorized": 2, "accepted": 9},
         "accepting": True,
     }
@@ -143,11 +156,18 @@ def test_the_collector_names_every_number():
     assert found["ucc_redis_up"] == {(): 1}
     assert found["ucc_redis_published_total"] == {(): 5}
     assert found["ucc_redis_reconnects_total"] == {(): 1}
+    assert found["ucc_presence_hosts"] == {(): 2}
+    assert found["ucc_presence_syncing"] == {(): 1}
+    assert found["ucc_presence_remote_users"] == {(): 70}
+    assert found["ucc_presence_deltas_total"] == {(): 12}
+    assert found["ucc_presence_gaps_total"] == {(): 1}
+    assert found["ucc_presence_syncs_total"] == {(): 3}
 
 
 def test_without_redis_or_commands_the_families_are_still_there():
-    found = samples(exposition(snapshot(redis=None, commands=None, totals={})))
+    found = samples(exposition(snapshot(redis=None, presence=None, commands=None, totals={})))
     assert found["ucc_redis_up"] == {(): 0}
+    assert "ucc_presence_hosts" not in found  # a host alone has no replicas
     assert found["ucc_frames_delivered_total"] == {(): 0}
     assert found["ucc_command_seconds_count"] == {(): 0}
 
