@@ -61,6 +61,9 @@ class Gather:
     missing: set[Participant] = field(default_factory=set)
     args: Mapping[str, Any] = field(default_factory=dict)
     redis: bool = False  # the Redis link takes part (the reply says whether it answered)
+    # the other hosts' part is there but may be incomplete (presence replicas syncing): the
+    # reply says ``cluster: false`` with this as its ``cluster_error``
+    cluster_error: str | None = None
     qid: int = 0  # its id in the core's gathers in flight
     command: str | None = None  # the command it answers, timed from ``started`` to its reply
     started: float = 0.0

@@ -112,6 +112,7 @@ class PublishPresence:
     generation: str
     seq: int
     changes: tuple[Change, ...]
+    users: int  # how many users the host has now (the link checks its user set against it)
     qid: ClassVar[int] = 0  # nobody waits for it
 
 
@@ -374,6 +375,19 @@ class PresenceLoaded:
     snapshot: LoadedSnapshot | None
 
 
+@dataclass(frozen=True, slots=True)
+class PresenceDrift:
+    """This host's user set in Redis holds fewer users than the host has (it expired, or was
+    evicted): a snapshot, which rewrites it, is wanted."""
+
+
 LinkEvent = (
-    LinkState | Results | Deliveries | TopicsReady | ChannelMarks | PresenceHeard | PresenceLoaded
+    LinkState
+    | Results
+    | Deliveries
+    | TopicsReady
+    | ChannelMarks
+    | PresenceHeard
+    | PresenceLoaded
+    | PresenceDrift
 )

@@ -34,6 +34,7 @@ from actors.hostlink import (
     LinkState,
     OnlineInChannel,
     OnlineUsers,
+    PresenceDrift,
     PresenceHeard,
     PresenceLoaded,
     PresenceQuery,
@@ -54,6 +55,8 @@ if TYPE_CHECKING:
     from actors.router import RouterCore, ShardSlot
 
 UNREACHED = "redis unavailable: other hosts were not reached"
+SYNCING = "the other hosts' presence is being synced: their part may be incomplete"
+MAX_DELTA_CHANGES = 10_000  # beyond, a snapshot is stored instead (a delta is one message)
 TOPIC_WAIT = 2.0  # seconds a membership's confirmation waits for its topic at most
 
 
@@ -81,6 +84,7 @@ class OtherHosts:
         # the shards the presence pull in flight asked: index -> (epoch, everything)
         self._pulled: dict[ShardIndex, tuple[int, bool]] = {}
         self._pull_started = 0.0
+        self._now = 0.0  # the latest time the router gave (link events, presence ticks)
         self.up = False  # the link is connected to Redis
         self._ops: list[RedisOp] = []
         # a function returning a copy of the link's counters (taken under the link's lock):
@@ -145,7 +149,11 @@ class OtherHosts:
         self._held = keep
 
     def join(
-        self, qid: int, gather: Gather, remote: Callable[[int], RedisOp | PresenceQuery]
+        self,
+        qid: int,
+        gather: Gather,
+        remote: Callable[[int], RedisOp | PresenceQuery],
+        now: float,
     ) -> None:
         """Add the other hosts to gather ``qid``: if the link is up, a presence query is
         answered at once from the replicas and anything else asks them through the link;
@@ -157,6 +165,8 @@ class OtherHosts:
         op = remote(qid)
         if isinstance(op, OnlineUsers | OnlineInChannel | AreOnline):
             gather.answers[REDIS] = self._presence_answer(op)
+            if not self.replicas.in_sync(now):
+                gather.cluster_error = SYNCING
             return
         self._ops.append(op)
         gather.waiting.add(REDIS)
@@ -172,9 +182,9 @@ class OtherHosts:
     def annotate(self, gather: Gather, result: dict[str, Any]) -> None:
         """A reply is ready: say whether the other hosts took part (``cluster``)."""
         if gather.redis:
-            result["cluster"] = REDIS in gather.answers
+            result["cluster"] = REDIS in gather.answers and gather.cluster_error is None
             if not result["cluster"]:
-                result["cluster_error"] = UNREACHED
+                result["cluster_error"] = gather.cluster_error or UNREACHED
 
     def statistics(self) -> dict[str, Any]:
         """The link's counters, for ``router_stats`` (``redis``), if the link gave a source,
@@ -191,6 +201,7 @@ class OtherHosts:
 
     def link_event(self, event: LinkEvent, now: float) -> None:
         """Something the link reported (see :mod:`actors.hostlink`)."""
+        self._now = now
         if isinstance(event, LinkState):
             self.link_state(event.up)
             self._core.guarantees.link_state(event.up, now)
@@ -211,13 +222,17 @@ class OtherHosts:
                 self._act(self.replicas.news(news, now))
         elif isinstance(event, PresenceLoaded):
             self._act(self.replicas.loaded(event.host, event.snapshot, now))
+        elif isinstance(event, PresenceDrift):
+            self.local.snapshot_wanted = True
 
     def link_state(self, up: bool) -> None:
         """The link (re)connected, or lost Redis: stop waiting for it."""
         self.up = up
         if up:
-            # the other hosts may have missed deltas meanwhile: they sync from this snapshot
+            # the other hosts may have missed deltas meanwhile: they sync from this snapshot;
+            # and this host hears of them again, and syncs, before its answers are whole
             self.local.snapshot_wanted = True
+            self.replicas.link_up(self._now)
         else:
             self.ready.clear()  # the listener subscribes again, and Redis confirms again
             self.release(0.0, everything=True)
@@ -307,8 +322,10 @@ class OtherHosts:
         pull is skipped while the last one is out or ``max_queries`` are in flight (the next
         one will do)."""
         core, local = self._core, self.local
+        self._now = now
         self._act(self.replicas.tick(now))
         if self._pulled:  # the last one is still in flight (a gather lasts < 1 s: rare)
+            self._heartbeat()
             return
         asked = {
             slot.index: (slot.epoch, local.wants_full(slot.index, slot.epoch))
@@ -322,8 +339,9 @@ class OtherHosts:
         self._pulled, self._pull_started = asked, now
         try:
             core.start_gather(None, None, spec, now)
-        except CommandError:
+        except CommandError:  # overloaded: no pull, but the host must stay alive for the others
             self._pulled = {}
+            self._heartbeat()
 
     def presence_done(self, gather: Gather) -> None:
         """The shards' presence answers are in (or their time is up): fold them into this
@@ -344,9 +362,19 @@ class OtherHosts:
             if index not in asked or index not in up:
                 local.shard_gone(index)
         seq, changes = local.take_delta()
-        self._ops.append(PublishPresence(local.generation, seq, tuple(changes)))
-        if self.up and local.due_snapshot(self._pull_started):
+        if len(changes) > MAX_DELTA_CHANGES:  # too big for one message: a snapshot instead
+            local.snapshot_wanted = True
+            changes = []  # the others see seq move on without changes (a gap), and sync
+        snapshot = self.up and local.due_snapshot(self._pull_started)
+        if snapshot:  # first: a host that syncs on the delta reads this one
             self._ops.append(StorePresence(local.generation, seq, local.snapshot()))
+        self._ops.append(PublishPresence(local.generation, seq, tuple(changes), local.users()))
+
+    def _heartbeat(self) -> None:
+        """Keep this host alive in the others' presence (and in Redis's hosts) when no pull
+        can be made: the current ``seq``, no changes."""
+        local = self.local
+        self._ops.append(PublishPresence(local.generation, local.seq, (), local.users()))
 
     def _act(self, actions: list[Action]) -> None:
         for action in actions:

@@ -41,6 +41,9 @@ from actors.ids import ShardIndex
 PRESENCE_TTL = 5.0  # a host not heard of for this long is dropped from presence
 RESYNC_RETRY = 2.0  # a replica still syncing after this long asks (and reads) again
 RESNAPSHOT = 300.0  # a host stores its full snapshot at least this often
+# after the link comes up, the replicas are taken as whole only this much later: every other
+# host heartbeats once a second, and a replica it makes is read in one round trip
+SETTLE = 2.0
 MAX_BUFFERED = 1_000  # deltas a syncing replica keeps (beyond: it asks for a fresh snapshot)
 
 Channels = tuple[int, ...]  # a user's channels on a host, sorted
@@ -270,6 +273,7 @@ class Replicas:
     def __init__(self, ttl: float = PRESENCE_TTL) -> None:
         self.ttl = ttl
         self.hosts: dict[str, Replica] = {}
+        self.settled = SETTLE  # see link_up
         self.counters = dict.fromkeys(
             (
                 "presence_deltas",
@@ -295,6 +299,9 @@ class Replicas:
         replica.expires = now + self.ttl
         replica.latest = max(replica.latest, news.seq)
         if news.kind == "snapshot":
+            if not replica.syncing and news.seq > replica.seq:  # we missed deltas: a gap
+                self.counters["presence_gaps"] += 1
+                replica.syncing, replica.since = True, now
             return self._fetch(replica, news.host) if replica.syncing else []
         if not replica.syncing:
             if news.seq <= replica.seq:
@@ -342,12 +349,6 @@ class Replicas:
         replica.since = now
         return self._ask(replica, host, now)
 
-    def fetch_failed(self, host: str) -> None:
-        """A Fetch failed (Redis): the next tick tries again."""
-        replica = self.hosts.get(host)
-        if replica is not None:
-            replica.fetching = False
-
     def tick(self, now: float) -> list[Action]:
         """Drop the hosts not heard of for ``ttl``; a replica syncing for RESYNC_RETRY asks
         again."""
@@ -362,10 +363,15 @@ class Replicas:
                 actions += self._ask(replica, host, now)
         return actions
 
-    def clear(self) -> None:
-        """The link is down: what comes next starts from nothing (the hosts are heard of again
-        once it is back, and synced)."""
-        self.hosts.clear()
+    def link_up(self, now: float) -> None:
+        """The link (re)connected: until every host has been heard of again (a heartbeat a
+        second, and a read), what the replicas say may be incomplete."""
+        self.settled = now + SETTLE
+
+    def in_sync(self, now: float) -> bool:
+        """Whether the replicas may be taken as whole: past the settling time after the
+        link came up, and no replica syncing (one that is may be behind, or empty)."""
+        return now >= self.settled and not any(r.syncing for r in self.hosts.values())
 
     def _fetch(self, replica: Replica, host: str) -> list[Action]:
         if replica.fetching:

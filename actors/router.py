@@ -729,7 +729,7 @@ class RouterCore:
             gather.command, gather.started, self._timed = self._timed, now, None
         self.pending[qid] = gather
         if self.hosts is not None and spec.remote is not None:
-            self.hosts.join(qid, gather, spec.remote)
+            self.hosts.join(qid, gather, spec.remote, now)
         for index in sorted(spec.shards):
             if self.slots[index].state is not ShardState.UP:
                 gather.missing.add(index)

@@ -26,6 +26,7 @@ from actors.hostlink import (
     Deliveries,
     LinkEvent,
     LinkState,
+    PresenceDrift,
     PresenceHeard,
     PresenceLoaded,
     RedisOp,
@@ -102,6 +103,7 @@ LINK_EVENTS = (
     ChannelMarks,
     PresenceHeard,
     PresenceLoaded,
+    PresenceDrift,
 )
 
 

@@ -73,6 +73,7 @@ from actors.hostlink import (
     LinkEvent,
     LinkState,
     OpResult,
+    PresenceDrift,
     PresenceHeard,
     PresenceLoaded,
     PublishChannel,
@@ -141,6 +142,7 @@ COUNTERS = (
     "who_answers_dropped",
     "who_partial",
     "presence_loaded",  # other hosts' snapshots read and verified (a replica synced from it)
+    "presence_drift",  # this host's user set in Redis found short of its users: rewritten
 )
 Client = redis.Redis | RedisCluster
 
@@ -270,10 +272,6 @@ class RedisLink:
         self.listen_backoff = Backoff()  # the listener's (the worker keeps its own)
         # set while the listener is subscribed (every topic it had when it last subscribed)
         self._listening = threading.Event()
-        # how many times the listener got subscribed, and at which of them the worker last
-        # joined (:meth:`_join`): written by one thread each, read by the worker
-        self._subscribed_count = 0
-        self._joined_count = 0
         self._worker_client: Client | None = None  # the worker thread's only
         self._threads = [
             threading.Thread(target=self._work, name="ucc-redis-worker", daemon=True),
@@ -393,6 +391,7 @@ class RedisLink:
     def _work_loop(self) -> None:
         backoff = Backoff()
         next_probe = 0.0
+        lost = False  # a client was dropped for an error: the next one is a reconnect
         while not self.stopping.is_set():
             client = self._worker_client
             if client is None:
@@ -401,9 +400,10 @@ class RedisLink:
                     self._fail(self._drain(0.0))  # fail fast while Redis is away
                     self.stopping.wait(backoff.next_delay())
                     continue
-                if backoff.failures:
+                if backoff.failures or lost:
                     self._count("reconnects")
                 backoff.reset()
+                lost = False
             if self.up and not self._listening.is_set():
                 # the listener is subscribing again: until it is back, a message published
                 # with history would reach no client of this host, so the link is down
@@ -411,21 +411,10 @@ class RedisLink:
             # up only once the listener is subscribed too (its client reconnects on its own):
             # until then, a message published with history would reach no client of this host
             # either, while its reply said the cluster took part
-            if not self.up and not self._listening.wait(LISTENER_WAIT):
-                self._fail(self._drain(0.0))
-                continue
-            subscribed = self._subscribed_count  # the listener's subscriptions so far
-            if subscribed != self._joined_count:  # it (re)subscribed: (re)join
-                try:
-                    self._join(client)
-                except ERRORS as exc:
-                    log.warning("redis: %s; reconnecting", exc)
-                    self._close_client(client)
-                    self._worker_client = None
-                    self.stopping.wait(backoff.next_delay())  # counted when it reconnects
-                    continue
-                self._joined_count = subscribed
             if not self.up:
+                if not self._listening.wait(LISTENER_WAIT):
+                    self._fail(self._drain(0.0))
+                    continue
                 self.last_probe_seen = time.monotonic()
                 self._set_state(True)
             batch = self._drain(PROBE_INTERVAL / 2)
@@ -442,19 +431,10 @@ class RedisLink:
                 self._fail(batch)
                 self._close_client(client)
                 self._worker_client = None
+                lost = True
             except Exception:  # a bug costs this batch, not the link
                 log.exception("redis: unexpected error running %d operations", len(batch))
                 self._fail(batch)
-
-    def _join(self, client: Client) -> None:
-        """The listener is subscribed (its inbox too): count this host among the live ones
-        (the scripts that tell other hosts something read them), then read the channels marked
-        for join/leave (:class:`ChannelMarks`). In this order, a mark set before the read is in
-        it, and one set after reaches the inbox: none is missed. (The presence tick keeps the
-        host live from then on.)"""
-        expires = _now_ms() + int(PRESENCE_TTL * 1000)
-        client.zadd(self.layout.hosts, {self.host: expires}, gt=True)
-        self.notify(ChannelMarks(self._read_marks(client)))
 
     def _connect(self) -> Client | None:
         client = None
@@ -524,9 +504,8 @@ class RedisLink:
                 )
                 online = [user for user, state in op.changes if state is not None]
                 offline = [user for user, state in op.changes if state is None]
-                script(
-                    self._presence_delta, now_ms + ttl, ttl, sealed, len(online), *online, *offline
-                )
+                counts = (len(online), op.users, *online, *offline)
+                script(self._presence_delta, now_ms + ttl, ttl, sealed, *counts)
             elif isinstance(op, StorePresence):
                 ttl = int(PRESENCE_TTL * 1000)
                 snapshot = cluster.seal_snapshot(key, host, op.generation, op.seq, op.users)
@@ -537,7 +516,8 @@ class RedisLink:
             elif isinstance(op, FetchPresence):
                 pipe.get(layout.snapshot_key(op.host))
             elif isinstance(op, AskPresence):
-                message = Message(host, None, b"", control={"op": "snapshot"}, sent_ms=now_ms)
+                control = {"op": "snapshot", "to": op.host}  # not to be replayed elsewhere
+                message = Message(host, None, b"", control=control, sent_ms=now_ms)
                 payload = cluster.encode(message, key)
                 pipe.execute_command(self._publish, layout.host_topic(op.host), payload)
             elif isinstance(op, AppendChannel):
@@ -605,12 +585,18 @@ class RedisLink:
                 self._drop_ask(op)
                 if op.qid:
                     events.append(OpResult(op.qid, False, None))
+                elif isinstance(op, FetchPresence):  # the replica asks the host instead
+                    self.notify(PresenceLoaded(op.host, None))
             elif isinstance(op, UserConnections):
                 done = self._asked(op, value)
                 if done is not None:
                     events.append(done)
             elif isinstance(op, FetchPresence):
                 self.notify(PresenceLoaded(op.host, self._snapshot(op.host, value)))
+            elif isinstance(op, PublishPresence) and value == 0:
+                # the user set lost members (it expired, was evicted or deleted): rewrite it
+                self._count("presence_drift")
+                self.notify(PresenceDrift())
             else:
                 try:
                     answer: dict[str, Any] | None = self._answer(op, value, now_ms)
@@ -759,6 +745,7 @@ class RedisLink:
         # subscription confirmations are kept: the router waits for its topics' (TopicsReady)
         pubsub = client.pubsub()  # type: ignore[no-untyped-call]
         try:
+            inbox = self.layout.host_topic(self.host)
             presence = self.layout.presence_topic.encode()
             self._unsubscribing.clear()
             with self._probe_lock:
@@ -791,9 +778,10 @@ class RedisLink:
                         channel = self.layout.channel_of_topic(topic)
                         if channel is not None:
                             ready.append(ChannelId(channel))
+                        elif topic == inbox:  # from now on, every mark change reaches us
+                            self.notify(ChannelMarks(self._join(client)))
                         awaiting.discard(topic)
-                        if not awaiting and not self._listening.is_set():
-                            self._subscribed_count += 1  # the worker joins again
+                        if not awaiting:
                             self._listening.set()  # the worker may say the link is up
                     elif kind == "sunsubscribe":
                         self._unsubscribed(message)
@@ -919,6 +907,17 @@ class RedisLink:
         else:
             (pubsub.subscribe if add else pubsub.unsubscribe)(*topics)
 
+    def _join(self, client: Client) -> list[ChannelId]:
+        """The listener's inbox subscription is confirmed: count this host among the live ones
+        (the scripts that tell other hosts something, a mark change among them, read them; the
+        presence tick keeps it there), then read the channels marked for join/leave. In this
+        order, and on the listener's thread (which delivers what the inbox brings after it), a
+        mark set before the read is in it, and one set after reaches the inbox and the router
+        after it: none is missed, none goes back."""
+        expires = _now_ms() + int(PRESENCE_TTL * 1000)
+        client.zadd(self.layout.hosts, {self.host: expires})
+        return self._read_marks(client)
+
     def _read_marks(self, client: Client) -> list[ChannelId]:
         """The channels marked for join/leave (a member that is no id is counted malformed)."""
         marks: list[ChannelId] = []
@@ -995,7 +994,8 @@ class RedisLink:
 
     def _host_control(self, origin: str, control: dict[str, Any]) -> Delivery | None:
         """A control for this host (on its inbox: :func:`_decode` checked that the message is
-        sealed for no channel): a mark change, a ``who`` to answer, an answer to take."""
+        sealed for no channel): a mark change, a ``who`` to answer, an answer to take, a
+        request for a fresh presence snapshot (another host syncs)."""
         op = control["op"]
         if op == "set_channel":
             channel = ChannelId(control["channel"])
@@ -1005,11 +1005,11 @@ class RedisLink:
             user = control["user"]
             who = {"op": "who", "user": user, "qid": control["qid"], "reply_to": origin}
             return Delivery(None, [user], b"", control=who)
-        if op == "snapshot":
-            return Delivery(None, [], b"", control={"op": "snapshot"})
-        if control["to"] != self.host:  # an answer for another host, replayed onto our inbox
+        if control["to"] != self.host:  # for another host, replayed onto our inbox
             self._count("forged")
             return None
+        if op == "snapshot":
+            return Delivery(None, [], b"", control={"op": "snapshot"})
         self._take_answer(origin, control)
         return None
 

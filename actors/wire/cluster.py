@@ -271,6 +271,9 @@ def _control(value: Any) -> dict[str, Any] | None:
     elif value["op"] == "set_channel":
         if parse_id(value.get("channel")) is None or type(value.get("join_leave")) is not bool:
             raise ValueError("bad set_channel")
+    elif value["op"] == "snapshot":
+        if not isinstance(value.get("to"), str):
+            raise ValueError("bad snapshot request")
     elif value["op"] in ("who", "answer"):
         if not valid_qid(value.get("qid")):
             raise ValueError("bad qid")
@@ -614,24 +617,28 @@ SSET_CHANNEL = SET_CHANNEL.replace("redis.call('PUBLISH',", "redis.call('SPUBLIS
 
 # This host's presence: the expiry refresh, and a delta or heartbeat. ARGV[4]: expiry (ms since
 # the epoch); ARGV[5]: ttl (ms); ARGV[6]: the sealed presence message (published on the presence
-# topic); ARGV[7]: how many users came online (ARGV[8 .. 7 + n]); the rest went offline. Keeps
-# the user set, renews it and the snapshot, and forgets expired hosts.
+# topic); ARGV[7]: how many users came online (ARGV[9 .. 8 + n]); ARGV[8]: how many users the
+# host has in all; the rest of ARGV went offline. Keeps the user set, renews it and the
+# snapshot, and forgets expired hosts. Returns 1, or 0 if the user set does not hold as many
+# users as the host has (it expired or was evicted): the host then stores a snapshot, which
+# rewrites it.
 PRESENCE_DELTA = """
 local prefix, host, ttl = ARGV[1], ARGV[2], tonumber(ARGV[5])
 local base = prefix .. ':h:' .. host
 local users = base .. ':users'
-local online = 7 + tonumber(ARGV[7])
-for i = 8, online, 1000 do
+local online = 8 + tonumber(ARGV[7])
+for i = 9, online, 1000 do
   redis.call('SADD', users, unpack(ARGV, i, math.min(i + 999, online)))
 end
 for i = online + 1, #ARGV, 1000 do
   redis.call('SREM', users, unpack(ARGV, i, math.min(i + 999, #ARGV)))
 end
-redis.call('PEXPIRE', users, ttl)
+redis.call('PEXPIRE', users, ttl + 1000)
 redis.call('PEXPIRE', base .. ':snap', ttl + 1000)
 redis.call('ZADD', KEYS[1], ARGV[4], host)
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[3])
 redis.call('PUBLISH', prefix .. ':presence', ARGV[6])
+if redis.call('SCARD', users) ~= tonumber(ARGV[8]) then return 0 end
 return 1
 """
 
@@ -646,7 +653,7 @@ redis.call('DEL', users)
 for i = 8, #ARGV, 1000 do
   redis.call('SADD', users, unpack(ARGV, i, math.min(i + 999, #ARGV)))
 end
-redis.call('PEXPIRE', users, ttl)
+redis.call('PEXPIRE', users, ttl + 1000)
 redis.call('SET', base .. ':snap', ARGV[6], 'PX', ttl + 1000)
 redis.call('ZADD', KEYS[1], ARGV[4], host)
 redis.call('PUBLISH', prefix .. ':presence', ARGV[7])

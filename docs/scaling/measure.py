@@ -1,11 +1,13 @@
 """Measure the inputs of docs/scaling.md on this machine, and run its scaled-down validation.
 
-Three runs, each on 127.0.0.1 only, bounded in count and time, every process it starts (a Redis,
+Five runs, each on 127.0.0.1 only, bounded in count and time, every process it starts (a Redis,
 the `ucc serve` hosts, the client processes) killed in `finally`:
 
     .venv/bin/python docs/scaling/measure.py message   # Redis and host CPU per broadcast
     .venv/bin/python docs/scaling/measure.py subs      # Redis memory and CPU per channel topic
     .venv/bin/python docs/scaling/measure.py validate  # 6 hosts, rooms of 10 + a big channel
+    .venv/bin/python docs/scaling/measure.py idle      # 1 host, idle users in rooms of 10
+    .venv/bin/python docs/scaling/measure.py churn     # 1 host: presence's Redis traffic, churn
 
 Each prints one JSON object on stdout (progress on stderr). Redis figures come from its own
 `INFO cpu` / `INFO stats` / `INFO memory` / `INFO commandstats` before and after a window; a
@@ -31,7 +33,7 @@ import psutil
 import redis
 
 from shards.bench.fleet import Fleet, Plan
-from shards.bench.probes import cpu_seconds
+from shards.bench.probes import cpu_seconds, raise_open_files_limit
 from shards.bench.publisher import Publisher
 from shards.testing import Host, RedisClusterServer, RedisServer
 
@@ -149,8 +151,11 @@ async def idle(client: redis.Redis, hosts: Sequence[Host], seconds: float) -> Wi
 # -- connecting users -----------------------------------------------------------------------------
 
 
-async def open_users(fleet: Fleet, hosts: Sequence[Host], plans: Sequence[list[Plan]]) -> int:
-    """Open ``plans[i]`` on host i (client process i modulo the fleet); returns how many failed."""
+async def open_users(
+    fleet: Fleet, hosts: Sequence[Host], plans: Sequence[list[Plan]], timeout: float = 180.0
+) -> int:
+    """Open ``plans[i]`` on host i (client process i modulo the fleet); returns how many failed.
+    ``timeout``: for each client process's whole share."""
     total = sum(len(p) for p in plans)
     failed = 0
     first = 0
@@ -168,7 +173,7 @@ async def open_users(fleet: Fleet, hosts: Sequence[Host], plans: Sequence[list[P
             "timeout": 30.0,
         }
         first += len(chunk)
-        asks.append(fleet.ask(index % len(fleet.pipes), "open", request, timeout=180.0))
+        asks.append(fleet.ask(index % len(fleet.pipes), "open", request, timeout=timeout))
     for result in await asyncio.gather(*asks):
         failed += len(result["failed"])
         for error in result["errors"]:
@@ -239,9 +244,17 @@ async def publish(
 # -- the runs -------------------------------------------------------------------------------------
 
 
-def start_hosts(stack: contextlib.ExitStack, url: str, count: int) -> list[Host]:
+def start_hosts(
+    stack: contextlib.ExitStack,
+    url: str,
+    count: int,
+    shards: int = 1,
+    extra: tuple[str, ...] = (),
+) -> list[Host]:
     return [
-        stack.enter_context(Host(shards=1, args=(*LOAD_ARGS, "--redis", url), secret=SECRET))
+        stack.enter_context(
+            Host(shards=shards, args=(*LOAD_ARGS, *extra, "--redis", url), secret=SECRET)
+        )
         for _ in range(count)
     ]
 
@@ -444,7 +457,173 @@ async def run_idle(fleet: Fleet, client: redis.Redis, hosts: list[Host], args: A
     return {"big": args.big, "steps": steps}
 
 
+def command_calls(client: redis.Redis) -> dict[str, tuple[int, int]]:
+    """Redis's ``INFO commandstats``: command -> (calls, microseconds) since its start."""
+    return {
+        name.removeprefix("cmdstat_"): (int(entry["calls"]), int(entry["usec"]))
+        for name, entry in client.info("commandstats").items()
+    }
+
+
+class ChurnMeter(Meter):
+    """A :class:`Meter` that also counts each Redis command over the window."""
+
+    def __init__(self, client: redis.Redis, hosts: Sequence[Host]) -> None:
+        self._c0 = command_calls(client)
+        super().__init__(client, hosts)
+
+    def stop_with_commands(self, top: int = 8) -> dict[str, Any]:
+        window = self.stop()
+        c1 = command_calls(self.client)
+        s = window.seconds
+        deltas = []
+        for name, (calls, usec) in c1.items():
+            calls0, usec0 = self._c0.get(name, (0, 0))
+            if calls > calls0:
+                deltas.append((calls - calls0, usec - usec0, name))
+        deltas.sort(reverse=True)
+        return {
+            **window.per_second(),
+            "redis_commands_top": {
+                name: {"calls_per_s": round(calls / s, 1), "usec_per_s": round(usec / s)}
+                for calls, usec, name in deltas[:top]
+            },
+        }
+
+
+async def run_churn(fleet: Fleet, client: redis.Redis, hosts: list[Host], args: Any) -> Any:
+    """One host (``--shards``) of ``--users`` users, one connection each, each in one room of
+    10 (as in ``idle``): what the host's presence costs Redis, per second, in an idle window
+    (``--idle``, default as long as ``--seconds``) and then in a window of ``--seconds`` during
+    which ``--churn`` of the users per minute disconnect and come back (same user, same room):
+    once a second, that many random users (a fraction carried over to the next second) close
+    their connection, and each reconnects about 0.5 s later."""
+    (host,) = hosts
+    users = args.users
+    procs = len(fleet.pipes)
+    # the users split into one consecutive share per client process (process i holds share i)
+    shares: list[list[Plan]] = [[] for _ in range(procs)]
+    room_of = {u + 1: 2 + u // 10 for u in range(users)}
+    proc_of: dict[int, int] = {}
+    for u in range(users):
+        share = u * procs // users
+        shares[share].append((u + 1, (room_of[u + 1],)))
+        proc_of[u + 1] = share
+    say(f"connecting {users} users to 1 host of {host.shards} shards")
+    t_open = time.monotonic()
+    failed = await open_users(fleet, [host] * procs, shares, timeout=600.0)
+    say(f"{users - failed} connected in {time.monotonic() - t_open:.0f} s; waiting for presence")
+    await wait_registered(client, users - failed, {}, timeout=300.0)
+    await asyncio.sleep(args.settle)
+    idle_seconds = args.idle if args.idle is not None else args.seconds
+    say(f"idle window {idle_seconds:g} s")
+    meter = ChurnMeter(client, [host])
+    await asyncio.sleep(idle_seconds)
+    quiet = {**meter.stop_with_commands(), "online_after": online(client)}
+
+    rng = random.Random(15)
+    per_second = users * args.churn / 60.0
+    ticks = max(1, int(args.seconds))
+    busy: set[int] = set()  # users between their close and their reconnect
+    drops = reconnects = reconnect_failed = 0
+    errors: list[str] = []
+    pending: set[asyncio.Task[None]] = set()
+
+    async def come_back(chosen: list[int], at: float) -> None:
+        nonlocal reconnects, reconnect_failed
+        await asyncio.sleep(max(0.0, at - time.monotonic()))
+        by_proc: dict[int, list[Plan]] = {}
+        for user in chosen:
+            by_proc.setdefault(proc_of[user], []).append((user, (room_of[user],)))
+        address, port = host.address
+        results = await asyncio.gather(
+            *(
+                fleet.ask(
+                    index,
+                    "open",
+                    {
+                        "host": address,
+                        "port": port,
+                        "secret": SECRET,
+                        "plans": plans,
+                        "first_index": 0,
+                        "total": len(plans),  # few: the kernel picks the source address
+                        "concurrency": 64,
+                        "timeout": 10.0,
+                    },
+                    timeout=30.0,
+                )
+                for index, plans in by_proc.items()
+            )
+        )
+        for result in results:
+            reconnects += result["ok"]
+            reconnect_failed += len(result["failed"])
+            errors.extend(result["errors"][: max(0, 3 - len(errors))])
+        busy.difference_update(chosen)
+
+    say(f"churn window {args.seconds:g} s: {per_second:.2f} users/s disconnect and reconnect")
+    online_users = [u + 1 for u in range(users)]
+    meter = ChurnMeter(client, [host])
+    t0 = time.monotonic()
+    for tick in range(ticks):
+        await asyncio.sleep(max(0.0, t0 + tick - time.monotonic()))
+        count = int((tick + 1) * per_second) - int(tick * per_second)
+        chosen: list[int] = []
+        while len(chosen) < count and len(busy) < users:
+            user = rng.choice(online_users)
+            if user not in busy:
+                busy.add(user)
+                chosen.append(user)
+        if not chosen:
+            continue
+        by_proc: dict[int, list[int]] = {}
+        for user in chosen:
+            by_proc.setdefault(proc_of[user], []).append(user)
+        dropped = await asyncio.gather(
+            *(fleet.ask(index, "drop", some, timeout=10.0) for index, some in by_proc.items())
+        )
+        drops += sum(dropped)
+        task = asyncio.create_task(come_back(chosen, t0 + tick + 0.5))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+    await asyncio.sleep(max(0.0, t0 + args.seconds - time.monotonic()))
+    in_window = reconnects
+    churn = meter.stop_with_commands()
+    if pending:
+        await asyncio.wait(pending, timeout=40.0)
+    for error in errors:
+        say(f"reconnect error: {error}")
+    online_after = online(client)
+    return {
+        "users": users,
+        "connect_failed": failed,
+        "shards": host.shards,
+        "hang_timeout": args.hang_timeout,
+        "churn_per_minute": args.churn,
+        "churn_users_per_s": round(per_second, 3),
+        "idle": quiet,
+        "churn": {
+            **churn,
+            "disconnects": drops,
+            "reconnects": in_window,
+            "reconnects_after_window": reconnects - in_window,
+            "reconnect_failed": reconnect_failed,
+            "online_after": online_after,  # once every reconnect is done
+        },
+        # every user online after each window, so no shard restart lost some on the way
+        "complete": quiet["online_after"] == online_after == users - failed,
+    }
+
+
+def online(client: redis.Redis) -> int:
+    """The users in the hosts' presence sets."""
+    hosts = client.zrange(f"{PREFIX}:hosts", 0, -1)
+    return sum(int(client.scard(f"{PREFIX}:h:{h.decode()}:users")) for h in hosts)
+
+
 RUNS = {
+    "churn": (1, run_churn),
     "idle": (1, run_idle),
     "message": (4, run_message),
     "subs": (1, run_subs),
@@ -455,22 +634,40 @@ RUNS = {
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", choices=sorted(RUNS))
-    parser.add_argument("--idle", type=float, default=30.0, help="idle window, s")
+    parser.add_argument("--idle", type=float, help="idle window, s (30; churn: --seconds)")
     parser.add_argument("--count", type=int, default=2000, help="message: broadcasts per phase")
     parser.add_argument("--rate", type=float, default=200.0, help="message: broadcasts per s")
     parser.add_argument("--repeat", type=int, default=3, help="message: rounds of 3 phases")
     parser.add_argument("--conns", type=int, default=50, help="subs: connections per step")
-    parser.add_argument("--users", type=int, default=500, help="validate: users per host")
+    parser.add_argument("--users", type=int, help="users per host (validate 500, churn 50000)")
     parser.add_argument("--room-rate", type=float, default=30.0, help="validate: msgs/s, all")
     parser.add_argument("--big-rate", type=float, default=1.0, help="validate: msgs/s, ch. 1")
-    parser.add_argument("--seconds", type=float, default=60.0, help="validate: load time")
+    parser.add_argument("--seconds", type=float, help="load time, s (validate 60, churn 120)")
+    parser.add_argument("--churn", type=float, default=0.01, help="churn: users per minute")
+    parser.add_argument("--settle", type=float, default=5.0, help="churn: s before windows")
+    parser.add_argument("--shards", type=int, default=2, help="churn: the host's shards")
+    parser.add_argument(
+        "--hang-timeout", type=float, default=10.0, help="churn: the host's, s (ucc's: 1.5)"
+    )
     parser.add_argument("--steps", type=lambda t: [int(x) for x in t.split(",")], default=[5000])
     parser.add_argument("--big", action="store_true", help="idle: users also in channel 1")
     parser.add_argument("--cluster", action="store_true", help="a 3-primary Redis Cluster")
     parser.add_argument("--client-procs", type=int, default=2, help="load client processes")
     args = parser.parse_args()
+    churn = args.run == "churn"
+    if args.idle is None and not churn:
+        args.idle = 30.0
+    if args.users is None:
+        args.users = 50_000 if churn else 500
+    if args.seconds is None:
+        args.seconds = 120.0 if churn else 60.0
     global SHARDED
     SHARDED = args.cluster
+    if churn:  # tens of thousands of sockets per client process and per shard (inherited)
+        limit = raise_open_files_limit() - 1000  # the rest: Redis, ZeroMQ, pipes, files
+        for what, count in (("--shards", args.shards), ("--client-procs", args.client_procs)):
+            if args.users > limit * count:
+                parser.error(f"{args.users} users need {what} >= {-(-args.users // limit)}")
     host_count, run = RUNS[args.run]
     fleet = Fleet(args.client_procs)  # forked before any event loop or server
     server: RedisServer | RedisClusterServer | None = None
@@ -484,7 +681,11 @@ def main() -> int:
                 port = server.port
             client = redis.Redis(port=port)
             stack.callback(client.close)
-            hosts = start_hosts(stack, server.url, host_count)
+            if churn:  # a shard of ~17,000 users on 2 busy cores was seen silent > 1.5 s
+                extra = ("--hang-timeout", str(args.hang_timeout))
+                hosts = start_hosts(stack, server.url, host_count, args.shards, extra)
+            else:
+                hosts = start_hosts(stack, server.url, host_count)
 
             async def go() -> Any:
                 fleet.attach(asyncio.get_running_loop())
@@ -492,7 +693,8 @@ def main() -> int:
                 await fleet.ask_all("close")
                 return result
 
-            result = asyncio.run(asyncio.wait_for(go(), 900))
+            limit = 900.0 + ((args.idle or args.seconds) + args.seconds if churn else 0.0)
+            result = asyncio.run(asyncio.wait_for(go(), limit))
     finally:
         fleet.close()
         if server is not None:

@@ -2,7 +2,7 @@
 
 Owns: forking the client processes (before the driver starts any event loop or ZeroMQ context),
 the request/reply protocol over a ``multiprocessing`` pipe (``open``, ``stats``, ``reset``,
-``close``, ``exit``; every request carries an id so that ``stats`` can be polled while an
+``drop``, ``close``, ``exit``; every request carries an id so that ``stats`` can be polled while an
 ``open`` is running), opening connections with bounded concurrency and a deadline, and the
 choice of source address (``127.0.0.x``, one per 20,000 connections: a single source address runs
 out of ephemeral ports near 28,000). Must never touch the server other than through its public
@@ -87,6 +87,7 @@ async def open_many(
     timeout: float,
     stats: Stats,
     clients: list[LoadClient],
+    by_user: dict[int, LoadClient] | None = None,
 ) -> dict[str, Any]:
     """Open one connection per plan, ``concurrency`` at a time; every one bounded by ``timeout``.
 
@@ -125,6 +126,8 @@ async def open_many(
             if client is None:
                 continue
             clients.append(client)
+            if by_user is not None:
+                by_user[user] = client  # the last connection opened for the user
             up = bucket(client.t_upgraded - client.t_start)
             upgrade_hist[up] = upgrade_hist.get(up, 0) + 1
             hello = bucket(client.t_hello - client.t_start)
@@ -156,13 +159,14 @@ async def _serve(pipe: Connection) -> None:
     loop = asyncio.get_running_loop()
     stats = Stats()
     clients: list[LoadClient] = []
+    by_user: dict[int, LoadClient] = {}
     done = asyncio.Event()
     tasks: set[asyncio.Task[None]] = set()
 
     async def handle(request_id: int, kind: str, args: tuple[Any, ...]) -> None:
         result: Any = None
         if kind == "open":
-            result = await open_many(**args[0], stats=stats, clients=clients)
+            result = await open_many(**args[0], stats=stats, clients=clients, by_user=by_user)
         elif kind == "stats":
             result = {
                 "frames": stats.frames,
@@ -174,10 +178,18 @@ async def _serve(pipe: Connection) -> None:
             }
         elif kind == "reset":
             stats.reset()
+        elif kind == "drop":  # close the connections of these users (opened here); how many
+            dropped = [by_user.pop(user) for user in args[0] if user in by_user]
+            for client in dropped:
+                client.close()
+            gone = set(map(id, dropped))
+            clients[:] = [client for client in clients if id(client) not in gone]
+            result = len(dropped)
         elif kind == "close":
             for client in clients:
                 client.close()
             clients.clear()
+            by_user.clear()
         elif kind == "exit":
             done.set()
         pipe.send((request_id, result))

@@ -115,3 +115,34 @@ def test_presence_counters_and_a_clean_leave(redis_server, ucc_host):
         assert presence(a)["presence_expired"] == 0
 
     asyncio.run(scenario())
+
+
+def test_a_user_set_lost_in_redis_is_rewritten_and_user_messages_reach_the_users_again(
+    redis_server, ucc_host
+):
+    a = ucc_host(shards=1, args=("--redis", redis_server.url), secret=SECRET)
+    b = ucc_host(shards=2, args=("--redis", redis_server.url), secret=SECRET)
+    client = redis.Redis(port=redis_server.port)
+    users = list(range(1, 11))
+
+    async def scenario() -> None:
+        peers = [await connect_peer(b, user, [5]) for user in users]
+        await a.aio.wait_online(users)
+        # the sets that route user messages vanish (evicted, expired, deleted by hand)
+        keys = client.keys("{ucc:default}:h:*:users")
+        assert len(keys) == 1  # b's: a has no user
+        client.delete(*keys)
+        # b notices at its next presence tick (the set holds fewer users than it has) and
+        # rewrites it from a snapshot at the one after
+        await wait_until_async(lambda: client.scard(keys[0]) == len(users), timeout=5)
+        drift = b.client().request("router_stats")["redis"]["presence_drift"]
+        assert drift >= 1
+        reply = await a.aio.client().broadcast_to_user(5, "found")
+        assert reply["cluster"] is True
+        await peers[4].wait_for(lambda f: any(m.get("data") == "found" for m in f))
+        await asyncio.gather(*(peer.close() for peer in peers))
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        client.close()

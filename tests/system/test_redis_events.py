@@ -156,7 +156,8 @@ class Host:
 
     def publish_presence(self, users: list[int]) -> None:
         self.seq += 1
-        self.link.submit(PublishPresence("g", self.seq, tuple((user, ()) for user in users)))
+        changes = tuple((user, ()) for user in users)
+        self.link.submit(PublishPresence("g", self.seq, changes, len(users)))
         inbox = self.link.layout.host_topic(self.link.host)
         self.wait(lambda: self.listeners(inbox) == 1, what="for the inbox subscription")
 

@@ -163,7 +163,8 @@ def subscribe(channel: int, *hosts: Host) -> None:
 def online(host: Host, other: Host, users: list[int]) -> None:
     """``other`` publishes its presence with ``users``; wait until ``host`` sees them (and
     until ``other`` listens to its inbox)."""
-    other.link.submit(PublishPresence("g", 1, tuple((user, ()) for user in users)))
+    changes = tuple((user, ()) for user in users)
+    other.link.submit(PublishPresence("g", 1, changes, len(users)))
     inbox = other.link.layout.host_topic(other.link.host)
     other.wait(lambda: other.listeners(inbox) == 1, what="for the inbox subscription")
 

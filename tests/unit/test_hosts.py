@@ -20,6 +20,7 @@ from actors.hostlink import (
     FetchPresence,
     LinkState,
     OpResult,
+    PresenceDrift,
     PresenceHeard,
     PresenceLoaded,
     PublishChannel,
@@ -31,7 +32,7 @@ from actors.hostlink import (
     Subscribe,
     Unsubscribe,
 )
-from actors.hosts import UNREACHED, OtherHosts
+from actors.hosts import MAX_DELTA_CHANGES, SYNCING, UNREACHED, OtherHosts
 from actors.ids import ChannelId, stable_hash
 from actors.presence import HostState, LoadedSnapshot, PresenceNews
 from actors.router import RouterCore, UserBanned
@@ -92,8 +93,8 @@ def make(
     core.take_events()
     assert core.hosts is not None
     hosts = core.hosts
-    if up:
-        hosts.link_event(LinkState(True), 0.0)
+    if up:  # long enough ago for the replicas to have settled (see Replicas.in_sync)
+        hosts.link_event(LinkState(True), -10.0)
     return core, hosts
 
 
@@ -392,13 +393,13 @@ def test_presence_is_pulled_from_the_up_shards_and_published_as_deltas(linked):
     assert pull(core, hosts, 5.0, {0: [[1, [4]]], 2: [[2, [4, 5]]]}) == {0: True, 2: True}
     changes = ((1, (4,)), (2, (4, 5)))
     assert hosts.take_ops() == [
-        PublishPresence(gen, 1, changes),
         StorePresence(gen, 1, {1: (4,), 2: (4, 5)}),  # the first: others sync from it
+        PublishPresence(gen, 1, changes, 2),
     ]
     assert pull(core, hosts, 7.0, {0: [[1, None]], 2: []}) == {0: False, 2: False}
-    assert hosts.take_ops() == [PublishPresence(gen, 2, ((1, None),))]
+    assert hosts.take_ops() == [PublishPresence(gen, 2, ((1, None),), 1)]
     pull(core, hosts, 9.0, {0: [], 2: []})
-    assert hosts.take_ops() == [PublishPresence(gen, 2, ())]  # a heartbeat
+    assert hosts.take_ops() == [PublishPresence(gen, 2, (), 1)]  # a heartbeat
     assert replies(core) == []  # nobody asked: no reply
 
 
@@ -407,7 +408,7 @@ def test_a_shard_that_did_not_answer_is_asked_everything_next_time(linked):
     pull(core, hosts, 5.0, {0: [[1, []]], 1: [], 2: []})
     hosts.take_ops()
     assert pull(core, hosts, 7.0, {1: [], 2: []}) == {0: False, 1: False, 2: False}
-    assert hosts.take_ops() == [PublishPresence(hosts.local.generation, 1, ())]
+    assert hosts.take_ops() == [PublishPresence(hosts.local.generation, 1, (), 1)]
     assert pull(core, hosts, 9.0, {0: [[2, []]], 1: [], 2: []})[0] is True
     (op,) = hosts.take_ops()  # user 1 left meanwhile: the full answer tells
     assert isinstance(op, PublishPresence) and sorted(op.changes) == [(1, None), (2, ())]
@@ -419,7 +420,7 @@ def test_a_dead_shard_s_users_go_offline_in_the_next_delta(linked):
     hosts.take_ops()
     core.shard_down(1, 1, now=6.0)
     pull(core, hosts, 7.0, {0: [], 2: []})
-    assert hosts.take_ops() == [PublishPresence(hosts.local.generation, 2, ((2, None),))]
+    assert hosts.take_ops() == [PublishPresence(hosts.local.generation, 2, ((2, None),), 1)]
 
 
 def test_another_host_s_request_and_the_link_coming_back_store_a_snapshot(linked):
@@ -428,11 +429,50 @@ def test_another_host_s_request_and_the_link_coming_back_store_a_snapshot(linked
     hosts.take_ops()
     hosts.link_event(Deliveries([Delivery(None, [], b"", {"op": "snapshot"})]), 6.0)
     pull(core, hosts, 7.0, {0: [], 1: [], 2: []})
-    assert hosts.take_ops()[1:] == [StorePresence(hosts.local.generation, 1, {1: ()})]
+    assert hosts.take_ops()[0] == StorePresence(hosts.local.generation, 1, {1: ()})
     hosts.link_event(LinkState(False), 8.0)
     hosts.link_event(LinkState(True), 8.5)
     pull(core, hosts, 9.0, {0: [], 1: [], 2: []})
-    assert isinstance(hosts.take_ops()[-1], StorePresence)
+    assert isinstance(hosts.take_ops()[0], StorePresence)
+    hosts.link_event(PresenceDrift(), 10.0)  # the link found the user set short in Redis
+    pull(core, hosts, 11.0, {0: [], 1: [], 2: []})
+    assert isinstance(hosts.take_ops()[0], StorePresence)
+
+
+def test_an_overloaded_router_still_heartbeats(linked):
+    core, hosts = linked
+    pull(core, hosts, 5.0, {0: [[1, []]], 1: [], 2: []})
+    hosts.take_ops()
+    core.max_queries = 0  # every gather refused: no pull
+    hosts.presence_tick(6.0)
+    assert queries(core) == {}
+    assert hosts.take_ops() == [PublishPresence(hosts.local.generation, 1, (), 1)]
+
+
+def test_a_delta_too_big_for_one_message_becomes_a_snapshot(linked):
+    core, hosts = linked
+    many = [[user, []] for user in range(1, MAX_DELTA_CHANGES + 2)]
+    pull(core, hosts, 5.0, {0: many, 1: [], 2: []})
+    store, publish = hosts.take_ops()
+    assert isinstance(store, StorePresence) and len(store.users) == MAX_DELTA_CHANGES + 1
+    assert publish == PublishPresence(hosts.local.generation, 1, (), MAX_DELTA_CHANGES + 1)
+
+
+def test_presence_answers_say_when_the_replicas_may_be_incomplete():
+    core, hosts = make(up=False)
+    hosts.link_event(LinkState(True), 10.0)
+    command(core, {"id": 1, "cmd": "get_online_users"}, now=10.0)
+    for index, (qid, _body) in queries(core).items():
+        answer(core, index, qid, {"users": []})
+    got = reply(core)
+    assert (got["cluster"], got["cluster_error"]) == (False, SYNCING)  # just linked
+    hosts.presence_tick(12.5)  # settled, and no other host is syncing
+    hosts.take_ops()
+    queries(core)
+    command(core, {"id": 2, "cmd": "get_online_users"}, now=12.5)
+    for index, (qid, _body) in queries(core).items():
+        answer(core, index, qid, {"users": []})
+    assert reply(core)["cluster"] is True
 
 
 def test_a_gap_in_another_host_s_deltas_asks_the_link_to_read_its_snapshot(linked):

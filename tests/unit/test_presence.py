@@ -14,6 +14,7 @@ from actors.presence import (
     PRESENCE_TTL,
     RESNAPSHOT,
     RESYNC_RETRY,
+    SETTLE,
     AskSnapshot,
     Fetch,
     HostState,
@@ -170,11 +171,33 @@ def test_a_silent_host_fades_out_and_a_leaving_one_at_once():
     assert replicas.hosts == {}
 
 
-def test_a_failed_read_is_tried_again_by_the_next_retry():
+def test_a_failed_read_asks_the_host_and_the_next_retry_asks_again():
     replicas = Replicas()
     replicas.news(news(3), 0.0)
-    replicas.fetch_failed("h1")
-    assert replicas.tick(RESYNC_RETRY) == [AskSnapshot("h1")]
+    assert replicas.loaded("h1", None, 0.1) == [AskSnapshot("h1")]  # Redis failed the read
+    assert replicas.tick(1.0) == []
+    assert replicas.tick(0.1 + RESYNC_RETRY) == [AskSnapshot("h1")]  # no announcement came
+
+
+def test_an_announcement_ahead_of_an_in_sync_replica_is_a_gap():
+    replicas = Replicas()
+    synced(replicas, 3, {1: ()})
+    assert replicas.news(news(3, kind="snapshot"), 1.0) == []  # the one it has
+    assert replicas.news(news(5, kind="snapshot"), 1.1) == [Fetch("h1")]  # deltas 4, 5 lost
+    assert replicas.statistics()["presence_gaps"] == 1
+
+
+def test_the_replicas_are_whole_only_once_settled_after_the_link_came_up_and_none_syncs():
+    replicas = Replicas()
+    replicas.link_up(100.0)
+    assert not replicas.in_sync(100.0)  # the other hosts have not been heard of yet
+    replicas.news(news(1), 100.5)
+    replicas.loaded("h1", loaded(1, {}), 100.6)
+    assert not replicas.in_sync(101.9) and replicas.in_sync(100.0 + SETTLE)
+    replicas.news(news(3), 103.0)  # a gap: syncing
+    assert not replicas.in_sync(103.0)
+    replicas.loaded("h1", loaded(3, {}), 103.1)
+    assert replicas.in_sync(103.1)
 
 
 def test_host_state_keeps_both_indexes_in_step():
@@ -257,8 +280,8 @@ def test_a_replica_converges_on_the_host_whatever_is_lost_or_repeated(seed: int,
             if isinstance(action, AskSnapshot):
                 if not lossy or rng.random() > 0.3:
                     local.snapshot_wanted = True
-            elif lossy and rng.random() < 0.2:
-                replicas.fetch_failed("h1")
+            elif lossy and rng.random() < 0.2:  # Redis failed the read
+                actions += replicas.loaded("h1", None, now)
             else:
                 stored = None
                 if snapshot is not None:

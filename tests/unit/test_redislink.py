@@ -91,7 +91,11 @@ def test_topic_changes_go_to_the_listener_not_the_worker(link):
 
 def test_operations_queue_for_the_worker_in_order(link):
     link, _events = link
-    ops = [FetchPresence("h2"), PublishChannel(2, ChannelId(3), b"f"), PublishPresence("g", 1, ())]
+    ops = [
+        FetchPresence("h2"),
+        PublishChannel(2, ChannelId(3), b"f"),
+        PublishPresence("g", 1, (), 0),
+    ]
     for op in ops:
         link.submit(op)
     assert link._drain(0.0) == ops
@@ -100,9 +104,9 @@ def test_operations_queue_for_the_worker_in_order(link):
 def test_a_full_queue_fails_the_operation_at_once_to_whoever_waits(link):
     link, events = link
     link.ops = queue.Queue(1)
-    link.submit(PublishPresence("g", 1, ()))
+    link.submit(PublishPresence("g", 1, (), 0))
     link.submit(ReadHistory(2, ChannelId(5), 0, 10, 1000))  # no room: failed, reported
-    link.submit(PublishPresence("g", 2, ()))  # no room, nobody waits: nothing reported
+    link.submit(PublishPresence("g", 2, (), 0))  # no room, nobody waits: nothing reported
     link.submit(FetchPresence("h2"))  # no room: the router hears there is no snapshot
     assert events == [Results([OpResult(2, False, None)]), PresenceLoaded("h2", None)]
 
@@ -110,7 +114,7 @@ def test_a_full_queue_fails_the_operation_at_once_to_whoever_waits(link):
 def test_answers_have_the_shape_of_the_shards_answers(link):
     link, _events = link
     assert link._answer(PublishUsers(1, [5], b"f"), 2, NOW_MS) == {"value": 2}
-    assert Probe().qid == PublishPresence("g", 1, ()).qid == FetchPresence("h").qid == 0
+    assert Probe().qid == PublishPresence("g", 1, (), 0).qid == FetchPresence("h").qid == 0
     assert link.stats()["forged"] == 0
 
 
@@ -229,6 +233,7 @@ def test_malformed_messages_are_counted_and_the_router_gets_a_copy_of_the_counte
         "who_answers_dropped",
         "who_partial",
         "presence_loaded",
+        "presence_drift",
     )
     stats["received"] = 100  # a copy: the link's own counters are untouched
     assert link.stats()["received"] == 2
