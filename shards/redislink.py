@@ -272,6 +272,7 @@ class RedisLink:
         self.listen_backoff = Backoff()  # the listener's (the worker keeps its own)
         # set while the listener is subscribed (every topic it had when it last subscribed)
         self._listening = threading.Event()
+        self._listener_lost = False  # the listener lost Redis (the listener's only)
         self._worker_client: Client | None = None  # the worker thread's only
         self._threads = [
             threading.Thread(target=self._work, name="ucc-redis-worker", daemon=True),
@@ -337,7 +338,8 @@ class RedisLink:
 
     def stats(self) -> dict[str, int]:
         """A copy of the counters (``published``, ``received``, ``malformed``, ``forged``,
-        ``replayed``, ``reconnects``; ``history_appended``, ``history_read``,
+        ``replayed``, ``reconnects`` (either connection re-established after losing Redis);
+        ``history_appended``, ``history_read``,
         ``critical_stored``, ``critical_refused`` (over the per-user bound), ``acks``;
         ``oversized`` (answers beyond the bounds), ``marks_set``, ``who_asked`` (requests this
         host sent), ``who_answers`` (answers taken), ``who_replied`` (answers sent),
@@ -736,6 +738,7 @@ class RedisLink:
                 self.listen_backoff.reset()
             except ERRORS as exc:
                 log.warning("redis pub/sub: %s; resubscribing", exc)
+                self._listener_lost = True  # its next subscription is a reconnect
             except Exception:  # a bug must not silently end cross-host delivery for good
                 log.exception("redis pub/sub: unexpected error; resubscribing")
             self.stopping.wait(self.listen_backoff.next_delay())
@@ -781,7 +784,10 @@ class RedisLink:
                         elif topic == inbox:  # from now on, every mark change reaches us
                             self.notify(ChannelMarks(self._join(client)))
                         awaiting.discard(topic)
-                        if not awaiting:
+                        if not awaiting and not self._listening.is_set():
+                            if self._listener_lost:
+                                self._count("reconnects")
+                                self._listener_lost = False
                             self._listening.set()  # the worker may say the link is up
                     elif kind == "sunsubscribe":
                         self._unsubscribed(message)
