@@ -594,6 +594,8 @@ async def run_churn(fleet: Fleet, client: redis.Redis, hosts: list[Host], args: 
         await asyncio.wait(pending, timeout=40.0)
     for error in errors:
         say(f"reconnect error: {error}")
+    with contextlib.suppress(TimeoutError):  # the last reconnects: in the next snapshot
+        await wait_registered(client, users - failed, {}, timeout=5.0)
     online_after = online(client)
     return {
         "users": users,
