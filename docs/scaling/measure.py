@@ -472,7 +472,7 @@ class ChurnMeter(Meter):
         self._c0 = command_calls(client)
         super().__init__(client, hosts)
 
-    def stop_with_commands(self, top: int = 8) -> dict[str, Any]:
+    def stop_with_commands(self, top: int = 16) -> dict[str, Any]:
         window = self.stop()
         c1 = command_calls(self.client)
         s = window.seconds
