@@ -3,17 +3,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
+from collections.abc import Callable, Iterator
 
 import pytest
 import zmq
 from canned import CannedServer
 
-import shards.cli
 from shards.cli import build_parser, format_connections, main
-from shards.client import CommandTimeout
 from shards.config import ServeConfig
 
 
@@ -281,88 +281,96 @@ def test_channel_misuse_is_a_usage_error(argv, client, capsys):
     assert client.calls == []
 
 
-class StandInFollower:
-    """What ``ucc events`` needs of :class:`shards.events.EventFollower`."""
-
-    made: list[tuple[tuple[object, ...], dict[str, object]]] = []
-    items: list[object] = []
-    closed = False
-
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        StandInFollower.made.append((args, kwargs))
-
-    def __enter__(self) -> StandInFollower:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        StandInFollower.closed = True
-
-    def poll(self, timeout: float) -> object:
-        assert 0 < timeout <= 1.0
-        if not self.items:
-            time.sleep(timeout)
-            return None
-        item = self.items.pop(0)
-        if isinstance(item, Exception):
-            raise item
-        return item
-
-
-@pytest.fixture
-def follower(monkeypatch):
-    monkeypatch.setattr(shards.cli, "EventFollower", StandInFollower)
-    monkeypatch.delenv("UCC_EVENTS", raising=False)
-    StandInFollower.made = []
-    StandInFollower.items = []
-    StandInFollower.closed = False
-    return StandInFollower
-
-
 def event(seq: int, **fields: object) -> dict[str, object]:
     return {"seq": seq, "host": "h", "ts": 1.5, "type": "online", "user": 3, **fields}
 
 
-def test_events_prints_json_lines_and_warns_of_gaps(follower, capsys):
-    follower.items = [event(1), event(2, user="é"), event(5)]
-    assert main(["events", "--count", "3"]) == 0
+@contextlib.contextmanager
+def publishing(make: Callable[[int], dict[str, object] | None]) -> Iterator[str]:
+    """A real ZeroMQ PUB socket on 127.0.0.1 publishing ``make(1)``, ``make(2)``, ... every
+    10 ms (None: nothing that turn) until the block ends; yields its endpoint. A subscriber
+    that joins late misses the first ones (ZeroMQ's slow joiner), so tests never count on
+    them."""
+    pub = zmq.Context.instance().socket(zmq.PUB)
+    pub.setsockopt(zmq.LINGER, 0)
+    pub.bind("tcp://127.0.0.1:*")
+    stop = threading.Event()
+
+    def publish() -> None:
+        turn = 0
+        while not stop.wait(0.01):
+            turn += 1
+            item = make(turn)
+            if item is not None:
+                pub.send(json.dumps(item).encode())
+
+    thread = threading.Thread(target=publish, name="test-publisher")
+    thread.start()
+    try:
+        yield pub.getsockopt_string(zmq.LAST_ENDPOINT)
+    finally:
+        stop.set()
+        thread.join(5)
+        pub.close(linger=0)
+
+
+@pytest.fixture
+def canned() -> Iterator[CannedServer]:
+    server = CannedServer()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def test_events_prints_json_lines_and_warns_of_gaps(monkeypatch, capsys):
+    monkeypatch.delenv("UCC_EVENTS", raising=False)
+    with publishing(lambda turn: event(2 * turn, user="é")) as endpoint:  # every other seq
+        assert main(["events", "--endpoint", endpoint, "--count", "3", "--duration", "10"]) == 0
     out, err = capsys.readouterr()
     lines = out.splitlines()
-    assert lines[1] == '{"seq":2,"host":"h","ts":1.5,"type":"online","user":"é"}'
-    assert [json.loads(line)["seq"] for line in lines] == [1, 2, 5]
-    assert "missed events 3..4 of host h" in err
-    args, kwargs = follower.made[0]
-    assert args == ("tcp://127.0.0.1:5556", None)  # no command endpoint without --follow
-    assert kwargs["rcvhwm"] is None
-    assert follower.closed
+    items = [json.loads(line) for line in lines]
+    assert len(items) == 3 and all(item["user"] == "é" for item in items)
+    assert lines[1] == json.dumps(items[1], separators=(",", ":"), ensure_ascii=False)
+    seqs = [item["seq"] for item in items]
+    assert seqs == [seqs[0], seqs[0] + 2, seqs[0] + 4]
+    assert err.count("missed events") == 2  # between each two: the first has none before it
+    assert f"missed events {seqs[0] + 1}..{seqs[0] + 1} of host h" in err
 
 
-def test_events_follow_passes_the_command_endpoint_and_does_not_warn(follower, capsys):
-    follower.items = [{"type": "resync", "seq": 9, "host": "h", "connections": []}, event(12)]
-    argv = ["events", "--follow", "--endpoint", "ipc:///tmp/ev", "--command", "tcp://x:1"]
-    assert main([*argv, "--count", "2", "--rcvhwm", "10", "--timeout", "2"]) == 0
+def test_events_follow_resyncs_from_the_command_endpoint_and_does_not_warn(canned, capsys):
+    canned.replies["snapshot"] = {"ok": True, "seq": 0, "host": "h", "connections": []}
+    canned.replies["router_stats"] = {"ok": True}
+    with publishing(lambda _turn: event(1)) as endpoint:  # the one event after the snapshot
+        argv = ["events", "--follow", "--endpoint", endpoint, "--command", canned.endpoint]
+        assert main([*argv, "--count", "2", "--rcvhwm", "10", "--timeout", "2"]) == 0
     out, err = capsys.readouterr()
     assert [json.loads(line)["type"] for line in out.splitlines()] == ["resync", "online"]
     assert err == ""
-    args, kwargs = follower.made[0]
-    assert args == ("ipc:///tmp/ev", "tcp://x:1")
-    assert (kwargs["rcvhwm"], kwargs["timeout"]) == (10, 2.0)
+    assert canned.asked[0] == "snapshot"  # the state came from the command endpoint given
 
 
-def test_events_endpoint_defaults_to_the_environment(follower, monkeypatch):
-    monkeypatch.setenv("UCC_EVENTS", "tcp://127.0.0.1:7000")
-    assert main(["events", "--duration", "0.01"]) == 0
-    assert follower.made[0][0][0] == "tcp://127.0.0.1:7000"
+def test_events_endpoint_defaults_to_the_environment(monkeypatch, capsys):
+    with publishing(event) as endpoint:
+        monkeypatch.setenv("UCC_EVENTS", endpoint)
+        assert main(["events", "--count", "1", "--duration", "10"]) == 0
+    assert json.loads(capsys.readouterr().out)["type"] == "online"
 
 
-def test_events_stops_after_its_duration(follower):
-    started = time.monotonic()
-    assert main(["events", "--duration", "0.3"]) == 0
-    assert 0.25 < time.monotonic() - started < 2
+def test_events_stops_after_its_duration(monkeypatch, capsys):
+    with publishing(lambda _turn: None) as endpoint:  # bound, and silent
+        monkeypatch.setenv("UCC_EVENTS", endpoint)
+        started = time.monotonic()
+        assert main(["events", "--duration", "0.3"]) == 0
+        assert 0.25 < time.monotonic() - started < 2
+    assert capsys.readouterr().out == ""
 
 
-def test_events_follow_reports_a_failed_snapshot(follower, capsys):
-    follower.items = [CommandTimeout("no reply to 'snapshot'")]
-    assert main(["events", "--follow", "--count", "1"]) == 1
+def test_events_follow_reports_a_failed_snapshot(canned, capsys):
+    canned.replies["snapshot"] = None  # never answered: the client times out
+    with publishing(event) as endpoint:
+        argv = ["events", "--follow", "--endpoint", endpoint, "--command", canned.endpoint]
+        assert main([*argv, "--count", "1", "--timeout", "0.3"]) == 1
     assert "ucc: error: snapshot failed: timeout" in capsys.readouterr().err
 
 
@@ -371,29 +379,10 @@ def test_events_with_a_bad_endpoint_is_a_usage_error(capsys):
     assert "bad event endpoint" in capsys.readouterr().err
 
 
-def test_events_against_a_real_pub_socket(capsys):
-    context = zmq.Context.instance()
-    pub = context.socket(zmq.PUB)
-    pub.setsockopt(zmq.LINGER, 0)
-    pub.bind("tcp://127.0.0.1:*")
-    endpoint = pub.getsockopt_string(zmq.LAST_ENDPOINT)
-    stop = threading.Event()
-
-    def publish() -> None:
-        seq = 0
-        while not stop.is_set():
-            seq += 1
-            pub.send(json.dumps(event(seq)).encode())
-            time.sleep(0.01)
-
-    thread = threading.Thread(target=publish)
-    thread.start()
-    try:
+def test_events_against_a_real_pub_socket(monkeypatch, capsys):
+    monkeypatch.delenv("UCC_EVENTS", raising=False)
+    with publishing(event) as endpoint:
         assert main(["events", "--endpoint", endpoint, "--count", "3", "--duration", "5"]) == 0
-    finally:
-        stop.set()
-        thread.join()
-        pub.close(linger=0)
     seqs = [json.loads(line)["seq"] for line in capsys.readouterr().out.splitlines()]
     assert len(seqs) == 3
     assert seqs == list(range(seqs[0], seqs[0] + 3))
