@@ -4,7 +4,9 @@
 
 Reads the JSON that docs/scaling/measure.py printed (``message1.json``; ``idle1*.json``: users
 in a room of 10; ``idle2*.json``: also in one big channel; ``subs1*.json``: channels of one
-member), takes medians over repeated runs and prints each unit cost with what it came from.
+member; ``churn_snapshot*.json`` and ``churn_deltas*.json``: one host of 50,000 users, idle and
+with 1 % of them reconnecting a minute, before and after presence deltas), takes medians over
+repeated runs and prints each unit cost with what it came from.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ RESULTS = Path(__file__).parent / "results"
 
 def runs(prefix: str) -> list[dict[str, Any]]:
     """Every result file ``<prefix>.json`` and ``<prefix>_<n>.json``."""
-    found = [RESULTS / f"{prefix}.json", *sorted(RESULTS.glob(f"{prefix}_*.json"))]
-    return [json.loads(path.read_text()) for path in found if path.exists()]
+    found = [RESULTS / f"{prefix}.json", *sorted(RESULTS.glob(f"{prefix}_[0-9]*.json"))]
+    return [json.loads(p.read_text()) for p in found if p.exists() and p.stat().st_size]
 
 
 def line(xs: list[float], ys: list[float]) -> tuple[float, float]:
@@ -136,6 +138,121 @@ def presence() -> None:
     print(f"Redis used_memory per (host, channel) subscription and set: {memory:.0f} B {values}")
 
 
+# the model's fixed cost of a host (1 shard, no user: the 0-user windows above), % of a core
+HOST_FIXED_PERCENT, SUP_FIXED_PERCENT = 1.43, 1.13
+
+
+def churn_table(prefix: str) -> dict[str, float]:
+    """Medians over the ``<prefix>*.json`` churn runs of what a host's presence costs: Redis
+    traffic idle (per host-second: the heartbeat or snapshot) and per presence change (a
+    reconnect is 2 changes: offline, then online), and the host's CPU."""
+    found = runs(prefix)
+    out: dict[str, float] = {}
+
+    def med(values: list[float]) -> float:
+        return float(statistics.median(values))
+
+    for window in ("idle", "churn"):
+        for key in (
+            "redis_cpu_percent",
+            "redis_commands_per_s",
+            "redis_in_bytes_per_s",
+            "redis_out_bytes_per_s",
+        ):
+            out[f"{window} {key}"] = med([run[window][key] for run in found])
+        for key in ("hosts_cpu_percent", "supervisors_cpu_percent"):
+            out[f"{window} {key}"] = med([run[window][key][0] for run in found])
+
+    def rate(run: dict[str, Any]) -> float:  # presence changes per second: closes and opens
+        return (run["churn"]["disconnects"] + run["churn"]["reconnects"]) / run["churn"]["seconds"]
+
+    out["changes_per_s"] = med([rate(run) for run in found])
+
+    def value(run: dict[str, Any], window: str, key: str) -> float:
+        got = run[window][key]
+        return float(got[0] if isinstance(got, list) else got)
+
+    def per_change(key: str, scale: float = 1.0) -> list[float]:
+        return [
+            (value(run, "churn", key) - value(run, "idle", key)) * scale / rate(run)
+            for run in found
+        ]
+
+    def show(name: str, values: list[float], unit: str) -> float:
+        value = med(values)
+        print(f"  {name}: {value:,.1f} {unit}  from {[round(v, 1) for v in values]}")
+        return value
+
+    print(f"{prefix}: {len(found)} run(s), {found[0]['command']}, users {found[0]['users']}")
+    for window in ("idle", "churn"):
+        calls = {
+            name: med([run[window]["redis_commands_top"].get(name, {}).get("calls_per_s", 0.0)
+                       for run in found])
+            for name in ("eval", "sadd", "srem", "publish", "set")
+        }  # fmt: skip
+        print(f"  {window}: Redis calls/s (medians) {calls}")
+    for window in ("idle", "churn"):
+        parts = [f"{key.split(' ')[1]} {value:,.2f}" for key, value in out.items()
+                 if key.startswith(window)]  # fmt: skip
+        print(f"  {window} (medians): " + ", ".join(parts))
+    users = found[0]["users"]
+    idle_redis = [run["idle"]["redis_cpu_percent"] * 1e4 for run in found]
+    out["redis_idle_us"] = show("Redis CPU per host-second, idle", idle_redis, "us")
+    out["redis_idle_in"] = show(
+        "Redis in per host-second, idle",
+        [run["idle"]["redis_in_bytes_per_s"] for run in found],
+        "B",
+    )
+    out["redis_idle_out"] = show(
+        "Redis out per host-second, idle (1 listener: the host itself)",
+        [run["idle"]["redis_out_bytes_per_s"] for run in found],
+        "B",
+    )
+    out["redis_change_us"] = show(
+        "Redis CPU per presence change", per_change("redis_cpu_percent", 1e4), "us"
+    )
+    out["redis_change_in"] = show("Redis in per change", per_change("redis_in_bytes_per_s"), "B")
+    out["redis_change_out"] = show("Redis out per change", per_change("redis_out_bytes_per_s"), "B")
+    out["redis_change_commands"] = show(
+        "Redis commands per change", per_change("redis_commands_per_s"), ""
+    )
+    out["host_change_us"] = show(
+        "host CPU per change (half a reconnect: close or open)",
+        per_change("hosts_cpu_percent", 1e4),
+        "us",
+    )
+    out["sup_change_us"] = show(
+        "  of it in the supervisor", per_change("supervisors_cpu_percent", 1e4), "us"
+    )
+    per_user = [
+        (run["idle"]["hosts_cpu_percent"][0] - HOST_FIXED_PERCENT) * 1e4 / users for run in found
+    ]
+    out["host_user_us"] = show(
+        f"host CPU per user per second (idle, less the fixed {HOST_FIXED_PERCENT} %)",
+        per_user,
+        "us",
+    )
+    sup_user = [
+        (run["idle"]["supervisors_cpu_percent"][0] - SUP_FIXED_PERCENT) * 1e4 / users
+        for run in found
+    ]
+    out["sup_user_us"] = show(
+        f"  of it in the supervisor (less {SUP_FIXED_PERCENT} %)", sup_user, "us"
+    )
+    return out
+
+
+def churn() -> None:
+    """Presence's Redis traffic and host CPU, before (snapshots) and after deltas."""
+    prefixes = [p for p in ("churn_snapshot", "churn_deltas", "churn_deltas_gap") if runs(p)]
+    tables = {prefix: churn_table(prefix) for prefix in prefixes}
+    print("medians, 1 host of 50,000 users: " + " -> ".join(prefixes))
+    for key in tables[prefixes[0]]:
+        if " " in key:
+            print(f"  {key}: " + " -> ".join(f"{t[key]:,.2f}" for t in tables.values()))
+
+
 if __name__ == "__main__":
     message()
     presence()
+    churn()

@@ -497,7 +497,9 @@ async def run_churn(fleet: Fleet, client: redis.Redis, hosts: list[Host], args: 
     (``--idle``, default as long as ``--seconds``) and then in a window of ``--seconds`` during
     which ``--churn`` of the users per minute disconnect and come back (same user, same room):
     once a second, that many random users (a fraction carried over to the next second) close
-    their connection, and each reconnects about 0.5 s later."""
+    their connection, and each reconnects ``--reconnect-after`` seconds later (0.5 by default:
+    the host's presence is pulled once a second too, so such a reconnect may fall between two
+    pulls and change nothing; 1.5 s puts a pull between the close and the reconnect: 2 changes)."""
     (host,) = hosts
     users = args.users
     procs = len(fleet.pipes)
@@ -584,7 +586,7 @@ async def run_churn(fleet: Fleet, client: redis.Redis, hosts: list[Host], args: 
             *(fleet.ask(index, "drop", some, timeout=10.0) for index, some in by_proc.items())
         )
         drops += sum(dropped)
-        task = asyncio.create_task(come_back(chosen, t0 + tick + 0.5))
+        task = asyncio.create_task(come_back(chosen, t0 + tick + args.reconnect_after))
         pending.add(task)
         task.add_done_callback(pending.discard)
     await asyncio.sleep(max(0.0, t0 + args.seconds - time.monotonic()))
@@ -604,6 +606,7 @@ async def run_churn(fleet: Fleet, client: redis.Redis, hosts: list[Host], args: 
         "hang_timeout": args.hang_timeout,
         "churn_per_minute": args.churn,
         "churn_users_per_s": round(per_second, 3),
+        "reconnect_after": args.reconnect_after,
         "idle": quiet,
         "churn": {
             **churn,
@@ -647,6 +650,9 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, help="load time, s (validate 60, churn 120)")
     parser.add_argument("--churn", type=float, default=0.01, help="churn: users per minute")
     parser.add_argument("--settle", type=float, default=5.0, help="churn: s before windows")
+    parser.add_argument(
+        "--reconnect-after", type=float, default=0.5, help="churn: s from a close to its reconnect"
+    )
     parser.add_argument("--shards", type=int, default=2, help="churn: the host's shards")
     parser.add_argument(
         "--hang-timeout", type=float, default=10.0, help="churn: the host's, s (ucc's: 1.5)"
