@@ -19,7 +19,7 @@ USERS_PER_HOST = 500
 MEMBERS_PER_HOST = 10  # of CHANNEL, on each host
 CHANNEL = 1
 MESSAGES = 12
-FADE_BOUND = 5.0  # seconds after the last snapshot (docs/cluster.md), plus one snapshot period
+FADE_BOUND = 5.0  # seconds of silence (docs/cluster.md), plus the once-a-second check
 
 
 def user_of(host: int, n: int) -> int:
