@@ -250,6 +250,12 @@ def churn() -> None:
     for key in tables[prefixes[0]]:
         if " " in key:
             print(f"  {key}: " + " -> ".join(f"{t[key]:,.2f}" for t in tables.values()))
+    if "churn_deltas_gap" in tables and "churn_deltas" in tables:
+        # a reconnect after 0.5 s fell between two presence pulls (no change), after 1.5 s not
+        gap, same = tables["churn_deltas_gap"], tables["churn_deltas"]
+        print("presence's own part of a change (the 1.5 s runs less the 0.5 s runs):")
+        for key in ("redis_change_us", "redis_change_in", "redis_change_out", "host_change_us"):
+            print(f"  {key}: {gap[key]:,.1f} - {same[key]:,.1f} = {gap[key] - same[key]:,.1f}")
 
 
 if __name__ == "__main__":

@@ -181,6 +181,12 @@ async def open_users(
     return failed
 
 
+def channel_topic(channel: int) -> str:
+    """A channel's topic: a hash tag of its own since ad4e715 (docs/cluster.md, "Key and topic
+    layout"); the runs on 61cf9a8 named it ``{PREFIX}:c:<channel>``."""
+    return "{ucc:default:c:" + str(channel) + "}"
+
+
 async def wait_registered(
     client: redis.Redis, users: int, topics: dict[int, int], timeout: float = 60.0
 ) -> None:
@@ -190,12 +196,12 @@ async def wait_registered(
     while True:
         hosts = [h.decode() for h in client.zrange(f"{PREFIX}:hosts", 0, -1)]
         online = sum(int(client.scard(f"{PREFIX}:h:{h}:users")) for h in hosts)
-        names = [f"{PREFIX}:c:{c}" for c in topics]
+        names = [channel_topic(c) for c in topics]
         kind = "SHARDNUMSUB" if SHARDED else "NUMSUB"
         reply = client.execute_command("PUBSUB", kind, *names) if names else []
         counts = dict(zip(reply[::2], reply[1::2], strict=True))
         listening = all(
-            int(counts.get(f"{PREFIX}:c:{c}".encode(), 0)) == n for c, n in topics.items()
+            int(counts.get(channel_topic(c).encode(), 0)) == n for c, n in topics.items()
         )
         if online == users and listening:
             return
