@@ -242,6 +242,19 @@ def churn_table(prefix: str) -> dict[str, float]:
     return out
 
 
+def deltas_idle() -> None:
+    """The `idle` run on the deltas tree: Redis memory per user and the host's per-user slope."""
+    found = runs("deltas_idle1")
+    if not found:
+        return
+    memory, values = median_slope("deltas_idle1", "used_memory")
+    print(f"deltas: Redis used_memory per user (users set; the stored snapshot is the empty one "
+          f"of link-up): {memory:.0f} B  from {values}")  # fmt: skip
+    for key in ("hosts_cpu_percent", "supervisors_cpu_percent", "redis_cpu_percent"):
+        slope, values = median_slope("deltas_idle1", key)
+        print(f"deltas: {key} slope per user, 5,000 -> 15,000 users: {slope:.2f} us  {values}")
+
+
 def churn() -> None:
     """Presence's Redis traffic and host CPU, before (snapshots) and after deltas."""
     prefixes = [p for p in ("churn_snapshot", "churn_deltas", "churn_deltas_gap") if runs(p)]
@@ -261,4 +274,5 @@ def churn() -> None:
 if __name__ == "__main__":
     message()
     presence()
+    deltas_idle()
     churn()

@@ -124,7 +124,9 @@ DELTA_HOST_PER_USER = 1.3  # us per user per second: (idle hosts' CPU - HOST_FIX
 DELTA_SUP_PER_USER = 0.1
 DELTA_HOST_PER_CHANGE = 874  # us per change: a WebSocket close or open, and its presence
 DELTA_SUP_PER_CHANGE = 392
-DELTA_REDIS_BYTES_PER_USER = 0.0  # used_memory per user (users set, snapshot)
+# used_memory per user: 84 B (`idle --steps 5000,15000` on f2170e6, 1 run: the users set; the
+# stored snapshot there was link-up's, empty) + 9 B of stored snapshot (docs/cluster.md)
+DELTA_REDIS_BYTES_PER_USER = 84 + 9
 
 # Now (deltas, HEAD f2170e6, measured 2026-12-02): once a second one PRESENCE_DELTA script per
 # host (ZADD, PEXPIREs, SADD/SREM of the changed users, PUBLISH on the presence topic); every host
