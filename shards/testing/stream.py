@@ -37,16 +37,22 @@ class BroadcastStream:
     def run(self) -> None:
         try:
             with Client(self.command, timeout=5.0 * TIME_FACTOR) as client:
-                while not self.stop.is_set() and len(self.offsets) < self.limit:
-                    try:
-                        reply = client.broadcast_to_channel(self.channel, {"n": len(self.offsets)})
-                    except Overloaded:
-                        pass
-                    else:
-                        self.offsets.append(reply["offset"])
+                while not self.stop.is_set() and not self.done():
+                    self.send(client)
                     self.stop.wait(self.interval)
         except BaseException as exc:
             self.errors.append(exc)
+
+    def done(self) -> bool:
+        return len(self.offsets) >= self.limit
+
+    def send(self, client: Client) -> None:
+        """One broadcast, and what its reply says (a subclass may keep something else)."""
+        try:
+            reply = client.broadcast_to_channel(self.channel, {"n": len(self.offsets)})
+        except Overloaded:
+            return
+        self.offsets.append(reply["offset"])
 
     def __enter__(self) -> BroadcastStream:
         self.thread = threading.Thread(target=self.run, name="broadcast-stream", daemon=True)

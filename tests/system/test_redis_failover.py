@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from actors.wire.cluster import Layout
 from shards.client import Client, UccError
 from shards.testing import (
     TIME_FACTOR,
+    BroadcastStream,
     Host,
     Peer,
     RedisClusterServer,
@@ -53,40 +53,23 @@ class Sent:
 
 
 @dataclass
-class Stream:
-    """Broadcasts ``{"n": k}`` to CHANNEL through ``command`` every ``interval`` seconds from a
-    thread of its own, keeping each reply's ``cluster`` (or its error code)."""
+class Stream(BroadcastStream):
+    """Broadcasts ``{"n": k}`` to CHANNEL every ``interval`` seconds, keeping each reply's
+    ``cluster`` (or its error code) rather than its offset, until stopped."""
 
-    command: str
-    interval: float = 0.02
     sent: list[Sent] = field(default_factory=list)
-    errors: list[BaseException] = field(default_factory=list)
-    stop: threading.Event = field(default_factory=threading.Event)
 
-    def run(self) -> None:
+    def done(self) -> bool:
+        return False
+
+    def send(self, client: Client) -> None:
+        n, at = len(self.sent), time.monotonic()
         try:
-            with Client(self.command, timeout=5.0 * TIME_FACTOR) as client:
-                while not self.stop.is_set():
-                    n, at = len(self.sent), time.monotonic()
-                    try:
-                        reply = client.broadcast_to_channel(CHANNEL, {"n": n})
-                    except UccError as exc:  # e.g. unavailable: Redis did not answer in time
-                        self.sent.append(Sent(n, at, None, exc.code))
-                    else:
-                        self.sent.append(Sent(n, at, bool(reply["cluster"])))
-                    self.stop.wait(self.interval)
-        except BaseException as exc:
-            self.errors.append(exc)
-
-    def __enter__(self) -> Stream:
-        self.thread = threading.Thread(target=self.run, name="failover-stream", daemon=True)
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join(10 * TIME_FACTOR)
-        assert not self.thread.is_alive(), "the broadcast stream did not stop within 10 s"
+            reply = client.broadcast_to_channel(self.channel, {"n": n})
+        except UccError as exc:  # e.g. unavailable: Redis did not answer in time
+            self.sent.append(Sent(n, at, None, exc.code))
+        else:
+            self.sent.append(Sent(n, at, bool(reply["cluster"])))
 
 
 def numbers(peer: Peer) -> list[int]:
@@ -139,7 +122,7 @@ def test_killing_the_seed_primary_fails_over_and_cross_host_delivery_resumes(
             await wait_until_async(
                 lambda h=host: presence_is(h, [1, 2], 3), 10, what="for presence"
             )
-        with Stream(a.command) as stream:
+        with Stream(a.command, CHANNEL, interval=0.02) as stream:
             await wait_until_async(lambda: len(numbers(remote)) >= 20, 10, what="for traffic")
             first_after = len(stream.sent)  # sent after the kill: from this number on
             killed = time.monotonic()

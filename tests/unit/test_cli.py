@@ -115,14 +115,10 @@ def printed(text: str) -> object:
 
 
 @pytest.fixture
-def client(monkeypatch):
-    server = CannedServer()
-    try:
-        server.default = {"ok": True}
-        monkeypatch.setenv("UCC_COMMAND", server.endpoint)
-        yield Canned(server)
-    finally:
-        server.close()
+def client(canned, monkeypatch):
+    canned.default = {"ok": True}
+    monkeypatch.setenv("UCC_COMMAND", canned.endpoint)
+    return Canned(canned)
 
 
 def test_history_prints_one_json_line_per_message(client, capsys):
@@ -312,15 +308,6 @@ def publishing(make: Callable[[int], dict[str, object] | None]) -> Iterator[str]
         stop.set()
         thread.join(5)
         pub.close(linger=0)
-
-
-@pytest.fixture
-def canned() -> Iterator[CannedServer]:
-    server = CannedServer()
-    try:
-        yield server
-    finally:
-        server.close()
 
 
 def test_events_prints_json_lines_and_warns_of_gaps(monkeypatch, capsys):

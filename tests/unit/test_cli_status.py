@@ -9,7 +9,6 @@ import argparse
 import json
 
 import pytest
-from canned import CannedServer
 
 from shards.cli import build_parser, format_duration, format_status, format_status_report, main
 
@@ -24,17 +23,13 @@ SHARDS = [
 
 
 @pytest.fixture
-def standin(monkeypatch):
-    server = CannedServer()
-    try:
-        server.replies = {
-            "status": {"ok": True, "shards": SHARDS, "missing_shards": [1]},
-            "router_stats": {"ok": True, "commands": 7, "shards": {"0": "up"}},
-        }
-        monkeypatch.setenv("UCC_COMMAND", server.endpoint)
-        yield server
-    finally:
-        server.close()
+def standin(canned, monkeypatch):
+    canned.replies = {
+        "status": {"ok": True, "shards": SHARDS, "missing_shards": [1]},
+        "router_stats": {"ok": True, "commands": 7, "shards": {"0": "up"}},
+    }
+    monkeypatch.setenv("UCC_COMMAND", canned.endpoint)
+    return canned
 
 
 # -- the table ---------------------------------------------------------------------------------

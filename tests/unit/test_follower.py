@@ -429,15 +429,11 @@ class Command:
 clients: list[Client] = []  # the Commands' clients, closed at the end of each test
 
 
-@pytest.fixture
-def canned() -> Iterator[CannedServer]:
-    server = CannedServer()
-    try:
-        yield server
-    finally:
-        while clients:
-            clients.pop().close()
-        server.close()
+@pytest.fixture(autouse=True)
+def close_clients() -> Iterator[None]:
+    yield
+    while clients:
+        clients.pop().close()
 
 
 def test_without_a_command_endpoint_every_event_is_yielded_and_gaps_counted(pub):
