@@ -84,7 +84,6 @@ class OtherHosts:
         # the shards the presence pull in flight asked: index -> (epoch, everything)
         self._pulled: dict[ShardIndex, tuple[int, bool]] = {}
         self._pull_started = 0.0
-        self._now = 0.0  # the latest time the router gave (link events, presence ticks)
         self.up = False  # the link is connected to Redis
         self._ops: list[RedisOp] = []
         # a function returning a copy of the link's counters (taken under the link's lock):
@@ -201,9 +200,8 @@ class OtherHosts:
 
     def link_event(self, event: LinkEvent, now: float) -> None:
         """Something the link reported (see :mod:`actors.hostlink`)."""
-        self._now = now
         if isinstance(event, LinkState):
-            self.link_state(event.up)
+            self.link_state(event.up, now)
             self._core.guarantees.link_state(event.up, now)
         elif isinstance(event, Results):
             for result in event.results:
@@ -225,14 +223,14 @@ class OtherHosts:
         elif isinstance(event, PresenceDrift):
             self.local.snapshot_wanted = True
 
-    def link_state(self, up: bool) -> None:
+    def link_state(self, up: bool, now: float) -> None:
         """The link (re)connected, or lost Redis: stop waiting for it."""
         self.up = up
         if up:
             # the other hosts may have missed deltas meanwhile: they sync from this snapshot;
             # and this host hears of them again, and syncs, before its answers are whole
             self.local.snapshot_wanted = True
-            self.replicas.link_up(self._now)
+            self.replicas.link_up(now)
         else:
             self.ready.clear()  # the listener subscribes again, and Redis confirms again
             self.release(0.0, everything=True)
@@ -322,7 +320,6 @@ class OtherHosts:
         pull is skipped while the last one is out or ``max_queries`` are in flight (the next
         one will do)."""
         core, local = self._core, self.local
-        self._now = now
         self._act(self.replicas.tick(now))
         if self._pulled:  # the last one is still in flight (a gather lasts < 1 s: rare)
             self._heartbeat()

@@ -105,6 +105,7 @@ QUEUE_LIMIT = 10_000
 BATCH = 256  # operations run in one pipeline, or messages received per notify, at most
 PROBE_INTERVAL = 1.0
 PROBE_TIMEOUT = 3.0
+PRESENCE_TTL_MS = int(PRESENCE_TTL * 1000)  # a host's presence expiry, refreshed every second
 SUBSCRIBE_TIMEOUT = 5.0  # seconds the listener's first subscriptions may take to be confirmed
 NODE_PROBE_REFRESH = 5.0  # seconds between two choices of the topics that probe each node
 # a UserConnections waits this long for the hosts it asked, then reports what came (shorter
@@ -500,7 +501,7 @@ class RedisLink:
                 payload = cluster.encode(message, key)
                 script(self._publish_hosts, payload)
             elif isinstance(op, PublishPresence):
-                ttl = int(PRESENCE_TTL * 1000)
+                ttl = PRESENCE_TTL_MS
                 sealed = cluster.encode_presence(
                     key, host, "delta", op.generation, op.seq, now_ms, op.changes
                 )
@@ -509,7 +510,7 @@ class RedisLink:
                 counts = (len(online), op.users, *online, *offline)
                 script(self._presence_delta, now_ms + ttl, ttl, sealed, *counts)
             elif isinstance(op, StorePresence):
-                ttl = int(PRESENCE_TTL * 1000)
+                ttl = PRESENCE_TTL_MS
                 snapshot = cluster.seal_snapshot(key, host, op.generation, op.seq, op.users)
                 notice = cluster.encode_presence(
                     key, host, "snapshot", op.generation, op.seq, now_ms
@@ -584,11 +585,7 @@ class RedisLink:
                 if isinstance(value, ERRORS):
                     raise value
                 log.error("redis: %s failed: %s", type(op).__name__, value)
-                self._drop_ask(op)
-                if op.qid:
-                    events.append(OpResult(op.qid, False, None))
-                elif isinstance(op, FetchPresence):  # the replica asks the host instead
-                    self.notify(PresenceLoaded(op.host, None))
+                self._fail([op])
             elif isinstance(op, UserConnections):
                 done = self._asked(op, value)
                 if done is not None:
@@ -920,7 +917,7 @@ class RedisLink:
         order, and on the listener's thread (which delivers what the inbox brings after it), a
         mark set before the read is in it, and one set after reaches the inbox and the router
         after it: none is missed, none goes back."""
-        expires = _now_ms() + int(PRESENCE_TTL * 1000)
+        expires = _now_ms() + PRESENCE_TTL_MS
         client.zadd(self.layout.hosts, {self.host: expires})
         return self._read_marks(client)
 

@@ -119,7 +119,7 @@ def decode(raw: bytes, max_size: int) -> Command:
         elif kind is Field.FLAG:
             value = _optional(key, kind, value)
         else:
-            data_json = _encode_data(value) if not exact else _dumps(value)
+            data_json = _dumps(value) if exact else _encode_data(value)
             continue
         args[key] = value
     optional = OPTIONAL.get(name)
