@@ -1,15 +1,16 @@
 """CacheActor: the single owner of a shard's :class:`UserConnectionCache`.
 
-Owns: the cache, the shard's DEALER socket to the router (its heartbeat, credit and membership
-deltas), and the messages between the actor and its shard: what the shard tells it
-(:class:`Opened`, :class:`Closed`, :class:`Subscribe`, ...) and what it asks of the shard's
-connections (:data:`LoopAction`: :class:`Deliver`, :class:`Registered`, :class:`Subscribed`,
-:class:`Refused`, :class:`CloseConnections`). It applies connection events (a subscribe beyond
-``--max-channels-per-connection`` is refused, error ``limit``), resolves deliveries (channel or
-users → connection ids) and answers the router's queries. It is a :class:`LoopActor`: it runs
-on the shard's event loop, one message at a time, so a broadcast goes from the router's socket
-to the connections' writes without a thread hop; its actions go out in one batch per round
-through ``post``. Must never touch a connection itself, nor ``ask`` anyone, nor block the loop.
+Owns: the cache, the shard's socket to the router (:class:`actors.shardlink.RouterLink`: its
+heartbeat, credit and membership deltas), and the messages between the actor and its shard: what
+the shard tells it (:class:`Opened`, :class:`Closed`, :class:`Subscribe`, ...) and what it asks
+of the shard's connections (:data:`LoopAction`: :class:`Deliver`, :class:`Registered`,
+:class:`Subscribed`, :class:`Refused`, :class:`CloseConnections`). It applies connection events
+(a subscribe beyond ``--max-channels-per-connection`` is refused, error ``limit``), resolves
+deliveries (channel or users → connection ids) and answers the router's queries. It is a
+:class:`LoopActor`: it runs on the shard's event loop, one message at a time, so a broadcast
+goes from the router's socket to the connections' writes without a thread hop; its actions go
+out in one batch per round through ``post``. Must never touch a connection itself, nor ``ask``
+anyone, nor block the loop.
 
 Issue 12: with ``events`` (``--events``) it reports the shard's lifecycle events to the router
 (one ``E`` message per flush, built by :class:`actors.events.ShardEvents`): a connection is
@@ -34,21 +35,23 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import zmq
-
 from actors.cache import Delta, UserConnectionCache
 from actors.critical import CriticalTracker
 from actors.events import ShardEvents
 from actors.ids import ChannelId, ConnId, UserId
 from actors.loopactor import LoopActor
 from actors.resume import Ask, Resumes
+from actors.shardlink import Bounds, RouterLink
 from actors.wire import shardwire
 
 log = logging.getLogger("ucc.cache")
 
-READ_BATCH = 512  # ZeroMQ messages read per round at most (a shardwire batch is one)
+READ_BATCH = 512  # messages read per round at most (a shardwire batch is one)
 WORK_PER_TURN = 20_000  # recipients per round at most, so that the event loop's turns stay short
 BEAT_INTERVAL = 0.25  # seconds between two heartbeats (with credit) to the router
+# what may wait to be written to the router beyond the kernel's buffer (the router reads
+# continuously: this fills only if it is stuck, and then the shard's messages are dropped)
+SEND_BOUNDS = Bounds(messages=100_000, size=64 << 20)
 
 # -- what the actor asks of its shard's connections (one list per round, through ``post``) ------
 #
@@ -196,7 +199,6 @@ class CacheActor(LoopActor):
         post: Callable[[list[LoopAction]], None],
         stale_timeout: float,
         fail: Callable[[], None],
-        context: zmq.Context[Any] | None = None,
         counters: Callable[[], dict[str, int]] | None = None,
         max_channels: int | None = None,
         ack_timeout: float = 10.0,
@@ -230,13 +232,9 @@ class CacheActor(LoopActor):
         # round of the router's (1,024 commands); they are handled WORK_PER_TURN at a time
         self._unpacked: deque[tuple[bytes, bytes, bytes]] = deque()
         self.stale_timeout = stale_timeout
-        self.context = context or zmq.Context.instance()
-        self.sock = self.context.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.IDENTITY, shardwire.identity(index, epoch))
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.SNDHWM, 100_000)
-        self.sock.setsockopt(zmq.RCVHWM, 100_000)
-        self.sock.connect(router_endpoint)
+        # the router's socket exists before any shard starts: a failure here ends the shard
+        self.link = RouterLink(router_endpoint, shardwire.identity(index, epoch), SEND_BOUNDS)
+        self._writing = False  # the loop watches the socket for writing (bytes wait)
         self._actions: list[LoopAction] = []
         self._delta = Delta()
         # credit (see shardwire): router -> shard messages and bytes consumed, and reported
@@ -269,25 +267,27 @@ class CacheActor(LoopActor):
             self.cache.journal = []
 
     def on_start(self) -> None:
-        self.loop.add_reader(self.sock.getsockopt(zmq.FD), self._readable)
+        self.loop.add_reader(self.link.fileno(), self._readable)
         self._send(shardwire.hello(self.index, self.epoch, os.getpid(), self.cache.channels()))
         self._beat_handle = self.loop.call_later(BEAT_INTERVAL, self._beat)
 
     def on_stop(self) -> None:
         if self._beat_handle is not None:
             self._beat_handle.cancel()
-        self.loop.remove_reader(self.sock.getsockopt(zmq.FD))  # a no-op if never added
-        self.sock.close()
+        if not self.link.closed:
+            self.loop.remove_reader(self.link.fileno())  # a no-op if never added
+            self.loop.remove_writer(self.link.fileno())
+            self.link.close()
 
     def on_failure(self, *exc_info: Any) -> None:
         """A bug killed the actor: stop beating (so the router sees the shard die) and have the
         process exit, so that the supervisor restarts it clean."""
         self.loop.call_soon(self.fail)  # first: nothing below may keep the shard alive
-        if not self.sock.closed:
+        if not self.link.closed:
             self.on_stop()
 
     def _readable(self) -> None:
-        """The socket has news (ZeroMQ's descriptor is edge-triggered: drain, then re-check)."""
+        """The socket has news (or the router left: the shard then fails, and exits)."""
         if self.actor_stopped.is_set():
             return
         try:
@@ -309,10 +309,22 @@ class CacheActor(LoopActor):
         self._recheck()
 
     def _recheck(self) -> None:
-        # after any send or receive, ZeroMQ may have news it will not signal again; and what
-        # was unpacked but not handled waits for the next turn
-        if self._unpacked or self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        # what was read or unpacked but not handled waits for the next turn (the loop signals
+        # only what is still in the kernel)
+        if self._unpacked or self.link.buffered:
             self.loop.call_soon(self._readable)
+        if self.link.pending != self._writing:
+            self._writing = self.link.pending
+            if self._writing:
+                self.loop.add_writer(self.link.fileno(), self._writable)
+            else:
+                self.loop.remove_writer(self.link.fileno())
+
+    def _writable(self) -> None:
+        self.link.flush()
+        if not self.link.pending:
+            self._writing = False
+            self.loop.remove_writer(self.link.fileno())
 
     def on_receive(self, message: Any) -> Any:
         cache = self.cache
@@ -391,9 +403,8 @@ class CacheActor(LoopActor):
                 work += self._handle(*unpacked.popleft())
             if work > WORK_PER_TURN:
                 return
-            try:
-                msg = self.sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
+            msg = self.link.receive()
+            if msg is None:
                 return
             if msg[0] == shardwire.PACKED:
                 unpacked.extend(shardwire.unpack_messages(msg[1]))
@@ -734,9 +745,7 @@ class CacheActor(LoopActor):
             self._reported = (self.consumed_messages, self.consumed_bytes)
 
     def _send(self, msg: list[bytes]) -> bool:
-        try:
-            self.sock.send_multipart(msg, zmq.NOBLOCK)
-        except zmq.Again:
+        if not self.link.send(msg):
             log.warning("router not reading: dropped a %r message", msg[0])
             return False
         return True

@@ -25,15 +25,27 @@ from pykka._envelope import Envelope
 
 @dataclass(frozen=True, slots=True)
 class SocketsReady:
-    """Delivered to the actor when one of its sockets has something to read."""
+    """Delivered to the actor when one of its sockets has something to read (``sockets``:
+    ZeroMQ sockets, or the raw descriptors it watches, in the order they were registered; a
+    descriptor that hung up or failed counts as readable: its read says how), or when a
+    descriptor watched for writing can be written (``writable``)."""
 
-    sockets: tuple[zmq.Socket[bytes], ...]
+    sockets: tuple[zmq.Socket[bytes] | int, ...]
+    writable: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
 class Tick:
     """Delivered to the actor when its timer (``next_timer``) comes due. It carries no time:
     the actor reads the clock when it handles it (the only time that matters then)."""
+
+
+# plain ints (zmq_poll's answers are ints; pyzmq's enum arithmetic costs per call). zmq_poll
+# reports a raw descriptor's hang-up as POLLERR
+_READABLE = int(zmq.POLLIN | zmq.POLLERR)
+_IN = int(zmq.POLLIN)
+_IN_OUT = int(zmq.POLLIN | zmq.POLLOUT)
+_OUT = int(zmq.POLLOUT)
 
 
 class PollingInbox:
@@ -44,17 +56,38 @@ class PollingInbox:
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._poller = zmq.Poller()
         self._poller.register(self._wake, zmq.POLLIN)
-        self._sockets: list[zmq.Socket[bytes]] = []
+        self._sockets: list[zmq.Socket[bytes] | int] = []
+        self._writers: set[int] = set()  # raw descriptors also watched for writing
         self.next_timer: float | None = None
 
-    def register(self, sock: zmq.Socket[bytes]) -> None:
+    def register(self, sock: zmq.Socket[bytes] | int) -> None:
+        """Watch a ZeroMQ socket or a raw descriptor for reading."""
         self._sockets.append(sock)
         self._poller.register(sock, zmq.POLLIN)
+
+    def watch_fd(self, fd: int, writable: bool = False) -> None:
+        """Watch a raw descriptor for reading, and with ``writable`` for writing too (called
+        again: changes that). Raw descriptors come first in :class:`SocketsReady`."""
+        if fd not in self._sockets:
+            self._sockets.insert(0, fd)
+        if writable:
+            self._writers.add(fd)
+        else:
+            self._writers.discard(fd)
+        self._poller.register(fd, _IN_OUT if writable else _IN)
+
+    def unwatch_fd(self, fd: int) -> None:
+        """Stop watching a raw descriptor (before it is closed)."""
+        if fd in self._sockets:
+            self._sockets.remove(fd)
+            self._writers.discard(fd)
+            self._poller.unregister(fd)
 
     def unregister_all(self) -> None:
         for sock in self._sockets:
             self._poller.unregister(sock)
         self._sockets.clear()
+        self._writers.clear()
 
     def close(self) -> None:
         """Close the eventfd. Only once no thread can ``put`` any more (pykka may still hand
@@ -87,9 +120,10 @@ class PollingInbox:
             if self._wake in ready:
                 with contextlib.suppress(BlockingIOError):
                     os.eventfd_read(self._wake)
-            readable = tuple(s for s in self._sockets if s in ready)
-            if readable:
-                return Envelope(SocketsReady(readable))
+            readable = tuple(s for s in self._sockets if ready.get(s, 0) & _READABLE)
+            writable = tuple(fd for fd in self._writers if ready.get(fd, 0) & _OUT)
+            if readable or writable:
+                return Envelope(SocketsReady(readable, writable))
 
 
 class SocketActor(pykka.ThreadingActor):
@@ -108,6 +142,13 @@ class SocketActor(pykka.ThreadingActor):
     def watch(self, sock: zmq.Socket[bytes]) -> None:
         """Have readiness of ``sock`` delivered as :class:`SocketsReady` (actor thread only)."""
         self.actor_inbox.register(sock)
+
+    def watch_fd(self, fd: int, writable: bool = False) -> None:
+        """Have readiness of a raw descriptor delivered (see :meth:`PollingInbox.watch_fd`)."""
+        self.actor_inbox.watch_fd(fd, writable)
+
+    def unwatch_fd(self, fd: int) -> None:
+        self.actor_inbox.unwatch_fd(fd)
 
     def set_timer(self, when: float | None) -> None:
         """Deliver a :class:`Tick` at monotonic time ``when`` (replaces any earlier timer)."""

@@ -1,11 +1,12 @@
-"""RouterActor: owns the command endpoint, the shard endpoint and the :class:`RouterCore`.
+"""RouterActor: owns the command endpoint, the shards' socket and the :class:`RouterCore`.
 
-Owns: two ZeroMQ ROUTER sockets (backends' commands on ``command``, shards on ``shards``), the
-router's state (the core, and in a cluster of hosts the Redis link), and the router's timers
-(gather deadlines, hang checks, presence pulls). It reads commands and shard messages in
-batches, lets the core decide, and sends what the core queued (``take_outbox``,
-``take_replies``, ``take_events``, ``hosts.take_ops``) — always with ``NOBLOCK``: a full or
-missing shard costs a dropped message (counted), never a wait. The Redis link reports to it with
+Owns: the ZeroMQ ROUTER socket of backends' commands (``command``), the Unix socket the shards
+connect to (:class:`actors.shardlink.ShardLinks`), the router's state (the core, and in a
+cluster of hosts the Redis link), and the router's timers (gather deadlines, hang checks,
+presence pulls). It reads commands and shard messages in batches, lets the core decide, and
+sends what the core queued (``take_outbox``, ``take_replies``, ``take_events``,
+``hosts.take_ops``) — never waiting: a full or missing shard costs a dropped message
+(counted), never a wait. The Redis link reports to it with
 ordinary actor messages (:mod:`actors.hostlink` events). Must never block on a shard or the
 link, decide anything itself (the core does), or call back into another actor with ``ask``.
 """
@@ -37,6 +38,7 @@ from actors.hosts import OtherHosts
 from actors.inbox import SocketActor, SocketsReady, Tick
 from actors.osthread import name_this_thread
 from actors.router import RouterCore, RouterEvent
+from actors.shardlink import Bounds, ShardLinks
 from actors.wire import shardwire
 
 log = logging.getLogger("ucc.router")
@@ -178,11 +180,9 @@ class RouterActor(SocketActor):
         self.hang_timeout = hang_timeout
         self.context = context or zmq.Context.instance()
         self.frontend = self.context.socket(zmq.ROUTER)
-        self.backend = self.context.socket(zmq.ROUTER)
-        for sock in (self.frontend, self.backend):
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a reply or delivery that cannot be
-            # queued is an error we count, not a silent drop
+        self.frontend.setsockopt(zmq.LINGER, 0)
+        self.frontend.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a reply that cannot be queued is
+        # an error we count, not a silent drop
         # Per backend, ZeroMQ holds at most ``backend_queue`` commands read ahead (beyond, it
         # stops reading that backend's TCP stream: the backend feels backpressure, the others
         # do not, as the ROUTER reads its peers in turn) and ``backend_queue`` replies not yet
@@ -202,8 +202,9 @@ class RouterActor(SocketActor):
             self.frontend.setsockopt(zmq.ZAP_DOMAIN, command_auth.domain)
             core.extra_stats["curve"] = command_auth.stats
         # the credit window bounds what is queued to a shard; this only has to be above it
-        self.backend.setsockopt(zmq.SNDHWM, core.window.messages + core.max_queries + 1024)
-        self.backend.setsockopt(zmq.RCVHWM, 100_000)
+        shard_bounds = Bounds(
+            core.window.messages + core.max_queries + 1024, core.window.size + (16 << 20)
+        )
         # the event stream: a subscriber that lags loses events at the high-water mark (it sees
         # a gap in seq, and resyncs), rather than growing a backlog here or in the kernel
         self.publisher: zmq.Socket[bytes] | None = None
@@ -212,19 +213,25 @@ class RouterActor(SocketActor):
             self.publisher.setsockopt(zmq.LINGER, 0)
             self.publisher.setsockopt(zmq.SNDHWM, EVENTS_HWM)
             self.publisher.setsockopt(zmq.SNDBUF, EVENTS_SNDBUF)
+        self.links: ShardLinks | None = None
         try:
             self.frontend.bind(command_endpoint)
-            self.backend.bind(shard_endpoint)
+            self.links = ShardLinks(shard_endpoint, shard_bounds, self)
             if self.publisher is not None and events_endpoint is not None:
                 self.publisher.bind(events_endpoint)
-        except zmq.ZMQError:
+        except (zmq.ZMQError, OSError):
             self.frontend.close()
-            self.backend.close()
+            if self.links is not None:
+                self.links.close()
             if self.publisher is not None:
                 self.publisher.close()
             if command_auth is not None:
                 command_auth.close()
             raise
+        links = self.shard_links
+        # shards connected over the link's life, and links dropped for an error (a corrupt
+        # stream, a failed read or write, a peer that did not greet as a shard)
+        core.extra_stats["shard_links"] = lambda: dict(links.counters)
         self.command_endpoint = self.frontend.getsockopt_string(zmq.LAST_ENDPOINT)
         self.events_endpoint = (
             self.publisher.getsockopt_string(zmq.LAST_ENDPOINT) if self.publisher else None
@@ -239,8 +246,9 @@ class RouterActor(SocketActor):
     def on_start(self) -> None:
         name_this_thread("ucc-router")
         # shards first: a membership (DELTA) must be in the index before a broadcast that
-        # follows it, and heartbeats must not wait behind a burst of commands
-        self.watch(self.backend)
+        # follows it, and heartbeats must not wait behind a burst of commands (the shards'
+        # descriptors are watched as they connect, but SocketsReady lists them first)
+        self.shard_links.start()
         self.watch(self.frontend)
         if self.link is not None:
             self.link.start()
@@ -253,7 +261,7 @@ class RouterActor(SocketActor):
             self.link.close()
         super().on_stop()
         self.frontend.close()
-        self.backend.close()
+        self.shard_links.close()
         if self.publisher is not None:
             self.publisher.close()
         if self.command_auth is not None:
@@ -269,11 +277,19 @@ class RouterActor(SocketActor):
     def on_receive(self, message: Any) -> Any:
         now = time.monotonic()
         if isinstance(message, SocketsReady):
+            links = self.shard_links
+            for fd in message.writable:
+                links.writable(fd)
             for sock in message.sockets:
-                self._drain(sock, now)
+                if isinstance(sock, int):
+                    for identity, frames in links.readable(sock):
+                        self.core.shard_message(identity, frames, time.monotonic())
+                elif sock is self.frontend:
+                    self._drain(sock, now)
         elif isinstance(message, Tick):
             self.core.tick(now)
-            self._drain(self.backend, now)  # heartbeats already here count before judging
+            for identity, frames in self.shard_links.read_all():  # heartbeats already here
+                self.core.shard_message(identity, frames, time.monotonic())  # count first
             now = time.monotonic()
             for slot in self.core.check_hung(now, self.hang_timeout):
                 log.warning("shard %d (pid %d) stopped answering", slot.index, slot.pid)
@@ -304,8 +320,13 @@ class RouterActor(SocketActor):
         log.critical("router failed: the host stops", exc_info=exc_info)
         self.on_event(RouterFailed(repr(exc_info[1]) if len(exc_info) > 1 else "unknown"))
 
+    @property
+    def shard_links(self) -> ShardLinks:
+        assert self.links is not None  # set in the constructor, or it raised
+        return self.links
+
     def _drain(self, sock: zmq.Socket[bytes], now: float) -> None:
-        """Up to READ_BATCH messages or ROUND seconds, whichever comes first."""
+        """Commands: up to READ_BATCH messages or ROUND seconds, whichever comes first."""
         deadline = now + ROUND
         for count in range(READ_BATCH):
             if count % 64 == 63:
@@ -316,22 +337,20 @@ class RouterActor(SocketActor):
                 frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            if sock is self.frontend:
-                self.core.command(frames[:-1], frames[-1], now)
-            else:
-                self.core.shard_message(frames[0], frames[1:], time.monotonic())
+            self.core.command(frames[:-1], frames[-1], now)
 
     def _flush(self) -> None:
         core = self.core
         per_shard: dict[bytes, list[list[bytes]]] = {}
         for identity, msg in core.take_outbox():
             per_shard.setdefault(identity, []).append(msg)
+        links = self.shard_links
         for identity, msgs in per_shard.items():
-            frames = [identity, *msgs[0]] if len(msgs) == 1 else [
-                identity, shardwire.PACKED, shardwire.pack_messages(msgs)
+            frames = msgs[0] if len(msgs) == 1 else [
+                shardwire.PACKED, shardwire.pack_messages(msgs)
             ]  # fmt: skip
-            if not _send(self.backend, frames):  # the shard is gone, or its queue is full
-                core.unsent(identity, msgs, time.monotonic())
+            if not links.send(identity, frames, len(msgs)):  # the shard is gone, or its
+                core.unsent(identity, msgs, time.monotonic())  # queue is full
         replies = core.take_replies()
         for envelope, payload in replies:
             if not _send(self.frontend, [*envelope, payload]):  # the backend went away

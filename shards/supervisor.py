@@ -122,7 +122,7 @@ class Supervisor:
         self.policy = RestartPolicy()
         self.shards = [ShardProcess(i) for i in range(config.shards)]
         self.rundir = tempfile.mkdtemp(prefix="ucc-")
-        self.shard_endpoint = f"ipc://{self.rundir}/router.sock"
+        self.shard_endpoint = os.path.join(self.rundir, "router.sock")
         self.stopping = False
         self.exit_code = 0
         self.done: asyncio.Future[int] = loop.create_future()

@@ -1,7 +1,8 @@
-"""The internal router ↔ shard protocol (ZeroMQ multipart messages over ``ipc://``).
+"""The internal router ↔ shard protocol (multipart messages over a Unix stream socket: framed by
+:mod:`actors.wire.stream`, carried by :mod:`actors.shardlink`).
 
 Owns: encoding and decoding of every message between the RouterActor and a shard's CacheActor.
-Not a public contract. Must never do I/O. Router → shard (after the ROUTER identity frame):
+Not a public contract. Must never do I/O. Router → shard (to the shard incarnation's socket):
 
 | frames | meaning |
 |---|---|
@@ -16,7 +17,8 @@ Not a public contract. Must never do I/O. Router → shard (after the ROUTER ide
 | ``I``, sequence number, empty | the router's index has the shard's ``D``/``S`` of that number |
 | ``M``, packed messages | several of the above in one frame (``pack_messages``) |
 
-Shard → router (DEALER, identity ``shard-<index>-<epoch>``):
+Shard → router (after its greeting: one message of one frame, its identity
+``shard-<index>-<epoch>``):
 
 | frames | meaning |
 |---|---|

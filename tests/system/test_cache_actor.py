@@ -1,4 +1,5 @@
-"""The CacheActor on a real event loop with a real ZeroMQ router socket (no processes)."""
+"""The CacheActor on a real event loop with the router's real end of the shards' Unix socket
+(:class:`actors.shardlink.ShardLinks`, polled by the test; no processes)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import time
 from typing import Any
 
 import pytest
-import zmq
 
 from actors.cache_actor import (
     WORK_PER_TURN,
@@ -25,6 +25,7 @@ from actors.cache_actor import (
     Unsubscribe,
 )
 from actors.ids import ChannelId, ConnId, UserId
+from actors.shardlink import Bounds, ShardLinks
 from actors.wire import frames, shardwire
 
 
@@ -44,13 +45,44 @@ class FakeShard:
         self.failed.set()
 
 
-async def receive(router: zmq.Socket, kind: bytes, timeout: float = 5.0) -> list[bytes]:
+class Unwatched:
+    """The test polls the links itself: no poller to tell."""
+
+    def watch_fd(self, fd: int, writable: bool = False) -> None:
+        pass
+
+    def unwatch_fd(self, fd: int) -> None:
+        pass
+
+
+class FakeRouter:
+    """The router's end of the shards' socket, read without waiting: messages as the router
+    sees them, ``[identity, *frames]``."""
+
+    def __init__(self, path: str) -> None:
+        self.links = ShardLinks(path, Bounds(100_000, 64 << 20), Unwatched())
+        self.received: list[list[bytes]] = []
+
+    def poll(self) -> list[bytes] | None:
+        """The next message a shard sent, or None if none is there yet."""
+        if not self.received:
+            self.links.readable(self.links.listener.fileno())  # accept any new shard
+            self.received += [[identity, *frames] for identity, frames in self.links.read_all()]
+        return self.received.pop(0) if self.received else None
+
+    def send_multipart(self, message: list[bytes]) -> None:
+        assert self.links.send(message[0], message[1:]), "the shard is not connected"
+
+    def close(self) -> None:
+        self.links.close()
+
+
+async def receive(router: FakeRouter, kind: bytes, timeout: float = 5.0) -> list[bytes]:
     """The next message of ``kind`` from the shard, polling with a deadline."""
     deadline = asyncio.get_running_loop().time() + timeout
     while asyncio.get_running_loop().time() < deadline:
-        try:
-            msg = router.recv_multipart(zmq.NOBLOCK)
-        except zmq.Again:
+        msg = router.poll()
+        if msg is None:
             await asyncio.sleep(0.005)
             continue
         if msg[1] == kind:
@@ -58,7 +90,7 @@ async def receive(router: zmq.Socket, kind: bytes, timeout: float = 5.0) -> list
     raise AssertionError(f"no {kind!r} from the shard within {timeout} s")
 
 
-async def started(sock: zmq.Socket, endpoint: str) -> tuple[FakeShard, Any, bytes]:
+async def started(sock: FakeRouter, endpoint: str) -> tuple[FakeShard, Any, bytes]:
     """A CacheActor on this loop, connected to ``sock``, once its hello has arrived."""
     shard = FakeShard()
     ref = CacheActor.start(asyncio.get_running_loop(), 0, 1, endpoint, shard.post, 60.0, shard.fail)
@@ -68,11 +100,8 @@ async def started(sock: zmq.Socket, endpoint: str) -> tuple[FakeShard, Any, byte
 
 @pytest.fixture
 def router(tmp_path):
-    context = zmq.Context.instance()
-    sock = context.socket(zmq.ROUTER)
-    sock.setsockopt(zmq.LINGER, 0)
-    endpoint = f"ipc://{tmp_path}/router.sock"
-    sock.bind(endpoint)
+    endpoint = f"{tmp_path}/router.sock"
+    sock = FakeRouter(endpoint)
     try:
         yield sock, endpoint
     finally:
@@ -279,7 +308,7 @@ class Router:
     """The fake router's side for events: what the shard sends, by kind, kept in order
     (a query's answer comes after the events it reflects: they must not be skipped)."""
 
-    def __init__(self, sock: zmq.Socket, identity: bytes) -> None:
+    def __init__(self, sock: FakeRouter, identity: bytes) -> None:
         self.sock, self.identity = sock, identity
         self.kept: list[list[bytes]] = []
 
@@ -289,9 +318,8 @@ class Router:
                 return self.kept.pop(position)
         deadline = asyncio.get_running_loop().time() + timeout
         while asyncio.get_running_loop().time() < deadline:
-            try:
-                msg = self.sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
+            msg = self.sock.poll()
+            if msg is None:
                 await asyncio.sleep(0.005)
                 continue
             if msg[1] == kind:
