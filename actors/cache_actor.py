@@ -270,6 +270,7 @@ class CacheActor(LoopActor):
         self.loop.add_reader(self.link.fileno(), self._readable)
         self._send(shardwire.hello(self.index, self.epoch, os.getpid(), self.cache.channels()))
         self._beat_handle = self.loop.call_later(BEAT_INTERVAL, self._beat)
+        self._recheck()  # a hello larger than the kernel's buffer: the rest when writable
 
     def on_stop(self) -> None:
         if self._beat_handle is not None:
@@ -293,6 +294,10 @@ class CacheActor(LoopActor):
         try:
             self._drain()
             self._flush()
+        except ConnectionError as exc:  # the router is gone (its host is stopping, or died):
+            log.warning("shard %d: %s: the shard exits", self.index, exc)  # not a bug
+            self.loop.call_soon(self.fail)
+            self._stop()
         except Exception:  # a bug: fail as pykka does for a message, and take the shard down
             self._actor_failed(*sys.exc_info())
 
@@ -311,7 +316,7 @@ class CacheActor(LoopActor):
     def _recheck(self) -> None:
         # what was read or unpacked but not handled waits for the next turn (the loop signals
         # only what is still in the kernel)
-        if self._unpacked or self.link.buffered:
+        if self._unpacked or self.link.ready:
             self.loop.call_soon(self._readable)
         if self.link.pending != self._writing:
             self._writing = self.link.pending

@@ -43,6 +43,7 @@ PYKKA_ACTOR_HOOKS = (
     "_actor_loop_setup",  # overridden: a failed ``on_start`` calls ``on_failure`` too
     "_handle_receive",  # called: pykka's dispatch (stop, proxy calls, ``on_receive``)
     "_handle_failure",  # called: log the failure, unregister the actor, mark it stopped
+    "_stop",  # called: unregister the actor, mark it stopped, ``on_stop`` (an orderly end)
 )
 
 

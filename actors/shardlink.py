@@ -109,12 +109,16 @@ def _send_now(sock: socket.socket, outbox: Outbox, data: bytes, messages: int) -
 
 def _read(sock: socket.socket, decoder: Decoder) -> bool:
     """Read what is there, READ_TURN reads at most, into ``decoder``; False at end of stream.
-    ``OSError`` (reset) is the caller's."""
+    A reset is an end too: a Unix socket whose peer closed with bytes unread in its own buffer
+    gets ECONNRESET after the data sent before (a shard killed while the router was writing
+    to it). Another ``OSError`` is the caller's."""
     for _ in range(READ_TURN):
         try:
             data = sock.recv(READ_SIZE)
         except BlockingIOError:
             return True
+        except (ConnectionResetError, BrokenPipeError):
+            return False
         if not data:
             return False
         decoder.feed(data)
@@ -145,7 +149,7 @@ class Watcher(Protocol):
 class Peer:
     """One shard incarnation's connection, as the router holds it."""
 
-    __slots__ = ("decoder", "fd", "identity", "outbox", "sock")
+    __slots__ = ("decoder", "fd", "identity", "outbox", "sock", "writable")
 
     def __init__(self, sock: socket.socket, bounds: Bounds) -> None:
         self.sock = sock
@@ -153,6 +157,7 @@ class Peer:
         self.identity: bytes | None = None  # its first message
         self.decoder = Decoder()
         self.outbox = Outbox(bounds)
+        self.writable = True  # False once a write failed: what it sent is still read
 
 
 class ShardLinks:
@@ -173,7 +178,8 @@ class ShardLinks:
             self.listener.close()
             raise
         self.peers: dict[int, Peer] = {}  # by descriptor
-        self.by_identity: dict[bytes, Peer] = {}
+        self.by_identity: dict[bytes, Peer] = {}  # the peers that can be written to
+        self.accepting = True  # False after accept() failed (out of descriptors) until a tick
         self.counters = {"shard_links": 0, "shard_link_errors": 0}
 
     def start(self) -> None:
@@ -196,12 +202,12 @@ class ShardLinks:
         if peer is None:
             return []
         received: list[tuple[bytes, list[bytes]]] = []
+        failure = ""
         try:
             alive = _read(peer.sock, peer.decoder)
         except OSError as exc:
-            self._drop(peer, f"read failed: {exc}")
-            return received
-        try:
+            alive, failure = False, f"read failed: {exc}"
+        try:  # what arrived before an end or a failure is the shard's last words: kept
             while (message := peer.decoder.next()) is not None:
                 if peer.identity is None:
                     if not self._identify(peer, message):
@@ -212,11 +218,15 @@ class ShardLinks:
             self._drop(peer, str(exc))
             return received
         if not alive:
-            self._drop(peer, "")
+            self._drop(peer, failure)
         return received
 
     def read_all(self) -> list[tuple[bytes, list[bytes]]]:
-        """Whatever every peer has sent (without waiting for readiness)."""
+        """Whatever every peer has sent (without waiting for readiness); and accept again if
+        a failed accept paused it."""
+        if not self.accepting:
+            self.accepting = True
+            self.watcher.watch_fd(self.listener.fileno())
         received: list[tuple[bytes, list[bytes]]] = []
         for fd in list(self.peers):
             received += self.readable(fd)
@@ -233,8 +243,8 @@ class ShardLinks:
         try:
             if not _send_now(peer.sock, peer.outbox, encode(frames), messages):
                 return False
-        except OSError as exc:
-            self._drop(peer, f"write failed: {exc}")
+        except OSError:
+            self._stop_writing(peer)
             return False
         if peer.outbox and not had_backlog:
             self.watcher.watch_fd(peer.fd, writable=True)
@@ -242,12 +252,12 @@ class ShardLinks:
 
     def writable(self, fd: int) -> None:
         peer = self.peers.get(fd)
-        if peer is None:
+        if peer is None or not peer.writable:
             return
         try:
             peer.outbox.write_to(peer.sock.send)
-        except OSError as exc:
-            self._drop(peer, f"write failed: {exc}")
+        except OSError:
+            self._stop_writing(peer)
             return
         if not peer.outbox:
             self.watcher.watch_fd(peer.fd)
@@ -273,6 +283,10 @@ class ShardLinks:
             except OSError as exc:  # e.g. out of descriptors: the shard retries by restarting
                 self.counters["shard_link_errors"] += 1
                 log.warning("accepting a shard failed: %s", exc)
+                # the listener stays readable: not watched again until the next tick, lest
+                # the router spin on it
+                self.accepting = False
+                self.watcher.unwatch_fd(self.listener.fileno())
                 return
             _tune(sock)
             peer = Peer(sock, self.bounds)
@@ -290,6 +304,16 @@ class ShardLinks:
         self.by_identity[peer.identity] = peer
         self.counters["shard_links"] += 1
         return True
+
+    def _stop_writing(self, peer: Peer) -> None:
+        """A write failed (the shard is gone): sends to it fail from now on, and what waited
+        for it is dropped; but the socket stays open and read until its end, so that what the
+        shard sent before it went is still read (its last answers, events, changes)."""
+        peer.writable = False
+        if peer.identity is not None and self.by_identity.get(peer.identity) is peer:
+            del self.by_identity[peer.identity]
+        peer.outbox = Outbox(self.bounds)
+        self.watcher.watch_fd(peer.fd)
 
     def _drop(self, peer: Peer, why: str) -> None:
         if self.peers.pop(peer.fd, None) is None:
@@ -335,9 +359,10 @@ class RouterLink:
         return bool(self.outbox)
 
     @property
-    def buffered(self) -> bool:
-        """A whole message may be waiting in the decoder (read already)."""
-        return self.decoder.buffered > 0
+    def ready(self) -> bool:
+        """A whole message waits in the decoder (read already): ``receive`` returns it without
+        reading the socket."""
+        return self.decoder.ready()
 
     def send(self, frames: Sequence[bytes]) -> bool:
         """False if the queue is full (the router is not reading) or the router is gone."""
@@ -359,13 +384,14 @@ class RouterLink:
         message = self.decoder.next()
         if message is not None:
             return message
+        failure = ""
         try:
             alive = _read(self.sock, self.decoder)
         except OSError as exc:
-            raise ConnectionError(f"the router's socket failed: {exc}") from exc
+            alive, failure = False, f"the router's socket failed: {exc}"
         message = self.decoder.next()
         if message is None and not alive:
-            raise ConnectionError("the router closed the shard's socket")
+            raise ConnectionError(failure or "the router closed the shard's socket")
         return message
 
     def close(self) -> None:

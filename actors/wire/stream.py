@@ -43,40 +43,47 @@ def encode(frames: Sequence[bytes]) -> bytes:
 
 
 class Decoder:
-    """Bytes in (``feed``), whole messages out (``next``), in order. What it holds is at most
-    one read's worth beyond the messages not taken yet: the caller bounds it by how much it
-    reads before taking them."""
+    """Bytes in (``feed``), whole messages out (``next``), in order. What it holds is what was
+    fed and not yet returned: the caller bounds it by how much it reads before taking messages.
+    A message that arrives in many pieces is joined once, when whole (linear, not quadratic,
+    in its size)."""
 
-    __slots__ = ("_buf", "_pos")
+    __slots__ = ("_buf", "_more", "_more_size", "_pos")
 
     def __init__(self) -> None:
-        self._buf = b""
+        self._buf = b""  # the bytes being parsed, from _pos on
         self._pos = 0
+        self._more: list[bytes] = []  # pieces fed after _buf, not joined to it yet
+        self._more_size = 0
 
     def feed(self, data: bytes) -> None:
-        if self._pos < len(self._buf):
-            self._buf = self._buf[self._pos :] + data
+        if self._pos >= len(self._buf) and not self._more:
+            self._buf, self._pos = data, 0
         else:
-            self._buf = data
-        self._pos = 0
+            self._more.append(data)
+            self._more_size += len(data)
 
     @property
     def buffered(self) -> int:
         """Bytes received and not yet returned in a message."""
-        return len(self._buf) - self._pos
+        return len(self._buf) - self._pos + self._more_size
+
+    def ready(self) -> bool:
+        """Whether a whole message (or a corrupt header: ``next`` raises) is buffered."""
+        try:
+            return self._whole() is not None
+        except StreamError:
+            return True
 
     def next(self) -> list[bytes] | None:
         """The next whole message, or None until more bytes arrive. Raises :class:`StreamError`
         if the stream cannot be a sequence of messages."""
+        header = self._whole()
+        if header is None:
+            return None
+        body, count = header
         buf, pos = self._buf, self._pos
-        if len(buf) - pos < _HEADER.size:
-            return None
-        body, count = _HEADER.unpack_from(buf, pos)
-        if not 0 < count <= MAX_FRAMES or body > MAX_MESSAGE or body < 4 * count:
-            raise StreamError(f"bad message header: {count} frames, {body} bytes")
         end = pos + _HEADER.size + body
-        if len(buf) < end:
-            return None
         start = pos + _HEADER.size + 4 * count
         frames = []
         for size in _lengths(count).unpack_from(buf, pos + _HEADER.size):
@@ -86,3 +93,25 @@ class Decoder:
             raise StreamError(f"frames of {start - pos - _HEADER.size} bytes in a {body}-byte body")
         self._pos = end
         return frames
+
+    def _whole(self) -> tuple[int, int] | None:
+        """The next message's (body, frames) once it is whole and contiguous in ``_buf``."""
+        available = self.buffered
+        if available < _HEADER.size:
+            return None
+        if len(self._buf) - self._pos < _HEADER.size:
+            self._join()
+        body, count = _HEADER.unpack_from(self._buf, self._pos)
+        if not 0 < count <= MAX_FRAMES or body > MAX_MESSAGE or body < 4 * count:
+            raise StreamError(f"bad message header: {count} frames, {body} bytes")
+        if available < _HEADER.size + body:
+            return None
+        if len(self._buf) - self._pos < _HEADER.size + body:
+            self._join()
+        return body, count
+
+    def _join(self) -> None:
+        self._buf = b"".join((self._buf[self._pos :], *self._more))
+        self._pos = 0
+        self._more.clear()
+        self._more_size = 0

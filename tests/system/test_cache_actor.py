@@ -67,6 +67,9 @@ class FakeRouter:
         """The next message a shard sent, or None if none is there yet."""
         if not self.received:
             self.links.readable(self.links.listener.fileno())  # accept any new shard
+            for fd, peer in list(self.links.peers.items()):
+                if peer.outbox:  # what the kernel did not take at once
+                    self.links.writable(fd)
             self.received += [[identity, *frames] for identity, frames in self.links.read_all()]
         return self.received.pop(0) if self.received else None
 
@@ -144,6 +147,21 @@ def test_deliveries_queries_and_a_fatal_bug(router):
     asyncio.run(scenario())
 
 
+def test_the_router_leaving_makes_the_shard_exit_without_a_failure(router, caplog):
+    sock, endpoint = router
+
+    async def scenario() -> None:
+        shard, ref, _identity = await started(sock, endpoint)
+        sock.close()  # the router's host stopped, or died
+        await asyncio.wait_for(shard.failed.wait(), 5)  # the shard is asked to exit
+        assert not ref.is_alive()
+
+    with caplog.at_level("WARNING"):
+        asyncio.run(scenario())
+    assert "the router closed the shard's socket: the shard exits" in caplog.text
+    assert "Unhandled exception" not in caplog.text  # an orderly end, not a bug's traceback
+
+
 def test_a_failure_in_on_start_takes_the_shard_down(router):
     _sock, endpoint = router
 
@@ -171,7 +189,9 @@ def test_credit_counts_what_the_shard_consumed(router):
         sock.send_multipart([identity, shardwire.PACKED, shardwire.pack_messages(messages)])
         # past CREDIT_MESSAGES, credit goes back at once (and with every heartbeat anyway)
         reported = [0, 0]
+        deadline = asyncio.get_running_loop().time() + 5.0
         while reported != [100, size]:
+            assert asyncio.get_running_loop().time() < deadline, reported
             beat = await receive(sock, shardwire.PULSE, timeout=2.0)
             reported = shardwire.unpack_ids(beat[2])
             assert reported in ([0, 0], [100, size]), reported

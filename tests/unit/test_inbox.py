@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import select
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -139,6 +140,54 @@ def test_unregistered_sockets_are_no_longer_watched(inbox, pair):
     peer.send(b"x")
     inbox.next_timer = time.monotonic() + 0.05
     assert isinstance(inbox.get().message, Tick)  # not SocketsReady
+
+
+@pytest.fixture
+def stream_pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """A connected pair of Unix stream sockets: (the inbox's end, the peer)."""
+    ours, peer = socket.socketpair()
+    ours.setblocking(False)
+    yield ours, peer
+    ours.close()
+    peer.close()
+
+
+def test_raw_descriptors_are_reported_readable_first_and_writable_when_asked(
+    inbox, pair, stream_pair
+):
+    zsock, zpeer = pair
+    ours, peer = stream_pair
+    inbox.register(zsock)
+    inbox.watch_fd(ours.fileno())
+    zpeer.send(b"x")
+    peer.send(b"y")
+    # raw descriptors first; not writable (not asked, though it could be written)
+    assert bounded_get(inbox) == SocketsReady((ours.fileno(), zsock))
+    assert ours.recv(10) == b"y"  # not read by the inbox
+    assert zsock.recv(zmq.NOBLOCK) == b"x"
+    inbox.watch_fd(ours.fileno(), writable=True)
+    assert bounded_get(inbox) == SocketsReady((), (ours.fileno(),))
+    inbox.watch_fd(ours.fileno())  # reading only again
+    inbox.next_timer = time.monotonic() + 0.05
+    assert isinstance(inbox.get().message, Tick)
+
+
+def test_a_descriptor_whose_peer_hung_up_is_reported_readable(inbox, stream_pair):
+    ours, peer = stream_pair
+    inbox.watch_fd(ours.fileno())
+    peer.close()
+    assert bounded_get(inbox) == SocketsReady((ours.fileno(),))
+    assert ours.recv(10) == b""  # its read says how: the end
+
+
+def test_an_unwatched_descriptor_is_no_longer_reported(inbox, stream_pair):
+    ours, peer = stream_pair
+    inbox.watch_fd(ours.fileno(), writable=True)
+    inbox.unwatch_fd(ours.fileno())
+    inbox.unwatch_fd(ours.fileno())  # again: nothing
+    peer.send(b"x")
+    inbox.next_timer = time.monotonic() + 0.05
+    assert isinstance(inbox.get().message, Tick)
 
 
 def test_a_put_from_another_thread_wakes_a_waiting_get(inbox):

@@ -56,8 +56,11 @@ def collect(router: ShardLinks, count: int) -> list[tuple[bytes, list[bytes]]]:
 def connected(router: ShardLinks, path: str, bounds: Bounds | None = None) -> RouterLink:
     link = RouterLink(path, IDENTITY, bounds or Bounds(100, 1 << 20))
     accept(router)
-    assert collect(router, 0) == []  # the greeting is read, not returned
-    return link
+    for _ in range(DEADLINE):
+        assert router.read_all() == []  # the greeting is taken, not returned
+        if IDENTITY in router.by_identity:
+            return link
+    raise AssertionError("the shard's greeting never registered it")
 
 
 def test_a_shard_greets_with_its_identity_then_messages_flow_both_ways(links):
@@ -87,10 +90,9 @@ def test_a_shard_that_does_not_read_fills_its_queue_then_is_refused_and_loses_no
 ):
     router, watched, path = links
     link = connected(router, path)
-    big = shardwire.channel_delivery(1, b"x" * 16_000)
     accepted = 0
     for _ in range(10_000):  # the kernel's buffers, then the 64 KiB queue
-        if not router.send(IDENTITY, big):
+        if not router.send(IDENTITY, shardwire.channel_delivery(accepted, b"x" * 16_000)):
             break
         accepted += 1
     else:
@@ -98,14 +100,15 @@ def test_a_shard_that_does_not_read_fills_its_queue_then_is_refused_and_loses_no
     (fd,) = router.fds()
     assert watched.fds[fd] is True  # bytes wait: the poller watches for writing
     assert router.peers[fd].outbox.size <= 64 * 1024 + 16_100
-    received = 0
+    received: list[int] = []
     for _ in range(100_000):  # the shard reads; the router writes what waits as it can
         router.writable(fd)
-        while link.receive() is not None:
-            received += 1
-        if received == accepted:
+        while (message := link.receive()) is not None:
+            assert message[2] == b"x" * 16_000
+            received.append(shardwire.channel_target(message[1])[0])
+        if len(received) == accepted:
             break
-    assert received == accepted  # every accepted message arrived, whole
+    assert received == list(range(accepted))  # every accepted message, whole and in order
     assert watched.fds[fd] is False  # nothing waits: no more write readiness
     link.close()
 
@@ -133,6 +136,62 @@ def test_the_router_leaving_ends_the_shard_link(links):
     with pytest.raises(ConnectionError):
         link.receive()
     assert not link.send(shardwire.pulse(1, 1))  # no exception: a refusal
+    link.close()
+
+
+def test_a_shard_killed_with_bytes_unread_still_has_its_last_messages_read(links):
+    """A Unix socket closed with bytes unread makes the other end's read fail with ECONNRESET
+    after what was sent before: those last messages are read, and it is no error."""
+    router, _watched, path = links
+    link = connected(router, path)
+    for n in range(3):
+        assert router.send(IDENTITY, shardwire.indexed(n))  # the shard never reads them
+    assert link.send(shardwire.events([])) and link.send(shardwire.pulse(9, 9))
+    link.close()
+    got = collect(router, 2)
+    assert got == [(IDENTITY, shardwire.events([])), (IDENTITY, shardwire.pulse(9, 9))]
+    for _ in range(DEADLINE):
+        router.read_all()
+        if not router.peers:
+            break
+    assert not router.peers
+    assert router.counters["shard_link_errors"] == 0
+
+
+def test_a_failed_write_stops_the_writes_but_not_the_reads(links):
+    """The router writes to a shard that has gone: the write fails, sends to it are refused,
+    yet what the shard sent before it went is still read."""
+    router, watched, path = links
+    link = connected(router, path)
+    assert link.send(shardwire.result(5, {"users": []}))
+    link.close()
+    (fd,) = router.fds()
+    refused = False
+    for _ in range(DEADLINE):  # the kernel tells of the end on a write, sooner or later
+        if not router.send(IDENTITY, shardwire.indexed(1)):
+            refused = True
+            break
+    assert refused
+    assert IDENTITY not in router.by_identity and watched.fds[fd] is False
+    assert collect(router, 1) == [(IDENTITY, shardwire.result(5, {"users": []}))]
+
+
+def test_a_partial_message_is_not_ready_and_a_whole_one_is(links):
+    router, _watched, path = links
+    link = connected(router, path)
+    data = encode(shardwire.channel_delivery(1, b"y" * 1000))
+    peer = router.by_identity[IDENTITY]
+    peer.sock.sendall(data[:500])
+    for _ in range(DEADLINE):
+        assert link.receive() is None
+        if link.decoder.buffered == 500:
+            break
+    assert not link.ready  # a shard's loop must not come back for it before more arrives
+    peer.sock.sendall(data[500:])
+    for _ in range(DEADLINE):
+        if (message := link.receive()) is not None:
+            break
+    assert message == shardwire.channel_delivery(1, b"y" * 1000)
     link.close()
 
 
