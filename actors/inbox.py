@@ -7,12 +7,14 @@ actor's own thread reads its sockets and its mailbox in turn, so every socket ha
 owning thread and a message from a socket never takes an extra hop. Must never process messages
 itself, nor read from the sockets it watches: readiness and timers become ordinary messages to
 the actor (:class:`SocketsReady`, :class:`Tick`), and a due timer goes before anything else.
+An actor may hold its sockets for a moment (``hold``) to take what arrives meanwhile in one turn.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import select
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -59,6 +61,9 @@ class PollingInbox:
         self._sockets: list[zmq.Socket[bytes] | int] = []
         self._writers: set[int] = set()  # raw descriptors also watched for writing
         self.next_timer: float | None = None
+        # until then, the sockets are not polled (the mailbox and the timer are): what arrives
+        # meanwhile is read in one turn (see RouterActor's batch window)
+        self.hold_until: float | None = None
 
     def register(self, sock: zmq.Socket[bytes] | int) -> None:
         """Watch a ZeroMQ socket or a raw descriptor for reading."""
@@ -116,6 +121,8 @@ class PollingInbox:
                 timeout_ms = max(1, int((self.next_timer - now) * 1000) + 1)
             if self._queue:
                 return self._queue.popleft()
+            if self.hold_until is not None and self._hold():
+                continue
             ready = dict(self._poller.poll(timeout_ms))
             if self._wake in ready:
                 with contextlib.suppress(BlockingIOError):
@@ -124,6 +131,24 @@ class PollingInbox:
             writable = tuple(fd for fd in self._writers if ready.get(fd, 0) & _OUT)
             if readable or writable:
                 return Envelope(SocketsReady(readable, writable))
+
+    def _hold(self) -> bool:
+        """While ``hold_until`` is ahead: wait for the mailbox or the timer only (at most
+        until then), and say so (True); the sockets are not polled. Once it is past: clear
+        it (False)."""
+        assert self.hold_until is not None
+        now = time.monotonic()
+        if now >= self.hold_until:
+            self.hold_until = None
+            return False
+        until = (
+            self.hold_until if self.next_timer is None else min(self.hold_until, self.next_timer)
+        )
+        # select: microseconds (zmq_poll counts in milliseconds, too coarse for a hold)
+        if select.select([self._wake], [], [], max(0.0, until - now))[0]:
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_read(self._wake)
+        return True
 
 
 class SocketActor(pykka.ThreadingActor):
@@ -149,6 +174,11 @@ class SocketActor(pykka.ThreadingActor):
 
     def unwatch_fd(self, fd: int) -> None:
         self.actor_inbox.unwatch_fd(fd)
+
+    def hold(self, until: float) -> None:
+        """Poll no socket before monotonic time ``until`` (the mailbox and the timer still
+        wake the actor); then whatever arrived meanwhile is reported in one go."""
+        self.actor_inbox.hold_until = until
 
     def set_timer(self, when: float | None) -> None:
         """Deliver a :class:`Tick` at monotonic time ``when`` (replaces any earlier timer)."""

@@ -109,6 +109,19 @@ positive_number = positive_float("a positive number")
 seconds = positive_float("a positive number of seconds")
 non_negative = positive_float("a number of seconds, 0 or more", zero=True)
 
+MAX_BATCH_WINDOW = 0.1  # seconds: under load a command may wait this long for its batch
+
+
+def batch_window(text: str) -> float:
+    """``--batch-window``: 0 (off) to MAX_BATCH_WINDOW seconds."""
+    value = non_negative(text)
+    if value > MAX_BATCH_WINDOW:
+        raise argparse.ArgumentTypeError(
+            f"expected at most {MAX_BATCH_WINDOW} seconds (under load a command waits up to "
+            f"this long), got {text!r}"
+        )
+    return value
+
 
 _ON_OFF = {"on": True, "true": True, "yes": True, "1": True}
 _ON_OFF |= {"off": False, "false": False, "no": False, "0": False}

@@ -55,6 +55,8 @@ class ServeConfig:
     shard_queue_bytes: int = 64 * 1024 * 1024
     shard_queue_delay: float = 0.1  # ...or when the oldest is older than this (seconds)
     max_queries: int = 10_000  # presence/status queries in flight on the router
+    # under load, the router holds its sockets this long to take commands in batches (0: off)
+    batch_window: float = 0.002
     # per backend on the command socket: commands read ahead and replies held for it
     backend_queue: int = 1_000
     # the perimeter (issue 10): browsers by origin, users by token, backends by CURVE key,

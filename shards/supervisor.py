@@ -174,6 +174,7 @@ class Supervisor:
                 backend_queue=config.backend_queue,
                 command_auth=command_auth(config.command_key, config.command_clients),
                 events_endpoint=config.events,
+                batch_window=config.batch_window,
             )
         except zmq.ZMQError as exc:  # the command endpoint is taken or malformed
             self.listener.close()

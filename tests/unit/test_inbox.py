@@ -214,3 +214,27 @@ def test_close_releases_the_eventfd():
     box.close()
     with pytest.raises(OSError):
         os.fstat(fd)
+
+
+def test_a_hold_keeps_sockets_unreported_until_it_ends_but_not_the_mailbox(inbox, pair):
+    ours, peer = pair
+    inbox.register(ours)
+    peer.send(b"x")
+    began = time.monotonic()
+    inbox.hold_until = began + 0.05
+    inbox.put(Envelope("mail"))
+    assert inbox.get().message == "mail"  # the mailbox goes through a hold
+    assert bounded_get(inbox) == SocketsReady((ours,))  # the socket once the hold is over
+    assert time.monotonic() >= began + 0.05
+    assert inbox.hold_until is None
+
+
+def test_a_timer_due_during_a_hold_still_fires_on_time(inbox, pair):
+    ours, peer = pair
+    inbox.register(ours)
+    peer.send(b"x")
+    now = time.monotonic()
+    inbox.hold_until = now + BOUND
+    inbox.next_timer = now + 0.02
+    assert isinstance(inbox.get().message, Tick)  # not after the hold
+    assert time.monotonic() < now + BOUND
