@@ -265,6 +265,7 @@ class RouterCore:
             "internal_errors": 0,  # a bug met while handling a command (logged)
             # a resume, a critical fetch, another host's question: not asked (max_queries)
             "internal_refused": 0,
+            "batch_holds": 0,  # turns after which the RouterActor held its sockets (batching)
         }
         # one handler per command (commands.COMMANDS names them; a test keeps both in step)
         self.handlers: dict[str, Handler] = {

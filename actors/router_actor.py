@@ -267,7 +267,6 @@ class RouterActor(SocketActor):
         self.presence_interval = presence_interval
         self.next_presence = 0.0
         self.batcher = BatchWindow(batch_window)
-        core.counters.setdefault("batch_holds", 0)
 
     def on_start(self) -> None:
         name_this_thread("ucc-router")
