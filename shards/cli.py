@@ -56,6 +56,7 @@ from shards.client import Calls, Client, UccError
 from shards.config import (
     ServeConfig,
     check_admin_token,
+    check_batch_window,
     check_cluster_name,
     check_redis_url,
     check_secret,
@@ -303,6 +304,7 @@ def _run_serve(args: argparse.Namespace) -> int:
             check_cluster_name(args.cluster_name)
         if args.admin_token is not None:
             check_admin_token(args.admin_token)
+        check_batch_window(args.batch_window, args.shard_queue_delay)
     except ValueError as exc:
         _error(str(exc))
         return 2

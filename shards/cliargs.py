@@ -112,9 +112,16 @@ non_negative = positive_float("a number of seconds, 0 or more", zero=True)
 MAX_BATCH_WINDOW = 0.1  # seconds: under load a command may wait this long for its batch
 
 
+MIN_BATCH_WINDOW = 0.0001  # seconds: shorter would hold for nothing (0 is off)
+
+
 def batch_window(text: str) -> float:
-    """``--batch-window``: 0 (off) to MAX_BATCH_WINDOW seconds."""
+    """``--batch-window``: 0 (off), or MIN_BATCH_WINDOW to MAX_BATCH_WINDOW seconds."""
     value = non_negative(text)
+    if 0 < value < MIN_BATCH_WINDOW:
+        raise argparse.ArgumentTypeError(
+            f"expected 0 (off) or at least {MIN_BATCH_WINDOW} seconds, got {text!r}"
+        )
     if value > MAX_BATCH_WINDOW:
         raise argparse.ArgumentTypeError(
             f"expected at most {MAX_BATCH_WINDOW} seconds (under load a command waits up to "

@@ -165,6 +165,17 @@ def check_cluster_name(name: str) -> str:
 MIN_ADMIN_TOKEN = 16  # characters: a guessable admin token is worse than none
 
 
+def check_batch_window(window: float, queue_delay: float) -> None:
+    """``--batch-window`` against ``--shard-queue-delay``: the router reads the shards' credit
+    late by up to a window, so a window of half the delay or more would refuse broadcasts
+    ``overloaded`` for a backlog that is not there. ValueError with the reason if so."""
+    if window and 2 * window >= queue_delay:
+        raise ValueError(
+            f"--batch-window {window} must be less than half of --shard-queue-delay "
+            f"{queue_delay}: the shards' credit is read up to a window late"
+        )
+
+
 def check_admin_token(token: str) -> str:
     """``token`` if it can guard the admin page; ValueError with a one-line reason if not
     (too short, or characters that do not survive a header or a URL's query unescaped)."""

@@ -2,35 +2,68 @@
 
 from __future__ import annotations
 
+import itertools
+import random
+
 from actors.router_actor import BatchWindow
 
 WINDOW = 0.002
 
 
+def run(batch: BatchWindow, turns: list[tuple[float, int]]) -> list[float | None]:
+    return [batch.turn(handled, now) for now, handled in turns]
+
+
 def test_commands_far_apart_are_never_held():
     batch = BatchWindow(WINDOW)
-    assert [batch.turn(1, t * 0.01) for t in range(5)] == [None] * 5  # 100/s
+    assert run(batch, [(t * 0.01, 1) for t in range(50)]) == [None] * 50  # 100/s
 
 
-def test_commands_closer_than_a_window_are_held_for_one_window():
+def test_a_sustained_rate_starts_holding_after_a_streak_and_goes_on_while_holds_pay():
     batch = BatchWindow(WINDOW)
-    assert batch.turn(1, 1.0) is None  # the first after a quiet spell goes at once
-    assert batch.turn(1, 1.0005) == 1.0005 + WINDOW  # 2,000/s: hold
-    # after the hold, the turn took what came meanwhile: still busy, hold again
-    assert batch.turn(4, 1.0026) == 1.0026 + WINDOW
+    # 2,000/s, one command a turn: the first is not a streak (nothing before it)
+    first = run(batch, [(1.0 + n * 0.0005, 1) for n in range(BatchWindow.MIN_STREAK + 1)])
+    assert first[:-1] == [None] * BatchWindow.MIN_STREAK
+    now = 1.0 + BatchWindow.MIN_STREAK * 0.0005
+    assert first[-1] == now + WINDOW  # the streak: hold
+    for _ in range(5):  # each held turn brings 4 (2 ms at 2,000/s): hold again
+        now += WINDOW + 0.0001
+        assert batch.turn(4, now) == now + WINDOW
 
 
-def test_a_turn_with_several_commands_counts_their_average_spacing():
+def test_a_hold_that_brings_one_command_stops_holding_and_backs_off():
+    """A backend that waits for each reply (round trip 0.2 ms) looks fast, but a hold brings it
+    one command: each failed hold doubles the streak needed, so holds grow rarer."""
     batch = BatchWindow(WINDOW)
-    batch.turn(1, 1.0)
-    assert batch.turn(1, 1.003) is None  # 3 ms apart: slower than the window
-    assert batch.turn(4, 1.009) == 1.009 + WINDOW  # 4 in 6 ms: 1.5 ms apart on average
+    now, holds, turns = 1.0, [], 0
+    while turns < 3000:
+        until = batch.turn(1, now)
+        turns += 1
+        if until is not None:
+            holds.append(turns)
+            now = until + 0.0002  # its next command comes after the held reply
+        else:
+            now += 0.0002
+    gaps = [b - a for a, b in itertools.pairwise(holds)]
+    assert len(holds) < 12  # 3, 6, 12, ... turns between holds
+    assert gaps == sorted(gaps) and gaps[-1] > 500
+    assert batch.streak == BatchWindow.MAX_STREAK or batch.streak > 500
+
+
+def test_bursty_low_rate_is_almost_never_held():
+    rng = random.Random(7)
+    batch = BatchWindow(WINDOW)
+    now, holds = 1.0, 0
+    for _ in range(20_000):  # Poisson arrivals at 100/s, one command a turn
+        now += rng.expovariate(100)
+        if batch.turn(1, now) is not None:
+            holds += 1
+    assert holds < 20  # of 20,000 commands
 
 
 def test_a_turn_without_commands_changes_nothing_and_a_zero_window_never_holds():
     batch = BatchWindow(WINDOW)
-    batch.turn(1, 1.0)
-    assert batch.turn(0, 1.0005) is None  # shard messages only
-    assert batch.turn(1, 1.001) == 1.001 + WINDOW  # measured from the last turn with commands
+    assert run(batch, [(1.0, 1), (1.0005, 0), (1.001, 1)]) == [None] * 3
+    assert batch.fast == 1  # the empty turn neither counted nor broke the streak
     off = BatchWindow(0.0)
-    assert [off.turn(10, 1.0 + t * 1e-4) for t in range(3)] == [None] * 3
+    assert run(off, [(1.0 + t * 1e-5, 10) for t in range(20)]) == [None] * 20

@@ -14,7 +14,7 @@ import zmq
 from canned import CannedServer
 
 from shards.cli import build_parser, format_connections, main
-from shards.config import ServeConfig
+from shards.config import ServeConfig, check_batch_window
 
 
 def serve(*argv: str):
@@ -70,6 +70,9 @@ def test_history_and_critical_flags_are_parsed():
         ("--ack-retries", "1.5", "0 or more"),
         ("--critical-per-user", "0", "positive integer"),
         ("--critical-memory", "-5", "positive integer"),
+        ("--batch-window", "-0.001", "0 or more"),
+        ("--batch-window", "1e-9", "0 (off) or at least 0.0001"),
+        ("--batch-window", "0.2", "at most 0.1"),
     ],
 )
 def test_bad_values_are_usage_errors_naming_what_was_expected(flag, value, expected, capsys):
@@ -78,6 +81,13 @@ def test_bad_values_are_usage_errors_naming_what_was_expected(flag, value, expec
     assert exited.value.code == 2
     error = capsys.readouterr().err
     assert flag in error and expected in error
+
+
+def test_the_batch_window_must_be_under_half_the_shard_queue_delay():
+    check_batch_window(0.002, 0.1)
+    check_batch_window(0.0, 0.0001)  # off: nothing to compare
+    with pytest.raises(ValueError, match="less than half of --shard-queue-delay"):
+        check_batch_window(0.05, 0.1)
 
 
 # -- the commands of issue 11, against a real endpoint with canned replies ------------------
