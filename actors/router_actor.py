@@ -121,8 +121,8 @@ class BatchWindow:
     before it sends the next): holding stops, and the streak it takes to start again doubles
     (up to MAX_STREAK), back to its minimum after a hold that paid. So at a low or bursty rate,
     or behind a one-at-a-time backend, holds are rare and grow rarer; under load a command
-    waits one window at most. (Measured: rooms of 10 at 1,000 commands/s, a 2 ms window cut
-    the server's CPU per frame by a third, for +1.1 ms of p50 latency.)"""
+    waits one window at most. (Measured, rooms of 10 at 1,000 commands/s: server CPU per frame
+    35.2 µs without, 25.9 with a 2 ms window, 18.1 with 5 ms; p50 latency 0.5, 1.5, 3.5 ms.)"""
 
     MIN_STREAK = 3
     MAX_STREAK = 1024
@@ -405,6 +405,16 @@ class RouterActor(SocketActor):
 
     def _flush(self) -> None:
         core = self.core
+        # replies first: a write to a shard's socket wakes the shard at once, and on a busy box
+        # it may take the CPU from this thread before the reply is queued (`fanout --members
+        # 1000 --rate 20`: command round trip p99 9.8 ms with replies after, ~7 with them
+        # first). Nothing below adds or changes a reply (``unsent`` counts and re-queues).
+        replies = core.take_replies()
+        for envelope, payload in replies:
+            if not _send(self.frontend, [*envelope, payload]):  # the backend went away
+                core.counters["dropped_replies"] += 1
+        if replies:  # their commands' time from arrival to reply
+            core.command_times.replied(time.monotonic())
         per_shard: dict[bytes, list[list[bytes]]] = {}
         for identity, msg in core.take_outbox():
             per_shard.setdefault(identity, []).append(msg)
@@ -415,12 +425,6 @@ class RouterActor(SocketActor):
             ]  # fmt: skip
             if not links.send(identity, frames, len(msgs)):  # the shard is gone, or its
                 core.unsent(identity, msgs, time.monotonic())  # queue is full
-        replies = core.take_replies()
-        for envelope, payload in replies:
-            if not _send(self.frontend, [*envelope, payload]):  # the backend went away
-                core.counters["dropped_replies"] += 1
-        if replies:  # their commands' time from arrival to reply
-            core.command_times.replied(time.monotonic())
         if self.hosts is not None:
             ops = self.hosts.take_ops()
             if self.link is not None:
