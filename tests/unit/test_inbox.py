@@ -216,10 +216,17 @@ def test_close_releases_the_eventfd():
         os.fstat(fd)
 
 
-def test_a_hold_keeps_sockets_unreported_until_it_ends(inbox, pair):
+@pytest.fixture
+def waiting(inbox, pair) -> zmq.Socket[bytes]:
+    """The inbox's end of a pair, registered, with a message waiting on it."""
     ours, peer = pair
     inbox.register(ours)
     peer.send(b"x")
+    return ours
+
+
+def test_a_hold_keeps_sockets_unreported_until_it_ends(inbox, waiting):
+    ours = waiting
     began = time.monotonic()
     inbox.hold_until = began + 0.05
     assert bounded_get(inbox) == SocketsReady((ours,))  # once the hold is over
@@ -227,10 +234,7 @@ def test_a_hold_keeps_sockets_unreported_until_it_ends(inbox, pair):
     assert inbox.hold_until is None
 
 
-def test_mail_put_during_a_hold_is_delivered_at_once(inbox, pair):
-    ours, peer = pair
-    inbox.register(ours)
-    peer.send(b"x")
+def test_mail_put_during_a_hold_is_delivered_at_once(inbox, waiting):
     began = time.monotonic()
     inbox.hold_until = began + BOUND
     inbox.next_timer = began + BOUND
@@ -244,10 +248,7 @@ def test_mail_put_during_a_hold_is_delivered_at_once(inbox, pair):
         mailer.join(BOUND)
 
 
-def test_a_timer_due_during_a_hold_still_fires_on_time(inbox, pair):
-    ours, peer = pair
-    inbox.register(ours)
-    peer.send(b"x")
+def test_a_timer_due_during_a_hold_still_fires_on_time(inbox, waiting):
     now = time.monotonic()
     inbox.hold_until = now + BOUND
     inbox.next_timer = now + 0.02
