@@ -27,10 +27,10 @@ from pykka._envelope import Envelope
 
 @dataclass(frozen=True, slots=True)
 class SocketsReady:
-    """Delivered to the actor when one of its sockets has something to read (``sockets``:
-    ZeroMQ sockets, or the raw descriptors it watches, in the order they were registered; a
-    descriptor that hung up or failed counts as readable: its read says how), or when a
-    descriptor watched for writing can be written (``writable``)."""
+    """Delivered to the actor when one of its sockets has something to read (``sockets``: the
+    raw descriptors it watches first, then its ZeroMQ sockets in the order they were
+    registered; a descriptor that hung up or failed counts as readable: its read says how),
+    or when a descriptor watched for writing can be written (``writable``)."""
 
     sockets: tuple[zmq.Socket[bytes] | int, ...]
     writable: tuple[int, ...] = ()
