@@ -318,6 +318,10 @@ class CacheActor(LoopActor):
         # only what is still in the kernel)
         if self._unpacked or self.link.ready:
             self.loop.call_soon(self._readable)
+        self._watch_writes()
+
+    def _watch_writes(self) -> None:
+        """Have the loop call :meth:`_writable` while bytes wait for the router's socket."""
         if self.link.pending != self._writing:
             self._writing = self.link.pending
             if self._writing:
@@ -327,9 +331,7 @@ class CacheActor(LoopActor):
 
     def _writable(self) -> None:
         self.link.flush()
-        if not self.link.pending:
-            self._writing = False
-            self.loop.remove_writer(self.link.fileno())
+        self._watch_writes()
 
     def on_receive(self, message: Any) -> Any:
         cache = self.cache

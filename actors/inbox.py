@@ -65,8 +65,8 @@ class PollingInbox:
         # meanwhile is read in one turn (see RouterActor's batch window)
         self.hold_until: float | None = None
 
-    def register(self, sock: zmq.Socket[bytes] | int) -> None:
-        """Watch a ZeroMQ socket or a raw descriptor for reading."""
+    def register(self, sock: zmq.Socket[bytes]) -> None:
+        """Watch a ZeroMQ socket for reading (a raw descriptor: :meth:`watch_fd`)."""
         self._sockets.append(sock)
         self._poller.register(sock, zmq.POLLIN)
 

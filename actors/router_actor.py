@@ -331,8 +331,7 @@ class RouterActor(SocketActor):
                 links.writable(fd)
             for sock in message.sockets:
                 if isinstance(sock, int):
-                    for identity, frames in links.readable(sock):
-                        self.core.shard_message(identity, frames, time.monotonic())
+                    self._shard_messages(links.readable(sock))
                 elif sock is self.frontend:
                     emptied = self._drain(sock, now)
             # no hold while commands wait (a backlog): the next turn reads them at once
@@ -340,8 +339,7 @@ class RouterActor(SocketActor):
                 self._batch(handled)
         elif isinstance(message, Tick):
             self.core.tick(now)
-            for identity, frames in self.shard_links.read_all():  # heartbeats already here
-                self.core.shard_message(identity, frames, time.monotonic())  # count first
+            self._shard_messages(self.shard_links.read_all())  # heartbeats here count first
             now = time.monotonic()
             for slot in self.core.check_hung(now, self.hang_timeout):
                 log.warning("shard %d (pid %d) stopped answering", slot.index, slot.pid)
@@ -371,6 +369,10 @@ class RouterActor(SocketActor):
         rather than leave it up and deaf."""
         log.critical("router failed: the host stops", exc_info=exc_info)
         self.on_event(RouterFailed(repr(exc_info[1]) if len(exc_info) > 1 else "unknown"))
+
+    def _shard_messages(self, received: list[tuple[bytes, list[bytes]]]) -> None:
+        for identity, frames in received:
+            self.core.shard_message(identity, frames, time.monotonic())
 
     def _batch(self, handled: int) -> None:
         """``handled`` commands this turn: hold the sockets for a window if they came in

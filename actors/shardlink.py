@@ -90,13 +90,13 @@ class Outbox:
 
 
 def _send_now(sock: socket.socket, outbox: Outbox, data: bytes, messages: int) -> bool:
-    """Queue ``data`` behind what waits, or write it at once if nothing does; False if the
-    outbox has no room. ``OSError`` (the peer is gone) is the caller's."""
+    """Queue ``data`` behind what waits (written when the socket is writable), or write it at
+    once if nothing does; False if the outbox has no room. ``OSError`` (the peer is gone) is
+    the caller's."""
     if outbox:
         if not outbox.room(len(data), messages):
             return False
         outbox.put(data, messages)
-        outbox.write_to(sock.send)
         return True
     try:
         sent = sock.send(data)
@@ -149,7 +149,7 @@ class Watcher(Protocol):
 class Peer:
     """One shard incarnation's connection, as the router holds it."""
 
-    __slots__ = ("decoder", "fd", "identity", "outbox", "sock", "writable")
+    __slots__ = ("decoder", "fd", "identity", "outbox", "sock")
 
     def __init__(self, sock: socket.socket, bounds: Bounds) -> None:
         self.sock = sock
@@ -157,7 +157,6 @@ class Peer:
         self.identity: bytes | None = None  # its first message
         self.decoder = Decoder()
         self.outbox = Outbox(bounds)
-        self.writable = True  # False once a write failed: what it sent is still read
 
 
 class ShardLinks:
@@ -186,16 +185,10 @@ class ShardLinks:
         """Watch the listening socket (once the watcher's thread runs)."""
         self.watcher.watch_fd(self.listener.fileno())
 
-    def fds(self) -> list[int]:
-        return list(self.peers)
-
-    def is_listener(self, fd: int) -> bool:
-        return fd == self.listener.fileno()
-
     def readable(self, fd: int) -> list[tuple[bytes, list[bytes]]]:
         """What the socket behind ``fd`` brought: (identity, message) pairs; for the listening
         socket, new peers are accepted (and nothing is returned)."""
-        if self.is_listener(fd):
+        if fd == self.listener.fileno():
             self._accept()
             return []
         peer = self.peers.get(fd)
@@ -252,9 +245,9 @@ class ShardLinks:
 
     def writable(self, fd: int) -> None:
         peer = self.peers.get(fd)
-        if peer is None or not peer.writable:
+        if peer is None:  # dropped earlier in the same turn
             return
-        try:
+        try:  # (after a failed write, the outbox is empty: nothing is written)
             peer.outbox.write_to(peer.sock.send)
         except OSError:
             self._stop_writing(peer)
@@ -309,17 +302,19 @@ class ShardLinks:
         """A write failed (the shard is gone): sends to it fail from now on, and what waited
         for it is dropped; but the socket stays open and read until its end, so that what the
         shard sent before it went is still read (its last answers, events, changes)."""
-        peer.writable = False
-        if peer.identity is not None and self.by_identity.get(peer.identity) is peer:
-            del self.by_identity[peer.identity]
+        self._unroute(peer)
         peer.outbox = Outbox(self.bounds)
         self.watcher.watch_fd(peer.fd)
+
+    def _unroute(self, peer: Peer) -> None:
+        """No send reaches ``peer`` any more."""
+        if peer.identity is not None and self.by_identity.get(peer.identity) is peer:
+            del self.by_identity[peer.identity]
 
     def _drop(self, peer: Peer, why: str) -> None:
         if self.peers.pop(peer.fd, None) is None:
             return
-        if peer.identity is not None and self.by_identity.get(peer.identity) is peer:
-            del self.by_identity[peer.identity]
+        self._unroute(peer)
         if why:
             self.counters["shard_link_errors"] += 1
             log.warning("shard link %r dropped: %s", peer.identity, why)

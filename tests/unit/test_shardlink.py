@@ -69,7 +69,7 @@ def test_a_shard_greets_with_its_identity_then_messages_flow_both_ways(links):
     assert link.send(shardwire.pulse(3, 400))
     assert collect(router, 1) == [(IDENTITY, shardwire.pulse(3, 400))]
     assert router.by_identity.keys() == {IDENTITY}
-    assert watched.fds == {router.listener.fileno(): False, router.fds()[0]: False}
+    assert watched.fds == {router.listener.fileno(): False, next(iter(router.peers)): False}
     delivery = shardwire.channel_delivery(7, b"frame")
     assert router.send(IDENTITY, delivery)
     for _ in range(DEADLINE):
@@ -97,7 +97,7 @@ def test_a_shard_that_does_not_read_fills_its_queue_then_is_refused_and_loses_no
         accepted += 1
     else:
         raise AssertionError("never refused")
-    (fd,) = router.fds()
+    (fd,) = router.peers
     assert watched.fds[fd] is True  # bytes wait: the poller watches for writing
     assert router.peers[fd].outbox.size <= 64 * 1024 + 16_100
     received: list[int] = []
@@ -165,7 +165,7 @@ def test_a_failed_write_stops_the_writes_but_not_the_reads(links):
     link = connected(router, path)
     assert link.send(shardwire.result(5, {"users": []}))
     link.close()
-    (fd,) = router.fds()
+    (fd,) = router.peers
     refused = False
     for _ in range(DEADLINE):  # the kernel tells of the end on a write, sooner or later
         if not router.send(IDENTITY, shardwire.indexed(1)):
