@@ -94,3 +94,45 @@ def test_dropping_everything_in_flight_leaves_no_backlog():
     assert window.in_flight() == (0, 0)
     assert window.backlog_age(now=1000.0) == 0.0
     assert window.refusal(1, 1000.0, LIMITS) is None
+
+
+def test_a_shard_keeping_up_between_its_credit_reports_is_never_behind():
+    """500 messages/s to a shard that consumes each at once but, as shards do, reports only
+    every CREDIT_MESSAGES messages, the report reaching the router 10 ms late (a batch window):
+    128 ms between reports, more than the 0.1 s delay, and still nothing is refused. Then the
+    shard stops: refused once the message it would have reported has waited 0.1 s."""
+    limits = WindowLimits(messages=20_000, size=10**9, delay=0.1)
+    window, reported, refusals = CreditWindow(), 0, []
+    pending: list[tuple[float, int]] = []  # (when the router reads it, consumed total)
+    now = 0.0
+    for n in range(1, 2001):  # 4 s
+        now = n * 0.002
+        while pending and pending[0][0] <= now:
+            window.credit(pending.pop(0)[1], 10**9)
+        refusals.append(window.refusal(100, now, limits))
+        window.queued(100, now)
+        if n - reported >= shardwire.CREDIT_MESSAGES:  # consumed at once
+            reported = n
+            pending.append((now + 0.01, n))
+    assert refusals == [None] * 2000
+    while pending:
+        window.credit(pending.pop(0)[1], 10**9)
+    stopped = now
+    while window.refusal(100, now, limits) is None:  # the shard consumes nothing more
+        assert now < stopped + 1.0, "a stopped shard was never refused"
+        now += 0.002
+        window.queued(100, now)
+    # the last report was at 1,984: the 2,048th message, sent 96 ms after the stop, is the
+    # one it would have reported; behind once that has waited 0.1 s (dated by its mark)
+    assert 0.096 + 0.1 - MARK_SPAN <= now - stopped <= 0.096 + 0.1 + 0.004
+    assert "behind" in (window.refusal(100, now, limits) or "")
+
+
+def test_the_overdue_message_is_found_by_bytes_too():
+    window = CreditWindow()
+    big = shardwire.CREDIT_BYTES // 4
+    for i in range(6):  # few messages, many bytes: the 4th crosses the report threshold
+        window.queued(big, now=float(i))
+    assert window.overdue_age(now=10.0) == 10.0 - 3.0
+    window.credit(2, 2 * big)
+    assert window.overdue_age(now=10.0) == 10.0 - 5.0
