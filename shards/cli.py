@@ -169,6 +169,7 @@ SERVE_TUNING: list[Flag] = [
     ("--shard-queue-delay", seconds, "SECONDS", "refuse when a shard is this far behind"),
     ("--max-queries", positive_int, "N", "queries in flight at most (overloaded beyond)"),
     ("--batch-window", batch_window, "SECONDS", "under load, batch commands this long (0: off)"),
+    ("--batch-window-max", batch_window, "SECONDS", "...and up to this while batches are small"),
     ("--backend-queue", positive_int, "N", "commands/replies queued per backend"),
     ("--max-connections-per-user", positive_int, "N", "connections per user on this host (429)"),
     ("--max-channels-per-connection", positive_int, "N", "channels per connection (limit)"),
@@ -304,7 +305,7 @@ def _run_serve(args: argparse.Namespace) -> int:
             check_cluster_name(args.cluster_name)
         if args.admin_token is not None:
             check_admin_token(args.admin_token)
-        check_batch_window(args.batch_window, args.shard_queue_delay)
+        check_batch_window(args.batch_window, args.shard_queue_delay, args.batch_window_max)
     except ValueError as exc:
         _error(str(exc))
         return 2

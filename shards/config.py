@@ -55,8 +55,10 @@ class ServeConfig:
     shard_queue_bytes: int = 64 * 1024 * 1024
     shard_queue_delay: float = 0.1  # ...or when the oldest is older than this (seconds)
     max_queries: int = 10_000  # presence/status queries in flight on the router
-    # under load, the router holds its sockets this long to take commands in batches (0: off)
+    # under load, the router holds its sockets this long to take commands in batches (0: off),
+    # and longer, up to batch_window_max, while a hold gathers fewer than 8 commands
     batch_window: float = 0.002
+    batch_window_max: float = 0.01
     # per backend on the command socket: commands read ahead and replies held for it
     backend_queue: int = 1_000
     # the perimeter (issue 10): browsers by origin, users by token, backends by CURVE key,
@@ -165,15 +167,20 @@ def check_cluster_name(name: str) -> str:
 MIN_ADMIN_TOKEN = 16  # characters: a guessable admin token is worse than none
 
 
-def check_batch_window(window: float, queue_delay: float) -> None:
-    """``--batch-window`` against ``--shard-queue-delay``: the router reads the shards' credit
-    late by up to a window, so a window of half the delay or more would refuse broadcasts
-    ``overloaded`` for a backlog that is not there. ValueError with the reason if so."""
-    if window and 2 * window >= queue_delay:
-        raise ValueError(
-            f"--batch-window {window} must be less than half of --shard-queue-delay "
-            f"{queue_delay}: the shards' credit is read up to a window late"
-        )
+def check_batch_window(window: float, queue_delay: float, window_max: float = 0.0) -> None:
+    """``--batch-window`` and ``--batch-window-max`` against ``--shard-queue-delay``: the
+    router reads the shards' credit late by up to a window, so a window of half the delay or
+    more would refuse broadcasts ``overloaded`` for a backlog that is not there. ValueError
+    with the reason if so. (Off, ``window`` 0, the maximum does not matter; below the window,
+    the window is the maximum.)"""
+    if not window:
+        return
+    for flag, value in (("--batch-window", window), ("--batch-window-max", window_max)):
+        if 2 * value >= queue_delay:
+            raise ValueError(
+                f"{flag} {value} must be less than half of --shard-queue-delay "
+                f"{queue_delay}: the shards' credit is read up to a window late"
+            )
 
 
 def check_admin_token(token: str) -> str:

@@ -175,6 +175,7 @@ class Supervisor:
                 command_auth=command_auth(config.command_key, config.command_clients),
                 events_endpoint=config.events,
                 batch_window=config.batch_window,
+                batch_window_max=config.batch_window_max,
             )
         except zmq.ZMQError as exc:  # the command endpoint is taken or malformed
             self.listener.close()

@@ -414,3 +414,35 @@ def test_invalid_utf8_in_a_text_frame_closes_1007(ucc_host):
             ws.recv(timeout)
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 1007
     assert host.status()["shards"][0]["closed_invalid_utf8"] == 1
+
+
+def test_batched_commands_are_all_delivered_in_each_senders_order(ucc_host):
+    """Ten backends sending one command after another keep the router busy enough to batch
+    (`--batch-window`, growing up to `--batch-window-max`): every broadcast is acknowledged and
+    delivered once, each backend's in its own order, and router_stats shows the batching."""
+    host: Host = ucc_host(shards=2, args=("--batch-window=0.001", "--batch-window-max=0.004"))
+    (member,) = users_on(host, 0, 1)
+    senders, each = 10, 60
+
+    async def scenario() -> None:
+        peer = await connect_peer(host, member, [CHANNEL])
+
+        async def send(sender: int) -> None:
+            async with AsyncClient(host.command, timeout=5 * TIME_FACTOR) as client:
+                for i in range(each):
+                    await client.broadcast_to_channel(CHANNEL, [sender, i])
+
+        await asyncio.gather(*(send(s) for s in range(senders)))
+        await peer.wait_for(lambda _: len(peer.messages) >= senders * each, timeout=10)
+        received = [m["data"] for m in peer.messages]
+        assert len(received) == senders * each
+        for sender in range(senders):
+            assert [i for s, i in received if s == sender] == list(range(each))
+        async with AsyncClient(host.command, timeout=5 * TIME_FACTOR) as client:
+            stats = await client.request("router_stats")
+        assert stats["batch_window"]["window"] == 0.001
+        assert stats["batch_window"]["max"] == 0.004
+        assert 0 <= stats["batch_window"]["current"] <= 0.004
+        await peer.close()
+
+    asyncio.run(scenario())

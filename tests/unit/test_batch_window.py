@@ -67,3 +67,50 @@ def test_a_turn_without_commands_changes_nothing_and_a_zero_window_never_holds()
     assert batch.fast == 1  # the empty turn neither counted nor broke the streak
     off = BatchWindow(0.0)
     assert run(off, [(1.0 + t * 1e-5, 10) for t in range(20)]) == [None] * 20
+
+
+def held(batch: BatchWindow, rate: float, turns: int, now: float) -> tuple[list[float], float]:
+    """Turns at ``rate`` commands/s, each held turn bringing what arrived during its hold:
+    the hold lengths chosen, and the time after them."""
+    lengths: list[float] = []
+    handled = max(1, round(rate * batch.current)) if batch.holding else 1
+    for _ in range(turns):
+        until = batch.turn(handled, now)
+        if until is None:
+            lengths.append(0.0)
+            now += 1 / rate
+            handled = 1
+            continue
+        lengths.append(round(until - now, 6))
+        handled = max(1, round(rate * (until - now)))
+        now = until
+    return lengths, now
+
+
+def test_under_sustained_load_the_hold_grows_until_it_gathers_the_target_up_to_the_budget():
+    batch = BatchWindow(WINDOW, 0.01)
+    lengths, now = held(batch, 1000, 12, 1.0)  # 1,000/s: 2 ms gathers 2, 4 ms 4, 8 ms 8
+    assert lengths[-4:] == [0.008] * 4
+    assert [x for x in lengths if x][:3] == [0.002, 0.004, 0.008]
+    assert batch.stats() == {"window": WINDOW, "max": 0.01, "current": 0.008}
+    lengths, now = held(batch, 400, 12, now)  # 400/s: 8 ms gathers 3: up to the budget
+    assert lengths[-3:] == [0.01] * 3
+    lengths, now = held(batch, 10_000, 6, now)  # 10,000/s: 10 ms gathers 100: halved to 2 ms
+    assert lengths == [0.005, 0.0025, 0.002, 0.002, 0.002, 0.002]
+
+
+def test_a_hold_that_stops_starts_again_at_the_window():
+    batch = BatchWindow(WINDOW, 0.01)
+    _, now = held(batch, 1000, 12, 1.0)
+    assert batch.current == 0.008
+    assert batch.turn(1, now + 0.008) is None  # the rate fell: one command in 8 ms
+    assert batch.current == WINDOW and batch.stats()["current"] == 0.0
+    lengths, _ = held(batch, 1000, 20, now + 1.0)
+    assert next(x for x in lengths if x) == WINDOW
+
+
+def test_a_budget_below_the_window_is_the_window():
+    batch = BatchWindow(WINDOW, 0.001)
+    lengths, _ = held(batch, 1000, 20, 1.0)
+    assert set(lengths) == {0.0, WINDOW}
+    assert batch.stats()["max"] == WINDOW

@@ -73,6 +73,8 @@ def test_history_and_critical_flags_are_parsed():
         ("--batch-window", "-0.001", "0 or more"),
         ("--batch-window", "1e-9", "0 (off) or at least 0.0001"),
         ("--batch-window", "0.2", "at most 0.1"),
+        ("--batch-window-max", "0.5", "at most 0.1"),
+        ("--batch-window-max", "soon", "0 or more"),
     ],
 )
 def test_bad_values_are_usage_errors_naming_what_was_expected(flag, value, expected, capsys):
@@ -88,6 +90,16 @@ def test_the_batch_window_must_be_under_half_the_shard_queue_delay():
     check_batch_window(0.0, 0.0001)  # off: nothing to compare
     with pytest.raises(ValueError, match="less than half of --shard-queue-delay"):
         check_batch_window(0.05, 0.1)
+    check_batch_window(0.002, 0.1, 0.04)
+    with pytest.raises(ValueError, match=r"--batch-window-max 0\.05 must be less than half"):
+        check_batch_window(0.002, 0.1, 0.05)
+    check_batch_window(0.0, 0.01, 0.05)  # off: the maximum does not matter either
+
+
+def test_the_batch_window_maximum_is_a_serve_flag_checked_against_the_queue_delay(capsys):
+    # the default maximum, 0.01, is too long for this delay: refused before anything starts
+    assert main(["serve", "--secret", "s" * 32, "--shard-queue-delay=0.015"]) == 2
+    assert "--batch-window-max 0.01 must be less than half" in capsys.readouterr().err
 
 
 # -- the commands of issue 11, against a real endpoint with canned replies ------------------
