@@ -48,6 +48,7 @@ _READABLE = int(zmq.POLLIN | zmq.POLLERR)
 _IN = int(zmq.POLLIN)
 _IN_OUT = int(zmq.POLLIN | zmq.POLLOUT)
 _OUT = int(zmq.POLLOUT)
+FD_SETSIZE = 1024  # select() takes descriptors below this only
 
 
 class PollingInbox:
@@ -58,6 +59,12 @@ class PollingInbox:
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._poller = zmq.Poller()
         self._poller.register(self._wake, zmq.POLLIN)
+        # a hold waits on the eventfd alone: with select, to the microsecond, if it can
+        # (descriptors below FD_SETSIZE); else with poll, to the millisecond, never early
+        self._hold_poll: select.poll | None = None
+        if self._wake >= FD_SETSIZE:
+            self._hold_poll = select.poll()
+            self._hold_poll.register(self._wake, select.POLLIN)
         self._sockets: list[zmq.Socket[bytes] | int] = []
         self._writers: set[int] = set()  # raw descriptors also watched for writing
         self.next_timer: float | None = None
@@ -145,7 +152,12 @@ class PollingInbox:
             self.hold_until if self.next_timer is None else min(self.hold_until, self.next_timer)
         )
         # select: microseconds (zmq_poll counts in milliseconds, too coarse for a hold)
-        if select.select([self._wake], [], [], max(0.0, until - now))[0]:
+        wait = max(0.0, until - now)
+        if self._hold_poll is not None:
+            woken = bool(self._hold_poll.poll(wait * 1000))  # rounded up to a millisecond
+        else:
+            woken = bool(select.select([self._wake], [], [], wait)[0])
+        if woken:
             with contextlib.suppress(BlockingIOError):
                 os.eventfd_read(self._wake)
         return True

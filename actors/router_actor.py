@@ -365,6 +365,7 @@ class RouterActor(SocketActor):
             self.core.tick(now)
             self._shard_messages(self.shard_links.read_all())  # heartbeats here count first
             now = time.monotonic()
+            self.shard_links.drop_silent(now)
             for slot in self.core.check_hung(now, self.hang_timeout):
                 log.warning("shard %d (pid %d) stopped answering", slot.index, slot.pid)
             if self.hosts is not None and self.link is not None and now >= self.next_presence:

@@ -20,6 +20,7 @@ import contextlib
 import logging
 import os
 import socket
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -33,6 +34,9 @@ log = logging.getLogger("ucc.shardlink")
 READ_SIZE = 256 * 1024  # bytes per recv()
 READ_TURN = 4  # recv() calls per readable socket per turn at most (the kernel keeps the rest)
 SOCKET_BUFFER = 1 << 20  # bytes of kernel buffer asked for each way (the kernel may cap it)
+# seconds a connection may take to greet (a shard greets as it connects): one that has not by
+# then is no shard, or a stuck one, and its descriptor is taken back
+GREETING_TIMEOUT = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,11 +153,12 @@ class Watcher(Protocol):
 class Peer:
     """One shard incarnation's connection, as the router holds it."""
 
-    __slots__ = ("decoder", "fd", "identity", "outbox", "sock")
+    __slots__ = ("accepted", "decoder", "fd", "identity", "outbox", "sock")
 
-    def __init__(self, sock: socket.socket, bounds: Bounds) -> None:
+    def __init__(self, sock: socket.socket, bounds: Bounds, accepted: float) -> None:
         self.sock = sock
         self.fd = sock.fileno()
+        self.accepted = accepted  # monotonic: it must greet within GREETING_TIMEOUT
         self.identity: bytes | None = None  # its first message
         self.decoder = Decoder()
         self.outbox = Outbox(bounds)
@@ -225,6 +230,13 @@ class ShardLinks:
             received += self.readable(fd)
         return received
 
+    def drop_silent(self, now: float) -> None:
+        """Drop the connections that have not greeted within GREETING_TIMEOUT (counted as
+        errors): after read_all, on the router's tick."""
+        for peer in list(self.peers.values()):
+            if peer.identity is None and now - peer.accepted > GREETING_TIMEOUT:
+                self._drop(peer, f"no greeting within {GREETING_TIMEOUT:g} s")
+
     def send(self, identity: bytes, frames: Sequence[bytes], messages: int = 1) -> bool:
         """Queue a message (``messages``: how many shardwire messages it carries, for the
         bound) to the shard incarnation ``identity``; False if it is not connected or its
@@ -282,7 +294,7 @@ class ShardLinks:
                 self.watcher.unwatch_fd(self.listener.fileno())
                 return
             _tune(sock)
-            peer = Peer(sock, self.bounds)
+            peer = Peer(sock, self.bounds, time.monotonic())
             self.peers[peer.fd] = peer
             self.watcher.watch_fd(peer.fd)
 

@@ -9,6 +9,7 @@ so no wait is unbounded and nothing sleeps to synchronise. One test uses a secon
 from __future__ import annotations
 
 import os
+import resource
 import select
 import socket
 import threading
@@ -254,3 +255,42 @@ def test_a_timer_due_during_a_hold_still_fires_on_time(inbox, waiting):
     inbox.next_timer = now + 0.02
     assert isinstance(inbox.get().message, Tick)  # not after the hold
     assert time.monotonic() < now + BOUND
+
+
+@pytest.fixture
+def high_inbox() -> Iterator[PollingInbox]:
+    """An inbox whose eventfd is 1024 or above, where select() cannot go."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1100:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
+    fillers: list[int] = []
+    try:
+        while not fillers or fillers[-1] < 1023:
+            fillers.append(os.open(os.devnull, os.O_RDONLY))
+        box = PollingInbox()
+    finally:
+        for fd in fillers:
+            os.close(fd)
+    assert box._wake >= 1024
+    yield box
+    box.close()
+
+
+def test_an_inbox_whose_eventfd_select_cannot_watch_still_holds_and_wakes(high_inbox, pair):
+    ours, peer = pair
+    high_inbox.register(ours)
+    peer.send(b"x")
+    began = time.monotonic()
+    high_inbox.hold_until = began + 0.05
+    assert bounded_get(high_inbox) == SocketsReady((ours,))  # once the hold is over
+    assert time.monotonic() >= began + 0.05
+    began = time.monotonic()
+    high_inbox.hold_until = began + BOUND
+    high_inbox.next_timer = began + BOUND
+    mailer = threading.Timer(0.01, lambda: high_inbox.put(Envelope("mail")))
+    mailer.start()
+    try:
+        assert high_inbox.get().message == "mail"  # woken by it, inside the hold
+        assert time.monotonic() - began < BOUND / 2
+    finally:
+        mailer.join(BOUND)

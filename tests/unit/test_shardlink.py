@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from actors.shardlink import Bounds, Outbox, RouterLink, ShardLinks
+from actors.shardlink import GREETING_TIMEOUT, Bounds, Outbox, RouterLink, ShardLinks
 from actors.wire import shardwire
 from actors.wire.stream import encode
 
@@ -212,6 +212,25 @@ def test_a_peer_that_does_not_greet_as_a_shard_is_dropped_and_counted(links, gre
                 break
     assert not router.peers and not router.by_identity
     assert router.counters["shard_link_errors"] == 1
+
+
+def test_a_connection_that_never_greets_is_dropped_after_the_greeting_timeout(links):
+    router, watched, path = links
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as silent:
+        silent.connect(path)
+        accept(router)
+        (peer,) = router.peers.values()
+        assert peer.fd in watched.fds
+        link = connected(router, path)  # a shard that greets, alongside
+        router.drop_silent(peer.accepted + GREETING_TIMEOUT)  # not yet
+        assert len(router.peers) == 2
+        router.drop_silent(peer.accepted + GREETING_TIMEOUT + 0.001)
+        assert list(router.by_identity) == [IDENTITY]  # the shard that greeted stays
+        assert len(router.peers) == 1 and peer.fd not in watched.fds
+        assert router.counters["shard_link_errors"] == 1
+        silent.settimeout(5)
+        assert silent.recv(1) == b""  # its descriptor was closed: it sees the end
+        link.close()
 
 
 def test_the_shard_end_refuses_past_its_bounds_while_the_router_does_not_read(links):
