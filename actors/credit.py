@@ -1,10 +1,11 @@
 """Flow control towards one shard: what the router has queued to it and what it has consumed.
 
-Owns: :class:`CreditWindow` (totals sent and acknowledged, in messages and bytes, and the age of
-the oldest message not yet consumed) and :class:`WindowLimits`. The shard reports what it has
-consumed in every pulse (``shardwire.PULSE``); the difference is what is in flight, and
-:meth:`CreditWindow.refusal` says why one more message must not be queued. Must never do I/O or
-read a clock (``now`` is a parameter): the :class:`~actors.router.RouterCore` decides.
+Owns: :class:`CreditWindow` (totals sent and acknowledged, in messages and bytes, and how long
+the message that would have made the shard report has waited) and :class:`WindowLimits`. The
+shard reports what it has consumed in every pulse (``shardwire.PULSE``); the difference is what
+is in flight, and :meth:`CreditWindow.refusal` says why one more message must not be queued.
+Must never do I/O or read a clock (``now`` is a parameter): the
+:class:`~actors.router.RouterCore` decides.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ MARK_SPAN = 0.01  # seconds of sending that one backlog age mark covers (see Cre
 
 @dataclass(frozen=True, slots=True)
 class WindowLimits:
-    """A shard has no room when ``messages`` or ``size`` bytes are in flight to it, or when its
-    oldest message in flight has waited more than ``delay`` seconds (``--shard-queue-*``)."""
+    """A shard has no room when ``messages`` or ``size`` bytes are in flight to it, or when it
+    is ``delay`` seconds behind (``--shard-queue-*``; see :meth:`CreditWindow.overdue_age`)."""
 
     messages: int = 20_000
     size: int = 64 << 20

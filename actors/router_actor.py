@@ -121,21 +121,30 @@ class BatchWindow:
     hold that brought fewer did not pay (the rate fell, or a backend waits for each reply
     before it sends the next): holding stops, and the streak it takes to start again doubles
     (up to MAX_STREAK), back to its minimum after a hold that paid. So at a low or bursty rate,
-    or behind a one-at-a-time backend, holds are rare and grow rarer; under load a command
-    waits one window at most.
+    or behind a one-at-a-time backend, holds are rare and grow rarer.
 
-    While it holds, the window adapts so that a hold gathers about TARGET commands: a held
-    turn that brought fewer doubles the next hold (up to ``budget``, the most a command may
-    wait), one that brought more than twice as many halves it (down to ``window``); a hold that
-    stops starts again at ``window``. Most of a turn's cost is per turn, not per command (waking
-    the router and each shard it writes to), so at a moderate rate the longer hold is what
-    pays, and at a high rate the short one already gathers enough. (Measured, rooms of 10 at
-    1,000 commands/s, fixed windows: server CPU per frame 35.2 µs without, 25.9 with 2 ms,
-    18.1 with 5 ms, ~15 with 10 ms; p50 latency 0.5, 1.5, 3.5, 6.4 ms.)"""
+    While it holds, the hold's length adapts, judged over epochs of at least EPOCH_TURNS held
+    turns and EPOCH_COMMANDS commands: holds that gathered fewer than TARGET commands on
+    average double it (up to ``budget``, the most a command waits for its batch), more than
+    twice TARGET halve it (down to ``window``). A longer hold must pay: if the epoch after a
+    doubling took commands in at less than PAID of the rate before it, the commands were
+    waiting for their replies (backends that send one at a time: a longer hold only slows
+    them), so the length goes back and the next try waits RETRY epochs, twice as many after
+    each such failure (up to MAX_RETRY). Holding stops: the length starts again at
+    ``window``. Most of a turn's cost is per turn, not per command (waking the router and each
+    shard it writes to), so at a moderate rate the longer hold is what pays, and at a high
+    rate the short one already gathers enough. (Measured, rooms of 10 at 1,000 commands/s,
+    fixed windows: server CPU per frame 35.2 µs without, 25.9 with 2 ms, 18.1 with 5 ms, ~15
+    with 10 ms; p50 latency 0.5, 1.5, 3.5, 6.4 ms.)"""
 
     MIN_STREAK = 3
     MAX_STREAK = 1024
     TARGET = 8
+    EPOCH_TURNS = 4
+    EPOCH_COMMANDS = 32
+    PAID = 0.65
+    RETRY = 4
+    MAX_RETRY = 256
 
     def __init__(self, window: float, budget: float = 0.0) -> None:
         self.window = window
@@ -145,11 +154,16 @@ class BatchWindow:
         self.holding = False  # the last turn was followed by a hold
         self.fast = 0  # turns in a row at more than one command per window
         self.streak = self.MIN_STREAK  # fast turns it takes to start holding
+        self.turns = self.commands = 0  # the epoch so far: held turns, their commands...
+        self.seconds = 0.0  # ...and the time they took
+        self.grown_from: float | None = None  # the rate before a doubling not yet judged
+        self.retry = self.RETRY  # epochs to wait after the next doubling that does not pay
+        self.wait = 0  # epochs left before a doubling may be tried again
 
     def stats(self) -> dict[str, float]:
         """For ``router_stats``: the flags, and the hold in force (0: not holding)."""
         held = self.current if self.holding else 0.0
-        return {"window": self.window, "max": self.budget, "current": held}
+        return {"window": self.window, "max": self.budget if self.window else 0.0, "current": held}
 
     def turn(self, handled: int, now: float) -> float | None:
         """A turn that handled ``handled`` commands (and read every command there was) ended
@@ -158,21 +172,47 @@ class BatchWindow:
             return None
         gap, self.last = now - self.last, now
         if self.holding:
-            if handled >= 2:  # the hold paid: go on
-                self.streak = self.MIN_STREAK
-                if handled < self.TARGET:
-                    self.current = min(2 * self.current, self.budget)
-                elif handled > 2 * self.TARGET:
-                    self.current = max(self.current / 2, self.window)
-                return now + self.current
-            self.holding, self.fast, self.current = False, 0, self.window
-            self.streak = min(2 * self.streak, self.MAX_STREAK)
-            return None
+            if handled < 2:  # the hold did not pay: stop
+                self.holding, self.fast, self.current = False, 0, self.window
+                self.streak = min(2 * self.streak, self.MAX_STREAK)
+                return None
+            self.streak = self.MIN_STREAK
+            self.turns += 1
+            self.commands += handled
+            self.seconds += gap
+            if self.turns >= self.EPOCH_TURNS and self.commands >= self.EPOCH_COMMANDS:
+                self._adapt()
+            return now + self.current
         self.fast = self.fast + 1 if gap < self.window * handled else 0
         if self.fast < self.streak:
             return None
         self.holding, self.fast = True, 0
+        self.turns = self.commands = 0
+        self.seconds = 0.0
+        self.grown_from = None
         return now + self.current
+
+    def _adapt(self) -> None:
+        """An epoch of holds ended: judge the last doubling, then choose the next length."""
+        rate = self.commands / self.seconds if self.seconds > 0 else float("inf")
+        per_hold = self.commands / self.turns
+        self.turns = self.commands = 0
+        self.seconds = 0.0
+        if self.grown_from is not None:
+            before, self.grown_from = self.grown_from, None
+            if rate < self.PAID * before:  # the longer hold only slowed the commands down
+                self.current = max(self.current / 2, self.window)
+                self.wait = self.retry
+                self.retry = min(2 * self.retry, self.MAX_RETRY)
+                return
+            self.retry = self.RETRY
+        if per_hold > 2 * self.TARGET and self.current > self.window:
+            self.current = max(self.current / 2, self.window)
+        elif self.wait:
+            self.wait -= 1
+        elif per_hold < self.TARGET and self.current < self.budget:
+            self.grown_from = rate
+            self.current = min(2 * self.current, self.budget)
 
 
 class Link(Protocol):

@@ -169,7 +169,13 @@ SERVE_TUNING: list[Flag] = [
     ("--shard-queue-delay", seconds, "SECONDS", "refuse when a shard is this far behind"),
     ("--max-queries", positive_int, "N", "queries in flight at most (overloaded beyond)"),
     ("--batch-window", batch_window, "SECONDS", "under load, batch commands this long (0: off)"),
-    ("--batch-window-max", batch_window, "SECONDS", "...and up to this while batches are small"),
+    (
+        "--batch-window-max",
+        batch_window,
+        "SECONDS",
+        "...and up to this while batches are small (default: 0.01, or a quarter of"
+        " --shard-queue-delay if less)",
+    ),
     ("--backend-queue", positive_int, "N", "commands/replies queued per backend"),
     ("--max-connections-per-user", positive_int, "N", "connections per user on this host (429)"),
     ("--max-channels-per-connection", positive_int, "N", "channels per connection (limit)"),
@@ -193,9 +199,8 @@ def _field(flag: str) -> str:
 def _add_flags(parser: argparse.ArgumentParser, rows: list[Flag], defaults: dict[str, Any]) -> None:
     for flag, kind, metavar, text in rows:
         default = defaults[_field(flag)]
-        parser.add_argument(
-            flag, type=kind, default=default, metavar=metavar, help=f"{text} (default: {default})"
-        )
+        shown = text if default is None else f"{text} (default: {default})"
+        parser.add_argument(flag, type=kind, default=default, metavar=metavar, help=shown)
 
 
 def _add_serve(subparsers: Subparsers) -> None:
@@ -305,7 +310,7 @@ def _run_serve(args: argparse.Namespace) -> int:
             check_cluster_name(args.cluster_name)
         if args.admin_token is not None:
             check_admin_token(args.admin_token)
-        check_batch_window(args.batch_window, args.shard_queue_delay, args.batch_window_max)
+        check_batch_window(args.batch_window, args.shard_queue_delay, args.batch_window_max or 0.0)
     except ValueError as exc:
         _error(str(exc))
         return 2

@@ -53,12 +53,13 @@ class ServeConfig:
     # router -> shard: deliveries in flight per shard; beyond either, broadcasts are refused
     shard_queue_messages: int = 20_000
     shard_queue_bytes: int = 64 * 1024 * 1024
-    shard_queue_delay: float = 0.1  # ...or when the oldest is older than this (seconds)
+    shard_queue_delay: float = 0.1  # ...or when it is this far behind (seconds; see credit.py)
     max_queries: int = 10_000  # presence/status queries in flight on the router
     # under load, the router holds its sockets this long to take commands in batches (0: off),
-    # and longer, up to batch_window_max, while a hold gathers fewer than 8 commands
+    # and longer, up to batch_window_max, while a hold gathers fewer than 8 commands (None:
+    # DEFAULT_BATCH_WINDOW_MAX, or a quarter of shard_queue_delay if that is less)
     batch_window: float = 0.002
-    batch_window_max: float = 0.01
+    batch_window_max: float | None = None
     # per backend on the command socket: commands read ahead and replies held for it
     backend_queue: int = 1_000
     # the perimeter (issue 10): browsers by origin, users by token, backends by CURVE key,
@@ -165,6 +166,15 @@ def check_cluster_name(name: str) -> str:
 
 
 MIN_ADMIN_TOKEN = 16  # characters: a guessable admin token is worse than none
+
+
+DEFAULT_BATCH_WINDOW_MAX = 0.01  # seconds
+
+
+def effective_batch_window_max(window_max: float | None, queue_delay: float) -> float:
+    """``--batch-window-max`` as given, or its default: DEFAULT_BATCH_WINDOW_MAX, a quarter of
+    ``--shard-queue-delay`` if that is less (so a short delay given alone stays valid)."""
+    return window_max if window_max is not None else min(DEFAULT_BATCH_WINDOW_MAX, queue_delay / 4)
 
 
 def check_batch_window(window: float, queue_delay: float, window_max: float = 0.0) -> None:

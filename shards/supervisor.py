@@ -52,7 +52,7 @@ from actors.wire.tokens import Claims
 from shards import limits, ready
 from shards.acceptor import Acceptor
 from shards.admin import TOP_CHANNELS, AdminRoutes
-from shards.config import ServeConfig
+from shards.config import ServeConfig, effective_batch_window_max
 from shards.curve import command_auth
 from shards.handoff import (
     MAX_HEADER,
@@ -175,7 +175,9 @@ class Supervisor:
                 command_auth=command_auth(config.command_key, config.command_clients),
                 events_endpoint=config.events,
                 batch_window=config.batch_window,
-                batch_window_max=config.batch_window_max,
+                batch_window_max=effective_batch_window_max(
+                    config.batch_window_max, config.shard_queue_delay
+                ),
             )
         except zmq.ZMQError as exc:  # the command endpoint is taken or malformed
             self.listener.close()

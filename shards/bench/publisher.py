@@ -167,7 +167,13 @@ class Publisher:
                 elif rate is not None and result.sent >= due:
                     wait = start + result.sent / rate - time.monotonic()
                     if rate >= PACED_RATE:
-                        await asyncio.sleep(max(PACE, min(wait, deadline - time.monotonic())))
+                        # not woken by replies meanwhile: ZeroMQ's descriptor stays readable
+                        # until the socket is read, and asyncio would call back without end
+                        loop.remove_reader(fd)
+                        try:
+                            await asyncio.sleep(max(PACE, min(wait, deadline - time.monotonic())))
+                        finally:
+                            loop.add_reader(fd, self._wake.set)
                         continue
                 else:
                     wait = 0.001  # window full or gated: a reply or a sentinel frame frees it

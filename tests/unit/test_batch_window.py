@@ -5,6 +5,8 @@ from __future__ import annotations
 import itertools
 import random
 
+import pytest
+
 from actors.router_actor import BatchWindow
 
 WINDOW = 0.002
@@ -89,19 +91,46 @@ def held(batch: BatchWindow, rate: float, turns: int, now: float) -> tuple[list[
 
 def test_under_sustained_load_the_hold_grows_until_it_gathers_the_target_up_to_the_budget():
     batch = BatchWindow(WINDOW, 0.01)
-    lengths, now = held(batch, 1000, 12, 1.0)  # 1,000/s: 2 ms gathers 2, 4 ms 4, 8 ms 8
-    assert lengths[-4:] == [0.008] * 4
-    assert [x for x in lengths if x][:3] == [0.002, 0.004, 0.008]
+    lengths, now = held(batch, 1000, 60, 1.0)  # 1,000/s: 2 ms gathers 2, 4 ms 4, 8 ms 8
+    assert list(dict.fromkeys(x for x in lengths if x)) == [0.002, 0.004, 0.008]
+    assert lengths[-10:] == [0.008] * 10
     assert batch.stats() == {"window": WINDOW, "max": 0.01, "current": 0.008}
-    lengths, now = held(batch, 400, 12, now)  # 400/s: 8 ms gathers 3: up to the budget
-    assert lengths[-3:] == [0.01] * 3
-    lengths, now = held(batch, 10_000, 6, now)  # 10,000/s: 10 ms gathers 100: halved to 2 ms
-    assert lengths == [0.005, 0.0025, 0.002, 0.002, 0.002, 0.002]
+    lengths, now = held(batch, 400, 40, now)  # 400/s: 8 ms gathers 3: up to the budget
+    assert lengths[-10:] == [0.01] * 10
+    lengths, now = held(batch, 10_000, 40, now)  # 10,000/s: 10 ms gathers 100: halved to 2 ms
+    assert list(dict.fromkeys(lengths))[-3:] == [0.005, 0.0025, 0.002]
+    assert lengths[-10:] == [0.002] * 10
+
+
+def closed_loop(batch: BatchWindow, backends: int, rtt: float, turns: int) -> tuple[float, float]:
+    """``backends`` that each send a command, wait ``rtt`` after its reply, send the next: a
+    held turn brings one from each, whatever the hold's length. The commands per second, and
+    the share of holds longer than the window."""
+    now, commands, longer = 1.0, 0, 0
+    for _ in range(turns):
+        until = batch.turn(backends, now)
+        commands += backends
+        if until is None:
+            now += rtt
+            continue
+        longer += until - now > batch.window + 1e-9
+        now = until + rtt
+    return commands / (now - 1.0), longer / turns
+
+
+@pytest.mark.parametrize("backends", [2, 3, 6])
+def test_backends_waiting_for_their_replies_are_not_slowed_by_a_longer_hold(backends):
+    """A longer hold does not gather more from them, only slows them: tried, judged by the
+    rate, undone, tried again ever more rarely."""
+    adaptive, longer = closed_loop(BatchWindow(WINDOW, 0.01), backends, 0.0003, 20_000)
+    fixed, _ = closed_loop(BatchWindow(WINDOW), backends, 0.0003, 20_000)
+    assert adaptive >= 0.95 * fixed
+    assert longer < 0.05
 
 
 def test_a_hold_that_stops_starts_again_at_the_window():
     batch = BatchWindow(WINDOW, 0.01)
-    _, now = held(batch, 1000, 12, 1.0)
+    _, now = held(batch, 1000, 60, 1.0)
     assert batch.current == 0.008
     assert batch.turn(1, now + 0.008) is None  # the rate fell: one command in 8 ms
     assert batch.current == WINDOW and batch.stats()["current"] == 0.0
@@ -111,6 +140,7 @@ def test_a_hold_that_stops_starts_again_at_the_window():
 
 def test_a_budget_below_the_window_is_the_window():
     batch = BatchWindow(WINDOW, 0.001)
-    lengths, _ = held(batch, 1000, 20, 1.0)
+    lengths, _ = held(batch, 1000, 60, 1.0)
     assert set(lengths) == {0.0, WINDOW}
     assert batch.stats()["max"] == WINDOW
+    assert BatchWindow(0.0, 0.01).stats() == {"window": 0.0, "max": 0.0, "current": 0.0}

@@ -14,7 +14,7 @@ import zmq
 from canned import CannedServer
 
 from shards.cli import build_parser, format_connections, main
-from shards.config import ServeConfig, check_batch_window
+from shards.config import ServeConfig, check_batch_window, effective_batch_window_max
 
 
 def serve(*argv: str):
@@ -96,10 +96,18 @@ def test_the_batch_window_must_be_under_half_the_shard_queue_delay():
     check_batch_window(0.0, 0.01, 0.05)  # off: the maximum does not matter either
 
 
-def test_the_batch_window_maximum_is_a_serve_flag_checked_against_the_queue_delay(capsys):
-    # the default maximum, 0.01, is too long for this delay: refused before anything starts
-    assert main(["serve", "--secret", "s" * 32, "--shard-queue-delay=0.015"]) == 2
+def test_the_batch_window_maximum_given_is_checked_against_the_queue_delay(capsys):
+    args = ["serve", "--secret", "s" * 32, "--shard-queue-delay=0.015"]
+    assert main([*args, "--batch-window-max=0.01"]) == 2  # refused before anything starts
     assert "--batch-window-max 0.01 must be less than half" in capsys.readouterr().err
+
+
+def test_the_default_batch_window_maximum_fits_a_short_queue_delay():
+    assert serve().batch_window_max is None
+    assert effective_batch_window_max(None, 0.1) == 0.01
+    assert effective_batch_window_max(None, 0.015) == 0.015 / 4  # valid: under half of it
+    check_batch_window(0.002, 0.015, effective_batch_window_max(None, 0.015))
+    assert effective_batch_window_max(0.05, 0.015) == 0.05  # given: as given (and checked)
 
 
 # -- the commands of issue 11, against a real endpoint with canned replies ------------------
