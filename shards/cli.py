@@ -168,13 +168,13 @@ SERVE_TUNING: list[Flag] = [
     ("--shard-queue-bytes", positive_int, "BYTES", "delivery bytes in flight per shard"),
     ("--shard-queue-delay", seconds, "SECONDS", "refuse when a shard is this far behind"),
     ("--max-queries", positive_int, "N", "queries in flight at most (overloaded beyond)"),
-    ("--batch-window", batch_window, "SECONDS", "under load, batch commands this long (0: off)"),
+    ("--batch-window", batch_window, "SECONDS", "under load, the shortest batching hold (0: off)"),
     (
         "--batch-window-max",
         batch_window,
         "SECONDS",
-        "...and up to this while batches are small (default: 0.01, or a quarter of"
-        " --shard-queue-delay if less)",
+        "the longest batching hold, the most a command waits for its batch (default: 0.01,"
+        " or a quarter of --shard-queue-delay if less)",
     ),
     ("--backend-queue", positive_int, "N", "commands/replies queued per backend"),
     ("--max-connections-per-user", positive_int, "N", "connections per user on this host (429)"),

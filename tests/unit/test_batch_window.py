@@ -1,146 +1,179 @@
-"""actors.router_actor.BatchWindow: when the router holds its sockets to batch commands."""
+"""actors.router_actor.BatchWindow: when, and how long, the router holds its sockets to batch
+commands. Driven with simulated time: a model of the router's turns (one turn per arrival when
+nothing is held, one turn at the end of each hold), fed independent (Poisson or regular)
+arrivals, or backends that each wait for their reply before the next command."""
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import random
+from dataclasses import dataclass
 
 import pytest
 
 from actors.router_actor import BatchWindow
 
-WINDOW = 0.002
+WINDOW, BUDGET = 0.002, 0.01
+TURN = 0.00005  # seconds: a turn's own work, in the model
 
 
-def run(batch: BatchWindow, turns: list[tuple[float, int]]) -> list[float | None]:
-    return [batch.turn(handled, now) for now, handled in turns]
+@dataclass
+class Run:
+    per_turn: float  # commands per turn
+    held: float  # share of turns followed by a hold
+    hold: float  # mean hold, seconds
+    p99: float  # seconds a command waited before its turn (99th percentile)
+    longest: float  # the longest hold
 
 
-def test_commands_far_apart_are_never_held():
-    batch = BatchWindow(WINDOW)
-    assert run(batch, [(t * 0.01, 1) for t in range(50)]) == [None] * 50  # 100/s
-
-
-def test_a_sustained_rate_starts_holding_after_a_streak_and_goes_on_while_holds_pay():
-    batch = BatchWindow(WINDOW)
-    # 2,000/s, one command a turn: the first is not a streak (nothing before it)
-    first = run(batch, [(1.0 + n * 0.0005, 1) for n in range(BatchWindow.MIN_STREAK + 1)])
-    assert first[:-1] == [None] * BatchWindow.MIN_STREAK
-    now = 1.0 + BatchWindow.MIN_STREAK * 0.0005
-    assert first[-1] == now + WINDOW  # the streak: hold
-    for _ in range(5):  # each held turn brings 4 (2 ms at 2,000/s): hold again
-        now += WINDOW + 0.0001
-        assert batch.turn(4, now) == now + WINDOW
-
-
-def test_a_hold_that_brings_one_command_stops_holding_and_backs_off():
-    """A backend that waits for each reply (round trip 0.2 ms) looks fast, but a hold brings it
-    one command: each failed hold doubles the streak needed, so holds grow rarer."""
-    batch = BatchWindow(WINDOW)
-    now, holds, turns = 1.0, [], 0
-    while turns < 3000:
-        until = batch.turn(1, now)
+def open_loop(batch: BatchWindow, arrivals: list[float]) -> Run:
+    """The router's turns for commands arriving at ``arrivals`` (sorted), whatever it does."""
+    i, now, turns, waits, holds = 0, 0.0, 0, [], []
+    while i < len(arrivals):
+        now = max(now, arrivals[i])
+        j = i
+        while j < len(arrivals) and arrivals[j] <= now:
+            j += 1
+        waits += [now - arrivals[k] for k in range(i, j)]
+        handled, i = j - i, j
+        now += TURN
         turns += 1
+        until = batch.turn(handled, now)
         if until is not None:
-            holds.append(turns)
-            now = until + 0.0002  # its next command comes after the held reply
-        else:
-            now += 0.0002
-    gaps = [b - a for a, b in itertools.pairwise(holds)]
-    assert len(holds) < 12  # 3, 6, 12, ... turns between holds
-    assert gaps == sorted(gaps) and gaps[-1] > 500
-    assert batch.streak == BatchWindow.MAX_STREAK or batch.streak > 500
+            holds.append(until - now)
+            now = until
+    waits.sort()
+    return Run(
+        per_turn=len(arrivals) / turns,
+        held=len(holds) / turns,
+        hold=sum(holds) / max(1, len(holds)),
+        p99=waits[int(len(waits) * 0.99)],
+        longest=max(holds, default=0.0),
+    )
 
 
-def test_bursty_low_rate_is_almost_never_held():
-    rng = random.Random(7)
-    batch = BatchWindow(WINDOW)
-    now, holds = 1.0, 0
-    for _ in range(20_000):  # Poisson arrivals at 100/s, one command a turn
-        now += rng.expovariate(100)
-        if batch.turn(1, now) is not None:
-            holds += 1
-    assert holds < 20  # of 20,000 commands
+def closed_loop(batch: BatchWindow, backends: int, rtt: float, seconds: float = 5.0) -> float:
+    """Commands per second from ``backends`` that each send their next command ``rtt`` after
+    the reply to the last (replies go at the end of the turn, after any hold)."""
+    ready = [rtt * k / backends for k in range(backends)]
+    now, done = 0.0, 0
+    while now < seconds:
+        now = max(now, ready[0])
+        handled = 0
+        while ready and ready[0] <= now:
+            heapq.heappop(ready)
+            handled += 1
+        now += TURN
+        done += handled
+        until = batch.turn(handled, now)
+        if until is not None:
+            now = until
+        for _ in range(handled):
+            heapq.heappush(ready, now + rtt)
+    return done / now
+
+
+def poisson(rate: float, seconds: float = 5.0, seed: int = 7) -> list[float]:
+    rng = random.Random(seed)
+    return list(itertools.accumulate(rng.expovariate(rate) for _ in range(int(seconds * rate))))
+
+
+def regular(rate: float, seconds: float = 5.0) -> list[float]:
+    return [n / rate for n in range(int(seconds * rate))]
+
+
+@pytest.mark.parametrize("rate", [10, 100, 200])
+def test_a_low_rate_is_never_held(rate):
+    run = open_loop(BatchWindow(WINDOW, BUDGET), poisson(rate))
+    assert run.held == 0 and run.per_turn == 1.0
+
+
+@pytest.mark.parametrize(
+    ("rate", "hold"),
+    [(1000, 0.008), (2000, 0.004), (5000, WINDOW), (20_000, WINDOW)],
+)
+def test_independent_arrivals_are_held_to_gather_about_the_target(rate, hold):
+    """Poisson arrivals (many users): from ~400/s, holds gather about TARGET commands; a
+    command never waits longer than the longest hold, which never passes the budget."""
+    run = open_loop(BatchWindow(WINDOW, BUDGET), poisson(rate, seconds=min(5.0, 40_000 / rate)))
+    assert run.held > 0.9
+    assert run.per_turn > 0.8 * min(BatchWindow.TARGET, rate * WINDOW)
+    assert hold * 0.85 <= run.hold <= hold * 1.15
+    assert run.longest <= BUDGET + 1e-9
+    assert run.p99 <= run.longest + TURN
+
+
+def test_regular_arrivals_are_held_the_same():
+    run = open_loop(BatchWindow(WINDOW, BUDGET), regular(1000))
+    assert 0.007 <= run.hold <= 0.0085 and run.per_turn > 6
+
+
+def test_between_a_low_rate_and_a_sustained_one_holds_are_at_the_budget():
+    run = open_loop(BatchWindow(WINDOW, BUDGET), poisson(500))
+    assert run.held > 0.5 and run.hold == pytest.approx(BUDGET) and run.per_turn > 3
+
+
+def test_a_budget_at_the_window_gives_fixed_holds():
+    run = open_loop(BatchWindow(WINDOW, WINDOW), poisson(5000, seconds=2.0))
+    assert run.hold == pytest.approx(WINDOW) and run.per_turn > 8
+    assert BatchWindow(WINDOW, 0.001).budget == WINDOW  # below the window: the window
+
+
+@pytest.mark.parametrize(
+    ("backends", "rtt"),
+    [(1, 0.0003), (2, 0.0003), (3, 0.0003), (6, 0.0003), (10, 0.0003), (1, 0.001), (4, 0.001)],
+)
+def test_backends_waiting_for_their_replies_are_not_slowed_down(backends, rtt):
+    """A hold gathers no more from them (each has one command out), it only delays them:
+    judged by the rate, holding stops, and is tried again ever more rarely."""
+    unheld = closed_loop(BatchWindow(0.0), backends, rtt)
+    held = closed_loop(BatchWindow(WINDOW, BUDGET), backends, rtt)
+    assert held >= 0.9 * unheld
+
+
+def start_holding(batch: BatchWindow, now: float, gap: float = 0.00025) -> tuple[float, float]:
+    """One command a turn every ``gap`` seconds until a hold starts: (when, until when)."""
+    for _ in range(1000):
+        now += gap
+        if (until := batch.turn(1, now)) is not None:
+            return now, until
+    raise AssertionError("never held")
+
+
+def test_a_judgement_that_fails_backs_off_ever_longer_and_one_that_passes_resets_it():
+    batch = BatchWindow(WINDOW, BUDGET)
+    now, until = start_holding(batch, 1.0)  # 4,000/s unheld, one at a time
+    backoffs = []
+    for _ in range(3):
+        # each held turn brings 2 commands after a hold and a 10 ms wait: far slower than
+        # the 4,000/s seen unheld, so the judgement after JUDGE such turns fails
+        while batch.holding:
+            now = (until or now) + 0.01
+            until = batch.turn(2, now)
+        assert until is None
+        backoffs.append(batch.resume - now)
+        assert batch.turn(1, now + 0.0001) is None  # backing off: no hold
+        now, until = start_holding(batch, batch.resume)
+    assert backoffs == pytest.approx([0.05, 0.1, 0.2])
+    for _ in range(BatchWindow.JUDGE):  # now the holds pay: 4,000/s held too
+        now, held = until, batch.current
+        until = batch.turn(round(4000 * held), now)
+        assert until is not None
+    assert batch.backoff == BatchWindow.MIN_BACKOFF
+
+
+def test_a_held_turn_that_brings_one_command_stops_the_holding():
+    batch = BatchWindow(WINDOW, BUDGET)
+    _, until = start_holding(batch, 1.0)
+    assert batch.stats() == {"window": WINDOW, "max": BUDGET, "current": batch.current}
+    assert batch.turn(1, until) is None  # the rate fell
+    assert not batch.holding and batch.stats()["current"] == 0.0
 
 
 def test_a_turn_without_commands_changes_nothing_and_a_zero_window_never_holds():
-    batch = BatchWindow(WINDOW)
-    assert run(batch, [(1.0, 1), (1.0005, 0), (1.001, 1)]) == [None] * 3
-    assert batch.fast == 1  # the empty turn neither counted nor broke the streak
-    off = BatchWindow(0.0)
-    assert run(off, [(1.0 + t * 1e-5, 10) for t in range(20)]) == [None] * 20
-
-
-def held(batch: BatchWindow, rate: float, turns: int, now: float) -> tuple[list[float], float]:
-    """Turns at ``rate`` commands/s, each held turn bringing what arrived during its hold:
-    the hold lengths chosen, and the time after them."""
-    lengths: list[float] = []
-    handled = max(1, round(rate * batch.current)) if batch.holding else 1
-    for _ in range(turns):
-        until = batch.turn(handled, now)
-        if until is None:
-            lengths.append(0.0)
-            now += 1 / rate
-            handled = 1
-            continue
-        lengths.append(round(until - now, 6))
-        handled = max(1, round(rate * (until - now)))
-        now = until
-    return lengths, now
-
-
-def test_under_sustained_load_the_hold_grows_until_it_gathers_the_target_up_to_the_budget():
-    batch = BatchWindow(WINDOW, 0.01)
-    lengths, now = held(batch, 1000, 60, 1.0)  # 1,000/s: 2 ms gathers 2, 4 ms 4, 8 ms 8
-    assert list(dict.fromkeys(x for x in lengths if x)) == [0.002, 0.004, 0.008]
-    assert lengths[-10:] == [0.008] * 10
-    assert batch.stats() == {"window": WINDOW, "max": 0.01, "current": 0.008}
-    lengths, now = held(batch, 400, 40, now)  # 400/s: 8 ms gathers 3: up to the budget
-    assert lengths[-10:] == [0.01] * 10
-    lengths, now = held(batch, 10_000, 40, now)  # 10,000/s: 10 ms gathers 100: halved to 2 ms
-    assert list(dict.fromkeys(lengths))[-3:] == [0.005, 0.0025, 0.002]
-    assert lengths[-10:] == [0.002] * 10
-
-
-def closed_loop(batch: BatchWindow, backends: int, rtt: float, turns: int) -> tuple[float, float]:
-    """``backends`` that each send a command, wait ``rtt`` after its reply, send the next: a
-    held turn brings one from each, whatever the hold's length. The commands per second, and
-    the share of holds longer than the window."""
-    now, commands, longer = 1.0, 0, 0
-    for _ in range(turns):
-        until = batch.turn(backends, now)
-        commands += backends
-        if until is None:
-            now += rtt
-            continue
-        longer += until - now > batch.window + 1e-9
-        now = until + rtt
-    return commands / (now - 1.0), longer / turns
-
-
-@pytest.mark.parametrize("backends", [2, 3, 6])
-def test_backends_waiting_for_their_replies_are_not_slowed_by_a_longer_hold(backends):
-    """A longer hold does not gather more from them, only slows them: tried, judged by the
-    rate, undone, tried again ever more rarely."""
-    adaptive, longer = closed_loop(BatchWindow(WINDOW, 0.01), backends, 0.0003, 20_000)
-    fixed, _ = closed_loop(BatchWindow(WINDOW), backends, 0.0003, 20_000)
-    assert adaptive >= 0.95 * fixed
-    assert longer < 0.05
-
-
-def test_a_hold_that_stops_starts_again_at_the_window():
-    batch = BatchWindow(WINDOW, 0.01)
-    _, now = held(batch, 1000, 60, 1.0)
-    assert batch.current == 0.008
-    assert batch.turn(1, now + 0.008) is None  # the rate fell: one command in 8 ms
-    assert batch.current == WINDOW and batch.stats()["current"] == 0.0
-    lengths, _ = held(batch, 1000, 20, now + 1.0)
-    assert next(x for x in lengths if x) == WINDOW
-
-
-def test_a_budget_below_the_window_is_the_window():
-    batch = BatchWindow(WINDOW, 0.001)
-    lengths, _ = held(batch, 1000, 60, 1.0)
-    assert set(lengths) == {0.0, WINDOW}
-    assert batch.stats()["max"] == WINDOW
-    assert BatchWindow(0.0, 0.01).stats() == {"window": 0.0, "max": 0.0, "current": 0.0}
+    batch = BatchWindow(WINDOW, BUDGET)
+    assert batch.turn(0, 1.0) is None and batch.rate == 0.0 and batch.last == float("-inf")
+    off = BatchWindow(0.0, BUDGET)
+    assert [off.turn(10, 1.0 + t * 1e-5) for t in range(20)] == [None] * 20
+    assert off.stats() == {"window": 0.0, "max": 0.0, "current": 0.0}
