@@ -110,6 +110,40 @@ LINK_EVENTS = (
 )
 
 
+class RateMeter:
+    """Commands per second over about the last ``horizon`` seconds: weighted commands over
+    weighted time, both decaying (a plain decaying count would start from 0 and take a few
+    horizons to find a rate; this is right from the first turns). A gap longer than
+    ``longest`` is a silence: the rate is measured afresh after it (``seconds`` says how much
+    time it has seen since)."""
+
+    __slots__ = ("commands", "horizon", "longest", "seconds")
+
+    def __init__(self, horizon: float, longest: float) -> None:
+        self.horizon, self.longest = horizon, longest
+        self.commands = self.seconds = 0.0
+
+    def add(self, commands: int, gap: float) -> None:
+        """``commands`` came in over the last ``gap`` seconds."""
+        if gap > self.longest:
+            self.commands = self.seconds = 0.0
+            return
+        decay = math.exp(-gap / self.horizon)
+        self.commands = self.commands * decay + commands
+        self.seconds = self.seconds * decay + gap
+
+    def fade(self, seconds: float) -> None:
+        """``seconds`` went by unseen: what was seen before weighs less (same rate)."""
+        if seconds > 0:
+            decay = math.exp(-seconds / self.horizon)
+            self.commands *= decay
+            self.seconds *= decay
+
+    @property
+    def rate(self) -> float:
+        return self.commands / self.seconds if self.seconds > 0 else 0.0
+
+
 class BatchWindow:
     """The router's batch window (``--batch-window``, ``--batch-window-max``), decided turn by
     turn: a plain class.
@@ -120,19 +154,25 @@ class BatchWindow:
     hold that gathers many commands pays, and one that gathers one only delays it.
 
     - **How long.** The command rate is estimated over the last TAU seconds of turns (a
-      decaying count). A hold is sized to gather about TARGET commands at that rate, between
+      :class:`RateMeter`). A hold is sized to gather about TARGET commands at that rate, between
       ``window`` and ``budget`` (the most a command waits for its batch): at 1,000 commands/s
       8 ms, at 4,000/s and more ``window``.
     - **When.** Holding starts when a hold of that length is expected to gather START commands
-      or more (so, with the default 10 ms budget, from ~400 commands/s). A held turn that
-      brought fewer than GATHER stops the holding (the rate fell); it starts again as soon as
-      the estimate says so.
+      or more (so, with the default 10 ms budget, from ~400 commands/s), once the rate has been
+      seen unheld over OBSERVE seconds and OBSERVED commands (time spent holding fades what
+      was seen before it). It stops when the estimate falls below that. After a silence
+      (no command for twice ``budget``, 50 ms at least) everything is measured afresh.
     - **Only if it pays.** Backends that send a command only after the reply to their last
       gather no more in a longer hold: holding only slows them. So every JUDGE held turns, the
-      rate they took commands in is compared with the rate seen while not holding; below PAID
-      of it, holding stops for a back-off (MIN_BACKOFF, doubled after each failure in a row up
-      to MAX_BACKOFF, reset by a judgement that passes). Independent arrivals, as from many
-      users, come in as fast held or not, and pass.
+      rate the commands came in at is compared with the rate seen unheld before holding began;
+      below PAID of it, holding stops for a back-off (MIN_BACKOFF, doubled after each failure
+      in a row up to MAX_BACKOFF, reset by a judgement that passes or a silence). Two held
+      turns in a row that each brought fewer than GATHER, of TARGET / 2 or more expected, back
+      off too.
+      Independent arrivals, as from many users, come in as fast held or not, and pass. What
+      is left: backends whose round trip is near the hold's length come in at more than PAID,
+      so holding goes on and slows them by up to that; and a backend that sends one command
+      at a time among other traffic that pays for holding waits up to a hold per command.
 
     (Measured, rooms of 10 at 1,000 commands/s, fixed holds: server CPU per frame 35.2 µs
     without, 25.9 with 2 ms, 18.1 with 5 ms, ~15 with 10 ms; p50 latency 0.5, 1.5, 3.5, 6.4 ms.)
@@ -140,9 +180,11 @@ class BatchWindow:
 
     TARGET = 8  # commands a hold is sized to gather
     START = 4  # commands a hold must be expected to gather to start holding
-    GATHER = 2  # a held turn that brought fewer stops the holding
+    GATHER = 2  # a held turn that brought fewer, of TARGET / 2 or more expected, is a miss
     TAU = 0.05  # seconds: the horizon of the rate estimates
-    JUDGE = 4  # held turns between two judgements
+    OBSERVE = 0.01  # seconds of turns not held that the rate must be seen over first...
+    OBSERVED = 16  # ...and commands
+    JUDGE = 8  # held turns between two judgements
     PAID = 0.5  # held, commands must come in at least this share of the rate seen unheld
     MIN_BACKOFF = 0.05  # seconds without holding after a judgement that failed...
     MAX_BACKOFF = 5.0  # ...doubled after each failure in a row, up to this
@@ -150,11 +192,16 @@ class BatchWindow:
     def __init__(self, window: float, budget: float = 0.0) -> None:
         self.window = window
         self.budget = max(budget, window)
-        self.current = window  # the hold in force's length
+        self.current = window  # the hold in force's length...
+        self.expected = 0.0  # ...and the commands it was to gather
+        self.misses = 0  # held turns in a row that brought fewer than GATHER of many expected
         self.holding = False
         self.last = float("-inf")  # when the last turn with commands ended
-        self.rate = 0.0  # commands/s over the last TAU or so, every turn...
-        self.free = 0.0  # ...and over the turns not held
+        self.silence = max(self.TAU, 2 * self.budget)  # a longer gap: no rate known
+        self.rate = RateMeter(self.TAU, self.silence)  # every turn...
+        self.free = RateMeter(self.TAU, self.silence)  # ...and the turns not held (faded by
+        self.free_last = float("-inf")  # the time spent holding since the last of them)
+        self.unheld = 0.0  # its rate when holding began
         self.turns = self.commands = 0  # held turns since the last judgement, their commands...
         self.seconds = 0.0  # ...and the time they took
         self.backoff = self.MIN_BACKOFF
@@ -171,25 +218,44 @@ class BatchWindow:
         if not handled or not self.window:
             return None
         gap, self.last = now - self.last, now
-        decay = math.exp(-gap / self.TAU) if gap < 50 * self.TAU else 0.0
-        self.rate = self.rate * decay + handled / self.TAU
+        self.rate.add(handled, gap)
+        if gap > self.silence:  # after a silence, all is measured afresh
+            self.holding = False
+            self.turns = self.commands = self.misses = 0
+            self.seconds = 0.0
+            self.backoff = self.MIN_BACKOFF
         if self.holding:
             self.turns += 1
             self.commands += handled
             self.seconds += gap
             if self.turns >= self.JUDGE and not self._judge(now):
                 return None
-            if handled < self.GATHER:
-                self.holding = False
-                return None
-        else:
-            self.free = self.free * decay + handled / self.TAU
+            if handled >= self.GATHER:
+                self.misses = 0
+            elif self.expected >= self.TARGET / 2:  # a second hold in a row that gathered
+                self.misses += 1  # (next to) nothing of many expected: the commands were
+                if self.misses >= 2:  # waiting for their replies
+                    self.holding, self.misses = False, 0
+                    self._back_off(now)
+                    return None
+        else:  # what was seen before the last holding counts for less, the longer it held
+            self.free.fade(now - gap - self.free_last)
+            self.free.add(handled, gap)
+            self.free_last = now
             if now < self.resume:
                 return None
-        length = min(max(self.TARGET / self.rate, self.window), self.budget)
-        if not self.holding and self.rate * length < self.START:
+        rate = self.rate.rate
+        if rate * self.budget < self.START:  # too few for a hold to pay: the rate fell
+            self.holding = False
             return None
-        self.holding, self.current = True, length
+        if not self.holding and (
+            self.free.seconds < self.OBSERVE or self.free.commands < self.OBSERVED
+        ):
+            return None
+        length = min(max(self.TARGET / rate, self.window), self.budget) if rate > 0 else self.budget
+        if not self.holding:
+            self.unheld = self.free.rate
+        self.holding, self.current, self.expected = True, length, rate * length
         return now + length
 
     def _judge(self, now: float) -> bool:
@@ -198,13 +264,16 @@ class BatchWindow:
         rate = self.commands / self.seconds if self.seconds > 0 else float("inf")
         self.turns = self.commands = 0
         self.seconds = 0.0
-        if rate >= self.PAID * self.free:
+        if rate >= self.PAID * self.unheld:
             self.backoff = self.MIN_BACKOFF
             return True
         self.holding = False
+        self._back_off(now)
+        return False
+
+    def _back_off(self, now: float) -> None:
         self.resume = now + self.backoff
         self.backoff = min(2 * self.backoff, self.MAX_BACKOFF)
-        return False
 
 
 class Link(Protocol):
