@@ -26,7 +26,7 @@ from shards.bench.loadclient import bucket
 BACKOFF = 0.005  # seconds without sending after an ``overloaded`` reply
 # From PACED_RATE commands/s, what is due goes out once per PACE and replies are read then, not
 # as they come. Waking per command (a 50 µs wait at 20,000/s) made the bench's own process
-# take ~108 % of a core at `direct --rate 20000`, against ~43 % paced: CPU taken from the
+# take ~117 % of a core at `direct --rate 20000`, against ~32 % paced: CPU taken from the
 # server it measures. Round trips read that way are up to PACE too long (conservative); below
 # PACED_RATE (so in `rooms --rate 1000` and every fan-out) every reply still wakes the loop.
 PACE = 0.001

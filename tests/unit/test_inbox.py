@@ -226,27 +226,36 @@ def waiting(inbox, pair) -> zmq.Socket[bytes]:
     return ours
 
 
-def test_a_hold_keeps_sockets_unreported_until_it_ends(inbox, waiting):
-    ours = waiting
+def held_then_reported(box: PollingInbox, ours: zmq.Socket[bytes]) -> None:
+    """A socket with a message waiting is reported once a 50 ms hold is over, not before."""
     began = time.monotonic()
-    inbox.hold_until = began + 0.05
-    assert bounded_get(inbox) == SocketsReady((ours,))  # once the hold is over
+    box.hold_until = began + 0.05
+    assert bounded_get(box) == SocketsReady((ours,))  # once the hold is over
     assert time.monotonic() >= began + 0.05
-    assert inbox.hold_until is None
+    assert box.hold_until is None
+
+
+def mail_wakes_the_hold(box: PollingInbox) -> None:
+    """Mail put from another thread during a long hold is delivered at once."""
+    began = time.monotonic()
+    box.hold_until = began + BOUND
+    box.next_timer = began + BOUND
+    mailer = threading.Timer(0.01, lambda: box.put(Envelope("mail")))
+    mailer.start()
+    try:
+        assert box.get().message == "mail"  # woken by it, inside the hold
+        assert time.monotonic() - began < BOUND / 2
+        assert box.hold_until is not None  # the hold goes on: the socket waits for it
+    finally:
+        mailer.join(BOUND)
+
+
+def test_a_hold_keeps_sockets_unreported_until_it_ends(inbox, waiting):
+    held_then_reported(inbox, waiting)
 
 
 def test_mail_put_during_a_hold_is_delivered_at_once(inbox, waiting):
-    began = time.monotonic()
-    inbox.hold_until = began + BOUND
-    inbox.next_timer = began + BOUND
-    mailer = threading.Timer(0.01, lambda: inbox.put(Envelope("mail")))
-    mailer.start()
-    try:
-        assert inbox.get().message == "mail"  # woken by it, inside the hold
-        assert time.monotonic() - began < BOUND / 2
-        assert inbox.hold_until is not None  # the hold goes on: the socket waits for it
-    finally:
-        mailer.join(BOUND)
+    mail_wakes_the_hold(inbox)
 
 
 def test_a_timer_due_during_a_hold_still_fires_on_time(inbox, waiting):
@@ -280,17 +289,5 @@ def test_an_inbox_whose_eventfd_select_cannot_watch_still_holds_and_wakes(high_i
     ours, peer = pair
     high_inbox.register(ours)
     peer.send(b"x")
-    began = time.monotonic()
-    high_inbox.hold_until = began + 0.05
-    assert bounded_get(high_inbox) == SocketsReady((ours,))  # once the hold is over
-    assert time.monotonic() >= began + 0.05
-    began = time.monotonic()
-    high_inbox.hold_until = began + BOUND
-    high_inbox.next_timer = began + BOUND
-    mailer = threading.Timer(0.01, lambda: high_inbox.put(Envelope("mail")))
-    mailer.start()
-    try:
-        assert high_inbox.get().message == "mail"  # woken by it, inside the hold
-        assert time.monotonic() - began < BOUND / 2
-    finally:
-        mailer.join(BOUND)
+    held_then_reported(high_inbox, ours)
+    mail_wakes_the_hold(high_inbox)
