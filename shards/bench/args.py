@@ -65,6 +65,13 @@ def add_bench(subparsers: Subparsers) -> None:
     )
     parser.add_argument("--rate", type=rate, metavar="R", help="commands per second, or 'max'")
     parser.add_argument(
+        "--arrivals",
+        choices=("even", "poisson"),
+        default="even",
+        help="at --rate R: commands evenly spaced, or independent arrivals, as from many users"
+        " (a seeded Poisson process) (default: %(default)s)",
+    )
+    parser.add_argument(
         "--messages",
         type=positive_int,
         metavar="K",

@@ -14,6 +14,9 @@ at ``count`` commands or at ``deadline``, whichever comes first.
 from __future__ import annotations
 
 import asyncio
+import bisect
+import itertools
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,6 +36,17 @@ PACE = 0.001
 PACED_RATE = 2000.0
 STAMP_DATA_BYTES = 30  # {"t":<19 digits>,"p":"  and  "}
 Target = Callable[[int], tuple[str, int]]  # command index -> ("channel" | "user", id)
+
+
+def schedule(count: int, rate: float, arrivals: str = "even", seed: int = 1) -> list[float]:
+    """When each of ``count`` commands at ``rate`` per second is due, in seconds from the
+    start: evenly spaced (``even``), or as independent arrivals (``poisson``: many users, each
+    sending on their own; seeded, so two runs send at the same times)."""
+    if arrivals == "poisson":
+        rng = random.Random(seed)
+        gaps = (rng.expovariate(rate) for _ in range(count - 1))
+        return list(itertools.accumulate(gaps, initial=0.0))
+    return [n / rate for n in range(count)]
 
 
 def payload_padding(payload: int) -> bytes:
@@ -123,10 +137,13 @@ class Publisher:
         deadline: float,
         gate: Callable[[int], bool] | None = None,
         on_progress: Callable[[PublishResult], None] | None = None,
+        arrivals: str = "even",
     ) -> PublishResult:
-        """Send up to ``count`` commands (``rate`` per second, or flat out when None) until
-        ``deadline`` (``time.monotonic()``); then wait, until the deadline plus 5 s at most,
-        for the replies to those sent."""
+        """Send up to ``count`` commands (``rate`` per second, spaced as ``arrivals`` says:
+        see :func:`schedule`; or flat out when None) until ``deadline``
+        (``time.monotonic()``); then wait, until the deadline plus 5 s at most, for the
+        replies to those sent."""
+        due_at = schedule(count, rate, arrivals) if rate is not None else []
         loop = asyncio.get_running_loop()
         fd = self.sock.getsockopt(zmq.FD)
         loop.add_reader(fd, self._wake.set)
@@ -139,7 +156,7 @@ class Publisher:
                 now = time.monotonic()
                 if now >= deadline:
                     break
-                due = count if rate is None else min(count, int((now - start) * rate) + 1)
+                due = count if rate is None else bisect.bisect_right(due_at, now - start)
                 while (
                     result.sent < due
                     and len(self._sent_at) < self.window
@@ -165,7 +182,7 @@ class Publisher:
                 if now < self._pause_until:
                     wait = self._pause_until - now
                 elif rate is not None and result.sent >= due:
-                    wait = start + result.sent / rate - time.monotonic()
+                    wait = start + due_at[result.sent] - time.monotonic()
                     if rate >= PACED_RATE:
                         # not woken by replies meanwhile: ZeroMQ's descriptor stays readable
                         # until the socket is read, and asyncio would call back without end

@@ -61,6 +61,7 @@ def options(args: argparse.Namespace, sweep_value: int | None = None) -> Options
         duration=duration,
         payload=args.payload,
         concurrency=args.concurrency,
+        arrivals=args.arrivals,
     )
 
 

@@ -55,6 +55,7 @@ class Options:
     connect_timeout: float = 30.0
     window: int = 1000
     seed: int = 1
+    arrivals: str = "even"  # or "poisson" (see publisher.schedule)
 
 
 def layout(opts: Options) -> list[Plan]:
@@ -318,7 +319,9 @@ class Run:
             deadline = time.monotonic() + (
                 opts.duration if opts.rate is None else count / opts.rate + opts.duration
             )
-            pub = await publisher.run(target, count, opts.rate, deadline, gate, on_progress)
+            pub = await publisher.run(
+                target, count, opts.rate, deadline, gate, on_progress, opts.arrivals
+            )
         finally:
             publisher.close()
         expected = sum(n * self.members.get(key, 0) for key, n in pub.counts.items())
@@ -345,6 +348,7 @@ class Run:
         command_seconds = max(1e-9, (pub.t_last_ack_ns - pub.t_first_ns) / 1e9)
         figures: dict[str, Any] = {
             "rate": "max" if opts.rate is None else opts.rate,
+            "arrivals": "flat out" if opts.rate is None else opts.arrivals,
             "commands_sent": pub.sent,
             "commands_acked": pub.acked - pub.refused - pub.errors,
             "commands_refused": pub.refused,

@@ -87,6 +87,16 @@ def test_direct_at_a_paced_rate_sends_and_accounts_for_every_command():
     assert result["commands_sent"] == result["expected_frames"] == 2000
 
 
+def test_rooms_with_independent_arrivals_delivers_each_broadcast_to_its_room():
+    result = bench(
+        "rooms", "--connections", "50", "--members", "10", "--rate", "2000", "--messages", "400",
+        "--arrivals", "poisson",
+    )  # fmt: skip
+    assert_delivered_everything(result, 50)
+    assert result["arrivals"] == "poisson"
+    assert result["commands_sent"] == 400 and result["expected_frames"] == 400 * 10
+
+
 def test_idle_reports_memory_per_connection():
     result = bench("idle", "--connections", "50", "--duration", "0.5")
     assert result["connections"] == result["open_after_hold"] == 50
