@@ -167,8 +167,8 @@ class BatchWindow:
       rate the commands came in at is compared with the rate seen unheld before holding began;
       below PAID of it, holding stops for a back-off (MIN_BACKOFF, doubled after each failure
       in a row up to MAX_BACKOFF, reset by a judgement that passes or a silence). Two held
-      turns in a row that each brought fewer than GATHER, of TARGET / 2 or more expected, back
-      off too.
+      turns in a row that each brought fewer than GATHER (of START at least expected) back off
+      too.
       Independent arrivals, as from many users, come in as fast held or not, and pass. What
       is left: backends whose round trip is near the hold's length come in at more than PAID,
       so holding goes on and slows them by up to that; and a backend that sends one command
@@ -180,7 +180,7 @@ class BatchWindow:
 
     TARGET = 8  # commands a hold is sized to gather
     START = 4  # commands a hold must be expected to gather to start holding
-    GATHER = 2  # a held turn that brought fewer, of TARGET / 2 or more expected, is a miss
+    GATHER = 2  # a held turn that brought fewer (of START at least expected) is a miss
     TAU = 0.05  # seconds: the horizon of the rate estimates
     OBSERVE = 0.01  # seconds of turns not held that the rate must be seen over first...
     OBSERVED = 16  # ...and commands
@@ -192,9 +192,8 @@ class BatchWindow:
     def __init__(self, window: float, budget: float = 0.0) -> None:
         self.window = window
         self.budget = max(budget, window)
-        self.current = window  # the hold in force's length...
-        self.expected = 0.0  # ...and the commands it was to gather
-        self.misses = 0  # held turns in a row that brought fewer than GATHER of many expected
+        self.current = window  # the hold in force's length
+        self.misses = 0  # held turns in a row that brought fewer than GATHER
         self.holding = False
         self.last = float("-inf")  # when the last turn with commands ended
         self.silence = max(self.TAU, 2 * self.budget)  # a longer gap: no rate known
@@ -207,9 +206,10 @@ class BatchWindow:
         self.backoff = self.MIN_BACKOFF
         self.resume = float("-inf")  # no holding before then (a back-off)
 
-    def stats(self) -> dict[str, float]:
-        """For ``router_stats``: the flags, and the hold in force (0: not holding)."""
-        held = self.current if self.holding else 0.0
+    def stats(self, now: float) -> dict[str, float]:
+        """For ``router_stats``: the flags, and the hold in force at ``now`` (0: not holding,
+        or no command for the silence: holding ends with the next turn then)."""
+        held = self.current if self.holding and now - self.last <= self.silence else 0.0
         return {"window": self.window, "max": self.budget if self.window else 0.0, "current": held}
 
     def turn(self, handled: int, now: float) -> float | None:
@@ -220,60 +220,65 @@ class BatchWindow:
         gap, self.last = now - self.last, now
         self.rate.add(handled, gap)
         if gap > self.silence:  # after a silence, all is measured afresh
-            self.holding = False
-            self.turns = self.commands = self.misses = 0
-            self.seconds = 0.0
+            self._stop()
             self.backoff = self.MIN_BACKOFF
         if self.holding:
             self.turns += 1
             self.commands += handled
             self.seconds += gap
-            if self.turns >= self.JUDGE and not self._judge(now):
+            if self.turns >= self.JUDGE and not self._judge():
+                self._stop(back_off=now)
                 return None
             if handled >= self.GATHER:
                 self.misses = 0
-            elif self.expected >= self.TARGET / 2:  # a second hold in a row that gathered
-                self.misses += 1  # (next to) nothing of many expected: the commands were
-                if self.misses >= 2:  # waiting for their replies
-                    self.holding, self.misses = False, 0
-                    self._back_off(now)
+            else:  # a second hold in a row that gathered (next to) nothing of the many
+                self.misses += 1  # expected (START at least): the commands were waiting
+                if self.misses >= 2:  # for their replies
+                    self._stop(back_off=now)
                     return None
-        else:  # what was seen before the last holding counts for less, the longer it held
-            self.free.fade(now - gap - self.free_last)
-            self.free.add(handled, gap)
+        else:
+            if self.free_last > float("-inf"):  # what was seen before the last holding
+                self.free.fade(now - gap - self.free_last)  # counts for less, the longer
+            self.free.add(handled, gap)  # it held
             self.free_last = now
             if now < self.resume:
                 return None
         rate = self.rate.rate
-        if rate * self.budget < self.START:  # too few for a hold to pay: the rate fell
+        if rate * self.budget < self.START:
+            # too few for a hold to pay: the rate fell. The held turns so far still count
+            # (the next holding's judgement weighs them too): holds that slow commands down
+            # below this rate would otherwise stop before they are ever judged
             self.holding = False
             return None
         if not self.holding and (
             self.free.seconds < self.OBSERVE or self.free.commands < self.OBSERVED
         ):
             return None
-        length = min(max(self.TARGET / rate, self.window), self.budget) if rate > 0 else self.budget
+        length = min(max(self.TARGET / rate, self.window), self.budget)
         if not self.holding:
             self.unheld = self.free.rate
-        self.holding, self.current, self.expected = True, length, rate * length
+        self.holding, self.current = True, length
         return now + length
 
-    def _judge(self, now: float) -> bool:
-        """Whether holding paid over the held turns since the last judgement (if not, holding
-        stops for a back-off)."""
+    def _judge(self) -> bool:
+        """Whether holding paid over the held turns since the last judgement."""
         rate = self.commands / self.seconds if self.seconds > 0 else float("inf")
         self.turns = self.commands = 0
         self.seconds = 0.0
         if rate >= self.PAID * self.unheld:
             self.backoff = self.MIN_BACKOFF
             return True
-        self.holding = False
-        self._back_off(now)
         return False
 
-    def _back_off(self, now: float) -> None:
-        self.resume = now + self.backoff
-        self.backoff = min(2 * self.backoff, self.MAX_BACKOFF)
+    def _stop(self, back_off: float | None = None) -> None:
+        """Stop holding, and forget the held turns; with ``back_off`` (now), do not hold again
+        for the back-off, and double it."""
+        self.holding = False
+        self.turns = self.commands = self.misses = 0
+        self.seconds = 0.0
+        if back_off is not None:
+            self.resume = back_off + self.backoff
+            self.backoff = min(2 * self.backoff, self.MAX_BACKOFF)
 
 
 class Link(Protocol):
@@ -413,7 +418,7 @@ class RouterActor(SocketActor):
         self.presence_interval = presence_interval
         self.next_presence = 0.0
         self.batcher = BatchWindow(batch_window, batch_window_max)
-        core.extra_stats["batch_window"] = self.batcher.stats
+        core.extra_stats["batch_window"] = lambda: self.batcher.stats(time.monotonic())
 
     def on_start(self) -> None:
         name_this_thread("ucc-router")

@@ -42,6 +42,8 @@ def schedule(count: int, rate: float, arrivals: str = "even", seed: int = 1) -> 
     """When each of ``count`` commands at ``rate`` per second is due, in seconds from the
     start: evenly spaced (``even``), or as independent arrivals (``poisson``: many users, each
     sending on their own; seeded, so two runs send at the same times)."""
+    if count <= 0:
+        return []
     if arrivals == "poisson":
         rng = random.Random(seed)
         gaps = (rng.expovariate(rate) for _ in range(count - 1))

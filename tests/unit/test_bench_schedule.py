@@ -10,6 +10,7 @@ from shards.bench.publisher import schedule
 
 def test_even_arrivals_are_evenly_spaced_from_the_start():
     assert schedule(4, 2.0) == [0.0, 0.5, 1.0, 1.5]
+    assert schedule(0, 2.0) == schedule(0, 2.0, "poisson") == []
 
 
 def test_poisson_arrivals_are_independent_at_the_rate_and_the_same_each_run():
