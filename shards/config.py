@@ -55,9 +55,10 @@ class ServeConfig:
     shard_queue_bytes: int = 64 * 1024 * 1024
     shard_queue_delay: float = 0.1  # ...or when it is this far behind (seconds; see credit.py)
     max_queries: int = 10_000  # presence/status queries in flight on the router
-    # under load, the router holds its sockets this long to take commands in batches (0: off),
-    # and longer, up to batch_window_max, while a hold gathers fewer than 8 commands (None:
-    # DEFAULT_BATCH_WINDOW_MAX, or a quarter of shard_queue_delay if that is less)
+    # under load, the router holds its sockets to take commands in batches: each hold sized to
+    # gather ~8 commands at the measured rate, between batch_window (0: off) and
+    # batch_window_max (None: DEFAULT_BATCH_WINDOW_MAX, or a quarter of shard_queue_delay if
+    # that is less); see actors.router_actor.BatchWindow
     batch_window: float = 0.002
     batch_window_max: float | None = None
     # per backend on the command socket: commands read ahead and replies held for it
