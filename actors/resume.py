@@ -15,7 +15,9 @@ The three cases of a resume of channel C from offset N:
   live one (or RESUME_FLOOR_LIFE) a message at or below the last one written is dropped as a
   duplicate. A held or later message beyond the next offset is a gap (in a cluster, the host's
   topic and the replay can race): the router is asked again, quietly, from the last offset
-  written, and what follows waits again.
+  written, and what follows waits again. A resume from nothing (no epoch: a client asking its
+  position on a channel it just joined) replays nothing, and its held messages all go first,
+  even those at or below L: they came live after the join.
 - **Live messages were written already** (a resume after hello): the first one's offset F is
   known for FRESH_LIFE; the router replays only N+1..F-1, after them: every message once, but
   the back-fill arrives after the live ones that followed it.
@@ -213,8 +215,14 @@ class Resumes:
         state = self.resuming.get(channel, {}).get(conn)
         if state is None or state.buffer is None:
             return b"", None  # closed, unsubscribed, or a late duplicate
-        chunks = [frames] if frames else []
         top, held = latest, state.buffer
+        # a resume from nothing (no epoch: a client asking for its position on a channel it
+        # just joined) is answered with the latest offset and no replay; what it held came
+        # live after the join, so it is owed even at or below that offset (the broadcast can
+        # reach the router's history before the resume does), and goes before the answer,
+        # whose ``resumed`` gives the client its position
+        owed = [f for offset, f in held if offset <= latest] if epoch and not state.epoch else []
+        chunks = owed + ([frames] if frames else [])
         rest: list[tuple[int, bytes]] = []
         for i, (offset, frame) in enumerate(held):
             if not epoch:  # no history: no offsets; everything held follows

@@ -95,3 +95,28 @@ def test_no_resume_leaves_the_recipients_untouched():
     r = Resumes()
     conns = (A, B)
     assert r.live(C, 1, frame(1), conns)[0] is conns
+
+
+def test_a_resume_from_nothing_still_gets_the_live_messages_held_meanwhile():
+    """The client asks for its position on a channel it just joined (no epoch): live 2 and 3
+    reach the shard while it waits, but the router, which had appended them before the resume
+    reached it, answers "latest 3" with no replay. They came after the join: they are owed,
+    before the answer (the client takes its position from ``resumed``)."""
+    r = Resumes()
+    r.start(A, C, 0, "", now=0.0)
+    assert r.live(C, 2, frame(2), (A,)) == ((), [])
+    assert r.live(C, 3, frame(3), (A,)) == ((), [])
+    r.live(C, 4, frame(4), (A,))
+    out, again = r.answered(A, C, 3, "E", b"<resumed 3>", now=0.0)
+    assert (out, again) == (b"<2><3><resumed 3><4>", None)
+
+
+def test_a_resume_not_recovered_drops_what_the_client_refetches():
+    """A resume from an old epoch is not recovered: the client refetches up to the latest
+    offset from its backend, so held messages at or below it are not written (above: are)."""
+    r = Resumes()
+    r.start(A, C, 5, "OLD", now=0.0)
+    r.live(C, 2, frame(2), (A,))
+    r.live(C, 3, frame(3), (A,))
+    out, again = r.answered(A, C, 2, "E", b"<resumed 2 not recovered>", now=0.0)
+    assert (out, again) == (b"<resumed 2 not recovered><3>", None)
