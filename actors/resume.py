@@ -15,9 +15,10 @@ The three cases of a resume of channel C from offset N:
   live one (or RESUME_FLOOR_LIFE) a message at or below the last one written is dropped as a
   duplicate. A held or later message beyond the next offset is a gap (in a cluster, the host's
   topic and the replay can race): the router is asked again, quietly, from the last offset
-  written, and what follows waits again. A resume from nothing (no epoch: a client asking its
-  position on a channel it just joined) replays nothing, and its held messages all go first,
-  even those at or below L: they came live after the join.
+  written, and what follows waits again. A resume from nothing (offset 0, no epoch: a client
+  asking its position on a channel it just joined) replays nothing, and its held messages at or
+  below L go before the answer (they came live after the join), the others after it. (In a
+  cluster, one at or below L that reaches the shard only after the answer is still dropped.)
 - **Live messages were written already** (a resume after hello): the first one's offset F is
   known for FRESH_LIFE; the router replays only N+1..F-1, after them: every message once, but
   the back-fill arrives after the live ones that followed it.
@@ -63,6 +64,7 @@ class _Resuming:
     buffer: list[tuple[int, bytes]] | None
     floor: int
     since: float  # when the router was asked (buffer) or answered (floor)
+    from_nothing: bool = False  # asked with offset 0 and no epoch: to learn the position
 
 
 class Resumes:
@@ -162,7 +164,8 @@ class Resumes:
         if first is not None:
             self._backfill[conn, channel] = now
             return Ask(conn, channel, offset, epoch, before=first)
-        self.resuming.setdefault(channel, {})[conn] = _Resuming(epoch, [], 0, now)
+        from_nothing = offset == 0 and not epoch
+        self.resuming.setdefault(channel, {})[conn] = _Resuming(epoch, [], 0, now, from_nothing)
         return Ask(conn, channel, offset, epoch)
 
     def live(
@@ -221,7 +224,7 @@ class Resumes:
         # live after the join, so it is owed even at or below that offset (the broadcast can
         # reach the router's history before the resume does), and goes before the answer,
         # whose ``resumed`` gives the client its position
-        owed = [f for offset, f in held if offset <= latest] if epoch and not state.epoch else []
+        owed = [f for offset, f in held if offset <= latest] if epoch and state.from_nothing else []
         chunks = owed + ([frames] if frames else [])
         rest: list[tuple[int, bytes]] = []
         for i, (offset, frame) in enumerate(held):

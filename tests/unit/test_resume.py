@@ -120,3 +120,13 @@ def test_a_resume_not_recovered_drops_what_the_client_refetches():
     r.live(C, 3, frame(3), (A,))
     out, again = r.answered(A, C, 2, "E", b"<resumed 2 not recovered>", now=0.0)
     assert (out, again) == (b"<resumed 2 not recovered><3>", None)
+
+
+def test_a_resume_without_epoch_from_an_offset_is_not_from_nothing():
+    """Only offset 0 with no epoch asks a position: a client that resumes from offset 5 with
+    no epoch is not recovered, and gets nothing at or below the latest offset (it refetches)."""
+    r = Resumes()
+    r.start(A, C, 5, "", now=0.0)
+    r.live(C, 2, frame(2), (A,))
+    out, _ = r.answered(A, C, 2, "E", b"<resumed 2 not recovered>", now=0.0)
+    assert out == b"<resumed 2 not recovered>"
