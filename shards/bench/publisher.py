@@ -14,11 +14,11 @@ at ``count`` commands or at ``deadline``, whichever comes first.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import itertools
+import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,17 +38,18 @@ STAMP_DATA_BYTES = 30  # {"t":<19 digits>,"p":"  and  "}
 Target = Callable[[int], tuple[str, int]]  # command index -> ("channel" | "user", id)
 
 
-def schedule(count: int, rate: float, arrivals: str = "even", seed: int = 1) -> list[float]:
+def schedule(count: int, rate: float, arrivals: str = "even", seed: int = 1) -> Iterator[float]:
     """When each of ``count`` commands at ``rate`` per second is due, in seconds from the
-    start: evenly spaced (``even``), or as independent arrivals (``poisson``: many users, each
-    sending on their own; seeded, so two runs send at the same times)."""
+    start, one at a time (a long run holds none of them): evenly spaced (``even``), or as
+    independent arrivals (``poisson``: many users, each sending on their own; seeded, so two
+    runs send at the same times)."""
     if count <= 0:
-        return []
+        return iter(())
     if arrivals == "poisson":
         rng = random.Random(seed)
         gaps = (rng.expovariate(rate) for _ in range(count - 1))
-        return list(itertools.accumulate(gaps, initial=0.0))
-    return [n / rate for n in range(count)]
+        return itertools.accumulate(gaps, initial=0.0)
+    return (n / rate for n in range(count))
 
 
 def payload_padding(payload: int) -> bytes:
@@ -145,7 +146,9 @@ class Publisher:
         see :func:`schedule`; or flat out when None) until ``deadline``
         (``time.monotonic()``); then wait, until the deadline plus 5 s at most, for the
         replies to those sent."""
-        due_at = schedule(count, rate, arrivals) if rate is not None else []
+        times = schedule(count, rate, arrivals) if rate is not None else iter(())
+        due = count if rate is None else 0  # commands due by now
+        next_at = next(times, math.inf)  # when the first one not yet due is
         loop = asyncio.get_running_loop()
         fd = self.sock.getsockopt(zmq.FD)
         loop.add_reader(fd, self._wake.set)
@@ -158,7 +161,9 @@ class Publisher:
                 now = time.monotonic()
                 if now >= deadline:
                     break
-                due = count if rate is None else bisect.bisect_right(due_at, now - start)
+                while next_at <= now - start:
+                    due += 1
+                    next_at = next(times, math.inf)
                 while (
                     result.sent < due
                     and len(self._sent_at) < self.window
@@ -184,7 +189,7 @@ class Publisher:
                 if now < self._pause_until:
                     wait = self._pause_until - now
                 elif rate is not None and result.sent >= due:
-                    wait = start + due_at[result.sent] - time.monotonic()
+                    wait = start + next_at - time.monotonic()
                     if rate >= PACED_RATE:
                         # not woken by replies meanwhile: ZeroMQ's descriptor stays readable
                         # until the socket is read, and asyncio would call back without end
