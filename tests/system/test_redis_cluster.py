@@ -92,6 +92,7 @@ def test_presence_is_cluster_wide_and_a_killed_host_fades_out(
         (again,) = await asyncio.to_thread(hosts, ucc_host, redis_cluster_server.url, 1)
         back = await connect_peer(again, 9, [7])
         await wait_presence(b, [4, 5, 6, 9])
+        await wait_presence(c, [4, 5, 6, 9])  # each host hears the new one on its own time
         assert await c.aio.client().get_online_users_in_channel(7) == [4, 5, 9]
         for peer in [back, *on_a, *on_b, *on_c]:
             await peer.close()
