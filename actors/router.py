@@ -138,10 +138,15 @@ class ShardSlot:
     window: CreditWindow = field(default_factory=CreditWindow)  # this incarnation's
     reported: dict[str, int] = field(default_factory=dict)  # its last totals (``is_total``)
     cause: str = ""  # how its last incarnation ended (``shard_down``'s cause)
+    # the identity of incarnation ``_named``: every message to the shard is keyed by it
+    _identity: bytes = field(default=b"", init=False, repr=False, compare=False)
+    _named: int = field(default=-2, init=False, repr=False, compare=False)
 
     @property
     def identity(self) -> bytes:
-        return shardwire.identity(self.index, self.epoch)
+        if self._named != self.epoch:
+            self._identity, self._named = shardwire.identity(self.index, self.epoch), self.epoch
+        return self._identity
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from actors.ids import MAX_ID
 from actors.wire.commands import (
@@ -18,6 +21,7 @@ from actors.wire.commands import (
     Field,
     decode,
     error_reply,
+    has_long_number,
     reply,
     request_id,
 )
@@ -125,6 +129,36 @@ def test_integers_in_data_are_relayed_exactly_however_long(number):
     cmd = decode(body, LIMIT)
     assert cmd.data_json == b'{"n":%b,"f":1.5}' % number.encode()
     assert json.loads(cmd.data_json)["n"] == int(number)
+
+
+# what has_long_number stands for: its first version, a regular expression (~100 times slower)
+LONG_NUMBER = re.compile(rb"-[0-9]{19}|[0-9]{20}")
+
+
+@given(
+    st.lists(
+        st.sampled_from([b"0", b"9", b"5", b"-", b" ", b",", b"a", b"\xff", b"-1", b"12345"]),
+        max_size=80,
+    ).map(b"".join)
+)
+def test_a_long_number_is_found_exactly_where_the_expression_finds_one(raw):
+    assert has_long_number(raw) == (LONG_NUMBER.search(raw) is not None)
+
+
+@pytest.mark.parametrize(
+    ("raw", "long"),
+    [
+        (b"1" * 20, True),
+        (b"1" * 19, False),
+        (b"-" + b"9" * 19, True),
+        (b"-" + b"9" * 18, False),
+        (b"--" + b"0" * 18 + b"a", False),
+        (b'{"n":-12345678901234567890}', True),
+        (b'{"n":"x1234567890123456789y"}', False),
+    ],
+)
+def test_long_numbers(raw, long):
+    assert has_long_number(raw) is long
 
 
 @pytest.mark.parametrize("pad", [b"", b',"pad":"00000000000000000000"'])  # either path
