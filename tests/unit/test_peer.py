@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
+import threading
+import warnings
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import pytest
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
@@ -154,3 +158,47 @@ def test_reconnect_peer_carries_the_positions_over_and_recovers_what_was_missed(
         await again.close()
 
     run(scenario)
+
+
+def test_a_peer_left_open_by_a_failed_scenario_is_closed_with_its_loop():
+    """An assertion that fails before ``peer.close()`` must cost its own test only: the peer's
+    socket is closed as ``asyncio.run`` ends, not left to the garbage collector (whose
+    ResourceWarning would fail whichever test runs then)."""
+    host = StandInHost()
+    started = threading.Event()
+    stop: list[Callable[[], None]] = []
+
+    def serve_in_a_thread() -> None:
+        async def main() -> None:
+            async with serve(host.handler, "127.0.0.1", 0) as server:
+                host.url = f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+                done = asyncio.Event()
+                stop.append(lambda: loop.call_soon_threadsafe(done.set))
+                started.set()
+                await done.wait()
+
+        loop = asyncio.new_event_loop()
+        try:
+            loop.run_until_complete(main())
+        finally:
+            loop.close()
+
+    thread = threading.Thread(target=serve_in_a_thread)
+    thread.start()
+    try:
+        assert started.wait(10)
+
+        async def failing() -> None:
+            peer = await connect_peer(host, 7, [5])
+            assert peer.ids == ["never"], "fails with the peer open"
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with pytest.raises(AssertionError, match="fails with the peer open"):
+                asyncio.run(failing())
+            gc.collect()
+        assert [str(w.message) for w in caught if w.category is ResourceWarning] == []
+    finally:
+        if stop:
+            stop[0]()
+        thread.join(10)
