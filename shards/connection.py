@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Iterable, Mapping
 from typing import Protocol, cast
 
 from websockets.frames import Frame, Opcode
@@ -400,18 +401,22 @@ class Connection(asyncio.Protocol):
             self.shard.count("early_answers_dropped")
 
     def send(self, frame: bytes) -> None:
-        """Write a complete, pre-encoded server frame (the broadcast path); a no-op unless the
-        connection is open."""
+        """Write a complete, pre-encoded server frame; a no-op unless the connection is open.
+        (A broadcast's many writes go through :func:`deliver`, which does the same inline.)"""
         transport = self.transport
         if not self.is_open or transport is None:
             return
         try:
             transport.write(frame)
             if transport.get_write_buffer_size() > self.shard.config.write_buffer_limit:
-                self.shard.closed_for_cause(self, "closed_slow_consumer", "write buffer full")
-                self.close(4000, "slow consumer")
+                self.overflowed()
         except Exception as exc:
             self.fail(exc)
+
+    def overflowed(self) -> None:
+        """More than ``--write-buffer-limit`` waits to be written: a slow consumer, closed."""
+        self.shard.closed_for_cause(self, "closed_slow_consumer", "write buffer full")
+        self.close(4000, "slow consumer")
 
     def ping(self) -> None:
         self.send(frames.PING)
@@ -513,3 +518,25 @@ class Connection(asyncio.Protocol):
         if self.transport is not None:
             log.debug("connection %d: %s", self.conn_id, why)
             self.transport.abort()
+
+
+def deliver(
+    conns: Mapping[ConnId, Connection], recipients: Iterable[ConnId], frame: bytes, limit: int
+) -> None:
+    """Write ``frame`` to each of ``recipients`` that is open: :meth:`Connection.send`, inlined
+    for the fan-out (``limit``: the write buffer limit). Measured on this 2-core box, 1,000
+    loopback connections: ~0.2-0.35 µs of ~10 µs per write saved, the method call and its
+    attribute lookups (the ``write()`` system call is the rest)."""
+    for conn_id in recipients:
+        conn = conns.get(conn_id)
+        if conn is None:
+            continue
+        transport = conn.transport
+        if not conn.is_open or transport is None:
+            continue
+        try:
+            transport.write(frame)
+            if transport.get_write_buffer_size() > limit:
+                conn.overflowed()
+        except Exception as exc:
+            conn.fail(exc)

@@ -52,7 +52,7 @@ from actors.events import CAUSE_EVENTS
 from actors.ids import ChannelId, ConnId, UserId
 from actors.osthread import name_this_thread
 from actors.wire import frames
-from shards.connection import CLOSE_TIMEOUT, Connection
+from shards.connection import CLOSE_TIMEOUT, Connection, deliver
 from shards.handoff import (
     Ack,
     ControlError,
@@ -311,11 +311,7 @@ class Shard:
         self.bytes_sent += sent
         for action in coalesce(actions):
             if isinstance(action, Deliver):  # the hot path: first
-                frame = action.frame
-                for conn_id in action.conns:
-                    conn = conns.get(conn_id)
-                    if conn is not None:
-                        conn.send(frame)
+                deliver(conns, action.conns, action.frame, self.config.write_buffer_limit)
             elif isinstance(action, Registered):
                 conn = conns.get(action.conn)
                 if conn is not None:
