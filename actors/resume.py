@@ -225,6 +225,7 @@ class Resumes:
         # reach the router's history before the resume does), and goes before the answer,
         # whose ``resumed`` gives the client its position
         owed = [f for offset, f in held if offset <= latest] if epoch and state.from_nothing else []
+        state.from_nothing = False  # a quiet ask for a gap that follows replays what it held
         chunks = owed + ([frames] if frames else [])
         rest: list[tuple[int, bytes]] = []
         for i, (offset, frame) in enumerate(held):

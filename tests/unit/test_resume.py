@@ -130,3 +130,19 @@ def test_a_resume_without_epoch_from_an_offset_is_not_from_nothing():
     r.live(C, 2, frame(2), (A,))
     out, _ = r.answered(A, C, 2, "E", b"<resumed 2 not recovered>", now=0.0)
     assert out == b"<resumed 2 not recovered>"
+
+
+def test_a_gap_after_a_resume_from_nothing_is_filled_once():
+    """In a cluster the topic and the answer race: a resume from nothing is answered "latest
+    3" while live 5 is held (4 not yet arrived). 5 waits, and the router is asked again from 3,
+    quietly; its answer replays 4 and 5. What was owed went with the first answer: nothing of
+    the replay is written twice."""
+    r = Resumes()
+    r.start(A, C, 0, "", now=0.0)
+    r.live(C, 2, frame(2), (A,))
+    r.live(C, 5, frame(5), (A,))
+    out, again = r.answered(A, C, 3, "E", b"<resumed 3>", now=0.0)
+    assert out == b"<2><resumed 3>"
+    assert again is not None and (again.offset, again.quiet) == (3, True)
+    out, again = r.answered(A, C, 5, "E", b"<4><5>", now=0.0)
+    assert (out, again) == (b"<4><5>", None)
