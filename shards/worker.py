@@ -311,7 +311,8 @@ class Shard:
         self.bytes_sent += sent
         for action in coalesce(actions):
             if isinstance(action, Deliver):  # the hot path: first
-                deliver(conns, action.conns, action.frame, self.config.write_buffer_limit)
+                limit = self.config.write_buffer_limit
+                deliver(map(conns.get, action.conns), action.frame, limit)
             elif isinstance(action, Registered):
                 conn = conns.get(action.conn)
                 if conn is not None:
