@@ -24,12 +24,12 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from actors.ids import ShardIndex
+from actors.wire import frames
 
 ConnRecord = dict[
     str, Any
 ]  # {"conn","user","shard","channels","connected_at","last_activity","remote"}
 
-_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 SHARD_TYPES = frozenset(
     {
@@ -74,7 +74,7 @@ class EventLog:
         self.seq += 1
         stamp = self.clock() if ts is None else ts
         event = {"seq": self.seq, "host": self.host, "ts": stamp, "type": kind, **fields}
-        self._out.append(_ENCODER.encode(event).encode())  # keys in this order: "{"seq"..."
+        self._out.append(frames.dumps(event))  # keys in this order: "{"seq"..."
         self.counters["events_published"] += 1
 
     # -- from the shards -------------------------------------------------------------------

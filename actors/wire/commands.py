@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 
 from actors.ids import MAX_ID, parse_id
+from actors.wire import frames
 from actors.wire.errors import PeerError
 
 MAX_IDS_PER_COMMAND = 100_000
@@ -197,9 +198,8 @@ def has_long_number(raw: bytes) -> bool:
     return _LONG_POSITIVE in digits or _LONG_NEGATIVE in digits
 
 
-# built once: json.loads and json.dumps with options build a new coder on every call
+# built once: json.loads with options builds a new decoder on every call
 _DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
-_DATA = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 _REPLY_OPTIONS = orjson.OPT_NON_STR_KEYS
 
 
@@ -214,7 +214,7 @@ def _dumps(value: Any) -> bytes:
 
 def _encode_data(value: Any) -> bytes:
     try:
-        return _DATA.encode(value).encode()
+        return frames.dumps(value)
     except UnicodeEncodeError:  # a lone surrogate: not representable in UTF-8
         raise CommandError("bad_json", "not valid JSON: a lone surrogate in a string") from None
 

@@ -7,7 +7,6 @@ server's frames. Must never parse client frames (the websockets Sans-I/O protoco
 
 from __future__ import annotations
 
-import functools
 import json
 import struct
 
@@ -50,14 +49,9 @@ _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
 def dumps(value: object) -> bytes:
-    """Compact JSON, as the server writes it everywhere."""
+    """Compact JSON, as the server writes it everywhere (raises ``UnicodeEncodeError`` for a
+    lone surrogate in a string: not representable in UTF-8)."""
     return _ENCODER.encode(value).encode()
-
-
-@functools.lru_cache(maxsize=4096)
-def _quoted(epoch: str) -> bytes:
-    """An epoch as a JSON string: a channel's epoch repeats in every frame of the channel."""
-    return dumps(epoch)
 
 
 def channel_message(channel: int, data_json: bytes, offset: int = 0, epoch: str = "") -> bytes:
@@ -70,7 +64,7 @@ def channel_message(channel: int, data_json: bytes, offset: int = 0, epoch: str 
         return text_frame(b'{"type":"message","channel":%d,"data":%b}' % (channel, data_json))
     return text_frame(
         b'{"type":"message","channel":%d,"offset":%d,"epoch":%b,"data":%b}'
-        % (channel, offset, _quoted(epoch), data_json)
+        % (channel, offset, dumps(epoch), data_json)
     )
 
 
@@ -84,7 +78,7 @@ def channel_message_size(channel: int, data_size: int, offset: int = 0, epoch: s
     encoding it (a broadcast's size is checked before the frame exists)."""
     payload = len(b'{"type":"message","channel":%d,"data":}' % channel) + data_size
     if offset > 0:
-        payload += len(b',"offset":%d,"epoch":' % offset) + len(_quoted(epoch))
+        payload += len(b',"offset":%d,"epoch":' % offset) + len(dumps(epoch))
     return payload + (2 if payload < 126 else 4 if payload < 1 << 16 else 10)
 
 
