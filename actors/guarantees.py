@@ -433,6 +433,11 @@ class Guarantees:
 
     # -- time and statistics ---------------------------------------------------------------
 
+    def retrying(self) -> bool:
+        """Whether :meth:`tick` has something to retry (resumes waiting for their channel's
+        topic, critical messages a shard had no room for): the router ticks often then."""
+        return bool(self._waiting or self._undelivered)
+
     def tick(self, now: float) -> None:
         self.history.expire(now)
         for gone in self.critical.expire(now):

@@ -130,6 +130,11 @@ class OtherHosts:
         self._held.append(_Held(now + TOPIC_WAIT, slot.index, slot.epoch, seq, waiting))
         return True
 
+    def holding(self) -> bool:
+        """Whether confirmations are held for their topics (:meth:`release` is then due at
+        their deadlines, or sooner)."""
+        return bool(self._held)
+
     def release(self, now: float, everything: bool = False) -> None:
         """Send the held confirmations whose topics are ready (or whose time is up), in order
         per shard."""

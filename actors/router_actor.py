@@ -572,11 +572,9 @@ class RouterActor(SocketActor):
             self.on_event(event)
 
     def _arm_timer(self) -> None:
-        deadline = self.core.next_deadline()
-        check = time.monotonic() + min(0.1, self.hang_timeout / 3)
+        when = self.core.next_tick(time.monotonic(), self.hang_timeout)
         if self.link is not None:
-            check = min(check, self.next_presence)
-        when = check if deadline is None else min(deadline, check)
+            when = min(when, self.next_presence)
         # never later than the one already set: messages arriving more often than the check
         # interval (pulses, a steady stream of commands) would otherwise push the Tick back
         # for ever, and with it hang checks, presence pulls and expiries

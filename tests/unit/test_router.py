@@ -10,7 +10,16 @@ import pytest
 from actors.credit import WindowLimits
 from actors.history import HistoryStore
 from actors.ids import stable_hash
-from actors.router import RouterCore, ShardEvent, ShardHung, ShardState, UserBanned
+from actors.router import (
+    HANG_MARGIN,
+    HOUSEKEEPING,
+    RETRY_TICK,
+    RouterCore,
+    ShardEvent,
+    ShardHung,
+    ShardState,
+    UserBanned,
+)
 from actors.wire import frames, shardwire
 from actors.wire.commands import COMMANDS, Field
 
@@ -549,6 +558,25 @@ def test_check_hung_declares_silent_shards_down(core):
     assert [s.index for s in core.check_hung(now=18.5, timeout=10.0)] == [1]
     assert core.check_hung(now=100.0, timeout=10.0) == []  # already down: reported once
     assert core.take_events() == [ShardHung(1, 1, pid_of(1, 1))]
+
+
+def test_the_next_tick_comes_when_something_is_due(core):
+    # every shard last heard at 0.0: the check that finds the first one hung
+    assert core.next_tick(0.0, hang_timeout=0.5) == 0.5 + HANG_MARGIN
+    for index in range(N):
+        heartbeat(core, index, 1, now=10.0)
+    assert core.next_tick(10.0, hang_timeout=5.0) == 10.0 + HOUSEKEEPING  # nothing else due
+    heartbeat(core, 1, 1, now=10.5)  # heard again: its deadline moves on, the others' do not
+    assert core.next_tick(10.5, hang_timeout=0.25) == 10.25 + HANG_MARGIN
+    core.shard_down(0, 1, now=10.5)
+    core.shard_down(2, 1, now=10.5)  # a shard that is not up has no hang deadline
+    assert core.next_tick(10.5, hang_timeout=0.25) == 10.75 + HANG_MARGIN
+    command(core, {"id": 1, "cmd": "get_online_users"}, now=10.5)  # a gather's deadline
+    assert core.next_tick(10.5, hang_timeout=5.0) == 11.5
+    core.check_hung(now=20.0, timeout=5.0)  # none up: no hang deadline, and the gather is over
+    assert core.next_tick(20.0, hang_timeout=5.0) == 20.0 + HOUSEKEEPING
+    core.guarantees.undelivered(1, [shardwire.CRITICAL, b""])  # to retry: ticks come often
+    assert core.next_tick(20.0, hang_timeout=5.0) == 20.0 + RETRY_TICK
 
 
 def test_a_hung_shard_is_missing_from_gathers_in_flight(core):
