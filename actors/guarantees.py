@@ -49,6 +49,9 @@ if TYPE_CHECKING:
 
 DEFAULT_CRITICAL_TTL = 86_400.0
 WAIT_FOR_TOPIC = 2.0  # seconds a resume waits for the host's topic subscription at most
+# seconds a resume from nothing, read from Redis, waits for its read's probe to come back on
+# the channel's topic at most (see Guarantees._read); then it is answered without it
+WAIT_FOR_PROBE = 1.0
 MAX_PENDING_ACKS = 10_000  # acks kept for Redis while the link is down
 MAX_UNDELIVERED = 10_000  # critical messages kept to queue again to a shard that had no room
 
@@ -80,13 +83,17 @@ class Guarantees:
         self._core = core
         self.history = history
         self.critical = critical
-        self.counters = {"resumes": 0, "recovered": 0, "not_recovered": 0}
+        self.counters = {"resumes": 0, "recovered": 0, "not_recovered": 0, "unprobed": 0}
         self._waiting: list[_Resume] = []  # resumes waiting for their channel's topic
         # acks made while the link was down, for Redis when it is back (oldest dropped)
         self._acks: deque[tuple[int, str]] = deque(maxlen=MAX_PENDING_ACKS)
         # critical messages a shard had no room for: (shard, incarnation, message), retried
         self._undelivered: deque[tuple[ShardIndex, int, list[bytes]]] = deque()
         self.undelivered_dropped = 0
+        # resumes from nothing read from Redis, by the read's id: answers waiting for the
+        # read's probe (with their deadline), and probes back before their read's answer
+        self._unprobed: dict[int, tuple[_Resume, Recovery, float]] = {}
+        self._probed: set[int] = set()
 
     def _linked(self) -> bool:
         """Whether Redis holds the history and the critical messages right now."""
@@ -190,24 +197,50 @@ class Guarantees:
 
     def _read(self, request: _Resume, now: float) -> None:
         """Read a resume's messages from Redis (through the link), and answer it. If Redis fails
-        it, this host's store answers (it holds nothing of Redis's epoch: see link_state)."""
+        it, this host's store answers (it holds nothing of Redis's epoch: see link_state).
+
+        A resume from nothing is answered only once the channel's messages up to the read's
+        offset have reached the shard too: the connection is owed those that came after it
+        joined, and the shard drops one at or below the offset that arrives after the answer
+        (a repeat, for any other resume). Another host's message reaches this one through the
+        channel's topic, which can lag the read; so the read publishes a probe on the topic
+        after it (in the same script: Redis's order), and the answer waits until the probe is
+        back (:meth:`probe_back`), the messages before it delivered: at most WAIT_FOR_PROBE."""
 
         def replay(gather: Gather) -> dict[str, Any]:
             body = gather.answers.get(REDIS)
             if body is None:
+                self._probed.discard(gather.qid)
                 answer = self.history.recover(channel, request.offset, request.epoch, now)
             else:
                 answer = _from_redis(body, request.offset, request.epoch)
+                if probe and gather.qid not in self._probed:
+                    self._unprobed[gather.qid] = (request, answer, now + WAIT_FOR_PROBE)
+                    return {}
+                self._probed.discard(gather.qid)
             self._send_resumed(request, answer, now)
             return {}
 
         channel, size = request.channel, self.history.size
         ttl_ms = int(self.history.ttl * 1000)
         since = request.offset
+        probe = not since and not request.epoch
         spec = GatherSpec(
-            (), replay, None, remote=lambda qid: ReadHistory(qid, channel, since, size, ttl_ms)
+            (),
+            replay,
+            None,
+            remote=lambda qid: ReadHistory(qid, channel, since, size, ttl_ms, probe),
         )
         self._core.start_internal(spec, now)  # refused: no answer; the shard closes it (1013)
+
+    def probe_back(self, qid: int, now: float) -> None:
+        """The probe of read ``qid`` came back on its channel's topic: answer its resume (or,
+        if the read's answer is still to come, remember it for then)."""
+        waiting = self._unprobed.pop(qid, None)
+        if waiting is not None:
+            self._send_resumed(waiting[0], waiting[1], now)
+        elif qid in self._core.pending:  # not one whose read has failed or timed out
+            self._probed.add(qid)
 
     def topics_ready(self, now: float) -> None:
         """The link confirmed topics (or time passed): the resumes waiting for theirs go on."""
@@ -413,6 +446,12 @@ class Guarantees:
             while self._acks:
                 hosts.queue(AckCritical(*self._acks.popleft()))
             self.history.clear()
+        else:  # the probes will not come back
+            self._probed.clear()
+            for request, answer, _deadline in self._unprobed.values():
+                self.counters["unprobed"] += 1
+                self._send_resumed(request, answer, now)
+            self._unprobed.clear()
         self.topics_ready(now)
 
     def acked_elsewhere(self, users: list[int], message_id: str, now: float) -> None:
@@ -436,7 +475,7 @@ class Guarantees:
     def retrying(self) -> bool:
         """Whether :meth:`tick` has something to retry (resumes waiting for their channel's
         topic, critical messages a shard had no room for): the router ticks often then."""
-        return bool(self._waiting or self._undelivered)
+        return bool(self._waiting or self._undelivered or self._unprobed)
 
     def tick(self, now: float) -> None:
         self.history.expire(now)
@@ -444,6 +483,11 @@ class Guarantees:
             self._core.observers.events.emit("critical_expired", {"user": gone.user, "id": gone.id})
         if self._waiting:
             self.topics_ready(now)
+        for qid, (request, answer, deadline) in list(self._unprobed.items()):
+            if now >= deadline:  # the probe is lost (the listener reconnects): answered as is
+                del self._unprobed[qid]
+                self.counters["unprobed"] += 1
+                self._send_resumed(request, answer, now)
         for _ in range(len(self._undelivered)):
             index, incarnation, msg = self._undelivered.popleft()
             if self._core.slots[index].epoch != incarnation:

@@ -176,6 +176,8 @@ class ReadHistory:
     since: int
     limit: int
     ttl_ms: int
+    probe: bool = False  # then publish a probe on the channel's topic after the read (in the
+    # same script): it comes back as a ``probe_back`` delivery (see Delivery)
 
 
 @dataclass(frozen=True, slots=True)
@@ -318,7 +320,9 @@ class Delivery:
     got the ack of critical message ``id``; ``{"op": "set_channel", "channel": C, "join_leave":
     b}``: another host changed a channel's join/leave mark, ``users`` empty; ``{"op": "who",
     "user": U, "qid": q, "reply_to": H}``: host ``H`` asks for ``U``'s connections here, ``users``
-    ``[U]``, to be answered with :class:`AnswerUserConnections` (``H``, ``q``, records)).
+    ``[U]``, to be answered with :class:`AnswerUserConnections` (``H``, ``q``, records);
+    ``{"op": "probe_back", "qid": q}``: the probe of this host's :class:`ReadHistory` ``q``
+    came back on ``channel``'s topic, after every message published there before the read).
 
     ``offset`` > 0: a channel message with history (from any host, this one included), at that
     offset. ``critical_id``: a critical message for ``users`` (to track until acknowledged)."""

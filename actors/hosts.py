@@ -256,8 +256,10 @@ class OtherHosts:
             self._core.finish(qid)
 
     def deliver(self, delivery: Delivery, now: float) -> None:
-        """A broadcast or a backend command from another host."""
-        if delivery.control is not None:
+        """A broadcast or a backend command from another host (or this host's probe)."""
+        if delivery.control is not None and delivery.control["op"] == "probe_back":
+            self._core.guarantees.probe_back(delivery.control["qid"], now)
+        elif delivery.control is not None:
             self._control(delivery.users, delivery.control, now)
         else:
             self._broadcast(delivery, now)

@@ -18,7 +18,8 @@ The three cases of a resume of channel C from offset N:
   written, and what follows waits again. A resume from nothing (offset 0, no epoch: a client
   asking its position on a channel it just joined) replays nothing, and its held messages at or
   below L go before the answer (they came live after the join), the others after it. (In a
-  cluster, one at or below L that reaches the shard only after the answer is still dropped.)
+  cluster, the router answers once those have reached the shard: see ``Guarantees._read``;
+  one at or below L that arrives after the answer, past the router's wait, is dropped.)
 - **Live messages were written already** (a resume after hello): the first one's offset F is
   known for FRESH_LIFE; the router replays only N+1..F-1, after them: every message once, but
   the back-fill arrives after the live ones that followed it.

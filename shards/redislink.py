@@ -239,6 +239,7 @@ class RedisLink:
         self._publish_users = cluster.SPUBLISH_USERS if self.sharded else cluster.PUBLISH_USERS
         self._publish_hosts = cluster.SPUBLISH_HOSTS if self.sharded else cluster.PUBLISH_HOSTS
         self._append = cluster.SAPPEND if self.sharded else cluster.APPEND
+        self._read_history = cluster.SREAD_HISTORY if self.sharded else cluster.READ_HISTORY
         self._store_critical = cluster.SSTORE_CRITICAL if self.sharded else cluster.STORE_CRITICAL
         self._ack_critical = cluster.SACK_CRITICAL if self.sharded else cluster.ACK_CRITICAL
         self._who = cluster.SWHO if self.sharded else cluster.WHO
@@ -533,7 +534,14 @@ class RedisLink:
                 channel_script(op.channel, self._append, new_epoch(), size, ttl, payload, topic)
             elif isinstance(op, ReadHistory):
                 since, limit, ttl = max(0, op.since), max(1, op.limit), max(1, op.ttl_ms)
-                channel_script(op.channel, cluster.READ_HISTORY, new_epoch(), since, limit, ttl)
+                probed: tuple[bytes, str] | tuple[()] = ()
+                if op.probe:  # published by the script after the read: see probe_back
+                    message = Message(
+                        host, None, b"%d" % op.qid, probe=True, channel=op.channel, sent_ms=now_ms
+                    )
+                    probed = (cluster.encode(message, key), layout.channel_topic(op.channel))
+                read = self._read_history
+                channel_script(op.channel, read, new_epoch(), since, limit, ttl, *probed)
             elif isinstance(op, StoreCritical):
                 users = list(dict.fromkeys(op.users))
                 ttl = max(1, op.ttl_ms)
@@ -947,15 +955,23 @@ class RedisLink:
         if isinstance(decoded, Rejected):
             self._count(decoded.value)
             return None
-        if decoded.probe:
-            if decoded.origin == self.host:
-                if topic == self.layout.host_topic(self.host):
-                    self.last_probe_seen = time.monotonic()
-                else:  # one of the probes of each node's topics
-                    with self._probe_lock:
-                        self._node_probes.pop(topic, None)
-            return None
         channel = self.layout.channel_of_topic(topic)
+        if decoded.probe:
+            qid = decoded.frame  # a read's probe (READ_HISTORY's) carries the read's id
+            if decoded.origin != self.host:
+                return None
+            if topic == self.layout.host_topic(self.host):
+                self.last_probe_seen = time.monotonic()
+            elif not qid:  # one of the probes of each node's topics
+                with self._probe_lock:
+                    self._node_probes.pop(topic, None)
+            elif channel is None or channel != decoded.channel:
+                self._count("forged")  # sealed for another channel: replayed onto this topic
+            elif not qid.isdigit() or len(qid) > 19:
+                self._count("malformed")
+            else:
+                return Delivery(ChannelId(channel), [], b"", {"op": "probe_back", "qid": int(qid)})
+            return None
         if decoded.history:  # every host delivers it, its publisher too: Redis's order
             if channel is None or channel != decoded.channel:
                 self._count("forged")

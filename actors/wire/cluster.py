@@ -709,9 +709,11 @@ return {offset, epoch}
 )
 
 # Read a channel's kept messages. ARGV[6]: since (a string: ids may exceed 2**53); ARGV[7]: at
-# most this many; ARGV[8]: ttl (ms) of a state created here. Returns {epoch, offset (a string),
-# the first kept entry's id or nil, {{id, {'m', sealed}}, ...} with offset > since}. Entries
-# are "<offset>-1": starting at "<since>-2" leaves out since's own.
+# most this many; ARGV[8]: ttl (ms) of a state created here; ARGV[9] and ARGV[10], if given: a
+# sealed probe to publish on the channel's topic ARGV[10] after the read (every message at or
+# below the offset read was published there before it). Returns {epoch, offset (a string), the
+# first kept entry's id or nil, {{id, {'m', sealed}}, ...} with offset > since}. Entries are
+# "<offset>-1": starting at "<since>-2" leaves out since's own.
 READ_HISTORY = (
     _HISTORY_STATE
     + """
@@ -720,6 +722,7 @@ local head = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)
 local first = false
 if #head > 0 then first = head[1][1] end
 local entries = redis.call('XRANGE', stream, ARGV[6] .. '-2', '+', 'COUNT', ARGV[7])
+if ARGV[10] then redis.call('PUBLISH', ARGV[10], ARGV[9]) end
 return {epoch, redis.call('HGET', meta, 'offset'), first, entries}
 """
 )
@@ -803,5 +806,6 @@ return #to_hosts_with(5, 5)
 
 # The same for a Redis Cluster: sharded pub/sub (the topics share the scripts' hash tag).
 SAPPEND = APPEND.replace("redis.call('PUBLISH',", "redis.call('SPUBLISH',")
+SREAD_HISTORY = READ_HISTORY.replace("redis.call('PUBLISH',", "redis.call('SPUBLISH',")
 SSTORE_CRITICAL = STORE_CRITICAL.replace("redis.call('PUBLISH',", "redis.call('SPUBLISH',")
 SACK_CRITICAL = ACK_CRITICAL.replace("redis.call('PUBLISH',", "redis.call('SPUBLISH',")

@@ -115,8 +115,10 @@ class Host:
     def append(self, channel: int, data: bytes, size: int = 64, ttl_ms: int = TTL_MS) -> Any:
         return self.run(lambda q: AppendChannel(q, ChannelId(channel), data, size, ttl_ms))
 
-    def read(self, channel: int, since: int = 0, limit: int = 100) -> dict[str, Any]:
-        return self.run(lambda q: ReadHistory(q, ChannelId(channel), since, limit, TTL_MS))
+    def read(
+        self, channel: int, since: int = 0, limit: int = 100, probe: bool = False
+    ) -> dict[str, Any]:
+        return self.run(lambda q: ReadHistory(q, ChannelId(channel), since, limit, TTL_MS, probe))
 
     def store(
         self, users: list[int], id: str, data: bytes, ttl_ms: int = TTL_MS, per_user: int = 100
@@ -218,6 +220,24 @@ def test_reading_history_gives_the_kept_slice_and_the_first_kept_offset(hosts):
     assert b.read(9, since=5)["messages"] == []
     assert b.read(9, since=2**63 - 1)["messages"] == []  # a huge offset: nothing, no error
     assert b.link.stats()["history_read"] == 6
+
+
+def test_a_reads_probe_comes_back_to_its_host_after_every_message_read(hosts):
+    # what a resume from nothing waits for: the messages up to the offset read reached this
+    # host through the topic (another host's among them), then the probe
+    a, b = hosts
+    subscribe(8, a, b)
+    assert [b.append(8, b'"m%d"' % n)["offset"] for n in (1, 2)] == [1, 2]
+    qid = next(_qids)
+    a.link.submit(ReadHistory(qid, ChannelId(8), 0, 100, TTL_MS, probe=True))
+    back = Delivery(ChannelId(8), [], b"", {"op": "probe_back", "qid": qid})
+    a.wait(lambda: back in a.deliveries, what="for the read's probe")
+    assert a.results[qid].ok and a.results[qid].body["offset"] == 2
+    assert [d.offset for d in a.deliveries] == [1, 2, 0]  # the messages read, then the probe
+    b.append(8, b'"m3"')  # after the probe on b's topic too: b delivered nothing for it
+    assert [d.offset for d in b.received(3, "for the 3 channel messages")] == [1, 2, 3]
+    assert all(d.control is None for d in b.deliveries)
+    assert a.link.stats()["malformed"] == b.link.stats()["malformed"] == 0
 
 
 def test_a_channel_state_lives_ttl_after_its_last_message_then_a_new_epoch_starts(hosts):

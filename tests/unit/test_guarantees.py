@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from actors.critical import CriticalStore
-from actors.guarantees import WAIT_FOR_TOPIC
+from actors.guarantees import WAIT_FOR_PROBE, WAIT_FOR_TOPIC
 from actors.history import HistoryStore
 from actors.hostlink import (
     AckCritical,
@@ -236,6 +236,7 @@ def test_a_resume_answer_never_reaches_a_new_incarnation():
     core.take_outbox()
     body = {"epoch": "e", "offset": 0, "first": 1, "messages": []}
     core.hosts.link_event(Results([OpResult(op.qid, True, body)]), 0.0)
+    core.hosts.link_event(Deliveries([probe_back(3, op.qid)]), 0.0)
     assert outbox(core) == []
 
 
@@ -397,9 +398,10 @@ def test_router_stats_show_history_and_critical_counters(redis):
         (op,) = core.hosts.take_ops()
         body = {"epoch": "e", "offset": 0, "first": 1, "messages": []}
         core.hosts.link_event(Results([OpResult(op.qid, True, body)]), 0.0)
+        core.hosts.link_event(Deliveries([probe_back(3, op.qid)]), 0.0)
     stats = core.statistics()
     # epoch "": a client that knows nothing of the channel cannot have missed nothing
-    assert stats["resumes"] == {"resumes": 1, "recovered": 0, "not_recovered": 1}
+    assert stats["resumes"] == {"resumes": 1, "recovered": 0, "not_recovered": 1, "unprobed": 0}
     assert {"channels", "messages"} <= set(stats["history"])
     assert "unknown_acks" in stats["critical"]
 
@@ -414,6 +416,7 @@ def test_in_a_cluster_a_resume_is_answered_from_redis_once_the_topic_is_listened
     core.tick(WAIT_FOR_TOPIC + 0.1)  # not for ever: a stuck listener must not hang resumes
     (op,) = core.hosts.take_ops()
     assert isinstance(op, ReadHistory) and (op.channel, op.since, op.limit) == (3, 2, 64)
+    assert not op.probe  # only a resume from nothing waits for one (see below)
     body = {"epoch": "E", "offset": 4, "first": 1, "messages": [[3, '"c"'], [4, '"d"']]}
     core.hosts.link_event(Results([OpResult(op.qid, True, body)]), 0.0)
     ((to, msg),) = outbox(core)
@@ -422,6 +425,91 @@ def test_in_a_cluster_a_resume_is_answered_from_redis_once_the_topic_is_listened
     sent = payloads(raw)
     assert [(f.get("offset"), f.get("data")) for f in sent[:-1]] == [(3, "c"), (4, "d")]
     assert sent[-1]["recovered"] is True
+
+
+def probe_back(channel: int, qid: int) -> Delivery:
+    """What the link delivers when read ``qid``'s probe is back on the channel's topic."""
+    return Delivery(ChannelId(channel), [], b"", {"op": "probe_back", "qid": qid})
+
+
+def resume_from_nothing(core: RouterCore, channel: int) -> ReadHistory:
+    """Shard 0's connection 9 joined ``channel`` and resumes it from nothing: the read."""
+    assert core.hosts is not None
+    join(core, 0, channel)
+    core.hosts.take_ops()  # the topic's subscription
+    from_shard(core, 0, shardwire.resume(9, channel, 0, ""))
+    (op,) = core.hosts.take_ops()
+    assert isinstance(op, ReadHistory) and op.since == 0 and op.probe
+    return op
+
+
+READ = {"epoch": "E", "offset": 5, "first": 1, "messages": []}
+
+
+def kinds(core: RouterCore) -> list[bytes]:
+    return [msg[0] for _to, msg in outbox(core)]
+
+
+def test_in_a_cluster_a_resume_from_nothing_is_answered_after_what_came_before_its_read():
+    # message 5, from another host, was published before the read (which says offset 5), but
+    # the topic brings it after the read's answer: the connection is owed it (it came after
+    # the join), and the shard would drop it as a repeat once the answer is there
+    core = make(redis=True)
+    assert core.hosts is not None
+    op = resume_from_nothing(core, 3)
+    core.hosts.link_event(Results([OpResult(op.qid, True, READ)]), 0.0)
+    assert outbox(core) == []  # not yet: the probe the read published is not back
+    live = Delivery(ChannelId(3), [], frames.channel_message(3, b"5", 5, "E"), offset=5)
+    core.hosts.link_event(Deliveries([live, probe_back(3, op.qid)]), 0.0)
+    assert kinds(core) == [shardwire.CHANNEL, shardwire.RESUMED]  # the message first
+    core.hosts.link_event(Deliveries([probe_back(3, op.qid)]), 0.0)  # a repeat: nothing
+    assert outbox(core) == [] and not core.guarantees.retrying()
+
+
+def test_a_probe_back_before_its_reads_answer_is_kept_for_it():
+    core = make(redis=True)
+    assert core.hosts is not None
+    op = resume_from_nothing(core, 3)
+    core.hosts.link_event(Deliveries([probe_back(3, op.qid)]), 0.0)
+    assert outbox(core) == []
+    core.hosts.link_event(Results([OpResult(op.qid, True, READ)]), 0.0)
+    assert kinds(core) == [shardwire.RESUMED]
+    core.hosts.link_event(Deliveries([probe_back(3, 12345)]), 0.0)  # no such read: ignored
+    assert outbox(core) == [] and not core.guarantees.retrying()
+
+
+def test_a_resume_from_nothing_whose_probe_is_lost_is_answered_at_its_deadline():
+    core = make(redis=True)
+    assert core.hosts is not None
+    op = resume_from_nothing(core, 3)
+    core.hosts.link_event(Results([OpResult(op.qid, True, READ)]), 0.1)
+    assert core.guarantees.retrying()  # the router ticks often meanwhile
+    core.tick(WAIT_FOR_PROBE / 2)
+    assert outbox(core) == []
+    core.tick(WAIT_FOR_PROBE)  # counted from the read (made at 0.0)
+    assert kinds(core) == [shardwire.RESUMED]
+    assert core.guarantees.counters["unprobed"] == 1
+    assert not core.guarantees.retrying()
+
+
+def test_a_resume_from_nothing_waiting_for_its_probe_is_answered_when_the_link_drops():
+    core = make(redis=True)
+    assert core.hosts is not None
+    op = resume_from_nothing(core, 3)
+    core.hosts.link_event(Results([OpResult(op.qid, True, READ)]), 0.0)
+    core.hosts.link_event(LinkState(False), 0.0)
+    assert kinds(core) == [shardwire.RESUMED]
+    assert core.guarantees.counters["unprobed"] == 1
+
+
+def test_a_resume_from_nothing_whose_read_failed_is_answered_here_at_once():
+    core = make(redis=True)
+    assert core.hosts is not None
+    op = resume_from_nothing(core, 3)
+    core.hosts.link_event(Results([OpResult(op.qid, False, None)]), 0.0)
+    assert kinds(core) == [shardwire.RESUMED]  # this host's store: no probe to wait for
+    core.hosts.link_event(Deliveries([probe_back(3, op.qid)]), 0.0)  # late: nothing kept
+    assert outbox(core) == [] and not core.guarantees.retrying()
 
 
 def test_a_back_fill_replays_only_what_came_before_the_first_live_message():

@@ -203,6 +203,23 @@ def test_our_own_messages_and_probes_are_not_delivered(link):
     assert link._decode(pubsub_message(link.layout.host_topic(link.host), probe)) is None
 
 
+def test_a_reads_probe_back_on_its_channels_topic_is_delivered_to_the_router(link):
+    link, _events = link
+    topic = link.layout.channel_topic(6)
+
+    def decoded(origin: str, qid: bytes, channel: int | None = 6) -> Delivery | None:
+        probe = cluster.encode(message(origin, None, qid, probe=True, channel=channel), KEY)
+        return link._decode(pubsub_message(topic, probe))
+
+    back = Delivery(ChannelId(6), [], b"", {"op": "probe_back", "qid": 41})
+    assert decoded(link.host, b"41") == back
+    assert decoded("other-host", b"41") is None  # another host's read: not ours
+    assert decoded(link.host, b"") is None  # a node's probe (cluster mode)
+    assert decoded(link.host, b"41", channel=7) is None  # sealed for another channel: counted
+    assert decoded(link.host, b"x1") is None  # not a read's id: counted
+    assert (link.stats()["forged"], link.stats()["malformed"]) == (1, 1)
+
+
 def test_malformed_messages_are_counted_and_the_router_gets_a_copy_of_the_counters(link):
     link, _events = link
     garbage = KEY.seal(b"\x00garbage")  # sealed, so not forged: malformed
