@@ -50,7 +50,8 @@ if TYPE_CHECKING:
 DEFAULT_CRITICAL_TTL = 86_400.0
 WAIT_FOR_TOPIC = 2.0  # seconds a resume waits for the host's topic subscription at most
 # seconds a resume from nothing, read from Redis, waits for its read's probe to come back on
-# the channel's topic at most (see Guarantees._read); then it is answered without it
+# the channel's topic at most once the read is answered (see Guarantees._read; to the next tick
+# of the router, 0.1 s, after that); then it is answered without it
 WAIT_FOR_PROBE = 1.0
 MAX_PENDING_ACKS = 10_000  # acks kept for Redis while the link is down
 MAX_UNDELIVERED = 10_000  # critical messages kept to queue again to a shard that had no room
@@ -91,8 +92,9 @@ class Guarantees:
         self._undelivered: deque[tuple[ShardIndex, int, list[bytes]]] = deque()
         self.undelivered_dropped = 0
         # resumes from nothing read from Redis, by the read's id: answers waiting for the
-        # read's probe (with their deadline), and probes back before their read's answer
-        self._unprobed: dict[int, tuple[_Resume, Recovery, float]] = {}
+        # read's probe (with their deadline: set by the first tick after the answer), and
+        # probes back before their read's answer
+        self._unprobed: dict[int, tuple[_Resume, Recovery, float | None]] = {}
         self._probed: set[int] = set()
 
     def _linked(self) -> bool:
@@ -215,7 +217,7 @@ class Guarantees:
             else:
                 answer = _from_redis(body, request.offset, request.epoch)
                 if probe and gather.qid not in self._probed:
-                    self._unprobed[gather.qid] = (request, answer, now + WAIT_FOR_PROBE)
+                    self._unprobed[gather.qid] = (request, answer, None)
                     return {}
                 self._probed.discard(gather.qid)
             self._send_resumed(request, answer, now)
@@ -224,7 +226,9 @@ class Guarantees:
         channel, size = request.channel, self.history.size
         ttl_ms = int(self.history.ttl * 1000)
         since = request.offset
-        probe = not since and not request.epoch
+        hosts = self._core.hosts  # a probe comes back only through a topic listened to
+        listened = hosts is not None and hosts.up and channel in hosts.ready
+        probe = not since and not request.epoch and listened
         spec = GatherSpec(
             (),
             replay,
@@ -473,8 +477,9 @@ class Guarantees:
     # -- time and statistics ---------------------------------------------------------------
 
     def retrying(self) -> bool:
-        """Whether :meth:`tick` has something to retry (resumes waiting for their channel's
-        topic, critical messages a shard had no room for): the router ticks often then."""
+        """Whether :meth:`tick` has something to retry or to give up on (resumes waiting for
+        their channel's topic or their read's probe, critical messages a shard had no room
+        for): the router ticks often then."""
         return bool(self._waiting or self._undelivered or self._unprobed)
 
     def tick(self, now: float) -> None:
@@ -484,7 +489,9 @@ class Guarantees:
         if self._waiting:
             self.topics_ready(now)
         for qid, (request, answer, deadline) in list(self._unprobed.items()):
-            if now >= deadline:  # the probe is lost (the listener reconnects): answered as is
+            if deadline is None:  # answered since the last tick: the wait starts now
+                self._unprobed[qid] = (request, answer, now + WAIT_FOR_PROBE)
+            elif now >= deadline:  # the probe is lost (the listener reconnects): answered
                 del self._unprobed[qid]
                 self.counters["unprobed"] += 1
                 self._send_resumed(request, answer, now)

@@ -38,7 +38,7 @@ from actors.hostlink import (
 from actors.hosts import OtherHosts
 from actors.inbox import SocketActor, SocketsReady, Tick
 from actors.osthread import name_this_thread
-from actors.router import RouterCore, RouterEvent
+from actors.router import RETRY_TICK, RouterCore, RouterEvent
 from actors.shardlink import Bounds, ShardLinks
 from actors.wire import shardwire
 
@@ -572,7 +572,10 @@ class RouterActor(SocketActor):
             self.on_event(event)
 
     def _arm_timer(self) -> None:
-        when = self.core.next_tick(time.monotonic(), self.hang_timeout)
+        now = time.monotonic()
+        when = self.core.next_tick(now, self.hang_timeout)
+        if not self.shard_links.accepting:  # accept() failed: the tick tries again
+            when = min(when, now + RETRY_TICK)
         if self.link is not None:
             when = min(when, self.next_presence)
         # never later than the one already set: messages arriving more often than the check

@@ -482,14 +482,26 @@ def test_a_resume_from_nothing_whose_probe_is_lost_is_answered_at_its_deadline()
     core = make(redis=True)
     assert core.hosts is not None
     op = resume_from_nothing(core, 3)
-    core.hosts.link_event(Results([OpResult(op.qid, True, READ)]), 0.1)
+    core.hosts.link_event(Results([OpResult(op.qid, True, READ)]), 5.0)
     assert core.guarantees.retrying()  # the router ticks often meanwhile
-    core.tick(WAIT_FOR_PROBE / 2)
+    core.tick(5.1)  # the wait starts at the first tick after the answer (not at the read)
+    core.tick(5.1 + WAIT_FOR_PROBE / 2)
     assert outbox(core) == []
-    core.tick(WAIT_FOR_PROBE)  # counted from the read (made at 0.0)
+    core.tick(5.1 + WAIT_FOR_PROBE)
     assert kinds(core) == [shardwire.RESUMED]
     assert core.guarantees.counters["unprobed"] == 1
     assert not core.guarantees.retrying()
+
+
+def test_a_resume_from_nothing_read_before_its_topic_is_listened_to_needs_no_probe():
+    core = make(redis=True)
+    assert core.hosts is not None
+    from_shard(core, 0, shardwire.resume(9, 3, 0, ""))  # 3: no topic confirmed
+    core.tick(WAIT_FOR_TOPIC + 0.1)  # read anyway: a probe could not come back
+    (op,) = core.hosts.take_ops()
+    assert isinstance(op, ReadHistory) and not op.probe
+    core.hosts.link_event(Results([OpResult(op.qid, True, READ)]), 0.0)
+    assert kinds(core) == [shardwire.RESUMED]
 
 
 def test_a_resume_from_nothing_waiting_for_its_probe_is_answered_when_the_link_drops():
