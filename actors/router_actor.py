@@ -170,15 +170,20 @@ class BatchWindow:
       turns in a row that each brought fewer than GATHER (of START at least expected) back off
       too.
       Independent arrivals, as from many users, come in as fast held or not, and pass. The
-      rate alone is too noisy to tell more (over JUDGE turns, independent arrivals vary by ~15
-      %), so the judgement also looks at who sent the commands: a backend with one command in
-      3 of 4 judged turns or more, and never more than one, is taken to wait for its replies
-      (one that sends on its own looks like that in ~1 % of judgements at most), and if such
-      backends sent half of the commands or more, holding only slows them: it fails too.
-      (Measured with `ucc serve` and 16 backend processes each sending a command after the
-      reply to their last: 5,900-6,100 commands/s before this, 7,800-8,400 after, 8,300-8,600
-      with holding off.) What is left: a backend that sends one command at a time among other
-      traffic that pays for holding waits up to a hold per command.
+      rate of independent arrivals is noisy (over JUDGE turns it varies by ~15 %), hence the
+      low PAID; but backends waiting for their replies can be told by who sent the commands:
+      one command in 3 of 4 judged turns or more, and never more than one (a backend that
+      sends on its own at the rates that are held rarely looks like that). If such backends
+      sent half of the commands or more, the bar is WAITED: they may come in a little slower held
+      and still gain nothing, or as fast, when their round trip is longer than the hold (then
+      a hold gathers one command from each, and pays). The rate they are compared with is
+      the one measured before holding began, which may have been low (at their start, or at
+      a busy moment): after REPROBE judgements passed in a row at WAITED, holding pauses for
+      MIN_BACKOFF (not doubled) to measure it afresh. (Measured with `ucc serve` and 16
+      backend processes each sending a command after the reply to their last: see README,
+      Benchmarks, issue 14 fourth pass.)
+      What is left: a backend that sends one command at a time among other traffic that pays
+      for holding waits up to a hold per command.
 
     (Measured, rooms of 10 at 1,000 commands/s, fixed holds: server CPU per frame 35.2 µs
     without, 25.9 with 2 ms, 18.1 with 5 ms, ~15 with 10 ms; p50 latency 0.5, 1.5, 3.5, 6.4 ms.)
@@ -191,7 +196,9 @@ class BatchWindow:
     OBSERVE = 0.01  # seconds of turns not held that the rate must be seen over first...
     OBSERVED = 16  # ...and commands
     JUDGE = 8  # held turns between two judgements
-    PAID = 0.5  # held, commands must come in at least this share of the rate seen unheld
+    PAID = 0.5  # held, commands must come in at least this share of the rate seen unheld...
+    WAITED = 0.85  # ...this share, if most of them came from backends waiting for replies
+    REPROBE = 8  # judgements passed in a row at WAITED, then a pause to measure it afresh
     MIN_BACKOFF = 0.05  # seconds without holding after a judgement that failed...
     MAX_BACKOFF = 5.0  # ...doubled after each failure in a row, up to this
 
@@ -215,6 +222,7 @@ class BatchWindow:
         self.crowded: set[bytes] = set()
         self.backoff = self.MIN_BACKOFF
         self.resume = float("-inf")  # no holding before then (a back-off)
+        self.passed = 0  # judgements passed in a row at WAITED
 
     def stats(self, now: float) -> dict[str, float]:
         """For ``router_stats``: the flags, and the hold in force at ``now`` (0: not holding,
@@ -240,9 +248,15 @@ class BatchWindow:
             self.commands += handled
             self.seconds += gap
             self._count_regulars(senders or {})
-            if self.turns >= self.JUDGE and not self._judge():
-                self._stop(back_off=now)
-                return None
+            if self.turns >= self.JUDGE:
+                if not self._judge():
+                    self._stop(back_off=now)
+                    return None
+                if self.passed >= self.REPROBE:  # the rate unheld, measured afresh: the one
+                    self.passed = 0  # measured when holding began may have been too low (a
+                    self._stop()  # start, a busy moment), and then holding passes for ever
+                    self.resume = now + self.MIN_BACKOFF
+                    return None
             if handled >= self.GATHER:
                 self.misses = 0
             else:  # a second hold in a row that gathered (next to) nothing of the many
@@ -288,8 +302,10 @@ class BatchWindow:
 
     def waiting(self) -> int:
         """The commands of the held turns since the last judgement that came from backends
-        waiting for their replies: never more than one command in a turn, and one in at least
-        3 of 4 turns (a backend on a busy box may miss a hold now and then)."""
+        waiting for their replies: never more than one command in a turn, and one in 3 of 4
+        turns or more (on a busy box, such a backend may miss a hold: it was not run in time;
+        with fewer, backends that send on their own at the rates that are held look like that
+        too often)."""
         turns, crowded = self.turns, self.crowded
         return sum(
             n for who, n in self.regulars.items() if 4 * n >= 3 * turns and who not in crowded
@@ -298,7 +314,9 @@ class BatchWindow:
     def _judge(self) -> bool:
         """Whether holding paid over the held turns since the last judgement."""
         rate = self.commands / self.seconds if self.seconds > 0 else float("inf")
-        paid = rate >= self.PAID * self.unheld and 2 * self.waiting() < self.commands
+        waited = 2 * self.waiting() >= self.commands
+        paid = rate >= (self.WAITED if waited else self.PAID) * self.unheld
+        self.passed = self.passed + 1 if paid and waited else 0
         self.turns = self.commands = 0
         self.seconds = 0.0
         self.regulars.clear()

@@ -72,6 +72,14 @@ def add_bench(subparsers: Subparsers) -> None:
         " (a seeded Poisson process) (default: %(default)s)",
     )
     parser.add_argument(
+        "--backends",
+        type=positive_int,
+        default=1,
+        metavar="B",
+        help="rooms, direct at --rate max: publish from B backends that each send a command"
+        " only after the reply to their last (default: one backend, up to 1,000 unanswered)",
+    )
+    parser.add_argument(
         "--messages",
         type=positive_int,
         metavar="K",
@@ -149,6 +157,9 @@ def run_bench(args: argparse.Namespace) -> int:
     """The handler of ``ucc bench``: check the target, then run the bench (exit code)."""
     if args.target and not args.target.startswith("ws://"):
         print("ucc: error: --target must be a ws:// URL", file=sys.stderr)
+        return 2
+    if args.backends > 1 and (args.scenario not in ("rooms", "direct") or args.rate != "max"):
+        print("ucc: error: --backends is for rooms and direct at --rate max", file=sys.stderr)
         return 2
     from shards.bench.runner import run  # noqa: PLC0415 - the bench is heavy; load it when used
 

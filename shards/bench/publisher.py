@@ -72,6 +72,29 @@ class PublishResult:
     counts: dict[tuple[str, int], int] = field(default_factory=dict)  # ok replies per target
 
 
+def merge(results: list[PublishResult]) -> PublishResult:
+    """The results of several publishers of one run, as one (the first send, the last send and
+    the last reply of any; counts and histograms summed)."""
+    if len(results) == 1:
+        return results[0]
+    out = PublishResult()
+    for one in results:
+        out.sent += one.sent
+        out.acked += one.acked
+        out.refused += one.refused
+        out.errors += one.errors
+        out.first_error = out.first_error or one.first_error
+        out.rtt_max_ns = max(out.rtt_max_ns, one.rtt_max_ns)
+        for index, n in one.rtt_hist.items():
+            out.rtt_hist[index] = out.rtt_hist.get(index, 0) + n
+        for key, n in one.counts.items():
+            out.counts[key] = out.counts.get(key, 0) + n
+    out.t_first_ns = min(one.t_first_ns for one in results)
+    out.t_last_ns = max(one.t_last_ns for one in results)
+    out.t_last_ack_ns = max(one.t_last_ack_ns for one in results)
+    return out
+
+
 class Publisher:
     """Commands to one server; one per run. Use :meth:`run` once, then :meth:`close`."""
 

@@ -62,6 +62,7 @@ def options(args: argparse.Namespace, sweep_value: int | None = None) -> Options
         payload=args.payload,
         concurrency=args.concurrency,
         arrivals=args.arrivals,
+        backends=args.backends,
     )
 
 

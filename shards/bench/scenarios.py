@@ -31,7 +31,7 @@ from actors.ids import stable_hash
 from shards.bench.fleet import Fleet, Plan, open_client, source_address
 from shards.bench.loadclient import LoadClient, Stats, upgrade_request
 from shards.bench.probes import CpuMeter, ThreadMeter, rss_bytes
-from shards.bench.publisher import Publisher, PublishResult, Target
+from shards.bench.publisher import Publisher, PublishResult, Target, merge
 from shards.bench.report import Progress, percentiles
 from shards.bench.servers import Server
 from shards.client import AsyncClient, UccError
@@ -56,6 +56,7 @@ class Options:
     window: int = 1000
     seed: int = 1
     arrivals: str = "even"  # or "poisson" (see publisher.schedule)
+    backends: int = 1  # more: each sends its next command only after the last one's reply
 
 
 def layout(opts: Options) -> list[Plan]:
@@ -311,7 +312,11 @@ class Run:
         for sentinel in sentinel_stats:
             sentinel.reset()
         epochs_before = await self._epochs()
-        publisher = Publisher(self.server.command, opts.payload, opts.window)
+        # one backend pipelining up to ``window`` commands, or several with one each
+        window = opts.window if opts.backends == 1 else 1
+        publishers = [
+            Publisher(self.server.command, opts.payload, window) for _ in range(opts.backends)
+        ]
         server_threads = ThreadMeter(server_procs).start()
         server_cpu = CpuMeter(server_procs).start()
         client_cpu = CpuMeter(client_procs).start()
@@ -319,11 +324,23 @@ class Run:
             deadline = time.monotonic() + (
                 opts.duration if opts.rate is None else count / opts.rate + opts.duration
             )
-            pub = await publisher.run(
-                target, count, opts.rate, deadline, gate, on_progress, opts.arrivals
-            )
+            backends = len(publishers)
+            runs = [
+                publisher.run(
+                    target,
+                    count // backends + (i < count % backends),  # its share of the commands
+                    opts.rate,
+                    deadline,
+                    gate,
+                    on_progress if i == 0 else None,
+                    opts.arrivals,
+                )
+                for i, publisher in enumerate(publishers)
+            ]
+            pub = merge(list(await asyncio.gather(*runs)))
         finally:
-            publisher.close()
+            for publisher in publishers:
+                publisher.close()
         expected = sum(n * self.members.get(key, 0) for key, n in pub.counts.items())
         observed = await self._drain(expected)
         server_cpu.stop()
@@ -349,6 +366,7 @@ class Run:
         figures: dict[str, Any] = {
             "rate": "max" if opts.rate is None else opts.rate,
             "arrivals": "flat out" if opts.rate is None else opts.arrivals,
+            "backends": opts.backends,
             "commands_sent": pub.sent,
             "commands_acked": pub.acked - pub.refused - pub.errors,
             "commands_refused": pub.refused,

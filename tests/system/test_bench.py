@@ -97,6 +97,28 @@ def test_rooms_with_independent_arrivals_delivers_each_broadcast_to_its_room():
     assert result["commands_sent"] == 400 and result["expected_frames"] == 400 * 10
 
 
+def test_rooms_from_backends_that_wait_for_their_replies_delivers_and_counts_every_command():
+    result = bench(
+        "rooms", "--connections", "50", "--members", "10", "--rate", "max", "--messages", "403",
+        "--backends", "4",
+    )  # fmt: skip
+    assert_delivered_everything(result, 50)
+    assert result["backends"] == 4
+    assert result["commands_sent"] == 403 and result["expected_frames"] == 403 * 10
+
+
+def test_backends_are_refused_where_they_mean_nothing():
+    for args in (("fanout", "--rate", "max"), ("rooms", "--rate", "100")):
+        proc = subprocess.run(
+            [sys.executable, "-m", "shards.cli", "bench", *args, "--backends", "2", "--quiet"],
+            capture_output=True,
+            timeout=60 * TIME_FACTOR,
+            check=False,
+        )
+        assert proc.returncode == 2
+        assert b"--backends is for rooms and direct at --rate max" in proc.stderr
+
+
 def test_idle_reports_memory_per_connection():
     result = bench("idle", "--connections", "50", "--duration", "0.5")
     assert result["connections"] == result["open_after_hold"] == 50

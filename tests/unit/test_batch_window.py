@@ -166,6 +166,25 @@ def test_backends_waiting_for_their_replies_are_not_slowed_down(backends, rtt):
     assert held >= 0.9 * unheld
 
 
+@pytest.mark.parametrize(("backends", "rtt"), [(40, 0.01), (16, 0.02)])
+def test_backends_waiting_for_replies_longer_than_a_hold_are_held_and_not_slowed(backends, rtt):
+    """Their round trip is longer than the hold: a hold gathers one command from each, and
+    they come in as fast as unheld (above WAITED): holding goes on, and pays."""
+    batch, turns, held_turns = BatchWindow(WINDOW, BUDGET), [0], [0]
+    turn = batch.turn
+
+    def counted(handled: int, now: float, senders: dict[bytes, int] | None = None):
+        until = turn(handled, now, senders)
+        turns[0] += 1
+        held_turns[0] += until is not None
+        return until
+
+    batch.turn = counted  # type: ignore[method-assign]
+    held = closed_loop(batch, backends, rtt)
+    assert held >= 0.95 * closed_loop(BatchWindow(0.0), backends, rtt)
+    assert held_turns[0] > 0.9 * turns[0]
+
+
 def test_judged_by_the_rate_alone_backends_with_a_round_trip_near_the_hold_lose_up_to_half():
     """Without the senders, the judgement sees only the rate: 8 backends with a 1 ms round
     trip came in at 0.60 of their unheld rate, above PAID: holding went on."""
@@ -210,6 +229,22 @@ def test_backends_with_one_command_in_most_held_turns_are_the_ones_waiting():
     now, n = until, round(4000 * batch.current)
     assert batch.turn(n, now, {b"waits": 1, b"own": n - 1}) is not None  # a few: holding pays
     assert batch.regulars == {} and batch.waiting() == 0  # judged: counted afresh
+
+
+def test_holding_for_backends_waiting_for_replies_pauses_now_and_then_to_measure_afresh():
+    """Their rate unheld may have been measured low (a start): holding pauses for
+    MIN_BACKOFF, not doubled, after REPROBE judgements passed in a row at WAITED."""
+    batch = BatchWindow(WINDOW, BUDGET)
+    now, until = start_holding(batch, 1.0)  # 4,000/s unheld
+    waiting = {b"w%d" % n: 1 for n in range(8)}  # one command each per hold: as fast held
+    turns = 0
+    while batch.holding:
+        now = until
+        until = batch.turn(8, now, waiting)
+        turns += 1
+    assert until is None and turns == BatchWindow.REPROBE * BatchWindow.JUDGE
+    assert batch.resume == now + BatchWindow.MIN_BACKOFF
+    assert batch.backoff == BatchWindow.MIN_BACKOFF and batch.passed == 0
 
 
 def test_a_judgement_that_fails_backs_off_ever_longer_and_one_that_passes_resets_it():
