@@ -22,6 +22,7 @@ import asyncio
 import random
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -325,19 +326,35 @@ class Run:
                 opts.duration if opts.rate is None else count / opts.rate + opts.duration
             )
             backends = len(publishers)
+            so_far = [PublishResult() for _ in publishers]  # for the progress line
+
+            def progress_of(i: int) -> Callable[[PublishResult], None]:
+                def update(result: PublishResult) -> None:
+                    so_far[i] = result
+                    on_progress(merge(so_far))
+
+                return update
+
             runs = [
-                publisher.run(
-                    target,
-                    count // backends + (i < count % backends),  # its share of the commands
-                    opts.rate,
-                    deadline,
-                    gate,
-                    on_progress if i == 0 else None,
-                    opts.arrivals,
+                asyncio.ensure_future(
+                    publisher.run(
+                        target,
+                        count // backends + (i < count % backends),  # its share
+                        opts.rate,
+                        deadline,
+                        gate,
+                        progress_of(i),
+                        opts.arrivals,
+                    )
                 )
                 for i, publisher in enumerate(publishers)
             ]
-            pub = merge(list(await asyncio.gather(*runs)))
+            try:
+                pub = merge(list(await asyncio.gather(*runs)))
+            finally:  # one failed: the others stop before their sockets are closed
+                for run in runs:
+                    run.cancel()
+                await asyncio.gather(*runs, return_exceptions=True)
         finally:
             for publisher in publishers:
                 publisher.close()

@@ -105,6 +105,9 @@ def test_rooms_from_backends_that_wait_for_their_replies_delivers_and_counts_eve
     assert_delivered_everything(result, 50)
     assert result["backends"] == 4
     assert result["commands_sent"] == 403 and result["expected_frames"] == 403 * 10
+    result = bench("direct", "--connections", "50", "--messages", "200", "--backends", "3")
+    assert_delivered_everything(result, 50)  # direct publishes flat out by default
+    assert result["backends"] == 3 and result["commands_sent"] == 200
 
 
 def test_backends_are_refused_where_they_mean_nothing():

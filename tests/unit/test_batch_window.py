@@ -228,6 +228,7 @@ def test_backends_with_one_command_in_most_held_turns_are_the_ones_waiting():
     assert batch.waiting() == 2 * (BatchWindow.JUDGE - 1) - 1
     now, n = until, round(4000 * batch.current)
     assert batch.turn(n, now, {b"waits": 1, b"own": n - 1}) is not None  # a few: holding pays
+    assert batch.passed == 0  # judged at PAID (at WAITED, this would count a pass)
     assert batch.regulars == {} and batch.waiting() == 0  # judged: counted afresh
 
 
@@ -237,6 +238,11 @@ def test_holding_for_backends_waiting_for_replies_pauses_now_and_then_to_measure
     batch = BatchWindow(WINDOW, BUDGET)
     now, until = start_holding(batch, 1.0)  # 4,000/s unheld
     waiting = {b"w%d" % n: 1 for n in range(8)}  # one command each per hold: as fast held
+    for _ in range((BatchWindow.REPROBE - 1) * BatchWindow.JUDGE):
+        now = until
+        until = batch.turn(8, now, waiting)
+    assert until is not None and batch.passed == BatchWindow.REPROBE - 1
+    now, until = start_holding(batch, now + 1.0)  # a silence: passes no longer in a row
     turns = 0
     while batch.holding:
         now = until
