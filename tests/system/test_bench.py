@@ -87,24 +87,27 @@ def test_direct_at_a_paced_rate_sends_and_accounts_for_every_command():
     assert result["commands_sent"] == result["expected_frames"] == 2000
 
 
-def test_rooms_with_independent_arrivals_delivers_each_broadcast_to_its_room():
-    result = bench(
-        "rooms", "--connections", "50", "--members", "10", "--rate", "2000", "--messages", "400",
-        "--arrivals", "poisson",
-    )  # fmt: skip
+@pytest.mark.parametrize(
+    ("extra", "key", "value", "sent"),
+    [
+        (
+            ("--rate", "2000", "--messages", "400", "--arrivals", "poisson"),
+            "arrivals",
+            "poisson",
+            400,
+        ),
+        # backends that each wait for their reply: every command counted once
+        (("--rate", "max", "--messages", "403", "--backends", "4"), "backends", 4, 403),
+    ],
+)
+def test_rooms_delivers_each_broadcast_to_its_room_however_it_is_published(extra, key, value, sent):
+    result = bench("rooms", "--connections", "50", "--members", "10", *extra)
     assert_delivered_everything(result, 50)
-    assert result["arrivals"] == "poisson"
-    assert result["commands_sent"] == 400 and result["expected_frames"] == 400 * 10
+    assert result[key] == value
+    assert result["commands_sent"] == sent and result["expected_frames"] == sent * 10
 
 
-def test_rooms_from_backends_that_wait_for_their_replies_delivers_and_counts_every_command():
-    result = bench(
-        "rooms", "--connections", "50", "--members", "10", "--rate", "max", "--messages", "403",
-        "--backends", "4",
-    )  # fmt: skip
-    assert_delivered_everything(result, 50)
-    assert result["backends"] == 4
-    assert result["commands_sent"] == 403 and result["expected_frames"] == 403 * 10
+def test_direct_from_backends_that_wait_for_their_replies_at_its_default_rate():
     result = bench("direct", "--connections", "50", "--messages", "200", "--backends", "3")
     assert_delivered_everything(result, 50)  # direct publishes flat out by default
     assert result["backends"] == 3 and result["commands_sent"] == 200
