@@ -246,6 +246,12 @@ class Guarantees:
         elif qid in self._core.pending:  # not one whose read has failed or timed out
             self._probed.add(qid)
 
+    def _without_probe(self, qid: int, now: float) -> None:
+        """Answer the resume of read ``qid`` whose probe will not come (counted)."""
+        request, answer, _deadline = self._unprobed.pop(qid)
+        self.counters["unprobed"] += 1
+        self._send_resumed(request, answer, now)
+
     def topics_ready(self, now: float) -> None:
         """The link confirmed topics (or time passed): the resumes waiting for theirs go on."""
         hosts = self._core.hosts
@@ -452,10 +458,8 @@ class Guarantees:
             self.history.clear()
         else:  # the probes will not come back
             self._probed.clear()
-            for request, answer, _deadline in self._unprobed.values():
-                self.counters["unprobed"] += 1
-                self._send_resumed(request, answer, now)
-            self._unprobed.clear()
+            for qid in list(self._unprobed):
+                self._without_probe(qid, now)
         self.topics_ready(now)
 
     def acked_elsewhere(self, users: list[int], message_id: str, now: float) -> None:
@@ -491,10 +495,8 @@ class Guarantees:
         for qid, (request, answer, deadline) in list(self._unprobed.items()):
             if deadline is None:  # answered since the last tick: the wait starts now
                 self._unprobed[qid] = (request, answer, now + WAIT_FOR_PROBE)
-            elif now >= deadline:  # the probe is lost (the listener reconnects): answered
-                del self._unprobed[qid]
-                self.counters["unprobed"] += 1
-                self._send_resumed(request, answer, now)
+            elif now >= deadline:  # the probe is lost (the listener reconnects)
+                self._without_probe(qid, now)
         for _ in range(len(self._undelivered)):
             index, incarnation, msg = self._undelivered.popleft()
             if self._core.slots[index].epoch != incarnation:

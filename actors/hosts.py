@@ -257,9 +257,7 @@ class OtherHosts:
 
     def deliver(self, delivery: Delivery, now: float) -> None:
         """A broadcast or a backend command from another host (or this host's probe)."""
-        if delivery.control is not None and delivery.control["op"] == "probe_back":
-            self._core.guarantees.probe_back(delivery.control["qid"], now)
-        elif delivery.control is not None:
+        if delivery.control is not None:
             self._control(delivery.users, delivery.control, now)
         else:
             self._broadcast(delivery, now)
@@ -299,6 +297,9 @@ class OtherHosts:
         core = self._core
         if control["op"] == "acked":
             core.guarantees.acked_elsewhere(users, str(control["id"]), now)
+            return
+        if control["op"] == "probe_back":  # this host's own read (see Guarantees._read)
+            core.guarantees.probe_back(control["qid"], now)
             return
         if control["op"] == "who":
             core.observers.answer_who(control, now)

@@ -77,6 +77,10 @@ def client_processes(args: argparse.Namespace, largest: int) -> int:
 def run(args: argparse.Namespace) -> int:
     """The ``ucc bench`` handler."""
     points: list[int | None] = list(args.sweep) if args.sweep else [None]
+    opts = options(args)  # with the scenario's defaults (direct publishes flat out)
+    if opts.backends > 1 and (opts.scenario not in ("rooms", "direct") or opts.rate is not None):
+        print("ucc: error: --backends is for rooms and direct at --rate max", file=sys.stderr)
+        return 2
     largest = max(options(args, point).connections for point in points)
     probes.raise_open_files_limit()
     fleet = Fleet(client_processes(args, largest))  # fork before any loop or ZeroMQ context

@@ -304,9 +304,6 @@ class Run:
                 return True
             return sent - min(s.frames for s in sentinel_stats) < window
 
-        def on_progress(pub: PublishResult) -> None:
-            self.progress.update(f"{pub.sent:,} sent, {pub.acked:,} acknowledged")
-
         rate = "max" if opts.rate is None else f"{opts.rate:g}/s"
         self.progress.phase(f"{self.server.name}: {opts.scenario}, publishing at {rate}")
         await self.fleet.ask_all("reset")
@@ -326,12 +323,13 @@ class Run:
                 opts.duration if opts.rate is None else count / opts.rate + opts.duration
             )
             backends = len(publishers)
-            so_far = [PublishResult() for _ in publishers]  # for the progress line
+            so_far = [PublishResult() for _ in publishers]  # each one's, live: the progress
 
             def progress_of(i: int) -> Callable[[PublishResult], None]:
                 def update(result: PublishResult) -> None:
                     so_far[i] = result
-                    on_progress(merge(so_far))
+                    sent, acked = sum(r.sent for r in so_far), sum(r.acked for r in so_far)
+                    self.progress.update(f"{sent:,} sent, {acked:,} acknowledged")
 
                 return update
 
