@@ -79,8 +79,8 @@ class CommandError(PeerError):
     """A request the router refuses; ``code`` is one of the documented error codes."""
 
 
-@dataclass(frozen=True, slots=True)
-class Command:
+@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ sets each field through
+class Command:  # object.__setattr__, ~0.5 µs of a command's ~10 µs decode (read-only by use)
     name: str
     id: Any
     args: dict[str, Any]

@@ -14,6 +14,7 @@ from actors.router import (
     HANG_MARGIN,
     HOUSEKEEPING,
     RETRY_TICK,
+    SHARD_CACHE,
     RouterCore,
     ShardEvent,
     ShardHung,
@@ -828,6 +829,16 @@ def test_direct_messages_are_refused_when_the_users_shard_is_full():
     assert core.take_outbox() == []
     command(core, {"id": 3, "cmd": "broadcast_to_user", "user": user + 0, "data": 1})
     assert take_reply(core)["error"]["code"] == "overloaded"
+
+
+def test_users_go_to_their_documented_shard_however_many_the_router_has_seen():
+    """The router remembers users' shards (stable_hash is slow in Python), in a bounded map
+    that starts again when full: the answer never changes, and memory stays bounded."""
+    core = RouterCore(3)
+    users = [1, 2**63 - 1, *range(10**12, 10**12 + SHARD_CACHE + 10)]
+    for _ in range(2):  # the second pass partly from the map, partly after it was emptied
+        assert [core.shard_of(u) for u in users] == [stable_hash(u, 3) for u in users]
+        assert 0 < len(core._shard_cache) <= SHARD_CACHE
 
 
 def test_queries_are_not_refused_by_the_window_but_by_their_own_limit():
