@@ -77,7 +77,7 @@ RESTART_LOG = 10  # restarts remembered for the admin page
 HOUSEKEEPING = 1.0  # seconds between two ticks at most (history's and critical messages' expiry)
 # Users whose shard is remembered, at most: ``stable_hash`` costs ~1.8 µs on this box (a
 # SplitMix64 step and a jump hash in Python), a dict look-up ~0.05; at most ~1.3 MB. Beyond,
-# forgotten all at once.
+# forgotten all at once (so commands that cycle through more users than this gain nothing).
 SHARD_CACHE = 1 << 14
 RETRY_TICK = 0.1  # seconds between two ticks while something waits to be retried or released
 HANG_MARGIN = 0.001  # seconds past a shard's hang deadline that its check comes
@@ -684,9 +684,10 @@ class RouterCore:
 
     def offer(self, index: ShardIndex, msg: list[bytes], now: float) -> bool:
         """Queue ``msg`` to shard ``index`` if its window has room; False if not (not sent)."""
-        if self._room(index, shardwire.size(msg[1], msg[2]), now) is not None:
+        size = shardwire.size(msg[1], msg[2])
+        if self._room(index, size, now) is not None:
             return False
-        self.send(index, msg, now)
+        self.send(index, msg, now, size)
         return True
 
     def send(self, index: ShardIndex, msg: list[bytes], now: float, size: int = -1) -> None:

@@ -48,12 +48,13 @@ READ_BATCH = 1024  # messages read from one socket per turn at most
 EVENTS_HWM = 1000  # events queued per subscriber at most (beyond: dropped, the seq shows it)
 EVENTS_SNDBUF = 64 * 1024  # bytes of kernel send buffer per subscriber
 # The longest a turn drains the commands socket before the shards' sockets and the timers get a
-# turn: what a turn queues to the shards leaves at its end, and their credit is read at the next
-# turn's start, so up to two rounds of the router's own time count in a shard's backlog age.
-# A tenth of ``--shard-queue-delay`` at most leaves the rest of it to the shards. (With 0.05 s,
-# a router saturated by `ucc bench direct` at ~45 µs a command spent the whole 0.1 s on itself:
-# 8,000-9,000 of ~76,000 commands refused ``overloaded`` for shards at ~13 % of a core; with
-# 0.01, none, and the commands delivered per second rose.)
+# turn. What a turn queues to the shards leaves at its end and their credit is read at the next
+# turn's start, so up to two rounds of the router's own time count in a shard's backlog age
+# (with a batch hold, when holding, and a mark's MARK_SPAN: see actors/credit.py). A tenth of
+# ``--shard-queue-delay`` at most leaves most of it to the shards. With 0.05 s, a router
+# saturated by `ucc bench direct` at ~45 µs a command spent the whole 0.1 s on itself: about a
+# tenth of the commands were refused ``overloaded`` for shards at ~13 % of a core; with 0.01,
+# next to none, and more were delivered per second (README, Benchmarks).
 ROUND = 0.01
 
 
@@ -590,21 +591,23 @@ class RouterActor(SocketActor):
 
     def _drain(self, sock: zmq.Socket[bytes], now: float) -> bool:
         """Commands: up to READ_BATCH messages or ``round`` seconds, whichever first; True if
-        it read all there was. (A command's time is counted from the turn that reads it: a
-        batch window's wait before it is not in the router's latency figures.)"""
-        deadline, senders = now + self.round, self.senders
-        for count in range(READ_BATCH):
-            if count % 64 == 63:
-                now = time.monotonic()
-                if now > deadline:
-                    return False  # still readable: the inbox comes back to it after its timers
+        it read all there was. The clock is read after each command (~0.1 µs, against 10-50
+        for a command): a turn of slow commands stops on time, and a command's backlog marks
+        in the credit window and its deadlines are dated from its own read, not made older by
+        the commands before it in the turn. (A batch window's wait before the turn is not in
+        the router's latency figures.)"""
+        deadline, senders, core = now + self.round, self.senders, self.core
+        for _ in range(READ_BATCH):
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return True
             if senders is not None:  # the batch window's judgement (see BatchWindow)
                 senders[frames[0]] = senders.get(frames[0], 0) + 1
-            self.core.command(frames[:-1], frames[-1], now)
+            core.command(frames[:-1], frames[-1], now)
+            now = time.monotonic()
+            if now > deadline:
+                return False  # still readable: the inbox comes back to it after its timers
         return False
 
     def _flush(self) -> None:

@@ -79,8 +79,10 @@ class CommandError(PeerError):
     """A request the router refuses; ``code`` is one of the documented error codes."""
 
 
-@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ sets each field through
-class Command:  # object.__setattr__, ~0.5 µs of a command's ~10 µs decode (read-only by use)
+# Not frozen (read-only by use): a frozen dataclass's __init__ sets each field through
+# object.__setattr__, 1.9 µs against 0.5 by timeit on this box, a fifth of a decode's ~7 µs.
+@dataclass(slots=True)
+class Command:
     name: str
     id: Any
     args: dict[str, Any]

@@ -1,0 +1,100 @@
+"""actors.router_actor.RouterActor._drain: how much of the commands socket one router turn
+reads. Real ZeroMQ sockets (inproc) on the test's own thread; the router's core is replaced by
+one that records each command and, for the slow case, spends a fixed time on it (a busy loop on
+the clock: the work a command costs, not a wait for anything)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import zmq
+
+from actors.router_actor import ROUND, RouterActor, drain_round
+
+BOUND = 5.0  # seconds: the longest the test waits for its messages to be readable
+
+
+class Core:
+    """Records what the turn hands it: (envelope, payload, now) per command."""
+
+    def __init__(self, cost: float = 0.0) -> None:
+        self.cost = cost
+        self.seen: list[tuple[list[bytes], bytes, float]] = []
+
+    def command(self, envelope: list[bytes], raw: bytes, now: float) -> None:
+        self.seen.append((envelope, raw, now))
+        until = time.monotonic() + self.cost
+        while time.monotonic() < until:
+            pass
+
+
+@pytest.fixture
+def sockets() -> Iterator[tuple[zmq.Socket[bytes], zmq.Socket[bytes]]]:
+    ctx: zmq.Context[Any] = zmq.Context()
+    frontend, backend = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
+    frontend.bind("inproc://commands")
+    backend.setsockopt(zmq.ROUTING_ID, b"backend-1")
+    backend.connect("inproc://commands")
+    try:
+        yield frontend, backend
+    finally:
+        frontend.close(linger=0)
+        backend.close(linger=0)
+        ctx.term()
+
+
+def queued(frontend: zmq.Socket[bytes], backend: zmq.Socket[bytes], n: int) -> None:
+    for i in range(n):
+        backend.send_multipart([b"", b'{"n":%d}' % i])
+    assert frontend.poll(int(BOUND * 1000)), "the commands never became readable"
+
+
+def turn(core: Core, round_: float = ROUND) -> SimpleNamespace:
+    """What _drain reads of the actor: its round, its batch window's counts, its core."""
+    return SimpleNamespace(round=round_, senders=None, core=core)
+
+
+def test_a_turn_reads_every_command_there_is_and_says_it_emptied_the_socket(sockets):
+    frontend, backend = sockets
+    queued(frontend, backend, 200)
+    core = Core()
+    started = time.monotonic()
+    assert RouterActor._drain(turn(core), frontend, started) is True
+    assert [raw for _env, raw, _now in core.seen] == [b'{"n":%d}' % i for i in range(200)]
+    assert all(env == [b"backend-1", b""] for env, _raw, _now in core.seen)
+    stamps = [now for _env, _raw, now in core.seen]
+    assert stamps[0] == started and stamps == sorted(stamps)
+
+
+def test_a_turn_of_slow_commands_stops_after_its_round(sockets):
+    """Each command costs at least 1 ms and the round is 10: the turn stops after 11 of them
+    at most (fewer if this thread was preempted; not after the 64 it read before looking at
+    the clock once), leaves the rest readable, and dates each command from its own read, not
+    from the start of the turn."""
+    frontend, backend = sockets
+    queued(frontend, backend, 100)
+    core = Core(cost=0.001)
+    started = time.monotonic()
+    assert RouterActor._drain(turn(core, round_=0.01), frontend, started) is False
+    assert 1 <= len(core.seen) <= 11
+    assert all(
+        later - earlier >= 0.001
+        for (_e1, _r1, earlier), (_e2, _r2, later) in zip(core.seen, core.seen[1:], strict=False)
+    )
+    left = 0
+    while frontend.poll(0):
+        frontend.recv_multipart()
+        left += 1
+    assert left == 100 - len(core.seen)
+
+
+def test_the_round_leaves_the_shards_most_of_their_queue_delay():
+    """Two rounds of the router's own time count in a shard's backlog age: 10 ms at the default
+    --shard-queue-delay of 0.1 s, a tenth of a shorter one."""
+    assert ROUND == 0.01
+    assert drain_round(0.1) == ROUND and drain_round(5.0) == ROUND
+    assert drain_round(0.02) == pytest.approx(0.002)
