@@ -599,7 +599,7 @@ class RouterActor(SocketActor):
         deadline, senders, core = now + self.round, self.senders, self.core
         for _ in range(READ_BATCH):
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                frames = _recv(sock)
             except zmq.Again:
                 return True
             if senders is not None:  # the batch window's judgement (see BatchWindow)
@@ -667,14 +667,31 @@ def drain_round(queue_delay: float) -> float:
 
 _MORE = int(zmq.NOBLOCK | zmq.SNDMORE)  # plain ints: pyzmq's enum arithmetic costs per frame
 _LAST = int(zmq.NOBLOCK)
+# The compiled socket's send, without pyzmq's Python layer over it (which checks for str, a
+# group and a copy threshold on every frame): a 3-part reply ~7,300 instructions instead of
+# ~12,100 (callgrind, pyzmq 27).
+_send_frame = zmq.backend.Socket.send
+
+
+def _recv(sock: zmq.Socket[bytes]) -> list[bytes]:
+    """One whole message without blocking (zmq.Again if there is none), as
+    ``recv_multipart(NOBLOCK)`` returns it: each part's Frame says whether more follow, where
+    recv_multipart asks the socket (``getsockopt(RCVMORE)``, for which pyzmq builds an enum
+    member each time): a 3-part command ~22,500 instructions instead of ~37,700 (callgrind)."""
+    frame = sock.recv(_LAST, copy=False)
+    parts = [frame.bytes]
+    while frame.more:
+        frame = sock.recv(_LAST, copy=False)
+        parts.append(frame.bytes)
+    return parts
 
 
 def _send(sock: zmq.Socket[bytes], frames: list[bytes]) -> bool:
     """Send a multipart message without blocking; False if it could not be queued."""
     try:
         for frame in frames[:-1]:
-            sock.send(frame, _MORE)
-        sock.send(frames[-1], _LAST)
+            _send_frame(sock, frame, _MORE)
+        _send_frame(sock, frames[-1], _LAST)
     except zmq.ZMQError:
         return False
     return True

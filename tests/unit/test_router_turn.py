@@ -1,7 +1,8 @@
-"""actors.router_actor.RouterActor._drain: how much of the commands socket one router turn
-reads. Real ZeroMQ sockets (inproc) on the test's own thread; the router's core is replaced by
-one that records each command and, for the slow case, spends a fixed time on it (a busy loop on
-the clock: the work a command costs, not a wait for anything)."""
+"""actors.router_actor: how much of the commands socket one router turn reads
+(RouterActor._drain), and the actor's own receive and send of whole messages. Real ZeroMQ
+sockets (inproc) on the test's own thread; the router's core is replaced by one that records
+each command and, for the slow case, spends a fixed time on it (a busy loop on the clock: the
+work a command costs, not a wait for anything)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Any
 import pytest
 import zmq
 
-from actors.router_actor import ROUND, RouterActor, drain_round
+from actors.router_actor import ROUND, RouterActor, _recv, _send, drain_round
 
 BOUND = 5.0  # seconds: the longest the test waits for its messages to be readable
 
@@ -36,6 +37,7 @@ class Core:
 def sockets() -> Iterator[tuple[zmq.Socket[bytes], zmq.Socket[bytes]]]:
     ctx: zmq.Context[Any] = zmq.Context()
     frontend, backend = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
+    frontend.setsockopt(zmq.ROUTER_MANDATORY, 1)  # as the router's
     frontend.bind("inproc://commands")
     backend.setsockopt(zmq.ROUTING_ID, b"backend-1")
     backend.connect("inproc://commands")
@@ -98,3 +100,20 @@ def test_the_round_leaves_the_shards_most_of_their_queue_delay():
     assert ROUND == 0.01
     assert drain_round(0.1) == ROUND and drain_round(5.0) == ROUND
     assert drain_round(0.02) == pytest.approx(0.002)
+
+
+def test_messages_come_and_go_whole_through_the_actors_own_recv_and_send(sockets):
+    frontend, backend = sockets
+    with pytest.raises(zmq.Again):
+        _recv(frontend)  # nothing yet: it never blocks
+    sent = [[b"one"], [b"", b"two"], [b"", b"", b"three", b"x" * 70_000], [b""]]
+    for message in sent:
+        backend.send_multipart(message)
+    assert frontend.poll(int(BOUND * 1000))
+    assert [_recv(frontend) for _ in sent] == [[b"backend-1", *m] for m in sent]
+    with pytest.raises(zmq.Again):
+        _recv(frontend)
+    assert _send(frontend, [b"backend-1", b"", b"reply"])
+    assert backend.poll(int(BOUND * 1000))
+    assert backend.recv_multipart() == [b"", b"reply"]
+    assert not _send(frontend, [b"gone", b"", b"reply"])  # ROUTER_MANDATORY: no such peer
