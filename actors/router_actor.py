@@ -487,6 +487,7 @@ class RouterActor(SocketActor):
         self.batcher = BatchWindow(batch_window, batch_window_max)
         self.round = drain_round(core.window.delay)
         self.senders: dict[bytes, int] | None = None  # per backend, this turn (while holding)
+        self.counted = 0  # the core's commands counter when the batch window last saw a turn
         core.extra_stats["batch_window"] = lambda: self.batcher.stats(time.monotonic())
 
     def on_start(self) -> None:
@@ -524,7 +525,6 @@ class RouterActor(SocketActor):
         now = time.monotonic()
         if isinstance(message, SocketsReady):
             links = self.shard_links
-            commands = self.core.counters["commands"]
             emptied = False
             self.senders = {} if self.batcher.holding else None
             for fd in message.writable:
@@ -534,9 +534,13 @@ class RouterActor(SocketActor):
                     self._shard_messages(links.readable(sock))
                 elif sock is self.frontend:
                     emptied = self._drain(sock, now)
-            # no hold while commands wait (a backlog): the next turn reads them at once
-            if emptied and (handled := self.core.counters["commands"] - commands):
-                self._batch(handled)
+            # no hold while commands wait (a backlog): the next turn reads them at once, and
+            # the commands of a turn that stopped short count in the next one that empties it
+            if emptied:
+                total = self.core.counters["commands"]
+                handled, self.counted = total - self.counted, total
+                if handled:
+                    self._batch(handled)
         elif isinstance(message, Tick):
             self.core.tick(now)
             self._shard_messages(self.shard_links.read_all())  # heartbeats here count first
@@ -590,13 +594,14 @@ class RouterActor(SocketActor):
         return self.links
 
     def _drain(self, sock: zmq.Socket[bytes], now: float) -> bool:
-        """Commands: up to READ_BATCH messages or ``round`` seconds, whichever first; True if
-        it read all there was. The clock is read after each command (~0.1 µs, against 10-50
-        for a command): a turn of slow commands stops on time, and a command's backlog marks
-        in the credit window and its deadlines are dated from its own read, not made older by
-        the commands before it in the turn. (A batch window's wait before the turn is not in
-        the router's latency figures.)"""
-        deadline, senders, core = now + self.round, self.senders, self.core
+        """Commands: up to READ_BATCH messages, or until ``round`` seconds have passed since
+        the drain began, whichever first; True if it read all there was. The clock is read
+        after each command (~0.1 µs, against 10-50 for a command), so a turn of slow commands
+        stops on time. Each command is dated ``now``, the turn's start: its time is counted
+        from the turn that reads it (a batch window's wait before it is not in the router's
+        latency figures), and its backlog marks in the credit window are up to a round old."""
+        senders, core, clock = self.senders, self.core, time.monotonic
+        deadline = clock() + self.round
         for _ in range(READ_BATCH):
             try:
                 frames = _recv(sock)
@@ -605,8 +610,7 @@ class RouterActor(SocketActor):
             if senders is not None:  # the batch window's judgement (see BatchWindow)
                 senders[frames[0]] = senders.get(frames[0], 0) + 1
             core.command(frames[:-1], frames[-1], now)
-            now = time.monotonic()
-            if now > deadline:
+            if clock() > deadline:
                 return False  # still readable: the inbox comes back to it after its timers
         return False
 
@@ -667,23 +671,30 @@ def drain_round(queue_delay: float) -> float:
 
 _MORE = int(zmq.NOBLOCK | zmq.SNDMORE)  # plain ints: pyzmq's enum arithmetic costs per frame
 _LAST = int(zmq.NOBLOCK)
-# The compiled socket's send, without pyzmq's Python layer over it (which checks for str, a
-# group and a copy threshold on every frame): a 3-part reply ~7,300 instructions instead of
-# ~12,100 (callgrind, pyzmq 27).
+# The backend socket's send, without pyzmq's Python method over it (a call with keyword
+# arguments and a super() dispatch per frame): a 3-part reply ~7,300 instructions instead of
+# ~12,100 (callgrind, pyzmq 27, Cython backend).
 _send_frame = zmq.backend.Socket.send
 
+if zmq.backend.Socket.__module__.startswith("zmq.backend.cython"):
 
-def _recv(sock: zmq.Socket[bytes]) -> list[bytes]:
-    """One whole message without blocking (zmq.Again if there is none), as
-    ``recv_multipart(NOBLOCK)`` returns it: each part's Frame says whether more follow, where
-    recv_multipart asks the socket (``getsockopt(RCVMORE)``, for which pyzmq builds an enum
-    member each time): a 3-part command ~22,500 instructions instead of ~37,700 (callgrind)."""
-    frame = sock.recv(_LAST, copy=False)
-    parts = [frame.bytes]
-    while frame.more:
+    def _recv(sock: zmq.Socket[bytes]) -> list[bytes]:
+        """One whole message without blocking (zmq.Again if there is none), as
+        ``recv_multipart(NOBLOCK)`` returns it: each part's Frame says whether more follow,
+        where recv_multipart asks the socket (``getsockopt(RCVMORE)``, for which pyzmq builds
+        an enum member each time): a 3-part command ~22,500 instructions instead of ~37,700
+        (callgrind)."""
         frame = sock.recv(_LAST, copy=False)
-        parts.append(frame.bytes)
-    return parts
+        parts = [frame.bytes]
+        while frame.more:
+            frame = sock.recv(_LAST, copy=False)
+            parts.append(frame.bytes)
+        return parts
+
+else:  # pyzmq's cffi backend (PyPy): its Frames do not say ``more``
+
+    def _recv(sock: zmq.Socket[bytes]) -> list[bytes]:
+        return sock.recv_multipart(_LAST)
 
 
 def _send(sock: zmq.Socket[bytes], frames: list[bytes]) -> bool:
