@@ -67,21 +67,21 @@ log = logging.getLogger("ucc.router")
 
 DEFAULT_WINDOW = WindowLimits()
 
-# ucc_command_seconds' buckets (seconds): a reply within half a millisecond up to a gather that
-# waited for its deadline (--gather-timeout, 1 s by default) and more
 # the counters of a shard's status answer that are host totals (with ``close_<code>``)
 SHARD_TOTALS = frozenset({"frames_delivered", "bytes_sent", "refused_per_user"})
 RESTART_LOG = 10  # restarts remembered for the admin page
 # The router's tick (:meth:`RouterCore.next_tick`): every wake-up of its thread costs ~100 to
 # 200 CPU-µs on a virtual machine, whatever it does, so it ticks when something is due only
 HOUSEKEEPING = 1.0  # seconds between two ticks at most (history's and critical messages' expiry)
+RETRY_TICK = 0.1  # seconds between two ticks while something waits to be retried or released
+HANG_MARGIN = 0.001  # seconds past a shard's hang deadline that its check comes
+# ucc_command_seconds' buckets (seconds): a reply within half a millisecond up to a gather that
+# waited for its deadline (--gather-timeout, 1 s by default) and more
+COMMAND_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 # Users whose shard is remembered, at most: ``stable_hash`` costs ~1.8 µs on this box (a
 # SplitMix64 step and a jump hash in Python), a dict look-up ~0.05; at most ~1.3 MB. Beyond,
 # forgotten all at once (so commands that cycle through more users than this gain nothing).
 SHARD_CACHE = 1 << 14
-RETRY_TICK = 0.1  # seconds between two ticks while something waits to be retried or released
-HANG_MARGIN = 0.001  # seconds past a shard's hang deadline that its check comes
-COMMAND_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
 def is_total(key: str) -> bool:

@@ -15,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import redis
@@ -85,6 +86,17 @@ def _start_server(port: int, directory: str, *args: str) -> procgroup.Process:
     return procgroup.start(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+PORT_ATTEMPTS = 3  # fresh ports tried for a server's first start (see _answers_or_exits)
+
+
+def _answers_or_exits(proc: procgroup.Process, answers: Callable[[], bool], what: str) -> bool:
+    """Wait until the server answers (True) or exits (False). It exits when its port was taken
+    between :func:`free_port` and its bind: the port is free when chosen, and any socket, such as
+    a client's connection to another node, may be given it before the server binds it."""
+    wait_until(lambda: proc.poll() is not None or answers(), 10 * TIME_FACTOR, what=what)
+    return proc.poll() is None
+
+
 class RedisServer:
     """A real Redis-protocol server on a free loopback port, that a test can stop and restart."""
 
@@ -93,6 +105,7 @@ class RedisServer:
         self.args = args
         self.dir = tempfile.mkdtemp(prefix="ucc-redis-")
         self.proc: procgroup.Process | None = None
+        self.moveable = port is None  # until it has started once: then it keeps its port
         self.start()
 
     @property
@@ -100,8 +113,6 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        self.proc = _start_server(self.port, self.dir, *self.args)
-
         def answers() -> bool:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
@@ -111,7 +122,16 @@ class RedisServer:
             except OSError:
                 return False
 
-        wait_until(answers, 10, what=f"for the Redis server on port {self.port}")
+        for _ in range(PORT_ATTEMPTS if self.moveable else 1):
+            self.proc = _start_server(self.port, self.dir, *self.args)
+            if _answers_or_exits(self.proc, answers, f"for the Redis server on port {self.port}"):
+                self.moveable = False
+                return
+            procgroup.kill(self.proc)  # reaped (it has exited)
+            self.proc = None
+            if self.moveable:
+                self.port = free_port()
+        raise AssertionError(f"the Redis server exited at start (port {self.port} taken?)")
 
     def stop(self) -> None:
         """SIGKILL the server (it keeps its port: :meth:`start` brings it back there)."""
@@ -146,6 +166,7 @@ class RedisClusterServer:
         self.bus_ports = [free_port() for _ in range(count)]
         self.dirs = [tempfile.mkdtemp(prefix="ucc-redis-cluster-") for _ in range(count)]
         self.procs: list[procgroup.Process | None] = [None] * count
+        self.started = [False] * count  # a node that has started keeps its ports
         try:
             for index in range(count):
                 self.start_node(index)
@@ -174,21 +195,31 @@ class RedisClusterServer:
         return self.procs[index] is not None
 
     def start_node(self, index: int) -> None:
-        """Start node ``index`` (again); wait until it answers."""
-        port = self.ports[index]
-        self.procs[index] = _start_server(
-            port,
-            self.dirs[index],
-            "--cluster-port", str(self.bus_ports[index]),
-            "--cluster-enabled", "yes",
-            "--cluster-config-file", "nodes.conf",
-            "--cluster-node-timeout", "2000",
-        )  # fmt: skip
+        """Start node ``index`` (again); wait until it answers. At its first start, ports that
+        were taken meanwhile are replaced by fresh ones."""
+        for _ in range(1 if self.started[index] else PORT_ATTEMPTS):
+            port = self.ports[index]
+            proc = self.procs[index] = _start_server(
+                port,
+                self.dirs[index],
+                "--cluster-port", str(self.bus_ports[index]),
+                "--cluster-enabled", "yes",
+                "--cluster-config-file", "nodes.conf",
+                "--cluster-node-timeout", "2000",
+            )  # fmt: skip
+            what = f"for the Redis node on port {port}"
 
-        def answers() -> bool:
-            return bool(self._info(port))
+            def answers(port: int = port) -> bool:
+                return bool(self._info(port))
 
-        wait_until(answers, 10, what=f"for the Redis node on port {port}")
+            if _answers_or_exits(proc, answers, what):
+                self.started[index] = True
+                return
+            procgroup.kill(proc)  # reaped (it has exited)
+            self.procs[index] = None
+            if not self.started[index]:
+                self.ports[index], self.bus_ports[index] = free_port(), free_port()
+        raise AssertionError(f"Redis node {index} exited at start (port {port} taken?)")
 
     def stop_node(self, index: int) -> None:
         """SIGKILL node ``index`` (a primary's replica then takes over after the node timeout,
