@@ -86,13 +86,37 @@ def _start_server(port: int, directory: str, *args: str) -> procgroup.Process:
     return procgroup.start(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-PORT_ATTEMPTS = 3  # fresh ports tried for a server's first start (see _answers_or_exits)
+PORT_ATTEMPTS = 3  # tries of a server's first start, each on fresh ports (see _launch)
+
+
+def _launch(
+    start: Callable[[], procgroup.Process],
+    answers: Callable[[], bool],
+    port: Callable[[], int],
+    repick: Callable[[], None] | None,
+) -> procgroup.Process:
+    """Start a server and wait until it answers. One that exits first lost its port between
+    :func:`free_port` and its bind (the port is free when chosen, and any socket, such as a
+    client's connection to another node, may be given it meanwhile): with ``repick`` (a first
+    start), fresh ports are picked and it starts again, PORT_ATTEMPTS times in all; without
+    (a restart keeps its ports), or after the last, AssertionError."""
+    for attempt in range(PORT_ATTEMPTS if repick else 1):
+        proc = start()
+        try:
+            up = _answers_or_exits(proc, answers, f"for the Redis server on port {port()}")
+        except BaseException:  # neither answered nor exited in time: not left running
+            procgroup.kill(proc)
+            raise
+        if up:
+            return proc
+        procgroup.kill(proc)  # reaped (it has exited)
+        if repick is not None and attempt + 1 < PORT_ATTEMPTS:
+            repick()
+    raise AssertionError(f"the Redis server exited at start (port {port()} taken?)")
 
 
 def _answers_or_exits(proc: procgroup.Process, answers: Callable[[], bool], what: str) -> bool:
-    """Wait until the server answers (True) or exits (False). It exits when its port was taken
-    between :func:`free_port` and its bind: the port is free when chosen, and any socket, such as
-    a client's connection to another node, may be given it before the server binds it."""
+    """Wait until the server answers (True) or exits (False)."""
     wait_until(lambda: proc.poll() is not None or answers(), 10 * TIME_FACTOR, what=what)
     return proc.poll() is None
 
@@ -105,14 +129,16 @@ class RedisServer:
         self.args = args
         self.dir = tempfile.mkdtemp(prefix="ucc-redis-")
         self.proc: procgroup.Process | None = None
-        self.moveable = port is None  # until it has started once: then it keeps its port
-        self.start()
+        self.start(first=port is None)  # a port the test chose is kept, as at any restart
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self) -> None:
+    def start(self, first: bool = False) -> None:
+        """Start the server (again: on its port); wait until it answers. At its ``first``
+        start, a port that was taken meanwhile is replaced by a fresh one."""
+
         def answers() -> bool:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
@@ -122,16 +148,15 @@ class RedisServer:
             except OSError:
                 return False
 
-        for _ in range(PORT_ATTEMPTS if self.moveable else 1):
-            self.proc = _start_server(self.port, self.dir, *self.args)
-            if _answers_or_exits(self.proc, answers, f"for the Redis server on port {self.port}"):
-                self.moveable = False
-                return
-            procgroup.kill(self.proc)  # reaped (it has exited)
-            self.proc = None
-            if self.moveable:
-                self.port = free_port()
-        raise AssertionError(f"the Redis server exited at start (port {self.port} taken?)")
+        def repick() -> None:
+            self.port = free_port()
+
+        self.proc = _launch(
+            lambda: _start_server(self.port, self.dir, *self.args),
+            answers,
+            lambda: self.port,
+            repick if first else None,
+        )
 
     def stop(self) -> None:
         """SIGKILL the server (it keeps its port: :meth:`start` brings it back there)."""
@@ -166,10 +191,9 @@ class RedisClusterServer:
         self.bus_ports = [free_port() for _ in range(count)]
         self.dirs = [tempfile.mkdtemp(prefix="ucc-redis-cluster-") for _ in range(count)]
         self.procs: list[procgroup.Process | None] = [None] * count
-        self.started = [False] * count  # a node that has started keeps its ports
         try:
             for index in range(count):
-                self.start_node(index)
+                self.start_node(index, first=True)
             self._create(timeout * TIME_FACTOR)
         except BaseException:
             self.close()
@@ -194,32 +218,29 @@ class RedisClusterServer:
         """Whether node ``index`` runs (it was not stopped)."""
         return self.procs[index] is not None
 
-    def start_node(self, index: int) -> None:
-        """Start node ``index`` (again); wait until it answers. At its first start, ports that
-        were taken meanwhile are replaced by fresh ones."""
-        for _ in range(1 if self.started[index] else PORT_ATTEMPTS):
-            port = self.ports[index]
-            proc = self.procs[index] = _start_server(
-                port,
+    def start_node(self, index: int, first: bool = False) -> None:
+        """Start node ``index`` (again: on its ports); wait until it answers. At its ``first``
+        start, ports that were taken meanwhile are replaced by fresh ones."""
+
+        def start() -> procgroup.Process:
+            return _start_server(
+                self.ports[index],
                 self.dirs[index],
                 "--cluster-port", str(self.bus_ports[index]),
                 "--cluster-enabled", "yes",
                 "--cluster-config-file", "nodes.conf",
                 "--cluster-node-timeout", "2000",
             )  # fmt: skip
-            what = f"for the Redis node on port {port}"
 
-            def answers(port: int = port) -> bool:
-                return bool(self._info(port))
+        def repick() -> None:
+            self.ports[index], self.bus_ports[index] = free_port(), free_port()
 
-            if _answers_or_exits(proc, answers, what):
-                self.started[index] = True
-                return
-            procgroup.kill(proc)  # reaped (it has exited)
-            self.procs[index] = None
-            if not self.started[index]:
-                self.ports[index], self.bus_ports[index] = free_port(), free_port()
-        raise AssertionError(f"Redis node {index} exited at start (port {port} taken?)")
+        self.procs[index] = _launch(
+            start,
+            lambda: bool(self._info(self.ports[index])),
+            lambda: self.ports[index],
+            repick if first else None,
+        )
 
     def stop_node(self, index: int) -> None:
         """SIGKILL node ``index`` (a primary's replica then takes over after the node timeout,
