@@ -215,7 +215,7 @@ class Guarantees:
                 self._probed.discard(gather.qid)
                 answer = self.history.recover(channel, request.offset, request.epoch, now)
             else:
-                answer = _from_redis(body, request.offset, request.epoch)
+                answer = from_redis(body, request.offset, request.epoch)
                 if probe and gather.qid not in self._probed:
                     self._unprobed[gather.qid] = (request, answer, None)
                     return {}
@@ -301,7 +301,7 @@ class Guarantees:
             body = gather.answers.get(REDIS)
             if body is None:
                 return _history_reply(history.read(channel, since, limit, now))
-            return _history_reply(_from_redis(body, since, str(body["epoch"]), limit))
+            return _history_reply(from_redis(body, since, str(body["epoch"]), limit))
 
         ttl_ms = int(history.ttl * 1000)
         spec = GatherSpec(
@@ -520,7 +520,7 @@ def _entries(pending: list[Critical]) -> list[tuple[str, bytes]]:
     return [(c.id, c.data) for c in pending]
 
 
-def _from_redis(body: dict[str, Any], offset: int, epoch: str, limit: int = 0) -> Recovery:
+def from_redis(body: dict[str, Any], offset: int, epoch: str, limit: int = 0) -> Recovery:
     """A :class:`Recovery` from a ReadHistory answer (see :func:`actors.history.recovery`)."""
     messages = [(int(o), str(d).encode()) for o, d in body["messages"]]
     latest, current = int(body["offset"]), str(body["epoch"])

@@ -325,7 +325,8 @@ class Delivery:
     came back on ``channel``'s topic, after every message published there before the read).
 
     ``offset`` > 0: a channel message with history (from any host, this one included), at that
-    offset. ``critical_id``: a critical message for ``users`` (to track until acknowledged)."""
+    offset of ``epoch``. ``critical_id``: a critical message for ``users`` (to track until
+    acknowledged)."""
 
     channel: ChannelId | None
     users: list[int]
@@ -333,6 +334,7 @@ class Delivery:
     control: dict[str, Any] | None = None
     offset: int = 0
     critical_id: str | None = None
+    epoch: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,9 +20,11 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from actors.gather import REDIS, Gather, GatherSpec
+from actors.guarantees import from_redis
 from actors.hostlink import (
     AreOnline,
     AskPresence,
@@ -39,6 +41,7 @@ from actors.hostlink import (
     PresenceLoaded,
     PresenceQuery,
     PublishPresence,
+    ReadHistory,
     RedisOp,
     Results,
     StorePresence,
@@ -48,6 +51,7 @@ from actors.hostlink import (
 )
 from actors.ids import ChannelId, ShardIndex
 from actors.presence import Action, AskSnapshot, Change, LocalPresence, Replicas, channels_of
+from actors.topicgaps import Fill, TopicGaps
 from actors.wire import shardwire
 from actors.wire.commands import CommandError
 
@@ -93,6 +97,10 @@ class OtherHosts:
         # membership confirmations waiting for theirs (see :meth:`hold`)
         self.ready: set[ChannelId] = set()
         self._held: list[_Held] = []
+        self.gaps = TopicGaps()  # the channel topics' gaps, repaired from the history
+        # the time of the router's latest event or tick: a read's answer (or its time up)
+        # finishes a gather whose combiner has no clock of its own
+        self.now = 0.0
 
     def queue(self, op: RedisOp) -> None:
         """Queue an operation for the link that nobody waits for."""
@@ -113,6 +121,8 @@ class OtherHosts:
         """The host's last member of ``channel`` left: stop listening."""
         self.ready.discard(channel)
         self._ops.append(Unsubscribe(channel))
+        for delivery in self.gaps.forget(channel):  # (held during a repair) to no one now
+            self._deliver(delivery, 0.0)
 
     def hold(self, slot: ShardSlot, gained: Collection[ChannelId], seq: int, now: float) -> bool:
         """Whether the confirmation of membership change ``seq`` must wait (True: it will be
@@ -196,7 +206,7 @@ class OtherHosts:
         ``users``)."""
         local = self.local
         presence = {"seq": local.seq, "users": local.users(), **self.replicas.statistics()}
-        stats: dict[str, Any] = {"presence": presence}
+        stats: dict[str, Any] = {"presence": presence, "topic_gaps": self.gaps.statistics()}
         if self.link_stats is not None:
             stats["redis"] = dict(self.link_stats())
         return stats
@@ -205,6 +215,7 @@ class OtherHosts:
 
     def link_event(self, event: LinkEvent, now: float) -> None:
         """Something the link reported (see :mod:`actors.hostlink`)."""
+        self.now = now
         if isinstance(event, LinkState):
             self.link_state(event.up, now)
             self._core.guarantees.link_state(event.up, now)
@@ -256,7 +267,47 @@ class OtherHosts:
             self._core.finish(qid)
 
     def deliver(self, delivery: Delivery, now: float) -> None:
-        """A broadcast or a backend command from another host (or this host's probe)."""
+        """A broadcast or a backend command from another host (or this host's probe). A
+        channel's, from its topic, after the messages the topic skipped (see
+        :mod:`actors.topicgaps`)."""
+        channel = delivery.channel
+        if channel is None or channel not in self._core.index:
+            self._deliver(delivery, now)
+            return
+        ready, fill = self.gaps.arrive(delivery, self._core.guarantees.history.size)
+        for each in ready:
+            self._deliver(each, now)
+        self._repair(fill, now)
+
+    def _repair(self, fill: Fill | None, now: float) -> None:
+        """Read the messages a channel's topic skipped from Redis; deliver them, then what the
+        topic brought meanwhile. Without the link (or beyond ``max_queries``) the gap stays."""
+        history = self._core.guarantees.history
+        while fill is not None:
+            if self.up:
+                read = partial(
+                    _read_history, fill.channel, fill.since, history.size, int(history.ttl * 1000)
+                )
+                spec = GatherSpec((), self._filled(fill), None, remote=read)
+                if self._core.start_internal(spec, now) is not None:
+                    return  # the read's combiner goes on (the link is up: not at once)
+            ready, fill = self.gaps.filled(fill.channel, fill.token, None)
+            for each in ready:
+                self._deliver(each, now)
+
+    def _filled(self, fill: Fill) -> Callable[[Gather], dict[str, Any]]:
+        def combine(gather: Gather) -> dict[str, Any]:
+            body = gather.answers.get(REDIS)
+            answer = None if body is None else from_redis(body, fill.since, fill.epoch)
+            ready, again = self.gaps.filled(fill.channel, fill.token, answer)
+            for each in ready:
+                self._deliver(each, self.now)
+            self._repair(again, self.now)
+            return {}
+
+        return combine
+
+    def _deliver(self, delivery: Delivery, now: float) -> None:
         if delivery.control is not None:
             self._control(delivery.users, delivery.control, now)
         else:
@@ -387,6 +438,10 @@ class OtherHosts:
                 self._ops.append(AskPresence(action.host))
             else:
                 self._ops.append(FetchPresence(action.host))
+
+
+def _read_history(channel: ChannelId, since: int, limit: int, ttl_ms: int, qid: int) -> RedisOp:
+    return ReadHistory(qid, channel, since, limit, ttl_ms)
 
 
 def _changes(entries: list[list[Any]]) -> list[Change]:

@@ -977,7 +977,9 @@ class RedisLink:
                 self._count("forged")
                 return None
             frame = frames.channel_message(channel, decoded.frame, decoded.offset, decoded.epoch)
-            return Delivery(ChannelId(channel), [], frame, offset=decoded.offset)
+            return Delivery(
+                ChannelId(channel), [], frame, offset=decoded.offset, epoch=decoded.epoch
+            )
         if decoded.origin == self.host:
             return None  # our own broadcast: already delivered on this host
         if decoded.critical is not None:

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import asyncio
 
-from shards.testing import Host, connect_peer, wait_until_async
+import redis
+from test_presence_deltas import listener_ids
+
+from shards.testing import BroadcastStream, Host, connect_peer, wait_until_async
 from shards.testing.peer import reconnect_peer
 
 SECRET = "s" * 64
@@ -111,3 +114,51 @@ def test_a_critical_message_reaches_a_user_online_on_another_host(ucc_host, redi
         await peer.close()
 
     asyncio.run(scenario())
+
+
+def test_messages_a_host_s_listener_missed_are_read_back_and_its_clients_see_every_offset(
+    ucc_host, redis_server
+):
+    # b's pub/sub connection is cut and kept out for a while, a's link stays up: what a
+    # publishes meanwhile (its replies say the cluster took part) reaches no client of b
+    # through the topic; b reads it back from the history when the topic shows the gap
+    a, b = two_hosts(ucc_host, redis_server.url)
+    client = redis.Redis(port=redis_server.port)
+
+    async def scenario() -> None:
+        await connect_peer(a, 1, [CHANNEL])
+        on_b = await connect_peer(b, 2, [CHANNEL])
+        await b.aio.wait_online([1, 2])
+        await a.aio.wait_online([1, 2])
+        with BroadcastStream(a.command, CHANNEL, interval=0.01) as stream:
+            await wait_until_async(lambda: len(on_b.offsets(CHANNEL)) >= 10, what="for traffic")
+            (listener,) = listener_ids(b, client)
+            limit = client.config_get("maxclients")["maxclients"]
+            client.config_set("maxclients", len(client.client_list()) - 1)  # none once it is out
+            try:
+                client.client_kill_filter(_id=listener)
+                await wait_until_async(lambda: not listener_ids(b, client), what="b's listener")
+                missed = len(stream.offsets)
+                await wait_until_async(lambda: len(stream.offsets) >= missed + 20, what="sends")
+            finally:
+                client.config_set("maxclients", limit)
+            # b listens again, and hears the messages sent from then on
+            await wait_until_async(lambda: listener_ids(b, client), what="b's listener back")
+            heard = len(stream.offsets)
+            await wait_until_async(lambda: len(stream.offsets) >= heard + 10, what="more sends")
+        assert not stream.errors, stream.errors
+        last = stream.offsets[-1]
+        await on_b.wait_for(lambda _f: on_b.position(CHANNEL)[0] == last)
+        # every offset once, in order, without a resume of its own
+        first = on_b.offsets(CHANNEL)[0]
+        assert on_b.offsets(CHANNEL) == list(range(first, last + 1))
+        assert stream.offsets == list(range(stream.offsets[0], last + 1))  # all a's: linked
+        assert on_b.resumed_of(CHANNEL) == []
+        gaps = (await b.aio.client().request("router_stats"))["topic_gaps"]
+        assert gaps["gaps"] >= 1 and gaps["gaps_filled"] == gaps["gaps"], gaps
+        assert gaps["gap_messages"] >= 1 and gaps["repairing"] == 0, gaps
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        client.close()

@@ -50,6 +50,7 @@ class Sent:
     at: float  # time.monotonic() when it was sent
     cluster: bool | None  # the reply's "cluster" (None: refused, see error)
     error: str | None = None
+    offset: int | None = None  # the reply's (history on)
 
 
 @dataclass
@@ -69,7 +70,7 @@ class Stream(BroadcastStream):
         except UccError as exc:  # e.g. unavailable: Redis did not answer in time
             self.sent.append(Sent(n, at, None, exc.code))
         else:
-            self.sent.append(Sent(n, at, bool(reply["cluster"])))
+            self.sent.append(Sent(n, at, bool(reply["cluster"]), offset=reply.get("offset")))
 
 
 def numbers(peer: Peer) -> list[int]:
@@ -162,7 +163,17 @@ def test_killing_the_seed_primary_fails_over_and_cross_host_delivery_resumes(
                 numbers(remote)
             )
 
-        await wait_until_async(complete, 5, what="for every broadcast from then on")
+        try:
+            await wait_until_async(complete, 5, what="for every broadcast from then on")
+        except AssertionError as exc:  # say what was missing, where, and what the links saw
+            sent = set(linked())
+            stats = [(await h.aio.client().request("router_stats"))["redis"] for h in (a, b)]
+            raise AssertionError(
+                f"{exc}: missing on a {sorted(sent - set(numbers(local)))}, on b (from"
+                f" {resumed}) {sorted({n for n in sent if n >= resumed} - set(numbers(remote)))};"
+                f" offsets on a {local.offsets(CHANNEL)[-60:]}, on b"
+                f" {remote.offsets(CHANNEL)[-60:]}; sent {stream.sent[first_after:]}; links {stats}"
+            ) from None
         assert not stream.errors, stream.errors
         print(
             f"\nfailover of the seed primary: replica {replica} promoted {promotion:.2f} s after"

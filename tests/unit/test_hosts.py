@@ -13,6 +13,7 @@ import pytest
 
 from actors.credit import WindowLimits
 from actors.gather import REDIS
+from actors.history import HistoryStore
 from actors.hostlink import (
     AskPresence,
     Deliveries,
@@ -27,6 +28,7 @@ from actors.hostlink import (
     PublishHosts,
     PublishPresence,
     PublishUsers,
+    ReadHistory,
     Results,
     StorePresence,
     Subscribe,
@@ -82,10 +84,15 @@ def answer(core: RouterCore, index: int, qid: int, body: Any) -> None:
 
 
 def make(
-    up: bool = True, max_queries: int = 10_000, **window: Any
+    up: bool = True, max_queries: int = 10_000, history: int = 0, **window: Any
 ) -> tuple[RouterCore, OtherHosts]:
     core = RouterCore(
-        N, gather_timeout=1.0, redis=True, window=WindowLimits(**window), max_queries=max_queries
+        N,
+        gather_timeout=1.0,
+        redis=True,
+        window=WindowLimits(**window),
+        max_queries=max_queries,
+        history=HistoryStore(history, 300.0, 1 << 20),
     )
     for index in range(N):
         core.shard_starting(index, 1, 100 + index)
@@ -358,6 +365,75 @@ def test_deliveries_from_other_hosts_that_find_no_room_are_dropped_and_counted()
     hosts.deliver(Delivery(ChannelId(7), [], frames.channel_message(7, b"2")), 0.0)
     assert len(core.take_outbox()) == 1
     assert core.counters["remote_dropped"] == 1
+
+
+def topic(channel: int, offset: int) -> Delivery:
+    """Message ``offset`` of ``channel`` (epoch E) as its topic brings it."""
+    frame = frames.channel_message(channel, b"%d" % offset, offset, "E")
+    return Delivery(ChannelId(channel), [], frame, offset=offset, epoch="E")
+
+
+def delivered(core: RouterCore) -> list[tuple[int, int]]:
+    """(shard, offset) of the channel messages in the outbox, in order (not the queries)."""
+    found = []
+    for who, msg in core.take_outbox():
+        if msg[0] != shardwire.CHANNEL:
+            continue
+        offset = json.loads(frames_payload(msg[2]))["offset"]
+        found.append((shardwire.parse_identity(who)[0], offset))
+    return found
+
+
+def frames_payload(frame: bytes) -> bytes:
+    return frame[2:] if frame[1] < 126 else frame[4:]
+
+
+def test_a_gap_in_a_channel_s_topic_is_read_from_redis_and_delivered_first():
+    core, hosts = make(history=64)
+    hosts.link_event(LinkState(True), -10.0)
+    delta(core, 1, gained=[6])
+    hosts.take_ops()
+    hosts.link_event(Deliveries([topic(6, 1), topic(6, 2)]), 0.0)
+    assert delivered(core) == [(1, 1), (1, 2)]
+    # the listener subscribed again: 3 and 4 were published meanwhile
+    hosts.link_event(Deliveries([topic(6, 5), topic(6, 6)]), 0.1)
+    assert delivered(core) == []
+    (read,) = hosts.take_ops()
+    assert read == ReadHistory(read.qid, ChannelId(6), 2, 64, 300_000)
+    body = {"epoch": "E", "offset": 6, "first": 1, "messages": [[o, str(o)] for o in range(3, 7)]}
+    hosts.link_event(Results([OpResult(read.qid, True, body)]), 0.2)
+    assert delivered(core) == [(1, 3), (1, 4), (1, 5), (1, 6)]
+    assert replies(core) == []  # nobody waited for the read
+    gaps = core.statistics()["topic_gaps"]
+    assert (gaps["gaps"], gaps["gaps_filled"], gaps["gap_messages"]) == (1, 1, 2)
+
+
+@pytest.mark.parametrize("how", ["link down", "time up", "redis failed", "refused"])
+def test_a_gap_that_cannot_be_read_lets_the_held_messages_go_on(how):
+    core, hosts = make(history=64, max_queries=1 if how == "refused" else 10_000)
+    delta(core, 1, gained=[6])
+    hosts.take_ops()
+    hosts.link_event(Deliveries([topic(6, 1)]), 0.0)
+    delivered(core)
+    if how == "refused":  # max_queries in flight: the read is not even started
+        command(core, {"cmd": "get_online_users"})
+    hosts.link_event(Deliveries([topic(6, 3), topic(6, 4)]), 0.1)
+    ops = [op for op in hosts.take_ops() if isinstance(op, ReadHistory)]
+    assert len(ops) == (how != "refused")
+    if how == "link down":
+        hosts.link_event(LinkState(False), 0.2)
+    elif how == "time up":
+        core.tick(1.2)
+    elif how == "redis failed":
+        hosts.link_event(Results([OpResult(ops[0].qid, False, None)]), 0.2)
+    assert delivered(core) == [(1, 3), (1, 4)]
+    assert core.statistics()["topic_gaps"]["gaps_unfilled"] == 1
+
+
+def test_a_channel_without_members_here_is_not_followed():
+    core, hosts = make(history=64)
+    hosts.link_event(Deliveries([topic(6, 1), topic(6, 5)]), 0.0)  # (arriving after a leave)
+    assert hosts.take_ops() == [] and core.statistics()["topic_gaps"]["channels"] == 0
 
 
 def test_a_user_command_from_another_host_is_applied_and_answered_to_nobody(linked):
