@@ -122,7 +122,7 @@ class OtherHosts:
         self.ready.discard(channel)
         self._ops.append(Unsubscribe(channel))
         for delivery in self.gaps.forget(channel):  # (held during a repair) to no one now
-            self._deliver(delivery, 0.0)
+            self._deliver(delivery, self.now)
 
     def hold(self, slot: ShardSlot, gained: Collection[ChannelId], seq: int, now: float) -> bool:
         """Whether the confirmation of membership change ``seq`` must wait (True: it will be

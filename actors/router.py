@@ -853,11 +853,11 @@ class RouterCore:
         for slot in self.slots:  # answered or not: a silent shard's totals do not go back
             for key, value in slot.reported.items():
                 totals[key] = totals.get(key, 0) + value
-        redis = presence = None
+        redis = presence = gaps = None
         if self.hosts is not None:
             hosts = self.hosts.statistics()
             redis = {"up": self.hosts.up, **hosts.get("redis", {})}
-            presence = hosts["presence"]
+            presence, gaps = hosts["presence"], hosts["topic_gaps"]
         status = self._status_rows(gather)
         result = {
             **{k: v for k, v in status.items() if k not in ("shards", "channels_indexed")},
@@ -868,6 +868,7 @@ class RouterCore:
             "commands": self.command_times.statistics(),
             "redis": redis,
             "presence": presence,
+            "topic_gaps": gaps,
         }
         if top:
             result["largest"] = largest_channels(gather.answers.values(), top)

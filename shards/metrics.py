@@ -32,6 +32,7 @@ ucc_presence_hosts                        gauge      (other hosts replicated; wi
 ucc_presence_syncing                      gauge      (of those, replicas syncing)
 ucc_presence_remote_users                 gauge      (users of other hosts replicated)
 ucc_presence_<counter>_total              counter    (deltas, gaps, syncs, fetches, asks, expired)
+ucc_topic_<counter>_total                 counter    (gaps, gaps_(un)filled, gap_messages)
 ========================================  =========  ==============================
 """
 
@@ -235,6 +236,7 @@ class HostCollector(Collector):
                 name = f"ucc_redis_{_counter_name(key)}"
                 yield CounterMetricFamily(name, f"Redis link: {key}", value=value)
         yield from _presence(snap.get("presence"))
+        yield from _topic_gaps(snap.get("topic_gaps"))
 
     def _commands(self, commands: Mapping[str, Any] | None) -> Iterator[Metric]:
         total = CounterMetricFamily(
@@ -440,6 +442,22 @@ PRESENCE_GAUGES = {
     "presence_users": ("ucc_presence_remote_users", "Users of other hosts, as replicated"),
 }
 PRESENCE_COUNTERS = ("deltas", "gaps", "syncs", "fetches", "asks", "expired")
+
+
+TOPIC_GAP_COUNTERS = {
+    "gaps": "Gaps found in channel topics (messages the listener did not hear)",
+    "gaps_filled": "Of those, filled from the history before what followed",
+    "gaps_unfilled": "Of those, left as they were (clients see the gap and resume)",
+    "gap_messages": "Messages read back from the history to fill gaps",
+}
+
+
+def _topic_gaps(gaps: Mapping[str, int] | None) -> Iterator[Metric]:
+    """The repairs of channel topics' gaps (only in a cluster of hosts: ``--redis``)."""
+    if not gaps:
+        return
+    for counter, text in TOPIC_GAP_COUNTERS.items():
+        yield CounterMetricFamily(f"ucc_topic_{counter}", text, value=gaps.get(counter, 0))
 
 
 def _presence(presence: Mapping[str, int] | None) -> Iterator[Metric]:

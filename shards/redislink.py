@@ -829,8 +829,8 @@ class RedisLink:
         """A sharded subscription ended: ours (confirmed), or one Redis ended unasked because
         the topic's slot moved to another node (resharding, a failover). Then the listener
         starts over with a new client, which learns the new slot map and subscribes at the
-        new owners (a message published meanwhile is missed: channel clients see the gap in
-        the offsets and resume)."""
+        new owners (a message published meanwhile is not heard: with history, the router
+        reads it back when the topic shows the gap, see actors.topicgaps)."""
         topic = message["channel"].decode(errors="replace")
         pending = self._unsubscribing.get(topic, 0)
         if pending:

@@ -211,6 +211,8 @@ def test_readyz_and_redis_up_follow_the_redis_link(ucc_host, redis_server):
     assert "ucc_redis_reconnects_total" in samples
     assert total(samples, "ucc_presence_hosts") == 0  # no other host
     assert "ucc_presence_gaps_total" in samples
+    assert total(samples, "ucc_topic_gaps_total") == 0  # no topic skipped a message
+    assert "ucc_topic_gap_messages_total" in samples
     promtool_accepts(get(metrics, "/metrics")[1])
     with host.client() as client:
         client.broadcast_to_channel(CHANNEL, {"n": 1})
