@@ -97,7 +97,10 @@ class OtherHosts:
         # membership confirmations waiting for theirs (see :meth:`hold`)
         self.ready: set[ChannelId] = set()
         self._held: list[_Held] = []
-        self.gaps = TopicGaps()  # the channel topics' gaps, repaired from the history
+        # the channel topics' gaps, repaired from the history (a read each: a tenth of the
+        # queries in flight at most), and the repairs waiting for the link, with their deadline
+        self.gaps = TopicGaps(max_repairs=max(1, core.max_queries // 10))
+        self._deferred: list[tuple[Fill, float]] = []
         # the time of the router's latest event or tick: a read's answer (or its time up)
         # finishes a gather whose combiner has no clock of its own
         self.now = 0.0
@@ -121,8 +124,7 @@ class OtherHosts:
         """The host's last member of ``channel`` left: stop listening."""
         self.ready.discard(channel)
         self._ops.append(Unsubscribe(channel))
-        for delivery in self.gaps.forget(channel):  # (held during a repair) to no one now
-            self._deliver(delivery, self.now)
+        self.gaps.forget(channel)
 
     def hold(self, slot: ShardSlot, gained: Collection[ChannelId], seq: int, now: float) -> bool:
         """Whether the confirmation of membership change ``seq`` must wait (True: it will be
@@ -141,9 +143,20 @@ class OtherHosts:
         return True
 
     def holding(self) -> bool:
-        """Whether confirmations are held for their topics (:meth:`release` is then due at
-        their deadlines, or sooner)."""
-        return bool(self._held)
+        """Whether confirmations are held for their topics, or repairs wait for the link
+        (:meth:`tick` is then due at their deadlines, or sooner)."""
+        return bool(self._held) or bool(self._deferred)
+
+    def tick(self, now: float) -> None:
+        """The router's tick: the held confirmations whose time is up go, and so do the
+        messages held behind a repair that waited for the link in vain (the gap stays)."""
+        self.now = now
+        self.release(now)
+        if self._deferred and not self.up:
+            due = [fill for fill, deadline in self._deferred if now >= deadline]
+            self._deferred = [(f, d) for f, d in self._deferred if now < d]
+            for fill in due:  # (a gap among what was held waits for the link in turn)
+                self._repair(self._give_up(fill, now), now)
 
     def release(self, now: float, everything: bool = False) -> None:
         """Send the held confirmations whose topics are ready (or whose time is up), in order
@@ -247,6 +260,9 @@ class OtherHosts:
             # and this host hears of them again, and syncs, before its answers are whole
             self.local.snapshot_wanted = True
             self.replicas.link_up(now)
+            deferred, self._deferred = self._deferred, []
+            for fill, _deadline in deferred:  # the topics' gaps found before it said so
+                self._repair(fill, now)
         else:
             self.ready.clear()  # the listener subscribes again, and Redis confirms again
             self.release(0.0, everything=True)
@@ -281,24 +297,31 @@ class OtherHosts:
 
     def _repair(self, fill: Fill | None, now: float) -> None:
         """Read the messages a channel's topic skipped from Redis; deliver them, then what the
-        topic brought meanwhile. Without the link (or beyond ``max_queries``) the gap stays."""
-        history = self._core.guarantees.history
+        topic brought meanwhile. While the link is down (its listener, subscribed again, may
+        deliver before the link says it is up), the read waits for it, ``gather_timeout`` at
+        most; beyond ``max_queries`` the gap stays."""
+        ttl_ms = int(self._core.guarantees.history.ttl * 1000)
         while fill is not None:
-            if self.up:
-                read = partial(
-                    _read_history, fill.channel, fill.since, history.size, int(history.ttl * 1000)
-                )
-                spec = GatherSpec((), self._filled(fill), None, remote=read)
-                if self._core.start_internal(spec, now) is not None:
-                    return  # the read's combiner goes on (the link is up: not at once)
-            ready, fill = self.gaps.filled(fill.channel, fill.token, None)
-            for each in ready:
-                self._deliver(each, now)
+            if not self.up:
+                self._deferred.append((fill, now + self._core.gather_timeout))
+                return
+            read = partial(_read_history, fill.channel, fill.since, fill.count, ttl_ms)
+            spec = GatherSpec((), self._filled(fill), None, remote=read)
+            if self._core.start_internal(spec, now) is not None:
+                return  # the read's combiner goes on (the link is up: not at once)
+            fill = self._give_up(fill, now)
+
+    def _give_up(self, fill: Fill, now: float) -> Fill | None:
+        """No read for ``fill``: the held messages go on; a gap among them is the next fill."""
+        ready, again = self.gaps.filled(fill.channel, fill.token, None)
+        for each in ready:
+            self._deliver(each, now)
+        return again
 
     def _filled(self, fill: Fill) -> Callable[[Gather], dict[str, Any]]:
         def combine(gather: Gather) -> dict[str, Any]:
             body = gather.answers.get(REDIS)
-            answer = None if body is None else from_redis(body, fill.since, fill.epoch)
+            answer = None if body is None else from_redis(body, fill.since, "", fill.count)
             ready, again = self.gaps.filled(fill.channel, fill.token, answer)
             for each in ready:
                 self._deliver(each, self.now)

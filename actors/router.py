@@ -770,8 +770,7 @@ class RouterCore:
         self.guarantees.tick(now)
         self.observers.flush(now)
         if self.hosts is not None:
-            self.hosts.now = now
-            self.hosts.release(now)
+            self.hosts.tick(now)
         for qid, gather in list(self.pending.items()):
             if now >= gather.deadline:
                 gather.expire()

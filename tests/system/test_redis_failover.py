@@ -167,12 +167,14 @@ def test_killing_the_seed_primary_fails_over_and_cross_host_delivery_resumes(
             await wait_until_async(complete, 5, what="for every broadcast from then on")
         except AssertionError as exc:  # say what was missing, where, and what the links saw
             sent = set(linked())
-            stats = [(await h.aio.client().request("router_stats"))["redis"] for h in (a, b)]
+            stats = [await h.aio.client().request("router_stats") for h in (a, b)]
+            links = [(s["redis"], s["topic_gaps"]) for s in stats]
             raise AssertionError(
                 f"{exc}: missing on a {sorted(sent - set(numbers(local)))}, on b (from"
                 f" {resumed}) {sorted({n for n in sent if n >= resumed} - set(numbers(remote)))};"
                 f" offsets on a {local.offsets(CHANNEL)[-60:]}, on b"
-                f" {remote.offsets(CHANNEL)[-60:]}; sent {stream.sent[first_after:]}; links {stats}"
+                f" {remote.offsets(CHANNEL)[-60:]}; sent {stream.sent[first_after:][-60:]};"
+                f" links and topic gaps {links}"
             ) from None
         assert not stream.errors, stream.errors
         print(

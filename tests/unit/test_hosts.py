@@ -399,8 +399,8 @@ def test_a_gap_in_a_channel_s_topic_is_read_from_redis_and_delivered_first():
     hosts.link_event(Deliveries([topic(6, 5), topic(6, 6)]), 0.1)
     assert delivered(core) == []
     (read,) = hosts.take_ops()
-    assert read == ReadHistory(read.qid, ChannelId(6), 2, 64, 300_000)
-    body = {"epoch": "E", "offset": 6, "first": 1, "messages": [[o, str(o)] for o in range(3, 7)]}
+    assert read == ReadHistory(read.qid, ChannelId(6), 2, 2, 300_000)  # 2 after 2
+    body = {"epoch": "E", "offset": 6, "first": 1, "messages": [[3, "3"], [4, "4"]]}
     hosts.link_event(Results([OpResult(read.qid, True, body)]), 0.2)
     assert delivered(core) == [(1, 3), (1, 4), (1, 5), (1, 6)]
     assert replies(core) == []  # nobody waited for the read
@@ -408,7 +408,42 @@ def test_a_gap_in_a_channel_s_topic_is_read_from_redis_and_delivered_first():
     assert (gaps["gaps"], gaps["gaps_filled"], gaps["gap_messages"]) == (1, 1, 2)
 
 
-@pytest.mark.parametrize("how", ["link down", "time up", "redis failed", "refused"])
+def test_a_gap_heard_before_the_link_says_it_is_up_is_read_once_it_does():
+    # the listener, subscribed again, delivers before the worker reports the link up
+    core, hosts = make(history=64)
+    delta(core, 1, gained=[6])
+    hosts.link_event(Deliveries([topic(6, 1)]), 0.0)
+    hosts.link_event(LinkState(False), 0.1)
+    hosts.take_ops()
+    delivered(core)
+    hosts.link_event(Deliveries([topic(6, 4), topic(6, 5)]), 0.2)
+    assert delivered(core) == [] and hosts.take_ops() == []
+    assert core.next_tick(0.2, 10.0) <= 0.2 + 0.1  # its deadline is watched
+    hosts.link_event(LinkState(True), 0.3)
+    (read,) = [op for op in hosts.take_ops() if isinstance(op, ReadHistory)]
+    assert (read.since, read.limit) == (1, 2)
+    body = {"epoch": "E", "offset": 5, "first": 1, "messages": [[2, "2"], [3, "3"]]}
+    hosts.link_event(Results([OpResult(read.qid, True, body)]), 0.4)
+    assert delivered(core) == [(1, 2), (1, 3), (1, 4), (1, 5)]
+
+
+def test_a_gap_whose_link_does_not_come_back_in_time_lets_the_held_messages_go_on():
+    core, hosts = make(history=64)
+    delta(core, 1, gained=[6])
+    hosts.link_event(Deliveries([topic(6, 1)]), 0.0)
+    hosts.link_event(LinkState(False), 0.1)
+    delivered(core)
+    hosts.link_event(Deliveries([topic(6, 4), topic(6, 5)]), 0.2)
+    core.tick(1.1)  # within gather_timeout (1 s): still waiting
+    assert delivered(core) == []
+    core.tick(1.2)
+    assert delivered(core) == [(1, 4), (1, 5)]
+    assert core.statistics()["topic_gaps"]["gaps_unfilled"] == 1
+    hosts.link_event(LinkState(True), 1.3)
+    assert not [op for op in hosts.take_ops() if isinstance(op, ReadHistory)]
+
+
+@pytest.mark.parametrize("how", ["link lost", "time up", "redis failed", "refused"])
 def test_a_gap_that_cannot_be_read_lets_the_held_messages_go_on(how):
     core, hosts = make(history=64, max_queries=1 if how == "refused" else 10_000)
     delta(core, 1, gained=[6])
@@ -420,7 +455,7 @@ def test_a_gap_that_cannot_be_read_lets_the_held_messages_go_on(how):
     hosts.link_event(Deliveries([topic(6, 3), topic(6, 4)]), 0.1)
     ops = [op for op in hosts.take_ops() if isinstance(op, ReadHistory)]
     assert len(ops) == (how != "refused")
-    if how == "link down":
+    if how == "link lost":  # during the read
         hosts.link_event(LinkState(False), 0.2)
     elif how == "time up":
         core.tick(1.2)

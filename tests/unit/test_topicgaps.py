@@ -28,7 +28,8 @@ def offsets(deliveries: list[Delivery]) -> list[int]:
 
 
 def kept(first: int, last: int, epoch: str = "E") -> Recovery:
-    """What a read answers when the history holds ``first..last`` in ``epoch``."""
+    """What a read answers when the history holds ``first..last`` in ``epoch`` and ``first`` is
+    the gap's first message (recovered: it was still kept)."""
     messages = [(o, json.dumps(o).encode()) for o in range(first, last + 1)]
     return Recovery(True, last, epoch, messages)
 
@@ -54,19 +55,18 @@ def test_a_gap_is_read_and_delivered_before_what_follows_in_order():
     gaps = TopicGaps()
     feed(gaps, message(1), message(2))
     out, fills = feed(gaps, message(6), message(7))  # 3, 4, 5 were not heard
-    assert out == [] and fills == [Fill(C, 2, "E", fills[0].token)]
-    # the read may hold more than the gap: 6 and 7 came from the topic, 8 will
+    assert out == [] and fills == [Fill(C, 2, 3, "E", fills[0].token)]  # 3 after 2
+    # were the read to hold more than the gap: 6 and 7 come from the topic, 8 will
     ready, again = gaps.filled(C, fills[0].token, kept(3, 8))
     # the read's in the frames the topic would have brought (offset, epoch, data)
     assert ready == [message(o) for o in (3, 4, 5, 6, 7)] and again is None
     assert offsets(feed(gaps, message(8))[0]) == [8]
-    assert gaps.statistics() | {"channels": 0} == {
+    assert gaps.statistics() == {
         "gaps": 1,
         "gaps_filled": 1,
         "gaps_unfilled": 0,
         "gap_messages": 3,
-        "gap_held": 2,
-        "channels": 0,
+        "channels": 1,
         "repairing": 0,
         "held_bytes": 0,
     }
@@ -107,11 +107,12 @@ def test_a_read_that_holds_only_part_of_the_gap_delivers_that_part_and_says_unfi
 def test_a_gap_longer_than_the_history_keeps_is_not_read():
     gaps = TopicGaps()
     feed(gaps, message(1))
-    ready, fill = gaps.arrive(message(2 + KEEPS + 1), KEEPS)
-    assert offsets(ready) == [2 + KEEPS + 1] and fill is None
+    # KEEPS missing: when the one after them was kept, the first of them was trimmed
+    ready, fill = gaps.arrive(message(1 + KEEPS + 1), KEEPS)
+    assert offsets(ready) == [KEEPS + 2] and fill is None
     assert gaps.counters == gaps.counters | {"gaps": 1, "gaps_unfilled": 1}
-    ready, fill = gaps.arrive(message(2 + KEEPS + 2 + KEEPS), KEEPS)  # exactly KEEPS missing
-    assert ready == [] and fill is not None
+    ready, fill = gaps.arrive(message(KEEPS + 2 + KEEPS), KEEPS)  # KEEPS - 1 missing: kept
+    assert ready == [] and fill == Fill(C, KEEPS + 2, KEEPS - 1, "E", fill.token)
 
 
 def test_a_new_epoch_a_repeat_and_an_older_offset_are_not_gaps():
@@ -142,7 +143,7 @@ def test_a_second_gap_among_the_held_messages_is_read_in_turn():
     _, (first,) = feed(gaps, message(3), message(4), message(7), message(8))
     ready, second = gaps.filled(C, first.token, kept(2, 4))
     assert offsets(ready) == [2, 3, 4]
-    assert second == Fill(C, 4, "E", second.token) and second.token != first.token
+    assert second == Fill(C, 4, 2, "E", second.token) and second.token != first.token
     assert feed(gaps, message(9)) == ([], [])  # behind the second read
     ready, again = gaps.filled(C, second.token, kept(5, 9))
     assert offsets(ready) == [5, 6, 7, 8, 9] and again is None
@@ -176,11 +177,35 @@ def test_the_bytes_held_are_bounded_over_all_channels():
     assert gaps.filled(other, fill_o.token, kept(2, 4)) == ([], None)
 
 
-def test_a_channel_forgotten_mid_repair_lets_its_held_messages_go_on():
+def test_a_channel_forgotten_mid_repair_drops_what_it_held_for_no_one():
     gaps = TopicGaps()
     feed(gaps, message(1))
     _, (fill,) = feed(gaps, message(3), message(4))
-    assert offsets(gaps.forget(C)) == [3, 4]
+    gaps.forget(C)  # the host's last member of C left
     assert gaps.statistics()["channels"] == 0 and gaps.statistics()["held_bytes"] == 0
     assert gaps.filled(C, fill.token, kept(2, 4)) == ([], None)
     assert feed(gaps, message(9)) == ([message(9)], [])  # followed afresh: no gap to it
+
+
+def test_a_gap_whose_message_does_not_fit_in_the_bytes_held_goes_on_at_once():
+    size = len(message(3).frame) + HELD_COST
+    gaps = TopicGaps(max_held_bytes=2 * size)
+    other = ChannelId(6)
+    feed(gaps, message(1), message(1, channel=other))
+    feed(gaps, message(3), message(4))  # C's repair holds all there is room for
+    out, fills = feed(gaps, message(3, channel=other))
+    assert out == [message(3, channel=other)] and fills == []  # not lost, not read
+    assert gaps.counters["gaps_unfilled"] == 1 and gaps.statistics()["repairing"] == 1
+
+
+def test_repairs_under_way_are_bounded():
+    gaps = TopicGaps(max_repairs=2)
+    channels = [ChannelId(c) for c in (5, 6, 7)]
+    feed(gaps, *(message(1, channel=c) for c in channels))
+    out, fills = feed(gaps, *(message(3, channel=c) for c in channels))
+    assert [f.channel for f in fills] == channels[:2]
+    assert out == [message(3, channel=channels[2])]  # the third: left as it is, counted
+    assert gaps.counters["gaps_unfilled"] == 1
+    gaps.filled(channels[0], fills[0].token, kept(2, 2))
+    _, (fill,) = feed(gaps, message(5, channel=channels[2]))  # room again
+    assert fill.channel == channels[2]
